@@ -1,0 +1,8 @@
+//! The HTTP API: one file per resource, errors in one place.
+
+pub mod errors;
+pub mod health;
+pub mod mail;
+pub mod openapi;
+
+pub use errors::ApiError;

@@ -1,0 +1,282 @@
+//! The HTTP application: state, router, middleware, graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderName, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{
+    MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::sensitive_headers::SetSensitiveHeadersLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::api::{self, ApiError};
+use crate::config::{Delivery, Settings};
+use crate::delivery::{MailSender, Outbox};
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Shared state: cheap to clone, one `Arc` per part.
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub sender: Arc<dyn MailSender>,
+    draining: Arc<AtomicBool>,
+}
+
+impl AppState {
+    pub fn new(settings: Arc<Settings>, sender: Arc<dyn MailSender>) -> Self {
+        Self {
+            settings,
+            sender,
+            draining: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Why this instance should get no traffic now, if it should not.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        self.draining
+            .load(Ordering::Relaxed)
+            .then(|| "draining: the instance is shutting down".to_string())
+    }
+
+    /// Turn readiness off (on SIGTERM), so load balancers stop sending traffic.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A bound, ready-to-run server.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    state: AppState,
+}
+
+impl Application {
+    /// Bind first, so that port 0 works in tests and the address is known before serving.
+    pub async fn build(settings: Settings) -> std::io::Result<Self> {
+        let settings = Arc::new(settings);
+        let sender = sender_for(&settings);
+        Self::build_with(settings, sender).await
+    }
+
+    /// As [`Application::build`], with the mail sender chosen by the caller.
+    pub async fn build_with(
+        settings: Arc<Settings>,
+        sender: Arc<dyn MailSender>,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(settings.server.socket_addr()).await?;
+        let state = AppState::new(settings, sender);
+        let router = router(state.clone());
+        Ok(Self {
+            listener,
+            router,
+            state,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serve until `shutdown` completes, then finish in-flight requests.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let state = self.state.clone();
+        let shutdown = async move {
+            shutdown.await;
+            state.start_draining();
+            tracing::info!("shutting down: finishing in-flight requests");
+        };
+        axum::serve(
+            self.listener,
+            self.router
+                .into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await
+    }
+
+    /// Serve until SIGTERM or Ctrl-C.
+    pub async fn run(self) -> std::io::Result<()> {
+        self.run_until(shutdown_signal()).await
+    }
+}
+
+fn sender_for(settings: &Settings) -> Arc<dyn MailSender> {
+    match &settings.relay.delivery {
+        Delivery::Outbox { dir } => Arc::new(Outbox::new(dir.clone())),
+        // Replaced by the SMTP sender once it exists.
+        Delivery::Smtp => Arc::new(Outbox::new("outbox".into())),
+    }
+}
+
+/// The router with every route and the middleware stack.
+pub fn router(state: AppState) -> Router {
+    let limits = state.settings.relay.limits.clone();
+    let middleware = ServiceBuilder::new()
+        .layer(SetSensitiveHeadersLayer::new([
+            header::AUTHORIZATION,
+            header::PROXY_AUTHORIZATION,
+            header::COOKIE,
+        ]))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::Internal.into_response()
+        }))
+        .layer(axum::middleware::from_fn_with_state(
+            limits.max_body_bytes,
+            problem_details,
+        ))
+        .layer(RequestBodyLimitLayer::new(limits.max_body_bytes))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            limits.request_timeout,
+        ))
+        .layer(DefaultBodyLimit::disable());
+
+    Router::new()
+        .route("/mail", post(api::mail::send_mail))
+        .route("/health/live", get(api::health::live))
+        .route("/health/ready", get(api::health::ready))
+        .route("/openapi.json", get(api::openapi::openapi_json))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware)
+        .with_state(state)
+}
+
+fn request_span(request: &Request<Body>) -> tracing::Span {
+    let path = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str);
+    let request_id = request
+        .extensions()
+        .get::<RequestId>()
+        .and_then(|id| id.header_value().to_str().ok())
+        .unwrap_or("-");
+    tracing::info_span!("request", method = %request.method(), path, request_id)
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::NotFound {
+        method: request.method().to_string(),
+        path: request.uri().path().to_string(),
+    }
+}
+
+async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::MethodNotAllowed(format!(
+        "{} is not allowed on {}",
+        request.method(),
+        request.uri().path()
+    ))
+}
+
+/// Makes every error one format: adds the request id to problem+json bodies, and turns
+/// the plain-text errors of layers below (body limit, timeout) into problem+json.
+async fn problem_details(
+    State(limit): State<usize>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let request_id = request
+        .extensions()
+        .get::<RequestId>()
+        .and_then(|id| id.header_value().to_str().ok())
+        .map(str::to_owned);
+    let response = next.run(request).await;
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    let response = match (response.status(), is_problem) {
+        (StatusCode::PAYLOAD_TOO_LARGE, false) => {
+            ApiError::PayloadTooLarge { limit }.into_response()
+        }
+        (StatusCode::SERVICE_UNAVAILABLE, false)
+            if response.headers().get(header::CONTENT_TYPE).is_none() =>
+        {
+            ApiError::Timeout(Duration::ZERO).into_response()
+        }
+        _ => response,
+    };
+    match request_id {
+        Some(id) => with_request_id(response, id).await,
+        None => response,
+    }
+}
+
+async fn with_request_id(response: Response, request_id: String) -> Response {
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    if !is_problem {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // Problem bodies are small and built by us; 64 KiB is far above any of them.
+    let Ok(bytes) = axum::body::to_bytes(body, 64 * 1024).await else {
+        return ApiError::Internal.into_response();
+    };
+    let body = match serde_json::from_slice::<serde_json::Value>(&bytes) {
+        Ok(serde_json::Value::Object(mut map)) => {
+            map.insert("requestId".into(), serde_json::Value::String(request_id));
+            serde_json::to_vec(&map).unwrap_or_else(|_| bytes.to_vec())
+        }
+        _ => bytes.to_vec(),
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(body))
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

@@ -1,0 +1,13 @@
+//! mail-relay: an HTTP-to-SMTP relay for Microsoft 365 that authenticates with OAuth2.
+//!
+//! Data flows one way: request -> caller -> send-as -> message -> token -> SMTP -> response.
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod delivery;
+pub mod message;
+pub mod smtp;
+pub mod telemetry;
+pub mod token;

@@ -1,0 +1,80 @@
+//! App-only access tokens from Entra ID (OAuth2 client credentials), kept in one shared cache.
+//! (Stub: the token helper fills this in.)
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use secrecy::{ExposeSecret, SecretString};
+
+/// An access token. `Debug` shows only its fingerprint and expiry.
+#[derive(Clone)]
+pub struct AccessToken {
+    secret: Arc<SecretString>,
+    expires_at: SystemTime,
+}
+
+impl AccessToken {
+    pub fn new(secret: SecretString, expires_at: SystemTime) -> Self {
+        Self {
+            secret: Arc::new(secret),
+            expires_at,
+        }
+    }
+
+    /// The bearer value, for the XOAUTH2 initial response only.
+    pub fn expose(&self) -> &str {
+        self.secret.expose_secret()
+    }
+
+    pub fn expires_at(&self) -> SystemTime {
+        self.expires_at
+    }
+
+    /// True when both are the very same token (not merely equal text).
+    pub fn same_as(&self, other: &AccessToken) -> bool {
+        Arc::ptr_eq(&self.secret, &other.secret)
+    }
+}
+
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccessToken")
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why no token could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("the token endpoint could not be reached: {0}")]
+    Unavailable(String),
+}
+
+impl TokenError {
+    /// Worth trying again later (network, timeout, 429, 5xx).
+    pub fn is_transient(&self) -> bool {
+        true
+    }
+}
+
+/// What health and metrics show of the cache.
+#[derive(Debug, Clone, Default)]
+pub struct TokenState {
+    pub has_token: bool,
+    pub expires_at: Option<SystemTime>,
+    pub last_error: Option<String>,
+    pub fetch_count: u64,
+}
+
+/// The shared token cache, as the SMTP side sees it.
+#[async_trait]
+pub trait TokenProvider: Send + Sync + 'static {
+    /// A token valid for at least the grace time, fetched only when needed.
+    async fn token(&self) -> Result<AccessToken, TokenError>;
+    /// Drop exactly this token (after the SMTP server refused it); a replaced one is ignored.
+    fn invalidate(&self, token: &AccessToken);
+    fn state(&self) -> TokenState;
+}

@@ -1,0 +1,5 @@
+//! Integration tests, compiled as one binary.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod helpers;
+mod server;

@@ -1,0 +1,102 @@
+//! The server skeleton: probes, request ids, error format, limits.
+
+use serde_json::Value;
+
+use crate::helpers::{spawn_app, spawn_app_with};
+
+#[tokio::test]
+async fn live_answers_200_with_json() {
+    let app = spawn_app().await;
+    let response = app.get("/health/live").await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["version"], env!("CARGO_PKG_VERSION"));
+}
+
+#[tokio::test]
+async fn ready_answers_200_when_settings_are_loaded() {
+    let app = spawn_app().await;
+    let response = app.get("/health/ready").await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "ready");
+}
+
+#[tokio::test]
+async fn a_given_request_id_is_echoed_back() {
+    let app = spawn_app().await;
+    let response = app
+        .client
+        .get(app.url("/health/live"))
+        .header("x-request-id", "test-id-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "test-id-123");
+}
+
+#[tokio::test]
+async fn a_request_id_is_made_when_none_is_given() {
+    let app = spawn_app().await;
+    let response = app.get("/health/live").await;
+    let id = response.headers()["x-request-id"].to_str().unwrap();
+    assert_eq!(id.len(), 36, "a UUID, got {id}");
+}
+
+#[tokio::test]
+async fn unknown_route_is_404_problem_json_with_request_id() {
+    let app = spawn_app().await;
+    let response = app.get("/no/such/thing").await;
+    assert_eq!(response.status(), 404);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "not_found");
+    assert_eq!(body["status"], 404);
+    assert_eq!(body["requestId"], id.as_str());
+    assert!(body["detail"].as_str().unwrap().contains("/no/such/thing"));
+}
+
+#[tokio::test]
+async fn body_over_the_limit_is_413_problem_json() {
+    let app = spawn_app_with(|s| s.relay.limits.max_body_bytes = 1024).await;
+    let response = app
+        .client
+        .post(app.url("/mail"))
+        .header("content-type", "application/json")
+        .body(vec![b' '; 4096])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "payload_too_large");
+    assert!(body["detail"].as_str().unwrap().contains("1024"));
+}
+
+#[tokio::test]
+async fn openapi_is_served_and_matches_the_committed_copy() {
+    let app = spawn_app().await;
+    let served: Value = app.get("/openapi.json").await.json().await.unwrap();
+    let committed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/openapi.json"))
+            .unwrap_or_default();
+    let generated = mail_relay::api::openapi::document_json();
+    assert!(
+        committed == generated,
+        "openapi/openapi.json is out of date: regenerate it with \
+         `cargo run -- openapi > openapi/openapi.json` and commit it"
+    );
+    assert_eq!(served, serde_json::from_str::<Value>(&generated).unwrap());
+}
