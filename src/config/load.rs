@@ -1,9 +1,8 @@
 //! Loading: YAML -> environment overrides -> placeholders -> `{cipher}` -> validation.
-//! (Stub: the settings helper fills this in.)
 
 use std::path::PathBuf;
 
-use super::Settings;
+use super::{Settings, mask, raw, resolve, validate};
 
 /// What to load and which environment to resolve against.
 #[derive(Debug, Clone)]
@@ -53,13 +52,51 @@ pub struct ConfigError {
     pub errors: Vec<SettingError>,
 }
 
-/// Load and validate the settings.
+/// Load and validate the settings in the file `options.path`.
 pub fn load(options: &LoadOptions) -> Result<Loaded, ConfigError> {
-    Err(ConfigError {
-        path: options.path.display().to_string(),
+    let path = options.path.display().to_string();
+    let text = std::fs::read_to_string(&options.path).map_err(|e| ConfigError {
+        path: path.clone(),
         errors: vec![SettingError {
-            key: "(all)".into(),
-            message: "loader not written yet".into(),
+            key: "(file)".into(),
+            message: format!(
+                "cannot read the settings file {path}: {e}; pass --config PATH or set MAIL_RELAY_CONFIG"
+            ),
         }],
-    })
+    })?;
+    load_str(&text, &path, &options.env)
+}
+
+/// Load and validate settings given as YAML text; `source` names it in errors.
+pub fn load_str(text: &str, source: &str, env: &[(String, String)]) -> Result<Loaded, ConfigError> {
+    let fail = |errors| ConfigError {
+        path: source.to_owned(),
+        errors,
+    };
+    let raw = raw::parse(text).map_err(|message| {
+        fail(vec![SettingError {
+            key: "(file)".into(),
+            message: format!("not valid YAML: {message}"),
+        }])
+    })?;
+    let mut warnings = raw.warnings.clone();
+    let mut errors = raw.errors.clone();
+    let resolved = resolve::resolve(raw, env, &mut errors, &mut warnings);
+    let (settings, more_warnings) = validate::validate(&resolved);
+    warnings.extend(more_warnings);
+    match settings {
+        Ok(settings) if errors.is_empty() => {
+            let masked = mask::render(&settings, &resolved);
+            Ok(Loaded {
+                settings,
+                warnings,
+                masked,
+            })
+        }
+        Ok(_) => Err(fail(errors)),
+        Err(more) => {
+            errors.extend(more);
+            Err(fail(errors))
+        }
+    }
 }

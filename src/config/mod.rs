@@ -4,7 +4,14 @@
 //! [`load`], then validated into the types below. Code past this module never
 //! sees an unvalidated value.
 
+pub mod cipher;
+mod keys;
 mod load;
+mod mask;
+mod placeholders;
+mod raw;
+mod resolve;
+mod validate;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -13,7 +20,12 @@ use std::time::Duration;
 use secrecy::SecretString;
 use url::Url;
 
-pub use load::{ConfigError, LoadOptions, Loaded, SettingError, load};
+pub use keys::env_name;
+pub use load::{ConfigError, LoadOptions, Loaded, SettingError, load, load_str};
+pub use validate::is_loopback_host;
+
+/// The embedded dev settings (`config/dev.yml`): outbox delivery, no Microsoft 365 needed.
+pub const DEV_DEFAULT: &str = include_str!("../../config/dev.yml");
 
 /// Everything the relay needs to run, validated.
 #[derive(Debug, Clone)]

@@ -1,0 +1,207 @@
+//! The settings keys the relay knows, and Spring Boot's relaxed names for them.
+
+/// One known key: its canonical spelling and how to treat its value.
+#[derive(Debug, Clone, Copy)]
+pub struct KeySpec {
+    /// The full key as documented, e.g. `featureSwitches.sendEmail.smtpServer`.
+    pub key: &'static str,
+    /// Never shown: masked in errors and in `check-config` output.
+    pub secret: bool,
+    /// May also be read from a file named by the sibling key `<key>File`.
+    pub from_file: bool,
+}
+
+const fn plain(key: &'static str) -> KeySpec {
+    KeySpec {
+        key,
+        secret: false,
+        from_file: false,
+    }
+}
+
+const fn secret(key: &'static str) -> KeySpec {
+    KeySpec {
+        key,
+        secret: true,
+        from_file: true,
+    }
+}
+
+pub const SERVER: &str = "server";
+pub const SEND_EMAIL: &str = "featureSwitches.sendEmail";
+pub const MAIL_RELAY: &str = "mailRelay";
+
+/// Every key the loader reads. A new `mailRelay` setting starts here.
+pub const KEYS: &[KeySpec] = &[
+    plain("server.address"),
+    plain("server.port"),
+    plain("featureSwitches.sendEmail.smtpServer"),
+    plain("featureSwitches.sendEmail.smtpPort"),
+    plain("featureSwitches.sendEmail.smtpEncryption"),
+    plain("featureSwitches.sendEmail.smtpAuthentication"),
+    plain("featureSwitches.sendEmail.smtpUsername"),
+    secret("featureSwitches.sendEmail.smtpPassword"),
+    plain("featureSwitches.sendEmail.oAuthClientId"),
+    secret("featureSwitches.sendEmail.oAuthClientSecret"),
+    // Not a secret, but as long as a PEM file: a file mount is the natural source.
+    KeySpec {
+        key: "featureSwitches.sendEmail.oAuthCertificate",
+        secret: false,
+        from_file: true,
+    },
+    secret("featureSwitches.sendEmail.oAuthPrivateKey"),
+    plain("featureSwitches.sendEmail.oAuthTenantId"),
+    plain("featureSwitches.sendEmail.oAuthTokenEndpoint"),
+    plain("featureSwitches.sendEmail.oAuthScopes"),
+    plain("featureSwitches.sendEmail.oAuthTokenGraceTimeInSeconds"),
+    plain("mailRelay.delivery.mode"),
+    plain("mailRelay.delivery.outboxDir"),
+    plain("mailRelay.smtp.maxConnections"),
+    plain("mailRelay.smtp.connectTimeoutSeconds"),
+    plain("mailRelay.smtp.commandTimeoutSeconds"),
+    plain("mailRelay.smtp.sendDeadlineSeconds"),
+    plain("mailRelay.smtp.caFile"),
+    plain("mailRelay.smtp.helloName"),
+    plain("mailRelay.token.connectTimeoutSeconds"),
+    plain("mailRelay.token.requestTimeoutSeconds"),
+    plain("mailRelay.limits.maxBodyBytes"),
+    plain("mailRelay.limits.maxRecipients"),
+    plain("mailRelay.limits.requestTimeoutSeconds"),
+];
+
+/// Sections under `mailRelay` that hold lists or maps (API keys, policies): the loader hands
+/// each one, as a tree, to its section's parser instead of reading single values.
+pub const SUBTREES: &[&str] = &[];
+
+/// Suffix of the sibling key that names a file holding the value (`oAuthClientSecretFile`).
+pub const FILE_SUFFIX: &str = "File";
+
+/// The spec of `key`, if known.
+pub fn spec(key: &str) -> Option<&'static KeySpec> {
+    KEYS.iter().find(|k| k.key == key)
+}
+
+/// Every key a file or the environment may set: the known keys and their `File` forms.
+pub fn settable() -> impl Iterator<Item = String> {
+    KEYS.iter().flat_map(|k| {
+        let file = k.from_file.then(|| format!("{}{FILE_SUFFIX}", k.key));
+        std::iter::once(k.key.to_owned()).chain(file)
+    })
+}
+
+/// Relaxed form of a key, as Spring Boot compares them: lower case, dashes removed.
+/// `featureSwitches.sendEmail.smtp-server` and `...smtpServer` are the same key.
+pub fn canonical(key: &str) -> String {
+    key.chars()
+        .filter(|c| *c != '-')
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+/// The environment variable that overrides `key`: upper case, dots to `_`, dashes removed
+/// (`mailRelay.smtp.maxConnections` -> `MAILRELAY_SMTP_MAXCONNECTIONS`).
+pub fn env_name(key: &str) -> String {
+    key.chars()
+        .filter(|c| *c != '-')
+        .map(|c| if c == '.' { '_' } else { c })
+        .flat_map(char::to_uppercase)
+        .collect()
+}
+
+/// The key among `candidates` that the environment variable `var` overrides, if any.
+pub fn key_for_env<'a>(
+    var: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    let relaxed: String = var
+        .chars()
+        .map(|c| if c == '_' { '.' } else { c })
+        .flat_map(char::to_lowercase)
+        .collect();
+    candidates.into_iter().find(|k| canonical(k) == relaxed)
+}
+
+/// The candidate closest to `unknown` (for "did you mean ...?").
+pub fn nearest<'a>(
+    unknown: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    let unknown = unknown.to_lowercase();
+    candidates
+        .into_iter()
+        .map(|c| (strsim::levenshtein(&unknown, &c.to_lowercase()), c))
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, c)| c)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn env_names_follow_spring_relaxed_binding() {
+        assert_eq!(
+            env_name("featureSwitches.sendEmail.smtpServer"),
+            "FEATURESWITCHES_SENDEMAIL_SMTPSERVER"
+        );
+        assert_eq!(env_name("server.port"), "SERVER_PORT");
+        assert_eq!(
+            env_name("mailRelay.smtp.maxConnections"),
+            "MAILRELAY_SMTP_MAXCONNECTIONS"
+        );
+    }
+
+    #[test]
+    fn every_known_key_is_found_from_its_env_name() {
+        let all: Vec<String> = settable().collect();
+        for key in &all {
+            let found = key_for_env(&env_name(key), all.iter().map(String::as_str));
+            assert_eq!(found, Some(key.as_str()), "{key}");
+        }
+    }
+
+    #[test]
+    fn dashed_keys_are_the_same_key() {
+        assert_eq!(
+            canonical("featureSwitches.send-email.smtp-server"),
+            canonical("featureSwitches.sendEmail.smtpServer")
+        );
+    }
+
+    #[test]
+    fn nearest_names_the_typo_fix() {
+        assert_eq!(
+            nearest("smtpSever", ["smtpServer", "smtpPort", "oAuthScopes"]),
+            Some("smtpServer")
+        );
+    }
+
+    fn camel_segment() -> impl Strategy<Value = String> {
+        (
+            "[a-z][a-z0-9]{0,6}",
+            prop::collection::vec("[A-Z][a-z0-9]{0,6}", 0..4),
+        )
+            .prop_map(|(head, tail)| format!("{head}{}", tail.concat()))
+    }
+
+    proptest! {
+        #[test]
+        fn relaxed_env_name_maps_back_to_its_key(
+            segments in prop::collection::vec(camel_segment(), 1..5),
+            others in prop::collection::vec(prop::collection::vec(camel_segment(), 1..5), 0..5),
+        ) {
+            let key = segments.join(".");
+            let others: Vec<String> = others.iter().map(|s| s.join(".")).collect();
+            // The key must be found among other keys, unless one of them is the same key relaxed.
+            let candidates: Vec<&str> = others
+                .iter()
+                .map(String::as_str)
+                .filter(|o| canonical(o) != canonical(&key))
+                .chain(std::iter::once(key.as_str()))
+                .collect();
+            prop_assert_eq!(key_for_env(&env_name(&key), candidates), Some(key.as_str()));
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! The effective settings as YAML for `check-config`, every secret as `****`.
+
+use std::fmt::Write as _;
+
+use super::resolve::{Origin, Resolved};
+use super::{ClientCredential, Delivery, Encryption, Settings, SmtpAuthentication};
+
+const MASK: &str = "****";
+
+struct Out<'a> {
+    text: String,
+    values: &'a Resolved,
+}
+
+impl Out<'_> {
+    fn section(&mut self, indent: usize, name: &str) {
+        let _ = writeln!(self.text, "{:indent$}{name}:", "");
+    }
+
+    /// One `name: value` line; `key` is the full key, for the origin comment and `{cipher}` masking.
+    fn line(&mut self, indent: usize, key: &str, value: Option<String>) {
+        let name = key.rsplit('.').next().unwrap_or(key);
+        let effective = self.values.get(key);
+        let value = match value {
+            Some(_) if effective.is_some_and(|e| e.encrypted) => quote(MASK),
+            Some(v) => v,
+            None => "null".into(),
+        };
+        let origin = match effective.map(|e| &e.origin) {
+            None => " # default".to_owned(),
+            Some(Origin::File) => String::new(),
+            Some(Origin::Env(var)) => format!(" # from env {var}"),
+            Some(Origin::SecretFile(path)) => format!(" # from file {}", path.display()),
+        };
+        let cipher = if effective.is_some_and(|e| e.encrypted) {
+            " # {cipher}"
+        } else {
+            ""
+        };
+        let _ = writeln!(self.text, "{:indent$}{name}: {value}{origin}{cipher}", "");
+    }
+}
+
+/// YAML double-quoted scalar (JSON's string syntax is valid YAML).
+fn quote(text: &str) -> String {
+    serde_json::Value::String(text.to_owned()).to_string()
+}
+
+fn secs(d: std::time::Duration) -> Option<String> {
+    Some(d.as_secs().to_string())
+}
+
+/// Render `settings`; `values` says where each came from.
+pub fn render(settings: &Settings, values: &Resolved) -> String {
+    let mut out = Out {
+        text: String::from("# mail-relay effective settings; secrets shown as ****\n"),
+        values,
+    };
+    let se = "featureSwitches.sendEmail";
+    out.section(0, "server");
+    out.line(
+        2,
+        "server.address",
+        Some(quote(&settings.server.address.to_string())),
+    );
+    out.line(2, "server.port", Some(settings.server.port.to_string()));
+
+    let s = &settings.send_email;
+    out.section(0, "featureSwitches");
+    out.section(2, "sendEmail");
+    let k = |name: &str| format!("{se}.{name}");
+    out.line(
+        4,
+        &k("smtpServer"),
+        (!s.smtp_server.is_empty()).then(|| quote(&s.smtp_server)),
+    );
+    out.line(4, &k("smtpPort"), Some(s.smtp_port.to_string()));
+    let encryption = match s.smtp_encryption {
+        Encryption::None => "NONE",
+        Encryption::Ssl => "SSL",
+        Encryption::Tls => "TLS",
+    };
+    out.line(4, &k("smtpEncryption"), Some(encryption.into()));
+    match &s.smtp_authentication {
+        SmtpAuthentication::None => out.line(4, &k("smtpAuthentication"), Some("NONE".into())),
+        SmtpAuthentication::Basic { username, .. } => {
+            out.line(4, &k("smtpAuthentication"), Some("BASIC".into()));
+            out.line(4, &k("smtpUsername"), Some(quote(username)));
+            out.line(4, &k("smtpPassword"), Some(quote(MASK)));
+        }
+        SmtpAuthentication::MsOAuth { username, oauth } => {
+            out.line(4, &k("smtpAuthentication"), Some("MS_OAUTH".into()));
+            out.line(4, &k("smtpUsername"), Some(quote(username)));
+            out.line(4, &k("oAuthTenantId"), Some(quote(&oauth.tenant_id)));
+            out.line(4, &k("oAuthClientId"), Some(quote(&oauth.client_id)));
+            match &oauth.credential {
+                ClientCredential::Secret(_) => {
+                    out.line(4, &k("oAuthClientSecret"), Some(quote(MASK)));
+                }
+                ClientCredential::Certificate {
+                    certificate_pem, ..
+                } => {
+                    let summary = format!("(PEM certificate, {} bytes)", certificate_pem.len());
+                    out.line(4, &k("oAuthCertificate"), Some(quote(&summary)));
+                    out.line(4, &k("oAuthPrivateKey"), Some(quote(MASK)));
+                }
+            }
+            out.line(
+                4,
+                &k("oAuthTokenEndpoint"),
+                Some(quote(oauth.token_endpoint.as_str())),
+            );
+            out.line(4, &k("oAuthScopes"), Some(quote(&oauth.scopes)));
+            out.line(4, &k("oAuthTokenGraceTimeInSeconds"), secs(oauth.grace));
+        }
+    }
+
+    let r = &settings.relay;
+    out.section(0, "mailRelay");
+    out.section(2, "delivery");
+    match &r.delivery {
+        Delivery::Smtp => out.line(4, "mailRelay.delivery.mode", Some("smtp".into())),
+        Delivery::Outbox { dir } => {
+            out.line(4, "mailRelay.delivery.mode", Some("outbox".into()));
+            out.line(
+                4,
+                "mailRelay.delivery.outboxDir",
+                Some(quote(&dir.display().to_string())),
+            );
+        }
+    }
+    out.section(2, "smtp");
+    out.line(
+        4,
+        "mailRelay.smtp.maxConnections",
+        Some(r.smtp.max_connections.to_string()),
+    );
+    out.line(
+        4,
+        "mailRelay.smtp.connectTimeoutSeconds",
+        secs(r.smtp.connect_timeout),
+    );
+    out.line(
+        4,
+        "mailRelay.smtp.commandTimeoutSeconds",
+        secs(r.smtp.command_timeout),
+    );
+    out.line(
+        4,
+        "mailRelay.smtp.sendDeadlineSeconds",
+        secs(r.smtp.send_deadline),
+    );
+    out.line(
+        4,
+        "mailRelay.smtp.caFile",
+        r.smtp
+            .ca_file
+            .as_ref()
+            .map(|p| quote(&p.display().to_string())),
+    );
+    out.line(
+        4,
+        "mailRelay.smtp.helloName",
+        r.smtp.hello_name.as_deref().map(quote),
+    );
+    if let SmtpAuthentication::MsOAuth { oauth, .. } = &s.smtp_authentication {
+        out.section(2, "token");
+        out.line(
+            4,
+            "mailRelay.token.connectTimeoutSeconds",
+            secs(oauth.connect_timeout),
+        );
+        out.line(
+            4,
+            "mailRelay.token.requestTimeoutSeconds",
+            secs(oauth.request_timeout),
+        );
+    }
+    out.section(2, "limits");
+    out.line(
+        4,
+        "mailRelay.limits.maxBodyBytes",
+        Some(r.limits.max_body_bytes.to_string()),
+    );
+    out.line(
+        4,
+        "mailRelay.limits.maxRecipients",
+        Some(r.limits.max_recipients.to_string()),
+    );
+    out.line(
+        4,
+        "mailRelay.limits.requestTimeoutSeconds",
+        secs(r.limits.request_timeout),
+    );
+    out.text
+}

@@ -1,0 +1,224 @@
+//! From the file's text to each setting's effective text: environment overrides, placeholders,
+//! `File` secrets and `{cipher}` values, in that order.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+use super::SettingError;
+use super::cipher::{self, CipherError, EncryptionKey};
+use super::keys::{self, FILE_SUFFIX, KEYS};
+use super::placeholders;
+use super::raw::RawFile;
+
+/// Where a setting's effective value came from (shown by `check-config`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    File,
+    Env(String),
+    /// Read from the file named by the `File` form of the key.
+    SecretFile(PathBuf),
+}
+
+/// A setting's effective text. Not `Debug`: it may be a secret.
+pub struct Effective {
+    pub text: String,
+    pub origin: Origin,
+    /// Was written as `{cipher}...`: shown masked even when the key is not a secret.
+    pub encrypted: bool,
+}
+
+/// Every set key's effective text. Absent keys take their defaults in validation.
+#[derive(Default)]
+pub struct Resolved {
+    pub values: BTreeMap<String, Effective>,
+    /// [`keys::SUBTREES`] as in the file, strings' placeholders resolved.
+    pub subtrees: BTreeMap<&'static str, Value>,
+}
+
+impl Resolved {
+    pub fn get(&self, key: &str) -> Option<&Effective> {
+        self.values.get(key)
+    }
+}
+
+/// Prefixes of environment variables that can only mean a relay setting: a typo there is
+/// worth a warning. (`SERVER_*` is too common to judge.)
+const OWN_ENV_PREFIXES: &[&str] = &["MAILRELAY_", "FEATURESWITCHES_SENDEMAIL_"];
+
+pub fn resolve(
+    raw: RawFile,
+    env: &[(String, String)],
+    errors: &mut Vec<SettingError>,
+    warnings: &mut Vec<String>,
+) -> Resolved {
+    let settable: Vec<String> = keys::settable().collect();
+    let mut resolved = Resolved::default();
+
+    // 1. The environment beats the file, also for keys the file lacks.
+    let mut candidates: BTreeMap<String, (String, Origin)> = raw
+        .values
+        .into_iter()
+        .map(|(k, v)| (k, (v, Origin::File)))
+        .collect();
+    for (name, value) in env {
+        match keys::key_for_env(name, settable.iter().map(String::as_str)) {
+            Some(key) => {
+                candidates.insert(key.to_owned(), (value.clone(), Origin::Env(name.clone())));
+            }
+            None if OWN_ENV_PREFIXES.iter().any(|p| name.starts_with(p)) => {
+                let names: Vec<String> = settable.iter().map(|k| keys::env_name(k)).collect();
+                let hint = keys::nearest(name, names.iter().map(String::as_str))
+                    .map(|n| format!("; did you mean {n}?"))
+                    .unwrap_or_default();
+                warnings.push(format!(
+                    "environment variable {name} matches no setting, ignored{hint}"
+                ));
+            }
+            None => {}
+        }
+    }
+
+    // 2. Placeholders; an empty result counts as unset, so `${VAR:}` makes a key optional.
+    for (key, (text, origin)) in candidates {
+        match placeholders::resolve(&text, env) {
+            Ok(text) if text.trim().is_empty() => {}
+            Ok(text) => {
+                resolved.values.insert(
+                    key,
+                    Effective {
+                        text,
+                        origin,
+                        encrypted: false,
+                    },
+                );
+            }
+            Err(e) => errors.push(SettingError {
+                message: match &origin {
+                    Origin::Env(var) => format!("{e} (in environment variable {var})"),
+                    _ => e.to_string(),
+                },
+                key,
+            }),
+        }
+    }
+    for (name, tree) in raw.subtrees {
+        resolved
+            .subtrees
+            .insert(name, resolve_tree(name, tree, env, errors));
+    }
+
+    // 3. `<key>File`: the value is the content of the named file (a Kubernetes secret mount).
+    for spec in KEYS.iter().filter(|k| k.from_file) {
+        let file_key = format!("{}{FILE_SUFFIX}", spec.key);
+        let Some(file) = resolved.values.remove(&file_key) else {
+            continue;
+        };
+        if resolved.values.contains_key(spec.key) {
+            errors.push(SettingError {
+                key: spec.key.to_owned(),
+                message: format!(
+                    "both {key} and {file_key} are set; set only one (the value, or the file holding it)",
+                    key = spec.key
+                ),
+            });
+            continue;
+        }
+        let path = PathBuf::from(file.text.trim());
+        match std::fs::read_to_string(&path) {
+            Ok(content) => {
+                let text = content.trim_end_matches(['\n', '\r']).to_owned();
+                if text.trim().is_empty() {
+                    errors.push(SettingError {
+                        key: file_key,
+                        message: format!("the file {} is empty", path.display()),
+                    });
+                } else {
+                    resolved.values.insert(
+                        spec.key.to_owned(),
+                        Effective {
+                            text,
+                            origin: Origin::SecretFile(path),
+                            encrypted: false,
+                        },
+                    );
+                }
+            }
+            Err(e) => errors.push(SettingError {
+                key: file_key,
+                message: format!(
+                    "cannot read {}: {e}; mount the secret there or fix the path",
+                    path.display()
+                ),
+            }),
+        }
+    }
+
+    // 4. `{cipher}` values, under a key loaded only when one is present.
+    let mut key: Option<Result<EncryptionKey, CipherError>> = None;
+    for (name, value) in resolved.values.iter_mut() {
+        if !cipher::is_encrypted(&value.text) {
+            continue;
+        }
+        let key = key.get_or_insert_with(|| EncryptionKey::from_env(env));
+        let outcome = match key {
+            Ok(key) => cipher::decrypt(key, &value.text),
+            Err(e) => {
+                errors.push(SettingError {
+                    key: name.clone(),
+                    message: format!("is a {{cipher}} value, but {e}"),
+                });
+                continue;
+            }
+        };
+        match outcome {
+            Ok(plain) => {
+                use secrecy::ExposeSecret;
+                value.text = plain.expose_secret().to_owned();
+                value.encrypted = true;
+            }
+            Err(e) => errors.push(SettingError {
+                key: name.clone(),
+                message: e.to_string(),
+            }),
+        }
+    }
+    resolved
+}
+
+fn resolve_tree(
+    key: &str,
+    tree: Value,
+    env: &[(String, String)],
+    errors: &mut Vec<SettingError>,
+) -> Value {
+    match tree {
+        Value::String(s) => match placeholders::resolve(&s, env) {
+            Ok(s) => Value::String(s),
+            Err(e) => {
+                errors.push(SettingError {
+                    key: key.to_owned(),
+                    message: e.to_string(),
+                });
+                Value::Null
+            }
+        },
+        Value::Array(items) => Value::Array(
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| resolve_tree(&format!("{key}[{i}]"), v, env, errors))
+                .collect(),
+        ),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| {
+                    let child = resolve_tree(&format!("{key}.{k}"), v, env, errors);
+                    (k, child)
+                })
+                .collect(),
+        ),
+        other => other,
+    }
+}

@@ -1,0 +1,580 @@
+//! Effective text -> typed [`Settings`], collecting every problem at once.
+
+use std::fmt::Display;
+use std::net::IpAddr;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use secrecy::SecretString;
+use url::Url;
+
+use super::resolve::Resolved;
+use super::{
+    ClientCredential, Delivery, Encryption, Limits, OAuthSettings, RelaySettings,
+    SendEmailSettings, ServerSettings, SettingError, Settings, SmtpAuthentication, SmtpTuning,
+    keys,
+};
+
+pub const DEFAULT_TOKEN_ENDPOINT: &str =
+    "https://login.microsoftonline.com/#TenantID#/oauth2/v2.0/token";
+pub const DEFAULT_SCOPES: &str = "https://outlook.office365.com/.default";
+pub const TENANT_PLACEHOLDER: &str = "#TenantID#";
+const OFFICE365_HOST: &str = "smtp.office365.com";
+
+const SE: &str = "featureSwitches.sendEmail";
+
+fn se(name: &str) -> String {
+    format!("{SE}.{name}")
+}
+
+struct Ctx<'a> {
+    values: &'a Resolved,
+    errors: Vec<SettingError>,
+    warnings: Vec<String>,
+}
+
+impl Ctx<'_> {
+    fn error(&mut self, key: &str, message: impl Into<String>) {
+        self.errors.push(SettingError {
+            key: key.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    /// The effective text of a non-secret key, trimmed.
+    fn text(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(|v| v.text.trim())
+    }
+
+    /// The effective text of a secret key, untouched (spaces may belong to a password).
+    fn secret(&self, key: &str) -> Option<SecretString> {
+        self.values
+            .get(key)
+            .map(|v| SecretString::from(v.text.clone()))
+    }
+
+    /// The value as it may appear in a message: masked for secrets and `{cipher}` values.
+    fn shown(&self, key: &str, value: &str) -> String {
+        let masked = keys::spec(key).is_some_and(|s| s.secret)
+            || self.values.get(key).is_some_and(|v| v.encrypted);
+        if masked {
+            "****".into()
+        } else {
+            format!("{value:?}")
+        }
+    }
+
+    fn required(&mut self, key: &str, why: &str) -> Option<String> {
+        match self.text(key) {
+            Some(v) => Some(v.to_owned()),
+            None => {
+                self.error(key, format!("is required {why}"));
+                None
+            }
+        }
+    }
+
+    fn number<T>(&mut self, key: &str, default: T, allowed: RangeInclusive<T>) -> T
+    where
+        T: FromStr + PartialOrd + Display + Copy,
+    {
+        let Some(text) = self.text(key).map(str::to_owned) else {
+            return default;
+        };
+        let range = format!("{}..={}", allowed.start(), allowed.end());
+        match text.parse::<T>() {
+            Ok(n) if allowed.contains(&n) => n,
+            Ok(_) => {
+                let shown = self.shown(key, &text);
+                self.error(key, format!("{shown} is out of range; allowed {range}"));
+                default
+            }
+            Err(_) => {
+                let shown = self.shown(key, &text);
+                self.error(
+                    key,
+                    format!("{shown} is not a whole number; allowed {range}"),
+                );
+                default
+            }
+        }
+    }
+
+    fn seconds(&mut self, key: &str, default: u64) -> Duration {
+        Duration::from_secs(self.number(key, default, 1..=86_400))
+    }
+
+    fn one_of<T: Copy>(
+        &mut self,
+        key: &str,
+        default: T,
+        choices: &[(&str, T)],
+        allowed: &str,
+    ) -> T {
+        let Some(text) = self.text(key).map(str::to_owned) else {
+            return default;
+        };
+        match choices
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(&text))
+        {
+            Some((_, v)) => *v,
+            None => {
+                self.error(key, format!("{text} is not one of {allowed}"));
+                default
+            }
+        }
+    }
+}
+
+/// Is `host` this machine: `localhost`, 127.0.0.0/8 or ::1?
+pub fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim().trim_start_matches('[').trim_end_matches(']');
+    if host.eq_ignore_ascii_case("localhost") || host.eq_ignore_ascii_case("localhost.") {
+        return true;
+    }
+    host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A plausible mailbox address: `local@domain.tld`, no spaces.
+fn is_address(text: &str) -> bool {
+    match text.rsplit_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty()
+                && !domain.is_empty()
+                && domain.contains('.')
+                && !domain.starts_with('.')
+                && !domain.ends_with('.')
+                && !text.contains(char::is_whitespace)
+                && !domain.contains('@')
+        }
+        None => false,
+    }
+}
+
+pub fn validate(values: &Resolved) -> (Result<Settings, Vec<SettingError>>, Vec<String>) {
+    let mut ctx = Ctx {
+        values,
+        errors: Vec::new(),
+        warnings: Vec::new(),
+    };
+    let server = server(&mut ctx);
+    let relay = relay(&mut ctx);
+    let send_email = send_email(&mut ctx, relay.delivery == Delivery::Smtp);
+    check_timeouts(&mut ctx, &relay);
+    let settings = Settings {
+        server,
+        send_email,
+        relay,
+    };
+    let Ctx {
+        errors, warnings, ..
+    } = ctx;
+    if errors.is_empty() {
+        (Ok(settings), warnings)
+    } else {
+        (Err(errors), warnings)
+    }
+}
+
+fn server(ctx: &mut Ctx<'_>) -> ServerSettings {
+    let key = "server.address";
+    let address = match ctx.text(key).map(str::to_owned) {
+        None => IpAddr::from([127, 0, 0, 1]),
+        Some(text) => text.parse().unwrap_or_else(|_| {
+            ctx.error(
+                key,
+                format!("{text:?} is not an IP address; use e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (all interfaces)"),
+            );
+            IpAddr::from([127, 0, 0, 1])
+        }),
+    };
+    // 0 picks a free port, as in Spring Boot.
+    let port = ctx.number("server.port", 8080u16, 0..=65535);
+    ServerSettings { address, port }
+}
+
+fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
+    let mode = ctx.one_of(
+        "mailRelay.delivery.mode",
+        "smtp",
+        &[("smtp", "smtp"), ("outbox", "outbox")],
+        "smtp, outbox",
+    );
+    let delivery = if mode == "outbox" {
+        Delivery::Outbox {
+            dir: PathBuf::from(
+                ctx.text("mailRelay.delivery.outboxDir")
+                    .unwrap_or("./outbox"),
+            ),
+        }
+    } else {
+        Delivery::Smtp
+    };
+    let max_connections = ctx.number("mailRelay.smtp.maxConnections", 3usize, 1..=100);
+    let connect_timeout = ctx.seconds("mailRelay.smtp.connectTimeoutSeconds", 10);
+    let command_timeout = ctx.seconds("mailRelay.smtp.commandTimeoutSeconds", 30);
+    let send_deadline = ctx.seconds("mailRelay.smtp.sendDeadlineSeconds", 60);
+    let ca_file = ctx.text("mailRelay.smtp.caFile").map(PathBuf::from);
+    if let Some(path) = &ca_file {
+        check_ca_file(ctx, path);
+    }
+    let hello_name = ctx.text("mailRelay.smtp.helloName").map(str::to_owned);
+    if let Some(name) = &hello_name
+        && (name.contains(|c: char| c.is_whitespace() || c.is_control()) || name.len() > 255)
+    {
+        ctx.error(
+            "mailRelay.smtp.helloName",
+            format!(
+                "{name:?} is not a host name; use this machine's DNS name, e.g. relay.contoso.com"
+            ),
+        );
+    }
+    let limits = Limits {
+        max_body_bytes: ctx.number(
+            "mailRelay.limits.maxBodyBytes",
+            52_428_800usize,
+            1024..=1_073_741_824,
+        ),
+        max_recipients: ctx.number("mailRelay.limits.maxRecipients", 500usize, 1..=100_000),
+        request_timeout: ctx.seconds("mailRelay.limits.requestTimeoutSeconds", 120),
+    };
+    RelaySettings {
+        delivery,
+        smtp: SmtpTuning {
+            max_connections,
+            connect_timeout,
+            command_timeout,
+            send_deadline,
+            ca_file,
+            hello_name,
+        },
+        limits,
+    }
+}
+
+fn check_ca_file(ctx: &mut Ctx<'_>, path: &Path) {
+    let key = "mailRelay.smtp.caFile";
+    match std::fs::read(path) {
+        Err(e) => ctx.error(
+            key,
+            format!(
+                "cannot read {}: {e}; give the path of a PEM file of CA certificates",
+                path.display()
+            ),
+        ),
+        Ok(bytes) => {
+            let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&bytes).collect();
+            match certs {
+                Ok(certs) if !certs.is_empty() => {}
+                _ => ctx.error(
+                    key,
+                    format!(
+                        "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                        path.display()
+                    ),
+                ),
+            }
+        }
+    }
+}
+
+fn check_timeouts(ctx: &mut Ctx<'_>, relay: &RelaySettings) {
+    if relay.delivery == Delivery::Smtp && relay.smtp.send_deadline >= relay.limits.request_timeout
+    {
+        ctx.warnings.push(format!(
+            "mailRelay.smtp.sendDeadlineSeconds ({}) is not below mailRelay.limits.requestTimeoutSeconds ({}): a slow send is cut off by the request timeout before its own deadline",
+            relay.smtp.send_deadline.as_secs(),
+            relay.limits.request_timeout.as_secs()
+        ));
+    }
+}
+
+fn send_email(ctx: &mut Ctx<'_>, smtp: bool) -> SendEmailSettings {
+    let why_smtp =
+        "with mailRelay.delivery.mode smtp (the SMTP server's host name, e.g. smtp.office365.com)";
+    let server = if smtp {
+        ctx.required(&se("smtpServer"), why_smtp)
+    } else {
+        ctx.text(&se("smtpServer")).map(str::to_owned)
+    };
+    if let Some(host) = &server
+        && (host.contains(|c: char| c.is_whitespace() || c == '/') || host.contains("://"))
+    {
+        ctx.error(
+            &se("smtpServer"),
+            format!("{host:?} is not a host name; give the bare host, e.g. smtp.office365.com"),
+        );
+    }
+    let port = ctx.number(&se("smtpPort"), 587u16, 1..=65535);
+    let encryption = ctx.one_of(
+        &se("smtpEncryption"),
+        Encryption::Tls,
+        &[
+            ("NONE", Encryption::None),
+            ("SSL", Encryption::Ssl),
+            ("TLS", Encryption::Tls),
+            ("0", Encryption::None),
+            ("1", Encryption::Ssl),
+            ("2", Encryption::Tls),
+        ],
+        "NONE, SSL, TLS (or 0, 1, 2)",
+    );
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mode {
+        None,
+        Basic,
+        MsOAuth,
+    }
+    let mode = ctx.one_of(
+        &se("smtpAuthentication"),
+        Mode::MsOAuth,
+        &[
+            ("NONE", Mode::None),
+            ("BASIC", Mode::Basic),
+            ("MS_OAUTH", Mode::MsOAuth),
+        ],
+        "NONE, BASIC, MS_OAUTH",
+    );
+
+    let host = server.clone().unwrap_or_default();
+    if encryption == Encryption::Ssl && host.eq_ignore_ascii_case(OFFICE365_HOST) {
+        ctx.warnings.push(format!(
+            "{}: SSL (implicit TLS) with {OFFICE365_HOST}, which offers none: connections will fail; use TLS (STARTTLS) with smtpPort 587",
+            se("smtpEncryption")
+        ));
+    } else if encryption == Encryption::Ssl && port == 587 {
+        ctx.warnings.push(format!(
+            "{}: SSL (implicit TLS) on port 587, which usually speaks STARTTLS; use TLS, or port 465 for SSL",
+            se("smtpEncryption")
+        ));
+    } else if encryption == Encryption::Tls && port == 465 {
+        ctx.warnings.push(format!(
+            "{}: TLS (STARTTLS) on port 465, which usually speaks implicit TLS; use SSL, or port 587 for TLS",
+            se("smtpEncryption")
+        ));
+    }
+    if encryption == Encryption::None
+        && mode != Mode::None
+        && server.is_some()
+        && !is_loopback_host(&host)
+    {
+        ctx.error(
+            &se("smtpEncryption"),
+            format!(
+                "NONE would send the mail credentials in clear to {host:?}; NONE is allowed with BASIC or MS_OAUTH only when smtpServer is loopback (localhost, 127.0.0.0/8, ::1); use TLS (STARTTLS, port 587) or SSL (port 465)"
+            ),
+        );
+    }
+
+    let authentication = match mode {
+        Mode::None => Some(SmtpAuthentication::None),
+        Mode::Basic => basic(ctx, smtp),
+        Mode::MsOAuth => ms_oauth(ctx, smtp),
+    };
+    SendEmailSettings {
+        smtp_server: server.unwrap_or_default(),
+        smtp_port: port,
+        smtp_encryption: encryption,
+        // In outbox mode incomplete credentials are never used.
+        smtp_authentication: authentication.unwrap_or(SmtpAuthentication::None),
+    }
+}
+
+fn basic(ctx: &mut Ctx<'_>, smtp: bool) -> Option<SmtpAuthentication> {
+    let why = "with smtpAuthentication BASIC";
+    let (username, password) = if smtp {
+        let username = ctx.required(&se("smtpUsername"), why);
+        let password = ctx.secret(&se("smtpPassword"));
+        if password.is_none() {
+            ctx.error(
+                &se("smtpPassword"),
+                format!("is required {why} (or smtpPasswordFile naming a file that holds it)"),
+            );
+        }
+        (username, password)
+    } else {
+        (
+            ctx.text(&se("smtpUsername")).map(str::to_owned),
+            ctx.secret(&se("smtpPassword")),
+        )
+    };
+    Some(SmtpAuthentication::Basic {
+        username: username?,
+        password: password?,
+    })
+}
+
+fn ms_oauth(ctx: &mut Ctx<'_>, smtp: bool) -> Option<SmtpAuthentication> {
+    let why = "with smtpAuthentication MS_OAUTH";
+    let get = |ctx: &mut Ctx<'_>, name: &str, what: &str| {
+        if smtp {
+            ctx.required(&se(name), &format!("{why} ({what})"))
+        } else {
+            ctx.text(&se(name)).map(str::to_owned)
+        }
+    };
+    let username = get(
+        ctx,
+        "smtpUsername",
+        "the mailbox the relay logs in as, e.g. relay@contoso.com",
+    );
+    let tenant_id = get(
+        ctx,
+        "oAuthTenantId",
+        "the Directory (tenant) ID of the app registration",
+    );
+    let client_id = get(
+        ctx,
+        "oAuthClientId",
+        "the Application (client) ID of the app registration",
+    );
+    if let Some(user) = &username
+        && !is_address(user)
+    {
+        ctx.error(
+            &se("smtpUsername"),
+            format!("{user:?} is not an e-mail address; MS_OAUTH logs in as a mailbox, e.g. relay@contoso.com"),
+        );
+    }
+    if let Some(tenant) = &tenant_id
+        && !tenant
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    {
+        ctx.error(
+            &se("oAuthTenantId"),
+            format!("{tenant:?} is not a tenant id; use the Directory (tenant) ID (a GUID) or the tenant's domain, e.g. contoso.onmicrosoft.com"),
+        );
+    }
+    let credential = credential(ctx, smtp);
+
+    let endpoint_key = se("oAuthTokenEndpoint");
+    let template = ctx
+        .text(&endpoint_key)
+        .unwrap_or(DEFAULT_TOKEN_ENDPOINT)
+        .to_owned();
+    let token_endpoint = match (&tenant_id, template.contains(TENANT_PLACEHOLDER)) {
+        (None, true) => None,
+        (tenant, _) => {
+            let text = template.replace(TENANT_PLACEHOLDER, tenant.as_deref().unwrap_or_default());
+            token_endpoint(ctx, &endpoint_key, &text)
+        }
+    };
+    let scopes = ctx
+        .text(&se("oAuthScopes"))
+        .unwrap_or(DEFAULT_SCOPES)
+        .to_owned();
+    let grace =
+        Duration::from_secs(ctx.number(&se("oAuthTokenGraceTimeInSeconds"), 300u64, 0..=3000));
+    let connect_timeout = ctx.seconds("mailRelay.token.connectTimeoutSeconds", 5);
+    let request_timeout = ctx.seconds("mailRelay.token.requestTimeoutSeconds", 15);
+    Some(SmtpAuthentication::MsOAuth {
+        username: username?,
+        oauth: OAuthSettings {
+            tenant_id: tenant_id?,
+            client_id: client_id?,
+            credential: credential?,
+            token_endpoint: token_endpoint?,
+            scopes,
+            grace,
+            connect_timeout,
+            request_timeout,
+        },
+    })
+}
+
+fn token_endpoint(ctx: &mut Ctx<'_>, key: &str, text: &str) -> Option<Url> {
+    match Url::parse(text) {
+        Err(e) => {
+            ctx.error(
+                key,
+                format!("{text:?} is not a URL ({e}); the default is {DEFAULT_TOKEN_ENDPOINT}"),
+            );
+            None
+        }
+        Ok(url) => {
+            let loopback = url.host_str().is_some_and(is_loopback_host);
+            match url.scheme() {
+                "https" => Some(url),
+                "http" if loopback => Some(url),
+                _ => {
+                    ctx.error(
+                        key,
+                        format!("{text:?} must be an https URL (http only on a loopback host); the client secret travels in it"),
+                    );
+                    None
+                }
+            }
+        }
+    }
+}
+
+fn credential(ctx: &mut Ctx<'_>, smtp: bool) -> Option<ClientCredential> {
+    let secret_key = se("oAuthClientSecret");
+    let cert_key = se("oAuthCertificate");
+    let pkey_key = se("oAuthPrivateKey");
+    let secret = ctx.secret(&secret_key);
+    let certificate = ctx.text(&cert_key).map(str::to_owned);
+    let private_key = ctx.secret(&pkey_key);
+    match (secret, certificate, private_key) {
+        (Some(_), Some(_), _) => {
+            ctx.error(
+                &secret_key,
+                "MS_OAUTH takes exactly one of oAuthClientSecret and oAuthCertificate (with oAuthPrivateKey); both are set: remove one",
+            );
+            None
+        }
+        (Some(_), None, Some(_)) => {
+            ctx.error(
+                &pkey_key,
+                "is set but oAuthCertificate is not: the private key belongs to a certificate; MS_OAUTH takes exactly one of oAuthClientSecret and oAuthCertificate",
+            );
+            None
+        }
+        (Some(secret), None, None) => Some(ClientCredential::Secret(secret)),
+        (None, Some(certificate), private_key) => {
+            let cert_ok = CertificateDer::from_pem_slice(certificate.as_bytes()).is_ok();
+            if !cert_ok {
+                ctx.error(
+                    &cert_key,
+                    "is not a PEM certificate (-----BEGIN CERTIFICATE-----); give the certificate uploaded to the app registration",
+                );
+            }
+            let Some(private_key) = private_key else {
+                ctx.error(
+                    &pkey_key,
+                    "is required with oAuthCertificate (the PEM private key of that certificate; or oAuthPrivateKeyFile naming a file)",
+                );
+                return None;
+            };
+            use secrecy::ExposeSecret;
+            let pem = private_key.expose_secret().as_bytes();
+            let key_ok = PrivateKeyDer::from_pem_slice(pem).is_ok()
+                && jsonwebtoken::EncodingKey::from_rsa_pem(pem).is_ok();
+            if !key_ok {
+                ctx.error(
+                    &pkey_key,
+                    "**** is not a PEM RSA private key (-----BEGIN PRIVATE KEY----- or -----BEGIN RSA PRIVATE KEY-----)",
+                );
+            }
+            (cert_ok && key_ok).then_some(ClientCredential::Certificate {
+                certificate_pem: certificate,
+                private_key_pem: private_key,
+            })
+        }
+        (None, None, _) => {
+            if smtp {
+                ctx.error(
+                    &secret_key,
+                    "MS_OAUTH takes exactly one of oAuthClientSecret and oAuthCertificate (with oAuthPrivateKey); neither is set",
+                );
+            }
+            None
+        }
+    }
+}
