@@ -133,8 +133,44 @@ fn check_config(path: &std::path::Path) -> ExitCode {
 }
 
 fn encrypt_secret() -> ExitCode {
-    eprintln!("encrypt-secret is not written yet");
-    ExitCode::FAILURE
+    use std::io::Read as _;
+
+    use crate::config::cipher::{self, EncryptionKey};
+
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let key = match EncryptionKey::from_env(&env) {
+        Ok(key) => key,
+        Err(e) => {
+            eprintln!("encrypt-secret: {e}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let mut input = String::new();
+    if let Err(e) = std::io::stdin().read_to_string(&mut input) {
+        eprintln!("encrypt-secret: cannot read the secret from stdin: {e}");
+        return ExitCode::from(EXIT_INVALID);
+    }
+    // `echo secret |` and a typed line end with a newline that is not part of the secret.
+    let secret = input
+        .strip_suffix('\n')
+        .map(|s| s.strip_suffix('\r').unwrap_or(s))
+        .unwrap_or(&input);
+    if secret.is_empty() {
+        eprintln!(
+            "encrypt-secret: no secret on stdin; pipe it in, e.g. `printf %s \"$SECRET\" | mail-relay encrypt-secret`"
+        );
+        return ExitCode::from(EXIT_INVALID);
+    }
+    match cipher::encrypt(&key, secret) {
+        Ok(value) => {
+            println!("{value}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("encrypt-secret: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn healthcheck(url: &str, timeout: Duration) -> ExitCode {

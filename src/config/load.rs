@@ -46,10 +46,27 @@ impl std::fmt::Display for SettingError {
 
 /// Every problem found in the settings, reported at once.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid settings in {path}:\n{}", .errors.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
 pub struct ConfigError {
     pub path: String,
     pub errors: Vec<SettingError>,
+    /// Warnings found on the way (a typo warned about often explains a missing key).
+    pub warnings: Vec<String>,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid settings in {}:", self.path)?;
+        for error in &self.errors {
+            write!(f, "\n  - {error}")?;
+        }
+        if !self.warnings.is_empty() {
+            write!(f, "\nwarnings:")?;
+            for warning in &self.warnings {
+                write!(f, "\n  - {warning}")?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Load and validate the settings in the file `options.path`.
@@ -63,21 +80,26 @@ pub fn load(options: &LoadOptions) -> Result<Loaded, ConfigError> {
                 "cannot read the settings file {path}: {e}; pass --config PATH or set MAIL_RELAY_CONFIG"
             ),
         }],
+        warnings: Vec::new(),
     })?;
     load_str(&text, &path, &options.env)
 }
 
 /// Load and validate settings given as YAML text; `source` names it in errors.
 pub fn load_str(text: &str, source: &str, env: &[(String, String)]) -> Result<Loaded, ConfigError> {
-    let fail = |errors| ConfigError {
+    let fail = |errors, warnings| ConfigError {
         path: source.to_owned(),
         errors,
+        warnings,
     };
     let raw = raw::parse(text).map_err(|message| {
-        fail(vec![SettingError {
-            key: "(file)".into(),
-            message: format!("not valid YAML: {message}"),
-        }])
+        fail(
+            vec![SettingError {
+                key: "(file)".into(),
+                message: format!("not valid YAML: {message}"),
+            }],
+            Vec::new(),
+        )
     })?;
     let mut warnings = raw.warnings.clone();
     let mut errors = raw.errors.clone();
@@ -93,10 +115,10 @@ pub fn load_str(text: &str, source: &str, env: &[(String, String)]) -> Result<Lo
                 masked,
             })
         }
-        Ok(_) => Err(fail(errors)),
+        Ok(_) => Err(fail(errors, warnings)),
         Err(more) => {
             errors.extend(more);
-            Err(fail(errors))
+            Err(fail(errors, warnings))
         }
     }
 }

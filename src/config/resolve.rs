@@ -1,7 +1,7 @@
 //! From the file's text to each setting's effective text: environment overrides, placeholders,
 //! `File` secrets and `{cipher}` values, in that order.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use serde_json::Value;
@@ -35,6 +35,8 @@ pub struct Resolved {
     pub values: BTreeMap<String, Effective>,
     /// [`keys::SUBTREES`] as in the file, strings' placeholders resolved.
     pub subtrees: BTreeMap<&'static str, Value>,
+    /// Keys whose value could not be had (already reported): validation says no more of them.
+    pub failed: BTreeSet<String>,
 }
 
 impl Resolved {
@@ -94,13 +96,16 @@ pub fn resolve(
                     },
                 );
             }
-            Err(e) => errors.push(SettingError {
-                message: match &origin {
-                    Origin::Env(var) => format!("{e} (in environment variable {var})"),
-                    _ => e.to_string(),
-                },
-                key,
-            }),
+            Err(e) => {
+                resolved.failed.insert(key.clone());
+                errors.push(SettingError {
+                    message: match &origin {
+                        Origin::Env(var) => format!("{e} (in environment variable {var})"),
+                        _ => e.to_string(),
+                    },
+                    key,
+                });
+            }
         }
     }
     for (name, tree) in raw.subtrees {
@@ -116,6 +121,7 @@ pub fn resolve(
             continue;
         };
         if resolved.values.contains_key(spec.key) {
+            resolved.failed.insert(spec.key.to_owned());
             errors.push(SettingError {
                 key: spec.key.to_owned(),
                 message: format!(
@@ -130,6 +136,7 @@ pub fn resolve(
             Ok(content) => {
                 let text = content.trim_end_matches(['\n', '\r']).to_owned();
                 if text.trim().is_empty() {
+                    resolved.failed.insert(spec.key.to_owned());
                     errors.push(SettingError {
                         key: file_key,
                         message: format!("the file {} is empty", path.display()),
@@ -145,13 +152,16 @@ pub fn resolve(
                     );
                 }
             }
-            Err(e) => errors.push(SettingError {
-                key: file_key,
-                message: format!(
-                    "cannot read {}: {e}; mount the secret there or fix the path",
-                    path.display()
-                ),
-            }),
+            Err(e) => {
+                resolved.failed.insert(spec.key.to_owned());
+                errors.push(SettingError {
+                    key: file_key,
+                    message: format!(
+                        "cannot read {}: {e}; mount the secret there or fix the path",
+                        path.display()
+                    ),
+                });
+            }
         }
     }
 
@@ -163,14 +173,8 @@ pub fn resolve(
         }
         let key = key.get_or_insert_with(|| EncryptionKey::from_env(env));
         let outcome = match key {
-            Ok(key) => cipher::decrypt(key, &value.text),
-            Err(e) => {
-                errors.push(SettingError {
-                    key: name.clone(),
-                    message: format!("is a {{cipher}} value, but {e}"),
-                });
-                continue;
-            }
+            Ok(key) => cipher::decrypt(key, &value.text).map_err(|e| e.to_string()),
+            Err(e) => Err(format!("is a {{cipher}} value, but {e}")),
         };
         match outcome {
             Ok(plain) => {
@@ -178,12 +182,18 @@ pub fn resolve(
                 value.text = plain.expose_secret().to_owned();
                 value.encrypted = true;
             }
-            Err(e) => errors.push(SettingError {
-                key: name.clone(),
-                message: e.to_string(),
-            }),
+            Err(message) => {
+                resolved.failed.insert(name.clone());
+                errors.push(SettingError {
+                    key: name.clone(),
+                    message,
+                });
+            }
         }
     }
+    // An undecryptable value must not reach validation, whose messages may quote values.
+    let failed = &resolved.failed;
+    resolved.values.retain(|k, _| !failed.contains(k));
     resolved
 }
 

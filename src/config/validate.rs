@@ -39,6 +39,10 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn error(&mut self, key: &str, message: impl Into<String>) {
+        // Its value could not be read at all; that error is already reported.
+        if self.values.failed.contains(key) {
+            return;
+        }
         self.errors.push(SettingError {
             key: key.to_owned(),
             message: message.into(),
@@ -86,19 +90,19 @@ impl Ctx<'_> {
             return default;
         };
         let range = format!("{}..={}", allowed.start(), allowed.end());
+        let shown = self.shown(key, &text);
+        // A whole number too large for the type is out of range, not "not a number".
+        if text.parse::<i128>().is_err() {
+            self.error(
+                key,
+                format!("{shown} is not a whole number; allowed {range}"),
+            );
+            return default;
+        }
         match text.parse::<T>() {
             Ok(n) if allowed.contains(&n) => n,
-            Ok(_) => {
-                let shown = self.shown(key, &text);
+            _ => {
                 self.error(key, format!("{shown} is out of range; allowed {range}"));
-                default
-            }
-            Err(_) => {
-                let shown = self.shown(key, &text);
-                self.error(
-                    key,
-                    format!("{shown} is not a whole number; allowed {range}"),
-                );
                 default
             }
         }

@@ -1,0 +1,182 @@
+//! The `check-config` and `encrypt-secret` commands, through the built binary.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mail-relay");
+const SECRET: &str = "Zx8Q~cli-secret-value~7";
+
+/// A command with a clean environment, so the host's variables cannot leak in.
+fn mail_relay(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(BIN);
+    command.env_clear().args(args);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command
+}
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    mail_relay(args, env).output().unwrap()
+}
+
+fn run_with_stdin(args: &[&str], env: &[(&str, &str)], stdin: &str) -> Output {
+    let mut child = mail_relay(args, env)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn write_config(dir: &Path, yaml: &str) -> String {
+    let path = dir.join("settings.yml");
+    std::fs::write(&path, yaml).unwrap();
+    path.display().to_string()
+}
+
+fn valid_yaml(secret: &str) -> String {
+    format!(
+        "featureSwitches:\n  sendEmail:\n    smtpServer: smtp.office365.com\n    smtpPort: 587\n    smtpEncryption: TLS\n    smtpAuthentication: MS_OAUTH\n    smtpUsername: relay@contoso.com\n    oAuthClientId: c1\n    oAuthClientSecret: \"{secret}\"\n    oAuthTenantId: contoso.onmicrosoft.com\n"
+    )
+}
+
+#[test]
+fn check_config_valid_file_exits_0_with_secrets_masked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &valid_yaml(SECRET));
+    let out = run(&["check-config", "--config", &path], &[]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(stdout.contains("oAuthClientSecret: \"****\""), "{stdout}");
+    assert!(
+        stdout.contains("smtpServer: \"smtp.office365.com\""),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(SECRET), "{stdout}");
+    assert!(!text(&out.stderr).contains(SECRET));
+}
+
+#[test]
+fn check_config_reads_the_path_from_mail_relay_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &valid_yaml(SECRET));
+    let out = run(&["check-config"], &[("MAIL_RELAY_CONFIG", &path)]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+#[test]
+fn check_config_invalid_encryption_exits_2_naming_key_and_allowed_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = valid_yaml(SECRET).replace("smtpEncryption: TLS", "smtpEncryption: FOO");
+    let path = write_config(dir.path(), &yaml);
+    let out = run(&["check-config", "--config", &path], &[]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("featureSwitches.sendEmail.smtpEncryption: FOO is not one of NONE, SSL, TLS (or 0, 1, 2)"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn check_config_missing_file_exits_2() {
+    let out = run(&["check-config", "--config", "/nonexistent/x.yml"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("/nonexistent/x.yml"));
+}
+
+#[test]
+fn check_config_prints_warnings_on_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = valid_yaml(SECRET).replace(
+        "    smtpPort: 587\n",
+        "    smtpPort: 587\n    smtpSever: x\n",
+    );
+    let path = write_config(dir.path(), &yaml);
+    let out = run(&["check-config", "--config", &path], &[]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("warning: featureSwitches.sendEmail.smtpSever: unknown key, ignored; did you mean smtpServer?"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn encrypt_secret_round_trips_through_check_config() {
+    let key = STANDARD.encode([3u8; 32]);
+    let env = [("MAIL_RELAY_ENCRYPT_KEY", key.as_str())];
+    let out = run_with_stdin(&["encrypt-secret"], &env, &format!("{SECRET}\n"));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let encrypted = text(&out.stdout).trim_end().to_owned();
+    assert!(encrypted.starts_with("{cipher}"), "{encrypted}");
+    assert!(!encrypted.contains(SECRET));
+
+    // The library decrypts it to the secret, without the newline typed after it.
+    let key_obj = mail_relay::config::cipher::EncryptionKey::from_base64(&key, "test").unwrap();
+    let plain = mail_relay::config::cipher::decrypt(&key_obj, &encrypted).unwrap();
+    assert_eq!(secrecy::ExposeSecret::expose_secret(&plain), SECRET);
+
+    // And the binary accepts it in a settings file.
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &valid_yaml(&encrypted));
+    let out = run(&["check-config", "--config", &path], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(!text(&out.stdout).contains(SECRET));
+
+    // Under another key it names the setting and hides both forms of the secret.
+    let other = STANDARD.encode([4u8; 32]);
+    let out = run(
+        &["check-config", "--config", &path],
+        &[("MAIL_RELAY_ENCRYPT_KEY", &other)],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("featureSwitches.sendEmail.oAuthClientSecret"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(SECRET) && !stderr.contains(&encrypted),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn encrypt_secret_without_a_key_exits_2_naming_the_variables() {
+    let out = run_with_stdin(&["encrypt-secret"], &[], SECRET);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("MAIL_RELAY_ENCRYPT_KEY"), "{stderr}");
+    assert!(stderr.contains("MAIL_RELAY_ENCRYPT_KEY_FILE"), "{stderr}");
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn encrypt_secret_with_empty_stdin_exits_2() {
+    let key = STANDARD.encode([3u8; 32]);
+    let out = run_with_stdin(
+        &["encrypt-secret"],
+        &[("MAIL_RELAY_ENCRYPT_KEY", &key)],
+        "\n",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("no secret on stdin"));
+}

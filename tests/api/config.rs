@@ -1,0 +1,933 @@
+//! Settings: loading, overrides, placeholders, secrets, validation (one test per rule).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use mail_relay::config::cipher::{self, EncryptionKey};
+use mail_relay::config::{
+    ClientCredential, ConfigError, Delivery, Encryption, LoadOptions, Loaded, SmtpAuthentication,
+    load, load_str,
+};
+use secrecy::ExposeSecret;
+
+const CLIENT_SECRET: &str = "Zx8Q~client-secret-value~42";
+
+/// Every seed key and every `mailRelay` key, with values unlike the defaults.
+const SEED: &str = r#"
+spring:
+  application:
+    name: osweb
+server:
+  address: 0.0.0.0
+  port: 9090
+featureSwitches:
+  showBanner: true
+  sendEmail:
+    smtpServer: smtp.office365.com
+    smtpPort: 587
+    smtpEncryption: TLS
+    smtpAuthentication: MS_OAUTH
+    smtpUsername: relay@contoso.com
+    oAuthClientId: 11111111-2222-3333-4444-555555555555
+    oAuthClientSecret: Zx8Q~client-secret-value~42
+    oAuthTenantId: contoso.onmicrosoft.com
+    oAuthTokenEndpoint: https://login.microsoftonline.com/#TenantID#/oauth2/v2.0/token
+    oAuthScopes: https://outlook.office365.com/.default
+    oAuthTokenGraceTimeInSeconds: 120
+mailRelay:
+  delivery:
+    mode: smtp
+    outboxDir: ./unused
+  smtp:
+    maxConnections: 2
+    connectTimeoutSeconds: 11
+    commandTimeoutSeconds: 31
+    sendDeadlineSeconds: 61
+    helloName: relay.contoso.com
+  token:
+    connectTimeoutSeconds: 6
+    requestTimeoutSeconds: 16
+  limits:
+    maxBodyBytes: 1048576
+    maxRecipients: 100
+    requestTimeoutSeconds: 121
+"#;
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn ok(yaml: &str, pairs: &[(&str, &str)]) -> Loaded {
+    match load_str(yaml, "test.yml", &env(pairs)) {
+        Ok(loaded) => loaded,
+        Err(e) => panic!("expected valid settings, got {e}"),
+    }
+}
+
+fn err(yaml: &str, pairs: &[(&str, &str)]) -> ConfigError {
+    match load_str(yaml, "test.yml", &env(pairs)) {
+        Ok(loaded) => panic!("expected an error, got {:?}", loaded.settings),
+        Err(e) => e,
+    }
+}
+
+/// The message of the one error about `key`.
+fn error_for(yaml: &str, pairs: &[(&str, &str)], key: &str) -> String {
+    let e = err(yaml, pairs);
+    let found: Vec<_> = e.errors.iter().filter(|e| e.key == key).collect();
+    assert_eq!(found.len(), 1, "one error for {key} expected in:\n{e}");
+    found[0].message.clone()
+}
+
+fn seed_without(line_start: &str) -> String {
+    let out: String = SEED
+        .lines()
+        .filter(|l| !l.trim_start().starts_with(line_start))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(out.len(), SEED.len(), "{line_start} not in SEED");
+    out
+}
+
+fn seed_with(line_start: &str, replacement: &str) -> String {
+    SEED.lines()
+        .map(|l| {
+            if l.trim_start().starts_with(line_start) {
+                let indent = &l[..l.len() - l.trim_start().len()];
+                format!("{indent}{replacement}\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect()
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/config")
+        .join(name)
+}
+
+fn oauth(loaded: &Loaded) -> (&str, &mail_relay::config::OAuthSettings) {
+    match &loaded.settings.send_email.smtp_authentication {
+        SmtpAuthentication::MsOAuth { username, oauth } => (username, oauth),
+        other => panic!("expected MS_OAUTH, got {other:?}"),
+    }
+}
+
+fn key_env(byte: u8) -> (String, String) {
+    (cipher::ENV_KEY.to_owned(), STANDARD.encode([byte; 32]))
+}
+
+// ---- parsing -------------------------------------------------------------------------------
+
+#[test]
+fn every_seed_key_is_parsed() {
+    let loaded = ok(SEED, &[]);
+    let s = &loaded.settings;
+    assert_eq!(s.server.socket_addr().to_string(), "0.0.0.0:9090");
+    assert_eq!(s.send_email.smtp_server, "smtp.office365.com");
+    assert_eq!(s.send_email.smtp_port, 587);
+    assert_eq!(s.send_email.smtp_encryption, Encryption::Tls);
+    let (username, oauth) = oauth(&loaded);
+    assert_eq!(username, "relay@contoso.com");
+    assert_eq!(oauth.client_id, "11111111-2222-3333-4444-555555555555");
+    assert_eq!(oauth.tenant_id, "contoso.onmicrosoft.com");
+    match &oauth.credential {
+        ClientCredential::Secret(secret) => assert_eq!(secret.expose_secret(), CLIENT_SECRET),
+        other => panic!("expected a secret, got {other:?}"),
+    }
+    assert_eq!(
+        oauth.token_endpoint.as_str(),
+        "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+    );
+    assert_eq!(oauth.scopes, "https://outlook.office365.com/.default");
+    assert_eq!(oauth.grace, Duration::from_secs(120));
+    assert_eq!(oauth.connect_timeout, Duration::from_secs(6));
+    assert_eq!(oauth.request_timeout, Duration::from_secs(16));
+    let r = &s.relay;
+    assert_eq!(r.delivery, Delivery::Smtp);
+    assert_eq!(r.smtp.max_connections, 2);
+    assert_eq!(r.smtp.connect_timeout, Duration::from_secs(11));
+    assert_eq!(r.smtp.command_timeout, Duration::from_secs(31));
+    assert_eq!(r.smtp.send_deadline, Duration::from_secs(61));
+    assert_eq!(r.smtp.hello_name.as_deref(), Some("relay.contoso.com"));
+    assert_eq!(r.smtp.ca_file, None);
+    assert_eq!(r.limits.max_body_bytes, 1_048_576);
+    assert_eq!(r.limits.max_recipients, 100);
+    assert_eq!(r.limits.request_timeout, Duration::from_secs(121));
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+}
+
+#[test]
+fn absent_keys_take_their_defaults() {
+    let yaml = "featureSwitches:\n  sendEmail:\n    smtpServer: smtp.office365.com\n    smtpUsername: relay@contoso.com\n    oAuthClientId: c\n    oAuthClientSecret: s\n    oAuthTenantId: t\n";
+    let loaded = ok(yaml, &[]);
+    let s = &loaded.settings;
+    assert_eq!(s.server.socket_addr().to_string(), "127.0.0.1:8080");
+    assert_eq!(s.send_email.smtp_port, 587);
+    assert_eq!(s.send_email.smtp_encryption, Encryption::Tls);
+    let (_, oauth) = oauth(&loaded);
+    assert_eq!(
+        oauth.token_endpoint.as_str(),
+        "https://login.microsoftonline.com/t/oauth2/v2.0/token"
+    );
+    assert_eq!(oauth.scopes, "https://outlook.office365.com/.default");
+    assert_eq!(oauth.grace, Duration::from_secs(300));
+    assert_eq!(oauth.connect_timeout, Duration::from_secs(5));
+    assert_eq!(oauth.request_timeout, Duration::from_secs(15));
+    let r = &s.relay;
+    assert_eq!(r.delivery, Delivery::Smtp);
+    assert_eq!(r.smtp.max_connections, 3);
+    assert_eq!(r.smtp.connect_timeout, Duration::from_secs(10));
+    assert_eq!(r.smtp.command_timeout, Duration::from_secs(30));
+    assert_eq!(r.smtp.send_deadline, Duration::from_secs(60));
+    assert_eq!(r.limits.max_body_bytes, 52_428_800);
+    assert_eq!(r.limits.max_recipients, 500);
+    assert_eq!(r.limits.request_timeout, Duration::from_secs(120));
+}
+
+#[test]
+fn encryption_accepts_names_any_case_and_enaio_numbers() {
+    for (value, expected) in [
+        ("0", Encryption::None),
+        ("1", Encryption::Ssl),
+        ("2", Encryption::Tls),
+        ("tls", Encryption::Tls),
+        ("Ssl", Encryption::Ssl),
+        ("NONE", Encryption::None),
+    ] {
+        let yaml = seed_with("smtpServer:", "smtpServer: 127.0.0.1");
+        let yaml = yaml.replace("smtpEncryption: TLS", &format!("smtpEncryption: {value}"));
+        let loaded = ok(&yaml, &[]);
+        assert_eq!(
+            loaded.settings.send_email.smtp_encryption, expected,
+            "{value}"
+        );
+    }
+}
+
+#[test]
+fn a_missing_file_is_an_error_naming_it() {
+    let e = load(&LoadOptions {
+        path: PathBuf::from("/nonexistent/osweb-prod.yml"),
+        env: Vec::new(),
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("/nonexistent/osweb-prod.yml"), "{e}");
+}
+
+#[test]
+fn a_file_that_is_not_yaml_is_an_error() {
+    let e = err("server: [unclosed\n", &[]);
+    assert!(e.errors[0].message.contains("not valid YAML"), "{e}");
+}
+
+// ---- unknown keys --------------------------------------------------------------------------
+
+#[test]
+fn unknown_send_email_key_is_a_warning_with_the_nearest_key() {
+    let yaml = SEED.replace(
+        "    smtpServer: smtp.office365.com\n",
+        "    smtpServer: smtp.office365.com\n    smtpSever: typo.example.com\n",
+    );
+    let loaded = ok(&yaml, &[]);
+    assert_eq!(
+        loaded.warnings,
+        vec!["featureSwitches.sendEmail.smtpSever: unknown key, ignored; did you mean smtpServer?"]
+    );
+}
+
+#[test]
+fn unknown_mail_relay_key_is_an_error_at_any_depth() {
+    let yaml = SEED.replace("    maxConnections: 2\n", "    maxConection: 2\n");
+    let message = error_for(&yaml, &[], "mailRelay.smtp.maxConection");
+    assert!(message.contains("unknown key"), "{message}");
+    assert!(
+        message.contains("mailRelay.smtp.maxConnections"),
+        "{message}"
+    );
+    let yaml = format!("{SEED}  extra:\n    deeper:\n      key: 1\n");
+    error_for(&yaml, &[], "mailRelay.extra.deeper.key");
+}
+
+#[test]
+fn other_top_level_sections_are_ignored() {
+    let loaded = ok(SEED, &[]);
+    assert!(loaded.warnings.is_empty());
+}
+
+#[test]
+fn unknown_relay_env_variable_is_a_warning() {
+    let loaded = ok(SEED, &[("MAILRELAY_SMTP_MAXCONECTIONS", "2")]);
+    assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+    assert!(
+        loaded.warnings[0].contains("did you mean MAILRELAY_SMTP_MAXCONNECTIONS?"),
+        "{:?}",
+        loaded.warnings
+    );
+}
+
+// ---- overrides and placeholders ------------------------------------------------------------
+
+#[test]
+fn env_override_beats_the_file_and_sets_absent_keys() {
+    let loaded = ok(
+        SEED,
+        &[
+            ("SERVER_PORT", "7070"),
+            ("FEATURESWITCHES_SENDEMAIL_SMTPSERVER", "smtp.example.net"),
+            (
+                "MAILRELAY_SMTP_CAFILE",
+                fixture("oauth-cert.pem").to_str().unwrap(),
+            ),
+            ("MAILRELAY_LIMITS_MAXRECIPIENTS", "42"),
+        ],
+    );
+    let s = &loaded.settings;
+    assert_eq!(s.server.port, 7070);
+    assert_eq!(s.send_email.smtp_server, "smtp.example.net");
+    assert_eq!(s.relay.smtp.ca_file, Some(fixture("oauth-cert.pem")));
+    assert_eq!(s.relay.limits.max_recipients, 42);
+    assert!(
+        loaded.masked.contains("# from env SERVER_PORT"),
+        "{}",
+        loaded.masked
+    );
+}
+
+#[test]
+fn env_override_is_validated_like_the_file() {
+    let message = error_for(SEED, &[("SERVER_PORT", "eighty")], "server.port");
+    assert!(
+        message.contains("\"eighty\" is not a whole number"),
+        "{message}"
+    );
+}
+
+#[test]
+fn placeholder_with_default_and_without() {
+    let yaml = SEED
+        .replace(
+            "oAuthTenantId: contoso.onmicrosoft.com",
+            "oAuthTenantId: ${TENANT}",
+        )
+        .replace("port: 9090", "port: ${HTTP_PORT:8181}");
+    let loaded = ok(&yaml, &[("TENANT", "fabrikam.onmicrosoft.com")]);
+    assert_eq!(loaded.settings.server.port, 8181);
+    assert_eq!(oauth(&loaded).1.tenant_id, "fabrikam.onmicrosoft.com");
+    let loaded = ok(&yaml, &[("TENANT", "x"), ("HTTP_PORT", "8282")]);
+    assert_eq!(loaded.settings.server.port, 8282);
+}
+
+#[test]
+fn unresolved_placeholder_names_the_key_and_the_variable() {
+    let yaml = SEED.replace(
+        "oAuthTenantId: contoso.onmicrosoft.com",
+        "oAuthTenantId: ${TENANT}",
+    );
+    let message = error_for(&yaml, &[], "featureSwitches.sendEmail.oAuthTenantId");
+    assert!(message.contains("TENANT is not set"), "{message}");
+}
+
+#[test]
+fn placeholder_resolving_to_empty_leaves_the_key_unset() {
+    let yaml = SEED.replace(
+        "oAuthScopes: https://outlook.office365.com/.default",
+        "oAuthScopes: ${SCOPES:}",
+    );
+    let loaded = ok(&yaml, &[]);
+    assert_eq!(
+        oauth(&loaded).1.scopes,
+        "https://outlook.office365.com/.default"
+    );
+}
+
+// ---- secrets from files and {cipher} -------------------------------------------------------
+
+#[test]
+fn secret_from_a_file_with_trailing_newline_trimmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("client-secret");
+    std::fs::write(&path, "from-the-mount\n").unwrap();
+    let yaml = seed_with(
+        "oAuthClientSecret:",
+        &format!("oAuthClientSecretFile: {}", path.display()),
+    );
+    let loaded = ok(&yaml, &[]);
+    match &oauth(&loaded).1.credential {
+        ClientCredential::Secret(s) => assert_eq!(s.expose_secret(), "from-the-mount"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!loaded.masked.contains("from-the-mount"));
+    // The same through the environment.
+    let loaded = ok(
+        &seed_without("oAuthClientSecret:"),
+        &[(
+            "FEATURESWITCHES_SENDEMAIL_OAUTHCLIENTSECRETFILE",
+            path.to_str().unwrap(),
+        )],
+    );
+    assert!(matches!(
+        oauth(&loaded).1.credential,
+        ClientCredential::Secret(_)
+    ));
+}
+
+#[test]
+fn secret_and_its_file_form_together_are_an_error() {
+    let message = error_for(
+        SEED,
+        &[(
+            "FEATURESWITCHES_SENDEMAIL_OAUTHCLIENTSECRETFILE",
+            "/run/secrets/x",
+        )],
+        "featureSwitches.sendEmail.oAuthClientSecret",
+    );
+    assert!(message.contains("set only one"), "{message}");
+}
+
+#[test]
+fn unreadable_secret_file_is_an_error_naming_the_file_key() {
+    let yaml = seed_with(
+        "oAuthClientSecret:",
+        "oAuthClientSecretFile: /nonexistent/secret",
+    );
+    let message = error_for(
+        &yaml,
+        &[],
+        "featureSwitches.sendEmail.oAuthClientSecretFile",
+    );
+    assert!(message.contains("/nonexistent/secret"), "{message}");
+}
+
+#[test]
+fn cipher_value_round_trip() {
+    let key = EncryptionKey::from_bytes(&[5; 32]);
+    let encrypted = cipher::encrypt(&key, CLIENT_SECRET).unwrap();
+    let yaml = seed_with(
+        "oAuthClientSecret:",
+        &format!("oAuthClientSecret: \"{encrypted}\""),
+    );
+    let (name, value) = key_env(5);
+    let loaded = ok(&yaml, &[(&name, &value)]);
+    match &oauth(&loaded).1.credential {
+        ClientCredential::Secret(s) => assert_eq!(s.expose_secret(), CLIENT_SECRET),
+        other => panic!("{other:?}"),
+    }
+    assert!(!loaded.masked.contains(CLIENT_SECRET));
+    assert!(!loaded.masked.contains(&encrypted));
+}
+
+#[test]
+fn cipher_value_under_a_wrong_key_names_the_setting_not_the_secret() {
+    let encrypted = cipher::encrypt(&EncryptionKey::from_bytes(&[5; 32]), CLIENT_SECRET).unwrap();
+    let yaml = seed_with(
+        "oAuthClientSecret:",
+        &format!("oAuthClientSecret: \"{encrypted}\""),
+    );
+    let (name, value) = key_env(6);
+    let e = err(&yaml, &[(&name, &value)]);
+    let message = error_for(
+        &yaml,
+        &[(&name, &value)],
+        "featureSwitches.sendEmail.oAuthClientSecret",
+    );
+    assert!(message.contains("cannot decrypt"), "{message}");
+    let shown = e.to_string();
+    assert!(!shown.contains(CLIENT_SECRET), "{shown}");
+    assert!(!shown.contains(&encrypted), "{shown}");
+}
+
+#[test]
+fn cipher_value_without_a_key_says_which_variable_to_set() {
+    let encrypted = cipher::encrypt(&EncryptionKey::from_bytes(&[5; 32]), "x").unwrap();
+    let yaml = seed_with(
+        "oAuthClientSecret:",
+        &format!("oAuthClientSecret: \"{encrypted}\""),
+    );
+    let message = error_for(&yaml, &[], "featureSwitches.sendEmail.oAuthClientSecret");
+    assert!(message.contains("MAIL_RELAY_ENCRYPT_KEY"), "{message}");
+}
+
+// ---- masking -------------------------------------------------------------------------------
+
+#[test]
+fn secrets_are_absent_from_masked_output_and_debug() {
+    let loaded = ok(SEED, &[]);
+    assert!(!loaded.masked.contains(CLIENT_SECRET), "{}", loaded.masked);
+    assert!(
+        loaded.masked.contains("oAuthClientSecret: \"****\""),
+        "{}",
+        loaded.masked
+    );
+    assert!(loaded.masked.contains("smtpServer: \"smtp.office365.com\""));
+    let debug = format!("{:?}", loaded.settings);
+    assert!(!debug.contains(CLIENT_SECRET), "{debug}");
+    assert!(!format!("{loaded:?}").contains(CLIENT_SECRET));
+}
+
+#[test]
+fn masked_output_is_yaml_that_loads_back() {
+    let loaded = ok(SEED, &[]);
+    // Secrets are masked, so put the real one back through the environment.
+    let again = ok(
+        &loaded
+            .masked
+            .replace("oAuthClientSecret: \"****\"", "oAuthClientSecret: x"),
+        &[],
+    );
+    assert_eq!(again.masked.lines().count(), loaded.masked.lines().count());
+    assert_eq!(again.settings.server.port, 9090);
+}
+
+#[test]
+fn basic_password_is_masked() {
+    let yaml = "featureSwitches:\n  sendEmail:\n    smtpServer: mail.example.com\n    smtpAuthentication: BASIC\n    smtpUsername: relay\n    smtpPassword: hunter2-password\n";
+    let loaded = ok(yaml, &[]);
+    assert!(!loaded.masked.contains("hunter2-password"));
+    assert!(!format!("{:?}", loaded.settings).contains("hunter2-password"));
+    assert!(matches!(
+        loaded.settings.send_email.smtp_authentication,
+        SmtpAuthentication::Basic { .. }
+    ));
+}
+
+// ---- validation, one rule each -------------------------------------------------------------
+
+#[test]
+fn smtp_server_is_required_for_smtp_delivery() {
+    let message = error_for(
+        &seed_without("smtpServer:"),
+        &[],
+        "featureSwitches.sendEmail.smtpServer",
+    );
+    assert!(message.contains("is required"), "{message}");
+}
+
+#[test]
+fn ms_oauth_requires_tenant_client_and_username() {
+    for key in ["oAuthTenantId", "oAuthClientId", "smtpUsername"] {
+        let message = error_for(
+            &seed_without(&format!("{key}:")),
+            &[],
+            &format!("featureSwitches.sendEmail.{key}"),
+        );
+        assert!(
+            message.contains("is required with smtpAuthentication MS_OAUTH"),
+            "{message}"
+        );
+    }
+}
+
+#[test]
+fn basic_requires_username_and_password() {
+    let yaml = "featureSwitches:\n  sendEmail:\n    smtpServer: mail.example.com\n    smtpAuthentication: BASIC\n";
+    let e = err(yaml, &[]);
+    let keys: Vec<&str> = e.errors.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "featureSwitches.sendEmail.smtpUsername",
+            "featureSwitches.sendEmail.smtpPassword"
+        ],
+        "{e}"
+    );
+}
+
+#[test]
+fn port_outside_the_range_is_an_error() {
+    let message = error_for(
+        &seed_with("smtpPort:", "smtpPort: 70000"),
+        &[],
+        "featureSwitches.sendEmail.smtpPort",
+    );
+    assert_eq!(message, "\"70000\" is out of range; allowed 1..=65535");
+    let message = error_for(
+        &seed_with("smtpPort:", "smtpPort: 0"),
+        &[],
+        "featureSwitches.sendEmail.smtpPort",
+    );
+    assert!(message.contains("1..=65535"), "{message}");
+}
+
+#[test]
+fn unknown_encryption_lists_the_allowed_values() {
+    let message = error_for(
+        &seed_with("smtpEncryption:", "smtpEncryption: FOO"),
+        &[],
+        "featureSwitches.sendEmail.smtpEncryption",
+    );
+    assert_eq!(message, "FOO is not one of NONE, SSL, TLS (or 0, 1, 2)");
+}
+
+#[test]
+fn unknown_authentication_lists_the_allowed_values() {
+    let message = error_for(
+        &seed_with("smtpAuthentication:", "smtpAuthentication: OAUTH"),
+        &[],
+        "featureSwitches.sendEmail.smtpAuthentication",
+    );
+    assert_eq!(message, "OAUTH is not one of NONE, BASIC, MS_OAUTH");
+}
+
+#[test]
+fn ms_oauth_username_must_be_an_address() {
+    let message = error_for(
+        &seed_with("smtpUsername:", "smtpUsername: relay"),
+        &[],
+        "featureSwitches.sendEmail.smtpUsername",
+    );
+    assert!(
+        message.contains("\"relay\" is not an e-mail address"),
+        "{message}"
+    );
+}
+
+#[test]
+fn ms_oauth_needs_exactly_one_of_secret_and_certificate() {
+    let message = error_for(
+        &seed_without("oAuthClientSecret:"),
+        &[],
+        "featureSwitches.sendEmail.oAuthClientSecret",
+    );
+    assert!(
+        message.contains("exactly one of oAuthClientSecret and oAuthCertificate"),
+        "{message}"
+    );
+    assert!(message.contains("neither is set"), "{message}");
+    let cert = fixture("oauth-cert.pem");
+    let message = error_for(
+        SEED,
+        &[(
+            "FEATURESWITCHES_SENDEMAIL_OAUTHCERTIFICATEFILE",
+            cert.to_str().unwrap(),
+        )],
+        "featureSwitches.sendEmail.oAuthClientSecret",
+    );
+    assert!(message.contains("both are set"), "{message}");
+}
+
+#[test]
+fn certificate_and_key_from_files_parse() {
+    let yaml = seed_with(
+        "oAuthClientSecret:",
+        &format!(
+            "oAuthCertificateFile: {}\n    oAuthPrivateKeyFile: {}",
+            fixture("oauth-cert.pem").display(),
+            fixture("oauth-key.pem").display()
+        ),
+    );
+    let loaded = ok(&yaml, &[]);
+    match &oauth(&loaded).1.credential {
+        ClientCredential::Certificate {
+            certificate_pem,
+            private_key_pem,
+        } => {
+            assert!(certificate_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+            assert!(
+                private_key_pem
+                    .expose_secret()
+                    .starts_with("-----BEGIN PRIVATE KEY-----")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let key_text = std::fs::read_to_string(fixture("oauth-key.pem")).unwrap();
+    let body_line = key_text.lines().nth(1).unwrap();
+    assert!(!loaded.masked.contains(body_line));
+    assert!(!format!("{:?}", loaded.settings).contains(body_line));
+}
+
+#[test]
+fn broken_certificate_is_an_error_naming_the_key() {
+    let yaml = seed_with(
+        "oAuthClientSecret:",
+        &format!(
+            "oAuthCertificate: not a certificate\n    oAuthPrivateKeyFile: {}",
+            fixture("oauth-key.pem").display()
+        ),
+    );
+    let message = error_for(&yaml, &[], "featureSwitches.sendEmail.oAuthCertificate");
+    assert!(message.contains("is not a PEM certificate"), "{message}");
+}
+
+#[test]
+fn broken_or_non_rsa_private_key_is_an_error_without_its_text() {
+    for key_file in ["ec-key.pem", "oauth-cert.pem"] {
+        let yaml = seed_with(
+            "oAuthClientSecret:",
+            &format!(
+                "oAuthCertificateFile: {}\n    oAuthPrivateKeyFile: {}",
+                fixture("oauth-cert.pem").display(),
+                fixture(key_file).display()
+            ),
+        );
+        let message = error_for(&yaml, &[], "featureSwitches.sendEmail.oAuthPrivateKey");
+        assert!(
+            message.contains("is not a PEM RSA private key"),
+            "{message}"
+        );
+        assert!(!message.contains("BEGIN PRIVATE KEY-----\n"), "{message}");
+    }
+}
+
+#[test]
+fn certificate_without_private_key_is_an_error() {
+    let yaml = seed_with(
+        "oAuthClientSecret:",
+        &format!(
+            "oAuthCertificateFile: {}",
+            fixture("oauth-cert.pem").display()
+        ),
+    );
+    let message = error_for(&yaml, &[], "featureSwitches.sendEmail.oAuthPrivateKey");
+    assert!(
+        message.contains("is required with oAuthCertificate"),
+        "{message}"
+    );
+}
+
+#[test]
+fn token_endpoint_must_be_an_https_url_unless_loopback() {
+    let key = "featureSwitches.sendEmail.oAuthTokenEndpoint";
+    let message = error_for(
+        SEED,
+        &[("FEATURESWITCHES_SENDEMAIL_OAUTHTOKENENDPOINT", "not a url")],
+        key,
+    );
+    assert!(message.contains("is not a URL"), "{message}");
+    let message = error_for(
+        SEED,
+        &[(
+            "FEATURESWITCHES_SENDEMAIL_OAUTHTOKENENDPOINT",
+            "http://login.example.com/token",
+        )],
+        key,
+    );
+    assert!(message.contains("must be an https URL"), "{message}");
+    for loopback in [
+        "http://127.0.0.1:9999/#TenantID#/token",
+        "http://localhost/t",
+        "http://[::1]:80/t",
+    ] {
+        let loaded = ok(
+            SEED,
+            &[("FEATURESWITCHES_SENDEMAIL_OAUTHTOKENENDPOINT", loopback)],
+        );
+        assert_eq!(oauth(&loaded).1.token_endpoint.scheme(), "http");
+    }
+}
+
+#[test]
+fn ssl_on_office365_is_a_warning() {
+    let loaded = ok(
+        &seed_with("smtpEncryption:", "smtpEncryption: SSL")
+            .replace("smtpPort: 587", "smtpPort: 465"),
+        &[],
+    );
+    assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+    assert!(
+        loaded.warnings[0].contains("smtp.office365.com, which offers none"),
+        "{:?}",
+        loaded.warnings
+    );
+    assert!(
+        loaded.warnings[0].contains("use TLS"),
+        "{:?}",
+        loaded.warnings
+    );
+}
+
+#[test]
+fn no_encryption_with_credentials_only_on_loopback() {
+    let yaml = seed_with("smtpEncryption:", "smtpEncryption: NONE");
+    let message = error_for(&yaml, &[], "featureSwitches.sendEmail.smtpEncryption");
+    assert!(message.contains("in clear"), "{message}");
+    assert!(message.contains("loopback"), "{message}");
+    for host in ["localhost", "127.0.0.2", "::1"] {
+        let yaml = seed_with("smtpServer:", &format!("smtpServer: \"{host}\""))
+            .replace("smtpEncryption: TLS", "smtpEncryption: NONE");
+        ok(&yaml, &[]);
+    }
+    // Without credentials nothing secret crosses the network.
+    let yaml = "featureSwitches:\n  sendEmail:\n    smtpServer: mail.example.com\n    smtpPort: 25\n    smtpEncryption: NONE\n    smtpAuthentication: NONE\n";
+    ok(yaml, &[]);
+}
+
+#[test]
+fn grace_time_is_at_most_3000_seconds() {
+    let message = error_for(
+        &seed_with(
+            "oAuthTokenGraceTimeInSeconds:",
+            "oAuthTokenGraceTimeInSeconds: 3600",
+        ),
+        &[],
+        "featureSwitches.sendEmail.oAuthTokenGraceTimeInSeconds",
+    );
+    assert!(message.contains("0..=3000"), "{message}");
+}
+
+#[test]
+fn timeouts_must_be_positive() {
+    for key in [
+        "mailRelay.smtp.connectTimeoutSeconds",
+        "mailRelay.smtp.commandTimeoutSeconds",
+        "mailRelay.smtp.sendDeadlineSeconds",
+        "mailRelay.token.connectTimeoutSeconds",
+        "mailRelay.token.requestTimeoutSeconds",
+        "mailRelay.limits.requestTimeoutSeconds",
+    ] {
+        let var = mail_relay::config::env_name(key);
+        let message = error_for(SEED, &[(&var, "0")], key);
+        assert!(
+            message.contains("out of range; allowed 1..="),
+            "{key}: {message}"
+        );
+    }
+}
+
+#[test]
+fn max_connections_is_1_to_100() {
+    let key = "mailRelay.smtp.maxConnections";
+    for bad in ["0", "101"] {
+        let message = error_for(SEED, &[("MAILRELAY_SMTP_MAXCONNECTIONS", bad)], key);
+        assert!(message.contains("allowed 1..=100"), "{message}");
+    }
+}
+
+#[test]
+fn ca_file_must_be_readable_pem() {
+    let key = "mailRelay.smtp.caFile";
+    let message = error_for(
+        SEED,
+        &[("MAILRELAY_SMTP_CAFILE", "/nonexistent/ca.pem")],
+        key,
+    );
+    assert!(
+        message.contains("cannot read /nonexistent/ca.pem"),
+        "{message}"
+    );
+    let not_pem = fixture("ec-key.pem");
+    let message = error_for(
+        SEED,
+        &[("MAILRELAY_SMTP_CAFILE", not_pem.to_str().unwrap())],
+        key,
+    );
+    assert!(message.contains("holds no PEM certificate"), "{message}");
+}
+
+#[test]
+fn server_address_must_be_an_ip_address() {
+    let message = error_for(SEED, &[("SERVER_ADDRESS", "example.com")], "server.address");
+    assert!(message.contains("is not an IP address"), "{message}");
+}
+
+#[test]
+fn outbox_mode_needs_no_smtp_settings() {
+    let yaml = "mailRelay:\n  delivery:\n    mode: outbox\n    outboxDir: /tmp/mails\n";
+    let loaded = ok(yaml, &[]);
+    assert_eq!(
+        loaded.settings.relay.delivery,
+        Delivery::Outbox {
+            dir: PathBuf::from("/tmp/mails")
+        }
+    );
+    assert!(matches!(
+        loaded.settings.send_email.smtp_authentication,
+        SmtpAuthentication::None
+    ));
+}
+
+#[test]
+fn all_errors_are_reported_at_once() {
+    let e = err(
+        SEED,
+        &[
+            ("SERVER_PORT", "x"),
+            ("FEATURESWITCHES_SENDEMAIL_SMTPENCRYPTION", "FOO"),
+            ("MAILRELAY_SMTP_MAXCONNECTIONS", "0"),
+            ("FEATURESWITCHES_SENDEMAIL_SMTPUSERNAME", "nobody"),
+        ],
+    );
+    let keys: Vec<&str> = e.errors.iter().map(|e| e.key.as_str()).collect();
+    for key in [
+        "server.port",
+        "featureSwitches.sendEmail.smtpEncryption",
+        "mailRelay.smtp.maxConnections",
+        "featureSwitches.sendEmail.smtpUsername",
+    ] {
+        assert!(keys.contains(&key), "{key} missing in {e}");
+    }
+    assert!(
+        e.to_string().starts_with("invalid settings in test.yml:"),
+        "{e}"
+    );
+}
+
+// ---- the shipped files ---------------------------------------------------------------------
+
+fn config_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("config")
+        .join(name)
+}
+
+#[test]
+fn production_example_passes_with_its_placeholders_set() {
+    let loaded = load(&LoadOptions {
+        path: config_file("osweb-prod.yml"),
+        env: env(&[
+            ("SMTP_USERNAME", "relay@contoso.com"),
+            ("OAUTH_CLIENT_ID", "11111111-2222-3333-4444-555555555555"),
+            ("OAUTH_CLIENT_SECRET", CLIENT_SECRET),
+            ("OAUTH_TENANT_ID", "contoso.onmicrosoft.com"),
+        ]),
+    })
+    .unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    assert_eq!(loaded.settings.relay.delivery, Delivery::Smtp);
+    assert!(!loaded.masked.contains(CLIENT_SECRET));
+    assert_eq!(oauth(&loaded).0, "relay@contoso.com");
+}
+
+#[test]
+fn production_example_without_its_env_names_the_missing_variables() {
+    let e = load(&LoadOptions {
+        path: config_file("osweb-prod.yml"),
+        env: Vec::new(),
+    })
+    .unwrap_err();
+    let text = e.to_string();
+    for var in ["SMTP_USERNAME", "OAUTH_CLIENT_ID", "OAUTH_TENANT_ID"] {
+        assert!(text.contains(var), "{var} missing in {text}");
+    }
+}
+
+#[test]
+fn dev_file_selects_the_outbox_and_is_embedded() {
+    let loaded = load(&LoadOptions {
+        path: config_file("dev.yml"),
+        env: Vec::new(),
+    })
+    .unwrap();
+    assert_eq!(
+        loaded.settings.server.socket_addr().to_string(),
+        "127.0.0.1:8080"
+    );
+    assert_eq!(
+        loaded.settings.relay.delivery,
+        Delivery::Outbox {
+            dir: PathBuf::from("./outbox")
+        }
+    );
+    assert_eq!(
+        std::fs::read_to_string(config_file("dev.yml")).unwrap(),
+        mail_relay::config::DEV_DEFAULT
+    );
+}
