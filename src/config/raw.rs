@@ -1,7 +1,7 @@
 //! The YAML file as the loader first sees it: the known keys' values as text, before any
 //! override, placeholder or decryption. Unknown keys become warnings or errors here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
@@ -17,6 +17,8 @@ pub struct RawFile {
     pub subtrees: BTreeMap<&'static str, Value>,
     pub warnings: Vec<String>,
     pub errors: Vec<SettingError>,
+    /// Known keys whose value was unusable (reported in `errors`).
+    pub failed: BTreeSet<String>,
 }
 
 /// Parse `text` (YAML). `Err` carries the parser's message when it is not YAML at all.
@@ -24,7 +26,14 @@ pub fn parse(text: &str) -> Result<RawFile, String> {
     let document: Value = if text.trim().is_empty() {
         Value::Null
     } else {
-        serde_saphyr::from_str(text).map_err(|e| e.to_string())?
+        // Keep number-like text as written where YAML allows it (`0123`, `1_000`, `yes`):
+        // settings are text until validation, and a secret must not change.
+        let options = serde_saphyr::options! {
+            leading_zero_numbers_as_strings: true,
+            underscored_numbers_as_strings: true,
+            strict_booleans: true,
+        };
+        serde_saphyr::from_str_with_options(text, options).map_err(|e| e.to_string())?
     };
     let mut raw = RawFile::default();
     match &document {
@@ -48,6 +57,9 @@ pub fn parse(text: &str) -> Result<RawFile, String> {
 
 enum Leaf {
     Text(String),
+    /// A plain scalar YAML read as a number or boolean: its text as re-rendered, which may
+    /// differ from what was written (`1.50` -> `1.5`).
+    Typed(String),
     List,
 }
 
@@ -80,8 +92,8 @@ fn flatten(
         Value::Null => {}
         Value::Array(_) => out.push((prefix, Leaf::List)),
         Value::String(s) => out.push((prefix, Leaf::Text(s.clone()))),
-        Value::Bool(b) => out.push((prefix, Leaf::Text(b.to_string()))),
-        Value::Number(n) => out.push((prefix, Leaf::Text(n.to_string()))),
+        Value::Bool(b) => out.push((prefix, Leaf::Typed(b.to_string()))),
+        Value::Number(n) => out.push((prefix, Leaf::Typed(n.to_string()))),
     }
 }
 
@@ -103,8 +115,16 @@ impl RawFile {
         };
         let canonical = keys::canonical(&path);
         if let Some(key) = known.iter().find(|k| keys::canonical(k) == canonical) {
+            let secret = keys::spec(key).is_some_and(|s| s.secret);
+            if matches!(leaf, Leaf::List) || (secret && matches!(leaf, Leaf::Typed(_))) {
+                self.failed.insert(key.clone());
+            }
             match leaf {
-                Leaf::Text(text) => {
+                Leaf::Typed(_) if secret => self.errors.push(SettingError {
+                    key: key.clone(),
+                    message: "YAML reads this secret as a number or boolean, which may change its text; put it in quotes".into(),
+                }),
+                Leaf::Text(text) | Leaf::Typed(text) => {
                     self.values.insert(key.clone(), text);
                 }
                 Leaf::List => self.errors.push(SettingError {
@@ -190,6 +210,27 @@ mod tests {
     fn a_list_where_a_value_belongs_is_an_error() {
         let raw = parse("server:\n  port: [1, 2]\n").unwrap();
         assert_eq!(raw.errors[0].key, "server.port");
+    }
+
+    #[test]
+    fn number_like_text_is_kept_as_written() {
+        let raw = parse("featureSwitches:\n  sendEmail:\n    oAuthClientId: 0123\n    smtpPort: 1_000\n    smtpServer: yes\n").unwrap();
+        assert_eq!(
+            raw.values["featureSwitches.sendEmail.oAuthClientId"],
+            "0123"
+        );
+        assert_eq!(raw.values["featureSwitches.sendEmail.smtpPort"], "1_000");
+        assert_eq!(raw.values["featureSwitches.sendEmail.smtpServer"], "yes");
+    }
+
+    #[test]
+    fn a_secret_read_as_a_number_must_be_quoted() {
+        let raw = parse("featureSwitches:\n  sendEmail:\n    smtpPassword: 1.50\n").unwrap();
+        assert_eq!(raw.errors[0].key, "featureSwitches.sendEmail.smtpPassword");
+        assert!(raw.errors[0].message.contains("quotes"));
+        assert!(!raw.errors[0].message.contains("1.5"));
+        let raw = parse("featureSwitches:\n  sendEmail:\n    smtpPassword: \"1.50\"\n").unwrap();
+        assert_eq!(raw.values["featureSwitches.sendEmail.smtpPassword"], "1.50");
     }
 
     #[test]

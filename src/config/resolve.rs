@@ -56,7 +56,10 @@ pub fn resolve(
     warnings: &mut Vec<String>,
 ) -> Resolved {
     let settable: Vec<String> = keys::settable().collect();
-    let mut resolved = Resolved::default();
+    let mut resolved = Resolved {
+        failed: raw.failed,
+        ..Resolved::default()
+    };
 
     // 1. The environment beats the file, also for keys the file lacks.
     let mut candidates: BTreeMap<String, (String, Origin)> = raw
@@ -67,6 +70,7 @@ pub fn resolve(
     for (name, value) in env {
         match keys::key_for_env(name, settable.iter().map(String::as_str)) {
             Some(key) => {
+                resolved.failed.remove(key);
                 candidates.insert(key.to_owned(), (value.clone(), Origin::Env(name.clone())));
             }
             None if OWN_ENV_PREFIXES.iter().any(|p| name.starts_with(p)) => {
