@@ -574,4 +574,148 @@ mod tests {
         assert!(a.starts_with(API_KEY_PREFIX) && !a.contains('.'));
         assert_eq!(hash_a, hex::encode(Sha256::digest(a.as_bytes())));
     }
+
+    mod oidc {
+        use jsonwebtoken::{EncodingKey, Header};
+        use serde_json::json;
+        use wiremock::matchers::{method, path};
+        use wiremock::{Mock, MockServer, ResponseTemplate};
+
+        use super::*;
+
+        const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+        const ISSUER: &str = "https://login.example.test/tenant/v2.0";
+        const AUDIENCE: &str = "api://mail-relay";
+
+        async fn jwks_server(expected_fetches: u64) -> MockServer {
+            let server = MockServer::start().await;
+            let jwks = std::fs::read_to_string(format!("{FIXTURES}/oidc-jwks.json")).unwrap();
+            Mock::given(method("GET"))
+                .and(path("/keys"))
+                .respond_with(ResponseTemplate::new(200).set_body_raw(jwks, "application/json"))
+                .expect(expected_fetches)
+                .mount(&server)
+                .await;
+            server
+        }
+
+        fn authenticator(server: &MockServer) -> Authenticator {
+            Authenticator::new(&AuthSettings {
+                oidc: Some(OidcSettings {
+                    issuer: ISSUER.into(),
+                    audience: AUDIENCE.into(),
+                    jwks_uri: format!("{}/keys", server.uri()).parse().unwrap(),
+                    user_claim: "preferred_username".into(),
+                    clock_skew: Duration::from_secs(30),
+                }),
+                ..AuthSettings::default()
+            })
+            .unwrap()
+        }
+
+        fn token(key_file: &str, kid: &str, claims: serde_json::Value) -> String {
+            let pem = std::fs::read(format!("{FIXTURES}/{key_file}")).unwrap();
+            let mut header = Header::new(Algorithm::RS256);
+            header.kid = Some(kid.into());
+            jsonwebtoken::encode(&header, &claims, &EncodingKey::from_rsa_pem(&pem).unwrap())
+                .unwrap()
+        }
+
+        fn claims(aud: &str, exp_offset: i64) -> serde_json::Value {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs() as i64;
+            json!({"iss": ISSUER, "aud": aud, "iat": now, "nbf": now - 5, "exp": now + exp_offset,
+                   "preferred_username": "Alice@Contoso.com"})
+        }
+
+        async fn verify(auth: &Authenticator, jwt: &str) -> Result<Caller, AuthError> {
+            auth.authenticate(
+                &headers(&[("authorization", &format!("Bearer {jwt}"))]),
+                LOCAL,
+            )
+            .await
+        }
+
+        #[tokio::test]
+        async fn a_valid_token_names_the_user_and_the_keys_are_fetched_once() {
+            let server = jwks_server(1).await;
+            let auth = authenticator(&server);
+            for _ in 0..3 {
+                let jwt = token("oidc-signing-key.pem", "test-key-1", claims(AUDIENCE, 600));
+                let caller = verify(&auth, &jwt).await.unwrap();
+                assert!(
+                    matches!(caller, Caller::User { ref address, via: UserSource::Oidc } if address == "alice@contoso.com")
+                );
+            }
+        }
+
+        #[tokio::test]
+        async fn a_wrong_audience_is_refused() {
+            let server = jwks_server(1).await;
+            let jwt = token(
+                "oidc-signing-key.pem",
+                "test-key-1",
+                claims("api://someone-else", 600),
+            );
+            let err = verify(&authenticator(&server), &jwt).await.unwrap_err();
+            assert!(
+                matches!(err, AuthError::InvalidToken(ref m) if m.contains("Audience")),
+                "{err}"
+            );
+        }
+
+        #[tokio::test]
+        async fn an_expired_token_is_refused() {
+            let server = jwks_server(1).await;
+            let jwt = token(
+                "oidc-signing-key.pem",
+                "test-key-1",
+                claims(AUDIENCE, -3600),
+            );
+            let err = verify(&authenticator(&server), &jwt).await.unwrap_err();
+            assert!(
+                matches!(err, AuthError::InvalidToken(ref m) if m.contains("Expired")),
+                "{err}"
+            );
+        }
+
+        #[tokio::test]
+        async fn a_token_signed_by_an_unpublished_key_is_refused() {
+            let server = jwks_server(1).await;
+            let auth = authenticator(&server);
+            let unknown_kid = token("oidc-unknown-key.pem", "rotated-key", claims(AUDIENCE, 600));
+            let err = verify(&auth, &unknown_kid).await.unwrap_err();
+            assert!(
+                matches!(err, AuthError::InvalidToken(ref m) if m.contains("does not publish")),
+                "{err}"
+            );
+            // Same kid as the published key, but another key signed it.
+            let forged = token("oidc-unknown-key.pem", "test-key-1", claims(AUDIENCE, 600));
+            let err = verify(&auth, &forged).await.unwrap_err();
+            assert!(
+                matches!(err, AuthError::InvalidToken(ref m) if m.contains("InvalidSignature")),
+                "{err}"
+            );
+        }
+
+        #[tokio::test]
+        async fn an_hmac_token_is_refused_without_fetching_keys() {
+            let server = jwks_server(0).await;
+            let mut header = Header::new(Algorithm::HS256);
+            header.kid = Some("test-key-1".into());
+            let jwt = jsonwebtoken::encode(
+                &header,
+                &claims(AUDIENCE, 600),
+                &EncodingKey::from_secret(b"k"),
+            )
+            .unwrap();
+            let err = verify(&authenticator(&server), &jwt).await.unwrap_err();
+            assert!(
+                matches!(err, AuthError::InvalidToken(ref m) if m.contains("not accepted")),
+                "{err}"
+            );
+        }
+    }
 }
