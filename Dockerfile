@@ -11,7 +11,6 @@ RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && cargo build --release --locked \
     && rm -rf src
 COPY src ./src
-COPY openapi ./openapi
 RUN touch src/main.rs src/lib.rs \
     && cargo build --release --locked \
     && install -D -m 0755 target/release/mail-relay /out/mail-relay
