@@ -90,7 +90,8 @@ pub struct RetryPolicy {
     pub attempts: u32,
     /// First back-off; doubled per failure, with up to 20 % jitter added.
     pub base_delay: Duration,
-    /// Longest back-off of the background refresher between attempts.
+    /// Longest back-off between attempts after failures in a row. Within the back-off, callers
+    /// get the current token if it is still valid, else the last error, without a request.
     pub max_delay: Duration,
     /// Longest a waiting caller sleeps before its next attempt: a longer `Retry-After`
     /// ends the attempts at once (and later callers get the error until it has passed).
@@ -102,7 +103,7 @@ impl Default for RetryPolicy {
         Self {
             attempts: 3,
             base_delay: Duration::from_millis(500),
-            max_delay: Duration::from_secs(60),
+            max_delay: Duration::from_secs(30),
             max_wait: Duration::from_secs(5),
         }
     }
@@ -320,13 +321,12 @@ impl Inner {
                 return state.valid(now).ok_or_else(|| error.clone());
             }
             if let Some(error) = &state.last_failure {
-                let backing_off = state.next_attempt.is_some_and(|t| now < t);
-                let told_to_wait = state.not_before.is_some_and(|t| now < t);
-                if let (true, Some(token)) = (backing_off || told_to_wait, state.valid(now)) {
-                    return Ok(token);
-                }
-                if told_to_wait {
-                    return Err(error.clone());
+                // Back-off after failures (and the endpoint's Retry-After) bounds the load a
+                // broken setup puts on Entra ID, however many callers arrive.
+                let backing_off = state.next_attempt.is_some_and(|t| now < t)
+                    || state.not_before.is_some_and(|t| now < t);
+                if backing_off {
+                    return state.valid(now).ok_or_else(|| error.clone());
                 }
             }
             state.valid(now).is_some()

@@ -79,6 +79,51 @@ async fn concurrent_callers_on_an_empty_cache_cause_exactly_one_request() {
     entra.server.verify().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_callers_share_one_failed_fetch() {
+    let entra = FakeEntra::start().await;
+    FakeEntra::token_request()
+        .respond_with(error_response(7000215).set_delay(Duration::from_millis(200)))
+        .expect(1)
+        .mount(&entra.server)
+        .await;
+    let cache = cache_with(&entra.oauth_settings(), None);
+
+    let results = join_all((0..100).map(|_| {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.token().await })
+    }))
+    .await;
+
+    for result in results {
+        assert_eq!(
+            result.unwrap().unwrap_err().code(),
+            "token_invalid_client_secret"
+        );
+    }
+    entra.server.verify().await;
+}
+
+#[tokio::test]
+async fn after_a_failure_callers_get_the_error_without_a_request_until_the_back_off_ends() {
+    let entra = FakeEntra::start().await;
+    entra.mount_error(7000215).await;
+    let clock = ManualClock::new(SystemTime::now());
+    let cache = cache_with(&entra.oauth_settings(), Some(&clock));
+
+    assert!(cache.token().await.is_err());
+    assert!(cache.token().await.is_err());
+    assert_eq!(entra.fetch_count().await, 1);
+    let state = cache.state();
+    assert!(!state.has_token);
+    assert_eq!(state.fetch_count, 1);
+    assert!(state.last_error.unwrap().contains("AADSTS7000215"));
+
+    clock.advance(Duration::from_secs(1));
+    assert!(cache.token().await.is_err());
+    assert_eq!(entra.fetch_count().await, 2);
+}
+
 #[tokio::test]
 async fn a_fresh_token_is_reused_and_one_inside_its_grace_time_is_replaced() {
     let entra = FakeEntra::start().await;
