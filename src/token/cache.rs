@@ -234,10 +234,19 @@ impl TokenCache {
         &self.inner.key
     }
 
-    /// Started on first use rather than in `new`, which may run outside a runtime.
+    /// Started on first use rather than in `new`, which may run outside a runtime. Outside a
+    /// tokio runtime there is no refresher: callers then fetch when the token turns stale.
     fn ensure_refresher(&self) {
+        if self.refresher.get().is_some() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         self.refresher.get_or_init(|| {
-            tokio::spawn(refresher(Arc::downgrade(&self.inner), self.wake.clone())).abort_handle()
+            runtime
+                .spawn(refresher(Arc::downgrade(&self.inner), self.wake.clone()))
+                .abort_handle()
         });
     }
 }

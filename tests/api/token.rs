@@ -300,6 +300,58 @@ async fn persistent_server_errors_give_up_after_the_attempts() {
 }
 
 #[tokio::test]
+async fn an_unreachable_endpoint_is_a_transient_network_error_after_the_attempts() {
+    let entra = FakeEntra::start().await;
+    let mut oauth = entra.oauth_settings();
+    // Nothing listens on a port just freed.
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    oauth.token_endpoint = format!("http://127.0.0.1:{port}/t/oauth2/v2.0/token")
+        .parse()
+        .unwrap();
+    let cache = cache_with(&oauth, None);
+
+    let error = cache.token().await.unwrap_err();
+    assert!(matches!(error, TokenError::Network { .. }), "{error:?}");
+    assert!(error.is_transient());
+    assert_eq!(error.code(), "token_endpoint_unreachable");
+    assert_eq!(cache.state().fetch_count, 3);
+}
+
+#[tokio::test]
+async fn a_slow_endpoint_is_a_timeout() {
+    let entra = FakeEntra::start().await;
+    FakeEntra::token_request()
+        .respond_with(token_response("late", 3599).set_delay(Duration::from_secs(3)))
+        .mount(&entra.server)
+        .await;
+    let mut oauth = entra.oauth_settings();
+    oauth.request_timeout = Duration::from_millis(300);
+    let cache = Arc::new(
+        TokenCache::with_options(
+            &oauth,
+            CacheOptions {
+                retry: RetryPolicy {
+                    attempts: 1,
+                    ..fast_retry()
+                },
+                ..CacheOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+
+    let error = cache.token().await.unwrap_err();
+    assert!(
+        matches!(error, TokenError::Timeout { timeout, .. } if timeout == Duration::from_millis(300)),
+        "{error:?}"
+    );
+    assert!(error.is_transient());
+}
+
+#[tokio::test]
 async fn each_entra_error_is_typed_explained_and_not_retried() {
     let cases: &[(u64, &str, &str)] = &[
         (
