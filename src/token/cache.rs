@@ -287,6 +287,9 @@ impl TokenProvider for TokenCache {
             .is_some_and(|c| c.token.same_as(token))
         {
             state.current = None;
+            // The server refused the token: a new one is wanted now, not after the back-off of an
+            // earlier failed refresh (an explicit Retry-After still holds).
+            state.next_attempt = None;
             tracing::info!(
                 cache = %self.inner.key,
                 fingerprint = %token.fingerprint(),

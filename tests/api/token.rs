@@ -475,6 +475,30 @@ async fn invalidate_forces_exactly_one_new_fetch_under_concurrency() {
 }
 
 #[tokio::test]
+async fn invalidate_fetches_at_once_even_while_backing_off_from_a_failed_refresh() {
+    let entra = FakeEntra::start().await;
+    entra.mount_token_once("tok-1", 3600).await;
+    FakeEntra::token_request()
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .with_priority(2)
+        .mount(&entra.server)
+        .await;
+    entra.mount_token("tok-2", 3600).await;
+    let clock = ManualClock::new(SystemTime::now());
+    let cache = cache_with(&entra.oauth_settings(), Some(&clock));
+    let first = cache.token().await.unwrap();
+
+    clock.advance(Duration::from_secs(3400));
+    assert!(cache.token().await.unwrap().same_as(&first));
+    assert_eq!(entra.fetch_count().await, 2);
+
+    cache.invalidate(&first);
+    assert_eq!(cache.token().await.unwrap().expose(), "tok-2");
+    assert_eq!(entra.fetch_count().await, 3);
+}
+
+#[tokio::test]
 async fn expires_in_as_a_string_is_accepted() {
     let entra = FakeEntra::start().await;
     FakeEntra::token_request()
