@@ -461,6 +461,7 @@ impl Inner {
                     code = error.code(),
                     transient = error.is_transient(),
                     failures = state.failures,
+                    entra_description = error.entra().map(|e| e.description.as_str()),
                     "token fetch failed: {error}"
                 );
                 Err(error)
