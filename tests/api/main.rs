@@ -1,5 +1,7 @@
 //! Integration tests, compiled as one binary.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod entra;
 mod helpers;
 mod server;
+mod token;
