@@ -8,41 +8,57 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{HeaderName, StatusCode, header};
+use axum::http::{HeaderName, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
+use tower_http::LatencyUnit;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{
     MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
 use tower_http::sensitive_headers::SetSensitiveHeadersLayer;
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
+use tracing::Level;
 
 use crate::api::{self, ApiError};
-use crate::config::{Delivery, Settings};
+use crate::caller::Authenticator;
+use crate::config::{CorsSettings, Delivery, Settings};
 use crate::delivery::{MailSender, Outbox};
+use crate::send_as::SendAsPolicy;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// Shared state: cheap to clone, one `Arc` per part.
 #[derive(Clone)]
 pub struct AppState {
     pub settings: Arc<Settings>,
     pub sender: Arc<dyn MailSender>,
+    pub authenticator: Arc<Authenticator>,
+    pub send_as: Arc<SendAsPolicy>,
     draining: Arc<AtomicBool>,
 }
 
 impl AppState {
-    pub fn new(settings: Arc<Settings>, sender: Arc<dyn MailSender>) -> Self {
-        Self {
+    pub fn new(settings: Arc<Settings>, sender: Arc<dyn MailSender>) -> std::io::Result<Self> {
+        let authenticator =
+            Authenticator::new(&settings.relay.auth).map_err(std::io::Error::other)?;
+        let send_as = SendAsPolicy::new(
+            settings.relay.send_as.clone(),
+            settings.send_email.smtp_authentication.username(),
+        );
+        Ok(Self {
             settings,
             sender,
+            authenticator: Arc::new(authenticator),
+            send_as: Arc::new(send_as),
             draining: Arc::new(AtomicBool::new(false)),
-        }
+        })
     }
 
     /// Why this instance should get no traffic now, if it should not.
@@ -79,7 +95,7 @@ impl Application {
         sender: Arc<dyn MailSender>,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(settings.server.socket_addr()).await?;
-        let state = AppState::new(settings, sender);
+        let state = AppState::new(settings, sender)?;
         let router = router(state.clone());
         Ok(Self {
             listener,
@@ -140,7 +156,18 @@ pub fn router(state: AppState) -> Router {
             header::COOKIE,
         ]))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
-        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_request(())
+                // One line per request, with status and latency (the span adds method, path, id).
+                .on_response(
+                    DefaultOnResponse::new()
+                        .level(Level::INFO)
+                        .latency_unit(LatencyUnit::Micros),
+                )
+                .on_failure(DefaultOnFailure::new().level(Level::ERROR)),
+        )
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::Internal.into_response()
@@ -164,7 +191,25 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware)
+        .layer(cors(&state.settings.relay.cors))
         .with_state(state)
+}
+
+/// Browsers calling the relay directly: only the listed origins, none by default.
+fn cors(settings: &CorsSettings) -> CorsLayer {
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(settings.allowed_origins.iter().cloned()))
+        .allow_methods([Method::POST, Method::GET])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            REQUEST_ID,
+            IDEMPOTENCY_KEY,
+        ])
+        .expose_headers([REQUEST_ID, header::RETRY_AFTER])
+        // Credentials are only ever allowed for an origin that is listed: the list is exact.
+        .allow_credentials(!settings.allowed_origins.is_empty())
+        .max_age(Duration::from_secs(600))
 }
 
 fn request_span(request: &Request<Body>) -> tracing::Span {

@@ -62,6 +62,8 @@ pub enum Command {
         #[arg(long, default_value_t = 3)]
         timeout: u64,
     },
+    /// Print a new random API key and the SHA-256 hash to put in `mailRelay.auth.apiKeys`.
+    HashKey,
     /// Print the OpenAPI document (as committed in `openapi/openapi.json`).
     Openapi,
 }
@@ -74,6 +76,12 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::EncryptSecret => encrypt_secret(),
         Command::Healthcheck { ref url, timeout } => {
             healthcheck(url, Duration::from_secs(timeout)).await
+        }
+        Command::HashKey => {
+            let (key, hash) = crate::caller::new_api_key();
+            println!("key:    {key}\nsha256: {hash}");
+            eprintln!("Give the key to the client once; put only the sha256 in the settings.");
+            ExitCode::SUCCESS
         }
         Command::Openapi => {
             print!("{}", crate::api::openapi::document_json());

@@ -4,10 +4,12 @@
 
 pub mod api;
 pub mod app;
+pub mod caller;
 pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod message;
+pub mod send_as;
 pub mod smtp;
 pub mod telemetry;
 pub mod token;

@@ -51,6 +51,10 @@ pub enum ApiError {
         detail: String,
         errors: Vec<FieldError>,
     },
+    #[error(transparent)]
+    Unauthorized(#[from] crate::caller::AuthError),
+    #[error(transparent)]
+    SendAsDenied(#[from] crate::send_as::SendAsRefusal),
     #[error("no route for {method} {path}")]
     NotFound { method: String, path: String },
     #[error("{0}")]
@@ -75,6 +79,8 @@ impl ApiError {
                 "invalid_request",
                 "Invalid request",
             ),
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized"),
+            Self::SendAsDenied(_) => (StatusCode::FORBIDDEN, "send_as_denied", "Send-as denied"),
             Self::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found", "Not found"),
             Self::MethodNotAllowed(_) => (
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -144,6 +150,11 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if let Self::Unauthorized(e) = &self {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, www_authenticate(e));
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()
@@ -151,4 +162,13 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// RFC 6750's challenge, with the error kind when credentials were sent but refused.
+fn www_authenticate(error: &crate::caller::AuthError) -> HeaderValue {
+    let challenge = match error.bearer_error() {
+        Some(kind) => format!("Bearer realm=\"mail-relay\", error=\"{kind}\""),
+        None => "Bearer realm=\"mail-relay\"".to_string(),
+    };
+    HeaderValue::from_str(&challenge).unwrap_or_else(|_| HeaderValue::from_static("Bearer"))
 }

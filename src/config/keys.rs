@@ -67,11 +67,30 @@ pub const KEYS: &[KeySpec] = &[
     plain("mailRelay.limits.maxBodyBytes"),
     plain("mailRelay.limits.maxRecipients"),
     plain("mailRelay.limits.requestTimeoutSeconds"),
+    plain("mailRelay.auth.allowAnonymous"),
+    plain("mailRelay.auth.trustedProxy.userHeader"),
+    plain("mailRelay.auth.trustedProxy.secretHeader"),
+    secret("mailRelay.auth.trustedProxy.secret"),
+    plain("mailRelay.auth.oidc.issuer"),
+    plain("mailRelay.auth.oidc.audience"),
+    plain("mailRelay.auth.oidc.jwksUri"),
+    plain("mailRelay.auth.oidc.userClaim"),
+    plain("mailRelay.auth.oidc.clockSkewSeconds"),
+    plain("mailRelay.sendAs.denialMemorySeconds"),
 ];
 
 /// Sections under `mailRelay` that hold lists or maps (API keys, policies): the loader hands
 /// each one, as a tree, to its section's parser instead of reading single values.
-pub const SUBTREES: &[&str] = &[];
+/// From the environment they take a comma-separated list (`a@x.com,b@x.com`) or, starting
+/// with `[` or `{`, YAML flow text (`[{name: billing, sha256: ..., allowedFrom: [...]}]`).
+pub const SUBTREES: &[&str] = &[
+    "mailRelay.auth.apiKeys",
+    "mailRelay.auth.trustedProxy.sources",
+    "mailRelay.sendAs.delegates",
+    "mailRelay.sendAs.groups",
+    "mailRelay.sendAs.exchangeGrants",
+    "mailRelay.cors.allowedOrigins",
+];
 
 /// Suffix of the sibling key that names a file holding the value (`oAuthClientSecretFile`).
 pub const FILE_SUFFIX: &str = "File";
@@ -160,6 +179,14 @@ mod tests {
             let found = key_for_env(&env_name(key), all.iter().map(String::as_str));
             assert_eq!(found, Some(key.as_str()), "{key}");
         }
+    }
+
+    #[test]
+    fn subtree_env_names_are_found() {
+        assert_eq!(
+            key_for_env("MAILRELAY_CORS_ALLOWEDORIGINS", SUBTREES.iter().copied()),
+            Some("mailRelay.cors.allowedOrigins")
+        );
     }
 
     #[test]

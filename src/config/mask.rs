@@ -41,6 +41,18 @@ impl Out<'_> {
     }
 }
 
+impl Out<'_> {
+    /// A line without origin comment, for lists and maps.
+    fn plain(&mut self, indent: usize, name: &str, value: &str) {
+        let _ = writeln!(self.text, "{:indent$}{name}: {value}", "");
+    }
+}
+
+fn flow_list<T: AsRef<str>>(items: impl IntoIterator<Item = T>) -> String {
+    let items: Vec<String> = items.into_iter().map(|i| quote(i.as_ref())).collect();
+    format!("[{}]", items.join(", "))
+}
+
 /// YAML double-quoted scalar (JSON's string syntax is valid YAML).
 fn quote(text: &str) -> String {
     serde_json::Value::String(text.to_owned()).to_string()
@@ -192,5 +204,97 @@ pub fn render(settings: &Settings, values: &Resolved) -> String {
         "mailRelay.limits.requestTimeoutSeconds",
         secs(r.limits.request_timeout),
     );
+    render_callers(&mut out, settings);
     out.text
+}
+
+fn render_callers(out: &mut Out<'_>, settings: &Settings) {
+    let auth = &settings.relay.auth;
+    out.section(2, "auth");
+    out.line(
+        4,
+        "mailRelay.auth.allowAnonymous",
+        Some(auth.allow_anonymous.to_string()),
+    );
+    if auth.api_keys.is_empty() {
+        out.plain(4, "apiKeys", "[]");
+    } else {
+        out.section(4, "apiKeys");
+        for key in &auth.api_keys {
+            let _ = writeln!(out.text, "      - name: {}", quote(&key.name));
+            out.plain(8, "sha256", &quote(&hex::encode(key.sha256)));
+            let from: Vec<String> = key.allowed_from.iter().map(ToString::to_string).collect();
+            out.plain(8, "allowedFrom", &flow_list(from));
+        }
+    }
+    if let Some(proxy) = &auth.trusted_proxy {
+        out.section(4, "trustedProxy");
+        out.plain(6, "userHeader", &quote(proxy.user_header.as_str()));
+        let sources: Vec<String> = proxy.sources.iter().map(ToString::to_string).collect();
+        out.plain(6, "sources", &flow_list(sources));
+        if let Some(secret) = &proxy.secret {
+            out.plain(6, "secretHeader", &quote(secret.header.as_str()));
+            out.line(6, "mailRelay.auth.trustedProxy.secret", Some(quote(MASK)));
+        }
+    }
+    if let Some(oidc) = &auth.oidc {
+        out.section(4, "oidc");
+        out.line(6, "mailRelay.auth.oidc.issuer", Some(quote(&oidc.issuer)));
+        out.line(
+            6,
+            "mailRelay.auth.oidc.audience",
+            Some(quote(&oidc.audience)),
+        );
+        out.line(
+            6,
+            "mailRelay.auth.oidc.jwksUri",
+            Some(quote(oidc.jwks_uri.as_str())),
+        );
+        out.line(
+            6,
+            "mailRelay.auth.oidc.userClaim",
+            Some(quote(&oidc.user_claim)),
+        );
+        out.line(
+            6,
+            "mailRelay.auth.oidc.clockSkewSeconds",
+            secs(oidc.clock_skew),
+        );
+    }
+    let send_as = &settings.relay.send_as;
+    out.section(2, "sendAs");
+    for (name, lists) in [
+        ("delegates", &send_as.delegates),
+        ("groups", &send_as.groups),
+    ] {
+        if lists.is_empty() {
+            out.plain(4, name, "{}");
+        } else {
+            out.section(4, name);
+            for (key, members) in lists {
+                let _ = writeln!(out.text, "      {}: {}", quote(key), flow_list(members));
+            }
+        }
+    }
+    match &send_as.exchange_grants {
+        None => out.plain(4, "exchangeGrants", "null # not checked by the relay"),
+        Some(grants) => {
+            let grants: Vec<String> = grants.iter().map(ToString::to_string).collect();
+            out.plain(4, "exchangeGrants", &flow_list(grants));
+        }
+    }
+    out.line(
+        4,
+        "mailRelay.sendAs.denialMemorySeconds",
+        secs(send_as.denial_memory),
+    );
+    out.section(2, "cors");
+    let origins: Vec<&str> = settings
+        .relay
+        .cors
+        .allowed_origins
+        .iter()
+        .filter_map(|o| o.to_str().ok())
+        .collect();
+    out.plain(4, "allowedOrigins", &flow_list(origins));
 }

@@ -67,14 +67,24 @@ pub fn resolve(
         .into_iter()
         .map(|(k, v)| (k, (v, Origin::File)))
         .collect();
+    let mut subtree_env: BTreeMap<&'static str, (String, String)> = BTreeMap::new();
     for (name, value) in env {
+        if let Some(subtree) = keys::key_for_env(name, keys::SUBTREES.iter().copied()) {
+            subtree_env.insert(subtree, (name.clone(), value.clone()));
+            continue;
+        }
         match keys::key_for_env(name, settable.iter().map(String::as_str)) {
             Some(key) => {
                 resolved.failed.remove(key);
                 candidates.insert(key.to_owned(), (value.clone(), Origin::Env(name.clone())));
             }
             None if OWN_ENV_PREFIXES.iter().any(|p| name.starts_with(p)) => {
-                let names: Vec<String> = settable.iter().map(|k| keys::env_name(k)).collect();
+                let names: Vec<String> = settable
+                    .iter()
+                    .map(String::as_str)
+                    .chain(keys::SUBTREES.iter().copied())
+                    .map(keys::env_name)
+                    .collect();
                 let hint = keys::nearest(name, names.iter().map(String::as_str))
                     .map(|n| format!("; did you mean {n}?"))
                     .unwrap_or_default();
@@ -112,7 +122,22 @@ pub fn resolve(
             }
         }
     }
-    for (name, tree) in raw.subtrees {
+    let mut subtrees = raw.subtrees;
+    for (subtree, (var, value)) in subtree_env {
+        match env_tree(&value) {
+            Ok(tree) => {
+                subtrees.insert(subtree, tree);
+            }
+            Err(message) => {
+                resolved.failed.insert(subtree.to_owned());
+                errors.push(SettingError {
+                    key: subtree.to_owned(),
+                    message: format!("environment variable {var}: {message}"),
+                });
+            }
+        }
+    }
+    for (name, tree) in subtrees {
         resolved
             .subtrees
             .insert(name, resolve_tree(name, tree, env, errors));
@@ -199,6 +224,24 @@ pub fn resolve(
     let failed = &resolved.failed;
     resolved.values.retain(|k, _| !failed.contains(k));
     resolved
+}
+
+/// A list or map from one environment variable: YAML flow text, or a comma-separated list.
+fn env_tree(value: &str) -> Result<Value, String> {
+    let trimmed = value.trim();
+    if trimmed.starts_with('[') || trimmed.starts_with('{') {
+        serde_saphyr::from_str(trimmed)
+            .map_err(|e| format!("not valid YAML flow text ([...] or {{...}}): {e}"))
+    } else {
+        Ok(Value::Array(
+            trimmed
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| Value::String(s.to_owned()))
+                .collect(),
+        ))
+    }
 }
 
 fn resolve_tree(

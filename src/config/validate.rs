@@ -12,6 +12,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use secrecy::SecretString;
 use url::Url;
 
+use super::callers;
 use super::resolve::Resolved;
 use super::{
     ClientCredential, Delivery, Encryption, Limits, OAuthSettings, RelaySettings,
@@ -31,14 +32,14 @@ fn se(name: &str) -> String {
     format!("{SE}.{name}")
 }
 
-struct Ctx<'a> {
-    values: &'a Resolved,
-    errors: Vec<SettingError>,
-    warnings: Vec<String>,
+pub(super) struct Ctx<'a> {
+    pub(super) values: &'a Resolved,
+    pub(super) errors: Vec<SettingError>,
+    pub(super) warnings: Vec<String>,
 }
 
 impl Ctx<'_> {
-    fn error(&mut self, key: &str, message: impl Into<String>) {
+    pub(super) fn error(&mut self, key: &str, message: impl Into<String>) {
         // Its value could not be read at all; that error is already reported.
         if self.values.failed.contains(key) {
             return;
@@ -50,19 +51,19 @@ impl Ctx<'_> {
     }
 
     /// The effective text of a non-secret key, trimmed.
-    fn text(&self, key: &str) -> Option<&str> {
+    pub(super) fn text(&self, key: &str) -> Option<&str> {
         self.values.get(key).map(|v| v.text.trim())
     }
 
     /// The effective text of a secret key, untouched (spaces may belong to a password).
-    fn secret(&self, key: &str) -> Option<SecretString> {
+    pub(super) fn secret(&self, key: &str) -> Option<SecretString> {
         self.values
             .get(key)
             .map(|v| SecretString::from(v.text.clone()))
     }
 
     /// The value as it may appear in a message: masked for secrets and `{cipher}` values.
-    fn shown(&self, key: &str, value: &str) -> String {
+    pub(super) fn shown(&self, key: &str, value: &str) -> String {
         let masked = keys::spec(key).is_some_and(|s| s.secret)
             || self.values.get(key).is_some_and(|v| v.encrypted);
         if masked {
@@ -72,7 +73,7 @@ impl Ctx<'_> {
         }
     }
 
-    fn required(&mut self, key: &str, why: &str) -> Option<String> {
+    pub(super) fn required(&mut self, key: &str, why: &str) -> Option<String> {
         match self.text(key) {
             Some(v) => Some(v.to_owned()),
             None => {
@@ -82,7 +83,7 @@ impl Ctx<'_> {
         }
     }
 
-    fn number<T>(&mut self, key: &str, default: T, allowed: RangeInclusive<T>) -> T
+    pub(super) fn number<T>(&mut self, key: &str, default: T, allowed: RangeInclusive<T>) -> T
     where
         T: FromStr + PartialOrd + Display + Copy,
     {
@@ -108,11 +109,11 @@ impl Ctx<'_> {
         }
     }
 
-    fn seconds(&mut self, key: &str, default: u64) -> Duration {
+    pub(super) fn seconds(&mut self, key: &str, default: u64) -> Duration {
         Duration::from_secs(self.number(key, default, 1..=86_400))
     }
 
-    fn one_of<T: Copy>(
+    pub(super) fn one_of<T: Copy>(
         &mut self,
         key: &str,
         default: T,
@@ -145,7 +146,7 @@ pub fn is_loopback_host(host: &str) -> bool {
 }
 
 /// A plausible mailbox address: `local@domain.tld`, no spaces.
-fn is_address(text: &str) -> bool {
+pub(super) fn is_address(text: &str) -> bool {
     match text.rsplit_once('@') {
         Some((local, domain)) => {
             !local.is_empty()
@@ -167,9 +168,13 @@ pub fn validate(values: &Resolved) -> (Result<Settings, Vec<SettingError>>, Vec<
         warnings: Vec::new(),
     };
     let server = server(&mut ctx);
-    let relay = relay(&mut ctx);
+    let mut relay = relay(&mut ctx);
     let send_email = send_email(&mut ctx, relay.delivery == Delivery::Smtp);
     check_timeouts(&mut ctx, &relay);
+    let smtp = relay.delivery == Delivery::Smtp;
+    relay.auth = callers::auth(&mut ctx, smtp);
+    relay.send_as = callers::send_as(&mut ctx);
+    relay.cors = callers::cors(&mut ctx);
     let settings = Settings {
         server,
         send_email,
@@ -258,6 +263,10 @@ fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
             hello_name,
         },
         limits,
+        // Filled by `callers` once the delivery mode is known.
+        auth: Default::default(),
+        send_as: Default::default(),
+        cors: Default::default(),
     }
 }
 
@@ -466,7 +475,12 @@ fn ms_oauth(ctx: &mut Ctx<'_>, smtp: bool) -> Option<SmtpAuthentication> {
         (None, true) => None,
         (tenant, _) => {
             let text = template.replace(TENANT_PLACEHOLDER, tenant.as_deref().unwrap_or_default());
-            token_endpoint(ctx, &endpoint_key, &text)
+            https_url(
+                ctx,
+                &endpoint_key,
+                &text,
+                "the client secret travels over it",
+            )
         }
     };
     let scopes = ctx
@@ -492,13 +506,12 @@ fn ms_oauth(ctx: &mut Ctx<'_>, smtp: bool) -> Option<SmtpAuthentication> {
     })
 }
 
-fn token_endpoint(ctx: &mut Ctx<'_>, key: &str, text: &str) -> Option<Url> {
+/// An https URL (http only on a loopback host, for tests and local fakes); `why` says what
+/// travels over it.
+pub(super) fn https_url(ctx: &mut Ctx<'_>, key: &str, text: &str, why: &str) -> Option<Url> {
     match Url::parse(text) {
         Err(e) => {
-            ctx.error(
-                key,
-                format!("{text:?} is not a URL ({e}); the default is {DEFAULT_TOKEN_ENDPOINT}"),
-            );
+            ctx.error(key, format!("{text:?} is not a URL ({e})"));
             None
         }
         Ok(url) => {
@@ -509,7 +522,9 @@ fn token_endpoint(ctx: &mut Ctx<'_>, key: &str, text: &str) -> Option<Url> {
                 _ => {
                     ctx.error(
                         key,
-                        format!("{text:?} must be an https URL (http only on a loopback host); the client secret travels in it"),
+                        format!(
+                            "{text:?} must be an https URL (http only on a loopback host): {why}"
+                        ),
                     );
                     None
                 }

@@ -1,5 +1,11 @@
 //! App-only access tokens from Entra ID (OAuth2 client credentials), kept in one shared cache.
-//! (Stub: the token helper fills this in.)
+//!
+//! [`TokenCache`] is the real [`TokenProvider`]; the SMTP side holds it as `Arc<dyn TokenProvider>`.
+
+mod assertion;
+mod cache;
+mod client;
+mod error;
 
 use std::fmt;
 use std::sync::Arc;
@@ -7,6 +13,12 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+
+pub use assertion::{ASSERTION_TYPE, AssertionClaims, CertificateCredential};
+pub use cache::{CacheKey, CacheOptions, Clock, ManualClock, RetryPolicy, SystemClock, TokenCache};
+pub use client::{Fetched, TokenClient};
+pub use error::{EntraError, KNOWN_CODES, KnownCode, TokenError};
 
 /// An access token. `Debug` shows only its fingerprint and expiry.
 #[derive(Clone)]
@@ -36,27 +48,20 @@ impl AccessToken {
     pub fn same_as(&self, other: &AccessToken) -> bool {
         Arc::ptr_eq(&self.secret, &other.secret)
     }
+
+    /// First 8 hex digits of the token's SHA-256: tells tokens apart in logs without revealing them.
+    pub fn fingerprint(&self) -> String {
+        let digest = Sha256::digest(self.expose().as_bytes());
+        hex::encode(&digest[..4])
+    }
 }
 
 impl fmt::Debug for AccessToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AccessToken")
+            .field("fingerprint", &self.fingerprint())
             .field("expires_at", &self.expires_at)
             .finish_non_exhaustive()
-    }
-}
-
-/// Why no token could be had.
-#[derive(Debug, thiserror::Error)]
-pub enum TokenError {
-    #[error("the token endpoint could not be reached: {0}")]
-    Unavailable(String),
-}
-
-impl TokenError {
-    /// Worth trying again later (network, timeout, 429, 5xx).
-    pub fn is_transient(&self) -> bool {
-        true
     }
 }
 

@@ -53,6 +53,11 @@ mailRelay:
     maxBodyBytes: 1048576
     maxRecipients: 100
     requestTimeoutSeconds: 121
+  auth:
+    apiKeys:
+      - name: billing
+        sha256: 2f0e8ee0a3fc4ff1b0b9f7d3c8b0d1b5d2e1f5a3c7b9d0e1f2a3b4c5d6e7f809
+        allowedFrom: [noreply@contoso.com, "*@billing.contoso.com"]
 "#;
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -887,6 +892,8 @@ fn production_example_passes_with_its_placeholders_set() {
             ("OAUTH_CLIENT_ID", "11111111-2222-3333-4444-555555555555"),
             ("OAUTH_CLIENT_SECRET", CLIENT_SECRET),
             ("OAUTH_TENANT_ID", "contoso.onmicrosoft.com"),
+            ("OSWEB_API_KEY_SHA256", &"ab".repeat(32)),
+            ("MAIL_DOMAIN", "contoso.com"),
         ]),
     })
     .unwrap();

@@ -40,6 +40,9 @@ pub fn test_settings(outbox: PathBuf) -> Settings {
                 max_recipients: 500,
                 request_timeout: Duration::from_secs(30),
             },
+            auth: Default::default(),
+            send_as: Default::default(),
+            cors: Default::default(),
         },
     }
 }

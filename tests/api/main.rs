@@ -3,5 +3,7 @@
 
 mod cli;
 mod config;
+mod entra;
 mod helpers;
 mod server;
+mod token;

@@ -1,0 +1,272 @@
+//! May this caller send as that From address? Decided before any SMTP traffic.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::caller::Caller;
+use crate::config::{AddressPattern, SendAsSettings};
+
+/// Why a From address is refused. `Display` is the `detail` the caller sees: it names the caller, the
+/// address and what an administrator must change.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum SendAsRefusal {
+    #[error(
+        "{caller} may not send as {address}; it may send as: {allowed}. An administrator can add the address \
+         to this key's allowedFrom in mailRelay.auth.apiKeys"
+    )]
+    NotListedForKey {
+        caller: String,
+        address: String,
+        allowed: String,
+    },
+    #[error(
+        "{caller} may send as their own address and as the mailboxes that list them as delegates, not as \
+         {address}. An administrator can list the user under mailRelay.sendAs.delegates for {address}"
+    )]
+    NotADelegate { caller: String, address: String },
+    #[error(
+        "{address} has not granted Send As to the relay's mailbox {smtp_user} in Exchange Online (it is not in \
+         mailRelay.sendAs.exchangeGrants). An Exchange administrator must grant it (Add-RecipientPermission \
+         {address} -Trustee {smtp_user} -AccessRights SendAs) and then add it to exchangeGrants"
+    )]
+    NoExchangeGrant { address: String, smtp_user: String },
+    #[error(
+        "Exchange Online refused to let {smtp_user} send as {address} moments ago (SendAsDenied). An Exchange \
+         administrator must grant Send As on {address} to {smtp_user} (Add-RecipientPermission {address} \
+         -Trustee {smtp_user} -AccessRights SendAs); the relay retries after a short pause"
+    )]
+    RecentlyDeniedByExchange { address: String, smtp_user: String },
+}
+
+/// The send-as rules from settings, plus a short memory of Exchange's own refusals.
+pub struct SendAsPolicy {
+    settings: SendAsSettings,
+    /// The mailbox the relay logs in to SMTP as (`smtpUsername`), for messages.
+    smtp_user: String,
+    /// From address (lower case) -> when Exchange last refused it.
+    denials: Mutex<HashMap<String, Instant>>,
+}
+
+impl SendAsPolicy {
+    pub fn new(settings: SendAsSettings, smtp_user: Option<&str>) -> Self {
+        Self {
+            settings,
+            smtp_user: smtp_user.unwrap_or("the relay's SMTP mailbox").to_string(),
+            denials: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Check `from` (an already parsed address) for `caller`.
+    pub fn check(&self, caller: &Caller, from: &str) -> Result<(), SendAsRefusal> {
+        let from = from.to_ascii_lowercase();
+        self.caller_may_use(caller, &from)?;
+        if let Some(grants) = &self.settings.exchange_grants
+            && !grants.iter().any(|g| g.matches(&from))
+        {
+            return Err(SendAsRefusal::NoExchangeGrant {
+                address: from,
+                smtp_user: self.smtp_user.clone(),
+            });
+        }
+        if self.recently_denied(&from) {
+            return Err(SendAsRefusal::RecentlyDeniedByExchange {
+                address: from,
+                smtp_user: self.smtp_user.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Remember that Exchange answered SendAsDenied for `from`, so repeats fail fast without uploading again.
+    pub fn remember_exchange_denial(&self, from: &str) -> SendAsRefusal {
+        let address = from.to_ascii_lowercase();
+        self.lock_denials().insert(address.clone(), Instant::now());
+        SendAsRefusal::RecentlyDeniedByExchange {
+            address,
+            smtp_user: self.smtp_user.clone(),
+        }
+    }
+
+    fn caller_may_use(&self, caller: &Caller, from: &str) -> Result<(), SendAsRefusal> {
+        let allowed = match caller {
+            Caller::Anonymous => true,
+            Caller::ApiKey { allowed_from, .. } => allowed_from.iter().any(|p| p.matches(from)),
+            Caller::User { address, .. } => {
+                address.eq_ignore_ascii_case(from) || self.is_delegate(address, from)
+            }
+        };
+        if allowed {
+            return Ok(());
+        }
+        let (caller_name, address) = (caller.to_string(), from.to_string());
+        Err(match caller {
+            Caller::ApiKey { allowed_from, .. } => SendAsRefusal::NotListedForKey {
+                caller: caller_name,
+                address,
+                allowed: list(allowed_from),
+            },
+            _ => SendAsRefusal::NotADelegate {
+                caller: caller_name,
+                address,
+            },
+        })
+    }
+
+    fn is_delegate(&self, user: &str, mailbox: &str) -> bool {
+        self.settings
+            .delegates
+            .iter()
+            .filter(|(m, _)| m.eq_ignore_ascii_case(mailbox))
+            .flat_map(|(_, members)| members)
+            .any(|member| match member.strip_prefix("group:") {
+                Some(group) => self.group_has(group, user),
+                None => member.eq_ignore_ascii_case(user),
+            })
+    }
+
+    fn group_has(&self, group: &str, user: &str) -> bool {
+        self.settings
+            .groups
+            .iter()
+            .filter(|(name, _)| name == group)
+            .flat_map(|(_, members)| members)
+            .any(|m| m.eq_ignore_ascii_case(user))
+    }
+
+    fn recently_denied(&self, from: &str) -> bool {
+        let mut denials = self.lock_denials();
+        let memory = self.settings.denial_memory;
+        denials.retain(|_, at| at.elapsed() < memory);
+        denials.contains_key(from)
+    }
+
+    fn lock_denials(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.denials
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn list(patterns: &[AddressPattern]) -> String {
+    if patterns.is_empty() {
+        return "no address".into();
+    }
+    patterns
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::caller::UserSource;
+
+    fn key(patterns: &[&str]) -> Caller {
+        Caller::ApiKey {
+            name: "billing".into(),
+            allowed_from: patterns
+                .iter()
+                .map(|p| AddressPattern::parse(p).unwrap())
+                .collect::<Vec<_>>()
+                .into(),
+        }
+    }
+
+    fn user(address: &str) -> Caller {
+        Caller::User {
+            address: address.into(),
+            via: UserSource::TrustedProxy,
+        }
+    }
+
+    fn policy() -> SendAsPolicy {
+        SendAsPolicy::new(
+            SendAsSettings {
+                delegates: vec![(
+                    "team@contoso.com".into(),
+                    vec!["bob@contoso.com".into(), "group:sales".into()],
+                )],
+                groups: vec![("sales".into(), vec!["carol@contoso.com".into()])],
+                exchange_grants: None,
+                denial_memory: Duration::from_secs(60),
+            },
+            Some("relay@contoso.com"),
+        )
+    }
+
+    #[test]
+    fn an_api_key_may_use_its_listed_addresses_and_domains() {
+        let p = policy();
+        let caller = key(&["noreply@contoso.com", "*@billing.contoso.com"]);
+        assert!(p.check(&caller, "NoReply@contoso.com").is_ok());
+        assert!(p.check(&caller, "x@billing.contoso.com").is_ok());
+        let refused = p.check(&caller, "ceo@contoso.com").unwrap_err();
+        let detail = refused.to_string();
+        assert!(
+            detail.contains("API key 'billing'") && detail.contains("ceo@contoso.com"),
+            "{detail}"
+        );
+        assert!(detail.contains("allowedFrom"), "{detail}");
+    }
+
+    #[test]
+    fn a_domain_pattern_does_not_match_subdomains_or_lookalikes() {
+        let p = policy();
+        let caller = key(&["*@contoso.com"]);
+        assert!(p.check(&caller, "a@sub.contoso.com").is_err());
+        assert!(p.check(&caller, "a@evilcontoso.com").is_err());
+    }
+
+    #[test]
+    fn a_user_may_send_as_self_and_as_mailboxes_that_list_them() {
+        let p = policy();
+        assert!(
+            p.check(&user("alice@contoso.com"), "alice@contoso.com")
+                .is_ok()
+        );
+        assert!(
+            p.check(&user("bob@contoso.com"), "team@contoso.com")
+                .is_ok()
+        );
+        assert!(
+            p.check(&user("carol@contoso.com"), "team@contoso.com")
+                .is_ok(),
+            "through group:sales"
+        );
+        let refused = p
+            .check(&user("alice@contoso.com"), "team@contoso.com")
+            .unwrap_err();
+        assert!(matches!(refused, SendAsRefusal::NotADelegate { .. }));
+        assert!(refused.to_string().contains("mailRelay.sendAs.delegates"));
+    }
+
+    #[test]
+    fn exchange_grants_refuse_unlisted_mailboxes_at_once() {
+        let mut p = policy();
+        p.settings.exchange_grants = Some(vec![AddressPattern::parse("*@contoso.com").unwrap()]);
+        assert!(p.check(&Caller::Anonymous, "x@contoso.com").is_ok());
+        let refused = p.check(&Caller::Anonymous, "x@fabrikam.com").unwrap_err();
+        assert!(refused.to_string().contains("Add-RecipientPermission"));
+    }
+
+    #[test]
+    fn an_exchange_denial_is_remembered_for_a_while() {
+        let mut p = policy();
+        let caller = user("alice@contoso.com");
+        p.remember_exchange_denial("Alice@contoso.com");
+        assert!(matches!(
+            p.check(&caller, "alice@contoso.com"),
+            Err(SendAsRefusal::RecentlyDeniedByExchange { .. })
+        ));
+        p.settings.denial_memory = Duration::ZERO;
+        assert!(
+            p.check(&caller, "alice@contoso.com").is_ok(),
+            "forgotten after the memory time"
+        );
+    }
+}
