@@ -68,7 +68,8 @@ pub fn resolve(
         .map(|(k, v)| (k, (v, Origin::File)))
         .collect();
     let mut subtree_env: BTreeMap<&'static str, (String, String)> = BTreeMap::new();
-    for (name, value) in env {
+    // An empty variable counts as unset (Kubernetes sets optional secrets' variables empty).
+    for (name, value) in env.iter().filter(|(_, v)| !v.trim().is_empty()) {
         if let Some(subtree) = keys::key_for_env(name, keys::SUBTREES.iter().copied()) {
             subtree_env.insert(subtree, (name.clone(), value.clone()));
             continue;

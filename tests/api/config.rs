@@ -1237,3 +1237,9 @@ fn unknown_key_in_auth_is_an_error() {
         "{message}"
     );
 }
+
+#[test]
+fn an_empty_env_variable_does_not_override_the_file() {
+    let loaded = ok(SEED, &[("FEATURESWITCHES_SENDEMAIL_SMTPSERVER", "")]);
+    assert_eq!(loaded.settings.send_email.smtp_server, "smtp.office365.com");
+}
