@@ -80,6 +80,11 @@ pub fn render(settings: &Settings, values: &Resolved) -> String {
     let s = &settings.send_email;
     out.section(0, "featureSwitches");
     out.section(2, "sendEmail");
+    if matches!(settings.relay.delivery, Delivery::Outbox { .. }) {
+        out.text.push_str(
+            "    # unused: mailRelay.delivery.mode is outbox (present values are still checked)\n",
+        );
+    }
     let k = |name: &str| format!("{se}.{name}");
     out.line(
         4,
