@@ -38,6 +38,7 @@ pub fn test_settings(outbox: PathBuf) -> Settings {
             limits: Limits {
                 max_body_bytes: 64 * 1024,
                 max_recipients: 500,
+                max_message_bytes: 35 * 1024 * 1024,
                 request_timeout: Duration::from_secs(30),
             },
         },
