@@ -2,6 +2,7 @@
 
 pub mod errors;
 pub mod health;
+pub mod json;
 pub mod mail;
 pub mod openapi;
 

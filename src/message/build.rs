@@ -1,8 +1,9 @@
 //! The MIME form of a [`Mail`], built with lettre.
 
+use base64::Engine;
 use lettre::address::Envelope;
-use lettre::message::header::{ContentType, HeaderName, HeaderValue};
-use lettre::message::{MultiPart, SinglePart};
+use lettre::message::header::{ContentTransferEncoding, ContentType, HeaderName, HeaderValue};
+use lettre::message::{Body, MultiPart, SinglePart};
 
 use super::validate::Attachment;
 use super::{Mail, MailError, MessageLimits, OutgoingMail};
@@ -33,7 +34,7 @@ impl Mail {
             .from(self.from.to_lettre())
             .message_id(Some(message_id.clone()))
             .date_now()
-            .subject(self.subject.as_str());
+            .raw_header(unstructured("Subject", self.subject.as_str())?);
         for m in &self.to {
             builder = builder.to(m.to_lettre());
         }
@@ -61,7 +62,11 @@ impl Mail {
                 .raw_header(raw("Importance", importance)?);
         }
         for h in &self.headers {
-            builder = builder.raw_header(raw(h.name(), h.value())?);
+            builder = builder.raw_header(if h.is_structured() {
+                raw(h.name(), h.value())?
+            } else {
+                unstructured(h.name(), h.value())?
+            });
         }
 
         let message = match self.content() {
@@ -137,19 +142,217 @@ fn attachment_part(a: &Attachment) -> SinglePart {
         Some(id) => lettre::message::Attachment::new_inline_with_name(id.clone(), filename),
         None => lettre::message::Attachment::new(filename),
     };
+    // Always base64: lettre would pick 7bit for bytes that merely look like ASCII (NUL
+    // included), and binary data must survive every hop unchanged.
+    let body = Body::new_with_encoding(a.content.clone(), ContentTransferEncoding::Base64)
+        .unwrap_or_else(Body::new);
     kind.body(
-        a.content.clone(),
+        body,
         content_type_with_name(&a.content_type, a.filename.as_str()),
     )
 }
 
-/// The caller's content type; lettre puts the file name (RFC 2231) into Content-Disposition.
-fn content_type_with_name(content_type: &ContentType, _filename: &str) -> ContentType {
-    content_type.clone()
+/// The caller's content type plus a `name` parameter. lettre writes the file name into
+/// Content-Disposition per RFC 2231 (`filename*0*=utf-8''...`), which the standard asks
+/// for; Outlook and other clients that ignore RFC 2231 read the Content-Type `name`, so
+/// it is added in the form they understand (RFC 2047 encoded words inside the quotes, as
+/// Thunderbird and Gmail write it).
+fn content_type_with_name(content_type: &str, filename: &str) -> ContentType {
+    let has_name = content_type
+        .split(';')
+        .skip(1)
+        .any(|p| p.trim_start().to_ascii_lowercase().starts_with("name"));
+    let plain = || ContentType::parse(content_type).unwrap_or(ContentType::TEXT_PLAIN);
+    if has_name {
+        return plain();
+    }
+    let with_name = |name: &str| ContentType::parse(&format!("{content_type}; name=\"{name}\""));
+    let printable = filename.bytes().all(|b| (b' '..=b'~').contains(&b));
+    // The mime parser refuses some quoted ASCII (quotes, backslashes, `;`): those names go
+    // as encoded words too.
+    printable
+        .then(|| with_name(filename).ok())
+        .flatten()
+        .or_else(|| with_name(&encoded_words(filename)).ok())
+        .unwrap_or_else(plain)
+}
+
+/// An unstructured header (Subject, X-*): ASCII text as it is, anything else as RFC 2047
+/// encoded words only. lettre encodes word by word and leaves the spaces between encoded
+/// words outside them, where decoders must drop them ("a  b" with non-ASCII letters
+/// arrives as "ab"); text that merely looks like an encoded word would be decoded too.
+fn unstructured(name: &str, value: &str) -> Result<HeaderValue, MailError> {
+    let plain = value
+        .bytes()
+        .all(|b| (b' '..=b'~').contains(&b) || b == b'\t')
+        && !value.contains("=?");
+    if plain {
+        return raw(name, value);
+    }
+    let header = HeaderName::new_from_ascii(name.to_owned())
+        .map_err(|e| MailError::Build(format!("header name {name}: {e}")))?;
+    let encoded = encoded_words(value).replace(' ', "\r\n ");
+    Ok(HeaderValue::dangerous_new_pre_encoded(
+        header,
+        value.to_owned(),
+        encoded,
+    ))
+}
+
+/// RFC 2047 B-encoded words, split on character boundaries, separated by single spaces
+/// (which decoders drop between encoded words).
+fn encoded_words(text: &str) -> String {
+    // 39 bytes of UTF-8 are 52 characters of base64; with `=?utf-8?B?` and `?=`, 64:
+    // a line stays under 78 characters even after `Subject: `.
+    const CHUNK: usize = 39;
+    let mut words = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let mut end = rest.len().min(CHUNK);
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        let (chunk, tail) = rest.split_at(end);
+        words.push(format!(
+            "=?utf-8?B?{}?=",
+            base64::engine::general_purpose::STANDARD.encode(chunk)
+        ));
+        rest = tail;
+    }
+    words.join(" ")
 }
 
 fn raw(name: &str, value: &str) -> Result<HeaderValue, MailError> {
     let name = HeaderName::new_from_ascii(name.to_owned())
         .map_err(|e| MailError::Build(format!("header name {name}: {e}")))?;
     Ok(HeaderValue::new(name, value.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use mail_parser::{MessageParser, MimeHeaders};
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+    use crate::message::MailRequest;
+
+    const LIMITS: MessageLimits = MessageLimits {
+        max_recipients: 10,
+        max_message_bytes: 1 << 20,
+    };
+
+    fn build(body: serde_json::Value) -> OutgoingMail {
+        serde_json::from_value::<MailRequest>(body)
+            .unwrap()
+            .validate(&LIMITS)
+            .unwrap()
+            .build(&LIMITS)
+            .unwrap()
+    }
+
+    fn head(formatted: &[u8]) -> String {
+        let end = formatted.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        String::from_utf8(formatted[..end].to_vec()).unwrap()
+    }
+
+    #[test]
+    fn structure_is_mixed_related_alternative() {
+        let mail = build(json!({
+            "from": "a@example.com", "to": "b@example.com", "bcc": "c@example.com",
+            "text": "t", "html": "<img src=\"cid:i\">",
+            "attachments": [
+                {"filename": "i.png", "contentType": "image/png", "content": "AAAA", "contentId": "i"},
+                {"filename": "f.txt", "contentType": "text/plain", "content": "AAAA"},
+            ],
+        }));
+        let text = String::from_utf8_lossy(&mail.formatted);
+        let mixed = text.find("multipart/mixed").unwrap();
+        let related = text.find("multipart/related").unwrap();
+        let alternative = text.find("multipart/alternative").unwrap();
+        assert!(mixed < related && related < alternative, "{text}");
+        assert!(!head(&mail.formatted).contains("c@example.com"));
+        let envelope: Vec<String> = mail.envelope.to().iter().map(ToString::to_string).collect();
+        assert_eq!(envelope, ["b@example.com", "c@example.com"]);
+    }
+
+    #[test]
+    fn non_ascii_filenames_use_rfc_2231() {
+        let mail = build(json!({
+            "from": "a@example.com", "to": "b@example.com",
+            "attachments": [
+                {"filename": "Übersicht.pdf", "contentType": "application/pdf", "content": "AAAA"},
+                {"filename": "a \"quoted\"; name.txt", "contentType": "application/octet-stream", "content": "AAAA"},
+            ],
+        }));
+        let text = String::from_utf8_lossy(&mail.formatted);
+        assert!(
+            text.contains("filename*0*=utf-8''%C3%9Cbersicht.pdf"),
+            "{text}"
+        );
+        assert!(text.contains("Content-Transfer-Encoding: base64"), "{text}");
+        let parsed = MessageParser::default().parse(&mail.formatted).unwrap();
+        let names: Vec<_> = parsed.attachments().map(|a| a.attachment_name()).collect();
+        assert_eq!(
+            names,
+            [Some("Übersicht.pdf"), Some("a \"quoted\"; name.txt")]
+        );
+        // The Content-Type `name` that clients ignoring RFC 2231 read, decoded the same.
+        let ct_names: Vec<_> = parsed
+            .attachments()
+            .map(|a| a.content_type().and_then(|c| c.attribute("name")))
+            .collect();
+        assert_eq!(
+            ct_names,
+            [Some("Übersicht.pdf"), Some("a \"quoted\"; name.txt")]
+        );
+    }
+
+    fn squeeze(s: &str) -> String {
+        s.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+
+    fn expected_header_names() -> Vec<&'static str> {
+        vec![
+            "From",
+            "To",
+            "Subject",
+            "Message-ID",
+            "Date",
+            "MIME-Version",
+            "Content-Type",
+            "Content-Transfer-Encoding",
+            "X-Note",
+        ]
+    }
+
+    proptest! {
+        // Any one-line text survives as the subject, and no input adds a header.
+        #[test]
+        fn any_single_line_subject_round_trips(subject in "[^\\r\\n\\p{Cc}]{0,200}") {
+            let mail = build(json!({
+                "from": "a@example.com", "to": "b@example.com", "subject": subject, "text": "x",
+                "headers": {"X-Note": subject},
+            }));
+            let parsed = MessageParser::default().parse(&mail.formatted).unwrap();
+            // Compared with white-space runs collapsed: folding may turn a run into one
+            // space, and mail-parser drops the second of two spaces after an encoded word.
+            prop_assert_eq!(squeeze(parsed.subject().unwrap_or_default()), squeeze(&subject));
+            let mut names: Vec<&str> = parsed.headers().iter().map(|h| h.name()).collect();
+            names.sort_unstable();
+            let mut expected = expected_header_names();
+            expected.sort_unstable();
+            prop_assert_eq!(names, expected);
+        }
+
+        #[test]
+        fn any_display_name_round_trips(name in "[^\\r\\n\\p{Cc}]{1,80}") {
+            prop_assume!(!name.trim().is_empty());
+            let mail = build(json!({"from": {"name": name, "address": "a@example.com"}, "to": "b@example.com", "text": "x"}));
+            let parsed = MessageParser::default().parse(&mail.formatted).unwrap();
+            let from = parsed.from().unwrap().first().unwrap();
+            prop_assert_eq!(from.address(), Some("a@example.com"));
+            prop_assert_eq!(squeeze(from.name().unwrap_or_default()), squeeze(&name));
+        }
+    }
 }

@@ -132,7 +132,23 @@ impl CustomHeader {
     pub fn value(&self) -> &str {
         self.value.as_str()
     }
+
+    /// Structured headers (message ids, URIs, keywords) are ASCII by their grammar and
+    /// written as they are; the others are free text, encoded when not ASCII.
+    pub fn is_structured(&self) -> bool {
+        STRUCTURED.contains(&self.name.as_str())
+    }
 }
+
+/// Allowed headers whose value has a grammar (checked in `check_value`).
+const STRUCTURED: &[&str] = &[
+    "In-Reply-To",
+    "References",
+    "List-Id",
+    "List-Unsubscribe",
+    "List-Unsubscribe-Post",
+    "Auto-Submitted",
+];
 
 fn canonical_name(name: &str) -> Result<String, String> {
     if let Some(known) = ALLOWED.iter().find(|a| a.eq_ignore_ascii_case(name)) {

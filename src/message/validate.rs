@@ -10,6 +10,9 @@ use super::{
     MessageLimits, Priority,
 };
 
+/// Longest attachment file name, in characters (what file systems allow).
+const MAX_FILENAME: usize = 255;
+
 /// A mail whose every part is valid; [`Mail::build`] gives its MIME form.
 #[derive(Debug, Clone)]
 pub struct Mail {
@@ -37,7 +40,8 @@ pub struct Body {
 #[derive(Debug, Clone)]
 pub struct Attachment {
     pub filename: HeaderText,
-    pub content_type: ContentType,
+    /// As the caller gave it; checked to parse as a MIME type.
+    pub content_type: String,
     pub content: Vec<u8>,
     /// Set for inline parts of the HTML body (without angle brackets).
     pub content_id: Option<String>,
@@ -95,6 +99,11 @@ impl MailRequest {
         }
         let subject = errors.header_text("subject", self.subject.as_deref().unwrap_or_default());
 
+        for (field, body) in [("text", &self.text), ("html", &self.html)] {
+            if body.as_ref().is_some_and(|b| b.contains('\0')) {
+                errors.push(field, "contains a NUL character, which mail cannot carry");
+            }
+        }
         if self.text.is_none() && self.html.is_none() && self.attachments.is_empty() {
             errors.push(
                 "text",
@@ -199,6 +208,11 @@ impl Errors {
         let filename = self.header_text(&filename_field, &input.filename);
         if input.filename.trim().is_empty() {
             self.push(&filename_field, "must not be empty");
+        } else if input.filename.chars().count() > MAX_FILENAME {
+            self.push(
+                &filename_field,
+                format!("is longer than {MAX_FILENAME} characters"),
+            );
         }
         let content_type = self.content_type(&format!("{field}.contentType"), &input.content_type);
         let content = self.base64(&format!("{field}.content"), &input.content);
@@ -217,7 +231,7 @@ impl Errors {
         })
     }
 
-    fn content_type(&mut self, field: &str, value: &str) -> Option<ContentType> {
+    fn content_type(&mut self, field: &str, value: &str) -> Option<String> {
         const HINT: &str = "not a MIME type like application/pdf or image/png";
         if value.contains(['\r', '\n']) {
             self.push(field, "contains a line break (CR or LF)");
@@ -227,10 +241,10 @@ impl Errors {
             self.push(field, format!("{HINT}: only ASCII is allowed"));
             return None;
         }
-        let Ok(parsed) = ContentType::parse(value) else {
+        if ContentType::parse(value).is_err() {
             self.push(field, HINT);
             return None;
-        };
+        }
         let lower = value.trim_start().to_ascii_lowercase();
         if lower.starts_with("multipart/") {
             self.push(
@@ -239,7 +253,7 @@ impl Errors {
             );
             return None;
         }
-        Some(parsed)
+        Some(value.trim().to_owned())
     }
 
     fn base64(&mut self, field: &str, value: &str) -> Option<Vec<u8>> {
