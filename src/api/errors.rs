@@ -319,3 +319,100 @@ impl From<SmtpError> for ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(e: impl Into<ApiError>) -> (u16, &'static str, Option<u64>) {
+        let e = e.into();
+        (e.parts().0.as_u16(), e.code(), e.retry_after())
+    }
+
+    #[test]
+    fn delivery_failures_map_to_one_answer_each() {
+        let outbox = DeliveryError::Outbox {
+            path: "/var/outbox".into(),
+            source: std::io::Error::other("disk full"),
+        };
+        assert_eq!(answer(outbox), (500, "internal_error", None));
+        let token = DeliveryError::Token(TokenError::Unavailable("timeout".into()));
+        assert_eq!(answer(token), (503, "token_unavailable", Some(5)));
+        let smtp = DeliveryError::Smtp(SmtpError::Other("connection refused".into()));
+        assert_eq!(answer(smtp), (503, "smtp_unavailable", Some(5)));
+    }
+
+    #[test]
+    fn every_upstream_variant_has_its_status_and_code() {
+        let d = || "detail".to_string();
+        let cases = [
+            (ApiError::SendAsDenied(d()), 403, "send_as_denied", None),
+            (ApiError::SmtpAuthFailed(d()), 502, "smtp_auth_failed", None),
+            (
+                ApiError::SmtpAuthDisabled(d()),
+                502,
+                "smtp_auth_disabled",
+                None,
+            ),
+            (
+                ApiError::RateLimited {
+                    detail: d(),
+                    retry_after: 3600,
+                },
+                429,
+                "rate_limited",
+                Some(3600),
+            ),
+            (
+                ApiError::SmtpUnavailable {
+                    detail: d(),
+                    retry_after: Some(30),
+                },
+                503,
+                "smtp_unavailable",
+                Some(30),
+            ),
+            (ApiError::SmtpRejected(d()), 502, "smtp_rejected", None),
+            (
+                ApiError::MessageTooLarge { size: 2, limit: 1 },
+                413,
+                "payload_too_large",
+                None,
+            ),
+            (
+                ApiError::TooManyRecipients {
+                    count: 501,
+                    limit: 500,
+                },
+                400,
+                "too_many_recipients",
+                None,
+            ),
+        ];
+        for (error, status, code, retry_after) in cases {
+            assert_eq!(answer(error), (status, code, retry_after));
+        }
+    }
+
+    #[test]
+    fn the_outbox_path_and_os_error_stay_out_of_the_answer() {
+        let e: ApiError = DeliveryError::Outbox {
+            path: "/secret/place".into(),
+            source: std::io::Error::other("disk full"),
+        }
+        .into();
+        let problem = serde_json::to_string(&e.problem()).unwrap();
+        assert!(!problem.contains("/secret/place"));
+        assert!(!problem.contains("disk full"));
+    }
+
+    #[test]
+    fn field_errors_are_listed_in_the_detail_and_the_body() {
+        let e: ApiError =
+            MailError::Invalid(vec![FieldError::new("to[2]", "not an e-mail address")]).into();
+        let problem = e.problem();
+        assert_eq!(problem.code, "invalid_request");
+        assert_eq!(problem.errors[0].field, "to[2]");
+        assert!(problem.detail.contains("to[2]: not an e-mail address"));
+    }
+}

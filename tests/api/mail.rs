@@ -1,10 +1,17 @@
 //! `POST /mail` against the app with the outbox sender: the written `.eml` is parsed back.
 
+use std::sync::Arc;
+
 use base64::Engine;
 use mail_parser::{MessageParser, MimeHeaders};
+use mail_relay::app::Application;
+use mail_relay::delivery::{DeliveryError, MailSender, Outbox, Receipt};
+use mail_relay::message::OutgoingMail;
+use mail_relay::smtp::SmtpError;
+use mail_relay::token::TokenError;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, spawn_app, spawn_app_with};
+use crate::helpers::{TestApp, spawn_app, spawn_app_with, test_settings};
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -391,4 +398,63 @@ async fn a_text_only_mail_is_a_single_part() {
     let message = MessageParser::default().parse(&raw).unwrap();
     assert!(message.content_type().unwrap().ctype() == "text");
     assert_eq!(message.body_text(0).unwrap().trim_end(), "hello");
+}
+
+/// A sender that always fails the same way, to see the failure's answer over HTTP.
+struct FailingSender(fn() -> DeliveryError);
+
+#[async_trait::async_trait]
+impl MailSender for FailingSender {
+    async fn send(&self, _mail: &OutgoingMail) -> Result<Receipt, DeliveryError> {
+        Err((self.0)())
+    }
+}
+
+async fn spawn_with_sender(sender: Arc<dyn MailSender>) -> TestApp {
+    let outbox = tempfile::tempdir().unwrap();
+    let settings = test_settings(outbox.path().to_path_buf());
+    let app = Application::build_with(Arc::new(settings), sender)
+        .await
+        .unwrap();
+    let address = app.local_addr().unwrap();
+    tokio::spawn(app.run_until(std::future::pending()));
+    TestApp {
+        address,
+        client: reqwest::Client::new(),
+        outbox,
+    }
+}
+
+#[tokio::test]
+async fn a_transient_smtp_failure_is_503_with_retry_after() {
+    let app = spawn_with_sender(Arc::new(FailingSender(|| {
+        DeliveryError::Smtp(SmtpError::Other("connection refused".into()))
+    })))
+    .await;
+    let response = post_mail(&app, &minimal()).await;
+    assert_eq!(response.headers()["retry-after"], "5");
+    expect_problem(response, 503, "smtp_unavailable").await;
+}
+
+#[tokio::test]
+async fn a_token_failure_is_503_token_unavailable() {
+    let app = spawn_with_sender(Arc::new(FailingSender(|| {
+        DeliveryError::Token(TokenError::Unavailable("endpoint timed out".into()))
+    })))
+    .await;
+    let response = post_mail(&app, &minimal()).await;
+    assert!(response.headers().contains_key("retry-after"));
+    let problem = expect_problem(response, 503, "token_unavailable").await;
+    assert!(problem["detail"].as_str().unwrap().contains("access token"));
+}
+
+#[tokio::test]
+async fn an_outbox_write_failure_is_500_without_the_path() {
+    let blocker = tempfile::NamedTempFile::new().unwrap();
+    // A directory below a regular file cannot be created.
+    let dir = blocker.path().join("outbox");
+    let app = spawn_with_sender(Arc::new(Outbox::new(dir.clone()))).await;
+    let response = post_mail(&app, &minimal()).await;
+    let problem = expect_problem(response, 500, "internal_error").await;
+    assert!(!problem.to_string().contains(dir.to_str().unwrap()));
 }
