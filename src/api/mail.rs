@@ -1,16 +1,17 @@
 //! `POST /mail`: the endpoint web clients call.
 
 use axum::Json;
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{FromRequest, Multipart, Request, State};
+use axum::http::{StatusCode, header};
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::ApiError;
 use super::errors::Problem;
+use super::form::{self, MailForm};
 use super::json::ApiJson;
 use crate::app::AppState;
-use crate::message::{Mail, MailRequest, Mailbox, MessageLimits, OutgoingMail};
+use crate::message::{Mail, MailRequest, Mailbox, MessageLimits, OutgoingMail, UploadedFile};
 
 /// Mails whose attachments are larger than this are encoded on the blocking pool, so that
 /// base64 of megabytes does not stall other requests on the same worker.
@@ -36,7 +37,8 @@ pub struct MailAccepted {
 /// Answers 202 only after the SMTP server accepted the mail (250 after DATA). Bcc recipients
 /// go into the envelope only. The relay sets `Message-ID` and `Date`.
 #[utoipa::path(post, path = "/mail", tag = "mail",
-    request_body(content = MailRequest, content_type = "application/json"),
+    request_body(description = "The mail: JSON with base64 attachments, or a form with a `mail` JSON part and file parts",
+        content((MailRequest = "application/json"), (MailForm = "multipart/form-data"))),
     responses(
         (status = 202, description = "The SMTP server accepted the mail", body = MailAccepted),
         (status = 400, description = "`invalid_request`: malformed JSON, or invalid fields, each listed in `errors`; `too_many_recipients`: more than `mailRelay.limits.maxRecipients` in to + cc + bcc",
@@ -47,7 +49,7 @@ pub struct MailAccepted {
                 "errors": [{"field": "to[2]", "message": "not an e-mail address: it has no '@' between a local part and a domain"}]})),
         (status = 403, description = "`send_as_denied`: the From address may not be used (Exchange answered SendAsDenied); the detail names the fix", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`payload_too_large`: the body is over `mailRelay.limits.maxBodyBytes`, or the encoded mail over `mailRelay.limits.maxMessageBytes` (or the server's limit)", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "`unsupported_media_type`: the body is not `application/json`", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`: the body is neither `application/json` nor `multipart/form-data`", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "`rate_limited`: the mailbox's sending quota is used up; see `Retry-After`", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
         (status = 500, description = "`internal_error`: see the logs under the request id", body = Problem, content_type = "application/problem+json"),
@@ -57,10 +59,12 @@ pub struct MailAccepted {
     ))]
 pub async fn send_mail(
     State(state): State<AppState>,
-    ApiJson(request): ApiJson<MailRequest>,
+    submission: Submission,
 ) -> Result<(StatusCode, Json<MailAccepted>), ApiError> {
     let limits = MessageLimits::from(&state.settings.relay.limits);
-    let mail = request.validate(&limits)?;
+    let mail = submission
+        .request
+        .validate_with_files(&limits, submission.files)?;
     check_send_as(&mail.from)?;
     let outgoing = build(mail, limits).await?;
     let receipt = state.sender.send(&outgoing).await?;
@@ -79,6 +83,54 @@ pub async fn send_mail(
             accepted_recipients: receipt.accepted,
         }),
     ))
+}
+
+/// The request as sent: JSON, or a form with files beside it.
+pub struct Submission {
+    request: MailRequest,
+    files: Vec<UploadedFile>,
+}
+
+impl FromRequest<AppState> for Submission {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let content_type = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let essence = content_type.split(';').next().unwrap_or_default().trim();
+        if essence.eq_ignore_ascii_case("multipart/form-data") {
+            let form_data = Multipart::from_request(request, state).await.map_err(|e| {
+                ApiError::InvalidRequest {
+                    detail: format!(
+                        "the multipart/form-data body could not be read: {}",
+                        e.body_text()
+                    ),
+                    errors: Vec::new(),
+                }
+            })?;
+            let (request, files) = form::read(form_data, &state.settings.relay.limits).await?;
+            return Ok(Self { request, files });
+        }
+        match ApiJson::<MailRequest>::from_request(request, state).await {
+            Ok(ApiJson(request)) => Ok(Self {
+                request,
+                files: Vec::new(),
+            }),
+            Err(ApiError::UnsupportedMediaType(_)) => Err(ApiError::UnsupportedMediaType(format!(
+                "POST /mail takes Content-Type application/json or multipart/form-data (got {})",
+                if content_type.is_empty() {
+                    "no Content-Type"
+                } else {
+                    &content_type
+                }
+            ))),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// The send-as decision, made before any MIME or SMTP work.

@@ -1,6 +1,7 @@
 //! The HTTP API: one file per resource, errors in one place.
 
 pub mod errors;
+pub mod form;
 pub mod health;
 pub mod json;
 pub mod mail;

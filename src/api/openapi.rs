@@ -3,7 +3,7 @@
 use axum::Json;
 use utoipa::OpenApi;
 
-use super::{errors, health, mail};
+use super::{errors, form, health, mail};
 use crate::message;
 
 #[derive(OpenApi)]
@@ -18,6 +18,7 @@ use crate::message;
         errors::Problem,
         errors::FieldError,
         mail::MailAccepted,
+        form::MailForm,
         message::MailRequest,
         message::request::AttachmentInput,
         message::request::MailboxInput,

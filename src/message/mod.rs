@@ -20,7 +20,7 @@ use utoipa::ToSchema;
 pub use address::{AddressError, EmailAddress, Mailbox};
 pub use headers::{CustomHeader, HeaderText, HeaderTextError, Priority, allowed_header_names};
 pub use request::MailRequest;
-pub use validate::{Attachment, Body, Mail};
+pub use validate::{Attachment, Body, Mail, UploadedFile};
 
 /// A mail ready to hand to a [`crate::delivery::MailSender`]: envelope plus the formatted RFC 5322 bytes.
 #[derive(Debug, Clone)]

@@ -1,10 +1,12 @@
 //! From the caller's [`MailRequest`] to a [`Mail`] whose every field is parsed.
 //! All field errors are collected, so the caller can fix everything in one go.
 
+use std::borrow::Cow;
+
 use base64::Engine;
 use lettre::message::header::ContentType;
 
-use super::request::{AttachmentInput, MailboxInput, Recipients};
+use super::request::{MailboxInput, Recipients};
 use super::{
     CustomHeader, EmailAddress, FieldError, HeaderText, MailError, MailRequest, Mailbox,
     MessageLimits, Priority,
@@ -61,9 +63,45 @@ impl Mail {
     }
 }
 
+/// A file uploaded as a part of a `multipart/form-data` request, already read.
+#[derive(Debug, Clone)]
+pub struct UploadedFile {
+    /// The form part's file name.
+    pub filename: String,
+    /// The form part's Content-Type (`application/octet-stream` when it has none).
+    pub content_type: String,
+    pub content: Vec<u8>,
+    /// Set for inline parts of the HTML body (form part named `cid:<contentId>`).
+    pub content_id: Option<String>,
+}
+
+/// An attachment before its checks, from the JSON (base64) or from a form upload.
+struct Candidate<'a> {
+    field: String,
+    filename: Cow<'a, str>,
+    content_type: Cow<'a, str>,
+    content: Content<'a>,
+    content_id: Option<Cow<'a, str>>,
+}
+
+enum Content<'a> {
+    Base64(&'a str),
+    Bytes(Vec<u8>),
+}
+
 impl MailRequest {
     /// Parse every field; on failure, list every invalid field.
     pub fn validate(self, limits: &MessageLimits) -> Result<Mail, MailError> {
+        self.validate_with_files(limits, Vec::new())
+    }
+
+    /// As [`MailRequest::validate`], with files uploaded beside the JSON; their fields are
+    /// named `files[i]`, in upload order.
+    pub fn validate_with_files(
+        self,
+        limits: &MessageLimits,
+        files: Vec<UploadedFile>,
+    ) -> Result<Mail, MailError> {
         // Checked first: a request with 100,000 recipients is refused without parsing them.
         let count = self.to.0.len() + self.cc.0.len() + self.bcc.0.len();
         if count > limits.max_recipients {
@@ -104,27 +142,51 @@ impl MailRequest {
                 errors.push(field, "contains a NUL character, which mail cannot carry");
             }
         }
-        if self.text.is_none() && self.html.is_none() && self.attachments.is_empty() {
+        let file_count = files.len();
+        if self.text.is_none()
+            && self.html.is_none()
+            && self.attachments.is_empty()
+            && file_count == 0
+        {
             errors.push(
                 "text",
                 "the mail needs text, html or at least one attachment",
             );
         }
-        let mut attachments = Vec::with_capacity(self.attachments.len());
+        let candidates = self
+            .attachments
+            .iter()
+            .enumerate()
+            .map(|(i, a)| Candidate {
+                field: format!("attachments[{i}]"),
+                filename: Cow::Borrowed(&a.filename),
+                content_type: Cow::Borrowed(&a.content_type),
+                content: Content::Base64(&a.content),
+                content_id: a.content_id.as_deref().map(Cow::Borrowed),
+            })
+            // Uploads are moved, not copied: their bytes exist once.
+            .chain(files.into_iter().enumerate().map(|(i, f)| Candidate {
+                field: format!("files[{i}]"),
+                filename: Cow::Owned(f.filename),
+                content_type: Cow::Owned(f.content_type),
+                content: Content::Bytes(f.content),
+                content_id: f.content_id.map(Cow::Owned),
+            }));
+        let mut attachments = Vec::with_capacity(self.attachments.len() + file_count);
         let mut content_ids = std::collections::HashSet::new();
-        for (i, input) in self.attachments.iter().enumerate() {
-            let field = format!("attachments[{i}]");
-            if let Some(id) = &input.content_id {
+        for candidate in candidates {
+            if let Some(id) = &candidate.content_id {
+                let field = format!("{}.contentId", candidate.field);
                 if self.html.is_none() {
                     errors.push(
-                        format!("{field}.contentId"),
+                        field,
                         "inline parts (contentId) need an html body that refers to them as cid:",
                     );
                 } else if !content_ids.insert(id.trim_matches(['<', '>']).to_owned()) {
-                    errors.push(format!("{field}.contentId"), "used by another attachment");
+                    errors.push(field, "used by another attachment");
                 }
             }
-            if let Some(a) = errors.attachment(&field, input) {
+            if let Some(a) = errors.attachment(candidate) {
                 attachments.push(a);
             }
         }
@@ -202,7 +264,8 @@ impl Errors {
             .collect()
     }
 
-    fn attachment(&mut self, field: &str, input: &AttachmentInput) -> Option<Attachment> {
+    fn attachment(&mut self, input: Candidate<'_>) -> Option<Attachment> {
+        let field = &input.field;
         let before = self.0.len();
         let filename_field = format!("{field}.filename");
         let filename = self.header_text(&filename_field, &input.filename);
@@ -215,10 +278,13 @@ impl Errors {
             );
         }
         let content_type = self.content_type(&format!("{field}.contentType"), &input.content_type);
-        let content = self.base64(&format!("{field}.content"), &input.content);
+        let content = match input.content {
+            Content::Base64(text) => self.base64(&format!("{field}.content"), text),
+            Content::Bytes(bytes) => Some(bytes),
+        };
         let content_id = input
             .content_id
-            .as_ref()
+            .as_deref()
             .map(|id| self.content_id(&format!("{field}.contentId"), id));
         if self.0.len() > before {
             return None;

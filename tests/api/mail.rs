@@ -458,3 +458,183 @@ async fn an_outbox_write_failure_is_500_without_the_path() {
     let problem = expect_problem(response, 500, "internal_error").await;
     assert!(!problem.to_string().contains(dir.to_str().unwrap()));
 }
+
+/// One part of a hand-built multipart/form-data body.
+struct FormPart<'a> {
+    name: &'a str,
+    filename: Option<&'a str>,
+    content_type: &'a str,
+    content: &'a [u8],
+}
+
+const BOUNDARY: &str = "mail-relay-test-boundary-7f3a";
+
+fn form_body(parts: &[FormPart<'_>]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for part in parts {
+        body.extend_from_slice(format!("--{BOUNDARY}\r\n").as_bytes());
+        let filename = part
+            .filename
+            .map(|f| format!("; filename=\"{f}\""))
+            .unwrap_or_default();
+        body.extend_from_slice(
+            format!(
+                "Content-Disposition: form-data; name=\"{}\"{filename}\r\nContent-Type: {}\r\n\r\n",
+                part.name, part.content_type
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(part.content);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+    body
+}
+
+async fn post_form(app: &TestApp, parts: &[FormPart<'_>]) -> reqwest::Response {
+    app.client
+        .post(app.url("/mail"))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )
+        .body(form_body(parts))
+        .send()
+        .await
+        .expect("request failed")
+}
+
+#[tokio::test]
+async fn a_10_mb_upload_as_form_data_arrives_intact() {
+    let app = spawn_app_with(|s| s.relay.limits.max_body_bytes = 16 * 1024 * 1024).await;
+    let big: Vec<u8> = (0..10 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let logo = b"\x89PNG inline".to_vec();
+    let mail = json!({
+        "from": "sender@contoso.com", "to": "alice@example.com",
+        "subject": "Großer Anhang", "html": "<img src=\"cid:logo\">",
+    })
+    .to_string();
+    let response = post_form(
+        &app,
+        &[
+            FormPart {
+                name: "mail",
+                filename: None,
+                content_type: "application/json",
+                content: mail.as_bytes(),
+            },
+            FormPart {
+                name: "file",
+                filename: Some("daten.bin"),
+                content_type: "application/octet-stream",
+                content: &big,
+            },
+            FormPart {
+                name: "cid:logo",
+                filename: Some("logo.png"),
+                content_type: "image/png",
+                content: &logo,
+            },
+        ],
+    )
+    .await;
+    assert_eq!(response.status(), 202);
+    let accepted: Value = response.json().await.unwrap();
+    let raw = std::fs::read(
+        app.outbox
+            .path()
+            .join(format!("{}.eml", accepted["id"].as_str().unwrap())),
+    )
+    .unwrap();
+    let message = MessageParser::default().parse(&raw).unwrap();
+    assert_eq!(message.subject(), Some("Großer Anhang"));
+    let data = message
+        .attachments()
+        .find(|p| p.attachment_name() == Some("daten.bin"))
+        .unwrap();
+    assert_eq!(data.contents().len(), big.len());
+    assert!(data.contents() == big.as_slice(), "the 10 MB differ");
+    let inline = message
+        .attachments()
+        .find(|p| p.content_id() == Some("logo"))
+        .unwrap();
+    assert_eq!(inline.contents(), logo.as_slice());
+}
+
+#[tokio::test]
+async fn a_form_without_the_mail_part_is_invalid() {
+    let app = spawn_app().await;
+    let response = post_form(
+        &app,
+        &[FormPart {
+            name: "file",
+            filename: Some("a.txt"),
+            content_type: "text/plain",
+            content: b"hi",
+        }],
+    )
+    .await;
+    let problem = expect_problem(response, 400, "invalid_request").await;
+    assert_eq!(fields(&problem), ["mail"]);
+}
+
+#[tokio::test]
+async fn form_parts_are_validated_like_json() {
+    let app = spawn_app().await;
+    let mail = json!({"from": "sender@contoso.com", "to": ["ok@example.com", "bad"], "text": "x"})
+        .to_string();
+    let response = post_form(
+        &app,
+        &[
+            FormPart {
+                name: "mail",
+                filename: None,
+                content_type: "application/json",
+                content: mail.as_bytes(),
+            },
+            FormPart {
+                name: "cid:logo",
+                filename: Some("l.png"),
+                content_type: "image/png",
+                content: b"x",
+            },
+        ],
+    )
+    .await;
+    let problem = expect_problem(response, 400, "invalid_request").await;
+    assert_eq!(fields(&problem), ["to[1]", "files[0].contentId"]);
+}
+
+#[tokio::test]
+async fn a_form_upload_over_the_message_limit_is_413() {
+    let app = spawn_app_with(|s| {
+        s.relay.limits.max_message_bytes = 30_000;
+        s.relay.limits.max_body_bytes = 1024 * 1024;
+    })
+    .await;
+    let mail = minimal().to_string();
+    let big = vec![0u8; 200_000];
+    let response = post_form(
+        &app,
+        &[
+            FormPart {
+                name: "mail",
+                filename: None,
+                content_type: "application/json",
+                content: mail.as_bytes(),
+            },
+            FormPart {
+                name: "file",
+                filename: Some("big.bin"),
+                content_type: "application/octet-stream",
+                content: &big,
+            },
+        ],
+    )
+    .await;
+    let problem = expect_problem(response, 413, "payload_too_large").await;
+    assert!(problem["detail"].as_str().unwrap().contains("30000"));
+    assert!(outbox_files(&app).is_empty());
+}
