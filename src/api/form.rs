@@ -28,7 +28,7 @@ pub struct MailForm {
     /// Files to attach, any number, each with a file name and a Content-Type. A part named
     /// `cid:<id>` becomes an inline image referenced from the HTML as `cid:<id>`; any other
     /// name (e.g. `file`) an attachment. Validation errors name them `files[i]` in upload order.
-    #[schema(value_type = Vec<String>, format = Binary)]
+    #[schema(value_type = Vec<String>, format = Binary, required = false)]
     file: Vec<Vec<u8>>,
 }
 
