@@ -117,6 +117,10 @@ impl MailRequest {
             .iter()
             .map(|a| a.content.len())
             .sum::<usize>()
+            + files
+                .iter()
+                .map(|f| f.content.len().div_ceil(3) * 4)
+                .sum::<usize>()
             + self.text.as_ref().map_or(0, String::len)
             + self.html.as_ref().map_or(0, String::len);
         if estimate > limits.max_message_bytes {
