@@ -308,6 +308,35 @@ mod tests {
         );
     }
 
+    #[test]
+    fn priority_sets_both_headers_except_for_normal() {
+        for (priority, expected) in [
+            ("high", Some(("1 (Highest)", "high"))),
+            ("low", Some(("5 (Lowest)", "low"))),
+            ("normal", None),
+        ] {
+            let mail = build(json!({
+                "from": "a@example.com", "to": "b@example.com", "text": "x", "priority": priority,
+            }));
+            let parsed = MessageParser::default().parse(&mail.formatted).unwrap();
+            let got = parsed
+                .header_raw("X-Priority")
+                .map(str::trim)
+                .zip(parsed.header_raw("Importance").map(str::trim));
+            assert_eq!(got, expected, "{priority}");
+        }
+    }
+
+    #[test]
+    fn text_that_looks_like_an_encoded_word_stays_literal() {
+        let subject = "=?utf-8?b?SGFja2Vk?= and  two spaces";
+        let mail = build(
+            json!({"from": "a@example.com", "to": "b@example.com", "subject": subject, "text": "x"}),
+        );
+        let parsed = MessageParser::default().parse(&mail.formatted).unwrap();
+        assert_eq!(parsed.subject(), Some(subject));
+    }
+
     fn squeeze(s: &str) -> String {
         s.split_whitespace().collect::<Vec<_>>().join(" ")
     }

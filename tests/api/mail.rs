@@ -638,3 +638,17 @@ async fn a_form_upload_over_the_message_limit_is_413() {
     assert!(problem["detail"].as_str().unwrap().contains("30000"));
     assert!(outbox_files(&app).is_empty());
 }
+
+#[tokio::test]
+async fn json_with_a_charset_parameter_is_accepted() {
+    let app = spawn_app().await;
+    let response = app
+        .client
+        .post(app.url("/mail"))
+        .header("content-type", "application/json; charset=utf-8")
+        .body(minimal().to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+}
