@@ -244,18 +244,24 @@ impl IntoResponse for ApiError {
 impl From<MailError> for ApiError {
     fn from(e: MailError) -> Self {
         match e {
-            MailError::Invalid(errors) => Self::InvalidRequest {
-                detail: format!(
+            MailError::Invalid(errors) => {
+                // The detail names the first few; `errors` has them all.
+                const SHOWN: usize = 5;
+                let mut detail = format!(
                     "the mail request has {} invalid field(s): {}",
                     errors.len(),
                     errors
                         .iter()
+                        .take(SHOWN)
                         .map(|e| format!("{}: {}", e.field, e.message))
                         .collect::<Vec<_>>()
                         .join("; ")
-                ),
-                errors,
-            },
+                );
+                if errors.len() > SHOWN {
+                    detail.push_str(&format!("; and {} more (see errors)", errors.len() - SHOWN));
+                }
+                Self::InvalidRequest { detail, errors }
+            }
             MailError::TooManyRecipients { count, limit } => {
                 Self::TooManyRecipients { count, limit }
             }
