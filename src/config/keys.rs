@@ -65,6 +65,7 @@ pub const KEYS: &[KeySpec] = &[
     plain("mailRelay.token.connectTimeoutSeconds"),
     plain("mailRelay.token.requestTimeoutSeconds"),
     plain("mailRelay.limits.maxBodyBytes"),
+    plain("mailRelay.limits.maxMessageBytes"),
     plain("mailRelay.limits.maxRecipients"),
     plain("mailRelay.limits.requestTimeoutSeconds"),
     plain("mailRelay.auth.allowAnonymous"),

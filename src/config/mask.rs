@@ -201,6 +201,11 @@ pub fn render(settings: &Settings, values: &Resolved) -> String {
     );
     out.line(
         4,
+        "mailRelay.limits.maxMessageBytes",
+        Some(r.limits.max_message_bytes.to_string()),
+    );
+    out.line(
+        4,
         "mailRelay.limits.maxRecipients",
         Some(r.limits.max_recipients.to_string()),
     );

@@ -167,6 +167,9 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Most recipients (to + cc + bcc) in one mail (Exchange allows 500).
     pub max_recipients: usize,
+    /// Largest formatted message in bytes, after base64 (`maxMessageBytes`, default 35 MiB,
+    /// Exchange Online's default limit).
+    pub max_message_bytes: usize,
     /// Longest an HTTP request may take.
     pub request_timeout: Duration,
 }

@@ -249,6 +249,11 @@ fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
             52_428_800usize,
             1024..=1_073_741_824,
         ),
+        max_message_bytes: ctx.number(
+            "mailRelay.limits.maxMessageBytes",
+            36_700_160usize,
+            1024..=1_073_741_824,
+        ),
         max_recipients: ctx.number("mailRelay.limits.maxRecipients", 500usize, 1..=100_000),
         request_timeout: ctx.seconds("mailRelay.limits.requestTimeoutSeconds", 120),
     };

@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use mail_relay::app::Application;
 use mail_relay::config::{
-    Delivery, Encryption, Limits, RelaySettings, SendEmailSettings, ServerSettings, Settings,
-    SmtpAuthentication, SmtpTuning,
+    AddressPattern, ApiKeySettings, AuthSettings, Delivery, Encryption, Limits, RelaySettings,
+    SendEmailSettings, ServerSettings, Settings, SmtpAuthentication, SmtpTuning,
 };
 use mail_relay::delivery::{MailSender, Outbox};
+use sha2::{Digest, Sha256};
 
 /// Settings for a test instance: loopback, port 0, outbox delivery into `outbox`.
 pub fn test_settings(outbox: PathBuf) -> Settings {
@@ -38,9 +39,13 @@ pub fn test_settings(outbox: PathBuf) -> Settings {
             limits: Limits {
                 max_body_bytes: 64 * 1024,
                 max_recipients: 500,
+                max_message_bytes: 35 * 1024 * 1024,
                 request_timeout: Duration::from_secs(30),
             },
-            auth: Default::default(),
+            auth: AuthSettings {
+                api_keys: vec![test_api_key()],
+                ..AuthSettings::default()
+            },
             send_as: Default::default(),
             cors: Default::default(),
         },
@@ -70,12 +75,46 @@ impl TestApp {
     }
 }
 
-/// Start an instance with the default test settings, changed by `adjust`.
-pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
+/// The API key the test client sends; `test_settings` holds its hash.
+pub const TEST_API_KEY: &str = "mr_integration-tests-key";
+
+/// The test key's settings: it may send as anyone at the test domains.
+pub fn test_api_key() -> ApiKeySettings {
+    ApiKeySettings {
+        name: "tests".into(),
+        sha256: Sha256::digest(TEST_API_KEY.as_bytes()).into(),
+        allowed_from: ["*@contoso.com", "*@contoso.test", "*@example.com"]
+            .iter()
+            .map(|p| AddressPattern::parse(p).unwrap())
+            .collect(),
+    }
+}
+
+/// A client that authenticates with [`TEST_API_KEY`] on every request.
+pub fn authenticated_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {TEST_API_KEY}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
+/// Start an instance with the default test settings, changed by `adjust`, sending with `sender`
+/// (the outbox in a temporary folder when `None`).
+pub async fn spawn_app_with_sender(
+    adjust: impl FnOnce(&mut Settings),
+    sender: Option<Arc<dyn MailSender>>,
+) -> TestApp {
     let outbox = tempfile::tempdir().unwrap();
     let mut settings = test_settings(outbox.path().to_path_buf());
     adjust(&mut settings);
-    let sender: Arc<dyn MailSender> = Arc::new(Outbox::new(outbox.path().to_path_buf()));
+    let sender = sender.unwrap_or_else(|| {
+        Arc::new(Outbox::new(outbox.path().to_path_buf())) as Arc<dyn MailSender>
+    });
     let app = Application::build_with(Arc::new(settings), sender)
         .await
         .unwrap();
@@ -83,9 +122,14 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     tokio::spawn(app.run_until(std::future::pending()));
     TestApp {
         address,
-        client: reqwest::Client::new(),
+        client: authenticated_client(),
         outbox,
     }
+}
+
+/// Start an instance with the default test settings, changed by `adjust`.
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app_with_sender(adjust, None).await
 }
 
 pub async fn spawn_app() -> TestApp {
