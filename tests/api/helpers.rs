@@ -135,3 +135,38 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
+
+pub async fn post_mail(app: &TestApp, body: &serde_json::Value) -> reqwest::Response {
+    app.client
+        .post(app.url("/mail"))
+        .json(body)
+        .send()
+        .await
+        .expect("request failed")
+}
+
+/// The problem body, after checking the status, the media type and the code.
+pub async fn expect_problem(
+    response: reqwest::Response,
+    status: u16,
+    code: &str,
+) -> serde_json::Value {
+    assert_eq!(response.status(), status);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["code"], code, "{body:#}");
+    assert_eq!(body["status"], status);
+    assert!(body["requestId"].is_string());
+    body
+}
+
+/// The files the outbox sender wrote.
+pub fn outbox_files(app: &TestApp) -> Vec<std::path::PathBuf> {
+    match std::fs::read_dir(app.outbox.path()) {
+        Ok(dir) => dir.map(|e| e.unwrap().path()).collect(),
+        Err(_) => Vec::new(),
+    }
+}

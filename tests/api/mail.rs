@@ -10,33 +10,13 @@ use mail_relay::smtp::SmtpError;
 use mail_relay::token::TokenError;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, spawn_app, spawn_app_with, spawn_app_with_sender};
+use crate::helpers::{
+    TestApp, expect_problem, outbox_files, post_mail, spawn_app, spawn_app_with,
+    spawn_app_with_sender,
+};
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-async fn post_mail(app: &TestApp, body: &Value) -> reqwest::Response {
-    app.client
-        .post(app.url("/mail"))
-        .json(body)
-        .send()
-        .await
-        .expect("request failed")
-}
-
-/// The problem body, after checking the status, the media type and the code.
-async fn expect_problem(response: reqwest::Response, status: u16, code: &str) -> Value {
-    assert_eq!(response.status(), status);
-    assert_eq!(
-        response.headers()["content-type"],
-        "application/problem+json"
-    );
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["code"], code, "{body:#}");
-    assert_eq!(body["status"], status);
-    assert!(body["requestId"].is_string());
-    body
 }
 
 fn fields(problem: &Value) -> Vec<&str> {
@@ -49,13 +29,6 @@ fn fields(problem: &Value) -> Vec<&str> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn outbox_files(app: &TestApp) -> Vec<std::path::PathBuf> {
-    match std::fs::read_dir(app.outbox.path()) {
-        Ok(dir) => dir.map(|e| e.unwrap().path()).collect(),
-        Err(_) => Vec::new(),
-    }
 }
 
 fn minimal() -> Value {
