@@ -25,6 +25,7 @@ use tower_http::trace::TraceLayer;
 use crate::api::{self, ApiError};
 use crate::config::{Delivery, Settings};
 use crate::delivery::{MailSender, Outbox};
+use crate::smtp::SmtpSender;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -69,7 +70,7 @@ impl Application {
     /// Bind first, so that port 0 works in tests and the address is known before serving.
     pub async fn build(settings: Settings) -> std::io::Result<Self> {
         let settings = Arc::new(settings);
-        let sender = sender_for(&settings);
+        let sender = sender_for(&settings)?;
         Self::build_with(settings, sender).await
     }
 
@@ -122,11 +123,13 @@ impl Application {
     }
 }
 
-fn sender_for(settings: &Settings) -> Arc<dyn MailSender> {
+fn sender_for(settings: &Settings) -> std::io::Result<Arc<dyn MailSender>> {
     match &settings.relay.delivery {
-        Delivery::Outbox { dir } => Arc::new(Outbox::new(dir.clone())),
-        // Replaced by the SMTP sender once it exists.
-        Delivery::Smtp => Arc::new(Outbox::new("outbox".into())),
+        Delivery::Outbox { dir } => Ok(Arc::new(Outbox::new(dir.clone()))),
+        // The token cache for MS_OAUTH is passed here once it exists (None until then).
+        Delivery::Smtp => SmtpSender::new(settings, None)
+            .map(|sender| Arc::new(sender) as Arc<dyn MailSender>)
+            .map_err(std::io::Error::other),
     }
 }
 
