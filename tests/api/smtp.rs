@@ -615,3 +615,300 @@ async fn token_errors_reach_the_caller_as_token_errors() {
 
     assert!(matches!(error, DeliveryError::Token(_)), "{error:?}");
 }
+
+/// Replies the peer cannot give (Exchange's own), from a scripted fake server on loopback.
+mod exchange_replies {
+    use std::collections::VecDeque;
+
+    use base64::Engine as _;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// What the fake server answers; each AUTH entry is a list of replies, the ones after
+    /// the first sent after reading one more client line (a challenge's answer).
+    #[derive(Default)]
+    struct Script {
+        auth: Mutex<VecDeque<Vec<&'static str>>>,
+        mail_from: Mutex<VecDeque<&'static str>>,
+        rcpt_to: Mutex<VecDeque<&'static str>>,
+        connections: AtomicUsize,
+        mail_commands: AtomicUsize,
+        delivered: AtomicUsize,
+        /// Every line the client sent, as received.
+        lines: Mutex<Vec<String>>,
+    }
+
+    impl Script {
+        fn next_auth(&self) -> Vec<&'static str> {
+            self.auth
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or_else(|| vec!["235 2.7.0 Authentication successful"])
+        }
+    }
+
+    async fn serve(script: Arc<Script>) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                script.connections.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(session(stream, Arc::clone(&script)));
+            }
+        });
+        port
+    }
+
+    async fn session(stream: tokio::net::TcpStream, script: Arc<Script>) {
+        let (read, mut write) = stream.into_split();
+        let mut read = BufReader::new(read);
+        let send = async |write: &mut tokio::net::tcp::OwnedWriteHalf, reply: &str| {
+            write
+                .write_all(format!("{reply}\r\n").as_bytes())
+                .await
+                .unwrap();
+        };
+        send(
+            &mut write,
+            "220 fake.outlook.test Microsoft ESMTP MAIL Service ready",
+        )
+        .await;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if read.read_line(&mut line).await.unwrap_or(0) == 0 {
+                return;
+            }
+            script.lines.lock().unwrap().push(line.clone());
+            let command = line.trim_end().to_ascii_uppercase();
+            if command.starts_with("EHLO") {
+                send(
+                    &mut write,
+                    "250-fake.outlook.test Hello\r\n250-8BITMIME\r\n250 AUTH LOGIN XOAUTH2",
+                )
+                .await;
+            } else if command.starts_with("AUTH XOAUTH2") {
+                let replies = script.next_auth();
+                for (i, reply) in replies.iter().enumerate() {
+                    if i > 0 {
+                        let mut answer = String::new();
+                        read.read_line(&mut answer).await.unwrap();
+                        script.lines.lock().unwrap().push(answer);
+                    }
+                    send(&mut write, reply).await;
+                }
+            } else if command.starts_with("MAIL FROM") {
+                script.mail_commands.fetch_add(1, Ordering::SeqCst);
+                let reply = script.mail_from.lock().unwrap().pop_front();
+                send(&mut write, reply.unwrap_or("250 2.1.0 Sender OK")).await;
+            } else if command.starts_with("RCPT TO") {
+                let reply = script.rcpt_to.lock().unwrap().pop_front();
+                send(&mut write, reply.unwrap_or("250 2.1.5 Recipient OK")).await;
+            } else if command == "DATA" {
+                send(&mut write, "354 Start mail input; end with <CRLF>.<CRLF>").await;
+                loop {
+                    line.clear();
+                    if read.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if line == ".\r\n" {
+                        break;
+                    }
+                }
+                script.delivered.fetch_add(1, Ordering::SeqCst);
+                send(
+                    &mut write,
+                    "250 2.0.0 OK <queued@fake.outlook.test> [Hostname=FAKE]",
+                )
+                .await;
+            } else if command == "QUIT" {
+                send(&mut write, "221 2.0.0 Service closing transmission channel").await;
+                return;
+            } else {
+                // RSET, NOOP
+                send(&mut write, "250 2.0.0 OK").await;
+            }
+        }
+    }
+
+    /// Hands out `token-1`, `token-2`, ... and counts fetches and invalidations.
+    #[derive(Default)]
+    struct CountingTokens {
+        current: Mutex<Option<AccessToken>>,
+        fetches: AtomicUsize,
+        invalidated: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl TokenProvider for CountingTokens {
+        async fn token(&self) -> Result<AccessToken, TokenError> {
+            let mut current = self.current.lock().unwrap();
+            if let Some(token) = current.as_ref() {
+                return Ok(token.clone());
+            }
+            let n = self.fetches.fetch_add(1, Ordering::SeqCst) + 1;
+            let token = AccessToken::new(
+                SecretString::from(format!("token-{n}")),
+                SystemTime::now() + Duration::from_secs(3600),
+            );
+            *current = Some(token.clone());
+            Ok(token)
+        }
+        fn invalidate(&self, token: &AccessToken) {
+            let mut current = self.current.lock().unwrap();
+            if current.as_ref().is_some_and(|c| c.same_as(token)) {
+                *current = None;
+                self.invalidated.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        fn state(&self) -> TokenState {
+            TokenState::default()
+        }
+    }
+
+    async fn fake_exchange(script: &Arc<Script>) -> (SmtpSender, Arc<CountingTokens>) {
+        let port = serve(Arc::clone(script)).await;
+        let mut settings = test_settings(std::env::temp_dir());
+        settings.relay.delivery = Delivery::Smtp;
+        settings.send_email.smtp_port = port;
+        // Plain text is allowed on loopback: the fake has no TLS.
+        settings.send_email.smtp_authentication = oauth_as("relay@contoso.test");
+        settings.relay.smtp.send_deadline = Duration::from_secs(10);
+        let tokens = Arc::new(CountingTokens::default());
+        let provider: Arc<dyn TokenProvider> = tokens.clone();
+        (SmtpSender::new(&settings, Some(provider)).unwrap(), tokens)
+    }
+
+    #[tokio::test]
+    async fn the_xoauth2_initial_response_has_the_documented_form() {
+        let script = Arc::new(Script::default());
+        let (sender, _) = fake_exchange(&script).await;
+
+        sender
+            .send(&mail(FROM, TO, &marker("xoauth2")))
+            .await
+            .unwrap();
+
+        let lines = script.lines.lock().unwrap().clone();
+        let auth = lines
+            .iter()
+            .find(|l| l.starts_with("AUTH XOAUTH2 "))
+            .unwrap();
+        let encoded = auth.trim_end().strip_prefix("AUTH XOAUTH2 ").unwrap();
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap();
+        assert_eq!(
+            decoded,
+            b"user=relay@contoso.test\x01auth=Bearer token-1\x01\x01".to_vec()
+        );
+        assert_eq!(script.delivered.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn exchange_535_at_once_gets_a_new_token_and_one_retry() {
+        let script = Arc::new(Script::default());
+        script.auth.lock().unwrap().push_back(vec![
+            "535 5.7.3 Authentication unsuccessful [FAKE.prod.outlook.com]",
+        ]);
+        let (sender, tokens) = fake_exchange(&script).await;
+
+        sender.send(&mail(FROM, TO, &marker("535"))).await.unwrap();
+
+        assert_eq!(tokens.fetches.load(Ordering::SeqCst), 2);
+        assert_eq!(tokens.invalidated.load(Ordering::SeqCst), 1);
+        assert_eq!(script.delivered.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_334_challenge_is_answered_with_an_empty_line_and_ends_as_token_refused() {
+        let script = Arc::new(Script::default());
+        for _ in 0..2 {
+            script.auth.lock().unwrap().push_back(vec![
+                // base64 of {"status":"401","schemes":"bearer","scope":"mail"}
+                "334 eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiYmVhcmVyIiwic2NvcGUiOiJtYWlsIn0=",
+                "535 5.7.8 Error: authentication failed",
+            ]);
+        }
+        let (sender, tokens) = fake_exchange(&script).await;
+
+        let error = sender
+            .send_mail(&mail(FROM, TO, &marker("334")))
+            .await
+            .unwrap_err();
+
+        assert_eq!(error.kind(), SmtpErrorKind::AuthFailed, "{error}");
+        assert_eq!(
+            tokens.fetches.load(Ordering::SeqCst),
+            2,
+            "one retry with a new token"
+        );
+        let lines = script.lines.lock().unwrap().clone();
+        assert_eq!(lines.iter().filter(|l| l.as_str() == "\r\n").count(), 2);
+        assert_eq!(script.delivered.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn smtp_auth_disabled_is_not_retried() {
+        let script = Arc::new(Script::default());
+        script.auth.lock().unwrap().push_back(vec![
+            "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.",
+        ]);
+        let (sender, tokens) = fake_exchange(&script).await;
+
+        let error = sender
+            .send_mail(&mail(FROM, TO, &marker("139")))
+            .await
+            .unwrap_err();
+
+        assert_eq!(error.kind(), SmtpErrorKind::SmtpAuthDisabled, "{error}");
+        assert_eq!(error.enhanced_code(), Some(EnhancedCode::new(5, 7, 139)));
+        assert_eq!(tokens.fetches.load(Ordering::SeqCst), 1);
+        assert_eq!(script.connections.load(Ordering::SeqCst), 1);
+        assert!(error.to_string().contains("Authenticated SMTP"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn thread_limit_backs_off_and_retries() {
+        let script = Arc::new(Script::default());
+        script
+            .mail_from
+            .lock()
+            .unwrap()
+            .push_back("432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded");
+        let (sender, _) = fake_exchange(&script).await;
+
+        sender.send(&mail(FROM, TO, &marker("432"))).await.unwrap();
+
+        assert_eq!(script.mail_commands.load(Ordering::SeqCst), 2);
+        assert_eq!(script.delivered.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_permanent_refusal_is_not_retried_and_names_the_recipient() {
+        let script = Arc::new(Script::default());
+        script.rcpt_to.lock().unwrap().push_back(
+            "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup",
+        );
+        let (sender, _) = fake_exchange(&script).await;
+
+        let error = sender
+            .send_mail(&mail(FROM, TO, &marker("550")))
+            .await
+            .unwrap_err();
+
+        assert_eq!(error.kind(), SmtpErrorKind::Permanent, "{error}");
+        assert_eq!(error.code(), Some(550));
+        assert!(error.to_string().contains(TO), "{error}");
+        assert_eq!(script.mail_commands.load(Ordering::SeqCst), 1);
+        // The session is kept (after RSET) for the next mail.
+        sender
+            .send(&mail(FROM, TO, &marker("after-550")))
+            .await
+            .unwrap();
+        assert_eq!(script.connections.load(Ordering::SeqCst), 1);
+    }
+}
