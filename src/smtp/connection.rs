@@ -102,29 +102,27 @@ impl Connector {
                 .await?
                 .map_err(|e| self.lettre_error(e, Stage::Greeting))?,
         };
+        if let (Encryption::Tls, Some(tls)) = (self.encryption, &self.tls) {
+            // STARTTLS is required: never fall back to plain text.
+            if !connection.can_starttls() {
+                connection.abort().await;
+                return Err(SmtpError::Unsupported {
+                    server: self.server(),
+                    detail: "does not offer STARTTLS, which smtpEncryption TLS requires \
+                             (use SSL for an implicit-TLS port)"
+                        .into(),
+                });
+            }
+            self.timed(
+                Stage::StartTls,
+                self.command_timeout,
+                connection.starttls(tls.starttls.clone(), hello),
+            )
+            .await?
+            .map_err(|e| self.lettre_error(e, Stage::StartTls))?;
+        }
         let mut connection = Connection {
-            inner: {
-                if let (Encryption::Tls, Some(tls)) = (self.encryption, &self.tls) {
-                    // STARTTLS is required: never fall back to plain text.
-                    if !connection.can_starttls() {
-                        connection.abort().await;
-                        return Err(SmtpError::Unsupported {
-                            server: self.server(),
-                            detail: "does not offer STARTTLS, which smtpEncryption TLS requires \
-                                     (use SSL for an implicit-TLS port)"
-                                .into(),
-                        });
-                    }
-                    self.timed(
-                        Stage::StartTls,
-                        self.command_timeout,
-                        connection.starttls(tls.starttls.clone(), hello),
-                    )
-                    .await?
-                    .map_err(|e| self.lettre_error(e, Stage::StartTls))?;
-                }
-                connection
-            },
+            inner: connection,
             token: None,
             last_used: Instant::now(),
             server: self.server(),

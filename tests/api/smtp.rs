@@ -912,3 +912,19 @@ mod exchange_replies {
         assert_eq!(script.connections.load(Ordering::SeqCst), 1);
     }
 }
+
+#[tokio::test]
+async fn a_server_without_starttls_is_refused_for_tls() {
+    let peer = peer_or_skip!();
+    let tokens = PeerTokens::new(&peer);
+    let sender = oauth_sender(&peer, &tokens, |s| s.send_email.smtp_port = peer.plain_port);
+
+    let error = sender
+        .send_mail(&mail(FROM, TO, &marker("no-starttls")))
+        .await
+        .unwrap_err();
+
+    assert_eq!(error.kind(), SmtpErrorKind::Permanent, "{error}");
+    assert!(error.to_string().contains("STARTTLS"), "{error}");
+    assert_eq!(tokens.fetches(), 1, "not retried");
+}
