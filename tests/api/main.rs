@@ -2,6 +2,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod helpers;
-mod peer;
+pub mod peer;
 mod server;
 mod smtp;
