@@ -229,7 +229,10 @@ impl Inner {
         let mut transient_failures = 0u32;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let error = match tokio::time::timeout(remaining, self.attempt(mail)).await {
+            // Only the first refusal drops the token: a fresh token refused too points at
+            // the tenant's setup, and dropping it would cost a token fetch per mail.
+            let attempt = self.attempt(mail, !token_retried);
+            let error = match tokio::time::timeout(remaining, attempt).await {
                 Ok(Ok(receipt)) => return Ok(receipt),
                 Ok(Err(error)) => error,
                 Err(_) => {
@@ -270,7 +273,11 @@ impl Inner {
     }
 
     /// One try: a turn in the pool, a connection (reused or new), one transaction.
-    async fn attempt(&self, mail: &OutgoingMail) -> Result<Receipt, SmtpError> {
+    async fn attempt(
+        &self,
+        mail: &OutgoingMail,
+        invalidate_refused_token: bool,
+    ) -> Result<Receipt, SmtpError> {
         let _turn = self.pool.turn().await;
         let token = match (&self.tokens, &self.connector.login) {
             (Some(tokens), Login::XOAuth2 { .. }) => Some(tokens.token().await?),
@@ -281,8 +288,8 @@ impl Inner {
             None => match self.connector.open(token.as_ref()).await {
                 Ok(connection) => connection,
                 Err(error) => {
-                    if let (SmtpErrorKind::AuthFailed, Some(tokens), Some(token)) =
-                        (error.kind(), &self.tokens, &token)
+                    if let (SmtpErrorKind::AuthFailed, Some(tokens), Some(token), true) =
+                        (error.kind(), &self.tokens, &token, invalidate_refused_token)
                     {
                         tokens.invalidate(token);
                     }

@@ -837,6 +837,8 @@ mod exchange_replies {
             2,
             "one retry with a new token"
         );
+        // The fresh token, refused too, stays cached: no token fetch per failing mail.
+        assert_eq!(tokens.invalidated.load(Ordering::SeqCst), 1);
         let lines = script.lines.lock().unwrap().clone();
         assert_eq!(lines.iter().filter(|l| l.as_str() == "\r\n").count(), 2);
         assert_eq!(script.delivered.load(Ordering::SeqCst), 0);
