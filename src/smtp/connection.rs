@@ -69,6 +69,7 @@ impl Connector {
     }
 
     /// Opens, secures and authenticates a connection. `token` is required for XOAUTH2.
+    #[tracing::instrument(name = "smtp_connect", skip_all, fields(server = %self.server()))]
     pub async fn open(&self, token: Option<&AccessToken>) -> Result<Connection, SmtpError> {
         let tcp = self.connect_tcp().await?;
         let hello = &self.hello;
@@ -129,23 +130,28 @@ impl Connector {
             command_timeout: self.command_timeout,
             _open: OpenGuard::new(&self.open),
         };
-        match &self.login {
-            Login::None => {}
-            Login::Basic { username, password } => {
-                connection.basic(username, password).await?;
-            }
-            Login::XOAuth2 { username } => {
-                let Some(token) = token else {
-                    return Err(SmtpError::Setup {
-                        key: "featureSwitches.sendEmail.smtpAuthentication",
-                        message: "MS_OAUTH needs a token provider".into(),
-                    });
-                };
-                connection.xoauth2(username, token).await?;
-                connection.token = Some(token.clone());
+        let login = match &self.login {
+            Login::None => Ok(()),
+            Login::Basic { username, password } => connection.basic(username, password).await,
+            Login::XOAuth2 { username } => match token {
+                Some(token) => {
+                    connection.token = Some(token.clone());
+                    connection.xoauth2(username, token).await
+                }
+                None => Err(SmtpError::Setup {
+                    key: "featureSwitches.sendEmail.smtpAuthentication",
+                    message: "MS_OAUTH needs a token provider".into(),
+                }),
+            },
+        };
+        match login {
+            Ok(()) => Ok(connection),
+            Err(error) => {
+                // The session is still open after a refused login: end it politely.
+                connection.quit().await;
+                Err(error)
             }
         }
-        Ok(connection)
     }
 
     async fn connect_tcp(&self) -> Result<TcpStream, SmtpError> {
