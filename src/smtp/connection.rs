@@ -219,9 +219,14 @@ impl Connector {
         limit: Duration,
         future: impl Future<Output = T>,
     ) -> Result<T, SmtpError> {
-        tokio::time::timeout(limit, future)
-            .await
-            .map_err(|_| self.connection_error(stage, format!("no answer within {limit:?}")))
+        let key = if matches!(stage, Stage::Connect) {
+            "mailRelay.smtp.connectTimeoutSeconds"
+        } else {
+            "mailRelay.smtp.commandTimeoutSeconds"
+        };
+        tokio::time::timeout(limit, future).await.map_err(|_| {
+            self.connection_error(stage, format!("no answer within {key} ({limit:?})"))
+        })
     }
 
     fn tls_error(&self, stage: Stage, error: &std::io::Error) -> SmtpError {
@@ -329,7 +334,9 @@ impl Connection {
                 kind: SmtpErrorKind::Transient,
                 stage,
                 server: self.server.clone(),
-                detail: format!("no answer within mailRelay.smtp.commandTimeout ({limit:?})"),
+                detail: format!(
+                    "no answer within mailRelay.smtp.commandTimeoutSeconds ({limit:?})"
+                ),
             }),
         }
     }
@@ -355,7 +362,9 @@ impl Connection {
                 kind: SmtpErrorKind::Transient,
                 stage: Stage::Auth,
                 server: self.server.clone(),
-                detail: format!("no answer within mailRelay.smtp.commandTimeout ({limit:?})"),
+                detail: format!(
+                    "no answer within mailRelay.smtp.commandTimeoutSeconds ({limit:?})"
+                ),
             }),
         }
     }

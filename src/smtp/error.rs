@@ -90,8 +90,8 @@ pub enum SmtpError {
     /// No access token for XOAUTH2 could be had.
     #[error("no access token for SMTP: {0}")]
     Token(#[from] TokenError),
-    /// The send did not finish within `mailRelay.smtp.sendDeadline`.
-    #[error("the SMTP send did not finish within mailRelay.smtp.sendDeadline ({deadline:?}){}", last_suffix(.last))]
+    /// The send did not finish within `mailRelay.smtp.sendDeadlineSeconds`.
+    #[error("the SMTP send did not finish within mailRelay.smtp.sendDeadlineSeconds ({deadline:?}){}", last_suffix(.last))]
     Deadline {
         deadline: Duration,
         last: Option<Box<SmtpError>>,

@@ -34,7 +34,7 @@
 //! - **Transaction**: MAIL FROM, RCPT TO, DATA, message; success only on the positive reply
 //!   to the end of DATA. A refusal of the transaction (e.g. send-as denied, which comes
 //!   after DATA) leaves the session usable: `RSET` and back to the pool.
-//! - **Retries** within `mailRelay.smtp.sendDeadline`: token refused → the token is
+//! - **Retries** within `mailRelay.smtp.sendDeadlineSeconds`: token refused → the token is
 //!   invalidated in the cache and the send tried once more with a new one; transient
 //!   (other 4xx, 432 thread limit, network, timeout) → back-off with jitter and retry;
 //!   permanent → no retry. A connection lost after the whole message was sent is not

@@ -162,7 +162,7 @@ impl SmtpSender {
         Ok(Self { inner })
     }
 
-    /// Sends one mail, retrying within `mailRelay.smtp.sendDeadline` as the module doc says.
+    /// Sends one mail, retrying within `mailRelay.smtp.sendDeadlineSeconds` as the module doc says.
     #[tracing::instrument(name = "smtp_send", skip_all, fields(mail_id = %mail.id, message_id = %mail.message_id))]
     pub async fn send_mail(&self, mail: &OutgoingMail) -> Result<Receipt, SmtpError> {
         let result = self.inner.send_with_retries(mail).await;
