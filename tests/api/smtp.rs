@@ -29,16 +29,22 @@ struct PeerTokens {
     fetches: AtomicUsize,
     invalidated: AtomicUsize,
     bad_next: AtomicBool,
+    lifetime: Duration,
 }
 
 impl PeerTokens {
     fn new(peer: &Peer) -> Arc<Self> {
+        Self::with_lifetime(peer, Duration::from_secs(3600))
+    }
+
+    fn with_lifetime(peer: &Peer, lifetime: Duration) -> Arc<Self> {
         Arc::new(Self {
             peer: peer.clone(),
             current: Mutex::new(None),
             fetches: AtomicUsize::new(0),
             invalidated: AtomicUsize::new(0),
             bad_next: AtomicBool::new(false),
+            lifetime,
         })
     }
 
@@ -67,7 +73,7 @@ impl TokenProvider for PeerTokens {
             return Ok(token.clone());
         }
         self.fetches.fetch_add(1, Ordering::SeqCst);
-        let lifetime = Duration::from_secs(3600);
+        let lifetime = self.lifetime;
         let user = &self.peer.oauth_user;
         let jwt = if self.bad_next.swap(false, Ordering::SeqCst) {
             self.peer.mint_token_wrong_key(user, lifetime)
@@ -483,6 +489,30 @@ async fn a_token_change_retires_old_connections() {
     );
     assert_eq!(tokens.fetches(), 2);
     assert_delivered(&peer, &last, FROM, TO).await;
+}
+
+#[tokio::test]
+async fn a_connection_whose_token_expires_soon_is_not_reused() {
+    let peer = crate::require_peer!();
+    let source = Ipv4Addr::new(127, 0, 42, 4);
+    let before = peer.count_connections_from(source);
+    // Still valid, but within the sender's one-minute margin.
+    let tokens = PeerTokens::with_lifetime(&peer, Duration::from_secs(30));
+    let sender = oauth_sender(&peer, &tokens, |s| {
+        s.relay.smtp.source_address = Some(IpAddr::V4(source));
+    });
+
+    sender
+        .send(&mail(FROM, TO, &marker("expiring-1")))
+        .await
+        .unwrap();
+    sender
+        .send(&mail(FROM, TO, &marker("expiring-2")))
+        .await
+        .unwrap();
+
+    assert_eq!(connections_from(&peer, source, before, 2).await, 2);
+    assert_eq!(sender.state().open_connections, 1);
 }
 
 #[tokio::test]
