@@ -321,4 +321,23 @@ mod tests {
             SmtpErrorKind::Permanent
         );
     }
+
+    proptest::proptest! {
+        #[test]
+        fn enhanced_codes_round_trip(class in proptest::sample::select(vec![2u8, 4, 5]), subject in 0u16..1000, detail in 0u16..1000, text in "[a-zA-Z ;]{0,40}") {
+            let code = EnhancedCode::new(class, subject, detail);
+            proptest::prop_assert_eq!(parse_enhanced(&format!("{code} {text}")), Some(code));
+        }
+
+        #[test]
+        fn every_reply_gets_a_kind_and_4xx_never_counts_as_permanent(code in 200u16..600, text in "\\PC{0,80}") {
+            let kind = classify(code, &text);
+            if (400..500).contains(&code) {
+                proptest::prop_assert!(
+                    !matches!(kind, SmtpErrorKind::Permanent | SmtpErrorKind::TooLarge | SmtpErrorKind::AuthFailed),
+                    "{code} {text:?} -> {kind:?}"
+                );
+            }
+        }
+    }
 }
