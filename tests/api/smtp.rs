@@ -951,3 +951,32 @@ async fn a_server_without_starttls_is_refused_for_tls() {
     assert!(error.to_string().contains("STARTTLS"), "{error}");
     assert_eq!(tokens.fetches(), 1, "not retried");
 }
+
+#[tokio::test]
+async fn a_lost_reply_to_the_end_of_data_is_not_retried() {
+    let peer = crate::require_peer!();
+    let source = Ipv4Addr::new(127, 0, 42, 5);
+    let before = peer.count_connections_from(source);
+    let tokens = PeerTokens::new(&peer);
+    // The slow listener answers the end of DATA only after `slow_delay`.
+    let sender = oauth_sender(&peer, &tokens, |s| {
+        s.send_email.smtp_port = peer.slow_port;
+        s.relay.smtp.source_address = Some(IpAddr::V4(source));
+        s.relay.smtp.command_timeout = peer.slow_delay / 3;
+        s.relay.smtp.send_deadline = peer.slow_delay * 3;
+    });
+    let marker = marker("slow");
+
+    let error = sender
+        .send_mail(&mail(FROM, TO, &marker))
+        .await
+        .unwrap_err();
+
+    assert_eq!(error.kind(), SmtpErrorKind::Transient, "{error}");
+    assert!(error.to_string().contains("end of DATA"), "{error}");
+    assert!(error.to_string().contains("may or may not"), "{error}");
+    // Sending it again could deliver it twice: one connection, one attempt.
+    assert_eq!(connections_from(&peer, source, before, 1).await, 1);
+    tokio::time::sleep(peer.slow_delay + Duration::from_secs(1)).await;
+    assert!(peer.find_messages(&marker).len() <= 1);
+}
