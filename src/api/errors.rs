@@ -10,11 +10,13 @@ use utoipa::ToSchema;
 use crate::delivery::DeliveryError;
 pub use crate::message::FieldError;
 use crate::message::MailError;
-use crate::smtp::SmtpError;
+use crate::smtp::{SmtpError, SmtpErrorKind};
 use crate::token::TokenError;
 
 /// Seconds a client should wait before retrying a 503 when the cause names no better time.
 const DEFAULT_RETRY_AFTER: u64 = 5;
+/// Exchange's recipient quota is per rolling day: an hour is a fair first wait.
+const QUOTA_RETRY_AFTER: u64 = 3600;
 
 /// A problem+json body (RFC 9457) with the relay's stable `code`.
 #[derive(Debug, Serialize, ToSchema)]
@@ -74,6 +76,9 @@ pub enum ApiError {
         "the encoded mail is {size} bytes, more than the limit of {limit} bytes (attachments grow by about a third when base64-encoded): send smaller or fewer attachments"
     )]
     MessageTooLarge { size: usize, limit: usize },
+    /// The SMTP server refused the mail as too large.
+    #[error("{0}")]
+    ServerTooLarge(String),
     /// The From address may not be used: by the relay's policy or by Exchange (SendAsDenied).
     #[error("{0}")]
     SendAsDenied(String),
@@ -147,7 +152,7 @@ impl ApiError {
                 "too_many_recipients",
                 "Too many recipients",
             ),
-            Self::MessageTooLarge { .. } => (
+            Self::MessageTooLarge { .. } | Self::ServerTooLarge(_) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
                 "Payload too large",
@@ -339,12 +344,32 @@ impl From<TokenError> for ApiError {
 impl From<SmtpError> for ApiError {
     fn from(e: SmtpError) -> Self {
         let detail = e.to_string();
-        match e {
-            // The stub knows no kinds yet: treat every failure as "try again later".
-            SmtpError::Other(_) => Self::SmtpUnavailable {
+        match e.kind() {
+            SmtpErrorKind::SendAsDenied => Self::SendAsDenied(detail),
+            SmtpErrorKind::AuthFailed => Self::SmtpAuthFailed(detail),
+            SmtpErrorKind::SmtpAuthDisabled | SmtpErrorKind::BasicAuthRefused => {
+                Self::SmtpAuthDisabled(detail)
+            }
+            SmtpErrorKind::QuotaExceeded => Self::RateLimited {
+                detail,
+                retry_after: QUOTA_RETRY_AFTER,
+            },
+            SmtpErrorKind::TooLarge => Self::ServerTooLarge(detail),
+            SmtpErrorKind::ThreadLimit
+            | SmtpErrorKind::Transient
+            | SmtpErrorKind::Tls
+            | SmtpErrorKind::Setup => Self::SmtpUnavailable {
                 detail,
                 retry_after: None,
             },
+            SmtpErrorKind::Token => match e {
+                SmtpError::Token(token) => token.into(),
+                _ => Self::TokenUnavailable {
+                    detail,
+                    retry_after: None,
+                },
+            },
+            SmtpErrorKind::MailboxFull | SmtpErrorKind::Permanent => Self::SmtpRejected(detail),
         }
     }
 }
@@ -352,6 +377,7 @@ impl From<SmtpError> for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::smtp::Stage;
 
     fn answer(e: impl Into<ApiError>) -> (u16, &'static str, Option<u64>) {
         let e = e.into();
@@ -370,8 +396,67 @@ mod tests {
             timeout: std::time::Duration::from_secs(15),
         });
         assert_eq!(answer(token), (503, "token_unavailable", Some(5)));
-        let smtp = DeliveryError::Smtp(SmtpError::Other("connection refused".into()));
+        let smtp = DeliveryError::Smtp(SmtpError::rejected(
+            Stage::MailFrom("a@b.c".into()),
+            451,
+            "4.3.0 try later",
+        ));
         assert_eq!(answer(smtp), (503, "smtp_unavailable", Some(5)));
+    }
+
+    #[test]
+    fn exchange_replies_map_to_one_answer_each() {
+        let cases = [
+            (
+                554,
+                "5.2.252 SendAsDenied; relay@contoso.com not allowed to send as ceo@contoso.com",
+                403,
+                "send_as_denied",
+            ),
+            (
+                535,
+                "5.7.3 Authentication unsuccessful",
+                502,
+                "smtp_auth_failed",
+            ),
+            (
+                535,
+                "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant",
+                502,
+                "smtp_auth_disabled",
+            ),
+            (
+                550,
+                "5.7.30 Basic authentication is not supported for Client Submission",
+                502,
+                "smtp_auth_disabled",
+            ),
+            (
+                432,
+                "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded",
+                503,
+                "smtp_unavailable",
+            ),
+            (
+                554,
+                "5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException",
+                429,
+                "rate_limited",
+            ),
+            (554, "5.2.2 mailbox full", 502, "smtp_rejected"),
+            (
+                552,
+                "5.3.4 Message size exceeds fixed maximum message size",
+                413,
+                "payload_too_large",
+            ),
+            (550, "5.1.1 User unknown", 502, "smtp_rejected"),
+        ];
+        for (code, text, status, api_code) in cases {
+            let (got_status, got_code, _) =
+                answer(SmtpError::rejected(Stage::EndOfData, code, text));
+            assert_eq!((got_status, got_code), (status, api_code), "{code} {text}");
+        }
     }
 
     #[test]

@@ -12,7 +12,9 @@ use super::form::{self, MailForm};
 use super::json::ApiJson;
 use crate::app::AppState;
 use crate::caller::Caller;
+use crate::delivery::DeliveryError;
 use crate::message::{Mail, MailRequest, MessageLimits, OutgoingMail, UploadedFile};
+use crate::smtp::SmtpErrorKind;
 
 /// Mails whose attachments are larger than this are encoded on the blocking pool, so that
 /// base64 of megabytes does not stall other requests on the same worker.
@@ -70,7 +72,17 @@ pub async fn send_mail(
     let from = mail.from.address.clone();
     state.send_as.check(&caller, from.as_str())?;
     let outgoing = build(mail, limits).await?;
-    let receipt = state.sender.send(&outgoing).await?;
+    let receipt = match state.sender.send(&outgoing).await {
+        Ok(receipt) => receipt,
+        Err(DeliveryError::Smtp(e)) if e.kind() == SmtpErrorKind::SendAsDenied => {
+            let reply = e.reply().map_or_else(|| e.to_string(), ToString::to_string);
+            return Err(state
+                .send_as
+                .remember_exchange_denial(from.as_str(), &reply)
+                .into());
+        }
+        Err(e) => return Err(e.into()),
+    };
     tracing::info!(
         caller = caller.kind(),
         from_domain = from.domain(),

@@ -62,6 +62,7 @@ pub const KEYS: &[KeySpec] = &[
     plain("mailRelay.smtp.sendDeadlineSeconds"),
     plain("mailRelay.smtp.caFile"),
     plain("mailRelay.smtp.helloName"),
+    plain("mailRelay.smtp.sourceAddress"),
     plain("mailRelay.token.connectTimeoutSeconds"),
     plain("mailRelay.token.requestTimeoutSeconds"),
     plain("mailRelay.limits.maxBodyBytes"),

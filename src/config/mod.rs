@@ -158,6 +158,10 @@ pub struct SmtpTuning {
     pub ca_file: Option<PathBuf>,
     /// Name sent in EHLO; the machine's host name when unset.
     pub hello_name: Option<String>,
+    /// Local address SMTP connections are made from (`mailRelay.smtp.sourceAddress`);
+    /// the system's choice when unset. For multi-homed hosts, and for tests that count
+    /// their connections on the server.
+    pub source_address: Option<IpAddr>,
 }
 
 /// `mailRelay.limits.*`: request limits.

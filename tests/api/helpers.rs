@@ -35,6 +35,7 @@ pub fn test_settings(outbox: PathBuf) -> Settings {
                 send_deadline: Duration::from_secs(30),
                 ca_file: None,
                 hello_name: None,
+                source_address: None,
             },
             limits: Limits {
                 max_body_bytes: 64 * 1024,

@@ -6,7 +6,7 @@ use base64::Engine;
 use mail_parser::{MessageParser, MimeHeaders};
 use mail_relay::delivery::{DeliveryError, MailSender, Outbox, Receipt};
 use mail_relay::message::OutgoingMail;
-use mail_relay::smtp::SmtpError;
+use mail_relay::smtp::{SmtpError, Stage};
 use mail_relay::token::TokenError;
 use serde_json::{Value, json};
 
@@ -389,7 +389,11 @@ async fn spawn_with_sender(sender: Arc<dyn MailSender>) -> TestApp {
 #[tokio::test]
 async fn a_transient_smtp_failure_is_503_with_retry_after() {
     let app = spawn_with_sender(Arc::new(FailingSender(|| {
-        DeliveryError::Smtp(SmtpError::Other("connection refused".into()))
+        DeliveryError::Smtp(SmtpError::rejected(
+            Stage::MailFrom("sender@contoso.com".into()),
+            421,
+            "4.3.2 Service not available",
+        ))
     })))
     .await;
     let response = post_mail(&app, &minimal()).await;

@@ -7,5 +7,7 @@ mod config;
 mod entra;
 mod helpers;
 mod mail;
+pub mod peer;
 mod server;
+mod smtp;
 mod token;
