@@ -226,7 +226,7 @@ pub struct OidcSettings {
 }
 
 /// `mailRelay.sendAs`: which caller may use which From address.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SendAsSettings {
     /// Mailbox -> the users (or `group:NAME`) that may send as it, e.g. a shared team mailbox.
     pub delegates: Vec<(String, Vec<String>)>,
@@ -236,6 +236,18 @@ pub struct SendAsSettings {
     pub exchange_grants: Option<Vec<AddressPattern>>,
     /// How long an Exchange SendAsDenied for a From address is remembered.
     pub denial_memory: Duration,
+}
+
+impl Default for SendAsSettings {
+    /// No delegates, no grant list, and Exchange's refusals remembered for five minutes.
+    fn default() -> Self {
+        Self {
+            delegates: Vec::new(),
+            groups: Vec::new(),
+            exchange_grants: None,
+            denial_memory: Duration::from_secs(300),
+        }
+    }
 }
 
 /// `mailRelay.cors`: browsers calling the relay directly.
