@@ -40,6 +40,9 @@ pub struct Peer {
     pub smtps_port: u16,
     /// Plain SMTP, no TLS and no AUTH (for `smtpAuthentication: NONE`).
     pub plain_port: u16,
+    /// Like the submission port, but the reply to the end of DATA comes `slow_delay` late.
+    pub slow_port: u16,
+    pub slow_delay: Duration,
     /// PEM file of the CA that signed the server certificate (SAN `localhost`, `127.0.0.1`).
     pub ca: PathBuf,
     /// Catch-all Maildir every accepted mail lands in.
@@ -122,6 +125,8 @@ impl Peer {
             submission_port: port("PEER_SUBMISSION_PORT")?,
             smtps_port: port("PEER_SMTPS_PORT")?,
             plain_port: port("PEER_PLAIN_PORT")?,
+            slow_port: port("PEER_SLOW_PORT")?,
+            slow_delay: Duration::from_secs(vars.get("PEER_SLOW_SECONDS")?.parse().ok()?),
             ca: get("PEER_CA")?.into(),
             maildir: get("PEER_MAILDIR")?.into(),
             log: get("PEER_LOG")?.into(),
@@ -307,6 +312,8 @@ mod tests {
 PEER_SUBMISSION_PORT=10587
 PEER_SMTPS_PORT=10465
 PEER_PLAIN_PORT=10025
+PEER_SLOW_PORT=10588
+PEER_SLOW_SECONDS=5
 PEER_CA=/p/tls/ca.pem
 PEER_MAILDIR=/p/Maildir
 PEER_LOG=/p/postfix.log
@@ -327,6 +334,7 @@ PEER_SENDAS_DENIED=denied@contoso.test
         let peer = Peer::parse(ENV).unwrap();
         assert_eq!(peer.submission_port, 10587);
         assert_eq!(peer.plain_port, 10025);
+        assert_eq!(peer.slow_delay, Duration::from_secs(5));
         assert_eq!(peer.ca_path(), Path::new("/p/tls/ca.pem"));
         assert_eq!(peer.jwt_key, b"secret-key");
         assert_eq!(peer.sendas_denied, "denied@contoso.test");

@@ -27,10 +27,20 @@ fn transport(
     tls: Tls,
     auth: Option<(Credentials, Mechanism)>,
 ) -> AsyncSmtpTransport<Tokio1Executor> {
+    transport_with_timeout(peer, port, tls, auth, Duration::from_secs(10))
+}
+
+fn transport_with_timeout(
+    peer: &Peer,
+    port: u16,
+    tls: Tls,
+    auth: Option<(Credentials, Mechanism)>,
+    timeout: Duration,
+) -> AsyncSmtpTransport<Tokio1Executor> {
     let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&peer.host)
         .port(port)
         .tls(tls)
-        .timeout(Some(Duration::from_secs(10)));
+        .timeout(Some(timeout));
     if let Some((credentials, mechanism)) = auth {
         builder = builder
             .credentials(credentials)
@@ -257,4 +267,28 @@ async fn connections_are_counted_per_source_address() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(peer.count_connections_from(source), before + 2);
+}
+
+#[tokio::test]
+async fn the_slow_port_answers_the_end_of_data_late() {
+    let peer = crate::require_peer!();
+    let smtp = transport_with_timeout(
+        &peer,
+        peer.slow_port,
+        Tls::Required(tls(&peer, "localhost")),
+        xoauth2(&peer, peer.mint_token(&peer.oauth_user, TOKEN_LIFETIME)),
+        peer.slow_delay * 3,
+    );
+    // lettre's own timeout covers only the connect: a caller bounds the whole send itself.
+    let (message, _) = mail(&peer.oauth_user, "hank@contoso.test");
+    let impatient = tokio::time::timeout(peer.slow_delay / 5, smtp.send(message)).await;
+    assert!(impatient.is_err(), "the slow port answered at once");
+    // Note for relay tests: Postfix still queues the abandoned mail once its delay is over (the
+    // whole message had been sent), as a real server may: a retry after a timeout at the end of
+    // DATA can deliver twice.
+
+    // Patient enough, the same port delivers.
+    let (message, marker) = mail(&peer.oauth_user, "hank@contoso.test");
+    smtp.send(message).await.unwrap();
+    assert_delivered(&peer, &marker, "hank@contoso.test").await;
 }
