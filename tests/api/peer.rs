@@ -64,6 +64,10 @@ pub struct Peer {
     pub basic_password: String,
     /// An envelope sender the OAuth login may not use: refused after DATA with `554 5.2.252`.
     pub sendas_denied: String,
+    /// A sender refused after DATA with Exchange's transient `432 4.3.2 ... thread limit exceeded`.
+    pub sender_throttled: String,
+    /// A sender refused after DATA with Exchange's `554 5.2.0 ... SubmissionQuotaExceededException`.
+    pub sender_quota: String,
     jwt_key: Vec<u8>,
 }
 
@@ -138,6 +142,8 @@ impl Peer {
             basic_user: get("PEER_BASIC_USER")?,
             basic_password: get("PEER_BASIC_PASSWORD")?,
             sendas_denied: get("PEER_SENDAS_DENIED")?,
+            sender_throttled: get("PEER_SENDER_THROTTLED")?,
+            sender_quota: get("PEER_SENDER_QUOTA")?,
             jwt_key: base64::engine::general_purpose::STANDARD
                 .decode(get("PEER_JWT_KEY_B64")?)
                 .ok()?,
@@ -327,6 +333,8 @@ PEER_JWT_USER_CLAIM=email
 PEER_BASIC_USER=basic@contoso.test
 PEER_BASIC_PASSWORD=pw
 PEER_SENDAS_DENIED=denied@contoso.test
+PEER_SENDER_THROTTLED=throttled@contoso.test
+PEER_SENDER_QUOTA=quota@contoso.test
 ";
 
     #[test]

@@ -292,3 +292,37 @@ async fn the_slow_port_answers_the_end_of_data_late() {
     smtp.send(message).await.unwrap();
     assert_delivered(&peer, &marker, "hank@contoso.test").await;
 }
+
+#[tokio::test]
+async fn special_senders_get_exchanges_throttling_and_quota_replies_after_data() {
+    let peer = crate::require_peer!();
+    let cases = [
+        (
+            &peer.sender_throttled,
+            "432",
+            "4.3.2 ",
+            "sender thread limit exceeded",
+        ),
+        (
+            &peer.sender_quota,
+            "554",
+            "5.2.0 ",
+            "SubmissionQuotaExceededException",
+        ),
+    ];
+    for (sender, code, enhanced, exchange) in cases {
+        let smtp = transport(
+            &peer,
+            peer.submission_port,
+            Tls::Required(tls(&peer, "localhost")),
+            xoauth2(&peer, peer.mint_token(&peer.oauth_user, TOKEN_LIFETIME)),
+        );
+        let (message, marker) = mail(sender, "ivan@contoso.test");
+        let error = smtp.send(message).await.unwrap_err();
+        assert_eq!(error.status().map(|c| c.to_string()).as_deref(), Some(code));
+        let text = error.to_string();
+        assert!(text.contains(&format!("({code}): {enhanced}")), "{text}");
+        assert!(text.contains(exchange), "{text}");
+        assert!(peer.find_messages(&marker).is_empty());
+    }
+}

@@ -10,7 +10,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 # Bump when the generated configuration changes, so that start.sh restarts an older running peer
 # instead of declaring it healthy.
-CONFIG_VERSION=2
+CONFIG_VERSION=3
 
 HOST=127.0.0.1
 SUBMISSION_PORT="${MAIL_RELAY_PEER_SUBMISSION_PORT:-10587}"
@@ -24,6 +24,9 @@ OAUTH_USER="relay@${DOMAIN}"
 BASIC_USER="basic@${DOMAIN}"
 BASIC_PASSWORD="peer-basic-password"
 SENDAS_DENIED="denied@${DOMAIN}"
+# Senders that get Exchange's other after-DATA failures, for retry and classification tests.
+SENDER_THROTTLED="throttled@${DOMAIN}"
+SENDER_QUOTA="quota@${DOMAIN}"
 JWT_ALG=HS256
 JWT_KID=mail-relay-peer
 # Stands in for the relay's Entra client id: Dovecot requires it in the token's `aud`.
@@ -281,6 +284,10 @@ EOF
 
     printf '%s 554 5.2.252 SendAsDenied; %s not allowed to send as %s; STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied\n' \
         "$SENDAS_DENIED" "$OAUTH_USER" "$SENDAS_DENIED" >"$PF_DIR/sendas"
+    printf '%s 432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded\n' \
+        "$SENDER_THROTTLED" >>"$PF_DIR/sendas"
+    printf '%s 554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process message due to a permanent exception\n' \
+        "$SENDER_QUOTA" >>"$PF_DIR/sendas"
 
     mkdir -p "$MAILDIR/new" "$MAILDIR/cur" "$MAILDIR/tmp"
     chown -R "$MAIL_UID:$MAIL_GID" "$MAILDIR"
@@ -375,6 +382,8 @@ PEER_JWT_USER_CLAIM=$JWT_USER_CLAIM
 PEER_BASIC_USER=$BASIC_USER
 PEER_BASIC_PASSWORD=$BASIC_PASSWORD
 PEER_SENDAS_DENIED=$SENDAS_DENIED
+PEER_SENDER_THROTTLED=$SENDER_THROTTLED
+PEER_SENDER_QUOTA=$SENDER_QUOTA
 PEER_DIR=$PEER_DIR
 EOF
     mv "$tmp" "$ENV_FILE"
