@@ -391,8 +391,7 @@ EOF
 }
 
 wait_until_healthy() {
-    local i
-    for i in $(seq 1 100); do
+    for _ in $(seq 1 100); do
         if smtp_banner_ok "$SUBMISSION_PORT" && smtp_banner_ok "$PLAIN_PORT" && tcp_ok "$SMTPS_PORT" &&
             smtp_banner_ok "$SLOW_PORT" && [[ -S "$DC_RUN/auth-client" ]]; then
             return 0

@@ -25,8 +25,8 @@ children_of() { # pid -> its child pids
 }
 
 wait_gone() { # pid... -> waits up to 5 s, then SIGKILLs what is left
-    local i pid left
-    for i in $(seq 1 50); do
+    local pid left
+    for _ in $(seq 1 50); do
         left=0
         for pid in "$@"; do alive "$pid" && left=1; done
         [[ $left == 0 ]] && return 0
