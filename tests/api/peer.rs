@@ -267,7 +267,8 @@ impl Peer {
 
     /// How many SMTP connections from source address `ip` Postfix has logged so far, on all
     /// ports. Bind the client sockets to a source address of their own (127.0.0.N, unique per
-    /// test) and compare counts taken before and after: the log keeps earlier runs.
+    /// test) and compare counts taken before and after: the log keeps earlier runs. A line is
+    /// written when a connection opens, through Postfix's log daemon: poll briefly for new ones.
     pub fn count_connections_from(&self, ip: Ipv4Addr) -> usize {
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         let client = format!("[{ip}]");
