@@ -281,6 +281,29 @@ impl Peer {
     }
 }
 
+/// A loopback port nothing listens on (bound, then released): connecting is refused at once,
+/// like a server that is down.
+pub fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind port 0");
+    listener.local_addr().expect("bound address").port()
+}
+
+/// A loopback server that accepts connections and never says a word (no banner), like a server
+/// that hangs. It runs until the returned handle is aborted or the test's runtime ends.
+pub async fn silent_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .expect("bind port 0");
+    let address = listener.local_addr().expect("bound address");
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    (address, task)
+}
+
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -384,6 +407,24 @@ PEER_SENDER_QUOTA=quota@contoso.test
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn nothing_listens_on_a_closed_port() {
+        let port = closed_port();
+        let refused = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_accepts_and_says_nothing() {
+        use tokio::io::AsyncReadExt;
+        let (address, task) = silent_server().await;
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_millis(300), stream.read(&mut byte)).await;
+        assert!(read.is_err(), "the silent server sent something");
+        task.abort();
     }
 
     #[test]
