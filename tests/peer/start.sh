@@ -64,7 +64,9 @@ ensure_packages() {
     local missing=()
     local pkg
     for pkg in postfix dovecot-core openssl; do
-        dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+        # `dpkg -s` also succeeds for a removed package whose config files remain.
+        [[ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null)" == "install ok installed" ]] ||
+            missing+=("$pkg")
     done
     [[ ${#missing[@]} -eq 0 ]] && return 0
     command -v apt-get >/dev/null || die "missing packages (${missing[*]}) and no apt-get to install them"
