@@ -9,6 +9,7 @@ mod entra;
 mod helpers;
 mod mail;
 pub mod peer;
+mod peer_smoke;
 mod server;
 mod smtp;
 mod token;

@@ -64,6 +64,10 @@ pub struct Peer {
     pub basic_password: String,
     /// An envelope sender the OAuth login may not use: refused after DATA with `554 5.2.252`.
     pub sendas_denied: String,
+    /// A sender refused after DATA with Exchange's transient `432 4.3.2 ... thread limit exceeded`.
+    pub sender_throttled: String,
+    /// A sender refused after DATA with Exchange's `554 5.2.0 ... SubmissionQuotaExceededException`.
+    pub sender_quota: String,
     jwt_key: Vec<u8>,
 }
 
@@ -138,6 +142,8 @@ impl Peer {
             basic_user: get("PEER_BASIC_USER")?,
             basic_password: get("PEER_BASIC_PASSWORD")?,
             sendas_denied: get("PEER_SENDAS_DENIED")?,
+            sender_throttled: get("PEER_SENDER_THROTTLED")?,
+            sender_quota: get("PEER_SENDER_QUOTA")?,
             jwt_key: base64::engine::general_purpose::STANDARD
                 .decode(get("PEER_JWT_KEY_B64")?)
                 .ok()?,
@@ -261,7 +267,8 @@ impl Peer {
 
     /// How many SMTP connections from source address `ip` Postfix has logged so far, on all
     /// ports. Bind the client sockets to a source address of their own (127.0.0.N, unique per
-    /// test) and compare counts taken before and after: the log keeps earlier runs.
+    /// test) and compare counts taken before and after: the log keeps earlier runs. A line is
+    /// written when a connection opens, through Postfix's log daemon: poll briefly for new ones.
     pub fn count_connections_from(&self, ip: Ipv4Addr) -> usize {
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         let client = format!("[{ip}]");
@@ -272,6 +279,29 @@ impl Peer {
             })
             .count()
     }
+}
+
+/// A loopback port nothing listens on (bound, then released): connecting is refused at once,
+/// like a server that is down.
+pub fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind port 0");
+    listener.local_addr().expect("bound address").port()
+}
+
+/// A loopback server that accepts connections and never says a word (no banner), like a server
+/// that hangs. It runs until the returned handle is aborted or the test's runtime ends.
+pub async fn silent_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .expect("bind port 0");
+    let address = listener.local_addr().expect("bound address");
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    (address, task)
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -327,6 +357,8 @@ PEER_JWT_USER_CLAIM=email
 PEER_BASIC_USER=basic@contoso.test
 PEER_BASIC_PASSWORD=pw
 PEER_SENDAS_DENIED=denied@contoso.test
+PEER_SENDER_THROTTLED=throttled@contoso.test
+PEER_SENDER_QUOTA=quota@contoso.test
 ";
 
     #[test]
@@ -375,6 +407,24 @@ PEER_SENDAS_DENIED=denied@contoso.test
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn nothing_listens_on_a_closed_port() {
+        let port = closed_port();
+        let refused = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_accepts_and_says_nothing() {
+        use tokio::io::AsyncReadExt;
+        let (address, task) = silent_server().await;
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_millis(300), stream.read(&mut byte)).await;
+        assert!(read.is_err(), "the silent server sent something");
+        task.abort();
     }
 
     #[test]
