@@ -39,7 +39,7 @@ pub struct MailAccepted {
 ///
 /// Answers 202 only after the SMTP server accepted the mail (250 after DATA). Bcc recipients
 /// go into the envelope only. The relay sets `Message-ID` and `Date`.
-#[utoipa::path(post, path = "/mail", tag = "mail",
+#[utoipa::path(post, path = "/mail", tag = "mail", security(("bearer" = [])),
     request_body(description = "The mail: JSON with base64 attachments, or a form with a `mail` JSON part and file parts",
         content((MailRequest = "application/json"), (MailForm = "multipart/form-data"))),
     responses(
@@ -50,7 +50,9 @@ pub struct MailAccepted {
                 "detail": "the mail request has 1 invalid field(s): to[2]: not an e-mail address: it has no '@' between a local part and a domain",
                 "code": "invalid_request", "requestId": "5f0c6f1e-3b8e-4a51-a4a5-0d7f3c1f7b0a",
                 "errors": [{"field": "to[2]", "message": "not an e-mail address: it has no '@' between a local part and a domain"}]})),
-        (status = 403, description = "`send_as_denied`: the From address may not be used (Exchange answered SendAsDenied); the detail names the fix", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: no credentials, or an unknown API key or invalid access token; see `WWW-Authenticate`", body = Problem, content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"mail-relay\"`, with `error=\"invalid_token\"` when a credential was refused"))),
+        (status = 403, description = "`send_as_denied`: the caller may not send as the From address (the relay's policy), or Exchange answered SendAsDenied; the detail names the caller, the address and what an administrator must change", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`payload_too_large`: the body is over `mailRelay.limits.maxBodyBytes`, or the encoded mail over `mailRelay.limits.maxMessageBytes` (or the server's limit)", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`: the body is neither `application/json` nor `multipart/form-data`", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "`rate_limited`: the mailbox's sending quota is used up; see `Retry-After`", body = Problem, content_type = "application/problem+json",

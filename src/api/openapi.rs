@@ -1,7 +1,8 @@
 //! The OpenAPI document, generated from the code; `openapi/openapi.json` is its committed copy.
 
 use axum::Json;
-use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
 
 use super::{errors, form, health, mail};
 use crate::message;
@@ -26,6 +27,7 @@ use crate::message;
         message::request::Recipients,
         message::Priority,
     )),
+    modifiers(&BearerAuth),
     tags(
         (name = "mail", description = "Sending mail"),
         (name = "health", description = "Probes for orchestrators"),
@@ -33,6 +35,27 @@ use crate::message;
     )
 )]
 pub struct ApiDoc;
+
+/// `Authorization: Bearer <API key or user access token>`, the scheme `POST /mail` requires.
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "An API key from `mail-relay hash-key`, or a user's OIDC access token (JWT). \
+                         Behind a trusted proxy the user may instead be named by its header.",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
 
 /// The document as pretty JSON with a trailing newline, as committed in `openapi/openapi.json`.
 pub fn document_json() -> String {
