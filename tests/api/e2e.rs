@@ -251,3 +251,27 @@ async fn the_smtp_server_down_is_a_prompt_503_with_retry_after() {
         "answered within the deadline"
     );
 }
+
+#[tokio::test]
+async fn a_from_outside_the_keys_list_never_reaches_the_server() {
+    let peer = require_peer!();
+    let entra = FakeEntra::start().await;
+    entra
+        .mount_token(
+            &peer.mint_token(&peer.oauth_user, Duration::from_secs(3600)),
+            3599,
+        )
+        .await;
+    let app = spawn_relay(relay_settings(&peer, &entra)).await;
+    let marker = format!("outside-{}", uuid::Uuid::new_v4());
+    // The test key may send as *@contoso.test, *@contoso.com and *@example.com only.
+    let body = json!({"from": "ceo@fabrikam.test", "to": "alice@contoso.test", "subject": marker, "text": "hi"});
+    expect_problem(post_mail(&app, &body).await, 403, "send_as_denied").await;
+    assert!(peer.find_messages(&marker).is_empty());
+    let log = std::fs::read_to_string(&peer.log).unwrap_or_default();
+    assert!(
+        !log.contains("ceo@fabrikam.test"),
+        "the peer saw the refused sender"
+    );
+    assert_eq!(entra.fetch_count().await, 0, "no token was even fetched");
+}

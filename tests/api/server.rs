@@ -100,3 +100,27 @@ async fn openapi_is_served_and_matches_the_committed_copy() {
     );
     assert_eq!(served, serde_json::from_str::<Value>(&generated).unwrap());
 }
+
+#[tokio::test]
+async fn a_declared_body_over_the_limit_is_refused_without_reading_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let app = spawn_app_with(|s| s.relay.limits.max_body_bytes = 1024).await;
+    let mut stream = tokio::net::TcpStream::connect(app.address).await.unwrap();
+    // Announce a gigabyte and send none of it: the answer must come from the header alone.
+    let head = format!(
+        "POST /mail HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n",
+        app.address,
+        crate::helpers::TEST_API_KEY
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .expect("an answer before any body byte was sent")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..read]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("payload_too_large"), "{answer}");
+}
