@@ -43,6 +43,19 @@ async fn spawn_relay(settings: Settings) -> TestApp {
     }
 }
 
+/// A fake Entra ID serving tokens the peer accepts, and a relay using it.
+async fn relay_with_good_tokens(peer: &Peer) -> (TestApp, FakeEntra) {
+    let entra = FakeEntra::start().await;
+    entra
+        .mount_token(
+            &peer.mint_token(&peer.oauth_user, Duration::from_secs(3600)),
+            3599,
+        )
+        .await;
+    let app = spawn_relay(relay_settings(peer, &entra)).await;
+    (app, entra)
+}
+
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
@@ -61,14 +74,7 @@ async fn delivered(peer: &Peer, message_id: &str) -> Vec<u8> {
 #[tokio::test]
 async fn a_mail_posted_to_the_relay_arrives_intact_over_xoauth2() {
     let peer = require_peer!();
-    let entra = FakeEntra::start().await;
-    entra
-        .mount_token(
-            &peer.mint_token(&peer.oauth_user, Duration::from_secs(3600)),
-            3599,
-        )
-        .await;
-    let app = spawn_relay(relay_settings(&peer, &entra)).await;
+    let (app, entra) = relay_with_good_tokens(&peer).await;
 
     let report: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
     let logo = b"\x89PNG\r\n\x1a\n\x00\x00 not a real png".to_vec();
@@ -116,14 +122,7 @@ async fn a_mail_posted_to_the_relay_arrives_intact_over_xoauth2() {
 #[tokio::test]
 async fn many_mails_share_one_token() {
     let peer = require_peer!();
-    let entra = FakeEntra::start().await;
-    entra
-        .mount_token(
-            &peer.mint_token(&peer.oauth_user, Duration::from_secs(3600)),
-            3599,
-        )
-        .await;
-    let app = spawn_relay(relay_settings(&peer, &entra)).await;
+    let (app, entra) = relay_with_good_tokens(&peer).await;
     let sends = (0..20).map(|i| {
         let body = json!({"from": "noreply@contoso.test", "to": "alice@contoso.test",
                           "subject": format!("shared token {i}"), "text": "hi"});
@@ -176,14 +175,7 @@ async fn a_token_the_server_refuses_is_replaced_and_the_mail_still_arrives() {
 #[tokio::test]
 async fn exchange_send_as_denied_is_403_and_remembered() {
     let peer = require_peer!();
-    let entra = FakeEntra::start().await;
-    entra
-        .mount_token(
-            &peer.mint_token(&peer.oauth_user, Duration::from_secs(3600)),
-            3599,
-        )
-        .await;
-    let app = spawn_relay(relay_settings(&peer, &entra)).await;
+    let (app, _entra) = relay_with_good_tokens(&peer).await;
     let marker = format!("sendas-{}", uuid::Uuid::new_v4());
     let body = json!({"from": peer.sendas_denied, "to": "alice@contoso.test", "subject": marker, "text": "hi"});
 
@@ -255,14 +247,7 @@ async fn the_smtp_server_down_is_a_prompt_503_with_retry_after() {
 #[tokio::test]
 async fn a_from_outside_the_keys_list_never_reaches_the_server() {
     let peer = require_peer!();
-    let entra = FakeEntra::start().await;
-    entra
-        .mount_token(
-            &peer.mint_token(&peer.oauth_user, Duration::from_secs(3600)),
-            3599,
-        )
-        .await;
-    let app = spawn_relay(relay_settings(&peer, &entra)).await;
+    let (app, entra) = relay_with_good_tokens(&peer).await;
     let marker = format!("outside-{}", uuid::Uuid::new_v4());
     // The test key may send as *@contoso.test, *@contoso.com and *@example.com only.
     let body = json!({"from": "ceo@fabrikam.test", "to": "alice@contoso.test", "subject": marker, "text": "hi"});
