@@ -43,6 +43,8 @@ pub fn test_settings(outbox: PathBuf) -> Settings {
             auth: Default::default(),
             send_as: Default::default(),
             cors: Default::default(),
+            rate_limits: Default::default(),
+            idempotency: Default::default(),
         },
     }
 }
