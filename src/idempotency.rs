@@ -492,6 +492,38 @@ impl Idempotency {
         )
     }
 
+    /// Answer a request at most once per key: without a key, `handle` runs as usual; with one,
+    /// a stored result is replayed, or `handle` runs and its response is kept when replayable.
+    /// If this future is dropped while `handle` runs (timeout, client gone), the claim is
+    /// released and a retry sends.
+    ///
+    /// The `Err` is the answer to give instead of running `handle` (400, 409, 422 or 503).
+    pub async fn run<F, Fut>(
+        &self,
+        caller: &Caller,
+        key: Option<IdempotencyKey>,
+        body: &[u8],
+        handle: F,
+    ) -> Result<Response, IdempotencyError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Response>,
+    {
+        let Some(key) = key else {
+            return Ok(handle().await);
+        };
+        match self.begin(caller, key, body).await? {
+            Begin::Replay(stored) => Ok(stored.into_response()),
+            Begin::New(guard) => {
+                let (response, stored) = StoredResponse::capture(handle().await).await;
+                if let Some(stored) = stored {
+                    guard.complete(stored).await;
+                }
+                Ok(response)
+            }
+        }
+    }
+
     /// Claim `key` for this caller and body, or get the stored result. Call it after the caller
     /// is authenticated (keys are per caller) and before anything is sent.
     pub async fn begin(

@@ -220,6 +220,10 @@ pub trait RateLimiter: Send + Sync + 'static {
 
     /// Give a reservation back; costs whose window has passed are already gone.
     async fn release(&self, reservation: Reservation);
+
+    /// Count `key` as full (`max`) from `now` on for a whole window, replacing what was counted:
+    /// the server said the quota is used up (other clients of the mailbox, a restart).
+    async fn saturate(&self, key: &LimitKey, max: NonZeroU32, now: Millis);
 }
 
 /// Costs within one window, oldest first, summed per bucket.
@@ -374,6 +378,17 @@ impl RateLimiter for InMemoryRateLimiter {
             }
         }
     }
+
+    async fn saturate(&self, key: &LimitKey, max: NonZeroU32, now: Millis) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let kind = key.kind;
+        let window = state.windows.entry(key.clone()).or_default();
+        // One full bucket from now: older counts would free quota before the window has passed.
+        let bucket = now - now % kind.bucket_ms();
+        let bucket = window.last_bucket().map_or(bucket, |last| bucket.max(last));
+        *window = Window::default();
+        window.add(bucket, max.get());
+    }
 }
 
 /// The caller's id for per-caller limits and idempotency scopes: `key:<API key name>`,
@@ -486,6 +501,24 @@ impl RateLimits {
             );
         }
         result
+    }
+
+    /// Exchange refused a mail for the mailbox's daily recipient quota (`554 5.2.0 ...
+    /// SubmissionQuotaExceededException`): refuse further mail here for the next 24 hours
+    /// instead of sending each one into the same refusal. Nothing happens when the daily
+    /// limit is off.
+    pub async fn mailbox_quota_exceeded(&self) {
+        let Some(max) = self.settings.mailbox_recipients_per_day else {
+            return;
+        };
+        tracing::warn!(
+            "the SMTP server reports the mailbox's daily recipient quota used up; refusing mail for 24 hours"
+        );
+        let key = LimitKey {
+            kind: LimitKind::MailboxRecipients,
+            subject: self.mailbox.to_string(),
+        };
+        self.limiter.saturate(&key, max, self.clock.now_ms()).await;
     }
 
     /// Give the quota back: the send failed before the server accepted the mail.
@@ -721,6 +754,28 @@ mod tests {
         }
         let refusal = limited(limits.reserve(&key("fresh"), 1).await);
         assert_eq!(refusal.kind, LimitKind::MailboxMessages);
+    }
+
+    #[tokio::test]
+    async fn a_quota_reported_by_exchange_blocks_the_mailbox_for_a_day() {
+        let (limits, clock) = limits(settings(30, 10_000, 0));
+        let caller = key("a");
+        limits.reserve(&caller, 10).await.unwrap().keep();
+        clock.advance(Duration::from_secs(120));
+        limits.mailbox_quota_exceeded().await;
+        let refusal = limited(limits.reserve(&caller, 1).await);
+        assert_eq!(refusal.kind, LimitKind::MailboxRecipients);
+        // Free once the saturating minute is a day old, though the first mail's minute is older.
+        let now = clock.now_ms();
+        let frees_at = now - now % 60_000 + 86_400_000 + 59_999;
+        assert_eq!(refusal.retry_after, Duration::from_millis(frees_at - now));
+        clock.set(frees_at);
+        limits.reserve(&caller, 10_000).await.unwrap().keep();
+
+        // With the daily limit off there is nothing to saturate.
+        let (off, _) = self::limits(settings(30, 0, 0));
+        off.mailbox_quota_exceeded().await;
+        off.reserve(&caller, 500).await.unwrap().keep();
     }
 
     #[tokio::test]

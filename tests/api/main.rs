@@ -5,5 +5,6 @@ mod cli;
 mod config;
 mod entra;
 mod helpers;
+mod limits;
 mod server;
 mod token;
