@@ -23,7 +23,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
-use axum::body::Body;
+use axum::body::{Body, HttpBody};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -145,9 +145,15 @@ impl StoredResponse {
     }
 
     /// Buffer `response`'s body and return it unchanged, with a copy to store when it is
-    /// replayable (and its body at most 64 KiB).
+    /// replayable and its body known to be at most 64 KiB (larger or streamed bodies are not kept).
     pub async fn capture(response: Response) -> (Response, Option<StoredResponse>) {
-        if !Self::is_replayable_status(response.status()) {
+        // Only bodies known to be small are buffered; anything else passes through unstored.
+        let small = response
+            .body()
+            .size_hint()
+            .upper()
+            .is_some_and(|n| n <= MAX_STORED_BODY as u64);
+        if !Self::is_replayable_status(response.status()) || !small {
             return (response, None);
         }
         let (parts, body) = response.into_parts();
@@ -880,5 +886,14 @@ mod tests {
         let (_, stored) =
             StoredResponse::capture(StatusCode::SERVICE_UNAVAILABLE.into_response()).await;
         assert!(stored.is_none());
+
+        // Too large to keep: passed through whole, not stored.
+        let big = "x".repeat(MAX_STORED_BODY + 1);
+        let (response, stored) = StoredResponse::capture(big.clone().into_response()).await;
+        assert!(stored.is_none());
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        assert_eq!(body.len(), big.len());
     }
 }

@@ -870,6 +870,21 @@ mod tests {
     }
 
     #[test]
+    fn the_mailbox_is_the_smtp_login_else_the_server_else_the_outbox() {
+        let load = |yaml: &str| {
+            crate::config::load_str(yaml, "t.yml", &[])
+                .unwrap()
+                .settings
+        };
+        let oauth = "featureSwitches:\n  sendEmail:\n    smtpServer: smtp.office365.com\n    smtpUsername: Relay@Contoso.com\n    oAuthClientId: c\n    oAuthClientSecret: s\n    oAuthTenantId: t\nmailRelay:\n  auth:\n    allowAnonymous: false\n";
+        assert_eq!(mailbox_of(&load(oauth)), "Relay@Contoso.com");
+        let plain = "featureSwitches:\n  sendEmail:\n    smtpServer: localhost\n    smtpEncryption: NONE\n    smtpAuthentication: NONE\n";
+        assert_eq!(mailbox_of(&load(plain)), "smtp:localhost");
+        let outbox = "mailRelay:\n  delivery:\n    mode: outbox\n";
+        assert_eq!(mailbox_of(&load(outbox)), "outbox");
+    }
+
+    #[test]
     fn caller_ids_keep_keys_and_users_apart() {
         let user = Caller::User {
             address: "Alice@Contoso.com".into(),

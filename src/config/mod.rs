@@ -294,6 +294,15 @@ pub struct RateLimitSettings {
     pub caller_messages_per_minute: Option<NonZeroU32>,
 }
 
+impl RateLimitSettings {
+    /// Every limit off (tests and benchmarks against a local server).
+    pub const OFF: Self = Self {
+        mailbox_messages_per_minute: None,
+        mailbox_recipients_per_day: None,
+        caller_messages_per_minute: None,
+    };
+}
+
 impl Default for RateLimitSettings {
     /// Exchange Online's limits for the mailbox; no per-caller limit.
     fn default() -> Self {

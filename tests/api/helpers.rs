@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use mail_relay::app::Application;
 use mail_relay::config::{
-    Delivery, Encryption, Limits, RelaySettings, SendEmailSettings, ServerSettings, Settings,
-    SmtpAuthentication, SmtpTuning,
+    Delivery, Encryption, Limits, RateLimitSettings, RelaySettings, SendEmailSettings,
+    ServerSettings, Settings, SmtpAuthentication, SmtpTuning,
 };
 use mail_relay::delivery::{MailSender, Outbox};
 
@@ -43,7 +43,8 @@ pub fn test_settings(outbox: PathBuf) -> Settings {
             auth: Default::default(),
             send_as: Default::default(),
             cors: Default::default(),
-            rate_limits: Default::default(),
+            // Off, so tests that send many mails are not refused; rate-limit tests turn them on.
+            rate_limits: RateLimitSettings::OFF,
             idempotency: Default::default(),
         },
     }
