@@ -358,6 +358,15 @@ impl InMemoryRateLimiter {
         }
         Ok(Reservation::new(planned))
     }
+
+    fn unreserve(&self, reservation: Reservation) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        for item in reservation.items {
+            if let Some(window) = state.windows.get_mut(&item.key) {
+                window.remove(item.bucket, item.cost);
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -371,12 +380,7 @@ impl RateLimiter for InMemoryRateLimiter {
     }
 
     async fn release(&self, reservation: Reservation) {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        for item in reservation.items {
-            if let Some(window) = state.windows.get_mut(&item.key) {
-                window.remove(item.bucket, item.cost);
-            }
-        }
+        self.unreserve(reservation);
     }
 
     async fn saturate(&self, key: &LimitKey, max: NonZeroU32, now: Millis) {
@@ -896,6 +900,70 @@ mod tests {
             "key:alice@contoso.com"
         );
         assert_eq!(caller_id(&Caller::Anonymous), "anonymous");
+    }
+
+    fn ask(kind: LimitKind, cost: u32, max: u32) -> Vec<Ask> {
+        vec![Ask {
+            key: LimitKey {
+                kind,
+                subject: "m".into(),
+            },
+            cost,
+            max: NonZeroU32::new(max).unwrap(),
+        }]
+    }
+
+    proptest::proptest! {
+        /// Whatever the timing, costs and refunds: no rolling window (measured at the exact send
+        /// times) ever holds more than the limit, and a refusal's wait is enough.
+        #[test]
+        fn no_rolling_window_exceeds_the_limit(
+            daily in proptest::bool::ANY,
+            steps in proptest::collection::vec((0u64..600_000, 1u32..40, proptest::bool::weighted(0.2)), 1..300),
+        ) {
+            let (kind, max) = if daily {
+                (LimitKind::MailboxRecipients, 300)
+            } else {
+                (LimitKind::MailboxMessages, 30)
+            };
+            let window = duration_ms(kind.window());
+            // Speed the daily case up so sequences cross several windows.
+            let scale = if daily { 144 } else { 1 };
+            let limiter = InMemoryRateLimiter::new();
+            let mut now = T0;
+            let mut kept: Vec<(Millis, u32)> = Vec::new();
+            let in_window = |kept: &[(Millis, u32)], at: Millis| -> u64 {
+                kept.iter()
+                    .filter(|(t, _)| *t + window > at)
+                    .map(|(_, c)| u64::from(*c))
+                    .sum()
+            };
+            for (dt, cost, refund) in steps {
+                now += dt / 10 * scale;
+                match limiter.reserve(&ask(kind, cost, max), now) {
+                    Ok(reservation) => {
+                        if refund {
+                            limiter.unreserve(reservation);
+                        } else {
+                            kept.push((now, cost));
+                            proptest::prop_assert!(in_window(&kept, now) <= u64::from(max));
+                        }
+                    }
+                    Err(limited) => {
+                        if limited.never_fits() {
+                            proptest::prop_assert!(cost > max);
+                            continue;
+                        }
+                        let wait = duration_ms(limited.retry_after);
+                        proptest::prop_assert!(wait > 0);
+                        proptest::prop_assert!(
+                            in_window(&kept, now + wait) + u64::from(cost) <= u64::from(max),
+                            "waiting {wait} ms is not enough"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
