@@ -231,6 +231,11 @@ pub enum IdempotencyError {
 }
 
 impl IdempotencyError {
+    /// Seconds for a `Retry-After` header: a request still in progress is worth asking again soon.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        matches!(self, Self::InProgress).then_some(1)
+    }
+
     /// The HTTP status and stable code for the API's problem+json.
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
@@ -659,6 +664,8 @@ mod tests {
         let err = idem.begin(&caller, key("k-1"), b"body").await.unwrap_err();
         assert_eq!(err, IdempotencyError::InProgress);
         assert_eq!(err.status_and_code().0, StatusCode::CONFLICT);
+        assert_eq!(err.retry_after_secs(), Some(1));
+        assert_eq!(IdempotencyError::KeyReused.retry_after_secs(), None);
         guard.complete(accepted("m-1")).await;
         replay(&idem, &caller, "k-1", b"body").await;
     }
