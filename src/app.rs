@@ -27,9 +27,11 @@ use tracing::Level;
 
 use crate::api::{self, ApiError};
 use crate::caller::Authenticator;
-use crate::config::{CorsSettings, Delivery, Settings};
+use crate::config::{CorsSettings, Delivery, Settings, SmtpAuthentication};
 use crate::delivery::{MailSender, Outbox};
 use crate::send_as::SendAsPolicy;
+use crate::smtp::SmtpSender;
+use crate::token::{TokenCache, TokenProvider};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -41,6 +43,8 @@ pub struct AppState {
     pub sender: Arc<dyn MailSender>,
     pub authenticator: Arc<Authenticator>,
     pub send_as: Arc<SendAsPolicy>,
+    /// The shared token cache, when the SMTP login uses MS_OAUTH.
+    pub tokens: Option<Arc<dyn TokenProvider>>,
     draining: Arc<AtomicBool>,
 }
 
@@ -57,15 +61,25 @@ impl AppState {
             sender,
             authenticator: Arc::new(authenticator),
             send_as: Arc::new(send_as),
+            tokens: None,
             draining: Arc::new(AtomicBool::new(false)),
         })
     }
 
     /// Why this instance should get no traffic now, if it should not.
     pub fn not_ready_reason(&self) -> Option<String> {
-        self.draining
-            .load(Ordering::Relaxed)
-            .then(|| "draining: the instance is shutting down".to_string())
+        if self.draining.load(Ordering::Relaxed) {
+            return Some("draining: the instance is shutting down".to_string());
+        }
+        let tokens = self.tokens.as_ref()?.state();
+        let valid = tokens
+            .expires_at
+            .is_some_and(|at| at > std::time::SystemTime::now());
+        // Never having needed a token is fine; failing to get one with none valid is not.
+        match (valid, tokens.last_error) {
+            (false, Some(error)) => Some(format!("no valid access token: {error}")),
+            _ => None,
+        }
     }
 
     /// Turn readiness off (on SIGTERM), so load balancers stop sending traffic.
@@ -85,8 +99,9 @@ impl Application {
     /// Bind first, so that port 0 works in tests and the address is known before serving.
     pub async fn build(settings: Settings) -> std::io::Result<Self> {
         let settings = Arc::new(settings);
-        let sender = sender_for(&settings);
-        Self::build_with(settings, sender).await
+        let tokens = token_cache_for(&settings)?;
+        let sender = sender_for(&settings, tokens.clone())?;
+        Self::assemble(settings, sender, tokens).await
     }
 
     /// As [`Application::build`], with the mail sender chosen by the caller.
@@ -94,8 +109,17 @@ impl Application {
         settings: Arc<Settings>,
         sender: Arc<dyn MailSender>,
     ) -> std::io::Result<Self> {
+        Self::assemble(settings, sender, None).await
+    }
+
+    async fn assemble(
+        settings: Arc<Settings>,
+        sender: Arc<dyn MailSender>,
+        tokens: Option<Arc<dyn TokenProvider>>,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(settings.server.socket_addr()).await?;
-        let state = AppState::new(settings, sender)?;
+        let mut state = AppState::new(settings, sender)?;
+        state.tokens = tokens;
         let router = router(state.clone());
         Ok(Self {
             listener,
@@ -123,13 +147,17 @@ impl Application {
             state.start_draining();
             tracing::info!("shutting down: finishing in-flight requests");
         };
+        let sender = self.state.sender.clone();
         axum::serve(
             self.listener,
             self.router
                 .into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(shutdown)
-        .await
+        .await?;
+        // Every request has finished: say QUIT on the idle SMTP connections.
+        sender.close().await;
+        Ok(())
     }
 
     /// Serve until SIGTERM or Ctrl-C.
@@ -138,11 +166,29 @@ impl Application {
     }
 }
 
-fn sender_for(settings: &Settings) -> Arc<dyn MailSender> {
+/// One token cache for the whole process, when mail goes out over SMTP with MS_OAUTH.
+fn token_cache_for(settings: &Settings) -> std::io::Result<Option<Arc<dyn TokenProvider>>> {
+    match (
+        &settings.relay.delivery,
+        &settings.send_email.smtp_authentication,
+    ) {
+        (Delivery::Smtp, SmtpAuthentication::MsOAuth { oauth, .. }) => {
+            let cache = TokenCache::new(oauth).map_err(std::io::Error::other)?;
+            Ok(Some(Arc::new(cache)))
+        }
+        _ => Ok(None),
+    }
+}
+
+fn sender_for(
+    settings: &Settings,
+    tokens: Option<Arc<dyn TokenProvider>>,
+) -> std::io::Result<Arc<dyn MailSender>> {
     match &settings.relay.delivery {
-        Delivery::Outbox { dir } => Arc::new(Outbox::new(dir.clone())),
-        // Replaced by the SMTP sender once it exists.
-        Delivery::Smtp => Arc::new(Outbox::new("outbox".into())),
+        Delivery::Outbox { dir } => Ok(Arc::new(Outbox::new(dir.clone()))),
+        Delivery::Smtp => SmtpSender::new(settings, tokens)
+            .map(|sender| Arc::new(sender) as Arc<dyn MailSender>)
+            .map_err(std::io::Error::other),
     }
 }
 

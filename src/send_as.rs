@@ -32,6 +32,17 @@ pub enum SendAsRefusal {
     )]
     NoExchangeGrant { address: String, smtp_user: String },
     #[error(
+        "Exchange Online refused to let {smtp_user} send as {address} (its reply: {reply}). An Exchange \
+         administrator must grant Send As on {address} to {smtp_user}: M365 admin center > Active users > \
+         {address} > Mail > Send as permissions, or Add-RecipientPermission {address} -Trustee {smtp_user} \
+         -AccessRights SendAs"
+    )]
+    DeniedByExchange {
+        address: String,
+        smtp_user: String,
+        reply: String,
+    },
+    #[error(
         "Exchange Online refused to let {smtp_user} send as {address} moments ago (SendAsDenied). An Exchange \
          administrator must grant Send As on {address} to {smtp_user} (Add-RecipientPermission {address} \
          -Trustee {smtp_user} -AccessRights SendAs); the relay retries after a short pause"
@@ -78,13 +89,15 @@ impl SendAsPolicy {
         Ok(())
     }
 
-    /// Remember that Exchange answered SendAsDenied for `from`, so repeats fail fast without uploading again.
-    pub fn remember_exchange_denial(&self, from: &str) -> SendAsRefusal {
+    /// Remember that Exchange answered SendAsDenied (`reply`) for `from`, so repeats fail fast
+    /// without uploading the message again; returns the refusal to give the caller.
+    pub fn remember_exchange_denial(&self, from: &str, reply: &str) -> SendAsRefusal {
         let address = from.to_ascii_lowercase();
         self.lock_denials().insert(address.clone(), Instant::now());
-        SendAsRefusal::RecentlyDeniedByExchange {
+        SendAsRefusal::DeniedByExchange {
             address,
             smtp_user: self.smtp_user.clone(),
+            reply: reply.to_string(),
         }
     }
 
@@ -258,7 +271,12 @@ mod tests {
     fn an_exchange_denial_is_remembered_for_a_while() {
         let mut p = policy();
         let caller = user("alice@contoso.com");
-        p.remember_exchange_denial("Alice@contoso.com");
+        let refusal = p.remember_exchange_denial("Alice@contoso.com", "554 5.2.252 SendAsDenied");
+        assert!(
+            refusal
+                .to_string()
+                .contains("Add-RecipientPermission alice@contoso.com")
+        );
         assert!(matches!(
             p.check(&caller, "alice@contoso.com"),
             Err(SendAsRefusal::RecentlyDeniedByExchange { .. })

@@ -7,6 +7,17 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::delivery::DeliveryError;
+pub use crate::message::FieldError;
+use crate::message::MailError;
+use crate::smtp::{SmtpError, SmtpErrorKind};
+use crate::token::TokenError;
+
+/// Seconds a client should wait before retrying a 503 when the cause names no better time.
+const DEFAULT_RETRY_AFTER: u64 = 5;
+/// Exchange's recipient quota is per rolling day: an hour is a fair first wait.
+const QUOTA_RETRY_AFTER: u64 = 3600;
+
 /// A problem+json body (RFC 9457) with the relay's stable `code`.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -33,16 +44,6 @@ pub struct Problem {
     pub errors: Vec<FieldError>,
 }
 
-/// One invalid field of a request.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct FieldError {
-    /// Path of the field, e.g. `to[2]`.
-    #[schema(example = "to[2]")]
-    pub field: String,
-    #[schema(example = "not an e-mail address")]
-    pub message: String,
-}
-
 /// Every way a request can fail, as the client sees it.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -53,8 +54,6 @@ pub enum ApiError {
     },
     #[error(transparent)]
     Unauthorized(#[from] crate::caller::AuthError),
-    #[error(transparent)]
-    SendAsDenied(#[from] crate::send_as::SendAsRefusal),
     #[error("no route for {method} {path}")]
     NotFound { method: String, path: String },
     #[error("{0}")]
@@ -69,6 +68,44 @@ pub enum ApiError {
     NotReady(String),
     #[error("internal error; see the logs under this request id")]
     Internal,
+    #[error(
+        "the mail has {count} recipients (to + cc + bcc); at most {limit} are allowed: split it into several mails"
+    )]
+    TooManyRecipients { count: usize, limit: usize },
+    #[error(
+        "the encoded mail is {size} bytes, more than the limit of {limit} bytes (attachments grow by about a third when base64-encoded): send smaller or fewer attachments"
+    )]
+    MessageTooLarge { size: usize, limit: usize },
+    /// The SMTP server refused the mail as too large.
+    #[error("{0}")]
+    ServerTooLarge(String),
+    /// The From address may not be used: by the relay's policy or by Exchange (SendAsDenied).
+    #[error("{0}")]
+    SendAsDenied(String),
+    /// The SMTP server refused the relay's login (token rejected).
+    #[error("{0}")]
+    SmtpAuthFailed(String),
+    /// SMTP AUTH (or the chosen mechanism) is switched off for the tenant or mailbox.
+    #[error("{0}")]
+    SmtpAuthDisabled(String),
+    /// A sending quota or rate limit is used up.
+    #[error("{detail}")]
+    RateLimited { detail: String, retry_after: u64 },
+    /// The SMTP server could not be reached or answered "try later".
+    #[error("{detail}")]
+    SmtpUnavailable {
+        detail: String,
+        retry_after: Option<u64>,
+    },
+    /// The SMTP server refused the mail for good; the detail carries its reply.
+    #[error("{0}")]
+    SmtpRejected(String),
+    /// No access token for the SMTP login could be had from Entra ID.
+    #[error("{detail}")]
+    TokenUnavailable {
+        detail: String,
+        retry_after: Option<u64>,
+    },
 }
 
 impl ApiError {
@@ -79,8 +116,6 @@ impl ApiError {
                 "invalid_request",
                 "Invalid request",
             ),
-            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized"),
-            Self::SendAsDenied(_) => (StatusCode::FORBIDDEN, "send_as_denied", "Send-as denied"),
             Self::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found", "Not found"),
             Self::MethodNotAllowed(_) => (
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -112,6 +147,61 @@ impl ApiError {
                 "internal_error",
                 "Internal error",
             ),
+            Self::TooManyRecipients { .. } => (
+                StatusCode::BAD_REQUEST,
+                "too_many_recipients",
+                "Too many recipients",
+            ),
+            Self::MessageTooLarge { .. } | Self::ServerTooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "Payload too large",
+            ),
+            Self::SendAsDenied(_) => (StatusCode::FORBIDDEN, "send_as_denied", "Send as denied"),
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized"),
+            Self::SmtpAuthFailed(_) => (
+                StatusCode::BAD_GATEWAY,
+                "smtp_auth_failed",
+                "SMTP authentication failed",
+            ),
+            Self::SmtpAuthDisabled(_) => (
+                StatusCode::BAD_GATEWAY,
+                "smtp_auth_disabled",
+                "SMTP authentication disabled",
+            ),
+            Self::RateLimited { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "Rate limited",
+            ),
+            Self::SmtpUnavailable { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "smtp_unavailable",
+                "SMTP server unavailable",
+            ),
+            Self::SmtpRejected(_) => (
+                StatusCode::BAD_GATEWAY,
+                "smtp_rejected",
+                "SMTP server rejected the mail",
+            ),
+            Self::TokenUnavailable { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "token_unavailable",
+                "Access token unavailable",
+            ),
+        }
+    }
+
+    /// Seconds for `Retry-After`: every 503 and 429 has one.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::RateLimited { retry_after, .. } => Some(*retry_after),
+            Self::SmtpUnavailable { retry_after, .. }
+            | Self::TokenUnavailable { retry_after, .. } => {
+                Some(retry_after.unwrap_or(DEFAULT_RETRY_AFTER))
+            }
+            _ if self.parts().0 == StatusCode::SERVICE_UNAVAILABLE => Some(DEFAULT_RETRY_AFTER),
+            _ => None,
         }
     }
 
@@ -155,10 +245,10 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, www_authenticate(e));
         }
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if let Some(seconds) = self.retry_after() {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }
@@ -171,4 +261,275 @@ fn www_authenticate(error: &crate::caller::AuthError) -> HeaderValue {
         None => "Bearer realm=\"mail-relay\"".to_string(),
     };
     HeaderValue::from_str(&challenge).unwrap_or_else(|_| HeaderValue::from_static("Bearer"))
+}
+
+impl From<crate::send_as::SendAsRefusal> for ApiError {
+    fn from(refusal: crate::send_as::SendAsRefusal) -> Self {
+        Self::SendAsDenied(refusal.to_string())
+    }
+}
+
+impl From<MailError> for ApiError {
+    fn from(e: MailError) -> Self {
+        match e {
+            MailError::Invalid(errors) => {
+                // The detail names the first few; `errors` has them all.
+                const SHOWN: usize = 5;
+                let mut detail = format!(
+                    "the mail request has {} invalid field(s): {}",
+                    errors.len(),
+                    errors
+                        .iter()
+                        .take(SHOWN)
+                        .map(|e| format!("{}: {}", e.field, e.message))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                );
+                if errors.len() > SHOWN {
+                    detail.push_str(&format!("; and {} more (see errors)", errors.len() - SHOWN));
+                }
+                Self::InvalidRequest { detail, errors }
+            }
+            MailError::TooManyRecipients { count, limit } => {
+                Self::TooManyRecipients { count, limit }
+            }
+            MailError::TooLarge { size, limit } => Self::MessageTooLarge { size, limit },
+            MailError::Build(detail) => {
+                tracing::error!(%detail, "a validated mail could not be built");
+                Self::Internal
+            }
+        }
+    }
+}
+
+/// The one table from delivery failures to answers (also in the README).
+impl From<DeliveryError> for ApiError {
+    fn from(e: DeliveryError) -> Self {
+        match e {
+            DeliveryError::Outbox { .. } => {
+                // The path and OS error are for the operator, not the caller.
+                tracing::error!(error = %e, "outbox write failed");
+                Self::Internal
+            }
+            DeliveryError::Token(e) => e.into(),
+            DeliveryError::Smtp(e) => e.into(),
+        }
+    }
+}
+
+impl From<TokenError> for ApiError {
+    fn from(e: TokenError) -> Self {
+        Self::TokenUnavailable {
+            detail: format!(
+                "the relay could not get an access token from Entra ID for the SMTP login: {e}"
+            ),
+            retry_after: e.retry_after().map(|d| d.as_secs().max(1)),
+        }
+    }
+}
+
+/// SMTP failures by kind. The SMTP module classifies replies (`SmtpErrorKind`); at merge each
+/// kind gets one arm here:
+///
+/// | kind                                   | answer                                  |
+/// |----------------------------------------|-----------------------------------------|
+/// | SendAsDenied                           | 403 `send_as_denied`                    |
+/// | AuthFailed                             | 502 `smtp_auth_failed`                  |
+/// | SmtpAuthDisabled, BasicAuthRefused     | 502 `smtp_auth_disabled`                |
+/// | QuotaExceeded                          | 429 `rate_limited` (Retry-After 3600)   |
+/// | TooLarge                               | 413 `payload_too_large`                 |
+/// | ThreadLimit, Transient, Tls, Setup, deadline | 503 `smtp_unavailable` (Retry-After) |
+/// | Token                                  | 503 `token_unavailable` (Retry-After)   |
+/// | MailboxFull, Permanent                 | 502 `smtp_rejected`                     |
+impl From<SmtpError> for ApiError {
+    fn from(e: SmtpError) -> Self {
+        let detail = e.to_string();
+        match e.kind() {
+            SmtpErrorKind::SendAsDenied => Self::SendAsDenied(detail),
+            SmtpErrorKind::AuthFailed => Self::SmtpAuthFailed(detail),
+            SmtpErrorKind::SmtpAuthDisabled | SmtpErrorKind::BasicAuthRefused => {
+                Self::SmtpAuthDisabled(detail)
+            }
+            SmtpErrorKind::QuotaExceeded => Self::RateLimited {
+                detail,
+                retry_after: QUOTA_RETRY_AFTER,
+            },
+            SmtpErrorKind::TooLarge => Self::ServerTooLarge(detail),
+            SmtpErrorKind::ThreadLimit
+            | SmtpErrorKind::Transient
+            | SmtpErrorKind::Tls
+            | SmtpErrorKind::Setup => Self::SmtpUnavailable {
+                detail,
+                retry_after: None,
+            },
+            SmtpErrorKind::Token => match e {
+                SmtpError::Token(token) => token.into(),
+                _ => Self::TokenUnavailable {
+                    detail,
+                    retry_after: None,
+                },
+            },
+            SmtpErrorKind::MailboxFull | SmtpErrorKind::Permanent => Self::SmtpRejected(detail),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smtp::Stage;
+
+    fn answer(e: impl Into<ApiError>) -> (u16, &'static str, Option<u64>) {
+        let e = e.into();
+        (e.parts().0.as_u16(), e.code(), e.retry_after())
+    }
+
+    #[test]
+    fn delivery_failures_map_to_one_answer_each() {
+        let outbox = DeliveryError::Outbox {
+            path: "/var/outbox".into(),
+            source: std::io::Error::other("disk full"),
+        };
+        assert_eq!(answer(outbox), (500, "internal_error", None));
+        let token = DeliveryError::Token(TokenError::Timeout {
+            endpoint: "https://login.example.test/token".into(),
+            timeout: std::time::Duration::from_secs(15),
+        });
+        assert_eq!(answer(token), (503, "token_unavailable", Some(5)));
+        let smtp = DeliveryError::Smtp(SmtpError::rejected(
+            Stage::MailFrom("a@b.c".into()),
+            451,
+            "4.3.0 try later",
+        ));
+        assert_eq!(answer(smtp), (503, "smtp_unavailable", Some(5)));
+    }
+
+    #[test]
+    fn exchange_replies_map_to_one_answer_each() {
+        let cases = [
+            (
+                554,
+                "5.2.252 SendAsDenied; relay@contoso.com not allowed to send as ceo@contoso.com",
+                403,
+                "send_as_denied",
+            ),
+            (
+                535,
+                "5.7.3 Authentication unsuccessful",
+                502,
+                "smtp_auth_failed",
+            ),
+            (
+                535,
+                "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant",
+                502,
+                "smtp_auth_disabled",
+            ),
+            (
+                550,
+                "5.7.30 Basic authentication is not supported for Client Submission",
+                502,
+                "smtp_auth_disabled",
+            ),
+            (
+                432,
+                "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded",
+                503,
+                "smtp_unavailable",
+            ),
+            (
+                554,
+                "5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException",
+                429,
+                "rate_limited",
+            ),
+            (554, "5.2.2 mailbox full", 502, "smtp_rejected"),
+            (
+                552,
+                "5.3.4 Message size exceeds fixed maximum message size",
+                413,
+                "payload_too_large",
+            ),
+            (550, "5.1.1 User unknown", 502, "smtp_rejected"),
+        ];
+        for (code, text, status, api_code) in cases {
+            let (got_status, got_code, _) =
+                answer(SmtpError::rejected(Stage::EndOfData, code, text));
+            assert_eq!((got_status, got_code), (status, api_code), "{code} {text}");
+        }
+    }
+
+    #[test]
+    fn every_upstream_variant_has_its_status_and_code() {
+        let d = || "detail".to_string();
+        let cases = [
+            (ApiError::SendAsDenied(d()), 403, "send_as_denied", None),
+            (ApiError::SmtpAuthFailed(d()), 502, "smtp_auth_failed", None),
+            (
+                ApiError::SmtpAuthDisabled(d()),
+                502,
+                "smtp_auth_disabled",
+                None,
+            ),
+            (
+                ApiError::RateLimited {
+                    detail: d(),
+                    retry_after: 3600,
+                },
+                429,
+                "rate_limited",
+                Some(3600),
+            ),
+            (
+                ApiError::SmtpUnavailable {
+                    detail: d(),
+                    retry_after: Some(30),
+                },
+                503,
+                "smtp_unavailable",
+                Some(30),
+            ),
+            (ApiError::SmtpRejected(d()), 502, "smtp_rejected", None),
+            (
+                ApiError::MessageTooLarge { size: 2, limit: 1 },
+                413,
+                "payload_too_large",
+                None,
+            ),
+            (
+                ApiError::TooManyRecipients {
+                    count: 501,
+                    limit: 500,
+                },
+                400,
+                "too_many_recipients",
+                None,
+            ),
+        ];
+        for (error, status, code, retry_after) in cases {
+            assert_eq!(answer(error), (status, code, retry_after));
+        }
+    }
+
+    #[test]
+    fn the_outbox_path_and_os_error_stay_out_of_the_answer() {
+        let e: ApiError = DeliveryError::Outbox {
+            path: "/secret/place".into(),
+            source: std::io::Error::other("disk full"),
+        }
+        .into();
+        let problem = serde_json::to_string(&e.problem()).unwrap();
+        assert!(!problem.contains("/secret/place"));
+        assert!(!problem.contains("disk full"));
+    }
+
+    #[test]
+    fn field_errors_are_listed_in_the_detail_and_the_body() {
+        let e: ApiError =
+            MailError::Invalid(vec![FieldError::new("to[2]", "not an e-mail address")]).into();
+        let problem = e.problem();
+        assert_eq!(problem.code, "invalid_request");
+        assert_eq!(problem.errors[0].field, "to[2]");
+        assert!(problem.detail.contains("to[2]: not an e-mail address"));
+    }
 }

@@ -1,14 +1,165 @@
 //! `POST /mail`: the endpoint web clients call.
-//! (Stub: the message helper fills this in.)
 
-use axum::extract::State;
+use axum::Json;
+use axum::extract::{FromRequest, Multipart, Request, State};
+use axum::http::{StatusCode, header};
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::ApiError;
+use super::errors::Problem;
+use super::form::{self, MailForm};
+use super::json::ApiJson;
 use crate::app::AppState;
+use crate::caller::Caller;
+use crate::delivery::DeliveryError;
+use crate::message::{Mail, MailRequest, MessageLimits, OutgoingMail, UploadedFile};
+use crate::smtp::SmtpErrorKind;
+
+/// Mails whose attachments are larger than this are encoded on the blocking pool, so that
+/// base64 of megabytes does not stall other requests on the same worker.
+const BLOCKING_BUILD_BYTES: usize = 256 * 1024;
+
+/// The SMTP server took the mail.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MailAccepted {
+    /// The relay's id for this mail (in its logs, and the local part of the Message-ID).
+    #[schema(example = "019ac3f2-6c1e-7b53-9d1a-2f4e5b6c7d8e")]
+    pub id: String,
+    /// The `Message-ID` header the relay set, with angle brackets.
+    #[schema(example = "<019ac3f2-6c1e-7b53-9d1a-2f4e5b6c7d8e@contoso.com>")]
+    pub message_id: String,
+    /// The envelope recipients (to, cc and bcc) the server accepted.
+    #[schema(example = json!(["alice@example.com", "bob@example.com", "audit@contoso.com"]))]
+    pub accepted_recipients: Vec<String>,
+}
 
 /// Send one mail.
+///
+/// Answers 202 only after the SMTP server accepted the mail (250 after DATA). Bcc recipients
+/// go into the envelope only. The relay sets `Message-ID` and `Date`.
 #[utoipa::path(post, path = "/mail", tag = "mail",
-    responses((status = 202, description = "The SMTP server accepted the mail")))]
-pub async fn send_mail(State(_state): State<AppState>) -> Result<(), ApiError> {
-    Err(ApiError::Internal)
+    request_body(description = "The mail: JSON with base64 attachments, or a form with a `mail` JSON part and file parts",
+        content((MailRequest = "application/json"), (MailForm = "multipart/form-data"))),
+    responses(
+        (status = 202, description = "The SMTP server accepted the mail", body = MailAccepted),
+        (status = 400, description = "`invalid_request`: malformed JSON, or invalid fields, each listed in `errors`; `too_many_recipients`: more than `mailRelay.limits.maxRecipients` in to + cc + bcc",
+            body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "https://mail-relay.dev/problems/invalid_request", "title": "Invalid request", "status": 400,
+                "detail": "the mail request has 1 invalid field(s): to[2]: not an e-mail address: it has no '@' between a local part and a domain",
+                "code": "invalid_request", "requestId": "5f0c6f1e-3b8e-4a51-a4a5-0d7f3c1f7b0a",
+                "errors": [{"field": "to[2]", "message": "not an e-mail address: it has no '@' between a local part and a domain"}]})),
+        (status = 403, description = "`send_as_denied`: the From address may not be used (Exchange answered SendAsDenied); the detail names the fix", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`: the body is over `mailRelay.limits.maxBodyBytes`, or the encoded mail over `mailRelay.limits.maxMessageBytes` (or the server's limit)", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`: the body is neither `application/json` nor `multipart/form-data`", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited`: the mailbox's sending quota is used up; see `Retry-After`", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 500, description = "`internal_error`: see the logs under the request id", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "`smtp_auth_failed`, `smtp_auth_disabled` (the relay's SMTP login was refused; an administrator must act) or `smtp_rejected` (the server refused the mail for good; the detail has its reply)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`smtp_unavailable` or `token_unavailable`: a transient upstream failure, or `timeout`/`not_ready`; try again after `Retry-After`", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+    ))]
+pub async fn send_mail(
+    State(state): State<AppState>,
+    caller: Caller,
+    submission: Submission,
+) -> Result<(StatusCode, Json<MailAccepted>), ApiError> {
+    let limits = MessageLimits::from(&state.settings.relay.limits);
+    let mail = submission
+        .request
+        .validate_with_files(&limits, submission.files)?;
+    let from = mail.from.address.clone();
+    state.send_as.check(&caller, from.as_str())?;
+    let outgoing = build(mail, limits).await?;
+    let receipt = match state.sender.send(&outgoing).await {
+        Ok(receipt) => receipt,
+        Err(DeliveryError::Smtp(e)) if e.kind() == SmtpErrorKind::SendAsDenied => {
+            let reply = e.reply().map_or_else(|| e.to_string(), ToString::to_string);
+            return Err(state
+                .send_as
+                .remember_exchange_denial(from.as_str(), &reply)
+                .into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    tracing::info!(
+        caller = caller.kind(),
+        from_domain = from.domain(),
+        mail_id = %outgoing.id,
+        message_id = %outgoing.message_id,
+        recipients = receipt.accepted.len(),
+        bytes = outgoing.formatted.len(),
+        "mail accepted"
+    );
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(MailAccepted {
+            id: outgoing.id,
+            message_id: outgoing.message_id,
+            accepted_recipients: receipt.accepted,
+        }),
+    ))
+}
+
+/// The request as sent: JSON, or a form with files beside it.
+pub struct Submission {
+    request: MailRequest,
+    files: Vec<UploadedFile>,
+}
+
+impl FromRequest<AppState> for Submission {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let content_type = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let essence = content_type.split(';').next().unwrap_or_default().trim();
+        if essence.eq_ignore_ascii_case("multipart/form-data") {
+            let form_data = Multipart::from_request(request, state).await.map_err(|e| {
+                ApiError::InvalidRequest {
+                    detail: format!(
+                        "the multipart/form-data body could not be read: {}",
+                        e.body_text()
+                    ),
+                    errors: Vec::new(),
+                }
+            })?;
+            let (request, files) = form::read(form_data, &state.settings.relay.limits).await?;
+            return Ok(Self { request, files });
+        }
+        match ApiJson::<MailRequest>::from_request(request, state).await {
+            Ok(ApiJson(request)) => Ok(Self {
+                request,
+                files: Vec::new(),
+            }),
+            Err(ApiError::UnsupportedMediaType(_)) => Err(ApiError::UnsupportedMediaType(format!(
+                "POST /mail takes Content-Type application/json or multipart/form-data (got {})",
+                if content_type.is_empty() {
+                    "no Content-Type"
+                } else {
+                    &content_type
+                }
+            ))),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+async fn build(mail: Mail, limits: MessageLimits) -> Result<OutgoingMail, ApiError> {
+    let attached: usize = mail.attachments.iter().map(|a| a.content.len()).sum();
+    if attached < BLOCKING_BUILD_BYTES {
+        return Ok(mail.build(&limits)?);
+    }
+    tokio::task::spawn_blocking(move || mail.build(&limits))
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "building the message panicked");
+            ApiError::Internal
+        })?
+        .map_err(ApiError::from)
 }

@@ -1,7 +1,10 @@
 //! The HTTP API: one file per resource, errors in one place.
 
+mod auth;
 pub mod errors;
+pub mod form;
 pub mod health;
+pub mod json;
 pub mod mail;
 pub mod openapi;
 

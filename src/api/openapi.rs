@@ -3,7 +3,8 @@
 use axum::Json;
 use utoipa::OpenApi;
 
-use super::{errors, health, mail};
+use super::{errors, form, health, mail};
+use crate::message;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -13,7 +14,18 @@ use super::{errors, health, mail};
         license(name = "MIT OR Apache-2.0"),
     ),
     paths(health::live, health::ready, mail::send_mail, openapi_json),
-    components(schemas(errors::Problem, errors::FieldError)),
+    components(schemas(
+        errors::Problem,
+        errors::FieldError,
+        mail::MailAccepted,
+        form::MailForm,
+        message::MailRequest,
+        message::request::AttachmentInput,
+        message::request::MailboxInput,
+        message::request::NamedMailbox,
+        message::request::Recipients,
+        message::Priority,
+    )),
     tags(
         (name = "mail", description = "Sending mail"),
         (name = "health", description = "Probes for orchestrators"),

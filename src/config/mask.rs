@@ -180,6 +180,11 @@ pub fn render(settings: &Settings, values: &Resolved) -> String {
         "mailRelay.smtp.helloName",
         r.smtp.hello_name.as_deref().map(quote),
     );
+    out.line(
+        4,
+        "mailRelay.smtp.sourceAddress",
+        r.smtp.source_address.map(|a| a.to_string()),
+    );
     if let SmtpAuthentication::MsOAuth { oauth, .. } = &s.smtp_authentication {
         out.section(2, "token");
         out.line(
@@ -198,6 +203,11 @@ pub fn render(settings: &Settings, values: &Resolved) -> String {
         4,
         "mailRelay.limits.maxBodyBytes",
         Some(r.limits.max_body_bytes.to_string()),
+    );
+    out.line(
+        4,
+        "mailRelay.limits.maxMessageBytes",
+        Some(r.limits.max_message_bytes.to_string()),
     );
     out.line(
         4,

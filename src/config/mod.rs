@@ -161,6 +161,10 @@ pub struct SmtpTuning {
     pub ca_file: Option<PathBuf>,
     /// Name sent in EHLO; the machine's host name when unset.
     pub hello_name: Option<String>,
+    /// Local address SMTP connections are made from (`mailRelay.smtp.sourceAddress`);
+    /// the system's choice when unset. For multi-homed hosts, and for tests that count
+    /// their connections on the server.
+    pub source_address: Option<IpAddr>,
 }
 
 /// `mailRelay.limits.*`: request limits.
@@ -170,6 +174,9 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Most recipients (to + cc + bcc) in one mail (Exchange allows 500).
     pub max_recipients: usize,
+    /// Largest formatted message in bytes, after base64 (`maxMessageBytes`, default 35 MiB,
+    /// Exchange Online's default limit).
+    pub max_message_bytes: usize,
     /// Longest an HTTP request may take.
     pub request_timeout: Duration,
 }
@@ -222,7 +229,7 @@ pub struct OidcSettings {
 }
 
 /// `mailRelay.sendAs`: which caller may use which From address.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SendAsSettings {
     /// Mailbox -> the users (or `group:NAME`) that may send as it, e.g. a shared team mailbox.
     pub delegates: Vec<(String, Vec<String>)>,
@@ -232,6 +239,18 @@ pub struct SendAsSettings {
     pub exchange_grants: Option<Vec<AddressPattern>>,
     /// How long an Exchange SendAsDenied for a From address is remembered.
     pub denial_memory: Duration,
+}
+
+impl Default for SendAsSettings {
+    /// No delegates, no grant list, and Exchange's refusals remembered for five minutes.
+    fn default() -> Self {
+        Self {
+            delegates: Vec::new(),
+            groups: Vec::new(),
+            exchange_grants: None,
+            denial_memory: Duration::from_secs(300),
+        }
+    }
 }
 
 /// `mailRelay.cors`: browsers calling the relay directly.

@@ -245,10 +245,26 @@ fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
             ),
         );
     }
+    let source_text = ctx.text("mailRelay.smtp.sourceAddress").map(str::to_owned);
+    let source_address = source_text.and_then(|text| {
+        let parsed = text.parse::<std::net::IpAddr>().ok();
+        if parsed.is_none() {
+            ctx.error(
+                "mailRelay.smtp.sourceAddress",
+                format!("{text:?} is not an IP address; give a local address such as 10.0.0.5"),
+            );
+        }
+        parsed
+    });
     let limits = Limits {
         max_body_bytes: ctx.number(
             "mailRelay.limits.maxBodyBytes",
             52_428_800usize,
+            1024..=1_073_741_824,
+        ),
+        max_message_bytes: ctx.number(
+            "mailRelay.limits.maxMessageBytes",
+            36_700_160usize,
             1024..=1_073_741_824,
         ),
         max_recipients: ctx.number("mailRelay.limits.maxRecipients", 500usize, 1..=100_000),
@@ -263,6 +279,7 @@ fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
             send_deadline,
             ca_file,
             hello_name,
+            source_address,
         },
         limits,
         // Filled by `callers` once the delivery mode is known.

@@ -38,4 +38,7 @@ pub enum DeliveryError {
 #[async_trait]
 pub trait MailSender: Send + Sync + 'static {
     async fn send(&self, mail: &OutgoingMail) -> Result<Receipt, DeliveryError>;
+
+    /// Finish politely at shutdown (e.g. QUIT idle SMTP connections); sends in flight finish.
+    async fn close(&self) {}
 }

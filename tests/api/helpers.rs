@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use mail_relay::app::Application;
 use mail_relay::config::{
-    Delivery, Encryption, Limits, RateLimitSettings, RelaySettings, SendEmailSettings,
-    ServerSettings, Settings, SmtpAuthentication, SmtpTuning,
+    AddressPattern, ApiKeySettings, AuthSettings, Delivery, Encryption, Limits, RateLimitSettings,
+    RelaySettings, SendEmailSettings, ServerSettings, Settings, SmtpAuthentication, SmtpTuning,
 };
 use mail_relay::delivery::{MailSender, Outbox};
+use sha2::{Digest, Sha256};
 
 /// Settings for a test instance: loopback, port 0, outbox delivery into `outbox`.
 pub fn test_settings(outbox: PathBuf) -> Settings {
@@ -34,13 +35,18 @@ pub fn test_settings(outbox: PathBuf) -> Settings {
                 send_deadline: Duration::from_secs(30),
                 ca_file: None,
                 hello_name: None,
+                source_address: None,
             },
             limits: Limits {
                 max_body_bytes: 64 * 1024,
                 max_recipients: 500,
+                max_message_bytes: 35 * 1024 * 1024,
                 request_timeout: Duration::from_secs(30),
             },
-            auth: Default::default(),
+            auth: AuthSettings {
+                api_keys: vec![test_api_key()],
+                ..AuthSettings::default()
+            },
             send_as: Default::default(),
             cors: Default::default(),
             // Off, so tests that send many mails are not refused; rate-limit tests turn them on.
@@ -73,12 +79,46 @@ impl TestApp {
     }
 }
 
-/// Start an instance with the default test settings, changed by `adjust`.
-pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
+/// The API key the test client sends; `test_settings` holds its hash.
+pub const TEST_API_KEY: &str = "mr_integration-tests-key";
+
+/// The test key's settings: it may send as anyone at the test domains.
+pub fn test_api_key() -> ApiKeySettings {
+    ApiKeySettings {
+        name: "tests".into(),
+        sha256: Sha256::digest(TEST_API_KEY.as_bytes()).into(),
+        allowed_from: ["*@contoso.com", "*@contoso.test", "*@example.com"]
+            .iter()
+            .map(|p| AddressPattern::parse(p).unwrap())
+            .collect(),
+    }
+}
+
+/// A client that authenticates with [`TEST_API_KEY`] on every request.
+pub fn authenticated_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {TEST_API_KEY}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
+/// Start an instance with the default test settings, changed by `adjust`, sending with `sender`
+/// (the outbox in a temporary folder when `None`).
+pub async fn spawn_app_with_sender(
+    adjust: impl FnOnce(&mut Settings),
+    sender: Option<Arc<dyn MailSender>>,
+) -> TestApp {
     let outbox = tempfile::tempdir().unwrap();
     let mut settings = test_settings(outbox.path().to_path_buf());
     adjust(&mut settings);
-    let sender: Arc<dyn MailSender> = Arc::new(Outbox::new(outbox.path().to_path_buf()));
+    let sender = sender.unwrap_or_else(|| {
+        Arc::new(Outbox::new(outbox.path().to_path_buf())) as Arc<dyn MailSender>
+    });
     let app = Application::build_with(Arc::new(settings), sender)
         .await
         .unwrap();
@@ -86,11 +126,51 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     tokio::spawn(app.run_until(std::future::pending()));
     TestApp {
         address,
-        client: reqwest::Client::new(),
+        client: authenticated_client(),
         outbox,
     }
 }
 
+/// Start an instance with the default test settings, changed by `adjust`.
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app_with_sender(adjust, None).await
+}
+
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
+}
+
+pub async fn post_mail(app: &TestApp, body: &serde_json::Value) -> reqwest::Response {
+    app.client
+        .post(app.url("/mail"))
+        .json(body)
+        .send()
+        .await
+        .expect("request failed")
+}
+
+/// The problem body, after checking the status, the media type and the code.
+pub async fn expect_problem(
+    response: reqwest::Response,
+    status: u16,
+    code: &str,
+) -> serde_json::Value {
+    assert_eq!(response.status(), status);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["code"], code, "{body:#}");
+    assert_eq!(body["status"], status);
+    assert!(body["requestId"].is_string());
+    body
+}
+
+/// The files the outbox sender wrote.
+pub fn outbox_files(app: &TestApp) -> Vec<std::path::PathBuf> {
+    match std::fs::read_dir(app.outbox.path()) {
+        Ok(dir) => dir.map(|e| e.unwrap().path()).collect(),
+        Err(_) => Vec::new(),
+    }
 }

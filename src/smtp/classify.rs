@@ -1,0 +1,343 @@
+//! Sorting SMTP replies into the cases EXCHANGE.md section 3 names.
+//!
+//! lettre gives the basic reply code; the enhanced status code (`5.2.252`) and the
+//! text come only as the reply's message, so both are parsed from there.
+
+use std::fmt;
+
+/// An enhanced status code (RFC 3463), e.g. `5.2.252`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EnhancedCode {
+    pub class: u8,
+    pub subject: u16,
+    pub detail: u16,
+}
+
+impl EnhancedCode {
+    pub const fn new(class: u8, subject: u16, detail: u16) -> Self {
+        Self {
+            class,
+            subject,
+            detail,
+        }
+    }
+
+    /// Parses one word such as `5.7.139` (a trailing `,`, `;` or `:` is ignored).
+    pub fn parse(word: &str) -> Option<Self> {
+        let word = word.trim_end_matches([',', ';', ':']);
+        let mut parts = word.split('.');
+        let class = parts.next()?;
+        let subject = parts.next()?;
+        let detail = parts.next()?;
+        if parts.next().is_some() || !matches!(class, "2" | "4" | "5") {
+            return None;
+        }
+        let number = |s: &str| {
+            (!s.is_empty() && s.len() <= 3 && s.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| s.parse::<u16>().ok())
+                .flatten()
+        };
+        Some(Self::new(
+            class.parse().ok()?,
+            number(subject)?,
+            number(detail)?,
+        ))
+    }
+}
+
+impl fmt::Display for EnhancedCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.class, self.subject, self.detail)
+    }
+}
+
+/// The enhanced status code of a reply text: its first word when that is one, else the
+/// first word that is one (Postfix puts its own text before an access map's reply).
+pub fn parse_enhanced(text: &str) -> Option<EnhancedCode> {
+    text.split_whitespace().find_map(EnhancedCode::parse)
+}
+
+/// What a failure means for the caller and the operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SmtpErrorKind {
+    /// The From mailbox has not granted Send As to the SMTP mailbox (5.2.252, 5.2.0 SendAsDenied, 5.7.60).
+    SendAsDenied,
+    /// SMTP AUTH is switched off for the tenant or mailbox (5.7.139).
+    SmtpAuthDisabled,
+    /// The tenant refuses Basic authentication (5.7.30).
+    BasicAuthRefused,
+    /// The login was refused: for XOAUTH2, the token was rejected (535 5.7.3, or 334 then 535).
+    AuthFailed,
+    /// Too many concurrent connections for the mailbox (432 4.3.2).
+    ThreadLimit,
+    /// The mailbox's daily recipient quota is used up (SubmissionQuotaExceeded).
+    QuotaExceeded,
+    /// The SMTP mailbox (its Sent Items) is full (5.2.2).
+    MailboxFull,
+    /// The message is larger than the server accepts (552, 5.3.4).
+    TooLarge,
+    /// The server's certificate was not accepted.
+    Tls,
+    /// Worth retrying: other 4xx, network failures, timeouts.
+    Transient,
+    /// Not worth retrying: other 5xx, a server lacking what the settings require.
+    Permanent,
+    /// No access token could be had.
+    Token,
+    /// The settings cannot work.
+    Setup,
+}
+
+impl SmtpErrorKind {
+    /// A stable machine-readable name, for logs, metrics and API error codes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SendAsDenied => "send_as_denied",
+            Self::SmtpAuthDisabled => "smtp_auth_disabled",
+            Self::BasicAuthRefused => "basic_auth_refused",
+            Self::AuthFailed => "smtp_auth_failed",
+            Self::ThreadLimit => "smtp_thread_limit",
+            Self::QuotaExceeded => "smtp_quota_exceeded",
+            Self::MailboxFull => "smtp_mailbox_full",
+            Self::TooLarge => "message_too_large",
+            Self::Tls => "smtp_tls_failed",
+            Self::Transient => "smtp_unavailable",
+            Self::Permanent => "smtp_rejected",
+            Self::Token => "token_unavailable",
+            Self::Setup => "smtp_setup",
+        }
+    }
+}
+
+impl fmt::Display for SmtpErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+const SEND_AS_DENIED: EnhancedCode = EnhancedCode::new(5, 2, 252);
+const NO_SEND_AS_PERMISSION: EnhancedCode = EnhancedCode::new(5, 7, 60);
+const SMTP_AUTH_DISABLED: EnhancedCode = EnhancedCode::new(5, 7, 139);
+const BASIC_AUTH_REFUSED: EnhancedCode = EnhancedCode::new(5, 7, 30);
+const MAILBOX_FULL: EnhancedCode = EnhancedCode::new(5, 2, 2);
+const TOO_LARGE: EnhancedCode = EnhancedCode::new(5, 3, 4);
+
+/// Sorts a negative reply. Pure: the basic code and the text (without the code) in, the kind out.
+pub fn classify(code: u16, text: &str) -> SmtpErrorKind {
+    let enhanced = parse_enhanced(text);
+    let lower = text.to_ascii_lowercase();
+    let has = |needle: &str| lower.contains(needle);
+
+    // Exchange's texts first: they are more specific than its codes (5.2.0 carries
+    // both the quota and the send-as cases).
+    if has("sendasdenied")
+        || enhanced == Some(SEND_AS_DENIED)
+        || enhanced == Some(NO_SEND_AS_PERMISSION)
+    {
+        return SmtpErrorKind::SendAsDenied;
+    }
+    if enhanced == Some(SMTP_AUTH_DISABLED) || has("smtpclientauthentication is disabled") {
+        return SmtpErrorKind::SmtpAuthDisabled;
+    }
+    if enhanced == Some(BASIC_AUTH_REFUSED) || has("basic authentication is not supported") {
+        return SmtpErrorKind::BasicAuthRefused;
+    }
+    if has("submissionquotaexceeded") {
+        return SmtpErrorKind::QuotaExceeded;
+    }
+    if code == 432 || has("thread limit exceeded") {
+        return SmtpErrorKind::ThreadLimit;
+    }
+    if enhanced == Some(MAILBOX_FULL) || has("mailbox full") {
+        return SmtpErrorKind::MailboxFull;
+    }
+    if code == 552 || enhanced == Some(TOO_LARGE) {
+        return SmtpErrorKind::TooLarge;
+    }
+    if code == 535 {
+        return SmtpErrorKind::AuthFailed;
+    }
+    match code {
+        400..=499 => SmtpErrorKind::Transient,
+        _ => SmtpErrorKind::Permanent,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Splits a reply as seen on the wire into code and text.
+    fn classify_line(line: &str) -> SmtpErrorKind {
+        let (code, text) = line.split_once(' ').unwrap();
+        classify(code.parse().unwrap(), text)
+    }
+
+    #[test]
+    fn parses_enhanced_codes() {
+        assert_eq!(
+            parse_enhanced("5.2.252 SendAsDenied; x"),
+            Some(EnhancedCode::new(5, 2, 252))
+        );
+        assert_eq!(
+            parse_enhanced("<a@b.c>: Sender address rejected: 5.7.60 Client"),
+            Some(EnhancedCode::new(5, 7, 60))
+        );
+        assert_eq!(parse_enhanced("Authentication unsuccessful"), None);
+        assert_eq!(parse_enhanced("version 1.2 is fine"), None);
+        assert_eq!(parse_enhanced("6.1.1 bad class"), None);
+        assert_eq!(parse_enhanced("5.1234.1 too long"), None);
+        assert_eq!(
+            EnhancedCode::new(5, 7, 139).to_string(),
+            "5.7.139".to_string()
+        );
+    }
+
+    #[test]
+    fn token_rejected_535_5_7_3() {
+        assert_eq!(
+            classify_line("535 5.7.3 Authentication unsuccessful"),
+            SmtpErrorKind::AuthFailed
+        );
+    }
+
+    #[test]
+    fn dovecot_535_after_challenge_is_auth_failed() {
+        assert_eq!(
+            classify_line("535 5.7.8 Error: authentication failed"),
+            SmtpErrorKind::AuthFailed
+        );
+    }
+
+    #[test]
+    fn smtp_auth_disabled_for_tenant_and_mailbox() {
+        for line in [
+            "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant",
+            "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox",
+        ] {
+            assert_eq!(
+                classify_line(line),
+                SmtpErrorKind::SmtpAuthDisabled,
+                "{line}"
+            );
+        }
+    }
+
+    #[test]
+    fn basic_auth_refused() {
+        assert_eq!(
+            classify_line("550 5.7.30 Basic authentication is not supported for Client Submission"),
+            SmtpErrorKind::BasicAuthRefused
+        );
+    }
+
+    #[test]
+    fn send_as_denied_in_every_form() {
+        for line in [
+            "554 5.2.252 SendAsDenied; relay@contoso.test not allowed to send as boss@contoso.test; STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied",
+            "554 5.2.0 STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied; Failed to process message",
+            "550 5.7.60 Client does not have permissions to send as this sender",
+            // The peer: Postfix puts its own text before the access map's reply.
+            "554 5.7.1 <denied@contoso.test>: Sender address rejected: 5.2.252 SendAsDenied; relay@contoso.test not allowed to send as denied@contoso.test",
+        ] {
+            assert_eq!(classify_line(line), SmtpErrorKind::SendAsDenied, "{line}");
+        }
+    }
+
+    #[test]
+    fn thread_limit() {
+        assert_eq!(
+            classify_line("432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded"),
+            SmtpErrorKind::ThreadLimit
+        );
+    }
+
+    #[test]
+    fn quota_exceeded() {
+        assert_eq!(
+            classify_line(
+                "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process message"
+            ),
+            SmtpErrorKind::QuotaExceeded
+        );
+    }
+
+    #[test]
+    fn mailbox_full() {
+        assert_eq!(
+            classify_line("554 5.2.2 mailbox full"),
+            SmtpErrorKind::MailboxFull
+        );
+    }
+
+    #[test]
+    fn too_large() {
+        assert_eq!(
+            classify_line("552 5.3.4 Message size exceeds fixed maximum message size"),
+            SmtpErrorKind::TooLarge
+        );
+        assert_eq!(
+            classify_line("552 Message size exceeds fixed limit"),
+            SmtpErrorKind::TooLarge
+        );
+        assert_eq!(
+            classify_line("554 5.3.4 Message too big for system"),
+            SmtpErrorKind::TooLarge
+        );
+    }
+
+    #[test]
+    fn other_4xx_is_transient() {
+        for line in [
+            "451 5.7.3 STARTTLS is required to send mail",
+            "421 4.4.2 Connection dropped due to timeout",
+            "454 4.7.0 Temporary authentication failure",
+            "450 4.2.1 try later",
+        ] {
+            assert_eq!(classify_line(line), SmtpErrorKind::Transient, "{line}");
+        }
+    }
+
+    #[test]
+    fn other_5xx_is_permanent() {
+        for line in [
+            "530 5.7.57 Client not authenticated to send mail",
+            "550 5.1.1 User unknown",
+            "554 5.2.0 something else entirely",
+        ] {
+            assert_eq!(classify_line(line), SmtpErrorKind::Permanent, "{line}");
+        }
+    }
+
+    #[test]
+    fn mailbox_full_code_is_not_a_prefix_match() {
+        // 5.2.252 starts like 5.2.2: only the exact code means mailbox full.
+        assert_eq!(
+            classify_line("554 5.2.252 something"),
+            SmtpErrorKind::SendAsDenied
+        );
+        assert_eq!(
+            classify_line("554 5.2.22 something"),
+            SmtpErrorKind::Permanent
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn enhanced_codes_round_trip(class in proptest::sample::select(vec![2u8, 4, 5]), subject in 0u16..1000, detail in 0u16..1000, text in "[a-zA-Z ;]{0,40}") {
+            let code = EnhancedCode::new(class, subject, detail);
+            proptest::prop_assert_eq!(parse_enhanced(&format!("{code} {text}")), Some(code));
+        }
+
+        #[test]
+        fn every_reply_gets_a_kind_and_4xx_never_counts_as_permanent(code in 200u16..600, text in "\\PC{0,80}") {
+            let kind = classify(code, &text);
+            if (400..500).contains(&code) {
+                proptest::prop_assert!(
+                    !matches!(kind, SmtpErrorKind::Permanent | SmtpErrorKind::TooLarge | SmtpErrorKind::AuthFailed),
+                    "{code} {text:?} -> {kind:?}"
+                );
+            }
+        }
+    }
+}

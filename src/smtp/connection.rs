@@ -1,0 +1,536 @@
+//! One SMTP connection: opening it (socket, TLS, EHLO, AUTH) and one mail transaction on it.
+
+use std::fmt;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::client::AsyncSmtpConnection;
+use lettre::transport::smtp::commands::{Data, Mail, Noop, Quit, Rcpt, Rset};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
+use lettre::transport::smtp::response::{Code, Response};
+use secrecy::{ExposeSecret, SecretString};
+use tokio::net::{TcpSocket, TcpStream};
+
+use super::error::{SmtpError, Stage};
+use super::tls::{ImplicitTls, TlsSetup, is_certificate_error};
+use crate::config::Encryption;
+use crate::delivery::Receipt;
+use crate::message::OutgoingMail;
+use crate::token::AccessToken;
+
+use super::classify::SmtpErrorKind;
+
+/// How a new connection logs in.
+#[derive(Clone)]
+pub(crate) enum Login {
+    None,
+    Basic {
+        username: String,
+        password: SecretString,
+    },
+    XOAuth2 {
+        username: String,
+    },
+}
+
+/// Everything needed to open a connection; built once from the settings.
+pub(crate) struct Connector {
+    pub host: String,
+    pub port: u16,
+    pub encryption: Encryption,
+    pub login: Login,
+    pub tls: Option<TlsSetup>,
+    pub hello: ClientId,
+    pub source_address: Option<IpAddr>,
+    pub connect_timeout: Duration,
+    pub command_timeout: Duration,
+    /// Open connections, for health and metrics; each [`Connection`] counts itself.
+    pub open: Arc<AtomicUsize>,
+}
+
+impl Connector {
+    fn server(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    fn connection_error(&self, stage: Stage, detail: impl Into<String>) -> SmtpError {
+        SmtpError::Connection {
+            kind: SmtpErrorKind::Transient,
+            stage,
+            server: self.server(),
+            detail: detail.into(),
+        }
+    }
+
+    /// Opens, secures and authenticates a connection. `token` is required for XOAUTH2.
+    #[tracing::instrument(name = "smtp_connect", skip_all, fields(server = %self.server()))]
+    pub async fn open(&self, token: Option<&AccessToken>) -> Result<Connection, SmtpError> {
+        let tcp = self.connect_tcp().await?;
+        let hello = &self.hello;
+        let mut connection = match (self.encryption, &self.tls) {
+            (Encryption::Ssl, Some(tls)) => {
+                let tls_stream = self
+                    .timed(
+                        Stage::Connect,
+                        self.connect_timeout,
+                        tls.implicit.connect(tls.server_name.clone(), tcp),
+                    )
+                    .await?
+                    .map_err(|e| self.tls_error(Stage::Connect, &e))?;
+                self.timed(
+                    Stage::Greeting,
+                    self.command_timeout,
+                    AsyncSmtpConnection::connect_with_transport(
+                        Box::new(ImplicitTls(tls_stream)),
+                        hello,
+                    ),
+                )
+                .await?
+                .map_err(|e| self.lettre_error(e, Stage::Greeting))?
+            }
+            _ => self
+                .timed(
+                    Stage::Greeting,
+                    self.command_timeout,
+                    AsyncSmtpConnection::connect_with_transport(Box::new(tcp), hello),
+                )
+                .await?
+                .map_err(|e| self.lettre_error(e, Stage::Greeting))?,
+        };
+        if let (Encryption::Tls, Some(tls)) = (self.encryption, &self.tls) {
+            // STARTTLS is required: never fall back to plain text.
+            if !connection.can_starttls() {
+                connection.abort().await;
+                return Err(SmtpError::Unsupported {
+                    server: self.server(),
+                    detail: "does not offer STARTTLS, which smtpEncryption TLS requires \
+                             (use SSL for an implicit-TLS port)"
+                        .into(),
+                });
+            }
+            self.timed(
+                Stage::StartTls,
+                self.command_timeout,
+                connection.starttls(tls.starttls.clone(), hello),
+            )
+            .await?
+            .map_err(|e| self.lettre_error(e, Stage::StartTls))?;
+        }
+        let mut connection = Connection {
+            inner: connection,
+            token: None,
+            last_used: Instant::now(),
+            server: self.server(),
+            command_timeout: self.command_timeout,
+            _open: OpenGuard::new(&self.open),
+        };
+        let login = match &self.login {
+            Login::None => Ok(()),
+            Login::Basic { username, password } => connection.basic(username, password).await,
+            Login::XOAuth2 { username } => match token {
+                Some(token) => {
+                    connection.token = Some(token.clone());
+                    connection.xoauth2(username, token).await
+                }
+                None => Err(SmtpError::Setup {
+                    key: "featureSwitches.sendEmail.smtpAuthentication",
+                    message: "MS_OAUTH needs a token provider".into(),
+                }),
+            },
+        };
+        match login {
+            Ok(()) => Ok(connection),
+            Err(error) => {
+                // The session is still open after a refused login: end it politely.
+                connection.quit().await;
+                Err(error)
+            }
+        }
+    }
+
+    async fn connect_tcp(&self) -> Result<TcpStream, SmtpError> {
+        let addresses: Vec<SocketAddr> = self
+            .timed(
+                Stage::Connect,
+                self.connect_timeout,
+                tokio::net::lookup_host((self.host.as_str(), self.port)),
+            )
+            .await?
+            .map_err(|e| self.connection_error(Stage::Connect, format!("cannot resolve: {e}")))?
+            .filter(|a| {
+                self.source_address
+                    .is_none_or(|source| source.is_ipv4() == a.is_ipv4())
+            })
+            .collect();
+        let mut last = None;
+        for address in addresses {
+            match self.connect_one(address).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            self.connection_error(
+                Stage::Connect,
+                "the host name resolved to no address usable from mailRelay.smtp.sourceAddress",
+            )
+        }))
+    }
+
+    async fn connect_one(&self, address: SocketAddr) -> Result<TcpStream, SmtpError> {
+        let io = |e: std::io::Error| self.connection_error(Stage::Connect, e.to_string());
+        let socket = if address.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(io)?;
+        if let Some(source) = self.source_address {
+            socket.bind(SocketAddr::new(source, 0)).map_err(|e| {
+                self.connection_error(
+                    Stage::Connect,
+                    format!("cannot bind mailRelay.smtp.sourceAddress {source}: {e}"),
+                )
+            })?;
+        }
+        let stream = self
+            .timed(
+                Stage::Connect,
+                self.connect_timeout,
+                socket.connect(address),
+            )
+            .await?
+            .map_err(io)?;
+        // lettre writes the body and the final "." separately: with Nagle's algorithm and
+        // the server's delayed ACK, every mail would wait about 40 ms.
+        stream.set_nodelay(true).map_err(io)?;
+        Ok(stream)
+    }
+
+    async fn timed<T>(
+        &self,
+        stage: Stage,
+        limit: Duration,
+        future: impl Future<Output = T>,
+    ) -> Result<T, SmtpError> {
+        let key = if matches!(stage, Stage::Connect) {
+            "mailRelay.smtp.connectTimeoutSeconds"
+        } else {
+            "mailRelay.smtp.commandTimeoutSeconds"
+        };
+        tokio::time::timeout(limit, future).await.map_err(|_| {
+            self.connection_error(stage, format!("no answer within {key} ({limit:?})"))
+        })
+    }
+
+    fn tls_error(&self, stage: Stage, error: &std::io::Error) -> SmtpError {
+        SmtpError::Connection {
+            kind: if is_certificate_error(error) {
+                SmtpErrorKind::Tls
+            } else {
+                SmtpErrorKind::Transient
+            },
+            stage,
+            server: self.server(),
+            detail: format!("TLS handshake failed: {error}"),
+        }
+    }
+
+    fn lettre_error(&self, error: lettre::transport::smtp::Error, stage: Stage) -> SmtpError {
+        from_lettre(error, stage, &self.server())
+    }
+}
+
+/// Sorts lettre's error: a reply becomes `Rejected`, the rest a connection failure.
+fn from_lettre(error: lettre::transport::smtp::Error, stage: Stage, server: &str) -> SmtpError {
+    if let Some(code) = error.status() {
+        let text = std::error::Error::source(&error)
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        return SmtpError::rejected(stage, code_number(code), text);
+    }
+    if error.is_client() {
+        return SmtpError::Unsupported {
+            server: server.to_string(),
+            detail: format!("cannot be used at {stage}: {error}"),
+        };
+    }
+    let kind = if is_certificate_error(&error) {
+        SmtpErrorKind::Tls
+    } else {
+        SmtpErrorKind::Transient
+    };
+    SmtpError::Connection {
+        kind,
+        stage,
+        server: server.to_string(),
+        detail: error.to_string(),
+    }
+}
+
+fn code_number(code: Code) -> u16 {
+    u16::from(code.severity as u8) * 100
+        + u16::from(code.category as u8) * 10
+        + u16::from(code.detail as u8)
+}
+
+fn reply_text(response: &Response) -> String {
+    response.message().collect::<Vec<_>>().join(" ")
+}
+
+/// Counts itself in the connector's open-connection gauge while alive.
+struct OpenGuard(Arc<AtomicUsize>);
+
+impl OpenGuard {
+    fn new(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(open))
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An AUTH line that carries a credential: kept out of `Debug`.
+struct SecretLine(SecretString);
+
+impl fmt::Display for SecretLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.expose_secret())
+    }
+}
+
+/// An open, authenticated connection.
+pub(crate) struct Connection {
+    inner: AsyncSmtpConnection,
+    /// The token this connection logged in with (XOAUTH2 only).
+    pub token: Option<AccessToken>,
+    pub last_used: Instant,
+    server: String,
+    command_timeout: Duration,
+    _open: OpenGuard,
+}
+
+impl Connection {
+    async fn command(
+        &mut self,
+        command: impl fmt::Display,
+        stage: Stage,
+    ) -> Result<Response, SmtpError> {
+        let limit = self.command_timeout;
+        match tokio::time::timeout(limit, self.inner.command(command)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => Err(from_lettre(e, stage, &self.server)),
+            Err(_) => Err(SmtpError::Connection {
+                kind: SmtpErrorKind::Transient,
+                stage,
+                server: self.server.clone(),
+                detail: format!(
+                    "no answer within mailRelay.smtp.commandTimeoutSeconds ({limit:?})"
+                ),
+            }),
+        }
+    }
+
+    async fn basic(&mut self, username: &str, password: &SecretString) -> Result<(), SmtpError> {
+        let credentials = Credentials::new(username.to_string(), password.expose_secret().into());
+        let limit = self.command_timeout;
+        let outcome = tokio::time::timeout(
+            limit,
+            self.inner
+                .auth(&[Mechanism::Plain, Mechanism::Login], &credentials),
+        )
+        .await;
+        match outcome {
+            Ok(Ok(response)) if code_number(response.code()) == 235 => Ok(()),
+            Ok(Ok(response)) => Err(SmtpError::rejected(
+                Stage::Auth,
+                code_number(response.code()),
+                reply_text(&response),
+            )),
+            Ok(Err(e)) => Err(from_lettre(e, Stage::Auth, &self.server)),
+            Err(_) => Err(SmtpError::Connection {
+                kind: SmtpErrorKind::Transient,
+                stage: Stage::Auth,
+                server: self.server.clone(),
+                detail: format!(
+                    "no answer within mailRelay.smtp.commandTimeoutSeconds ({limit:?})"
+                ),
+            }),
+        }
+    }
+
+    /// SASL XOAUTH2 with an initial response. Exchange refuses a token with `535` at once;
+    /// Gmail and Dovecot first send a `334` JSON challenge, answered with an empty line,
+    /// and then `535`. lettre's own `auth` gives up on that challenge, so this is done here.
+    async fn xoauth2(&mut self, username: &str, token: &AccessToken) -> Result<(), SmtpError> {
+        if !self
+            .inner
+            .server_info()
+            .supports_auth_mechanism(Mechanism::Xoauth2)
+        {
+            return Err(SmtpError::Unsupported {
+                server: self.server.clone(),
+                detail: format!(
+                    "does not offer AUTH XOAUTH2 (it offers: {}), which MS_OAUTH needs",
+                    self.inner.server_info()
+                ),
+            });
+        }
+        let initial = BASE64.encode(format!(
+            "user={username}\x01auth=Bearer {}\x01\x01",
+            token.expose()
+        ));
+        let line = SecretLine(SecretString::from(format!("AUTH XOAUTH2 {initial}\r\n")));
+        let mut response = self.command(line, Stage::Auth).await?;
+        if code_number(response.code()) == 334 {
+            tracing::debug!(
+                challenge = %decode_challenge(&response),
+                "XOAUTH2 token refused with a challenge; answering with an empty line"
+            );
+            response = self.command("\r\n", Stage::Auth).await?;
+        }
+        match code_number(response.code()) {
+            235 => Ok(()),
+            code => Err(SmtpError::rejected(
+                Stage::Auth,
+                code,
+                reply_text(&response),
+            )),
+        }
+    }
+
+    /// One mail: MAIL FROM, RCPT TO for each recipient, DATA, the message.
+    /// Success only after the server's positive reply to the end of DATA.
+    pub async fn send(&mut self, mail: &OutgoingMail) -> Result<Receipt, SmtpError> {
+        let envelope = &mail.envelope;
+        let from = envelope.from().map(ToString::to_string).unwrap_or_default();
+        let server_info = self.inner.server_info();
+        let mut parameters = Vec::new();
+        let non_ascii_address = envelope
+            .from()
+            .is_some_and(|a| !AsRef::<str>::as_ref(a).is_ascii())
+            || envelope
+                .to()
+                .iter()
+                .any(|a| !AsRef::<str>::as_ref(a).is_ascii());
+        if non_ascii_address {
+            if !server_info.supports_feature(Extension::SmtpUtfEight) {
+                return Err(SmtpError::Unsupported {
+                    server: self.server.clone(),
+                    detail: "does not support SMTPUTF8, needed for a non-ASCII address".into(),
+                });
+            }
+            parameters.push(MailParameter::SmtpUtfEight);
+        }
+        if !mail.formatted.is_ascii() {
+            if !server_info.supports_feature(Extension::EightBitMime) {
+                return Err(SmtpError::Unsupported {
+                    server: self.server.clone(),
+                    detail: "does not support 8BITMIME, needed for this 8-bit message".into(),
+                });
+            }
+            parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+        }
+        self.command(
+            Mail::new(envelope.from().cloned(), parameters),
+            Stage::MailFrom(from),
+        )
+        .await?;
+        for to in envelope.to() {
+            self.command(
+                Rcpt::new(to.clone(), Vec::new()),
+                Stage::RcptTo(to.to_string()),
+            )
+            .await?;
+        }
+        self.command(Data, Stage::Data).await?;
+        // The upload may take longer than one command: allow a slow link of 1 MB/s on top.
+        let limit =
+            self.command_timeout + Duration::from_secs((mail.formatted.len() / 1_000_000) as u64);
+        let response = match tokio::time::timeout(limit, self.inner.message(&mail.formatted)).await
+        {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => return Err(from_lettre(e, Stage::EndOfData, &self.server)),
+            Err(_) => {
+                return Err(SmtpError::Connection {
+                    kind: SmtpErrorKind::Transient,
+                    stage: Stage::EndOfData,
+                    server: self.server.clone(),
+                    detail: format!(
+                        "no answer within {limit:?}; the server may or may not have taken the mail"
+                    ),
+                });
+            }
+        };
+        self.last_used = Instant::now();
+        Ok(Receipt {
+            accepted: envelope.to().iter().map(ToString::to_string).collect(),
+            server_reply: format!("{} {}", code_number(response.code()), reply_text(&response)),
+        })
+    }
+
+    /// Ends a refused transaction so the connection can take the next mail.
+    pub async fn reset(&mut self) -> Result<(), SmtpError> {
+        self.command(Rset, Stage::Reuse).await?;
+        self.last_used = Instant::now();
+        Ok(())
+    }
+
+    /// A cheap liveness check before reusing a connection that sat idle.
+    pub async fn noop(&mut self) -> Result<(), SmtpError> {
+        self.command(Noop, Stage::Reuse).await?;
+        Ok(())
+    }
+
+    /// Says goodbye, bounded by the command timeout; errors do not matter any more.
+    pub async fn quit(mut self) {
+        let _ = tokio::time::timeout(self.command_timeout, self.inner.command(Quit)).await;
+    }
+}
+
+fn decode_challenge(response: &Response) -> String {
+    let text = reply_text(response);
+    BASE64
+        .decode(text.trim())
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .unwrap_or(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lettre::transport::smtp::response::{Category, Detail, Severity};
+
+    #[test]
+    fn reply_codes_become_numbers() {
+        let code = Code::new(
+            Severity::PermanentNegativeCompletion,
+            Category::Unspecified3,
+            Detail::Five,
+        );
+        assert_eq!(code_number(code), 535);
+        let code = Code::new(
+            Severity::PositiveIntermediate,
+            Category::Unspecified3,
+            Detail::Four,
+        );
+        assert_eq!(code_number(code), 334);
+    }
+
+    #[test]
+    fn secret_line_has_no_debug_and_displays_the_line() {
+        let line = SecretLine(SecretString::from("AUTH XOAUTH2 abc\r\n".to_string()));
+        assert_eq!(line.to_string(), "AUTH XOAUTH2 abc\r\n");
+    }
+}

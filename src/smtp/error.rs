@@ -1,0 +1,311 @@
+//! `SmtpError`: every way a hand-over to the SMTP server fails, sorted, with the fix.
+
+use std::fmt;
+use std::time::Duration;
+
+use super::classify::{EnhancedCode, SmtpErrorKind, classify, parse_enhanced};
+use crate::token::TokenError;
+
+/// A negative reply as the server sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmtpReply {
+    /// The basic reply code, e.g. 554.
+    pub code: u16,
+    /// The enhanced status code parsed from the text, e.g. 5.2.252.
+    pub enhanced: Option<EnhancedCode>,
+    /// The server's text, lines joined by spaces.
+    pub text: String,
+}
+
+impl SmtpReply {
+    pub fn new(code: u16, text: impl Into<String>) -> Self {
+        let text = text.into();
+        Self {
+            code,
+            enhanced: parse_enhanced(&text),
+            text,
+        }
+    }
+}
+
+impl fmt::Display for SmtpReply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.code, self.text)
+    }
+}
+
+/// Where in the SMTP dialogue a failure happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stage {
+    Connect,
+    Greeting,
+    StartTls,
+    Auth,
+    MailFrom(String),
+    RcptTo(String),
+    Data,
+    EndOfData,
+    /// Checking or resetting a pooled connection.
+    Reuse,
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Connect => f.write_str("connecting"),
+            Self::Greeting => f.write_str("greeting and EHLO"),
+            Self::StartTls => f.write_str("STARTTLS"),
+            Self::Auth => f.write_str("AUTH"),
+            Self::MailFrom(from) => write!(f, "MAIL FROM:<{from}>"),
+            Self::RcptTo(to) => write!(f, "RCPT TO:<{to}>"),
+            Self::Data => f.write_str("DATA"),
+            Self::EndOfData => f.write_str("end of DATA"),
+            Self::Reuse => f.write_str("checking a pooled connection"),
+        }
+    }
+}
+
+/// Why the SMTP server did not take a mail.
+#[derive(Debug, thiserror::Error)]
+pub enum SmtpError {
+    /// The server answered with a negative reply.
+    #[error("the SMTP server refused {stage}: {reply}{}", hint_suffix(*kind))]
+    Rejected {
+        kind: SmtpErrorKind,
+        stage: Stage,
+        reply: SmtpReply,
+    },
+    /// No usable reply: refused or dropped connection, TLS failure, timeout.
+    #[error("SMTP connection to {server} failed at {stage}: {detail}{}", hint_suffix(*kind))]
+    Connection {
+        /// `Transient`, or `Tls` when the certificate was not accepted.
+        kind: SmtpErrorKind,
+        stage: Stage,
+        server: String,
+        detail: String,
+    },
+    /// The server lacks something the settings require (STARTTLS, an AUTH mechanism).
+    #[error("the SMTP server {server} {detail}")]
+    Unsupported { server: String, detail: String },
+    /// No access token for XOAUTH2 could be had.
+    #[error("no access token for SMTP: {0}")]
+    Token(#[from] TokenError),
+    /// The send did not finish within `mailRelay.smtp.sendDeadlineSeconds`.
+    #[error("the SMTP send did not finish within mailRelay.smtp.sendDeadlineSeconds ({deadline:?}){}", last_suffix(.last))]
+    Deadline {
+        deadline: Duration,
+        last: Option<Box<SmtpError>>,
+    },
+    /// The SMTP settings cannot work.
+    #[error("setting {key}: {message}")]
+    Setup { key: &'static str, message: String },
+}
+
+fn hint_suffix(kind: SmtpErrorKind) -> String {
+    fix_for(kind).map_or_else(String::new, |fix| format!(". Fix: {fix}"))
+}
+
+fn last_suffix(last: &Option<Box<SmtpError>>) -> String {
+    last.as_ref()
+        .map_or_else(String::new, |e| format!("; last error: {e}"))
+}
+
+/// What the operator should do, from EXCHANGE.md section 1.
+fn fix_for(kind: SmtpErrorKind) -> Option<&'static str> {
+    Some(match kind {
+        SmtpErrorKind::SendAsDenied => {
+            "grant \"Send as\" on the From mailbox to the SMTP mailbox (smtpUsername): \
+             M365 admin center > Active users > Mail > Send as permissions, or \
+             Add-RecipientPermission -Identity <from> -Trustee <smtpUsername> -AccessRights SendAs"
+        }
+        SmtpErrorKind::SmtpAuthDisabled => {
+            "enable Authenticated SMTP for the mailbox smtpUsername (M365 admin center > Mail > \
+             Manage email apps, or Set-CASMailbox -Identity <smtpUsername> \
+             -SmtpClientAuthenticationDisabled $false); security defaults or Conditional Access \
+             can also block SMTP AUTH"
+        }
+        SmtpErrorKind::BasicAuthRefused => {
+            "the tenant refuses Basic authentication: set smtpAuthentication to MS_OAUTH"
+        }
+        SmtpErrorKind::AuthFailed => {
+            "the server refused the login. For MS_OAUTH (a fresh token was refused too): check that \
+             the app registration has the application permission Office 365 Exchange Online > \
+             SMTP.SendAsApp with admin consent; that New-ServicePrincipal -AppId <client id> \
+             -ObjectId <Enterprise application object id> was run; that Add-MailboxPermission \
+             -Identity <smtpUsername> -User <that object id> -AccessRights FullAccess was granted; \
+             and that smtpUsername is that mailbox. For BASIC: check smtpUsername and smtpPassword"
+        }
+        SmtpErrorKind::ThreadLimit => {
+            "more than 3 connections to the mailbox at once: lower mailRelay.smtp.maxConnections \
+             or stop other clients that use the same mailbox"
+        }
+        SmtpErrorKind::QuotaExceeded => {
+            "the mailbox's daily recipient quota (10,000 a day in Exchange Online) is used up: \
+             wait a day or spread the load over more mailboxes"
+        }
+        SmtpErrorKind::MailboxFull => {
+            "the SMTP mailbox (its Sent Items folder) is full: empty it or raise its quota"
+        }
+        SmtpErrorKind::TooLarge => {
+            "the message is larger than the server accepts (Exchange Online: 35 MB by default, \
+             base64 adds about 33%): send less, or raise the limit"
+        }
+        SmtpErrorKind::Tls => {
+            "the server's certificate was not accepted: smtpServer must match a name in the \
+             certificate, and a private CA must be given in mailRelay.smtp.caFile"
+        }
+        SmtpErrorKind::Transient
+        | SmtpErrorKind::Permanent
+        | SmtpErrorKind::Token
+        | SmtpErrorKind::Setup => return None,
+    })
+}
+
+impl SmtpError {
+    /// A negative reply, sorted by [`classify`].
+    pub fn rejected(stage: Stage, code: u16, text: impl Into<String>) -> Self {
+        let reply = SmtpReply::new(code, text);
+        Self::Rejected {
+            kind: classify(reply.code, &reply.text),
+            stage,
+            reply,
+        }
+    }
+
+    /// The case this error is, flat.
+    pub fn kind(&self) -> SmtpErrorKind {
+        match self {
+            Self::Rejected { kind, .. } | Self::Connection { kind, .. } => *kind,
+            Self::Unsupported { .. } => SmtpErrorKind::Permanent,
+            Self::Token(_) => SmtpErrorKind::Token,
+            Self::Deadline { .. } => SmtpErrorKind::Transient,
+            Self::Setup { .. } => SmtpErrorKind::Setup,
+        }
+    }
+
+    /// The server's reply, when there was one.
+    pub fn reply(&self) -> Option<&SmtpReply> {
+        match self {
+            Self::Rejected { reply, .. } => Some(reply),
+            Self::Deadline {
+                last: Some(last), ..
+            } => last.reply(),
+            _ => None,
+        }
+    }
+
+    /// The basic reply code, when the server answered.
+    pub fn code(&self) -> Option<u16> {
+        self.reply().map(|r| r.code)
+    }
+
+    /// The enhanced status code, when the server gave one.
+    pub fn enhanced_code(&self) -> Option<EnhancedCode> {
+        self.reply().and_then(|r| r.enhanced)
+    }
+
+    /// The server's text, when the server answered.
+    pub fn server_text(&self) -> Option<&str> {
+        self.reply().map(|r| r.text.as_str())
+    }
+
+    /// What the operator should do about it, when there is a known fix.
+    pub fn fix(&self) -> Option<&'static str> {
+        fix_for(self.kind())
+    }
+
+    /// Worth trying again later: the server or the network may be better then.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Token(e) => e.is_transient(),
+            _ => matches!(
+                self.kind(),
+                SmtpErrorKind::Transient | SmtpErrorKind::ThreadLimit
+            ),
+        }
+    }
+
+    /// Whether the connection it happened on can take the next mail (after `RSET`):
+    /// the server refused one transaction, not the session.
+    pub(crate) fn leaves_connection_usable(&self) -> bool {
+        match self {
+            Self::Rejected { stage, reply, .. } => {
+                reply.code != 421
+                    && matches!(
+                        stage,
+                        Stage::MailFrom(_) | Stage::RcptTo(_) | Stage::Data | Stage::EndOfData
+                    )
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejected_carries_code_enhanced_code_text_and_fix() {
+        let e = SmtpError::rejected(
+            Stage::EndOfData,
+            554,
+            "5.2.252 SendAsDenied; relay@contoso.test not allowed to send as boss@contoso.test",
+        );
+        assert_eq!(e.kind(), SmtpErrorKind::SendAsDenied);
+        assert_eq!(e.code(), Some(554));
+        assert_eq!(e.enhanced_code(), Some(EnhancedCode::new(5, 2, 252)));
+        assert!(e.server_text().unwrap().contains("not allowed to send as"));
+        assert!(!e.is_transient());
+        assert!(e.leaves_connection_usable());
+        let message = e.to_string();
+        assert!(message.contains("end of DATA"), "{message}");
+        assert!(message.contains("Add-RecipientPermission"), "{message}");
+    }
+
+    #[test]
+    fn auth_disabled_names_the_setting_to_change() {
+        let e = SmtpError::rejected(
+            Stage::Auth,
+            535,
+            "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox",
+        );
+        assert_eq!(e.kind(), SmtpErrorKind::SmtpAuthDisabled);
+        assert!(
+            e.to_string()
+                .contains("SmtpClientAuthenticationDisabled $false")
+        );
+        assert!(!e.leaves_connection_usable());
+    }
+
+    #[test]
+    fn thread_limit_and_4xx_are_transient_5xx_not() {
+        let limit = SmtpError::rejected(
+            Stage::MailFrom("a@b.c".into()),
+            432,
+            "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded",
+        );
+        assert!(limit.is_transient());
+        assert!(SmtpError::rejected(Stage::Data, 451, "4.3.0 try later").is_transient());
+        assert!(!SmtpError::rejected(Stage::Data, 554, "5.0.0 no").is_transient());
+        let closing = SmtpError::rejected(Stage::Data, 421, "4.4.2 closing");
+        assert!(!closing.leaves_connection_usable());
+    }
+
+    #[test]
+    fn deadline_reports_the_last_error() {
+        let e = SmtpError::Deadline {
+            deadline: Duration::from_secs(3),
+            last: Some(Box::new(SmtpError::Connection {
+                kind: SmtpErrorKind::Transient,
+                stage: Stage::Connect,
+                server: "127.0.0.1:1".into(),
+                detail: "connection refused".into(),
+            })),
+        };
+        assert!(e.is_transient());
+        let message = e.to_string();
+        assert!(message.contains("sendDeadline"), "{message}");
+        assert!(message.contains("connection refused"), "{message}");
+    }
+}

@@ -1,0 +1,436 @@
+//! `SmtpSender`: the [`MailSender`] that hands mail to the SMTP server, with retries.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use lettre::transport::smtp::extension::ClientId;
+use rand::Rng as _;
+
+use super::classify::SmtpErrorKind;
+use super::connection::{Connection, Connector, Login};
+use super::error::{SmtpError, Stage};
+use super::pool::Pool;
+use super::tls::TlsSetup;
+use crate::config::{Encryption, Settings, SmtpAuthentication};
+use crate::delivery::{DeliveryError, MailSender, Receipt};
+use crate::message::OutgoingMail;
+use crate::token::{AccessToken, TokenProvider};
+
+/// A connection idle this long gets a `NOOP` before reuse; a fresher one is used as is.
+const CHECK_AFTER_IDLE: Duration = Duration::from_secs(10);
+/// A connection idle this long is quit rather than reused (servers drop idle sessions,
+/// and an idle session still counts against Exchange's 3 per mailbox).
+const MAX_IDLE: Duration = Duration::from_secs(60);
+/// A connection whose token expires within this is not reused.
+const TOKEN_MARGIN: Duration = Duration::from_secs(60);
+
+/// What health and metrics show of the SMTP side.
+#[derive(Debug, Clone, Default)]
+pub struct SmtpState {
+    /// Open connections, in use or idle.
+    pub open_connections: usize,
+    pub idle_connections: usize,
+    pub max_connections: usize,
+    /// Mails the server took.
+    pub sent: u64,
+    /// Sends that failed (after retries).
+    pub failed: u64,
+    /// The last failure, with its time.
+    pub last_error: Option<String>,
+    pub last_error_at: Option<SystemTime>,
+}
+
+/// Delivers mail over SMTP through a small pool of authenticated connections.
+/// Cheap to clone; clones share the pool.
+#[derive(Clone)]
+pub struct SmtpSender {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    connector: Connector,
+    pool: Pool,
+    tokens: Option<Arc<dyn TokenProvider>>,
+    max_connections: usize,
+    send_deadline: Duration,
+    sent: AtomicU64,
+    failed: AtomicU64,
+    last_error: Mutex<Option<(SystemTime, String)>>,
+}
+
+impl SmtpSender {
+    /// Checks the settings and prepares TLS; connects only when the first mail comes.
+    /// `tokens` is required for `MS_OAUTH`.
+    pub fn new(
+        settings: &Settings,
+        tokens: Option<Arc<dyn TokenProvider>>,
+    ) -> Result<Self, SmtpError> {
+        let email = &settings.send_email;
+        let tuning = &settings.relay.smtp;
+        if tuning.max_connections == 0 {
+            return Err(SmtpError::Setup {
+                key: "mailRelay.smtp.maxConnections",
+                message: "must be at least 1 (Exchange Online allows 3 per mailbox)".into(),
+            });
+        }
+        let login = match &email.smtp_authentication {
+            SmtpAuthentication::None => Login::None,
+            SmtpAuthentication::Basic { username, password } => Login::Basic {
+                username: username.clone(),
+                password: password.clone(),
+            },
+            SmtpAuthentication::MsOAuth { username, .. } => {
+                if tokens.is_none() {
+                    return Err(SmtpError::Setup {
+                        key: "featureSwitches.sendEmail.smtpAuthentication",
+                        message: "MS_OAUTH needs the token cache, and none was given".into(),
+                    });
+                }
+                Login::XOAuth2 {
+                    username: username.clone(),
+                }
+            }
+        };
+        if email.smtp_encryption == Encryption::None
+            && !matches!(login, Login::None)
+            && !is_loopback(&email.smtp_server)
+        {
+            return Err(SmtpError::Setup {
+                key: "featureSwitches.sendEmail.smtpEncryption",
+                message: format!(
+                    "NONE would send the credentials in clear text to {}: use TLS (STARTTLS) \
+                     or SSL; NONE is allowed only with smtpAuthentication NONE or on loopback",
+                    email.smtp_server
+                ),
+            });
+        }
+        if email.smtp_encryption == Encryption::Ssl
+            && email
+                .smtp_server
+                .to_ascii_lowercase()
+                .ends_with("office365.com")
+        {
+            tracing::warn!(
+                server = %email.smtp_server,
+                "smtpEncryption SSL (implicit TLS) does not work with Exchange Online, which \
+                 offers only STARTTLS on port 587: use smtpEncryption TLS"
+            );
+        }
+        let tls = match email.smtp_encryption {
+            Encryption::None => None,
+            Encryption::Ssl | Encryption::Tls => Some(TlsSetup::new(
+                &email.smtp_server,
+                tuning.ca_file.as_deref(),
+            )?),
+        };
+        let hello = match &tuning.hello_name {
+            Some(name) => match name.parse::<IpAddr>() {
+                Ok(IpAddr::V4(ip)) => ClientId::Ipv4(ip),
+                Ok(IpAddr::V6(ip)) => ClientId::Ipv6(ip),
+                Err(_) => ClientId::Domain(name.clone()),
+            },
+            None => ClientId::default(),
+        };
+        let connector = Connector {
+            host: email.smtp_server.clone(),
+            port: email.smtp_port,
+            encryption: email.smtp_encryption,
+            login,
+            tls,
+            hello,
+            source_address: tuning.source_address,
+            connect_timeout: tuning.connect_timeout,
+            command_timeout: tuning.command_timeout,
+            open: Arc::new(AtomicUsize::new(0)),
+        };
+        let inner = Arc::new(Inner {
+            connector,
+            pool: Pool::new(tuning.max_connections),
+            tokens,
+            max_connections: tuning.max_connections,
+            send_deadline: tuning.send_deadline,
+            sent: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(reap_idle(Arc::downgrade(&inner)));
+        }
+        Ok(Self { inner })
+    }
+
+    /// Sends one mail, retrying within `mailRelay.smtp.sendDeadlineSeconds` as the module doc says.
+    #[tracing::instrument(name = "smtp_send", skip_all, fields(mail_id = %mail.id, message_id = %mail.message_id))]
+    pub async fn send_mail(&self, mail: &OutgoingMail) -> Result<Receipt, SmtpError> {
+        let result = self.inner.send_with_retries(mail).await;
+        match &result {
+            Ok(receipt) => {
+                self.inner.sent.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(reply = %receipt.server_reply, "SMTP server took the mail");
+            }
+            Err(error) => {
+                self.inner.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(kind = %error.kind(), error = %error, "SMTP send failed");
+                *self.inner.last_error() = Some((SystemTime::now(), error.to_string()));
+            }
+        }
+        result
+    }
+
+    /// Quits the idle connections and keeps no more (for shutdown); sends in flight finish.
+    pub async fn close(&self) {
+        for connection in self.inner.pool.close() {
+            connection.quit().await;
+        }
+    }
+
+    pub fn state(&self) -> SmtpState {
+        let last = self.inner.last_error().clone();
+        SmtpState {
+            open_connections: self.inner.connector.open.load(Ordering::Relaxed),
+            idle_connections: self.inner.pool.idle_count(),
+            max_connections: self.inner.max_connections,
+            sent: self.inner.sent.load(Ordering::Relaxed),
+            failed: self.inner.failed.load(Ordering::Relaxed),
+            last_error_at: last.as_ref().map(|(at, _)| *at),
+            last_error: last.map(|(_, e)| e),
+        }
+    }
+}
+
+#[async_trait]
+impl MailSender for SmtpSender {
+    async fn send(&self, mail: &OutgoingMail) -> Result<Receipt, DeliveryError> {
+        self.send_mail(mail).await.map_err(|e| match e {
+            SmtpError::Token(token) => DeliveryError::Token(token),
+            other => DeliveryError::Smtp(other),
+        })
+    }
+
+    async fn close(&self) {
+        SmtpSender::close(self).await;
+    }
+}
+
+impl Inner {
+    fn last_error(&self) -> std::sync::MutexGuard<'_, Option<(SystemTime, String)>> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn send_with_retries(&self, mail: &OutgoingMail) -> Result<Receipt, SmtpError> {
+        let deadline = Instant::now() + self.send_deadline;
+        let mut last: Option<SmtpError> = None;
+        let mut token_retried = false;
+        let mut transient_failures = 0u32;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            // Only the first refusal drops the token: a fresh token refused too points at
+            // the tenant's setup, and dropping it would cost a token fetch per mail.
+            let attempt = self.attempt(mail, !token_retried);
+            let error = match tokio::time::timeout(remaining, attempt).await {
+                Ok(Ok(receipt)) => return Ok(receipt),
+                Ok(Err(error)) => error,
+                Err(_) => {
+                    return Err(SmtpError::Deadline {
+                        deadline: self.send_deadline,
+                        last: last.map(Box::new),
+                    });
+                }
+            };
+            let kind = error.kind();
+            if kind == SmtpErrorKind::AuthFailed
+                && self.tokens.is_some()
+                && matches!(self.connector.login, Login::XOAuth2 { .. })
+                && !token_retried
+            {
+                // The token was dropped from the cache in `attempt`: one more try with a new one.
+                tracing::warn!(error = %error, "XOAUTH2 token refused; retrying once with a new token");
+                token_retried = true;
+                last = Some(error);
+                continue;
+            }
+            if !error.is_transient()
+                || matches!(error, SmtpError::Token(_))
+                || outcome_unknown(&error)
+            {
+                // Token errors: the cache does its own retrying.
+                return Err(error);
+            }
+            transient_failures += 1;
+            let pause = backoff(transient_failures, kind == SmtpErrorKind::ThreadLimit);
+            if Instant::now() + pause >= deadline {
+                return Err(error);
+            }
+            tracing::info!(error = %error, ?pause, "transient SMTP failure; retrying");
+            last = Some(error);
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// One try: a turn in the pool, a connection (reused or new), one transaction.
+    async fn attempt(
+        &self,
+        mail: &OutgoingMail,
+        invalidate_refused_token: bool,
+    ) -> Result<Receipt, SmtpError> {
+        let _turn = self.pool.turn().await;
+        let token = match (&self.tokens, &self.connector.login) {
+            (Some(tokens), Login::XOAuth2 { .. }) => Some(tokens.token().await?),
+            _ => None,
+        };
+        let mut connection = match self.reusable_connection(token.as_ref()).await {
+            Some(connection) => connection,
+            None => match self.connector.open(token.as_ref()).await {
+                Ok(connection) => connection,
+                Err(error) => {
+                    if let (SmtpErrorKind::AuthFailed, Some(tokens), Some(token), true) =
+                        (error.kind(), &self.tokens, &token, invalidate_refused_token)
+                    {
+                        tokens.invalidate(token);
+                    }
+                    return Err(error);
+                }
+            },
+        };
+        match connection.send(mail).await {
+            Ok(receipt) => {
+                self.check_in(connection).await;
+                Ok(receipt)
+            }
+            Err(error) => {
+                // Send-as denied and other refusals end one transaction, not the session.
+                if error.leaves_connection_usable() && connection.reset().await.is_ok() {
+                    self.check_in(connection).await;
+                }
+                Err(error)
+            }
+        }
+    }
+
+    async fn check_in(&self, connection: Connection) {
+        if let Some(connection) = self.pool.put_back(connection) {
+            connection.quit().await;
+        }
+    }
+
+    /// An idle connection fit for reuse: logged in with the current token, not idle too
+    /// long, and answering `NOOP` if it sat for a while. Unfit ones are quit.
+    async fn reusable_connection(&self, token: Option<&AccessToken>) -> Option<Connection> {
+        while let Some(mut connection) = self.pool.take_idle() {
+            let token_fit = match (token, &connection.token) {
+                (None, None) => true,
+                (Some(current), Some(used)) => {
+                    current.same_as(used) && used.expires_at() > SystemTime::now() + TOKEN_MARGIN
+                }
+                _ => false,
+            };
+            let idle = connection.last_used.elapsed();
+            if !token_fit || idle > MAX_IDLE {
+                tracing::debug!(token_fit, ?idle, "retiring an idle SMTP connection");
+                connection.quit().await;
+                continue;
+            }
+            if idle > CHECK_AFTER_IDLE && connection.noop().await.is_err() {
+                continue;
+            }
+            return Some(connection);
+        }
+        None
+    }
+}
+
+/// Quits connections that sat idle too long, so they do not hold one of the mailbox's
+/// few sessions for nothing. Ends when the sender is gone.
+async fn reap_idle(inner: Weak<Inner>) {
+    let mut tick = tokio::time::interval(MAX_IDLE / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let stale = inner.pool.take_where(|c| c.last_used.elapsed() > MAX_IDLE);
+        drop(inner);
+        for connection in stale {
+            connection.quit().await;
+        }
+    }
+}
+
+/// A failure after the whole message was sent, with no reply: the server may have taken
+/// the mail, and sending it again could deliver it twice.
+fn outcome_unknown(error: &SmtpError) -> bool {
+    matches!(
+        error,
+        SmtpError::Connection {
+            stage: Stage::EndOfData,
+            ..
+        }
+    )
+}
+
+/// Exponential back-off with jitter; longer for Exchange's thread limit.
+fn backoff(failures: u32, thread_limit: bool) -> Duration {
+    let (base, cap) = if thread_limit {
+        (Duration::from_millis(500), Duration::from_secs(5))
+    } else {
+        (Duration::from_millis(100), Duration::from_secs(2))
+    };
+    let full = base
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(10))
+        .min(cap);
+    // Half fixed, half random: spreads retries of concurrent sends apart.
+    let half = full / 2;
+    half + half.mul_f64(rand::rng().random::<f64>())
+}
+
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_stays_capped() {
+        for failures in 1..20 {
+            let pause = backoff(failures, false);
+            assert!(pause <= Duration::from_secs(2), "{failures}: {pause:?}");
+            assert!(pause >= Duration::from_millis(50), "{failures}: {pause:?}");
+        }
+        assert!(backoff(6, false) >= Duration::from_secs(1));
+        assert!(backoff(1, true) >= Duration::from_millis(250));
+        assert!(backoff(20, true) <= Duration::from_secs(5));
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        assert!(is_loopback("localhost"));
+        assert!(is_loopback("127.0.0.1"));
+        assert!(is_loopback("[::1]"));
+        assert!(!is_loopback("smtp.office365.com"));
+        assert!(!is_loopback("10.0.0.1"));
+    }
+
+    #[test]
+    fn only_a_lost_final_reply_is_outcome_unknown() {
+        let lost = SmtpError::Connection {
+            kind: SmtpErrorKind::Transient,
+            stage: Stage::EndOfData,
+            server: "s:1".into(),
+            detail: "reset".into(),
+        };
+        assert!(outcome_unknown(&lost));
+        let refused = SmtpError::rejected(Stage::EndOfData, 451, "4.3.0 later");
+        assert!(!outcome_unknown(&refused));
+    }
+}

@@ -1,0 +1,253 @@
+//! The whole path: HTTP request -> caller -> send-as -> MIME -> token from a fake Entra ID ->
+//! XOAUTH2 over STARTTLS to the real Postfix + Dovecot peer -> the Maildir, read back.
+
+use std::time::Duration;
+
+use base64::Engine;
+use mail_parser::{MessageParser, MimeHeaders};
+use mail_relay::app::Application;
+use mail_relay::config::{Delivery, Encryption, Settings, SmtpAuthentication};
+use serde_json::{Value, json};
+
+use crate::entra::FakeEntra;
+use crate::helpers::{TestApp, authenticated_client, expect_problem, post_mail, test_settings};
+use crate::peer::Peer;
+use crate::require_peer;
+
+/// Settings for the real thing: MS_OAUTH to the peer's STARTTLS port, tokens from `entra`.
+fn relay_settings(peer: &Peer, entra: &FakeEntra) -> Settings {
+    let mut settings = test_settings(std::env::temp_dir());
+    settings.relay.delivery = Delivery::Smtp;
+    settings.send_email.smtp_server = peer.host.clone();
+    settings.send_email.smtp_port = peer.submission_port;
+    settings.send_email.smtp_encryption = Encryption::Tls;
+    settings.send_email.smtp_authentication = SmtpAuthentication::MsOAuth {
+        username: peer.oauth_user.clone(),
+        oauth: entra.oauth_settings(),
+    };
+    settings.relay.smtp.ca_file = Some(peer.ca_path().to_path_buf());
+    settings.relay.smtp.send_deadline = Duration::from_secs(20);
+    settings.relay.limits.max_body_bytes = 4 * 1024 * 1024;
+    settings
+}
+
+/// The production build path (`Application::build`: token cache + SMTP sender), on port 0.
+async fn spawn_relay(settings: Settings) -> TestApp {
+    let app = Application::build(settings).await.unwrap();
+    let address = app.local_addr().unwrap();
+    tokio::spawn(app.run_until(std::future::pending()));
+    TestApp {
+        address,
+        client: authenticated_client(),
+        outbox: tempfile::tempdir().unwrap(),
+    }
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+async fn delivered(peer: &Peer, message_id: &str) -> Vec<u8> {
+    peer.wait_for_message(message_id, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "{message_id} was not delivered to {}",
+                peer.maildir.display()
+            )
+        })
+}
+
+#[tokio::test]
+async fn a_mail_posted_to_the_relay_arrives_intact_over_xoauth2() {
+    let peer = require_peer!();
+    let entra = FakeEntra::start().await;
+    entra
+        .mount_token(
+            &peer.mint_token(&peer.oauth_user, Duration::from_secs(3600)),
+            3599,
+        )
+        .await;
+    let app = spawn_relay(relay_settings(&peer, &entra)).await;
+
+    let report: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+    let logo = b"\x89PNG\r\n\x1a\n\x00\x00 not a real png".to_vec();
+    let subject = "Übersicht für Jürgen – Rechnung №42 ✓";
+    let body = json!({
+        "from": {"name": "Zoë from Billing", "address": "billing@contoso.test"},
+        "to": ["alice@contoso.test", {"name": "Bob Müller", "address": "bob@contoso.test"}],
+        "bcc": "audit@contoso.test",
+        "subject": subject,
+        "text": "Hallo Jürgen,\nanbei die Rechnung.",
+        "html": "<p>Hallo J&uuml;rgen,</p><img src=\"cid:logo\">",
+        "attachments": [
+            {"filename": "Rechnung März.pdf", "contentType": "application/pdf", "content": b64(&report)},
+            {"filename": "logo.png", "contentType": "image/png", "content": b64(&logo), "contentId": "logo"}
+        ]
+    });
+    let response = post_mail(&app, &body).await;
+    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+    let accepted: Value = response.json().await.unwrap();
+    assert_eq!(accepted["acceptedRecipients"].as_array().unwrap().len(), 3);
+    let message_id = accepted["messageId"].as_str().unwrap();
+
+    let raw = delivered(&peer, message_id.trim_matches(['<', '>'])).await;
+    let message = MessageParser::default().parse(&raw).unwrap();
+    assert_eq!(message.subject(), Some(subject));
+    assert_eq!(
+        message.message_id(),
+        Some(message_id.trim_matches(['<', '>']))
+    );
+    assert!(message.header("Bcc").is_none(), "Bcc must not be a header");
+    assert!(message.body_text(0).unwrap().contains("anbei die Rechnung"));
+    let pdf = message
+        .attachments()
+        .find(|a| a.attachment_name() == Some("Rechnung März.pdf"))
+        .unwrap();
+    assert_eq!(pdf.contents(), report.as_slice());
+    let inline = message
+        .attachments()
+        .find(|a| a.content_id() == Some("logo"))
+        .unwrap();
+    assert_eq!(inline.contents(), logo.as_slice());
+    assert_eq!(entra.fetch_count().await, 1, "one token for the mail");
+}
+
+#[tokio::test]
+async fn many_mails_share_one_token() {
+    let peer = require_peer!();
+    let entra = FakeEntra::start().await;
+    entra
+        .mount_token(
+            &peer.mint_token(&peer.oauth_user, Duration::from_secs(3600)),
+            3599,
+        )
+        .await;
+    let app = spawn_relay(relay_settings(&peer, &entra)).await;
+    let sends = (0..20).map(|i| {
+        let body = json!({"from": "noreply@contoso.test", "to": "alice@contoso.test",
+                          "subject": format!("shared token {i}"), "text": "hi"});
+        let app = &app;
+        async move { post_mail(app, &body).await.status() }
+    });
+    let statuses = futures_util::future::join_all(sends).await;
+    assert!(statuses.iter().all(|s| *s == 202), "{statuses:?}");
+    assert_eq!(entra.fetch_count().await, 1);
+}
+
+#[tokio::test]
+async fn a_token_the_server_refuses_is_replaced_and_the_mail_still_arrives() {
+    let peer = require_peer!();
+    let entra = FakeEntra::start().await;
+    entra
+        .mount_token(
+            &peer.mint_token(&peer.oauth_user, Duration::from_secs(3600)),
+            3599,
+        )
+        .await;
+    // The first token Entra hands out is one the SMTP server will not accept.
+    entra
+        .mount_token_once(
+            &peer.mint_token_wrong_key(&peer.oauth_user, Duration::from_secs(3600)),
+            3599,
+        )
+        .await;
+    let app = spawn_relay(relay_settings(&peer, &entra)).await;
+    let body = json!({"from": "noreply@contoso.test", "to": "alice@contoso.test",
+                      "subject": "after a refused token", "text": "hi"});
+    let response = post_mail(&app, &body).await;
+    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+    let message_id: Value = response.json().await.unwrap();
+    delivered(
+        &peer,
+        message_id["messageId"]
+            .as_str()
+            .unwrap()
+            .trim_matches(['<', '>']),
+    )
+    .await;
+    assert_eq!(
+        entra.fetch_count().await,
+        2,
+        "the refused token was dropped and replaced once"
+    );
+}
+
+#[tokio::test]
+async fn exchange_send_as_denied_is_403_and_remembered() {
+    let peer = require_peer!();
+    let entra = FakeEntra::start().await;
+    entra
+        .mount_token(
+            &peer.mint_token(&peer.oauth_user, Duration::from_secs(3600)),
+            3599,
+        )
+        .await;
+    let app = spawn_relay(relay_settings(&peer, &entra)).await;
+    let marker = format!("sendas-{}", uuid::Uuid::new_v4());
+    let body = json!({"from": peer.sendas_denied, "to": "alice@contoso.test", "subject": marker, "text": "hi"});
+
+    let first = expect_problem(post_mail(&app, &body).await, 403, "send_as_denied").await;
+    let detail = first["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("5.2.252") && detail.contains("Add-RecipientPermission"),
+        "{detail}"
+    );
+    assert!(
+        detail.contains(&peer.sendas_denied) && detail.contains(&peer.oauth_user),
+        "{detail}"
+    );
+
+    // The second attempt fails fast, without uploading the message again.
+    let second = expect_problem(post_mail(&app, &body).await, 403, "send_as_denied").await;
+    assert!(
+        second["detail"].as_str().unwrap().contains("moments ago"),
+        "{second:#}"
+    );
+    assert!(peer.find_messages(&marker).is_empty());
+}
+
+#[tokio::test]
+async fn a_wrong_client_secret_is_503_token_unavailable_naming_the_fix() {
+    let peer = require_peer!();
+    let entra = FakeEntra::start().await;
+    entra.mount_error(7000215).await;
+    let app = spawn_relay(relay_settings(&peer, &entra)).await;
+    let body = json!({"from": "noreply@contoso.test", "to": "alice@contoso.test", "subject": "no token", "text": "hi"});
+    let problem = expect_problem(post_mail(&app, &body).await, 503, "token_unavailable").await;
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("7000215") && detail.contains("value"),
+        "{detail}"
+    );
+    let ready = app.get("/health/ready").await;
+    assert_eq!(ready.status(), 503, "readiness reflects the token cache");
+}
+
+#[tokio::test]
+async fn the_smtp_server_down_is_a_prompt_503_with_retry_after() {
+    let peer = require_peer!();
+    let entra = FakeEntra::start().await;
+    entra
+        .mount_token(
+            &peer.mint_token(&peer.oauth_user, Duration::from_secs(3600)),
+            3599,
+        )
+        .await;
+    let mut settings = relay_settings(&peer, &entra);
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    settings.send_email.smtp_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    settings.relay.smtp.send_deadline = Duration::from_secs(2);
+    let app = spawn_relay(settings).await;
+    let body = json!({"from": "noreply@contoso.test", "to": "alice@contoso.test", "subject": "down", "text": "hi"});
+    let started = std::time::Instant::now();
+    let response = post_mail(&app, &body).await;
+    assert!(response.headers().contains_key("retry-after"));
+    expect_problem(response, 503, "smtp_unavailable").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered within the deadline"
+    );
+}

@@ -1,0 +1,622 @@
+//! `POST /mail` against the app with the outbox sender: the written `.eml` is parsed back.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use mail_parser::{MessageParser, MimeHeaders};
+use mail_relay::delivery::{DeliveryError, MailSender, Outbox, Receipt};
+use mail_relay::message::OutgoingMail;
+use mail_relay::smtp::{SmtpError, Stage};
+use mail_relay::token::TokenError;
+use serde_json::{Value, json};
+
+use crate::helpers::{
+    TestApp, expect_problem, outbox_files, post_mail, spawn_app, spawn_app_with,
+    spawn_app_with_sender,
+};
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn fields(problem: &Value) -> Vec<&str> {
+    problem["errors"]
+        .as_array()
+        .map(|errors| {
+            errors
+                .iter()
+                .map(|e| e["field"].as_str().unwrap())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn minimal() -> Value {
+    json!({"from": "sender@contoso.com", "to": "alice@example.com", "text": "hello"})
+}
+
+#[tokio::test]
+async fn a_full_mail_is_written_and_parses_back_intact() {
+    let app = spawn_app().await;
+    let pdf: Vec<u8> = (0..=255u8).cycle().take(30_000).collect();
+    let png = b"\x89PNG\r\n\x1a\n not really a png \x00\x01\x02".to_vec();
+    let subject = "Grüße aus Köln – Ticket #4711 ✓ with a subject long enough to need folding over several lines";
+    let filename = "Bericht März 2026 – endgültige Fassung mit einem sehr langen Dateinamen.pdf";
+    let body = json!({
+        "from": {"name": "Zoë Support", "address": "support@contoso.com"},
+        "to": ["alice@example.com", {"name": "Bob Müller", "address": "bob@example.com"}],
+        "cc": "carol@example.com",
+        "bcc": ["hidden@example.com"],
+        "replyTo": "helpdesk@contoso.com",
+        "subject": subject,
+        "text": "Hallo Alice,\n\nder Bericht ist angehängt.\n",
+        "html": "<p>Hallo Alice,</p><img src=\"cid:logo@contoso\">",
+        "attachments": [
+            {"filename": filename, "contentType": "application/pdf", "content": b64(&pdf)},
+            {"filename": "logo.png", "contentType": "image/png", "content": b64(&png), "contentId": "logo@contoso"},
+        ],
+        "headers": {"X-Ticket-Id": "4711", "In-Reply-To": "<ticket-4711@contoso.com>"},
+        "priority": "high",
+    });
+    let response = post_mail(&app, &body).await;
+    assert_eq!(response.status(), 202);
+    let accepted: Value = response.json().await.unwrap();
+
+    let id = accepted["id"].as_str().unwrap();
+    let raw = std::fs::read(app.outbox.path().join(format!("{id}.eml"))).unwrap();
+    let message = MessageParser::default().parse(&raw).unwrap();
+
+    assert_eq!(message.subject(), Some(subject));
+    let from = message.from().unwrap().first().unwrap();
+    assert_eq!(from.name(), Some("Zoë Support"));
+    assert_eq!(from.address(), Some("support@contoso.com"));
+    let to: Vec<_> = message
+        .to()
+        .unwrap()
+        .iter()
+        .map(|a| a.address().unwrap())
+        .collect();
+    assert_eq!(to, ["alice@example.com", "bob@example.com"]);
+    assert_eq!(
+        message.to().unwrap().iter().nth(1).unwrap().name(),
+        Some("Bob Müller")
+    );
+    // Text parts travel in canonical form: CRLF line ends.
+    assert_eq!(
+        message.body_text(0).unwrap().replace("\r\n", "\n"),
+        "Hallo Alice,\n\nder Bericht ist angehängt.\n"
+    );
+    assert!(message.body_html(0).unwrap().contains("cid:logo@contoso"));
+
+    // The Message-ID in the response is the header's.
+    let message_id = accepted["messageId"].as_str().unwrap();
+    assert_eq!(format!("<{}>", message.message_id().unwrap()), message_id);
+    assert_eq!(message_id, format!("<{id}@contoso.com>"));
+    assert!(message.date().is_some());
+
+    // Bcc: in the envelope (accepted recipients), nowhere in the headers.
+    let recipients: Vec<&str> = accepted["acceptedRecipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        recipients,
+        [
+            "alice@example.com",
+            "bob@example.com",
+            "carol@example.com",
+            "hidden@example.com"
+        ]
+    );
+    assert!(message.bcc().is_none());
+    let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&raw[..head_end]);
+    assert!(!head.contains("hidden@example.com"), "{head}");
+
+    // Attachments: bytes equal, the non-ASCII file name decoded equal, the inline image's Content-ID.
+    let parts: Vec<_> = message.attachments().collect();
+    assert_eq!(parts.len(), 2);
+    let report = parts
+        .iter()
+        .find(|p| p.attachment_name() == Some(filename))
+        .expect("the PDF under its name");
+    assert_eq!(report.contents(), pdf.as_slice());
+    let logo = parts
+        .iter()
+        .find(|p| p.content_id() == Some("logo@contoso"))
+        .expect("the inline image with its Content-ID");
+    assert_eq!(logo.contents(), png.as_slice());
+    assert!(
+        logo.content_disposition().unwrap().ctype() == "inline",
+        "inline disposition"
+    );
+
+    assert_eq!(
+        message.header_raw("X-Ticket-Id").map(str::trim),
+        Some("4711")
+    );
+    assert_eq!(
+        message.header_raw("X-Priority").map(str::trim),
+        Some("1 (Highest)")
+    );
+    assert_eq!(
+        message.header_raw("Importance").map(str::trim),
+        Some("high")
+    );
+    assert!(
+        message
+            .header_raw("Reply-To")
+            .unwrap()
+            .contains("helpdesk@contoso.com")
+    );
+}
+
+#[tokio::test]
+async fn an_idn_domain_is_sent_as_punycode() {
+    let app = spawn_app().await;
+    let mut body = minimal();
+    body["to"] = json!("jörg@bücher.example".replace("jö", "jo"));
+    let response = post_mail(&app, &body).await;
+    assert_eq!(response.status(), 202);
+    let accepted: Value = response.json().await.unwrap();
+    assert_eq!(
+        accepted["acceptedRecipients"],
+        json!(["jorg@xn--bcher-kva.example"])
+    );
+}
+
+#[tokio::test]
+async fn a_bad_address_is_named_by_its_index() {
+    let app = spawn_app().await;
+    let mut body = minimal();
+    body["to"] = json!(["a@example.com", "b@example.com", "not-an-address"]);
+    let response = post_mail(&app, &body).await;
+    let problem = expect_problem(response, 400, "invalid_request").await;
+    assert_eq!(fields(&problem), ["to[2]"]);
+    assert!(
+        problem["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("not an e-mail address")
+    );
+    assert!(problem["detail"].as_str().unwrap().contains("to[2]"));
+    assert!(outbox_files(&app).is_empty());
+}
+
+#[tokio::test]
+async fn crlf_in_the_subject_is_refused_not_stripped() {
+    let app = spawn_app().await;
+    let mut body = minimal();
+    body["subject"] = json!("Hello\r\nBcc: victim@example.com");
+    let problem = expect_problem(post_mail(&app, &body).await, 400, "invalid_request").await;
+    assert_eq!(fields(&problem), ["subject"]);
+    assert!(outbox_files(&app).is_empty());
+}
+
+#[tokio::test]
+async fn line_breaks_in_names_filenames_and_headers_are_refused() {
+    let app = spawn_app().await;
+    let body = json!({
+        "from": {"name": "Eve\nBcc: x@example.com", "address": "eve@contoso.com"},
+        "to": "alice@example.com",
+        "text": "x",
+        "attachments": [{"filename": "a\r\n.txt", "contentType": "text/plain", "content": ""}],
+        "headers": {"X-Note": "a\nb"},
+    });
+    let problem = expect_problem(post_mail(&app, &body).await, 400, "invalid_request").await;
+    assert_eq!(
+        fields(&problem),
+        ["from.name", "attachments[0].filename", "headers.X-Note"]
+    );
+}
+
+#[tokio::test]
+async fn more_recipients_than_the_limit_is_too_many_recipients() {
+    let app = spawn_app().await;
+    let to: Vec<String> = (0..400).map(|i| format!("to{i}@example.com")).collect();
+    let bcc: Vec<String> = (0..101).map(|i| format!("bcc{i}@example.com")).collect();
+    let mut body = minimal();
+    body["to"] = json!(to);
+    body["bcc"] = json!(bcc);
+    let problem = expect_problem(post_mail(&app, &body).await, 400, "too_many_recipients").await;
+    assert!(problem["detail"].as_str().unwrap().contains("501"));
+}
+
+#[tokio::test]
+async fn exactly_the_limit_is_accepted() {
+    let app = spawn_app_with(|s| s.relay.limits.max_recipients = 3).await;
+    let mut body = minimal();
+    body["to"] = json!(["a@example.com", "b@example.com"]);
+    body["cc"] = json!("c@example.com");
+    assert_eq!(post_mail(&app, &body).await.status(), 202);
+}
+
+#[tokio::test]
+async fn no_recipient_is_invalid() {
+    let app = spawn_app().await;
+    let body = json!({"from": "sender@contoso.com", "text": "hello"});
+    let problem = expect_problem(post_mail(&app, &body).await, 400, "invalid_request").await;
+    assert_eq!(fields(&problem), ["to"]);
+}
+
+#[tokio::test]
+async fn malformed_json_is_invalid_request() {
+    let app = spawn_app().await;
+    let response = app
+        .client
+        .post(app.url("/mail"))
+        .header("content-type", "application/json")
+        .body(r#"{"from": "a@example.com", "to": "#)
+        .send()
+        .await
+        .unwrap();
+    let problem = expect_problem(response, 400, "invalid_request").await;
+    assert_eq!(fields(&problem), ["body"]);
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON")
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_field_is_named() {
+    let app = spawn_app().await;
+    let mut body = minimal();
+    body["attachments"] =
+        json!([{"filename": "a", "contentType": "text/plain", "content": "", "size": 3}]);
+    let problem = expect_problem(post_mail(&app, &body).await, 400, "invalid_request").await;
+    assert_eq!(fields(&problem), ["attachments[0].size"]);
+
+    let mut body = minimal();
+    body["too"] = json!("x@example.com");
+    let problem = expect_problem(post_mail(&app, &body).await, 400, "invalid_request").await;
+    assert_eq!(fields(&problem), ["too"]);
+}
+
+#[tokio::test]
+async fn a_wrong_type_is_named() {
+    let app = spawn_app().await;
+    let mut body = minimal();
+    body["to"] = json!(["a@example.com", 42]);
+    let problem = expect_problem(post_mail(&app, &body).await, 400, "invalid_request").await;
+    assert_eq!(fields(&problem), ["to[1]"]);
+}
+
+#[tokio::test]
+async fn a_wrong_content_type_is_415() {
+    let app = spawn_app().await;
+    let response = app
+        .client
+        .post(app.url("/mail"))
+        .header("content-type", "text/plain")
+        .body(minimal().to_string())
+        .send()
+        .await
+        .unwrap();
+    let problem = expect_problem(response, 415, "unsupported_media_type").await;
+    assert!(problem["detail"].as_str().unwrap().contains("text/plain"));
+
+    let response = app
+        .client
+        .post(app.url("/mail"))
+        .body(minimal().to_string())
+        .send()
+        .await
+        .unwrap();
+    expect_problem(response, 415, "unsupported_media_type").await;
+}
+
+#[tokio::test]
+async fn invalid_base64_is_named() {
+    let app = spawn_app().await;
+    let mut body = minimal();
+    body["attachments"] = json!([
+        {"filename": "ok.txt", "contentType": "text/plain", "content": "aGk="},
+        {"filename": "bad.txt", "contentType": "text/plain", "content": "not base64!"},
+    ]);
+    let problem = expect_problem(post_mail(&app, &body).await, 400, "invalid_request").await;
+    assert_eq!(fields(&problem), ["attachments[1].content"]);
+}
+
+#[tokio::test]
+async fn a_header_outside_the_allow_list_is_named() {
+    let app = spawn_app().await;
+    let mut body = minimal();
+    body["headers"] = json!({"X-MS-Exchange-Organization-SCL": "-1", "Sender": "x@example.com"});
+    let problem = expect_problem(post_mail(&app, &body).await, 400, "invalid_request").await;
+    assert_eq!(
+        fields(&problem),
+        ["headers.Sender", "headers.X-MS-Exchange-Organization-SCL"]
+    );
+}
+
+#[tokio::test]
+async fn a_mail_over_the_message_size_limit_is_413() {
+    let app = spawn_app_with(|s| {
+        s.relay.limits.max_message_bytes = 20_000;
+        s.relay.limits.max_body_bytes = 1024 * 1024;
+    })
+    .await;
+    let mut body = minimal();
+    // 14,500 bytes pass the early estimate as base64 (19,336) but not once encoded with
+    // line breaks, headers and MIME structure; a larger one fails the estimate.
+    for size in [14_500usize, 100_000] {
+        body["attachments"] = json!([{
+            "filename": "big.bin", "contentType": "application/octet-stream",
+            "content": b64(&vec![7u8; size]),
+        }]);
+        let problem = expect_problem(post_mail(&app, &body).await, 413, "payload_too_large").await;
+        assert!(problem["detail"].as_str().unwrap().contains("20000"));
+    }
+    assert!(outbox_files(&app).is_empty());
+}
+
+#[tokio::test]
+async fn a_text_only_mail_is_a_single_part() {
+    let app = spawn_app().await;
+    let response = post_mail(&app, &minimal()).await;
+    assert_eq!(response.status(), 202);
+    let accepted: Value = response.json().await.unwrap();
+    let raw = std::fs::read(
+        app.outbox
+            .path()
+            .join(format!("{}.eml", accepted["id"].as_str().unwrap())),
+    )
+    .unwrap();
+    let message = MessageParser::default().parse(&raw).unwrap();
+    assert!(message.content_type().unwrap().ctype() == "text");
+    assert_eq!(message.body_text(0).unwrap().trim_end(), "hello");
+}
+
+/// A sender that always fails the same way, to see the failure's answer over HTTP.
+struct FailingSender(fn() -> DeliveryError);
+
+#[async_trait::async_trait]
+impl MailSender for FailingSender {
+    async fn send(&self, _mail: &OutgoingMail) -> Result<Receipt, DeliveryError> {
+        Err((self.0)())
+    }
+}
+
+async fn spawn_with_sender(sender: Arc<dyn MailSender>) -> TestApp {
+    spawn_app_with_sender(|_| {}, Some(sender)).await
+}
+
+#[tokio::test]
+async fn a_transient_smtp_failure_is_503_with_retry_after() {
+    let app = spawn_with_sender(Arc::new(FailingSender(|| {
+        DeliveryError::Smtp(SmtpError::rejected(
+            Stage::MailFrom("sender@contoso.com".into()),
+            421,
+            "4.3.2 Service not available",
+        ))
+    })))
+    .await;
+    let response = post_mail(&app, &minimal()).await;
+    assert_eq!(response.headers()["retry-after"], "5");
+    expect_problem(response, 503, "smtp_unavailable").await;
+}
+
+#[tokio::test]
+async fn a_token_failure_is_503_token_unavailable() {
+    let app = spawn_with_sender(Arc::new(FailingSender(|| {
+        DeliveryError::Token(TokenError::Timeout {
+            endpoint: "https://login.example.test/token".into(),
+            timeout: std::time::Duration::from_secs(15),
+        })
+    })))
+    .await;
+    let response = post_mail(&app, &minimal()).await;
+    assert!(response.headers().contains_key("retry-after"));
+    let problem = expect_problem(response, 503, "token_unavailable").await;
+    assert!(problem["detail"].as_str().unwrap().contains("access token"));
+}
+
+#[tokio::test]
+async fn an_outbox_write_failure_is_500_without_the_path() {
+    let blocker = tempfile::NamedTempFile::new().unwrap();
+    // A directory below a regular file cannot be created.
+    let dir = blocker.path().join("outbox");
+    let app = spawn_with_sender(Arc::new(Outbox::new(dir.clone()))).await;
+    let response = post_mail(&app, &minimal()).await;
+    let problem = expect_problem(response, 500, "internal_error").await;
+    assert!(!problem.to_string().contains(dir.to_str().unwrap()));
+}
+
+/// One part of a hand-built multipart/form-data body.
+struct FormPart<'a> {
+    name: &'a str,
+    filename: Option<&'a str>,
+    content_type: &'a str,
+    content: &'a [u8],
+}
+
+const BOUNDARY: &str = "mail-relay-test-boundary-7f3a";
+
+fn form_body(parts: &[FormPart<'_>]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for part in parts {
+        body.extend_from_slice(format!("--{BOUNDARY}\r\n").as_bytes());
+        let filename = part
+            .filename
+            .map(|f| format!("; filename=\"{f}\""))
+            .unwrap_or_default();
+        body.extend_from_slice(
+            format!(
+                "Content-Disposition: form-data; name=\"{}\"{filename}\r\nContent-Type: {}\r\n\r\n",
+                part.name, part.content_type
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(part.content);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+    body
+}
+
+async fn post_form(app: &TestApp, parts: &[FormPart<'_>]) -> reqwest::Response {
+    app.client
+        .post(app.url("/mail"))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )
+        .body(form_body(parts))
+        .send()
+        .await
+        .expect("request failed")
+}
+
+#[tokio::test]
+async fn a_10_mb_upload_as_form_data_arrives_intact() {
+    let app = spawn_app_with(|s| s.relay.limits.max_body_bytes = 16 * 1024 * 1024).await;
+    let big: Vec<u8> = (0..10 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let logo = b"\x89PNG inline".to_vec();
+    let mail = json!({
+        "from": "sender@contoso.com", "to": "alice@example.com",
+        "subject": "Großer Anhang", "html": "<img src=\"cid:logo\">",
+    })
+    .to_string();
+    let response = post_form(
+        &app,
+        &[
+            FormPart {
+                name: "mail",
+                filename: None,
+                content_type: "application/json",
+                content: mail.as_bytes(),
+            },
+            FormPart {
+                name: "file",
+                filename: Some("daten.bin"),
+                content_type: "application/octet-stream",
+                content: &big,
+            },
+            FormPart {
+                name: "cid:logo",
+                filename: Some("logo.png"),
+                content_type: "image/png",
+                content: &logo,
+            },
+        ],
+    )
+    .await;
+    assert_eq!(response.status(), 202);
+    let accepted: Value = response.json().await.unwrap();
+    let raw = std::fs::read(
+        app.outbox
+            .path()
+            .join(format!("{}.eml", accepted["id"].as_str().unwrap())),
+    )
+    .unwrap();
+    let message = MessageParser::default().parse(&raw).unwrap();
+    assert_eq!(message.subject(), Some("Großer Anhang"));
+    let data = message
+        .attachments()
+        .find(|p| p.attachment_name() == Some("daten.bin"))
+        .unwrap();
+    assert_eq!(data.contents().len(), big.len());
+    assert!(data.contents() == big.as_slice(), "the 10 MB differ");
+    let inline = message
+        .attachments()
+        .find(|p| p.content_id() == Some("logo"))
+        .unwrap();
+    assert_eq!(inline.contents(), logo.as_slice());
+}
+
+#[tokio::test]
+async fn a_form_without_the_mail_part_is_invalid() {
+    let app = spawn_app().await;
+    let response = post_form(
+        &app,
+        &[FormPart {
+            name: "file",
+            filename: Some("a.txt"),
+            content_type: "text/plain",
+            content: b"hi",
+        }],
+    )
+    .await;
+    let problem = expect_problem(response, 400, "invalid_request").await;
+    assert_eq!(fields(&problem), ["mail"]);
+}
+
+#[tokio::test]
+async fn form_parts_are_validated_like_json() {
+    let app = spawn_app().await;
+    let mail = json!({"from": "sender@contoso.com", "to": ["ok@example.com", "bad"], "text": "x"})
+        .to_string();
+    let response = post_form(
+        &app,
+        &[
+            FormPart {
+                name: "mail",
+                filename: None,
+                content_type: "application/json",
+                content: mail.as_bytes(),
+            },
+            FormPart {
+                name: "cid:logo",
+                filename: Some("l.png"),
+                content_type: "image/png",
+                content: b"x",
+            },
+        ],
+    )
+    .await;
+    let problem = expect_problem(response, 400, "invalid_request").await;
+    assert_eq!(fields(&problem), ["to[1]", "files[0].contentId"]);
+}
+
+#[tokio::test]
+async fn a_form_upload_over_the_message_limit_is_413() {
+    let app = spawn_app_with(|s| {
+        s.relay.limits.max_message_bytes = 30_000;
+        s.relay.limits.max_body_bytes = 1024 * 1024;
+    })
+    .await;
+    let mail = minimal().to_string();
+    let big = vec![0u8; 200_000];
+    let response = post_form(
+        &app,
+        &[
+            FormPart {
+                name: "mail",
+                filename: None,
+                content_type: "application/json",
+                content: mail.as_bytes(),
+            },
+            FormPart {
+                name: "file",
+                filename: Some("big.bin"),
+                content_type: "application/octet-stream",
+                content: &big,
+            },
+        ],
+    )
+    .await;
+    let problem = expect_problem(response, 413, "payload_too_large").await;
+    assert!(problem["detail"].as_str().unwrap().contains("30000"));
+    assert!(outbox_files(&app).is_empty());
+}
+
+#[tokio::test]
+async fn json_with_a_charset_parameter_is_accepted() {
+    let app = spawn_app().await;
+    let response = app
+        .client
+        .post(app.url("/mail"))
+        .header("content-type", "application/json; charset=utf-8")
+        .body(minimal().to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+}
