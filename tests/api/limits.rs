@@ -14,6 +14,7 @@ use axum::http::{HeaderMap, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use lettre::address::Envelope;
+use mail_relay::api::ApiError;
 use mail_relay::caller::Caller;
 use mail_relay::clock::ManualClock;
 use mail_relay::config::{IdempotencySettings, RateLimitSettings};
@@ -79,16 +80,12 @@ async fn post_mail(State(relay): State<Relay>, headers: HeaderMap, body: Bytes) 
         let reservation = match relay.limits.reserve(&caller, to.len()).await {
             Ok(reservation) => reservation,
             Err(LimitError::Limited(limited)) => {
-                let mut response = problem(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
-                    limited.to_string(),
-                );
-                response.headers_mut().insert(
-                    header::RETRY_AFTER,
-                    limited.retry_after_secs().to_string().parse().unwrap(),
-                );
-                return response;
+                // The API's own error, as POST /mail answers it.
+                return ApiError::RateLimited {
+                    detail: limited.to_string(),
+                    retry_after: limited.retry_after_secs(),
+                }
+                .into_response();
             }
             Err(e) => {
                 return problem(
@@ -234,6 +231,7 @@ async fn excess_mail_gets_429_with_retry_after_and_nothing_is_sent() {
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(headers[header::RETRY_AFTER], "45");
     assert_eq!(body["code"], "rate_limited");
+    assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
     let detail = body["detail"].as_str().unwrap();
     assert!(
         detail.contains("mailRelay.rateLimits.mailboxMessagesPerMinute"),
