@@ -3,7 +3,7 @@
 //! Follows the IETF draft "The Idempotency-Key HTTP Header Field"
 //! (draft-ietf-httpapi-idempotency-key-header):
 //! - keys are scoped per caller: two callers may use the same key for different mails;
-//! - the same key with a different body (SHA-256 of caller id and body) is refused:
+//! - the same key with a different body (its SHA-256, [`Fingerprint`]) is refused:
 //!   `422 idempotency_key_reused`;
 //! - while the first request with a key is still running, a second one gets
 //!   `409 idempotency_in_progress` at once rather than waiting: a send can take as long as the
@@ -94,19 +94,27 @@ impl fmt::Display for IdempotencyKey {
     }
 }
 
-/// SHA-256 of the caller id and the request body: what "the same request" means.
+/// SHA-256 of what makes a request "the same request". The store keys records by caller and key,
+/// so together they compare the SHA-256 of caller and body.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint([u8; 32]);
 
 impl Fingerprint {
-    /// The fingerprint of `body` sent by the caller with id `caller` ([`caller_id`]). Hash the raw
-    /// body bytes; a handler that only has the parsed body may hash its JSON re-serialisation.
-    pub fn of(caller: &str, body: &[u8]) -> Self {
+    /// The fingerprint of a request body (JSON: its raw bytes).
+    pub fn of(body: &[u8]) -> Self {
+        Self::of_parts([body])
+    }
+
+    /// The fingerprint of a request read in parts, e.g. a `multipart/form-data` mail: its `mail`
+    /// JSON part, then each file's name, type and content. Hashing the parts rather than the raw
+    /// body keeps a retry with a new multipart boundary the same request.
+    pub fn of_parts<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Self {
         let mut hash = Sha256::new();
-        hash.update(caller.as_bytes());
-        // The separator keeps ("ab", "c") and ("a", "bc") apart; caller ids hold no NUL.
-        hash.update([0]);
-        hash.update(body);
+        for part in parts {
+            // Length-prefixed, so ("ab", "c") and ("a", "bc") differ.
+            hash.update((part.len() as u64).to_be_bytes());
+            hash.update(part);
+        }
         Self(hash.finalize().into())
     }
 }
@@ -513,7 +521,7 @@ impl Idempotency {
         &self,
         caller: &Caller,
         key: Option<IdempotencyKey>,
-        body: &[u8],
+        fingerprint: Fingerprint,
         handle: F,
     ) -> Result<Response, IdempotencyError>
     where
@@ -523,7 +531,7 @@ impl Idempotency {
         let Some(key) = key else {
             return Ok(handle().await);
         };
-        match self.begin(caller, key, body).await? {
+        match self.begin(caller, key, fingerprint).await? {
             Begin::Replay(stored) => Ok(stored.into_response()),
             Begin::New(guard) => {
                 let (response, stored) = StoredResponse::capture(handle().await).await;
@@ -535,16 +543,15 @@ impl Idempotency {
         }
     }
 
-    /// Claim `key` for this caller and body, or get the stored result. Call it after the caller
+    /// Claim `key` for this caller and request, or get the stored result. Call it after the caller
     /// is authenticated (keys are per caller) and before anything is sent.
     pub async fn begin(
         &self,
         caller: &Caller,
         key: IdempotencyKey,
-        body: &[u8],
+        fingerprint: Fingerprint,
     ) -> Result<Begin, IdempotencyError> {
         let scope = caller_id(caller);
-        let fingerprint = Fingerprint::of(&scope, body);
         let now = self.clock.now_ms();
         match self.store.begin(&scope, &key, fingerprint, now).await? {
             Slot::New { token } => Ok(Begin::New(Guard {
@@ -604,14 +611,14 @@ mod tests {
     }
 
     async fn new_guard(idem: &Idempotency, caller: &Caller, k: &str, body: &[u8]) -> Guard {
-        match idem.begin(caller, key(k), body).await {
+        match idem.begin(caller, key(k), Fingerprint::of(body)).await {
             Ok(Begin::New(guard)) => guard,
             other => panic!("expected New, got {other:?}"),
         }
     }
 
     async fn replay(idem: &Idempotency, caller: &Caller, k: &str, body: &[u8]) -> StoredResponse {
-        match idem.begin(caller, key(k), body).await {
+        match idem.begin(caller, key(k), Fingerprint::of(body)).await {
             Ok(Begin::Replay(response)) => response,
             other => panic!("expected Replay, got {other:?}"),
         }
@@ -640,13 +647,13 @@ mod tests {
         let guard = new_guard(&idem, &caller, "k-1", b"first").await;
         // Also while the first is in flight: a different body is a different request.
         let err = idem
-            .begin(&caller, key("k-1"), b"second")
+            .begin(&caller, key("k-1"), Fingerprint::of(b"second"))
             .await
             .unwrap_err();
         assert_eq!(err, IdempotencyError::KeyReused);
         guard.complete(accepted("m-1")).await;
         let err = idem
-            .begin(&caller, key("k-1"), b"second")
+            .begin(&caller, key("k-1"), Fingerprint::of(b"second"))
             .await
             .unwrap_err();
         assert_eq!(err, IdempotencyError::KeyReused);
@@ -661,7 +668,10 @@ mod tests {
         let (idem, _, _) = setup(86_400, 100);
         let caller = api_key("billing");
         let guard = new_guard(&idem, &caller, "k-1", b"body").await;
-        let err = idem.begin(&caller, key("k-1"), b"body").await.unwrap_err();
+        let err = idem
+            .begin(&caller, key("k-1"), Fingerprint::of(b"body"))
+            .await
+            .unwrap_err();
         assert_eq!(err, IdempotencyError::InProgress);
         assert_eq!(err.status_and_code().0, StatusCode::CONFLICT);
         assert_eq!(err.retry_after_secs(), Some(1));
@@ -788,7 +798,10 @@ mod tests {
         let newer = new_guard(&idem, &caller, "k-1", b"body").await;
         old.complete(accepted("old")).await;
         // The old claim's completion neither stored its result nor removed the newer claim.
-        let err = idem.begin(&caller, key("k-1"), b"body").await.unwrap_err();
+        let err = idem
+            .begin(&caller, key("k-1"), Fingerprint::of(b"body"))
+            .await
+            .unwrap_err();
         assert_eq!(err, IdempotencyError::InProgress);
         newer.complete(accepted("new")).await;
         assert_eq!(
@@ -804,7 +817,10 @@ mod tests {
             .map(|_| {
                 let idem = idem.clone();
                 tokio::spawn(async move {
-                    match idem.begin(&api_key("billing"), key("k-1"), b"body").await {
+                    match idem
+                        .begin(&api_key("billing"), key("k-1"), Fingerprint::of(b"body"))
+                        .await
+                    {
                         // Keep the claim alive until every task has asked.
                         Ok(Begin::New(guard)) => Some(guard),
                         Err(IdempotencyError::InProgress) => None,
@@ -855,12 +871,18 @@ mod tests {
     }
 
     #[test]
-    fn the_fingerprint_covers_caller_and_body() {
-        let base = Fingerprint::of("key:a", b"body");
-        assert_eq!(base, Fingerprint::of("key:a", b"body"));
-        assert_ne!(base, Fingerprint::of("key:b", b"body"));
-        assert_ne!(base, Fingerprint::of("key:a", b"body "));
-        assert_ne!(Fingerprint::of("ab", b"c"), Fingerprint::of("a", b"bc"));
+    fn the_fingerprint_covers_every_byte_and_part_boundary() {
+        let base = Fingerprint::of(b"body");
+        assert_eq!(base, Fingerprint::of(b"body"));
+        assert_ne!(base, Fingerprint::of(b"body "));
+        assert_ne!(
+            Fingerprint::of_parts([&b"ab"[..], b"c"]),
+            Fingerprint::of_parts([&b"a"[..], b"bc"])
+        );
+        assert_ne!(
+            Fingerprint::of_parts([&b"mail"[..]]),
+            Fingerprint::of_parts([&b"mail"[..], b""])
+        );
     }
 
     #[tokio::test]

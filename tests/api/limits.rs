@@ -19,7 +19,7 @@ use mail_relay::caller::Caller;
 use mail_relay::clock::ManualClock;
 use mail_relay::config::{IdempotencySettings, RateLimitSettings};
 use mail_relay::delivery::{DeliveryError, MailSender, Outbox, Receipt};
-use mail_relay::idempotency::{Idempotency, IdempotencyKey, InMemoryStore};
+use mail_relay::idempotency::{Fingerprint, Idempotency, IdempotencyKey, InMemoryStore};
 use mail_relay::message::OutgoingMail;
 use mail_relay::rate_limit::{InMemoryRateLimiter, LimitError, RateLimits};
 use tower::ServiceExt;
@@ -121,7 +121,11 @@ async fn post_mail(State(relay): State<Relay>, headers: HeaderMap, body: Bytes) 
             }
         }
     };
-    match relay.idempotency.run(&caller, key, &body, send).await {
+    match relay
+        .idempotency
+        .run(&caller, key, Fingerprint::of(&body), send)
+        .await
+    {
         Ok(response) => response,
         Err(e) => {
             let (status, code) = e.status_and_code();
