@@ -79,6 +79,11 @@ pub const KEYS: &[KeySpec] = &[
     plain("mailRelay.auth.oidc.userClaim"),
     plain("mailRelay.auth.oidc.clockSkewSeconds"),
     plain("mailRelay.sendAs.denialMemorySeconds"),
+    plain("mailRelay.rateLimits.mailboxMessagesPerMinute"),
+    plain("mailRelay.rateLimits.mailboxRecipientsPerDay"),
+    plain("mailRelay.rateLimits.callerMessagesPerMinute"),
+    plain("mailRelay.idempotency.ttlSeconds"),
+    plain("mailRelay.idempotency.maxEntries"),
 ];
 
 /// Sections under `mailRelay` that hold lists or maps (API keys, policies): the loader hands

@@ -220,7 +220,38 @@ pub fn render(settings: &Settings, values: &Resolved) -> String {
         secs(r.limits.request_timeout),
     );
     render_callers(&mut out, settings);
+    render_rate_limits(&mut out, settings);
     out.text
+}
+
+fn render_rate_limits(out: &mut Out<'_>, settings: &Settings) {
+    let limits = &settings.relay.rate_limits;
+    // 0 is how the settings say "off".
+    let n = |limit: Option<std::num::NonZeroU32>| Some(limit.map_or(0, |l| l.get()).to_string());
+    out.section(2, "rateLimits");
+    out.line(
+        4,
+        "mailRelay.rateLimits.mailboxMessagesPerMinute",
+        n(limits.mailbox_messages_per_minute),
+    );
+    out.line(
+        4,
+        "mailRelay.rateLimits.mailboxRecipientsPerDay",
+        n(limits.mailbox_recipients_per_day),
+    );
+    out.line(
+        4,
+        "mailRelay.rateLimits.callerMessagesPerMinute",
+        n(limits.caller_messages_per_minute),
+    );
+    let idempotency = &settings.relay.idempotency;
+    out.section(2, "idempotency");
+    out.line(4, "mailRelay.idempotency.ttlSeconds", secs(idempotency.ttl));
+    out.line(
+        4,
+        "mailRelay.idempotency.maxEntries",
+        Some(idempotency.max_entries.to_string()),
+    );
 }
 
 fn render_callers(out: &mut Out<'_>, settings: &Settings) {

@@ -15,6 +15,7 @@ mod resolve;
 mod validate;
 
 use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -134,6 +135,8 @@ pub struct RelaySettings {
     pub auth: AuthSettings,
     pub send_as: SendAsSettings,
     pub cors: CorsSettings,
+    pub rate_limits: RateLimitSettings,
+    pub idempotency: IdempotencySettings,
 }
 
 /// `mailRelay.delivery`: where accepted mail goes.
@@ -295,6 +298,55 @@ impl std::fmt::Display for AddressPattern {
         match self {
             Self::Exact(address) => f.write_str(address),
             Self::Domain(domain) => write!(f, "*@{domain}"),
+        }
+    }
+}
+
+/// `mailRelay.rateLimits.*`: how much mail may go out; `None` = that limit is off (setting 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimitSettings {
+    /// Messages per rolling minute through the SMTP mailbox (Exchange Online allows 30).
+    pub mailbox_messages_per_minute: Option<NonZeroU32>,
+    /// Recipients per rolling 24 hours through the SMTP mailbox (Exchange Online allows 10,000).
+    pub mailbox_recipients_per_day: Option<NonZeroU32>,
+    /// Messages per rolling minute for each caller (API key or user).
+    pub caller_messages_per_minute: Option<NonZeroU32>,
+}
+
+impl RateLimitSettings {
+    /// Every limit off (tests and benchmarks against a local server).
+    pub const OFF: Self = Self {
+        mailbox_messages_per_minute: None,
+        mailbox_recipients_per_day: None,
+        caller_messages_per_minute: None,
+    };
+}
+
+impl Default for RateLimitSettings {
+    /// Exchange Online's limits for the mailbox; no per-caller limit.
+    fn default() -> Self {
+        Self {
+            mailbox_messages_per_minute: NonZeroU32::new(30),
+            mailbox_recipients_per_day: NonZeroU32::new(10_000),
+            caller_messages_per_minute: None,
+        }
+    }
+}
+
+/// `mailRelay.idempotency.*`: how long and how many `Idempotency-Key` results are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdempotencySettings {
+    /// A key's result is replayed for this long after the first request began.
+    pub ttl: Duration,
+    /// Most keys remembered; beyond it the oldest are forgotten first.
+    pub max_entries: usize,
+}
+
+impl Default for IdempotencySettings {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(86_400),
+            max_entries: 100_000,
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use std::fmt::Display;
 use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -15,9 +16,9 @@ use url::Url;
 use super::callers;
 use super::resolve::Resolved;
 use super::{
-    ClientCredential, Delivery, Encryption, Limits, OAuthSettings, RelaySettings,
-    SendEmailSettings, ServerSettings, SettingError, Settings, SmtpAuthentication, SmtpTuning,
-    keys,
+    ClientCredential, Delivery, Encryption, IdempotencySettings, Limits, OAuthSettings,
+    RateLimitSettings, RelaySettings, SendEmailSettings, ServerSettings, SettingError, Settings,
+    SmtpAuthentication, SmtpTuning, keys,
 };
 
 pub const DEFAULT_TOKEN_ENDPOINT: &str =
@@ -171,6 +172,7 @@ pub fn validate(values: &Resolved) -> (Result<Settings, Vec<SettingError>>, Vec<
     let mut relay = relay(&mut ctx);
     let send_email = send_email(&mut ctx, relay.delivery == Delivery::Smtp);
     check_timeouts(&mut ctx, &relay);
+    check_rate_limits(&mut ctx, &relay, &send_email);
     let smtp = relay.delivery == Delivery::Smtp;
     relay.auth = callers::auth(&mut ctx, smtp);
     relay.send_as = callers::send_as(&mut ctx);
@@ -284,6 +286,85 @@ fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
         auth: Default::default(),
         send_as: Default::default(),
         cors: Default::default(),
+        rate_limits: rate_limits(ctx),
+        idempotency: idempotency(ctx),
+    }
+}
+
+const RATE_LIMITS: &str = "mailRelay.rateLimits";
+/// Exchange Online's own limits per mailbox (EXCHANGE.md section 4).
+const EXCHANGE_MESSAGES_PER_MINUTE: u32 = 30;
+const EXCHANGE_RECIPIENTS_PER_DAY: u32 = 10_000;
+
+fn rate_limits(ctx: &mut Ctx<'_>) -> RateLimitSettings {
+    let mut limit = |name: &str, default: u32, max: u32| {
+        NonZeroU32::new(ctx.number(&format!("{RATE_LIMITS}.{name}"), default, 0..=max))
+    };
+    RateLimitSettings {
+        mailbox_messages_per_minute: limit(
+            "mailboxMessagesPerMinute",
+            EXCHANGE_MESSAGES_PER_MINUTE,
+            100_000,
+        ),
+        mailbox_recipients_per_day: limit(
+            "mailboxRecipientsPerDay",
+            EXCHANGE_RECIPIENTS_PER_DAY,
+            10_000_000,
+        ),
+        caller_messages_per_minute: limit("callerMessagesPerMinute", 0, 100_000),
+    }
+}
+
+fn idempotency(ctx: &mut Ctx<'_>) -> IdempotencySettings {
+    IdempotencySettings {
+        // Up to a week: clients retrying after a long outage still get the first result.
+        ttl: Duration::from_secs(ctx.number(
+            "mailRelay.idempotency.ttlSeconds",
+            86_400,
+            1..=604_800,
+        )),
+        max_entries: ctx.number(
+            "mailRelay.idempotency.maxEntries",
+            100_000usize,
+            1..=10_000_000,
+        ),
+    }
+}
+
+fn check_rate_limits(ctx: &mut Ctx<'_>, relay: &RelaySettings, send_email: &SendEmailSettings) {
+    let limits = &relay.rate_limits;
+    let max_recipients = relay.limits.max_recipients;
+    if let Some(per_day) = limits.mailbox_recipients_per_day
+        && usize::try_from(per_day.get()).is_ok_and(|per_day| per_day < max_recipients)
+    {
+        ctx.error(
+            &format!("{RATE_LIMITS}.mailboxRecipientsPerDay"),
+            format!(
+                "{per_day} is below mailRelay.limits.maxRecipients ({max_recipients}): a mail with that many recipients could never be sent; raise it, set it to 0 (off), or lower maxRecipients"
+            ),
+        );
+    }
+    let exchange = relay.delivery == Delivery::Smtp
+        && send_email.smtp_server.eq_ignore_ascii_case(OFFICE365_HOST);
+    if !exchange {
+        return;
+    }
+    let above = |limit: Option<NonZeroU32>, exchange: u32| limit.is_none_or(|l| l.get() > exchange);
+    if above(
+        limits.mailbox_messages_per_minute,
+        EXCHANGE_MESSAGES_PER_MINUTE,
+    ) {
+        ctx.warnings.push(format!(
+            "{RATE_LIMITS}.mailboxMessagesPerMinute allows more than Exchange Online's {EXCHANGE_MESSAGES_PER_MINUTE} messages per minute per mailbox: Exchange throttles or refuses the excess; use {EXCHANGE_MESSAGES_PER_MINUTE} or less"
+        ));
+    }
+    if above(
+        limits.mailbox_recipients_per_day,
+        EXCHANGE_RECIPIENTS_PER_DAY,
+    ) {
+        ctx.warnings.push(format!(
+            "{RATE_LIMITS}.mailboxRecipientsPerDay allows more than Exchange Online's {EXCHANGE_RECIPIENTS_PER_DAY} recipients per day per mailbox: past it Exchange refuses every mail for up to a day (SubmissionQuotaExceeded); use {EXCHANGE_RECIPIENTS_PER_DAY} or less"
+        ));
     }
 }
 

@@ -1243,3 +1243,199 @@ fn an_empty_env_variable_does_not_override_the_file() {
     let loaded = ok(SEED, &[("FEATURESWITCHES_SENDEMAIL_SMTPSERVER", "")]);
     assert_eq!(loaded.settings.send_email.smtp_server, "smtp.office365.com");
 }
+
+// ---- rate limits and idempotency -----------------------------------------------------------
+
+fn limit(n: u32) -> Option<std::num::NonZeroU32> {
+    std::num::NonZeroU32::new(n)
+}
+
+#[test]
+fn rate_limits_and_idempotency_default_to_exchange_limits_and_a_day() {
+    let loaded = ok(SEED, &[]);
+    let r = &loaded.settings.relay;
+    assert_eq!(r.rate_limits.mailbox_messages_per_minute, limit(30));
+    assert_eq!(r.rate_limits.mailbox_recipients_per_day, limit(10_000));
+    assert_eq!(r.rate_limits.caller_messages_per_minute, None);
+    assert_eq!(r.idempotency.ttl, Duration::from_secs(86_400));
+    assert_eq!(r.idempotency.max_entries, 100_000);
+    for line in [
+        "mailboxMessagesPerMinute: 30 # default",
+        "mailboxRecipientsPerDay: 10000 # default",
+        "callerMessagesPerMinute: 0 # default",
+        "ttlSeconds: 86400 # default",
+        "maxEntries: 100000 # default",
+    ] {
+        assert!(loaded.masked.contains(line), "{line} in\n{}", loaded.masked);
+    }
+}
+
+#[test]
+fn rate_limits_and_idempotency_are_read_from_file_and_env() {
+    let yaml = seed_plus(
+        "  rateLimits:\n    mailboxMessagesPerMinute: 20\n    mailboxRecipientsPerDay: 0\n    callerMessagesPerMinute: 5\n  idempotency:\n    ttlSeconds: 600\n    maxEntries: 50\n",
+    );
+    let loaded = ok(&yaml, &[]);
+    let r = &loaded.settings.relay;
+    assert_eq!(r.rate_limits.mailbox_messages_per_minute, limit(20));
+    assert_eq!(r.rate_limits.mailbox_recipients_per_day, None, "0 is off");
+    assert_eq!(r.rate_limits.caller_messages_per_minute, limit(5));
+    assert_eq!(r.idempotency.ttl, Duration::from_secs(600));
+    assert_eq!(r.idempotency.max_entries, 50);
+    // Off is written back as 0, and the masked output loads back to the same settings.
+    assert!(
+        loaded.masked.contains("mailboxRecipientsPerDay: 0\n"),
+        "{}",
+        loaded.masked
+    );
+    let again = ok(
+        &loaded.masked,
+        &[("FEATURESWITCHES_SENDEMAIL_OAUTHCLIENTSECRET", CLIENT_SECRET)],
+    );
+    assert_eq!(again.settings.relay.rate_limits, r.rate_limits);
+    assert_eq!(again.settings.relay.idempotency, r.idempotency);
+
+    let loaded = ok(
+        &yaml,
+        &[
+            ("MAILRELAY_RATELIMITS_CALLERMESSAGESPERMINUTE", "0"),
+            ("MAILRELAY_RATELIMITS_MAILBOXMESSAGESPERMINUTE", "10"),
+            ("MAILRELAY_IDEMPOTENCY_TTLSECONDS", "3600"),
+        ],
+    );
+    let r = &loaded.settings.relay;
+    assert_eq!(r.rate_limits.caller_messages_per_minute, None);
+    assert_eq!(r.rate_limits.mailbox_messages_per_minute, limit(10));
+    assert_eq!(r.idempotency.ttl, Duration::from_secs(3_600));
+    assert!(
+        loaded
+            .masked
+            .contains("# from env MAILRELAY_RATELIMITS_MAILBOXMESSAGESPERMINUTE"),
+        "{}",
+        loaded.masked
+    );
+}
+
+#[test]
+fn rate_limit_and_idempotency_values_out_of_range_name_the_key() {
+    for (var, value, key, expected) in [
+        (
+            "MAILRELAY_RATELIMITS_MAILBOXMESSAGESPERMINUTE",
+            "-1",
+            "mailRelay.rateLimits.mailboxMessagesPerMinute",
+            "out of range; allowed 0..=100000",
+        ),
+        (
+            "MAILRELAY_RATELIMITS_MAILBOXRECIPIENTSPERDAY",
+            "lots",
+            "mailRelay.rateLimits.mailboxRecipientsPerDay",
+            "is not a whole number",
+        ),
+        (
+            "MAILRELAY_RATELIMITS_CALLERMESSAGESPERMINUTE",
+            "100001",
+            "mailRelay.rateLimits.callerMessagesPerMinute",
+            "out of range; allowed 0..=100000",
+        ),
+        (
+            "MAILRELAY_IDEMPOTENCY_TTLSECONDS",
+            "0",
+            "mailRelay.idempotency.ttlSeconds",
+            "out of range; allowed 1..=604800",
+        ),
+        (
+            "MAILRELAY_IDEMPOTENCY_MAXENTRIES",
+            "0",
+            "mailRelay.idempotency.maxEntries",
+            "out of range; allowed 1..=10000000",
+        ),
+    ] {
+        let message = error_for(SEED, &[(var, value)], key);
+        assert!(message.contains(expected), "{key}: {message}");
+    }
+}
+
+#[test]
+fn a_daily_recipient_limit_below_the_per_mail_limit_is_an_error() {
+    // SEED allows 100 recipients per mail.
+    let key = "mailRelay.rateLimits.mailboxRecipientsPerDay";
+    let message = error_for(
+        SEED,
+        &[("MAILRELAY_RATELIMITS_MAILBOXRECIPIENTSPERDAY", "99")],
+        key,
+    );
+    assert!(
+        message.contains("below mailRelay.limits.maxRecipients (100)"),
+        "{message}"
+    );
+    assert!(message.contains("set it to 0 (off)"), "{message}");
+    ok(
+        SEED,
+        &[("MAILRELAY_RATELIMITS_MAILBOXRECIPIENTSPERDAY", "100")],
+    );
+}
+
+#[test]
+fn limits_above_exchange_online_are_a_warning_for_office365_only() {
+    let above = [
+        ("MAILRELAY_RATELIMITS_MAILBOXMESSAGESPERMINUTE", "0"),
+        ("MAILRELAY_RATELIMITS_MAILBOXRECIPIENTSPERDAY", "20000"),
+    ];
+    let loaded = ok(SEED, &above);
+    assert_eq!(loaded.warnings.len(), 2, "{:?}", loaded.warnings);
+    assert!(
+        loaded.warnings[0].contains("mailboxMessagesPerMinute"),
+        "{:?}",
+        loaded.warnings
+    );
+    assert!(
+        loaded.warnings[0].contains("30 messages per minute"),
+        "{:?}",
+        loaded.warnings
+    );
+    assert!(
+        loaded.warnings[1].contains("mailboxRecipientsPerDay"),
+        "{:?}",
+        loaded.warnings
+    );
+    assert!(
+        loaded.warnings[1].contains("SubmissionQuotaExceeded"),
+        "{:?}",
+        loaded.warnings
+    );
+
+    let mut other_host = above.to_vec();
+    other_host.push(("FEATURESWITCHES_SENDEMAIL_SMTPSERVER", "smtp.example.net"));
+    let loaded = ok(SEED, &other_host);
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+}
+
+#[test]
+fn production_example_sets_the_exchange_limits() {
+    let loaded = load(&LoadOptions {
+        path: config_file("osweb-prod.yml"),
+        env: env(&[
+            ("SMTP_USERNAME", "relay@contoso.com"),
+            ("OAUTH_CLIENT_ID", "11111111-2222-3333-4444-555555555555"),
+            ("OAUTH_CLIENT_SECRET", CLIENT_SECRET),
+            ("OAUTH_TENANT_ID", "contoso.onmicrosoft.com"),
+            ("OSWEB_API_KEY_SHA256", &"ab".repeat(32)),
+            ("MAIL_DOMAIN", "contoso.com"),
+        ]),
+    })
+    .unwrap();
+    let r = &loaded.settings.relay;
+    assert_eq!(r.rate_limits, Default::default());
+    assert_eq!(r.idempotency, Default::default());
+    // Every value in the example is written, not defaulted.
+    assert!(
+        loaded.masked.contains("mailboxMessagesPerMinute: 30\n"),
+        "{}",
+        loaded.masked
+    );
+    assert!(
+        loaded.masked.contains("maxEntries: 100000\n"),
+        "{}",
+        loaded.masked
+    );
+}

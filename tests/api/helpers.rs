@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use mail_relay::app::Application;
 use mail_relay::config::{
-    AddressPattern, ApiKeySettings, AuthSettings, Delivery, Encryption, Limits, RelaySettings,
-    SendEmailSettings, ServerSettings, Settings, SmtpAuthentication, SmtpTuning,
+    AddressPattern, ApiKeySettings, AuthSettings, Delivery, Encryption, Limits, RateLimitSettings,
+    RelaySettings, SendEmailSettings, ServerSettings, Settings, SmtpAuthentication, SmtpTuning,
 };
 use mail_relay::delivery::{MailSender, Outbox};
 use sha2::{Digest, Sha256};
@@ -49,6 +49,9 @@ pub fn test_settings(outbox: PathBuf) -> Settings {
             },
             send_as: Default::default(),
             cors: Default::default(),
+            // Off, so tests that send many mails are not refused; rate-limit tests turn them on.
+            rate_limits: RateLimitSettings::OFF,
+            idempotency: Default::default(),
         },
     }
 }

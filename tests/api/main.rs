@@ -7,6 +7,7 @@ mod config;
 mod e2e;
 mod entra;
 mod helpers;
+mod limits;
 mod mail;
 pub mod peer;
 mod peer_smoke;

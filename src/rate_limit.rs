@@ -1,0 +1,982 @@
+//! Rate limits that keep the relay inside Exchange Online's limits, and an optional per-caller rate.
+//!
+//! Exchange Online allows one mailbox 30 messages per minute and 10,000 recipients per rolling
+//! 24 hours (EXCHANGE.md section 4). Past the daily quota it refuses every mail for up to a day
+//! (`SubmissionQuotaExceeded`), so the relay refuses the excess itself, with `429` and
+//! `Retry-After`, before any SMTP traffic.
+//!
+//! A request reserves its cost on every limit at once ([`RateLimits::reserve`]); a send that fails
+//! before the server accepted the mail gives the reservation back ([`RateLimits::refund`]), so
+//! failed sends do not burn quota.
+//!
+//! The counting lives behind [`RateLimiter`]. [`InMemoryRateLimiter`] counts in this process,
+//! which is right for one replica. Several replicas sending through one mailbox share its limit:
+//! they need a shared store (e.g. Redis, with a script doing the same all-or-nothing reservation
+//! over sorted sets), added as another `RateLimiter` without touching the callers.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::caller::Caller;
+use crate::clock::{Clock, Millis, SystemClock, duration_ms};
+use crate::config::{RateLimitSettings, Settings};
+
+const MINUTE: Duration = Duration::from_secs(60);
+const DAY: Duration = Duration::from_secs(86_400);
+/// The daily count is kept per minute: at most 1,440 counters per mailbox instead of one per mail.
+const DAY_BUCKET_MS: Millis = 60_000;
+/// Idle windows are dropped every this many reservations, so departed callers cost no memory.
+const SWEEP_EVERY: u64 = 4_096;
+
+/// Which limit: each has its own window and setting key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LimitKind {
+    /// Messages per rolling minute through the SMTP mailbox.
+    MailboxMessages,
+    /// Recipients per rolling 24 hours through the SMTP mailbox.
+    MailboxRecipients,
+    /// Messages per rolling minute for one caller.
+    CallerMessages,
+}
+
+impl LimitKind {
+    /// The setting that configures this limit.
+    pub fn setting_key(self) -> &'static str {
+        match self {
+            Self::MailboxMessages => "mailRelay.rateLimits.mailboxMessagesPerMinute",
+            Self::MailboxRecipients => "mailRelay.rateLimits.mailboxRecipientsPerDay",
+            Self::CallerMessages => "mailRelay.rateLimits.callerMessagesPerMinute",
+        }
+    }
+
+    /// A stable label for logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::MailboxMessages => "mailbox_messages_per_minute",
+            Self::MailboxRecipients => "mailbox_recipients_per_day",
+            Self::CallerMessages => "caller_messages_per_minute",
+        }
+    }
+
+    /// How far back the limit counts.
+    pub fn window(self) -> Duration {
+        match self {
+            Self::MailboxMessages | Self::CallerMessages => MINUTE,
+            Self::MailboxRecipients => DAY,
+        }
+    }
+
+    /// Width of one counter: per-minute limits count each millisecond exactly, the daily one per minute.
+    fn bucket_ms(self) -> Millis {
+        match self {
+            Self::MailboxMessages | Self::CallerMessages => 1,
+            Self::MailboxRecipients => DAY_BUCKET_MS,
+        }
+    }
+
+    /// When a cost counted in the bucket starting at `bucket` stops counting. A coarse bucket
+    /// counts until its *last* millisecond is a full window old, so no rolling window ever holds
+    /// more than the limit; the price is up to one bucket of extra wait.
+    fn expires_at(self, bucket: Millis) -> Millis {
+        bucket
+            .saturating_add(duration_ms(self.window()))
+            .saturating_add(self.bucket_ms() - 1)
+    }
+
+    fn what(self, max: u32) -> String {
+        match self {
+            Self::MailboxMessages => format!(
+                "the relay's SMTP mailbox sends at most {max} messages per minute (Exchange Online allows 30)"
+            ),
+            Self::MailboxRecipients => format!(
+                "the relay's SMTP mailbox sends to at most {max} recipients per rolling 24 hours (Exchange Online allows 10,000)"
+            ),
+            Self::CallerMessages => {
+                format!("each caller may send at most {max} messages per minute")
+            }
+        }
+    }
+}
+
+/// One counter: a limit for one mailbox or one caller.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LimitKey {
+    pub kind: LimitKind,
+    /// The mailbox address (lower case) or the caller's id ([`caller_id`]).
+    pub subject: String,
+}
+
+/// What a request asks of one limit.
+#[derive(Debug, Clone)]
+pub struct Ask {
+    pub key: LimitKey,
+    pub cost: u32,
+    pub max: NonZeroU32,
+}
+
+/// One reserved cost, as recorded by the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reserved {
+    pub key: LimitKey,
+    /// Start of the counter (bucket) the cost went into.
+    pub bucket: Millis,
+    pub cost: u32,
+}
+
+/// Quota taken by one request. Keep it when the mail was sent; give it back with
+/// [`RateLimits::refund`] when the send failed before the server accepted the mail.
+#[derive(Debug, Default)]
+#[must_use = "a reservation is kept (mail sent) or refunded (send failed); say which"]
+pub struct Reservation {
+    items: Vec<Reserved>,
+}
+
+impl Reservation {
+    /// A reservation of `items`, for store implementations.
+    pub fn new(items: Vec<Reserved>) -> Self {
+        Self { items }
+    }
+
+    pub fn items(&self) -> &[Reserved] {
+        &self.items
+    }
+
+    /// Keep the quota: the mail went out.
+    pub fn keep(self) {}
+}
+
+/// A limit is reached: nothing may be sent now. The message is safe to show to the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct RateLimited {
+    pub kind: LimitKind,
+    /// The configured limit.
+    pub max: u32,
+    /// What this request would have cost on that limit.
+    pub cost: u32,
+    /// How long until the request would fit (the `Retry-After` header).
+    pub retry_after: Duration,
+}
+
+impl RateLimited {
+    /// The setting key of the limit that refused.
+    pub fn limit(&self) -> &'static str {
+        self.kind.setting_key()
+    }
+
+    /// The request costs more than the limit allows in a whole window: retrying cannot help.
+    pub fn never_fits(&self) -> bool {
+        self.cost > self.max
+    }
+
+    /// `retry_after` in whole seconds, rounded up and at least 1, for `Retry-After`.
+    pub fn retry_after_secs(&self) -> u64 {
+        let ms = duration_ms(self.retry_after);
+        ms.div_ceil(1000).max(1)
+    }
+}
+
+impl fmt::Display for RateLimited {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = self.kind.what(self.max);
+        let key = self.limit();
+        if self.never_fits() {
+            write!(
+                f,
+                "this mail has {} recipients, more than {what} (setting {key}); split it into smaller mails",
+                self.cost
+            )
+        } else {
+            write!(
+                f,
+                "rate limit reached: {what} (setting {key}); nothing was sent; retry after {} s",
+                self.retry_after_secs()
+            )
+        }
+    }
+}
+
+/// Why a reservation was not made.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LimitError {
+    #[error(transparent)]
+    Limited(#[from] RateLimited),
+    /// A shared store could not be asked; nothing was reserved.
+    #[error("the rate-limit store is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Counts costs per [`LimitKey`] over a rolling window.
+#[async_trait]
+pub trait RateLimiter: Send + Sync + 'static {
+    /// Reserve every ask, or none: when any limit would be exceeded, nothing is counted and the
+    /// refusal with the longest wait is returned.
+    async fn check_and_reserve(&self, asks: &[Ask], now: Millis)
+    -> Result<Reservation, LimitError>;
+
+    /// Give a reservation back; costs whose window has passed are already gone.
+    async fn release(&self, reservation: Reservation);
+
+    /// Count `key` as full (`max`) from `now` on for a whole window, replacing what was counted:
+    /// the server said the quota is used up (other clients of the mailbox, a restart).
+    async fn saturate(&self, key: &LimitKey, max: NonZeroU32, now: Millis);
+}
+
+/// Costs within one window, oldest first, summed per bucket.
+#[derive(Debug, Default)]
+struct Window {
+    buckets: VecDeque<(Millis, u32)>,
+    total: u64,
+}
+
+impl Window {
+    fn expire(&mut self, kind: LimitKind, now: Millis) {
+        while let Some(&(bucket, cost)) = self.buckets.front() {
+            if kind.expires_at(bucket) > now {
+                break;
+            }
+            self.total -= u64::from(cost);
+            self.buckets.pop_front();
+        }
+    }
+
+    /// `Ok` when `cost` fits under `max`; otherwise how long until enough old costs expire.
+    fn admit(&self, kind: LimitKind, cost: u32, max: u32, now: Millis) -> Result<(), Duration> {
+        let over = (self.total + u64::from(cost)).saturating_sub(u64::from(max));
+        if over == 0 {
+            return Ok(());
+        }
+        let mut freed = 0u64;
+        for &(bucket, bucket_cost) in &self.buckets {
+            freed += u64::from(bucket_cost);
+            if freed >= over {
+                return Err(Duration::from_millis(
+                    kind.expires_at(bucket).saturating_sub(now),
+                ));
+            }
+        }
+        // Only when cost > max: it never fits; a full window is the honest wait.
+        Err(kind.window())
+    }
+
+    fn add(&mut self, bucket: Millis, cost: u32) {
+        match self.buckets.back_mut() {
+            Some((last, last_cost)) if *last == bucket => *last_cost += cost,
+            _ => self.buckets.push_back((bucket, cost)),
+        }
+        self.total += u64::from(cost);
+    }
+
+    fn remove(&mut self, bucket: Millis, cost: u32) {
+        let Ok(i) = self.buckets.binary_search_by_key(&bucket, |(b, _)| *b) else {
+            return; // expired meanwhile
+        };
+        let entry = &mut self.buckets[i].1;
+        let taken = cost.min(*entry);
+        *entry -= taken;
+        self.total -= u64::from(taken);
+        if *entry == 0 {
+            self.buckets.remove(i);
+        }
+    }
+
+    fn last_bucket(&self) -> Option<Millis> {
+        self.buckets.back().map(|(b, _)| *b)
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    windows: HashMap<LimitKey, Window>,
+    reservations: u64,
+}
+
+/// Counts in this process: exact sliding windows for the per-minute limits, one counter per
+/// minute for the daily recipient count. Right for a single replica.
+#[derive(Debug, Default)]
+pub struct InMemoryRateLimiter {
+    // A plain mutex: it is never held across `.await`, and each reservation is a few
+    // additions, so contention costs less than a sharded map would.
+    state: Mutex<State>,
+}
+
+impl InMemoryRateLimiter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn reserve(&self, asks: &[Ask], now: Millis) -> Result<Reservation, RateLimited> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.reservations += 1;
+        if state.reservations % SWEEP_EVERY == 0 {
+            state.windows.retain(|key, window| {
+                window.expire(key.kind, now);
+                !window.buckets.is_empty()
+            });
+        }
+        let mut refusal: Option<RateLimited> = None;
+        let mut planned = Vec::with_capacity(asks.len());
+        for ask in asks.iter().filter(|a| a.cost > 0) {
+            let kind = ask.key.kind;
+            let window = state.windows.entry(ask.key.clone()).or_default();
+            window.expire(kind, now);
+            let max = ask.max.get();
+            if let Err(retry_after) = window.admit(kind, ask.cost, max, now) {
+                let limited = RateLimited {
+                    kind,
+                    max,
+                    cost: ask.cost,
+                    retry_after,
+                };
+                if refusal.as_ref().is_none_or(|r| {
+                    (limited.never_fits(), limited.retry_after) > (r.never_fits(), r.retry_after)
+                }) {
+                    refusal = Some(limited);
+                }
+                continue;
+            }
+            // A wall clock that stepped back must not put a bucket behind newer ones.
+            let bucket = now - now % kind.bucket_ms();
+            let bucket = window.last_bucket().map_or(bucket, |last| bucket.max(last));
+            planned.push(Reserved {
+                key: ask.key.clone(),
+                bucket,
+                cost: ask.cost,
+            });
+        }
+        if let Some(refusal) = refusal {
+            return Err(refusal);
+        }
+        for item in &planned {
+            if let Some(window) = state.windows.get_mut(&item.key) {
+                window.add(item.bucket, item.cost);
+            }
+        }
+        Ok(Reservation::new(planned))
+    }
+
+    fn unreserve(&self, reservation: Reservation) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        for item in reservation.items {
+            if let Some(window) = state.windows.get_mut(&item.key) {
+                window.remove(item.bucket, item.cost);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl RateLimiter for InMemoryRateLimiter {
+    async fn check_and_reserve(
+        &self,
+        asks: &[Ask],
+        now: Millis,
+    ) -> Result<Reservation, LimitError> {
+        Ok(self.reserve(asks, now)?)
+    }
+
+    async fn release(&self, reservation: Reservation) {
+        self.unreserve(reservation);
+    }
+
+    async fn saturate(&self, key: &LimitKey, max: NonZeroU32, now: Millis) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let kind = key.kind;
+        let window = state.windows.entry(key.clone()).or_default();
+        // One full bucket from now: older counts would free quota before the window has passed.
+        let bucket = now - now % kind.bucket_ms();
+        let bucket = window.last_bucket().map_or(bucket, |last| bucket.max(last));
+        *window = Window::default();
+        window.add(bucket, max.get());
+    }
+}
+
+/// The caller's id for per-caller limits and idempotency scopes: `key:<API key name>`,
+/// `user:<address>` or `anonymous`. The prefix keeps an API key named like an address apart
+/// from that user.
+pub fn caller_id(caller: &Caller) -> String {
+    match caller {
+        Caller::ApiKey { name, .. } => format!("key:{name}"),
+        Caller::User { address, .. } => format!("user:{}", address.to_ascii_lowercase()),
+        Caller::Anonymous => "anonymous".to_owned(),
+    }
+}
+
+/// The relay's limits, as the `POST /mail` handler uses them. Cheap to clone.
+#[derive(Clone)]
+pub struct RateLimits {
+    limiter: Arc<dyn RateLimiter>,
+    clock: Arc<dyn Clock>,
+    settings: RateLimitSettings,
+    mailbox: Arc<str>,
+}
+
+impl fmt::Debug for RateLimits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimits")
+            .field("settings", &self.settings)
+            .field("mailbox", &self.mailbox)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RateLimits {
+    /// Limits for the SMTP mailbox `mailbox`, counted by `limiter`, timed by `clock`.
+    pub fn new(
+        settings: RateLimitSettings,
+        mailbox: &str,
+        limiter: Arc<dyn RateLimiter>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            limiter,
+            clock,
+            settings,
+            mailbox: mailbox.to_ascii_lowercase().into(),
+        }
+    }
+
+    /// In-memory limits from the settings, on the system clock.
+    pub fn in_memory(settings: &Settings) -> Self {
+        Self::new(
+            settings.relay.rate_limits,
+            &mailbox_of(settings),
+            Arc::new(InMemoryRateLimiter::new()),
+            Arc::new(SystemClock),
+        )
+    }
+
+    pub fn settings(&self) -> &RateLimitSettings {
+        &self.settings
+    }
+
+    /// Reserve one message with `recipients` recipients for `caller` on every limit that is on.
+    pub async fn reserve(
+        &self,
+        caller: &Caller,
+        recipients: usize,
+    ) -> Result<Reservation, LimitError> {
+        let recipients = u32::try_from(recipients).unwrap_or(u32::MAX);
+        let mailbox = |kind| LimitKey {
+            kind,
+            subject: self.mailbox.to_string(),
+        };
+        let s = &self.settings;
+        let asks: Vec<Ask> = [
+            (
+                s.caller_messages_per_minute,
+                1,
+                LimitKey {
+                    kind: LimitKind::CallerMessages,
+                    subject: caller_id(caller),
+                },
+            ),
+            (
+                s.mailbox_messages_per_minute,
+                1,
+                mailbox(LimitKind::MailboxMessages),
+            ),
+            (
+                s.mailbox_recipients_per_day,
+                recipients,
+                mailbox(LimitKind::MailboxRecipients),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(max, cost, key)| max.map(|max| Ask { key, cost, max }))
+        .collect();
+        if asks.is_empty() {
+            return Ok(Reservation::default());
+        }
+        let result = self
+            .limiter
+            .check_and_reserve(&asks, self.clock.now_ms())
+            .await;
+        if let Err(LimitError::Limited(limited)) = &result {
+            tracing::info!(
+                limit = limited.kind.label(),
+                max = limited.max,
+                retry_after_s = limited.retry_after_secs(),
+                "rate limit reached"
+            );
+        }
+        result
+    }
+
+    /// Exchange refused a mail for the mailbox's daily recipient quota (`554 5.2.0 ...
+    /// SubmissionQuotaExceededException`): refuse further mail here for the next 24 hours
+    /// instead of sending each one into the same refusal. Nothing happens when the daily
+    /// limit is off.
+    pub async fn mailbox_quota_exceeded(&self) {
+        let Some(max) = self.settings.mailbox_recipients_per_day else {
+            return;
+        };
+        tracing::warn!(
+            "the SMTP server reports the mailbox's daily recipient quota used up; refusing mail for 24 hours"
+        );
+        let key = LimitKey {
+            kind: LimitKind::MailboxRecipients,
+            subject: self.mailbox.to_string(),
+        };
+        self.limiter.saturate(&key, max, self.clock.now_ms()).await;
+    }
+
+    /// Give the quota back: the send failed before the server accepted the mail.
+    pub async fn refund(&self, reservation: Reservation) {
+        if !reservation.items.is_empty() {
+            self.limiter.release(reservation).await;
+        }
+    }
+}
+
+/// The mailbox whose limits apply: `smtpUsername`, else the SMTP host (no login), else the outbox,
+/// so a dev instance limits the way production does.
+pub fn mailbox_of(settings: &Settings) -> String {
+    let send_email = &settings.send_email;
+    match send_email.smtp_authentication.username() {
+        Some(user) => user.to_owned(),
+        None if settings.relay.delivery == crate::config::Delivery::Smtp => {
+            format!("smtp:{}", send_email.smtp_server)
+        }
+        None => "outbox".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::caller::UserSource;
+    use crate::clock::ManualClock;
+
+    const T0: Millis = 1_700_000_000_000;
+
+    fn settings(per_minute: u32, per_day: u32, per_caller: u32) -> RateLimitSettings {
+        RateLimitSettings {
+            mailbox_messages_per_minute: NonZeroU32::new(per_minute),
+            mailbox_recipients_per_day: NonZeroU32::new(per_day),
+            caller_messages_per_minute: NonZeroU32::new(per_caller),
+        }
+    }
+
+    fn limits(settings: RateLimitSettings) -> (RateLimits, ManualClock) {
+        let clock = ManualClock::new(T0);
+        let limits = RateLimits::new(
+            settings,
+            "Relay@Contoso.com",
+            Arc::new(InMemoryRateLimiter::new()),
+            Arc::new(clock.clone()),
+        );
+        (limits, clock)
+    }
+
+    fn key(name: &str) -> Caller {
+        Caller::ApiKey {
+            name: name.into(),
+            allowed_from: Arc::from(Vec::new()),
+        }
+    }
+
+    fn limited(result: Result<Reservation, LimitError>) -> RateLimited {
+        match result {
+            Err(LimitError::Limited(l)) => l,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_31st_message_in_a_minute_is_refused_until_the_first_leaves_the_window() {
+        let (limits, clock) = limits(RateLimitSettings::default());
+        let caller = key("billing");
+        for _ in 0..30 {
+            limits.reserve(&caller, 1).await.unwrap().keep();
+            clock.advance(Duration::from_millis(1_000));
+        }
+        // Now T0 + 30 s; the first message (at T0) leaves the window at T0 + 60 s.
+        let refusal = limited(limits.reserve(&caller, 1).await);
+        assert_eq!(refusal.kind, LimitKind::MailboxMessages);
+        assert_eq!(refusal.retry_after, Duration::from_secs(30));
+        assert_eq!(refusal.retry_after_secs(), 30);
+        let text = refusal.to_string();
+        assert!(text.contains("at most 30 messages per minute"), "{text}");
+        assert!(
+            text.contains("mailRelay.rateLimits.mailboxMessagesPerMinute"),
+            "{text}"
+        );
+        assert!(text.contains("retry after 30 s"), "{text}");
+
+        // One millisecond early is still refused, with the wait counted exactly.
+        clock.set(T0 + 59_999);
+        assert_eq!(
+            limited(limits.reserve(&caller, 1).await).retry_after,
+            Duration::from_millis(1)
+        );
+        assert_eq!(
+            limited(limits.reserve(&caller, 1).await).retry_after_secs(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn the_window_slides_one_message_at_a_time() {
+        let (limits, clock) = limits(settings(30, 0, 0));
+        let caller = key("billing");
+        for _ in 0..30 {
+            limits.reserve(&caller, 1).await.unwrap().keep();
+            clock.advance(Duration::from_millis(1_000));
+        }
+        clock.set(T0 + 60_000);
+        limits.reserve(&caller, 1).await.unwrap().keep();
+        // The message of T0 + 1 s is next to leave.
+        let refusal = limited(limits.reserve(&caller, 1).await);
+        assert_eq!(refusal.retry_after, Duration::from_secs(1));
+        clock.set(T0 + 61_000);
+        limits.reserve(&caller, 1).await.unwrap().keep();
+        assert!(limits.reserve(&caller, 1).await.is_err());
+        // A whole window later every message has left: 30 fit again.
+        clock.set(T0 + 200_000);
+        for _ in 0..30 {
+            limits.reserve(&caller, 1).await.unwrap().keep();
+        }
+        assert!(limits.reserve(&caller, 1).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn ten_thousand_recipients_per_rolling_day() {
+        let (limits, clock) = limits(settings(0, 10_000, 0));
+        let caller = key("newsletter");
+        // 20 mails of 500 recipients, one per hour.
+        for _ in 0..20 {
+            limits.reserve(&caller, 500).await.unwrap().keep();
+            clock.advance(Duration::from_secs(3_600));
+        }
+        // T0 + 20 h: the day is full, even for one recipient.
+        let refusal = limited(limits.reserve(&caller, 1).await);
+        assert_eq!(refusal.kind, LimitKind::MailboxRecipients);
+        // The first mail's counter is the minute holding T0 (20 s into it); it counts until its
+        // last millisecond is 24 h old.
+        assert_eq!(T0 % 60_000, 20_000);
+        let first_bucket = T0 - 20_000;
+        let frees_at = first_bucket + 86_400_000 + 59_999;
+        assert_eq!(
+            refusal.retry_after,
+            Duration::from_millis(frees_at - clock.now_ms())
+        );
+        assert!(
+            refusal
+                .to_string()
+                .contains("10000 recipients per rolling 24 hours")
+        );
+        assert!(refusal.to_string().contains("mailboxRecipientsPerDay"));
+        // 1,000 recipients need the first two mails gone.
+        let refusal = limited(limits.reserve(&caller, 1_000).await);
+        let second_bucket = (T0 + 3_600_000) - (T0 + 3_600_000) % 60_000;
+        assert_eq!(
+            refusal.retry_after,
+            Duration::from_millis(second_bucket + 86_400_000 + 59_999 - clock.now_ms())
+        );
+
+        clock.set(frees_at - 1);
+        assert!(limits.reserve(&caller, 1).await.is_err());
+        clock.set(frees_at);
+        limits.reserve(&caller, 500).await.unwrap().keep();
+        assert!(limits.reserve(&caller, 1).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_mail_larger_than_the_daily_limit_never_fits() {
+        let (limits, _clock) = limits(settings(0, 100, 0));
+        let refusal = limited(limits.reserve(&key("a"), 101).await);
+        assert!(refusal.never_fits());
+        assert_eq!(refusal.retry_after, DAY);
+        assert!(refusal.to_string().contains("split it"), "{refusal}");
+        // And it reserved nothing.
+        limits.reserve(&key("a"), 100).await.unwrap().keep();
+    }
+
+    #[tokio::test]
+    async fn a_refund_gives_the_quota_back() {
+        let (limits, clock) = limits(settings(30, 10_000, 0));
+        let caller = key("billing");
+        let mut kept = Vec::new();
+        for _ in 0..29 {
+            kept.push(limits.reserve(&caller, 10).await.unwrap());
+        }
+        let failed = limits.reserve(&caller, 9_000).await.unwrap();
+        assert!(limits.reserve(&caller, 1).await.is_err());
+        limits.refund(failed).await;
+        // Both the message and its 9,000 recipients are free again.
+        limits.reserve(&caller, 9_000).await.unwrap().keep();
+        assert!(limits.reserve(&caller, 1).await.is_err());
+
+        // Past the minute, a late refund gives back its recipients (the day still counts them)
+        // but no message slot (that one already left the window).
+        clock.advance(Duration::from_secs(61));
+        limits.refund(kept.pop().unwrap()).await;
+        for _ in 0..30 {
+            limits.reserve(&caller, 1).await.unwrap().keep();
+        }
+        let refusal = limited(limits.reserve(&caller, 1).await);
+        assert_eq!(refusal.kind, LimitKind::MailboxMessages);
+        // Recipients today: 280 + 9,000 + 30 = 9,310; 690 are left.
+        clock.advance(Duration::from_secs(61));
+        limits.reserve(&caller, 690).await.unwrap().keep();
+        let refusal = limited(limits.reserve(&caller, 1).await);
+        assert_eq!(refusal.kind, LimitKind::MailboxRecipients);
+    }
+
+    #[tokio::test]
+    async fn the_per_caller_limit_is_per_caller() {
+        let (limits, _clock) = limits(settings(30, 0, 2));
+        let (a, b) = (key("a"), key("b"));
+        let user = Caller::User {
+            address: "Alice@Contoso.com".into(),
+            via: UserSource::Oidc,
+        };
+        for _ in 0..2 {
+            limits.reserve(&a, 1).await.unwrap().keep();
+        }
+        let refusal = limited(limits.reserve(&a, 1).await);
+        assert_eq!(refusal.kind, LimitKind::CallerMessages);
+        assert!(refusal.to_string().contains("callerMessagesPerMinute"));
+        for _ in 0..2 {
+            limits.reserve(&b, 1).await.unwrap().keep();
+            limits.reserve(&user, 1).await.unwrap().keep();
+        }
+        // The refusal of `a` took nothing from the mailbox: 6 of its 30 are used.
+        for i in 0..24 {
+            limits
+                .reserve(&key(&format!("other-{i}")), 1)
+                .await
+                .unwrap()
+                .keep();
+        }
+        let refusal = limited(limits.reserve(&key("fresh"), 1).await);
+        assert_eq!(refusal.kind, LimitKind::MailboxMessages);
+    }
+
+    #[tokio::test]
+    async fn a_quota_reported_by_exchange_blocks_the_mailbox_for_a_day() {
+        let (limits, clock) = limits(settings(30, 10_000, 0));
+        let caller = key("a");
+        limits.reserve(&caller, 10).await.unwrap().keep();
+        clock.advance(Duration::from_secs(120));
+        limits.mailbox_quota_exceeded().await;
+        let refusal = limited(limits.reserve(&caller, 1).await);
+        assert_eq!(refusal.kind, LimitKind::MailboxRecipients);
+        // Free once the saturating minute is a day old, though the first mail's minute is older.
+        let now = clock.now_ms();
+        let frees_at = now - now % 60_000 + 86_400_000 + 59_999;
+        assert_eq!(refusal.retry_after, Duration::from_millis(frees_at - now));
+        clock.set(frees_at);
+        limits.reserve(&caller, 10_000).await.unwrap().keep();
+
+        // With the daily limit off there is nothing to saturate.
+        let (off, _) = self::limits(settings(30, 0, 0));
+        off.mailbox_quota_exceeded().await;
+        off.reserve(&caller, 500).await.unwrap().keep();
+    }
+
+    #[tokio::test]
+    async fn limits_set_to_zero_are_off() {
+        let (limits, _clock) = limits(settings(0, 0, 0));
+        for _ in 0..1_000 {
+            limits.reserve(&key("a"), 500).await.unwrap().keep();
+        }
+    }
+
+    #[tokio::test]
+    async fn the_longest_wait_is_reported_when_several_limits_refuse() {
+        let (limits, clock) = limits(settings(1, 10, 0));
+        limits.reserve(&key("a"), 10).await.unwrap().keep();
+        clock.advance(Duration::from_secs(1));
+        // Both refuse: the minute frees in 59 s, the day in about 24 h; the day is what counts.
+        let refusal = limited(limits.reserve(&key("a"), 1).await);
+        assert_eq!(refusal.kind, LimitKind::MailboxRecipients);
+        assert!(refusal.retry_after > Duration::from_secs(86_000));
+        // One limit alone says its own wait.
+        clock.advance(Duration::from_secs(86_400 + 60));
+        limits.reserve(&key("a"), 1).await.unwrap().keep();
+        let refusal = limited(limits.reserve(&key("a"), 1).await);
+        assert_eq!(refusal.kind, LimitKind::MailboxMessages);
+        assert_eq!(refusal.retry_after, Duration::from_secs(60));
+    }
+
+    #[tokio::test]
+    async fn a_clock_stepping_back_neither_panics_nor_frees_quota() {
+        let (limits, clock) = limits(settings(2, 0, 0));
+        limits.reserve(&key("a"), 1).await.unwrap().keep();
+        clock.set(T0 - 10_000);
+        limits.reserve(&key("a"), 1).await.unwrap().keep();
+        assert!(limits.reserve(&key("a"), 1).await.is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_reservations_never_exceed_the_limit() {
+        let (limits, _clock) = limits(settings(30, 100, 0));
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let limits = limits.clone();
+                tokio::spawn(async move {
+                    let caller = key(&format!("c{}", i % 7));
+                    limits.reserve(&caller, 3).await.map(Reservation::keep)
+                })
+            })
+            .collect();
+        let mut granted = 0;
+        for task in tasks {
+            if task.await.unwrap().is_ok() {
+                granted += 1;
+            }
+        }
+        // 100 recipients / 3 per mail = 33, but only 30 messages per minute.
+        assert_eq!(granted, 30);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_reservations_and_refunds_keep_the_count_exact() {
+        let (limits, _clock) = limits(settings(50, 0, 0));
+        let tasks: Vec<_> = (0..100)
+            .map(|i| {
+                let limits = limits.clone();
+                tokio::spawn(async move {
+                    let Ok(reservation) = limits.reserve(&key("a"), 1).await else {
+                        return false;
+                    };
+                    if i % 2 == 0 {
+                        limits.refund(reservation).await;
+                        false
+                    } else {
+                        reservation.keep();
+                        true
+                    }
+                })
+            })
+            .collect();
+        let mut kept = 0;
+        for task in tasks {
+            if task.await.unwrap() {
+                kept += 1;
+            }
+        }
+        // Whatever the interleaving, what is left is exactly what was not kept.
+        let mut left = 0;
+        while limits.reserve(&key("a"), 1).await.is_ok() {
+            left += 1;
+        }
+        assert!(kept > 0);
+        assert_eq!(kept + left, 50);
+    }
+
+    #[test]
+    fn the_mailbox_is_the_smtp_login_else_the_server_else_the_outbox() {
+        let load = |yaml: &str| {
+            crate::config::load_str(yaml, "t.yml", &[])
+                .unwrap()
+                .settings
+        };
+        let oauth = "featureSwitches:\n  sendEmail:\n    smtpServer: smtp.office365.com\n    smtpUsername: Relay@Contoso.com\n    oAuthClientId: c\n    oAuthClientSecret: s\n    oAuthTenantId: t\nmailRelay:\n  auth:\n    allowAnonymous: false\n";
+        assert_eq!(mailbox_of(&load(oauth)), "Relay@Contoso.com");
+        let plain = "featureSwitches:\n  sendEmail:\n    smtpServer: localhost\n    smtpEncryption: NONE\n    smtpAuthentication: NONE\n";
+        assert_eq!(mailbox_of(&load(plain)), "smtp:localhost");
+        let outbox = "mailRelay:\n  delivery:\n    mode: outbox\n";
+        assert_eq!(mailbox_of(&load(outbox)), "outbox");
+    }
+
+    #[test]
+    fn caller_ids_keep_keys_and_users_apart() {
+        let user = Caller::User {
+            address: "Alice@Contoso.com".into(),
+            via: UserSource::TrustedProxy,
+        };
+        assert_eq!(caller_id(&user), "user:alice@contoso.com");
+        assert_eq!(
+            caller_id(&key("alice@contoso.com")),
+            "key:alice@contoso.com"
+        );
+        assert_eq!(caller_id(&Caller::Anonymous), "anonymous");
+    }
+
+    fn ask(kind: LimitKind, cost: u32, max: u32) -> Vec<Ask> {
+        vec![Ask {
+            key: LimitKey {
+                kind,
+                subject: "m".into(),
+            },
+            cost,
+            max: NonZeroU32::new(max).unwrap(),
+        }]
+    }
+
+    proptest::proptest! {
+        /// Whatever the timing, costs and refunds: no rolling window (measured at the exact send
+        /// times) ever holds more than the limit, and a refusal's wait is enough.
+        #[test]
+        fn no_rolling_window_exceeds_the_limit(
+            daily in proptest::bool::ANY,
+            steps in proptest::collection::vec((0u64..600_000, 1u32..40, proptest::bool::weighted(0.2)), 1..300),
+        ) {
+            let (kind, max) = if daily {
+                (LimitKind::MailboxRecipients, 300)
+            } else {
+                (LimitKind::MailboxMessages, 30)
+            };
+            let window = duration_ms(kind.window());
+            // Speed the daily case up so sequences cross several windows.
+            let scale = if daily { 144 } else { 1 };
+            let limiter = InMemoryRateLimiter::new();
+            let mut now = T0;
+            let mut kept: Vec<(Millis, u32)> = Vec::new();
+            let in_window = |kept: &[(Millis, u32)], at: Millis| -> u64 {
+                kept.iter()
+                    .filter(|(t, _)| *t + window > at)
+                    .map(|(_, c)| u64::from(*c))
+                    .sum()
+            };
+            for (dt, cost, refund) in steps {
+                now += dt / 10 * scale;
+                match limiter.reserve(&ask(kind, cost, max), now) {
+                    Ok(reservation) => {
+                        if refund {
+                            limiter.unreserve(reservation);
+                        } else {
+                            kept.push((now, cost));
+                            proptest::prop_assert!(in_window(&kept, now) <= u64::from(max));
+                        }
+                    }
+                    Err(limited) => {
+                        if limited.never_fits() {
+                            proptest::prop_assert!(cost > max);
+                            continue;
+                        }
+                        let wait = duration_ms(limited.retry_after);
+                        proptest::prop_assert!(wait > 0);
+                        proptest::prop_assert!(
+                            in_window(&kept, now + wait) + u64::from(cost) <= u64::from(max),
+                            "waiting {wait} ms is not enough"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        let r = |ms| RateLimited {
+            kind: LimitKind::CallerMessages,
+            max: 1,
+            cost: 1,
+            retry_after: Duration::from_millis(ms),
+        };
+        assert_eq!(r(0).retry_after_secs(), 1);
+        assert_eq!(r(1).retry_after_secs(), 1);
+        assert_eq!(r(1_000).retry_after_secs(), 1);
+        assert_eq!(r(1_001).retry_after_secs(), 2);
+    }
+}
