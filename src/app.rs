@@ -29,12 +29,15 @@ use crate::api::{self, ApiError};
 use crate::caller::Authenticator;
 use crate::config::{CorsSettings, Delivery, Settings, SmtpAuthentication};
 use crate::delivery::{MailSender, Outbox};
+use crate::idempotency::Idempotency;
+use crate::rate_limit::RateLimits;
 use crate::send_as::SendAsPolicy;
 use crate::smtp::SmtpSender;
 use crate::token::{TokenCache, TokenProvider};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 /// Shared state: cheap to clone, one `Arc` per part.
 #[derive(Clone)]
@@ -45,6 +48,8 @@ pub struct AppState {
     pub send_as: Arc<SendAsPolicy>,
     /// The shared token cache, when the SMTP login uses MS_OAUTH.
     pub tokens: Option<Arc<dyn TokenProvider>>,
+    pub rate_limits: RateLimits,
+    pub idempotency: Idempotency,
     draining: Arc<AtomicBool>,
 }
 
@@ -56,12 +61,16 @@ impl AppState {
             settings.relay.send_as.clone(),
             settings.send_email.smtp_authentication.username(),
         );
+        let rate_limits = RateLimits::in_memory(&settings);
+        let idempotency = Idempotency::in_memory(&settings.relay.idempotency);
         Ok(Self {
             settings,
             sender,
             authenticator: Arc::new(authenticator),
             send_as: Arc::new(send_as),
             tokens: None,
+            rate_limits,
+            idempotency,
             draining: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -252,7 +261,7 @@ fn cors(settings: &CorsSettings) -> CorsLayer {
             REQUEST_ID,
             IDEMPOTENCY_KEY,
         ])
-        .expose_headers([REQUEST_ID, header::RETRY_AFTER])
+        .expose_headers([REQUEST_ID, header::RETRY_AFTER, IDEMPOTENT_REPLAYED])
         // Credentials are only ever allowed for an origin that is listed: the list is exact.
         .allow_credentials(!settings.allowed_origins.is_empty())
         .max_age(Duration::from_secs(600))

@@ -11,7 +11,7 @@ use rand::Rng as _;
 
 use super::classify::SmtpErrorKind;
 use super::connection::{Connection, Connector, Login};
-use super::error::{SmtpError, Stage};
+use super::error::SmtpError;
 use super::pool::Pool;
 use super::tls::TlsSetup;
 use crate::config::{Encryption, Settings, SmtpAuthentication};
@@ -256,7 +256,7 @@ impl Inner {
             }
             if !error.is_transient()
                 || matches!(error, SmtpError::Token(_))
-                || outcome_unknown(&error)
+                || error.outcome_unknown()
             {
                 // Token errors: the cache does its own retrying.
                 return Err(error);
@@ -360,18 +360,6 @@ async fn reap_idle(inner: Weak<Inner>) {
     }
 }
 
-/// A failure after the whole message was sent, with no reply: the server may have taken
-/// the mail, and sending it again could deliver it twice.
-fn outcome_unknown(error: &SmtpError) -> bool {
-    matches!(
-        error,
-        SmtpError::Connection {
-            stage: Stage::EndOfData,
-            ..
-        }
-    )
-}
-
 /// Exponential back-off with jitter; longer for Exchange's thread limit.
 fn backoff(failures: u32, thread_limit: bool) -> Duration {
     let (base, cap) = if thread_limit {
@@ -399,6 +387,7 @@ fn is_loopback(host: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::smtp::Stage;
 
     #[test]
     fn backoff_grows_and_stays_capped() {
@@ -429,8 +418,8 @@ mod tests {
             server: "s:1".into(),
             detail: "reset".into(),
         };
-        assert!(outcome_unknown(&lost));
+        assert!(lost.outcome_unknown());
         let refused = SmtpError::rejected(Stage::EndOfData, 451, "4.3.0 later");
-        assert!(!outcome_unknown(&refused));
+        assert!(!refused.outcome_unknown());
     }
 }
