@@ -8,6 +8,8 @@ pub mod caller;
 pub mod cli;
 pub mod config;
 pub mod delivery;
+pub mod drain;
+pub mod forwarded;
 pub mod message;
 pub mod send_as;
 pub mod smtp;

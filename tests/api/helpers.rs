@@ -49,6 +49,8 @@ pub fn test_settings(outbox: PathBuf) -> Settings {
             },
             send_as: Default::default(),
             cors: Default::default(),
+            http: Default::default(),
+            shutdown: Default::default(),
         },
     }
 }
