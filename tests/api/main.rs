@@ -10,6 +10,7 @@ mod helpers;
 mod mail;
 pub mod peer;
 mod peer_smoke;
+mod proxy;
 mod server;
 mod smtp;
 mod token;

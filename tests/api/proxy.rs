@@ -1,0 +1,509 @@
+//! Behind a reverse proxy: the base path, the client address from trusted proxies, the settings,
+//! and a mail sent through a real nginx (`tests/proxy/start.sh`) to the real SMTP peer.
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mail_parser::MessageParser;
+use mail_relay::app::Application;
+use mail_relay::config::{
+    Delivery, Encryption, ForwardedHeader, Settings, SmtpAuthentication, TrustedProxySettings,
+    load_str,
+};
+use serde_json::{Value, json};
+
+use crate::entra::FakeEntra;
+use crate::helpers::{TestApp, expect_problem, spawn_app, spawn_app_with, test_settings};
+use crate::peer::Peer;
+use crate::require_peer;
+
+const BASE: &str = "/osweb/mail";
+
+fn mail(from: &str, subject: &str) -> Value {
+    json!({"from": from, "to": "alice@contoso.test", "subject": subject, "text": "hello"})
+}
+
+// ---- base path ------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn every_route_is_served_under_the_base_path_and_not_at_the_root() {
+    let app = spawn_app_with(|s| s.relay.http.base_path = BASE.into()).await;
+
+    for probe in ["/health/live", "/health/ready"] {
+        assert_eq!(
+            app.get(&format!("{BASE}{probe}")).await.status(),
+            200,
+            "{probe}"
+        );
+        expect_problem(app.get(probe).await, 404, "not_found").await;
+    }
+    let sent = app
+        .client
+        .post(app.url(&format!("{BASE}/mail")))
+        .json(&mail("noreply@contoso.com", "under a base path"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 202, "{}", sent.text().await.unwrap());
+    let at_root = app
+        .client
+        .post(app.url("/mail"))
+        .json(&mail("noreply@contoso.com", "at the root"))
+        .send()
+        .await
+        .unwrap();
+    expect_problem(at_root, 404, "not_found").await;
+    // The prefix alone and a look-alike prefix are not routes.
+    expect_problem(app.get(BASE).await, 404, "not_found").await;
+    expect_problem(app.get("/osweb/mailx/health/live").await, 404, "not_found").await;
+    // Methods are still checked under the prefix.
+    expect_problem(
+        app.get(&format!("{BASE}/mail")).await,
+        405,
+        "method_not_allowed",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_openapi_document_names_the_base_path_as_its_server() {
+    let app = spawn_app_with(|s| s.relay.http.base_path = BASE.into()).await;
+    let doc: Value = app
+        .get(&format!("{BASE}/openapi.json"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(doc["servers"], json!([{"url": BASE}]));
+    // Paths stay relative to the server, as OpenAPI resolves them.
+    assert!(doc["paths"]["/mail"].is_object(), "{:#}", doc["paths"]);
+
+    let root = spawn_app().await;
+    let doc: Value = root.get("/openapi.json").await.json().await.unwrap();
+    assert!(doc.get("servers").is_none(), "{:#}", doc["servers"]);
+}
+
+// ---- client address ---------------------------------------------------------------------------
+
+/// Log lines written while `f` runs on this thread (the app's tasks too: `#[tokio::test]` runs
+/// everything on the test's thread).
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let writer = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    /// The `client` of the request span of every finished request to `path`.
+    fn clients_for(&self, path: &str) -> Vec<String> {
+        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|line| line["span"]["name"] == "request" && line["span"]["path"] == path)
+            .filter(|line| line["status"].is_number())
+            .map(|line| line["span"]["client"].as_str().unwrap_or("?").to_owned())
+            .collect()
+    }
+}
+
+async fn get_with_xff(app: &TestApp, path: &str, xff: &str) {
+    let response = app
+        .client
+        .get(app.url(path))
+        .header("x-forwarded-for", xff)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn the_request_log_names_the_client_a_trusted_proxy_reports() {
+    let logs = Captured::default();
+    let _guard = logs.install();
+
+    let behind_proxy = spawn_app_with(|s| {
+        s.relay.http.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    // The left-most entry is made up by the client; the proxy appended the real one.
+    get_with_xff(&behind_proxy, "/health/live", "192.0.2.1, 203.0.113.9").await;
+
+    let untrusting = spawn_app_with(|s| s.relay.http.base_path = "/direct".into()).await;
+    get_with_xff(&untrusting, "/direct/health/live", "203.0.113.9").await;
+
+    let forwarded = spawn_app_with(|s| {
+        s.relay.http.base_path = "/rfc7239".into();
+        s.relay.http.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+        s.relay.http.forwarded_header = ForwardedHeader::Forwarded;
+    })
+    .await;
+    let response = forwarded
+        .client
+        .get(forwarded.url("/rfc7239/health/live"))
+        .header(
+            "forwarded",
+            "for=\"[2001:db8::17]:4711\";proto=https, for=127.0.0.9",
+        )
+        .header("x-forwarded-for", "192.0.2.1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    assert_eq!(logs.clients_for("/health/live"), ["203.0.113.9"]);
+    assert_eq!(logs.clients_for("/direct/health/live"), ["127.0.0.1"]);
+    assert_eq!(logs.clients_for("/rfc7239/health/live"), ["2001:db8::17"]);
+}
+
+#[tokio::test]
+async fn the_user_header_is_checked_against_the_tcp_peer_not_a_forwarded_address() {
+    // The proxy allowed to name users is 127.0.0.2; this client connects from 127.0.0.1 and claims,
+    // through a trusted X-Forwarded-For, to come from 127.0.0.2. It must not be believed.
+    let app = spawn_app_with(|s| {
+        s.relay.http.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+        s.relay.auth.trusted_proxy = Some(TrustedProxySettings {
+            user_header: http::HeaderName::from_static("x-forwarded-email"),
+            sources: vec!["127.0.0.2/32".parse().unwrap()],
+            secret: None,
+        });
+    })
+    .await;
+    let response = reqwest::Client::new()
+        .post(app.url("/mail"))
+        .header("x-forwarded-for", "127.0.0.2")
+        .header("x-forwarded-email", "alice@contoso.com")
+        .json(&mail("alice@contoso.com", "spoofed proxy"))
+        .send()
+        .await
+        .unwrap();
+    expect_problem(response, 401, "unauthorized").await;
+    assert!(crate::helpers::outbox_files(&app).is_empty());
+}
+
+// ---- settings ---------------------------------------------------------------------------------
+
+const DEV: &str = "mailRelay:\n  delivery:\n    mode: outbox\n  auth:\n    allowAnonymous: true\n";
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).into(), (*v).into()))
+        .collect()
+}
+
+#[test]
+fn proxy_and_shutdown_settings_have_defaults() {
+    let loaded = load_str(DEV, "test.yml", &[]).unwrap();
+    let relay = &loaded.settings.relay;
+    assert_eq!(relay.http.base_path, "");
+    assert!(relay.http.trusted_proxies.is_empty());
+    assert_eq!(relay.http.forwarded_header, ForwardedHeader::XForwardedFor);
+    assert_eq!(relay.shutdown.drain_delay, Duration::from_secs(5));
+    assert_eq!(relay.shutdown.deadline, Duration::from_secs(30));
+}
+
+#[test]
+fn proxy_and_shutdown_settings_are_read_from_the_file_and_the_environment() {
+    let yaml = format!(
+        "{DEV}  http:\n    basePath: /osweb/mail\n    trustedProxies: [10.0.0.0/8, \"::1\"]\n    forwarded-header: forwarded\n  shutdown:\n    drainDelaySeconds: 0\n"
+    );
+    let loaded = load_str(
+        &yaml,
+        "test.yml",
+        &env(&[("MAILRELAY_SHUTDOWN_DEADLINESECONDS", "45")]),
+    )
+    .unwrap();
+    let relay = &loaded.settings.relay;
+    assert_eq!(relay.http.base_path, "/osweb/mail");
+    let proxies: Vec<String> = relay
+        .http
+        .trusted_proxies
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(proxies, ["10.0.0.0/8", "::1/128"]);
+    assert_eq!(relay.http.forwarded_header, ForwardedHeader::Forwarded);
+    assert_eq!(relay.shutdown.drain_delay, Duration::ZERO);
+    assert_eq!(relay.shutdown.deadline, Duration::from_secs(45));
+    for line in [
+        "basePath: \"/osweb/mail\"",
+        "trustedProxies: [\"10.0.0.0/8\", \"::1/128\"]",
+        "forwardedHeader: \"Forwarded\"",
+        "drainDelaySeconds: 0",
+        "deadlineSeconds: 45 # from env MAILRELAY_SHUTDOWN_DEADLINESECONDS",
+    ] {
+        assert!(
+            loaded.masked.contains(line),
+            "{line} missing in\n{}",
+            loaded.masked
+        );
+    }
+
+    let from_env = load_str(
+        DEV,
+        "test.yml",
+        &env(&[
+            ("MAILRELAY_HTTP_TRUSTEDPROXIES", "10.1.0.0/16,192.0.2.7"),
+            ("MAILRELAY_HTTP_BASEPATH", "/relay"),
+        ]),
+    )
+    .unwrap();
+    let proxies: Vec<String> = from_env
+        .settings
+        .relay
+        .http
+        .trusted_proxies
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(proxies, ["10.1.0.0/16", "192.0.2.7/32"]);
+    assert_eq!(from_env.settings.relay.http.base_path, "/relay");
+}
+
+fn error_for(yaml_tail: &str, key: &str) -> String {
+    let e = match load_str(&format!("{DEV}{yaml_tail}"), "test.yml", &[]) {
+        Ok(_) => panic!("{yaml_tail} was accepted"),
+        Err(e) => e,
+    };
+    let found: Vec<_> = e.errors.iter().filter(|e| e.key == key).collect();
+    assert_eq!(found.len(), 1, "one error for {key} expected in:\n{e}");
+    found[0].message.clone()
+}
+
+#[test]
+fn bad_proxy_and_shutdown_settings_name_the_key_and_the_fix() {
+    let http = "mailRelay.http.basePath";
+    for (path, why) in [
+        ("osweb/mail", "does not start with /"),
+        ("/osweb/mail/", "ends with /"),
+        ("/osweb/../admin", ".."),
+    ] {
+        let message = error_for(&format!("  http:\n    basePath: {path}\n"), http);
+        assert!(
+            message.contains(why) && message.contains("/osweb/mail"),
+            "{message}"
+        );
+    }
+    let message = error_for(
+        "  http:\n    trustedProxies: [10.0.0.0/8, proxy.local]\n",
+        "mailRelay.http.trustedProxies",
+    );
+    assert!(
+        message.contains("\"proxy.local\" is not an IP address or CIDR block"),
+        "{message}"
+    );
+    let message = error_for(
+        "  http:\n    forwardedHeader: X-Real-IP\n",
+        "mailRelay.http.forwardedHeader",
+    );
+    assert!(message.contains("X-Forwarded-For, Forwarded"), "{message}");
+    let message = error_for(
+        "  shutdown:\n    drainDelaySeconds: 30\n    deadlineSeconds: 30\n",
+        "mailRelay.shutdown.deadlineSeconds",
+    );
+    assert!(message.contains("drainDelaySeconds"), "{message}");
+    let message = error_for(
+        "  shutdown:\n    deadlineSeconds: 0\n",
+        "mailRelay.shutdown.deadlineSeconds",
+    );
+    assert!(message.contains("out of range"), "{message}");
+}
+
+// ---- through a real nginx -----------------------------------------------------------------------
+
+/// The nginx of `tests/proxy/start.sh`, as described by its `proxy.env`.
+pub struct Nginx {
+    pub url: String,
+    pub base_path: String,
+    /// The address nginx connects to the relay from.
+    pub source: IpAddr,
+}
+
+impl Nginx {
+    fn dir() -> PathBuf {
+        std::env::var_os("MAIL_RELAY_PROXY_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/tmp/mail-relay-proxy"))
+    }
+
+    fn get() -> Option<Nginx> {
+        let text = std::fs::read_to_string(Self::dir().join("proxy.env")).ok()?;
+        let vars: std::collections::HashMap<&str, &str> =
+            text.lines().filter_map(|l| l.split_once('=')).collect();
+        let nginx = Nginx {
+            url: vars.get("PROXY_URL")?.to_string(),
+            base_path: vars.get("PROXY_BASE_PATH")?.to_string(),
+            source: vars.get("PROXY_SOURCE")?.parse().ok()?,
+        };
+        let address = nginx.url.strip_prefix("http://")?.parse().ok()?;
+        std::net::TcpStream::connect_timeout(&address, Duration::from_secs(1)).ok()?;
+        Some(nginx)
+    }
+
+    /// The running nginx; when it is missing, panics under `CI=true`, else prints `SKIPPED`.
+    pub fn require(test: &str) -> Option<Nginx> {
+        if let Some(nginx) = Self::get() {
+            return Some(nginx);
+        }
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!(
+                "no nginx ({}/proxy.env missing or port closed) and CI=true: run tests/proxy/start.sh first",
+                Self::dir().display()
+            );
+        }
+        eprintln!("SKIPPED (no nginx; run tests/proxy/start.sh): {test}");
+        None
+    }
+}
+
+/// A relay as production runs it behind nginx: MS_OAUTH to the peer, the base path, nginx trusted
+/// for X-Forwarded-For and for the user header.
+fn relay_behind(nginx: &Nginx, peer: &Peer, entra: &FakeEntra) -> Settings {
+    let mut settings = test_settings(std::env::temp_dir());
+    settings.relay.delivery = Delivery::Smtp;
+    settings.send_email.smtp_server = peer.host.clone();
+    settings.send_email.smtp_port = peer.submission_port;
+    settings.send_email.smtp_encryption = Encryption::Tls;
+    settings.send_email.smtp_authentication = SmtpAuthentication::MsOAuth {
+        username: peer.oauth_user.clone(),
+        oauth: entra.oauth_settings(),
+    };
+    settings.relay.smtp.ca_file = Some(peer.ca_path().to_path_buf());
+    settings.relay.smtp.send_deadline = Duration::from_secs(20);
+    settings.relay.http.base_path = nginx.base_path.clone();
+    settings.relay.http.trusted_proxies = vec![nginx.source.into()];
+    settings.relay.auth.trusted_proxy = Some(TrustedProxySettings {
+        user_header: http::HeaderName::from_static("x-forwarded-email"),
+        sources: vec![nginx.source.into()],
+        secret: None,
+    });
+    settings
+}
+
+#[tokio::test]
+async fn a_mail_sent_through_nginx_arrives_with_the_user_nginx_named() {
+    let peer = require_peer!();
+    let Some(nginx) =
+        Nginx::require("proxy::a_mail_sent_through_nginx_arrives_with_the_user_nginx_named")
+    else {
+        return;
+    };
+    let logs = Captured::default();
+    let _guard = logs.install();
+    let entra = FakeEntra::start().await;
+    entra
+        .mount_token(
+            &peer.mint_token(&peer.oauth_user, Duration::from_secs(3600)),
+            3599,
+        )
+        .await;
+    let app = Application::build(relay_behind(&nginx, &peer, &entra))
+        .await
+        .unwrap();
+    let relay_port = app.local_addr().unwrap().port().to_string();
+    tokio::spawn(app.run_until(std::future::pending()));
+
+    // The browser: on 127.0.0.3, so that nginx sees a client that is not itself.
+    let browser = reqwest::Client::builder()
+        .local_address(IpAddr::from([127, 0, 0, 3]))
+        .build()
+        .unwrap();
+    let url = format!("{}{}/mail", nginx.url, nginx.base_path);
+    let marker = format!("via-nginx-{}", uuid::Uuid::new_v4().simple());
+    let response = browser
+        .post(&url)
+        .header("x-test-upstream-port", &relay_port)
+        .header("x-test-user", "Carol@Contoso.test")
+        // Made up by the client: nginx appends the real address, the relay ignores this one.
+        .header("x-forwarded-for", "192.0.2.66")
+        .json(&mail("carol@contoso.test", &marker))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+    let accepted: Value = response.json().await.unwrap();
+    let message_id = accepted["messageId"]
+        .as_str()
+        .unwrap()
+        .trim_matches(['<', '>']);
+
+    let raw = peer
+        .wait_for_message(message_id, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| panic!("{message_id} not delivered to {}", peer.maildir.display()));
+    let message = MessageParser::default().parse(&raw).unwrap();
+    assert_eq!(message.subject(), Some(marker.as_str()));
+    assert_eq!(
+        message
+            .from()
+            .and_then(|f| f.first())
+            .and_then(|a| a.address()),
+        Some("carol@contoso.test")
+    );
+    let mail_path = format!("{}/mail", nginx.base_path);
+    assert_eq!(logs.clients_for(&mail_path), ["127.0.0.3"]);
+
+    // The user named by nginx may send as themselves only.
+    let other = browser
+        .post(&url)
+        .header("x-test-upstream-port", &relay_port)
+        .header("x-test-user", "carol@contoso.test")
+        .json(&mail("dave@contoso.test", "not carol"))
+        .send()
+        .await
+        .unwrap();
+    expect_problem(other, 403, "send_as_denied").await;
+    // A user header the client sends itself does not pass nginx: no user, no mail.
+    let spoofed = browser
+        .post(&url)
+        .header("x-test-upstream-port", &relay_port)
+        .header("x-forwarded-email", "carol@contoso.test")
+        .json(&mail("carol@contoso.test", "spoofed"))
+        .send()
+        .await
+        .unwrap();
+    expect_problem(spoofed, 401, "unauthorized").await;
+    // Straight to the relay (not through nginx), the user header counts for nothing.
+    let direct = reqwest::Client::new()
+        .post(format!(
+            "http://127.0.0.1:{relay_port}{}/mail",
+            nginx.base_path
+        ))
+        .header("x-forwarded-email", "carol@contoso.test")
+        .json(&mail("carol@contoso.test", "direct"))
+        .send()
+        .await
+        .unwrap();
+    expect_problem(direct, 401, "unauthorized").await;
+    // The probes are reachable through nginx under the base path.
+    let ready = browser
+        .get(format!("{}{}/health/ready", nginx.url, nginx.base_path))
+        .header("x-test-upstream-port", &relay_port)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+}
