@@ -4,12 +4,14 @@
 mod auth;
 mod cli;
 mod config;
+mod drain;
 mod e2e;
 mod entra;
 mod helpers;
 mod mail;
 pub mod peer;
 mod peer_smoke;
+pub mod process;
 mod proxy;
 mod server;
 mod smtp;

@@ -1,23 +1,18 @@
 //! Behind a reverse proxy: the base path, the client address from trusted proxies, the settings,
 //! and a mail sent through a real nginx (`tests/proxy/start.sh`) to the real SMTP peer.
 
-use std::io::Write;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mail_parser::MessageParser;
-use mail_relay::app::Application;
-use mail_relay::config::{
-    Delivery, Encryption, ForwardedHeader, Settings, SmtpAuthentication, TrustedProxySettings,
-    load_str,
-};
+use mail_relay::config::{ForwardedHeader, TrustedProxySettings, load_str};
 use serde_json::{Value, json};
 
 use crate::entra::FakeEntra;
-use crate::helpers::{TestApp, expect_problem, spawn_app, spawn_app_with, test_settings};
+use crate::helpers::{expect_problem, spawn_app, spawn_app_with};
 use crate::peer::Peer;
+use crate::process::{RelayProcess, smtp_yaml};
 use crate::require_peer;
 
 const BASE: &str = "/osweb/mail";
@@ -88,94 +83,53 @@ async fn the_openapi_document_names_the_base_path_as_its_server() {
 
 // ---- client address ---------------------------------------------------------------------------
 
-/// Log lines written while `f` runs on this thread (the app's tasks too: `#[tokio::test]` runs
-/// everything on the test's thread).
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn install(&self) -> tracing::subscriber::DefaultGuard {
-        let writer = self.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::set_default(subscriber)
-    }
-
-    /// The `client` of the request span of every finished request to `path`.
-    fn clients_for(&self, path: &str) -> Vec<String> {
-        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
-        text.lines()
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .filter(|line| line["span"]["name"] == "request" && line["span"]["path"] == path)
-            .filter(|line| line["status"].is_number())
-            .map(|line| line["span"]["client"].as_str().unwrap_or("?").to_owned())
-            .collect()
-    }
-}
-
-async fn get_with_xff(app: &TestApp, path: &str, xff: &str) {
-    let response = app
-        .client
-        .get(app.url(path))
-        .header("x-forwarded-for", xff)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-}
-
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_request_log_names_the_client_a_trusted_proxy_reports() {
-    let logs = Captured::default();
-    let _guard = logs.install();
-
-    let behind_proxy = spawn_app_with(|s| {
-        s.relay.http.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
-    })
-    .await;
-    // The left-most entry is made up by the client; the proxy appended the real one.
-    get_with_xff(&behind_proxy, "/health/live", "192.0.2.1, 203.0.113.9").await;
-
-    let untrusting = spawn_app_with(|s| s.relay.http.base_path = "/direct".into()).await;
-    get_with_xff(&untrusting, "/direct/health/live", "203.0.113.9").await;
-
-    let forwarded = spawn_app_with(|s| {
-        s.relay.http.base_path = "/rfc7239".into();
-        s.relay.http.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
-        s.relay.http.forwarded_header = ForwardedHeader::Forwarded;
-    })
-    .await;
-    let response = forwarded
-        .client
-        .get(forwarded.url("/rfc7239/health/live"))
-        .header(
-            "forwarded",
-            "for=\"[2001:db8::17]:4711\";proto=https, for=127.0.0.9",
-        )
-        .header("x-forwarded-for", "192.0.2.1")
+    let outbox = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&format!(
+        "server:\n  port: 0\nmailRelay:\n  delivery:\n    mode: outbox\n    outboxDir: {}\n  auth:\n    allowAnonymous: true\n  http:\n    trustedProxies: [127.0.0.2]\n",
+        outbox.path().display()
+    ));
+    let from = |ip: [u8; 4]| {
+        reqwest::Client::builder()
+            .local_address(IpAddr::from(ip))
+            .build()
+            .unwrap()
+    };
+    // Through the proxy (127.0.0.2): the left-most entry is made up by the client, the proxy
+    // appended the real one.
+    let response = from([127, 0, 0, 2])
+        .get(relay.url("/health/live"))
+        .header("x-forwarded-for", "192.0.2.1, 203.0.113.9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // Not through the proxy: the header is the client's own word and ignored.
+    let response = from([127, 0, 0, 1])
+        .get(relay.url("/health/ready"))
+        .header("x-forwarded-for", "203.0.113.9")
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
 
-    assert_eq!(logs.clients_for("/health/live"), ["203.0.113.9"]);
-    assert_eq!(logs.clients_for("/direct/health/live"), ["127.0.0.1"]);
-    assert_eq!(logs.clients_for("/rfc7239/health/live"), ["2001:db8::17"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while relay.clients_for("/health/ready").is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        relay.clients_for("/health/live"),
+        ["203.0.113.9"],
+        "{}",
+        relay.log_text()
+    );
+    assert_eq!(
+        relay.clients_for("/health/ready"),
+        ["127.0.0.1"],
+        "{}",
+        relay.log_text()
+    );
 }
 
 #[tokio::test]
@@ -381,29 +335,24 @@ impl Nginx {
 
 /// A relay as production runs it behind nginx: MS_OAUTH to the peer, the base path, nginx trusted
 /// for X-Forwarded-For and for the user header.
-fn relay_behind(nginx: &Nginx, peer: &Peer, entra: &FakeEntra) -> Settings {
-    let mut settings = test_settings(std::env::temp_dir());
-    settings.relay.delivery = Delivery::Smtp;
-    settings.send_email.smtp_server = peer.host.clone();
-    settings.send_email.smtp_port = peer.submission_port;
-    settings.send_email.smtp_encryption = Encryption::Tls;
-    settings.send_email.smtp_authentication = SmtpAuthentication::MsOAuth {
-        username: peer.oauth_user.clone(),
-        oauth: entra.oauth_settings(),
-    };
-    settings.relay.smtp.ca_file = Some(peer.ca_path().to_path_buf());
-    settings.relay.smtp.send_deadline = Duration::from_secs(20);
-    settings.relay.http.base_path = nginx.base_path.clone();
-    settings.relay.http.trusted_proxies = vec![nginx.source.into()];
-    settings.relay.auth.trusted_proxy = Some(TrustedProxySettings {
-        user_header: http::HeaderName::from_static("x-forwarded-email"),
-        sources: vec![nginx.source.into()],
-        secret: None,
-    });
-    settings
+fn relay_behind(nginx: &Nginx, peer: &Peer, entra: &FakeEntra) -> RelayProcess {
+    RelayProcess::start(&smtp_yaml(
+        peer,
+        peer.submission_port,
+        Ipv4Addr::new(127, 0, 43, 3),
+        entra,
+        &format!(
+            "    trustedProxy:\n      userHeader: X-Forwarded-Email\n      sources: [{}]\n",
+            nginx.source
+        ),
+        &format!(
+            "  http:\n    basePath: {}\n    trustedProxies: [{}]\n",
+            nginx.base_path, nginx.source
+        ),
+    ))
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mail_sent_through_nginx_arrives_with_the_user_nginx_named() {
     let peer = require_peer!();
     let Some(nginx) =
@@ -411,8 +360,6 @@ async fn a_mail_sent_through_nginx_arrives_with_the_user_nginx_named() {
     else {
         return;
     };
-    let logs = Captured::default();
-    let _guard = logs.install();
     let entra = FakeEntra::start().await;
     entra
         .mount_token(
@@ -420,12 +367,8 @@ async fn a_mail_sent_through_nginx_arrives_with_the_user_nginx_named() {
             3599,
         )
         .await;
-    let app = Application::build(relay_behind(&nginx, &peer, &entra))
-        .await
-        .unwrap();
-    let relay_port = app.local_addr().unwrap().port().to_string();
-    tokio::spawn(app.run_until(std::future::pending()));
-
+    let relay = relay_behind(&nginx, &peer, &entra);
+    let relay_port = relay.address.port().to_string();
     // The browser: on 127.0.0.3, so that nginx sees a client that is not itself.
     let browser = reqwest::Client::builder()
         .local_address(IpAddr::from([127, 0, 0, 3]))
@@ -464,7 +407,12 @@ async fn a_mail_sent_through_nginx_arrives_with_the_user_nginx_named() {
         Some("carol@contoso.test")
     );
     let mail_path = format!("{}/mail", nginx.base_path);
-    assert_eq!(logs.clients_for(&mail_path), ["127.0.0.3"]);
+    assert_eq!(
+        relay.clients_for(&mail_path),
+        ["127.0.0.3"],
+        "{}",
+        relay.log_text()
+    );
 
     // The user named by nginx may send as themselves only.
     let other = browser
