@@ -206,10 +206,11 @@ impl Application {
             }
         };
         match tokio::time::timeout_at(deadline, finish).await {
-            Ok(result) => {
+            Ok(Ok(())) => {
                 tracing::info!("shut down cleanly");
-                result
+                Ok(())
             }
+            Ok(Err(e)) => Err(e),
             Err(_) => {
                 let mut running = state.in_flight.describe();
                 if closing.load(Ordering::Relaxed) {
