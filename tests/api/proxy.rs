@@ -157,6 +157,28 @@ async fn the_user_header_is_checked_against_the_tcp_peer_not_a_forwarded_address
     assert!(crate::helpers::outbox_files(&app).is_empty());
 }
 
+#[tokio::test]
+async fn ipv4_proxies_are_recognised_on_a_dual_stack_listener() {
+    // On `::` the peer 127.0.0.1 arrives as ::ffff:127.0.0.1; the settings name it as IPv4.
+    let app = spawn_app_with(|s| {
+        s.server.address = "::".parse().unwrap();
+        s.relay.auth.trusted_proxy = Some(TrustedProxySettings {
+            user_header: http::HeaderName::from_static("x-forwarded-email"),
+            sources: vec!["127.0.0.1/32".parse().unwrap()],
+            secret: None,
+        });
+    })
+    .await;
+    let response = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{}/mail", app.address.port()))
+        .header("x-forwarded-email", "alice@contoso.com")
+        .json(&mail("alice@contoso.com", "dual stack"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+}
+
 // ---- settings ---------------------------------------------------------------------------------
 
 const DEV: &str = "mailRelay:\n  delivery:\n    mode: outbox\n  auth:\n    allowAnonymous: true\n";
