@@ -29,6 +29,8 @@ use crate::api::{self, ApiError};
 use crate::caller::Authenticator;
 use crate::config::{CorsSettings, Delivery, Settings, SmtpAuthentication};
 use crate::delivery::{MailSender, Outbox};
+use crate::drain::{self, InFlight};
+use crate::forwarded::{self, ClientAddr, TrustedProxies};
 use crate::idempotency::Idempotency;
 use crate::rate_limit::RateLimits;
 use crate::send_as::SendAsPolicy;
@@ -51,6 +53,7 @@ pub struct AppState {
     pub rate_limits: RateLimits,
     pub idempotency: Idempotency,
     draining: Arc<AtomicBool>,
+    in_flight: InFlight,
 }
 
 impl AppState {
@@ -72,6 +75,7 @@ impl AppState {
             rate_limits,
             idempotency,
             draining: Arc::new(AtomicBool::new(false)),
+            in_flight: InFlight::default(),
         })
     }
 
@@ -94,6 +98,11 @@ impl AppState {
     /// Turn readiness off (on SIGTERM), so load balancers stop sending traffic.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// The requests being served now.
+    pub fn in_flight(&self) -> &InFlight {
+        &self.in_flight
     }
 }
 
@@ -145,28 +154,96 @@ impl Application {
         &self.state
     }
 
-    /// Serve until `shutdown` completes, then finish in-flight requests.
+    /// Serve until `shutdown` completes, then drain: readiness turns 503 at once, requests are
+    /// still accepted for `mailRelay.shutdown.drainDelaySeconds`, in-flight requests finish, idle
+    /// SMTP connections get `QUIT`. All of that must end within `deadlineSeconds` of `shutdown`;
+    /// otherwise the error names what was still running.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let state = self.state.clone();
-        let shutdown = async move {
-            shutdown.await;
-            state.start_draining();
-            tracing::info!("shutting down: finishing in-flight requests");
+        let drain = state.settings.relay.shutdown.clone();
+        let (signalled, on_signal) = tokio::sync::oneshot::channel::<tokio::time::Instant>();
+        let stop_accepting = {
+            let state = state.clone();
+            async move {
+                shutdown.await;
+                let _ = signalled.send(tokio::time::Instant::now());
+                state.start_draining();
+                tracing::info!(
+                    drain_delay_seconds = drain.drain_delay.as_secs(),
+                    deadline_seconds = drain.deadline.as_secs(),
+                    in_flight = state.in_flight.count(),
+                    "shutting down: readiness is 503; still accepting requests for the drain delay"
+                );
+                tokio::time::sleep(drain.drain_delay).await;
+                tracing::info!(
+                    in_flight = state.in_flight.count(),
+                    "drain delay over: accepting no new connections; finishing in-flight requests"
+                );
+            }
         };
-        let sender = self.state.sender.clone();
-        axum::serve(
+        let serve = axum::serve(
             self.listener,
             self.router
                 .into_make_service_with_connect_info::<SocketAddr>(),
         )
-        .with_graceful_shutdown(shutdown)
-        .await?;
-        // Every request has finished: say QUIT on the idle SMTP connections.
-        sender.close().await;
-        Ok(())
+        .with_graceful_shutdown(stop_accepting)
+        .into_future();
+        tokio::pin!(serve);
+        let signalled_at = tokio::select! {
+            served = &mut serve => {
+                // The server ended without a shutdown signal (an accept error).
+                served?;
+                state.sender.close().await;
+                return Ok(());
+            }
+            Ok(at) = on_signal => at,
+        };
+        let deadline = signalled_at + drain.deadline;
+        let closing = Arc::new(AtomicBool::new(false));
+        let finish = {
+            let closing = closing.clone();
+            let sender = state.sender.clone();
+            async move {
+                serve.await?;
+                // Every request has finished: say QUIT on the idle SMTP connections.
+                closing.store(true, Ordering::Relaxed);
+                sender.close().await;
+                std::io::Result::Ok(())
+            }
+        };
+        match tokio::time::timeout_at(deadline, finish).await {
+            Ok(Ok(())) => {
+                tracing::info!("shut down cleanly");
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                let mut running = state.in_flight.describe();
+                if closing.load(Ordering::Relaxed) {
+                    running.push("closing SMTP connections (QUIT)".into());
+                }
+                let running = if running.is_empty() {
+                    "finishing open connections".to_owned()
+                } else {
+                    running.join("; ")
+                };
+                tracing::error!(
+                    deadline_seconds = drain.deadline.as_secs(),
+                    still_running = %running,
+                    "shutdown deadline passed: abandoning what is still running; raise mailRelay.shutdown.deadlineSeconds if sends need longer"
+                );
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "mailRelay.shutdown.deadlineSeconds ({} s) passed with work still running: {running}",
+                        drain.deadline.as_secs()
+                    ),
+                ))
+            }
+        }
     }
 
     /// Serve until SIGTERM or Ctrl-C.
@@ -204,6 +281,7 @@ fn sender_for(
 /// The router with every route and the middleware stack.
 pub fn router(state: AppState) -> Router {
     let limits = state.settings.relay.limits.clone();
+    let proxies = Arc::new(TrustedProxies::new(&state.settings.relay.http));
     let middleware = ServiceBuilder::new()
         .layer(SetSensitiveHeadersLayer::new([
             header::AUTHORIZATION,
@@ -211,6 +289,14 @@ pub fn router(state: AppState) -> Router {
             header::COOKIE,
         ]))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(axum::middleware::from_fn_with_state(
+            proxies,
+            forwarded::client_address,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.in_flight.clone(),
+            drain::track,
+        ))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(request_span)
@@ -238,11 +324,19 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(DefaultBodyLimit::disable());
 
-    Router::new()
+    let routes = Router::new()
         .route("/mail", post(api::mail::send_mail))
         .route("/health/live", get(api::health::live))
         .route("/health/ready", get(api::health::ready))
-        .route("/openapi.json", get(api::openapi::openapi_json))
+        .route("/openapi.json", get(api::openapi::openapi_json));
+    // Every route, probes included, moves under the base path: the proxy forwards the path as is.
+    let base_path = state.settings.relay.http.base_path.as_str();
+    let routes = if base_path.is_empty() {
+        routes
+    } else {
+        Router::new().nest(base_path, routes)
+    };
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware)
@@ -277,7 +371,12 @@ fn request_span(request: &Request<Body>) -> tracing::Span {
         .get::<RequestId>()
         .and_then(|id| id.header_value().to_str().ok())
         .unwrap_or("-");
-    tracing::info_span!("request", method = %request.method(), path, request_id)
+    let client = request
+        .extensions()
+        .get::<ClientAddr>()
+        .map(|ClientAddr(ip)| ip.to_string());
+    let client = client.as_deref().unwrap_or("-");
+    tracing::info_span!("request", method = %request.method(), path, request_id, client)
 }
 
 async fn not_found(request: Request) -> ApiError {

@@ -9,6 +9,8 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod delivery;
+pub mod drain;
+pub mod forwarded;
 pub mod idempotency;
 pub mod message;
 pub mod rate_limit;

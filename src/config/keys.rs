@@ -84,6 +84,10 @@ pub const KEYS: &[KeySpec] = &[
     plain("mailRelay.rateLimits.callerMessagesPerMinute"),
     plain("mailRelay.idempotency.ttlSeconds"),
     plain("mailRelay.idempotency.maxEntries"),
+    plain("mailRelay.http.basePath"),
+    plain("mailRelay.http.forwardedHeader"),
+    plain("mailRelay.shutdown.drainDelaySeconds"),
+    plain("mailRelay.shutdown.deadlineSeconds"),
 ];
 
 /// Sections under `mailRelay` that hold lists or maps (API keys, policies): the loader hands
@@ -97,6 +101,7 @@ pub const SUBTREES: &[&str] = &[
     "mailRelay.sendAs.groups",
     "mailRelay.sendAs.exchangeGrants",
     "mailRelay.cors.allowedOrigins",
+    "mailRelay.http.trustedProxies",
 ];
 
 /// Suffix of the sibling key that names a file holding the value (`oAuthClientSecretFile`).

@@ -3,7 +3,9 @@
 use std::fmt::Write as _;
 
 use super::resolve::{Origin, Resolved};
-use super::{ClientCredential, Delivery, Encryption, Settings, SmtpAuthentication};
+use super::{
+    ClientCredential, Delivery, Encryption, ForwardedHeader, Settings, SmtpAuthentication,
+};
 
 const MASK: &str = "****";
 
@@ -343,4 +345,34 @@ fn render_callers(out: &mut Out<'_>, settings: &Settings) {
         .filter_map(|o| o.to_str().ok())
         .collect();
     out.plain(4, "allowedOrigins", &flow_list(origins));
+    let http = &settings.relay.http;
+    out.section(2, "http");
+    out.line(
+        4,
+        "mailRelay.http.basePath",
+        (!http.base_path.is_empty()).then(|| quote(&http.base_path)),
+    );
+    let proxies: Vec<String> = http
+        .trusted_proxies
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    out.plain(4, "trustedProxies", &flow_list(proxies));
+    let header = match http.forwarded_header {
+        ForwardedHeader::XForwardedFor => "X-Forwarded-For",
+        ForwardedHeader::Forwarded => "Forwarded",
+    };
+    out.line(4, "mailRelay.http.forwardedHeader", Some(quote(header)));
+    let shutdown = &settings.relay.shutdown;
+    out.section(2, "shutdown");
+    out.line(
+        4,
+        "mailRelay.shutdown.drainDelaySeconds",
+        Some(shutdown.drain_delay.as_secs().to_string()),
+    );
+    out.line(
+        4,
+        "mailRelay.shutdown.deadlineSeconds",
+        secs(shutdown.deadline),
+    );
 }

@@ -10,6 +10,7 @@ mod keys;
 mod load;
 mod mask;
 mod placeholders;
+mod proxy;
 mod raw;
 mod resolve;
 mod validate;
@@ -137,6 +138,52 @@ pub struct RelaySettings {
     pub cors: CorsSettings,
     pub rate_limits: RateLimitSettings,
     pub idempotency: IdempotencySettings,
+    pub http: HttpSettings,
+    pub shutdown: ShutdownSettings,
+}
+
+/// `mailRelay.http.*`: how the relay sits behind a reverse proxy.
+#[derive(Debug, Clone, Default)]
+pub struct HttpSettings {
+    /// Path prefix every route is served under (`/osweb/mail`); empty for the root.
+    /// Starts with `/`, has no trailing `/` and no `..`.
+    pub base_path: String,
+    /// Proxies whose forwarding header is believed (CIDRs); none by default.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Which header those proxies report the client in.
+    pub forwarded_header: ForwardedHeader,
+}
+
+/// `mailRelay.http.forwardedHeader`: the one header the trusted proxies maintain.
+///
+/// Only one is read: a proxy that appends to one passes the other through untouched, so a
+/// client could put any address into it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For: client, proxy1` (nginx's `$proxy_add_x_forwarded_for`).
+    #[default]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded: for=client;proto=https, for=proxy1`.
+    Forwarded,
+}
+
+/// `mailRelay.shutdown.*`: graceful drain on SIGTERM.
+#[derive(Debug, Clone)]
+pub struct ShutdownSettings {
+    /// How long requests are still accepted after SIGTERM, while readiness already says 503.
+    pub drain_delay: Duration,
+    /// From SIGTERM to exit at the latest; what still runs then is abandoned and the exit is non-zero.
+    pub deadline: Duration,
+}
+
+impl Default for ShutdownSettings {
+    /// 5 s of drain delay, 30 s deadline.
+    fn default() -> Self {
+        Self {
+            drain_delay: Duration::from_secs(5),
+            deadline: Duration::from_secs(30),
+        }
+    }
 }
 
 /// `mailRelay.delivery`: where accepted mail goes.

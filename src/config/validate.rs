@@ -13,13 +13,13 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use secrecy::SecretString;
 use url::Url;
 
-use super::callers;
 use super::resolve::Resolved;
 use super::{
     ClientCredential, Delivery, Encryption, IdempotencySettings, Limits, OAuthSettings,
     RateLimitSettings, RelaySettings, SendEmailSettings, ServerSettings, SettingError, Settings,
     SmtpAuthentication, SmtpTuning, keys,
 };
+use super::{callers, proxy};
 
 pub const DEFAULT_TOKEN_ENDPOINT: &str =
     "https://login.microsoftonline.com/#TenantID#/oauth2/v2.0/token";
@@ -177,6 +177,8 @@ pub fn validate(values: &Resolved) -> (Result<Settings, Vec<SettingError>>, Vec<
     relay.auth = callers::auth(&mut ctx, smtp);
     relay.send_as = callers::send_as(&mut ctx);
     relay.cors = callers::cors(&mut ctx);
+    relay.http = proxy::http(&mut ctx);
+    relay.shutdown = proxy::shutdown(&mut ctx);
     let settings = Settings {
         server,
         send_email,
@@ -288,6 +290,8 @@ fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
         cors: Default::default(),
         rate_limits: rate_limits(ctx),
         idempotency: idempotency(ctx),
+        http: Default::default(),
+        shutdown: Default::default(),
     }
 }
 

@@ -4,6 +4,7 @@
 mod auth;
 mod cli;
 mod config;
+mod drain;
 mod e2e;
 mod entra;
 mod helpers;
@@ -11,6 +12,8 @@ mod limits;
 mod mail;
 pub mod peer;
 mod peer_smoke;
+pub mod process;
+mod proxy;
 mod server;
 mod smtp;
 mod token;
