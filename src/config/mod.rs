@@ -177,11 +177,12 @@ pub struct ShutdownSettings {
 }
 
 impl Default for ShutdownSettings {
-    /// 5 s of drain delay, 30 s deadline.
+    /// 5 s of drain delay; a 70 s deadline, so a send accepted at the end of the delay still
+    /// has the default `sendDeadlineSeconds` (60) to finish.
     fn default() -> Self {
         Self {
             drain_delay: Duration::from_secs(5),
-            deadline: Duration::from_secs(30),
+            deadline: Duration::from_secs(70),
         }
     }
 }

@@ -198,7 +198,7 @@ fn proxy_and_shutdown_settings_have_defaults() {
     assert!(relay.http.trusted_proxies.is_empty());
     assert_eq!(relay.http.forwarded_header, ForwardedHeader::XForwardedFor);
     assert_eq!(relay.shutdown.drain_delay, Duration::from_secs(5));
-    assert_eq!(relay.shutdown.deadline, Duration::from_secs(30));
+    assert_eq!(relay.shutdown.deadline, Duration::from_secs(70));
 }
 
 #[test]
