@@ -66,6 +66,20 @@ pub enum Command {
     HashKey,
     /// Print the OpenAPI document (as committed in `openapi/openapi.json`).
     Openapi,
+    /// Check each step to Microsoft 365 with these settings (DNS, TCP, TLS, EHLO, token, AUTH)
+    /// and print PASS/FAIL/SKIP with cause and fix; exit 0 when all pass, 1 on a failure,
+    /// 2 for invalid settings.
+    Diagnose {
+        /// Also send a real test mail (needs --from and --to).
+        #[arg(long, requires_all = ["from", "to"])]
+        send_test: bool,
+        /// From address of the test mail; the SMTP mailbox needs "Send as" on it.
+        #[arg(long, requires = "send_test")]
+        from: Option<String>,
+        /// Recipient of the test mail.
+        #[arg(long, requires = "send_test")]
+        to: Option<String>,
+    },
 }
 
 /// Run the parsed command line; the exit code says how it went.
@@ -87,6 +101,80 @@ pub async fn run(cli: Cli) -> ExitCode {
             print!("{}", crate::api::openapi::document_json());
             ExitCode::SUCCESS
         }
+        Command::Diagnose {
+            send_test,
+            ref from,
+            ref to,
+        } => {
+            let test = match (send_test, from, to) {
+                (true, Some(from), Some(to)) => Some(crate::diagnose::SendTest {
+                    from: from.clone(),
+                    to: to.clone(),
+                }),
+                _ => None,
+            };
+            diagnose(&cli.config, test.as_ref()).await
+        }
+    }
+}
+
+async fn diagnose(path: &std::path::Path, test: Option<&crate::diagnose::SendTest>) -> ExitCode {
+    use crate::diagnose::{self, Step};
+
+    println!(
+        "mail-relay {} diagnose: {}",
+        env!("CARGO_PKG_VERSION"),
+        path.display()
+    );
+    let loaded = match config::load(&LoadOptions::from_process(path.to_path_buf())) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            let causes: Vec<String> = e.errors.iter().map(ToString::to_string).collect();
+            let step = Step::fail(
+                "settings",
+                format!("{} is not valid", path.display()),
+                causes.join("; "),
+                vec![format!(
+                    "correct each setting named above (mail-relay check-config --config {} lists them)",
+                    path.display()
+                )],
+            );
+            println!("{step}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let email = &loaded.settings.send_email;
+    let mode = match &email.smtp_authentication {
+        config::SmtpAuthentication::None => "no login".to_owned(),
+        config::SmtpAuthentication::Basic { username, .. } => format!("BASIC as {username}"),
+        config::SmtpAuthentication::MsOAuth { username, .. } => format!("MS_OAUTH as {username}"),
+    };
+    println!(
+        "{}",
+        Step::pass(
+            "settings",
+            format!(
+                "valid: {}:{} {}, {mode}",
+                email.smtp_server,
+                email.smtp_port,
+                match email.smtp_encryption {
+                    config::Encryption::None => "plain text",
+                    config::Encryption::Ssl => "implicit TLS",
+                    config::Encryption::Tls => "STARTTLS",
+                }
+            )
+        )
+    );
+    for warning in &loaded.warnings {
+        println!("     warning: {warning}");
+    }
+    let ok = diagnose::run(&loaded.settings, test, &mut |step| println!("{step}")).await;
+    if ok {
+        println!("all checks passed");
+        ExitCode::SUCCESS
+    } else {
+        println!("a check failed: fix the first FAIL above and run diagnose again");
+        ExitCode::FAILURE
     }
 }
 

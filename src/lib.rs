@@ -8,6 +8,7 @@ pub mod caller;
 pub mod cli;
 pub mod config;
 pub mod delivery;
+pub mod diagnose;
 pub mod message;
 pub mod send_as;
 pub mod smtp;
