@@ -133,7 +133,7 @@ async fn diagnose(path: &std::path::Path, test: Option<&crate::diagnose::SendTes
             let step = Step::fail(
                 "settings",
                 format!("{} is not valid", path.display()),
-                causes.join("; "),
+                causes.join("\n            "),
                 vec![format!(
                     "correct each setting named above (mail-relay check-config --config {} lists them)",
                     path.display()

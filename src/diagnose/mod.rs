@@ -346,7 +346,7 @@ async fn connect(
             ))
         }
         Err(error) => {
-            let text = error.to_string();
+            let text = cause_of(&error);
             let mut fix = Vec::new();
             if text.contains("refused") {
                 fix.push(format!("nothing listens on {server}: {}", host_fix()));
@@ -445,6 +445,22 @@ async fn secure(
     }
 }
 
+/// The error without the generic fix its message carries: the step lists its own fixes.
+fn cause_of(error: &SmtpError) -> String {
+    match error {
+        SmtpError::Rejected { stage, reply, .. } => {
+            format!("the server refused {stage}: {reply}")
+        }
+        SmtpError::Connection {
+            stage,
+            server,
+            detail,
+            ..
+        } => format!("SMTP connection to {server} failed at {stage}: {detail}"),
+        other => other.to_string(),
+    }
+}
+
 fn describe_certificate(der: &[u8]) -> String {
     match CertificateSummary::from_der(der) {
         None => "certificate accepted (its fields could not be read)".into(),
@@ -474,7 +490,7 @@ fn greeting_failed(settings: &Settings, error: &SmtpError) -> Step {
     Step::fail(
         "tls",
         format!("no SMTP greeting from {server}"),
-        error.to_string(),
+        cause_of(error),
         fix,
     )
 }
@@ -508,7 +524,7 @@ fn tls_failed(settings: &Settings, how: &str, error: &SmtpError) -> Step {
     Step::fail(
         "tls",
         format!("{how} with {server} failed"),
-        error.to_string(),
+        cause_of(error),
         fix,
     )
 }
@@ -802,7 +818,7 @@ fn auth_failed(settings: &Settings, claims: Option<&TokenClaims>, error: &SmtpEr
         )],
         _ => error.fix().map(str::to_owned).into_iter().collect(),
     };
-    Step::fail("auth", summary, error.to_string(), fix)
+    Step::fail("auth", summary, cause_of(error), fix)
 }
 
 async fn send_test_mail(settings: &Settings, connection: &mut Connection, test: &SendTest) -> Step {
@@ -851,7 +867,7 @@ async fn send_test_mail(settings: &Settings, connection: &mut Connection, test: 
             Step::fail(
                 "send-test",
                 format!("SendAsDenied: {login} may not send as {}", test.from),
-                error.to_string(),
+                cause_of(&error),
                 vec![
                     format!(
                         "the mailbox {} must grant \"Send as\" to {login} (the SMTP mailbox): M365 admin center > Active users > {} > Mail > Send as permissions > add {login}",
@@ -871,7 +887,7 @@ async fn send_test_mail(settings: &Settings, connection: &mut Connection, test: 
                 "the server refused the test mail from {} to {}",
                 test.from, test.to
             ),
-            error.to_string(),
+            cause_of(&error),
             error.fix().map(str::to_owned).into_iter().collect(),
         ),
     }

@@ -4,6 +4,7 @@
 mod auth;
 mod cli;
 mod config;
+mod diagnose;
 mod e2e;
 mod entra;
 mod helpers;
