@@ -25,6 +25,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
+use crate::admin::AdminNotifier;
 use crate::api::{self, ApiError};
 use crate::caller::Authenticator;
 use crate::config::{CorsSettings, Delivery, Settings, SmtpAuthentication};
@@ -45,6 +46,8 @@ pub struct AppState {
     pub send_as: Arc<SendAsPolicy>,
     /// The shared token cache, when the SMTP login uses MS_OAUTH.
     pub tokens: Option<Arc<dyn TokenProvider>>,
+    /// Administrative e-mails (`mailRelay.adminMail`); the mail handler reports failed sends.
+    pub admin: AdminNotifier,
     draining: Arc<AtomicBool>,
 }
 
@@ -57,6 +60,7 @@ impl AppState {
             settings.send_email.smtp_authentication.username(),
         );
         Ok(Self {
+            admin: AdminNotifier::new(&settings, Arc::clone(&sender)),
             settings,
             sender,
             authenticator: Arc::new(authenticator),
@@ -148,6 +152,7 @@ impl Application {
             tracing::info!("shutting down: finishing in-flight requests");
         };
         let sender = self.state.sender.clone();
+        let admin = self.state.admin.clone();
         axum::serve(
             self.listener,
             self.router
@@ -155,7 +160,9 @@ impl Application {
         )
         .with_graceful_shutdown(shutdown)
         .await?;
-        // Every request has finished: say QUIT on the idle SMTP connections.
+        // Every request has finished: tell the administrators, then say QUIT on the idle
+        // SMTP connections.
+        admin.stopping().await;
         sender.close().await;
         Ok(())
     }

@@ -190,6 +190,7 @@ async fn serve(path: &std::path::Path, format: LogFormat, filter: &str) -> ExitC
     for warning in &loaded.warnings {
         tracing::warn!(config = %path.display(), "{warning}");
     }
+    let masked = loaded.masked;
     let app = match Application::build(loaded.settings).await {
         Ok(app) => app,
         Err(e) => {
@@ -203,6 +204,7 @@ async fn serve(path: &std::path::Path, format: LogFormat, filter: &str) -> ExitC
         }
         Err(e) => tracing::warn!(error = %e, "listening, address unknown"),
     }
+    app.state().admin.started(&masked, app.local_addr().ok());
     match app.run().await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -2,6 +2,7 @@
 //!
 //! Data flows one way: request -> caller -> send-as -> message -> token -> SMTP -> response.
 
+pub mod admin;
 pub mod api;
 pub mod app;
 pub mod caller;

@@ -79,6 +79,8 @@ pub const KEYS: &[KeySpec] = &[
     plain("mailRelay.auth.oidc.userClaim"),
     plain("mailRelay.auth.oidc.clockSkewSeconds"),
     plain("mailRelay.sendAs.denialMemorySeconds"),
+    plain("mailRelay.adminMail.enabled"),
+    plain("mailRelay.adminMail.from"),
 ];
 
 /// Sections under `mailRelay` that hold lists or maps (API keys, policies): the loader hands
@@ -92,6 +94,7 @@ pub const SUBTREES: &[&str] = &[
     "mailRelay.sendAs.groups",
     "mailRelay.sendAs.exchangeGrants",
     "mailRelay.cors.allowedOrigins",
+    "mailRelay.adminMail.recipients",
 ];
 
 /// Suffix of the sibling key that names a file holding the value (`oAuthClientSecretFile`).

@@ -134,6 +134,18 @@ pub struct RelaySettings {
     pub auth: AuthSettings,
     pub send_as: SendAsSettings,
     pub cors: CorsSettings,
+    /// `mailRelay.adminMail`: notices to administrators; `None` when off (the default).
+    pub admin_mail: Option<AdminMailSettings>,
+}
+
+/// `mailRelay.adminMail`: who gets the relay's notices (start, stop, sends failing for a
+/// configuration reason), and from which address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminMailSettings {
+    /// The sender: `smtpUsername` itself, the one address the SMTP mailbox may always use.
+    pub from: String,
+    /// At least one address.
+    pub recipients: Vec<String>,
 }
 
 /// `mailRelay.delivery`: where accepted mail goes.

@@ -49,6 +49,7 @@ pub fn test_settings(outbox: PathBuf) -> Settings {
             },
             send_as: Default::default(),
             cors: Default::default(),
+            admin_mail: None,
         },
     }
 }

@@ -1,6 +1,7 @@
 //! Integration tests, compiled as one binary.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod admin_mail;
 mod auth;
 mod cli;
 mod config;
