@@ -55,11 +55,30 @@ impl Run {
 
 /// Settings for the peer's STARTTLS port and the fake Entra ID, as an operator writes them.
 fn yaml(peer: &Peer, entra: &FakeEntra, port: u16, encryption: &str) -> String {
+    yaml_for(
+        "localhost",
+        port,
+        encryption,
+        &peer.oauth_user,
+        Some(peer.ca_path()),
+        entra,
+    )
+}
+
+fn yaml_for(
+    server: &str,
+    port: u16,
+    encryption: &str,
+    user: &str,
+    ca: Option<&Path>,
+    entra: &FakeEntra,
+) -> String {
     let key_hash = hex::encode(Sha256::digest(TEST_API_KEY.as_bytes()));
+    let ca = ca.map_or_else(String::new, |ca| format!("    caFile: {}\n", ca.display()));
     format!(
         r#"featureSwitches:
   sendEmail:
-    smtpServer: localhost
+    smtpServer: {server}
     smtpPort: {port}
     smtpEncryption: {encryption}
     smtpAuthentication: MS_OAUTH
@@ -70,8 +89,7 @@ fn yaml(peer: &Peer, entra: &FakeEntra, port: u16, encryption: &str) -> String {
     oAuthTokenEndpoint: {endpoint}
 mailRelay:
   smtp:
-    caFile: {ca}
-    connectTimeoutSeconds: 5
+{ca}    connectTimeoutSeconds: 5
     commandTimeoutSeconds: 10
   auth:
     apiKeys:
@@ -79,9 +97,7 @@ mailRelay:
         sha256: {key_hash}
         allowedFrom: ["*@contoso.test"]
 "#,
-        user = peer.oauth_user,
         endpoint = entra.token_url(),
-        ca = peer.ca_path().display(),
     )
 }
 
@@ -421,4 +437,214 @@ async fn send_test_needs_from_and_to() {
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--from"));
+}
+
+#[tokio::test]
+async fn an_untrusted_certificate_is_shown_with_the_ca_file_fix() {
+    let peer = require_peer!();
+    let entra = FakeEntra::start().await;
+    entra.mount_token("unused", 3599).await;
+    let dir = tempfile::tempdir().unwrap();
+    let without_ca = yaml(&peer, &entra, peer.submission_port, "TLS")
+        .replace(&format!("    caFile: {}\n", peer.ca_path().display()), "");
+
+    let run = diagnose(dir.path(), &without_ca, &[]).await;
+
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    let tls = run.assert_step("FAIL", "tls");
+    assert!(tls.contains("STARTTLS with localhost"), "{tls}");
+    assert!(
+        tls.contains("the server showed: subject CN=localhost, names localhost 127.0.0.1, issuer CN=mail-relay test peer CA"),
+        "{tls}"
+    );
+    assert!(
+        tls.contains("fix:   the certificate's issuer (CN=mail-relay test peer CA) is not trusted here: put that CA's PEM certificate in mailRelay.smtp.caFile"),
+        "{tls}"
+    );
+    run.assert_step("SKIP", "ehlo");
+    run.assert_step("SKIP", "auth");
+}
+
+#[tokio::test]
+async fn a_server_name_missing_from_the_certificate_is_named() {
+    let peer = require_peer!();
+    // This machine's own name, when it points at loopback, reaches the peer under a name
+    // its certificate (localhost, 127.0.0.1) does not carry.
+    let host = std::fs::read_to_string("/etc/hostname")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let loopback = !host.is_empty()
+        && host != "localhost"
+        && tokio::net::lookup_host((host.as_str(), 25))
+            .await
+            .is_ok_and(|mut a| a.all(|a| a.ip() == std::net::Ipv4Addr::LOCALHOST));
+    if !loopback {
+        eprintln!("SKIPPED: the host name {host:?} does not resolve to 127.0.0.1 only");
+        return;
+    }
+    let entra = FakeEntra::start().await;
+    entra.mount_token("unused", 3599).await;
+    let dir = tempfile::tempdir().unwrap();
+    let by_host_name = yaml(&peer, &entra, peer.submission_port, "TLS")
+        .replace("smtpServer: localhost", &format!("smtpServer: {host}"));
+
+    let run = diagnose(dir.path(), &by_host_name, &[]).await;
+
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    let tls = run.assert_step("FAIL", "tls");
+    assert!(
+        tls.contains(&format!(
+            "fix:   featureSwitches.sendEmail.smtpServer \"{host}\" is not a name in the certificate (localhost, 127.0.0.1)"
+        )),
+        "{tls}"
+    );
+}
+
+/// A plain-text SMTP server that answers like Exchange Online after STARTTLS: it offers
+/// `AUTH LOGIN XOAUTH2` and answers every AUTH with `auth_reply`.
+async fn exchange_like(auth_reply: &'static str) -> u16 {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                let _ = write
+                    .write_all(b"220 fake.outlook.test Microsoft ESMTP MAIL Service ready\r\n")
+                    .await;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let verb = line
+                        .split(' ')
+                        .next()
+                        .unwrap_or_default()
+                        .to_ascii_uppercase();
+                    let reply = match verb.as_str() {
+                        "EHLO" => "250-fake.outlook.test Hello\r\n250-SIZE 157286400\r\n250-AUTH LOGIN XOAUTH2\r\n250 8BITMIME\r\n".to_owned(),
+                        "AUTH" => format!("{auth_reply}\r\n"),
+                        "QUIT" => {
+                            let _ = write.write_all(b"221 2.0.0 Service closing transmission channel\r\n").await;
+                            return;
+                        }
+                        _ => "250 2.0.0 OK\r\n".to_owned(),
+                    };
+                    if write.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+async fn diagnose_against_exchange_like(auth_reply: &'static str) -> (Run, String) {
+    let entra = FakeEntra::start().await;
+    let token = "opaque-access-token-not-a-jwt-6f1d";
+    entra.mount_token(token, 3599).await;
+    let port = exchange_like(auth_reply).await;
+    let dir = tempfile::tempdir().unwrap();
+    // smtpEncryption NONE is allowed with a login on loopback only; TLS is not the point here.
+    let settings = yaml_for("127.0.0.1", port, "NONE", "relay@contoso.com", None, &entra);
+    (diagnose(dir.path(), &settings, &[]).await, token.to_owned())
+}
+
+#[tokio::test]
+async fn smtp_auth_disabled_for_the_tenant_says_to_enable_it() {
+    let (run, token) = diagnose_against_exchange_like(
+        "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.",
+    )
+    .await;
+
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    run.assert_step("SKIP", "tls");
+    let ehlo = run.assert_step("PASS", "ehlo");
+    assert!(
+        ehlo.contains("fake.outlook.test offers AUTH LOGIN XOAUTH2"),
+        "{ehlo}"
+    );
+    let auth = run.assert_step("FAIL", "auth");
+    assert!(auth.contains("5.7.139"), "{auth}");
+    assert!(
+        auth.contains("fix:   enable Authenticated SMTP for relay@contoso.com"),
+        "{auth}"
+    );
+    assert!(
+        auth.contains("Set-TransportConfig -SmtpClientAuthenticationDisabled $false"),
+        "{auth}"
+    );
+    assert!(!auth.contains("New-ServicePrincipal"), "{auth}");
+    assert!(!run.stdout.contains(&token));
+}
+
+#[tokio::test]
+async fn exchanges_535_5_7_3_gets_the_setup_checklist() {
+    let (run, token) =
+        diagnose_against_exchange_like("535 5.7.3 Authentication unsuccessful").await;
+
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    let auth = run.assert_step("FAIL", "auth");
+    assert!(
+        auth.contains("the server refused AUTH: 535 5.7.3 Authentication unsuccessful"),
+        "{auth}"
+    );
+    assert!(
+        auth.contains("1. Authenticated SMTP is on for the mailbox relay@contoso.com"),
+        "{auth}"
+    );
+    assert!(
+        auth.contains("SMTP.SendAsApp, with admin consent"),
+        "{auth}"
+    );
+    assert!(
+        auth.contains(&format!("New-ServicePrincipal -AppId {CLIENT_ID}")),
+        "{auth}"
+    );
+    assert!(auth.contains("-AccessRights FullAccess"), "{auth}");
+    // An opaque token has no readable roles: no guess about them.
+    assert!(!auth.contains("most likely"), "{auth}");
+    assert!(!run.stdout.contains(&token));
+}
+
+#[tokio::test]
+async fn basic_login_on_the_peer_passes_without_a_token() {
+    let peer = require_peer!();
+    let dir = tempfile::tempdir().unwrap();
+    let key_hash = hex::encode(Sha256::digest(TEST_API_KEY.as_bytes()));
+    let settings = format!(
+        r#"featureSwitches:
+  sendEmail:
+    smtpServer: localhost
+    smtpPort: {port}
+    smtpEncryption: TLS
+    smtpAuthentication: BASIC
+    smtpUsername: {user}
+    smtpPassword: "{password}"
+mailRelay:
+  smtp:
+    caFile: {ca}
+  auth:
+    apiKeys: [{{name: tests, sha256: {key_hash}, allowedFrom: ["*@contoso.test"]}}]
+"#,
+        port = peer.submission_port,
+        user = peer.basic_user,
+        password = peer.basic_password,
+        ca = peer.ca_path().display(),
+    );
+
+    let run = diagnose(dir.path(), &settings, &[]).await;
+
+    assert_eq!(run.code, 0, "{}", run.stdout);
+    run.assert_step("PASS", "ehlo");
+    let token = run.assert_step("SKIP", "token");
+    assert!(token.contains("BASIC"), "{token}");
+    let auth = run.assert_step("PASS", "auth");
+    assert!(
+        auth.contains(&format!("PLAIN/LOGIN as {}", peer.basic_user)),
+        "{auth}"
+    );
+    assert!(!run.stdout.contains(&peer.basic_password));
 }
