@@ -119,7 +119,7 @@ pub async fn run(cli: Cli) -> ExitCode {
 }
 
 async fn diagnose(path: &std::path::Path, test: Option<&crate::diagnose::SendTest>) -> ExitCode {
-    use crate::diagnose::{self, Step};
+    use crate::diagnose;
 
     println!(
         "mail-relay {} diagnose: {}",
@@ -129,42 +129,11 @@ async fn diagnose(path: &std::path::Path, test: Option<&crate::diagnose::SendTes
     let loaded = match config::load(&LoadOptions::from_process(path.to_path_buf())) {
         Ok(loaded) => loaded,
         Err(e) => {
-            let causes: Vec<String> = e.errors.iter().map(ToString::to_string).collect();
-            let step = Step::fail(
-                "settings",
-                format!("{} is not valid", path.display()),
-                causes.join("\n            "),
-                vec![format!(
-                    "correct each setting named above (mail-relay check-config --config {} lists them)",
-                    path.display()
-                )],
-            );
-            println!("{step}");
+            println!("{}", diagnose::settings_failed(path, &e));
             return ExitCode::from(EXIT_INVALID);
         }
     };
-    let email = &loaded.settings.send_email;
-    let mode = match &email.smtp_authentication {
-        config::SmtpAuthentication::None => "no login".to_owned(),
-        config::SmtpAuthentication::Basic { username, .. } => format!("BASIC as {username}"),
-        config::SmtpAuthentication::MsOAuth { username, .. } => format!("MS_OAUTH as {username}"),
-    };
-    println!(
-        "{}",
-        Step::pass(
-            "settings",
-            format!(
-                "valid: {}:{} {}, {mode}",
-                email.smtp_server,
-                email.smtp_port,
-                match email.smtp_encryption {
-                    config::Encryption::None => "plain text",
-                    config::Encryption::Ssl => "implicit TLS",
-                    config::Encryption::Tls => "STARTTLS",
-                }
-            )
-        )
-    );
+    println!("{}", diagnose::settings_passed(&loaded.settings));
     for warning in &loaded.warnings {
         println!("     warning: {warning}");
     }

@@ -114,6 +114,45 @@ pub struct SendTest {
     pub to: String,
 }
 
+/// The first step: the settings file loaded and valid.
+pub fn settings_passed(settings: &Settings) -> Step {
+    let email = &settings.send_email;
+    if let Delivery::Outbox { dir } = &settings.relay.delivery {
+        return Step::pass(
+            "settings",
+            format!("valid: mailRelay.delivery.mode outbox ({})", dir.display()),
+        );
+    }
+    let encryption = match email.smtp_encryption {
+        Encryption::None => "plain text",
+        Encryption::Ssl => "implicit TLS",
+        Encryption::Tls => "STARTTLS",
+    };
+    let login = match &email.smtp_authentication {
+        SmtpAuthentication::None => "no login".to_owned(),
+        SmtpAuthentication::Basic { username, .. } => format!("BASIC as {username}"),
+        SmtpAuthentication::MsOAuth { username, .. } => format!("MS_OAUTH as {username}"),
+    };
+    Step::pass(
+        "settings",
+        format!("valid: {} {encryption}, {login}", server(settings)),
+    )
+}
+
+/// The first step failed: every invalid setting, one per line.
+pub fn settings_failed(path: &std::path::Path, error: &crate::config::ConfigError) -> Step {
+    let causes: Vec<String> = error.errors.iter().map(ToString::to_string).collect();
+    Step::fail(
+        "settings",
+        format!("{} is not valid", path.display()),
+        causes.join("\n            "),
+        vec![format!(
+            "correct each setting named above (mail-relay check-config --config {} lists them)",
+            path.display()
+        )],
+    )
+}
+
 /// Every check after the settings, in order; `report` gets each step as soon as it is done.
 /// True when no step failed.
 pub async fn run(
