@@ -648,3 +648,54 @@ mailRelay:
     );
     assert!(!run.stdout.contains(&peer.basic_password));
 }
+
+#[tokio::test]
+async fn an_unreachable_token_endpoint_is_named() {
+    let peer = require_peer!();
+    let entra = FakeEntra::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let closed = format!("http://127.0.0.1:{}/token", closed_port());
+    let settings = yaml(&peer, &entra, peer.submission_port, "TLS")
+        .replace(&entra.token_url().to_string(), &closed);
+
+    let run = diagnose(dir.path(), &settings, &[]).await;
+
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    run.assert_step("PASS", "ehlo");
+    let token = run.assert_step("FAIL", "token");
+    assert!(token.contains("could not be reached"), "{token}");
+    assert!(
+        token.contains("fix:   check featureSwitches.sendEmail.oAuthTokenEndpoint"),
+        "{token}"
+    );
+    run.assert_step("SKIP", "auth");
+}
+
+#[tokio::test]
+async fn a_silent_server_fails_at_the_greeting_with_the_implicit_tls_hint() {
+    let entra = FakeEntra::start().await;
+    entra.mount_token("unused", 3599).await;
+    let (address, _server) = crate::peer::silent_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let settings = yaml_for(
+        "127.0.0.1",
+        address.port(),
+        "TLS",
+        "relay@contoso.com",
+        None,
+        &entra,
+    )
+    .replace("commandTimeoutSeconds: 10", "commandTimeoutSeconds: 1");
+
+    let run = diagnose(dir.path(), &settings, &[]).await;
+
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    run.assert_step("PASS", "connect");
+    let tls = run.assert_step("FAIL", "tls");
+    assert!(tls.contains("no SMTP greeting from 127.0.0.1"), "{tls}");
+    assert!(tls.contains("commandTimeoutSeconds"), "{tls}");
+    assert!(
+        tls.contains("use featureSwitches.sendEmail.smtpEncryption SSL there"),
+        "{tls}"
+    );
+}
