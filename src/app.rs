@@ -25,6 +25,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
+use crate::admin::AdminNotifier;
 use crate::api::{self, ApiError};
 use crate::caller::Authenticator;
 use crate::config::{CorsSettings, Delivery, Settings, SmtpAuthentication};
@@ -52,6 +53,8 @@ pub struct AppState {
     pub tokens: Option<Arc<dyn TokenProvider>>,
     pub rate_limits: RateLimits,
     pub idempotency: Idempotency,
+    /// Administrative e-mails (`mailRelay.adminMail`); the mail handler reports failed sends.
+    pub admin: AdminNotifier,
     draining: Arc<AtomicBool>,
     in_flight: InFlight,
 }
@@ -67,6 +70,7 @@ impl AppState {
         let rate_limits = RateLimits::in_memory(&settings);
         let idempotency = Idempotency::in_memory(&settings.relay.idempotency);
         Ok(Self {
+            admin: AdminNotifier::new(&settings, Arc::clone(&sender)),
             settings,
             sender,
             authenticator: Arc::new(authenticator),
@@ -206,9 +210,12 @@ impl Application {
         let finish = {
             let closing = closing.clone();
             let sender = state.sender.clone();
+            let admin = state.admin.clone();
             async move {
                 serve.await?;
-                // Every request has finished: say QUIT on the idle SMTP connections.
+                // Every request has finished: tell the administrators, then say QUIT on the
+                // idle SMTP connections.
+                admin.stopping().await;
                 closing.store(true, Ordering::Relaxed);
                 sender.close().await;
                 std::io::Result::Ok(())

@@ -66,6 +66,20 @@ pub enum Command {
     HashKey,
     /// Print the OpenAPI document (as committed in `openapi/openapi.json`).
     Openapi,
+    /// Check each step to Microsoft 365 with these settings (DNS, TCP, TLS, EHLO, token, AUTH)
+    /// and print PASS/FAIL/SKIP with cause and fix; exit 0 when all pass, 1 on a failure,
+    /// 2 for invalid settings.
+    Diagnose {
+        /// Also send a real test mail (needs --from and --to).
+        #[arg(long, requires_all = ["from", "to"])]
+        send_test: bool,
+        /// From address of the test mail; the SMTP mailbox needs "Send as" on it.
+        #[arg(long, requires = "send_test")]
+        from: Option<String>,
+        /// Recipient of the test mail.
+        #[arg(long, requires = "send_test")]
+        to: Option<String>,
+    },
 }
 
 /// Run the parsed command line; the exit code says how it went.
@@ -87,6 +101,49 @@ pub async fn run(cli: Cli) -> ExitCode {
             print!("{}", crate::api::openapi::document_json());
             ExitCode::SUCCESS
         }
+        Command::Diagnose {
+            send_test,
+            ref from,
+            ref to,
+        } => {
+            let test = match (send_test, from, to) {
+                (true, Some(from), Some(to)) => Some(crate::diagnose::SendTest {
+                    from: from.clone(),
+                    to: to.clone(),
+                }),
+                _ => None,
+            };
+            diagnose(&cli.config, test.as_ref()).await
+        }
+    }
+}
+
+async fn diagnose(path: &std::path::Path, test: Option<&crate::diagnose::SendTest>) -> ExitCode {
+    use crate::diagnose;
+
+    println!(
+        "mail-relay {} diagnose: {}",
+        env!("CARGO_PKG_VERSION"),
+        path.display()
+    );
+    let loaded = match config::load(&LoadOptions::from_process(path.to_path_buf())) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            println!("{}", diagnose::settings_failed(path, &e));
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    println!("{}", diagnose::settings_passed(&loaded.settings));
+    for warning in &loaded.warnings {
+        println!("     warning: {warning}");
+    }
+    let ok = diagnose::run(&loaded.settings, test, &mut |step| println!("{step}")).await;
+    if ok {
+        println!("all checks passed");
+        ExitCode::SUCCESS
+    } else {
+        println!("a check failed: fix the first FAIL above and run diagnose again");
+        ExitCode::FAILURE
     }
 }
 
@@ -102,6 +159,7 @@ async fn serve(path: &std::path::Path, format: LogFormat, filter: &str) -> ExitC
     for warning in &loaded.warnings {
         tracing::warn!(config = %path.display(), "{warning}");
     }
+    let masked = loaded.masked;
     let app = match Application::build(loaded.settings).await {
         Ok(app) => app,
         Err(e) => {
@@ -115,6 +173,7 @@ async fn serve(path: &std::path::Path, format: LogFormat, filter: &str) -> ExitC
         }
         Err(e) => tracing::warn!(error = %e, "listening, address unknown"),
     }
+    app.state().admin.started(&masked, app.local_addr().ok());
     match app.run().await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -139,6 +139,8 @@ async fn refused(
     quota: Reservation,
     from: &str,
 ) -> ApiError {
+    // Failures an administrator must fix (login, TLS, token) are mailed to them, at most hourly.
+    state.admin.send_failure(&error);
     let smtp = match &error {
         DeliveryError::Smtp(e) => Some(e),
         _ => None,

@@ -88,6 +88,8 @@ pub const KEYS: &[KeySpec] = &[
     plain("mailRelay.http.forwardedHeader"),
     plain("mailRelay.shutdown.drainDelaySeconds"),
     plain("mailRelay.shutdown.deadlineSeconds"),
+    plain("mailRelay.adminMail.enabled"),
+    plain("mailRelay.adminMail.from"),
 ];
 
 /// Sections under `mailRelay` that hold lists or maps (API keys, policies): the loader hands
@@ -102,6 +104,7 @@ pub const SUBTREES: &[&str] = &[
     "mailRelay.sendAs.exchangeGrants",
     "mailRelay.cors.allowedOrigins",
     "mailRelay.http.trustedProxies",
+    "mailRelay.adminMail.recipients",
 ];
 
 /// Suffix of the sibling key that names a file holding the value (`oAuthClientSecretFile`).

@@ -375,4 +375,13 @@ fn render_callers(out: &mut Out<'_>, settings: &Settings) {
         "mailRelay.shutdown.deadlineSeconds",
         secs(shutdown.deadline),
     );
+    out.section(2, "adminMail");
+    match &settings.relay.admin_mail {
+        None => out.line(4, "mailRelay.adminMail.enabled", Some("false".into())),
+        Some(admin) => {
+            out.line(4, "mailRelay.adminMail.enabled", Some("true".into()));
+            out.line(4, "mailRelay.adminMail.from", Some(quote(&admin.from)));
+            out.plain(4, "recipients", &flow_list(&admin.recipients));
+        }
+    }
 }

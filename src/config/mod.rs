@@ -140,6 +140,8 @@ pub struct RelaySettings {
     pub idempotency: IdempotencySettings,
     pub http: HttpSettings,
     pub shutdown: ShutdownSettings,
+    /// `mailRelay.adminMail`: notices to administrators; `None` when off (the default).
+    pub admin_mail: Option<AdminMailSettings>,
 }
 
 /// `mailRelay.http.*`: how the relay sits behind a reverse proxy.
@@ -185,6 +187,16 @@ impl Default for ShutdownSettings {
             deadline: Duration::from_secs(70),
         }
     }
+}
+
+/// `mailRelay.adminMail`: who gets the relay's notices (start, stop, sends failing for a
+/// configuration reason), and from which address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminMailSettings {
+    /// The sender: `smtpUsername` itself, the one address the SMTP mailbox may always use.
+    pub from: String,
+    /// At least one address.
+    pub recipients: Vec<String>,
 }
 
 /// `mailRelay.delivery`: where accepted mail goes.

@@ -68,7 +68,6 @@ impl SmtpSender {
         settings: &Settings,
         tokens: Option<Arc<dyn TokenProvider>>,
     ) -> Result<Self, SmtpError> {
-        let email = &settings.send_email;
         let tuning = &settings.relay.smtp;
         if tuning.max_connections == 0 {
             return Err(SmtpError::Setup {
@@ -76,76 +75,7 @@ impl SmtpSender {
                 message: "must be at least 1 (Exchange Online allows 3 per mailbox)".into(),
             });
         }
-        let login = match &email.smtp_authentication {
-            SmtpAuthentication::None => Login::None,
-            SmtpAuthentication::Basic { username, password } => Login::Basic {
-                username: username.clone(),
-                password: password.clone(),
-            },
-            SmtpAuthentication::MsOAuth { username, .. } => {
-                if tokens.is_none() {
-                    return Err(SmtpError::Setup {
-                        key: "featureSwitches.sendEmail.smtpAuthentication",
-                        message: "MS_OAUTH needs the token cache, and none was given".into(),
-                    });
-                }
-                Login::XOAuth2 {
-                    username: username.clone(),
-                }
-            }
-        };
-        if email.smtp_encryption == Encryption::None
-            && !matches!(login, Login::None)
-            && !is_loopback(&email.smtp_server)
-        {
-            return Err(SmtpError::Setup {
-                key: "featureSwitches.sendEmail.smtpEncryption",
-                message: format!(
-                    "NONE would send the credentials in clear text to {}: use TLS (STARTTLS) \
-                     or SSL; NONE is allowed only with smtpAuthentication NONE or on loopback",
-                    email.smtp_server
-                ),
-            });
-        }
-        if email.smtp_encryption == Encryption::Ssl
-            && email
-                .smtp_server
-                .to_ascii_lowercase()
-                .ends_with("office365.com")
-        {
-            tracing::warn!(
-                server = %email.smtp_server,
-                "smtpEncryption SSL (implicit TLS) does not work with Exchange Online, which \
-                 offers only STARTTLS on port 587: use smtpEncryption TLS"
-            );
-        }
-        let tls = match email.smtp_encryption {
-            Encryption::None => None,
-            Encryption::Ssl | Encryption::Tls => Some(TlsSetup::new(
-                &email.smtp_server,
-                tuning.ca_file.as_deref(),
-            )?),
-        };
-        let hello = match &tuning.hello_name {
-            Some(name) => match name.parse::<IpAddr>() {
-                Ok(IpAddr::V4(ip)) => ClientId::Ipv4(ip),
-                Ok(IpAddr::V6(ip)) => ClientId::Ipv6(ip),
-                Err(_) => ClientId::Domain(name.clone()),
-            },
-            None => ClientId::default(),
-        };
-        let connector = Connector {
-            host: email.smtp_server.clone(),
-            port: email.smtp_port,
-            encryption: email.smtp_encryption,
-            login,
-            tls,
-            hello,
-            source_address: tuning.source_address,
-            connect_timeout: tuning.connect_timeout,
-            command_timeout: tuning.command_timeout,
-            open: Arc::new(AtomicUsize::new(0)),
-        };
+        let connector = Connector::from_settings(settings, tokens.is_some())?;
         let inner = Arc::new(Inner {
             connector,
             pool: Pool::new(tuning.max_connections),
@@ -341,6 +271,85 @@ impl Inner {
             return Some(connection);
         }
         None
+    }
+}
+
+impl Connector {
+    /// Everything needed to open connections to `featureSwitches.sendEmail`'s server; checks
+    /// the settings and prepares TLS. `has_tokens`: a token source exists (required for MS_OAUTH).
+    pub(crate) fn from_settings(settings: &Settings, has_tokens: bool) -> Result<Self, SmtpError> {
+        let email = &settings.send_email;
+        let tuning = &settings.relay.smtp;
+        let login = match &email.smtp_authentication {
+            SmtpAuthentication::None => Login::None,
+            SmtpAuthentication::Basic { username, password } => Login::Basic {
+                username: username.clone(),
+                password: password.clone(),
+            },
+            SmtpAuthentication::MsOAuth { username, .. } => {
+                if !has_tokens {
+                    return Err(SmtpError::Setup {
+                        key: "featureSwitches.sendEmail.smtpAuthentication",
+                        message: "MS_OAUTH needs the token cache, and none was given".into(),
+                    });
+                }
+                Login::XOAuth2 {
+                    username: username.clone(),
+                }
+            }
+        };
+        if email.smtp_encryption == Encryption::None
+            && !matches!(login, Login::None)
+            && !is_loopback(&email.smtp_server)
+        {
+            return Err(SmtpError::Setup {
+                key: "featureSwitches.sendEmail.smtpEncryption",
+                message: format!(
+                    "NONE would send the credentials in clear text to {}: use TLS (STARTTLS) \
+                     or SSL; NONE is allowed only with smtpAuthentication NONE or on loopback",
+                    email.smtp_server
+                ),
+            });
+        }
+        if email.smtp_encryption == Encryption::Ssl
+            && email
+                .smtp_server
+                .to_ascii_lowercase()
+                .ends_with("office365.com")
+        {
+            tracing::warn!(
+                server = %email.smtp_server,
+                "smtpEncryption SSL (implicit TLS) does not work with Exchange Online, which \
+                 offers only STARTTLS on port 587: use smtpEncryption TLS"
+            );
+        }
+        let tls = match email.smtp_encryption {
+            Encryption::None => None,
+            Encryption::Ssl | Encryption::Tls => Some(TlsSetup::new(
+                &email.smtp_server,
+                tuning.ca_file.as_deref(),
+            )?),
+        };
+        let hello = match &tuning.hello_name {
+            Some(name) => match name.parse::<IpAddr>() {
+                Ok(IpAddr::V4(ip)) => ClientId::Ipv4(ip),
+                Ok(IpAddr::V6(ip)) => ClientId::Ipv6(ip),
+                Err(_) => ClientId::Domain(name.clone()),
+            },
+            None => ClientId::default(),
+        };
+        Ok(Connector {
+            host: email.smtp_server.clone(),
+            port: email.smtp_port,
+            encryption: email.smtp_encryption,
+            login,
+            tls,
+            hello,
+            source_address: tuning.source_address,
+            connect_timeout: tuning.connect_timeout,
+            command_timeout: tuning.command_timeout,
+            open: Arc::new(AtomicUsize::new(0)),
+        })
     }
 }
 

@@ -54,6 +54,7 @@ pub fn test_settings(outbox: PathBuf) -> Settings {
             idempotency: Default::default(),
             http: Default::default(),
             shutdown: Default::default(),
+            admin_mail: None,
         },
     }
 }

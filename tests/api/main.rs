@@ -1,9 +1,11 @@
 //! Integration tests, compiled as one binary.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod admin_mail;
 mod auth;
 mod cli;
 mod config;
+mod diagnose;
 mod drain;
 mod e2e;
 mod entra;
