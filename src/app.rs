@@ -13,7 +13,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
-use tower_http::LatencyUnit;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
@@ -22,8 +21,7 @@ use tower_http::request_id::{
 };
 use tower_http::sensitive_headers::SetSensitiveHeadersLayer;
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
-use tracing::Level;
+use tower_http::trace::TraceLayer;
 
 use crate::api::{self, ApiError};
 use crate::caller::Authenticator;
@@ -31,6 +29,9 @@ use crate::config::{CorsSettings, Delivery, Settings, SmtpAuthentication};
 use crate::delivery::{MailSender, Outbox};
 use crate::send_as::SendAsPolicy;
 use crate::smtp::SmtpSender;
+use crate::telemetry::delivery::{ObservedSender, SendHistory};
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::request_log;
 use crate::token::{TokenCache, TokenProvider};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -45,6 +46,10 @@ pub struct AppState {
     pub send_as: Arc<SendAsPolicy>,
     /// The shared token cache, when the SMTP login uses MS_OAUTH.
     pub tokens: Option<Arc<dyn TokenProvider>>,
+    /// This app's Prometheus registry (`GET /metrics`).
+    pub metrics: Arc<Metrics>,
+    /// The recent sends, for readiness.
+    pub sends: Arc<SendHistory>,
     draining: Arc<AtomicBool>,
 }
 
@@ -56,30 +61,29 @@ impl AppState {
             settings.relay.send_as.clone(),
             settings.send_email.smtp_authentication.username(),
         );
+        let metrics = Arc::new(Metrics::new());
+        let sends = Arc::new(SendHistory::default());
+        let sender = Arc::new(ObservedSender::new(sender, metrics.clone(), sends.clone()));
         Ok(Self {
             settings,
             sender,
             authenticator: Arc::new(authenticator),
             send_as: Arc::new(send_as),
             tokens: None,
+            metrics,
+            sends,
             draining: Arc::new(AtomicBool::new(false)),
         })
     }
 
     /// Why this instance should get no traffic now, if it should not.
     pub fn not_ready_reason(&self) -> Option<String> {
-        if self.draining.load(Ordering::Relaxed) {
-            return Some("draining: the instance is shutting down".to_string());
-        }
-        let tokens = self.tokens.as_ref()?.state();
-        let valid = tokens
-            .expires_at
-            .is_some_and(|at| at > std::time::SystemTime::now());
-        // Never having needed a token is fine; failing to get one with none valid is not.
-        match (valid, tokens.last_error) {
-            (false, Some(error)) => Some(format!("no valid access token: {error}")),
-            _ => None,
-        }
+        api::health::check(self).reason
+    }
+
+    /// Whether [`AppState::start_draining`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// Turn readiness off (on SIGTERM), so load balancers stop sending traffic.
@@ -93,6 +97,8 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     state: AppState,
+    /// `mailRelay.metrics.port`'s own listener, serving only `/metrics`.
+    metrics: Option<(TcpListener, Router)>,
 }
 
 impl Application {
@@ -120,12 +126,27 @@ impl Application {
         let listener = TcpListener::bind(settings.server.socket_addr()).await?;
         let mut state = AppState::new(settings, sender)?;
         state.tokens = tokens;
+        let metrics = match state.settings.relay.metrics.listen {
+            Some(address) => Some((
+                TcpListener::bind(address).await?,
+                metrics_router(state.clone()),
+            )),
+            None => None,
+        };
         let router = router(state.clone());
         Ok(Self {
             listener,
             router,
             state,
+            metrics,
         })
+    }
+
+    /// Where `/metrics` is served when it has a listener of its own.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
+            .as_ref()
+            .and_then(|(listener, _)| listener.local_addr().ok())
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -148,6 +169,10 @@ impl Application {
             tracing::info!("shutting down: finishing in-flight requests");
         };
         let sender = self.state.sender.clone();
+        // Scrapes go on through the drain; the listener closes when the app is done.
+        let metrics = self
+            .metrics
+            .map(|(listener, router)| tokio::spawn(axum::serve(listener, router).into_future()));
         axum::serve(
             self.listener,
             self.router
@@ -157,6 +182,9 @@ impl Application {
         .await?;
         // Every request has finished: say QUIT on the idle SMTP connections.
         sender.close().await;
+        if let Some(metrics) = metrics {
+            metrics.abort();
+        }
         Ok(())
     }
 
@@ -205,15 +233,15 @@ pub fn router(state: AppState) -> Router {
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(request_span)
+                // `request_log::observe` writes the one line per request, errors included.
                 .on_request(())
-                // One line per request, with status and latency (the span adds method, path, id).
-                .on_response(
-                    DefaultOnResponse::new()
-                        .level(Level::INFO)
-                        .latency_unit(LatencyUnit::Micros),
-                )
-                .on_failure(DefaultOnFailure::new().level(Level::ERROR)),
+                .on_response(())
+                .on_failure(()),
         )
+        .layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            request_log::observe,
+        ))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::Internal.into_response()
@@ -229,15 +257,26 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(DefaultBodyLimit::disable());
 
-    Router::new()
+    let mut routes = Router::new()
         .route("/mail", post(api::mail::send_mail))
         .route("/health/live", get(api::health::live))
         .route("/health/ready", get(api::health::ready))
-        .route("/openapi.json", get(api::openapi::openapi_json))
+        .route("/openapi.json", get(api::openapi::openapi_json));
+    if state.settings.relay.metrics.listen.is_none() {
+        routes = routes.route("/metrics", get(api::metrics::metrics));
+    }
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware)
         .layer(cors(&state.settings.relay.cors))
+        .with_state(state)
+}
+
+/// `/metrics` alone, for its own listener (`mailRelay.metrics.port`).
+fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(api::metrics::metrics))
         .with_state(state)
 }
 

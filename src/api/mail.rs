@@ -15,6 +15,7 @@ use crate::caller::Caller;
 use crate::delivery::DeliveryError;
 use crate::message::{Mail, MailRequest, MessageLimits, OutgoingMail, UploadedFile};
 use crate::smtp::SmtpErrorKind;
+use crate::telemetry::request_log;
 
 /// Mails whose attachments are larger than this are encoded on the blocking pool, so that
 /// base64 of megabytes does not stall other requests on the same worker.
@@ -67,11 +68,13 @@ pub async fn send_mail(
     caller: Caller,
     submission: Submission,
 ) -> Result<(StatusCode, Json<MailAccepted>), ApiError> {
+    request_log::note_caller(&caller);
     let limits = MessageLimits::from(&state.settings.relay.limits);
     let mail = submission
         .request
         .validate_with_files(&limits, submission.files)?;
     let from = mail.from.address.clone();
+    request_log::note_from(from.as_str());
     state.send_as.check(&caller, from.as_str())?;
     let outgoing = build(mail, limits).await?;
     let receipt = match state.sender.send(&outgoing).await {
@@ -85,15 +88,8 @@ pub async fn send_mail(
         }
         Err(e) => return Err(e.into()),
     };
-    tracing::info!(
-        caller = caller.kind(),
-        from_domain = from.domain(),
-        mail_id = %outgoing.id,
-        message_id = %outgoing.message_id,
-        recipients = receipt.accepted.len(),
-        bytes = outgoing.formatted.len(),
-        "mail accepted"
-    );
+    // The request's one log line carries these, with the caller and the From domain.
+    request_log::note_mail(&outgoing.id, &outgoing.message_id);
     Ok((
         StatusCode::ACCEPTED,
         Json(MailAccepted {
@@ -160,7 +156,7 @@ async fn build(mail: Mail, limits: MessageLimits) -> Result<OutgoingMail, ApiErr
     tokio::task::spawn_blocking(move || mail.build(&limits))
         .await
         .map_err(|e| {
-            tracing::error!(error = %e, "building the message panicked");
+            request_log::note_cause_text(format!("building the message panicked: {e}"));
             ApiError::Internal
         })?
         .map_err(ApiError::from)

@@ -79,6 +79,10 @@ pub const KEYS: &[KeySpec] = &[
     plain("mailRelay.auth.oidc.userClaim"),
     plain("mailRelay.auth.oidc.clockSkewSeconds"),
     plain("mailRelay.sendAs.denialMemorySeconds"),
+    plain("mailRelay.metrics.address"),
+    plain("mailRelay.metrics.port"),
+    plain("mailRelay.log.format"),
+    plain("mailRelay.log.level"),
 ];
 
 /// Sections under `mailRelay` that hold lists or maps (API keys, policies): the loader hands

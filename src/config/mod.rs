@@ -9,6 +9,7 @@ pub mod cipher;
 mod keys;
 mod load;
 mod mask;
+mod observe;
 mod placeholders;
 mod raw;
 mod resolve;
@@ -134,6 +135,43 @@ pub struct RelaySettings {
     pub auth: AuthSettings,
     pub send_as: SendAsSettings,
     pub cors: CorsSettings,
+    pub metrics: MetricsSettings,
+    pub log: LogSettings,
+}
+
+/// `mailRelay.metrics`: where `GET /metrics` is served.
+#[derive(Debug, Clone, Default)]
+pub struct MetricsSettings {
+    /// A listener of its own (`address` and `port`), the only place `/metrics` is served then;
+    /// `None` serves it on the main listener.
+    pub listen: Option<SocketAddr>,
+}
+
+/// `mailRelay.log`: how log lines look and which are written.
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A `RUST_LOG`-style filter, e.g. `info` or `info,mail_relay=debug`.
+    pub filter: String,
+}
+
+impl Default for LogSettings {
+    /// JSON lines at `info`: what log collectors in containers expect.
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Json,
+            filter: "info".to_string(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object a line.
+    Json,
+    /// Human-readable lines.
+    Text,
 }
 
 /// `mailRelay.delivery`: where accepted mail goes.

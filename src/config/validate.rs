@@ -13,6 +13,7 @@ use secrecy::SecretString;
 use url::Url;
 
 use super::callers;
+use super::observe;
 use super::resolve::Resolved;
 use super::{
     ClientCredential, Delivery, Encryption, Limits, OAuthSettings, RelaySettings,
@@ -175,6 +176,8 @@ pub fn validate(values: &Resolved) -> (Result<Settings, Vec<SettingError>>, Vec<
     relay.auth = callers::auth(&mut ctx, smtp);
     relay.send_as = callers::send_as(&mut ctx);
     relay.cors = callers::cors(&mut ctx);
+    relay.metrics = observe::metrics(&mut ctx, server.address);
+    relay.log = observe::log(&mut ctx);
     let settings = Settings {
         server,
         send_email,
@@ -284,6 +287,8 @@ fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
         auth: Default::default(),
         send_as: Default::default(),
         cors: Default::default(),
+        metrics: Default::default(),
+        log: Default::default(),
     }
 }
 

@@ -49,6 +49,8 @@ pub fn test_settings(outbox: PathBuf) -> Settings {
             },
             send_as: Default::default(),
             cors: Default::default(),
+            metrics: Default::default(),
+            log: Default::default(),
         },
     }
 }
