@@ -198,6 +198,16 @@ pub async fn live() -> Json<Live> {
     ))]
 pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     let report = check(&state);
+    if report.components.token.status == ComponentStatus::Failing
+        && let Some(tokens) = state.tokens.clone()
+    {
+        // Not ready means no traffic, and without traffic nobody would fetch a token again:
+        // the probe asks for one in the background (the cache's back-off bounds how often),
+        // so that the instance turns ready by itself once Entra ID answers.
+        tokio::spawn(async move {
+            let _ = tokens.token().await;
+        });
+    }
     let status = if report.reason.is_none() {
         StatusCode::OK
     } else {

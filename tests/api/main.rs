@@ -8,6 +8,7 @@ mod e2e;
 mod entra;
 mod helpers;
 mod mail;
+mod observe;
 pub mod peer;
 mod peer_smoke;
 mod server;
