@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use mail_relay::app::Application;
-use mail_relay::config::{Delivery, Encryption, Settings, SmtpAuthentication};
+use mail_relay::config::{
+    ConfigError, Delivery, Encryption, Loaded, Settings, SmtpAuthentication, load_str,
+};
 use mail_relay::delivery::{DeliveryError, MailSender, Receipt};
 use mail_relay::message::OutgoingMail;
 use mail_relay::smtp::{SmtpError, Stage};
@@ -569,4 +571,126 @@ async fn draining_is_not_ready() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["draining"], true);
     assert!(body["reason"].as_str().unwrap().starts_with("draining"));
+}
+
+// ---- mailRelay.metrics.* and mailRelay.log.* ----------------------------------------------
+
+const DEV: &str = r#"
+mailRelay:
+  delivery:
+    mode: outbox
+  auth:
+    allowAnonymous: true
+"#;
+
+fn load_with(yaml: &str, env: &[(&str, &str)]) -> Result<Loaded, ConfigError> {
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    load_str(yaml, "test.yml", &env)
+}
+
+#[test]
+fn observe_settings_default_to_the_main_listener_and_json_at_info() {
+    let loaded = load_with(DEV, &[]).unwrap();
+    let relay = &loaded.settings.relay;
+    assert_eq!(relay.metrics.listen, None);
+    assert_eq!(relay.log.format, LogFormat::Json);
+    assert_eq!(relay.log.filter, "info");
+    assert!(
+        loaded.masked.contains("format: json # default"),
+        "{}",
+        loaded.masked
+    );
+}
+
+#[test]
+fn observe_settings_are_read_from_the_file_and_the_environment() {
+    let yaml = format!(
+        "{DEV}  metrics:\n    port: 9100\n  log:\n    format: text\n    level: warn,mail_relay=debug\n"
+    );
+    let loaded = load_with(&yaml, &[]).unwrap();
+    let relay = &loaded.settings.relay;
+    // Without an address, the metrics listener takes server.address.
+    assert_eq!(
+        relay.metrics.listen,
+        Some("127.0.0.1:9100".parse().unwrap())
+    );
+    assert_eq!(relay.log.format, LogFormat::Text);
+    assert_eq!(relay.log.filter, "warn,mail_relay=debug");
+    assert!(loaded.masked.contains("port: 9100"), "{}", loaded.masked);
+
+    let loaded = load_with(
+        &yaml,
+        &[
+            ("MAILRELAY_METRICS_ADDRESS", "0.0.0.0"),
+            ("MAILRELAY_METRICS_PORT", "9200"),
+            ("MAILRELAY_LOG_FORMAT", "JSON"),
+            ("MAILRELAY_LOG_LEVEL", "debug"),
+        ],
+    )
+    .unwrap();
+    let relay = &loaded.settings.relay;
+    assert_eq!(relay.metrics.listen, Some("0.0.0.0:9200".parse().unwrap()));
+    assert_eq!(relay.log.format, LogFormat::Json);
+    assert_eq!(relay.log.filter, "debug");
+    assert!(
+        loaded
+            .masked
+            .contains("level: \"debug\" # from env MAILRELAY_LOG_LEVEL"),
+        "{}",
+        loaded.masked
+    );
+}
+
+#[test]
+fn invalid_observe_settings_name_the_key_and_the_fix() {
+    /// Environment, the key at fault, words its message must have.
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+    let cases: &[Case] = &[
+        (
+            &[("MAILRELAY_METRICS_PORT", "nine")],
+            "mailRelay.metrics.port",
+            "not a whole number",
+        ),
+        (
+            &[("MAILRELAY_METRICS_PORT", "70000")],
+            "mailRelay.metrics.port",
+            "0..=65535",
+        ),
+        (
+            &[
+                ("MAILRELAY_METRICS_PORT", "9100"),
+                ("MAILRELAY_METRICS_ADDRESS", "metrics.local"),
+            ],
+            "mailRelay.metrics.address",
+            "not an IP address",
+        ),
+        (
+            &[("MAILRELAY_METRICS_ADDRESS", "0.0.0.0")],
+            "mailRelay.metrics.address",
+            "mailRelay.metrics.port is not",
+        ),
+        (
+            &[("MAILRELAY_LOG_FORMAT", "xml")],
+            "mailRelay.log.format",
+            "json, text",
+        ),
+        (
+            &[("MAILRELAY_LOG_LEVEL", "info,mail_relay=loud")],
+            "mailRelay.log.level",
+            "RUST_LOG-style",
+        ),
+    ];
+    for (env, key, words) in cases {
+        let e = load_with(DEV, env).unwrap_err();
+        let found: Vec<_> = e.errors.iter().filter(|e| e.key == *key).collect();
+        assert_eq!(found.len(), 1, "{env:?}: one error for {key} in {e}");
+        assert!(
+            found[0].message.contains(words),
+            "{env:?}: {}",
+            found[0].message
+        );
+    }
 }
