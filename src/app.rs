@@ -243,9 +243,18 @@ pub fn router(state: AppState) -> Router {
             request_log::observe,
         ))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(CatchPanicLayer::custom(|_| {
-            ApiError::Internal.into_response()
-        }))
+        .layer(CatchPanicLayer::custom(
+            |panic: Box<dyn std::any::Any + Send>| {
+                // The request's log line names the panic; the caller sees only the request id.
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                request_log::note_cause_text(format!("the handler panicked: {message}"));
+                ApiError::Internal.into_response()
+            },
+        ))
         .layer(axum::middleware::from_fn_with_state(
             limits.max_body_bytes,
             problem_details,

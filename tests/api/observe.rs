@@ -694,3 +694,92 @@ fn invalid_observe_settings_name_the_key_and_the_fix() {
         );
     }
 }
+
+struct Panicking;
+
+#[async_trait]
+impl MailSender for Panicking {
+    async fn send(&self, _mail: &OutgoingMail) -> Result<Receipt, DeliveryError> {
+        panic!("the sender fell over");
+    }
+}
+
+#[tokio::test]
+async fn a_panic_is_one_error_line_naming_it() {
+    let (logs, _guard) = Captured::start("info");
+    let app = spawn_app_with_sender(|_| {}, Some(Arc::new(Panicking) as Arc<dyn MailSender>)).await;
+    let response = post_mail(&app, &mail()).await;
+    assert_eq!(response.status(), 500);
+    assert!(!response.text().await.unwrap().contains("fell over"));
+    let errors: Vec<Value> = logs
+        .lines()
+        .into_iter()
+        .filter(|l| l["level"] == "ERROR")
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert_eq!(
+        errors[0]["cause"],
+        "the handler panicked: the sender fell over"
+    );
+}
+
+// ---- against the real SMTP peer ------------------------------------------------------------
+
+#[tokio::test]
+async fn a_real_send_shows_in_the_log_line_the_metrics_and_readiness() {
+    let peer = crate::require_peer!();
+    let entra = FakeEntra::start().await;
+    let token = peer.mint_token(&peer.oauth_user, Duration::from_secs(3600));
+    entra.mount_token(&token, 3599).await;
+    let mut settings = test_settings(std::env::temp_dir());
+    settings.relay.delivery = Delivery::Smtp;
+    settings.send_email.smtp_server = peer.host.clone();
+    settings.send_email.smtp_port = peer.submission_port;
+    settings.send_email.smtp_encryption = Encryption::Tls;
+    settings.send_email.smtp_authentication = SmtpAuthentication::MsOAuth {
+        username: peer.oauth_user.clone(),
+        oauth: entra.oauth_settings(),
+    };
+    settings.relay.smtp.ca_file = Some(peer.ca_path().to_path_buf());
+    settings.relay.smtp.send_deadline = Duration::from_secs(20);
+
+    let (logs, _guard) = Captured::start("info");
+    let app = spawn_built(settings).await;
+    // The peer delivers to contoso.test.
+    let body = json!({"from": "noreply@contoso.test", "to": "alice@contoso.test", "text": "hi"});
+    let response = post_mail(&app, &body).await;
+    assert_eq!(response.status(), 202);
+    let accepted: Value = response.json().await.unwrap();
+
+    let line = logs
+        .requests()
+        .into_iter()
+        .find(|l| l["route"] == "/mail")
+        .unwrap();
+    assert_eq!(line["smtp_reply"], 250);
+    assert_eq!(line["code"], "ok");
+    assert_eq!(line["message_id"], accepted["messageId"]);
+    let text = logs.text();
+    assert!(!text.contains(&token), "the access token is never logged");
+    assert!(!text.contains(CLIENT_SECRET));
+
+    let (metrics, samples) = scrape(&app).await;
+    assert_eq!(
+        samples["mail_relay_smtp_connections_open"], 1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        samples[r#"mail_relay_token_fetches_total{outcome="success"}"#],
+        1.0
+    );
+    assert!(samples["mail_relay_token_expires_in_seconds"] > 3000.0);
+    assert!(!metrics.contains(&token));
+
+    let (status, body) = ready(&app).await;
+    assert_eq!(status, 200, "{body:#}");
+    assert_eq!(body["components"]["smtp"]["openConnections"], 1);
+    assert_eq!(body["components"]["smtp"]["sent"], 1);
+    assert_eq!(body["components"]["token"]["status"], "ok");
+    assert_eq!(body["components"]["token"]["fetchCount"], 1);
+    assert!(!body.to_string().contains(&token));
+}
