@@ -113,6 +113,9 @@ async fn serve(
             return ExitCode::FAILURE;
         }
     };
+    if let Some(addr) = app.metrics_addr() {
+        tracing::info!(%addr, "metrics listening (GET /metrics)");
+    }
     match app.local_addr() {
         Ok(addr) => {
             tracing::info!(%addr, version = env!("CARGO_PKG_VERSION"), "mail-relay listening")

@@ -88,9 +88,8 @@ impl Metrics {
         });
     }
 
-    /// A request refused by a rate limit. `scope` names the limit, e.g. `mailbox_minute`,
-    /// `mailbox_day`, `caller`: a fixed word, never an address or a caller's name.
-    pub fn rate_limited(&self, scope: &'static str) {
+    /// A request answered 429 (counted by the request middleware; see [`rate_limited`]).
+    pub(crate) fn count_rate_limited(&self, scope: &'static str) {
         self.with(|| counter!(RATE_LIMITED, "scope" => scope).increment(1));
     }
 
@@ -112,6 +111,16 @@ impl Metrics {
         self.handle.run_upkeep();
         self.handle.render()
     }
+}
+
+/// Names the limit that refuses the current request, for `mail_relay_rate_limited_total{scope}`:
+/// call it where a rate limit answers 429, anywhere inside the request. `scope` is a fixed
+/// word such as `mailbox_minute`, `mailbox_day` or `caller`: never an address or a caller's name.
+///
+/// Every 429 is counted once whether or not this is called: without a scope, one from Exchange
+/// (its quota) counts as `exchange_quota`, any other as `relay`.
+pub fn rate_limited(scope: &'static str) {
+    super::request_log::note_rate_limit(scope);
 }
 
 /// Seconds to `at`; 0 when there is no valid token.
@@ -171,9 +180,9 @@ mod tests {
     fn two_registries_count_apart() {
         let a = Metrics::new();
         let b = Metrics::new();
-        a.rate_limited("caller");
-        a.rate_limited("caller");
-        b.rate_limited("mailbox_minute");
+        a.count_rate_limited("caller");
+        a.count_rate_limited("caller");
+        b.count_rate_limited("mailbox_minute");
         let a = a.render(None, None);
         let b = b.render(None, None);
         assert_eq!(

@@ -35,6 +35,8 @@ struct Notes {
     cause: Option<String>,
     /// The mail reached the sender (counts in `mail_relay_mails_total`).
     handed_over: bool,
+    /// The limit that refused the request (`telemetry::metrics::rate_limited`).
+    rate_limit: Option<&'static str>,
 }
 
 /// The error answer a response carries, attached by `ApiError::into_response`.
@@ -74,6 +76,11 @@ pub fn note_caller(caller: &Caller) {
 /// The mail's From address (logged as its domain, in full only at debug level).
 pub fn note_from(address: &str) {
     with_notes(|n| n.from = Some(address.to_owned()));
+}
+
+/// The rate limit that refuses this request.
+pub(super) fn note_rate_limit(scope: &'static str) {
+    with_notes(|n| n.rate_limit = Some(scope));
 }
 
 /// The accepted mail's ids.
@@ -123,6 +130,21 @@ pub fn cause_chain(error: &(dyn std::error::Error + 'static)) -> String {
     chain
 }
 
+/// The method as a label: any client can invent methods, and each would be a new series.
+fn metric_method(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        _ => "OTHER",
+    }
+}
+
 /// Probes and scrapes come every few seconds: their lines are debug, unless they fail.
 fn is_quiet(route: &str) -> bool {
     route.starts_with("/health/") || route == "/metrics"
@@ -139,7 +161,7 @@ pub async fn observe(
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().as_str().to_owned();
+    let method = metric_method(request.method()).to_owned();
     let request_id = request
         .extensions()
         .get::<RequestId>()
@@ -155,6 +177,14 @@ pub async fn observe(
     metrics.http_request(&route, &method, status, latency);
     if notes.handed_over {
         metrics.mail(failure.as_ref().map(|f| f.code));
+    }
+    if status == 429 {
+        let scope = notes.rate_limit.unwrap_or(if notes.handed_over {
+            "exchange_quota"
+        } else {
+            "relay"
+        });
+        metrics.count_rate_limited(scope);
     }
     let line = Line {
         request_id: request_id.as_deref(),
@@ -217,6 +247,7 @@ impl Line<'_> {
                     from_domain,
                     from,
                     smtp_reply = n.smtp_reply,
+                    rate_limit = n.rate_limit,
                     mail_id = n.mail_id.as_deref(),
                     message_id = n.message_id.as_deref(),
                     latency_ms,
@@ -245,6 +276,13 @@ mod tests {
     #[derive(Debug, thiserror::Error)]
     #[error("wrapped: {0}")]
     struct Repeats(#[source] std::io::Error);
+
+    #[test]
+    fn invented_methods_share_one_label() {
+        let invented = axum::http::Method::from_bytes(b"BREW").unwrap();
+        assert_eq!(metric_method(&invented), "OTHER");
+        assert_eq!(metric_method(&axum::http::Method::POST), "POST");
+    }
 
     #[test]
     fn the_cause_chain_names_each_level_once() {

@@ -783,3 +783,50 @@ async fn a_real_send_shows_in_the_log_line_the_metrics_and_readiness() {
     assert_eq!(body["components"]["token"]["fetchCount"], 1);
     assert!(!body.to_string().contains(&token));
 }
+
+fn quota_used_up() -> DeliveryError {
+    DeliveryError::Smtp(SmtpError::rejected(
+        Stage::EndOfData,
+        554,
+        "5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException",
+    ))
+}
+
+/// Stands in for the rate-limit wiring: names its limit inside the request, then refuses.
+struct NamedLimit;
+
+#[async_trait]
+impl MailSender for NamedLimit {
+    async fn send(&self, _mail: &OutgoingMail) -> Result<Receipt, DeliveryError> {
+        telemetry::metrics::rate_limited("mailbox_minute");
+        Err(quota_used_up())
+    }
+}
+
+#[tokio::test]
+async fn every_429_counts_as_a_rate_limit_rejection_by_scope() {
+    let exchange = spawn_app_with_sender(
+        |_| {},
+        Some(Switchable::failing(quota_used_up) as Arc<dyn MailSender>),
+    )
+    .await;
+    assert_eq!(post_mail(&exchange, &mail()).await.status(), 429);
+    let (text, samples) = scrape(&exchange).await;
+    assert_eq!(
+        samples.get(r#"mail_relay_rate_limited_total{scope="exchange_quota"}"#),
+        Some(&1.0),
+        "{text}"
+    );
+
+    let named =
+        spawn_app_with_sender(|_| {}, Some(Arc::new(NamedLimit) as Arc<dyn MailSender>)).await;
+    assert_eq!(post_mail(&named, &mail()).await.status(), 429);
+    assert_eq!(post_mail(&named, &mail()).await.status(), 429);
+    let (text, samples) = scrape(&named).await;
+    assert_eq!(
+        samples.get(r#"mail_relay_rate_limited_total{scope="mailbox_minute"}"#),
+        Some(&2.0),
+        "{text}"
+    );
+    assert!(!text.contains("exchange_quota"), "counted once: {text}");
+}
