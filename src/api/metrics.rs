@@ -14,6 +14,9 @@ const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
     responses((status = 200, description = "Prometheus text format (on `mailRelay.metrics.port` instead, when that is set)",
         body = String, content_type = "text/plain; version=0.0.4")))]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    state
+        .metrics
+        .set_ready(super::health::check(&state).reason.is_none());
     let tokens = state.tokens.as_ref().map(|t| t.state());
     let smtp = state.sender.smtp_state();
     (

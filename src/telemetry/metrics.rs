@@ -30,6 +30,7 @@ pub const SMTP_IDLE: &str = "mail_relay_smtp_connections_idle";
 pub const TOKEN_FETCHES: &str = "mail_relay_token_fetches_total";
 pub const TOKEN_EXPIRES_IN: &str = "mail_relay_token_expires_in_seconds";
 pub const RATE_LIMITED: &str = "mail_relay_rate_limited_total";
+pub const READY: &str = "mail_relay_ready";
 
 /// One application's metrics registry.
 pub struct Metrics {
@@ -91,6 +92,11 @@ impl Metrics {
     /// A request answered 429 (counted by the request middleware; see [`rate_limited`]).
     pub(crate) fn count_rate_limited(&self, scope: &'static str) {
         self.with(|| counter!(RATE_LIMITED, "scope" => scope).increment(1));
+    }
+
+    /// Whether `/health/ready` would answer 200 now (1) or 503 (0).
+    pub fn set_ready(&self, ready: bool) {
+        self.with(|| gauge!(READY).set(if ready { 1.0 } else { 0.0 }));
     }
 
     /// The Prometheus text, with the values read from the token cache and the SMTP pool now.
@@ -158,6 +164,10 @@ fn describe() {
         TOKEN_EXPIRES_IN,
         ::metrics::Unit::Seconds,
         "Seconds until the cached access token expires; 0 when there is none"
+    );
+    describe_gauge!(
+        READY,
+        "1 when /health/ready answers 200, 0 when it answers 503 (draining, no token, SMTP failing)"
     );
     describe_counter!(
         RATE_LIMITED,

@@ -195,9 +195,11 @@ pub async fn observe(
         failure: failure.as_ref(),
         notes: &notes,
     };
-    if status >= 500 {
+    let server_error = failure.as_ref().is_some_and(|f| f.detail.is_some());
+    if server_error || (status >= 500 && !is_quiet(&route)) {
         line.write(Level::ERROR);
     } else if is_quiet(&route) {
+        // A 503 from the readiness probe is its answer, not a failure of the request.
         line.write(Level::DEBUG);
     } else {
         line.write(Level::INFO);

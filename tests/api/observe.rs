@@ -402,6 +402,7 @@ async fn readiness_shows_each_component() {
 
 #[tokio::test]
 async fn smtp_sends_failing_make_readiness_503_until_one_succeeds() {
+    let (logs, _guard) = Captured::start("info");
     let sender = Switchable::failing(server_down);
     let app = spawn_app_with_sender(|_| {}, Some(sender.clone() as Arc<dyn MailSender>)).await;
     // A refused recipient says nothing about the server; a refused connection does.
@@ -423,6 +424,16 @@ async fn smtp_sends_failing_make_readiness_503_until_one_succeeds() {
     );
     // Liveness stays simple: restarting cannot fix the server.
     assert_eq!(app.get("/health/live").await.status(), 200);
+    // One error line per failed mail; the probe's 503 is its answer, not an error.
+    let lines = logs.requests();
+    let errors: Vec<&Value> = lines.iter().filter(|l| l["level"] == "ERROR").collect();
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+    assert!(
+        errors
+            .iter()
+            .all(|l| l["route"] == "/mail" && l["smtp_reply"] == 421)
+    );
+    assert!(lines.iter().all(|l| l["route"] != "/health/ready"));
 
     sender.heal();
     assert_eq!(post_mail(&app, &mail()).await.status(), 202);
@@ -500,6 +511,7 @@ async fn readiness_turns_503_when_no_token_can_be_had_and_back_when_entra_recove
     assert!(!body.to_string().contains(CLIENT_SECRET));
     let (_, samples) = scrape(&app).await;
     assert!(samples[r#"mail_relay_token_fetches_total{outcome="failure"}"#] >= 1.0);
+    assert_eq!(samples["mail_relay_ready"], 0.0);
 
     // Entra answers again: the probe itself fetches (no traffic reaches an unready instance).
     entra.server.reset().await;
@@ -524,6 +536,7 @@ async fn readiness_turns_503_when_no_token_can_be_had_and_back_when_entra_recove
         "{text}"
     );
     assert!(samples["mail_relay_token_expires_in_seconds"] > 3500.0);
+    assert_eq!(samples["mail_relay_ready"], 1.0);
     assert!(!text.contains("tok-recovered"));
 }
 
