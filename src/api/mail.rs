@@ -89,7 +89,12 @@ pub async fn send_mail(
         Err(e) => return Err(e.into()),
     };
     // The request's one log line carries these, with the caller and the From domain.
-    request_log::note_mail(&outgoing.id, &outgoing.message_id);
+    request_log::note_mail(
+        &outgoing.id,
+        &outgoing.message_id,
+        receipt.accepted.len(),
+        outgoing.formatted.len(),
+    );
     Ok((
         StatusCode::ACCEPTED,
         Json(MailAccepted {

@@ -32,6 +32,8 @@ struct Notes {
     smtp_reply: Option<u16>,
     mail_id: Option<String>,
     message_id: Option<String>,
+    recipients: Option<usize>,
+    bytes: Option<usize>,
     cause: Option<String>,
     /// The mail reached the sender (counts in `mail_relay_mails_total`).
     handed_over: bool,
@@ -83,11 +85,13 @@ pub(super) fn note_rate_limit(scope: &'static str) {
     with_notes(|n| n.rate_limit = Some(scope));
 }
 
-/// The accepted mail's ids.
-pub fn note_mail(id: &str, message_id: &str) {
+/// The accepted mail: its ids, how many recipients the server took, its encoded size.
+pub fn note_mail(id: &str, message_id: &str, recipients: usize, bytes: usize) {
     with_notes(|n| {
         n.mail_id = Some(id.to_owned());
         n.message_id = Some(message_id.to_owned());
+        n.recipients = Some(recipients);
+        n.bytes = Some(bytes);
     });
 }
 
@@ -252,6 +256,8 @@ impl Line<'_> {
                     rate_limit = n.rate_limit,
                     mail_id = n.mail_id.as_deref(),
                     message_id = n.message_id.as_deref(),
+                    recipients = n.recipients,
+                    bytes = n.bytes,
                     latency_ms,
                     error,
                     cause = n.cause.as_deref(),

@@ -253,6 +253,8 @@ async fn each_request_is_one_json_line_with_its_id_and_no_secret() {
     assert!(sent.get("from").is_none(), "the full From only at debug");
     assert!(sent["latency_ms"].as_f64().unwrap() > 0.0);
     assert!(sent["mail_id"].is_string());
+    assert_eq!(sent["recipients"], 1);
+    assert!(sent["bytes"].as_u64().unwrap() > 100);
     let refused = &requests[1];
     assert_eq!(refused["status"], 401);
     assert_eq!(refused["code"], "unauthorized");
