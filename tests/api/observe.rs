@@ -18,8 +18,8 @@ use serde_json::{Value, json};
 
 use crate::entra::{CLIENT_SECRET, FakeEntra};
 use crate::helpers::{
-    TEST_API_KEY, TestApp, authenticated_client, post_mail, spawn_app, spawn_app_with_sender,
-    test_settings,
+    TEST_API_KEY, TestApp, authenticated_client, post_mail, spawn_app, spawn_app_with,
+    spawn_app_with_sender, test_settings,
 };
 
 fn mail() -> Value {
@@ -844,4 +844,46 @@ async fn every_429_counts_as_a_rate_limit_rejection_by_scope() {
         "{text}"
     );
     assert!(!text.contains("exchange_quota"), "counted once: {text}");
+}
+
+#[tokio::test]
+async fn a_users_address_is_logged_only_at_debug_level() {
+    fn behind_proxy(settings: &mut Settings) {
+        settings.relay.auth.trusted_proxy = Some(mail_relay::config::TrustedProxySettings {
+            user_header: http::HeaderName::from_static("x-forwarded-email"),
+            sources: vec!["127.0.0.1/32".parse().unwrap()],
+            secret: None,
+        });
+    }
+    async fn send_as_user(app: &TestApp) {
+        let response = reqwest::Client::new()
+            .post(app.url("/mail"))
+            .header("x-forwarded-email", "carol@contoso.com")
+            .json(&json!({"from": "carol@contoso.com", "to": "bob@example.com", "text": "hi"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+    }
+
+    for (filter, shown) in [("info", false), ("info,mail_relay=debug", true)] {
+        let (logs, _guard) = Captured::start(filter);
+        let app = spawn_app_with(behind_proxy).await;
+        send_as_user(&app).await;
+        let line = logs
+            .requests()
+            .into_iter()
+            .find(|l| l["route"] == "/mail")
+            .unwrap();
+        assert_eq!(line["caller"], "proxy_user");
+        assert_eq!(line["from_domain"], "contoso.com");
+        assert_eq!(
+            logs.text().contains("carol@contoso.com"),
+            shown,
+            "{filter}: {line}"
+        );
+        if shown {
+            assert_eq!(line["caller_name"], "carol@contoso.com");
+        }
+    }
 }
