@@ -13,7 +13,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
-use tower_http::LatencyUnit;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
@@ -22,8 +21,7 @@ use tower_http::request_id::{
 };
 use tower_http::sensitive_headers::SetSensitiveHeadersLayer;
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
-use tracing::Level;
+use tower_http::trace::TraceLayer;
 
 use crate::admin::AdminNotifier;
 use crate::api::{self, ApiError};
@@ -36,6 +34,9 @@ use crate::idempotency::Idempotency;
 use crate::rate_limit::RateLimits;
 use crate::send_as::SendAsPolicy;
 use crate::smtp::SmtpSender;
+use crate::telemetry::delivery::{ObservedSender, SendHistory};
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::request_log;
 use crate::token::{TokenCache, TokenProvider};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -55,6 +56,10 @@ pub struct AppState {
     pub idempotency: Idempotency,
     /// Administrative e-mails (`mailRelay.adminMail`); the mail handler reports failed sends.
     pub admin: AdminNotifier,
+    /// This app's Prometheus registry (`GET /metrics`).
+    pub metrics: Arc<Metrics>,
+    /// The recent sends, for readiness.
+    pub sends: Arc<SendHistory>,
     draining: Arc<AtomicBool>,
     in_flight: InFlight,
 }
@@ -69,6 +74,10 @@ impl AppState {
         );
         let rate_limits = RateLimits::in_memory(&settings);
         let idempotency = Idempotency::in_memory(&settings.relay.idempotency);
+        let metrics = Arc::new(Metrics::new());
+        let sends = Arc::new(SendHistory::default());
+        let sender: Arc<dyn MailSender> =
+            Arc::new(ObservedSender::new(sender, metrics.clone(), sends.clone()));
         Ok(Self {
             admin: AdminNotifier::new(&settings, Arc::clone(&sender)),
             settings,
@@ -78,6 +87,8 @@ impl AppState {
             tokens: None,
             rate_limits,
             idempotency,
+            metrics,
+            sends,
             draining: Arc::new(AtomicBool::new(false)),
             in_flight: InFlight::default(),
         })
@@ -85,18 +96,12 @@ impl AppState {
 
     /// Why this instance should get no traffic now, if it should not.
     pub fn not_ready_reason(&self) -> Option<String> {
-        if self.draining.load(Ordering::Relaxed) {
-            return Some("draining: the instance is shutting down".to_string());
-        }
-        let tokens = self.tokens.as_ref()?.state();
-        let valid = tokens
-            .expires_at
-            .is_some_and(|at| at > std::time::SystemTime::now());
-        // Never having needed a token is fine; failing to get one with none valid is not.
-        match (valid, tokens.last_error) {
-            (false, Some(error)) => Some(format!("no valid access token: {error}")),
-            _ => None,
-        }
+        api::health::check(self).reason
+    }
+
+    /// Whether [`AppState::start_draining`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// Turn readiness off (on SIGTERM), so load balancers stop sending traffic.
@@ -115,6 +120,8 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     state: AppState,
+    /// `mailRelay.metrics.port`'s own listener, serving only `/metrics`.
+    metrics: Option<(TcpListener, Router)>,
 }
 
 impl Application {
@@ -142,12 +149,27 @@ impl Application {
         let listener = TcpListener::bind(settings.server.socket_addr()).await?;
         let mut state = AppState::new(settings, sender)?;
         state.tokens = tokens;
+        let metrics = match state.settings.relay.metrics.listen {
+            Some(address) => Some((
+                TcpListener::bind(address).await?,
+                metrics_router(state.clone()),
+            )),
+            None => None,
+        };
         let router = router(state.clone());
         Ok(Self {
             listener,
             router,
             state,
+            metrics,
         })
+    }
+
+    /// Where `/metrics` is served when it has a listener of its own.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
+            .as_ref()
+            .and_then(|(listener, _)| listener.local_addr().ok())
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -188,6 +210,15 @@ impl Application {
                 );
             }
         };
+        // Scrapes go on through the drain; the listener closes when the app is done.
+        let metrics = self
+            .metrics
+            .map(|(listener, router)| tokio::spawn(axum::serve(listener, router).into_future()));
+        let stop_metrics = move || {
+            if let Some(metrics) = &metrics {
+                metrics.abort();
+            }
+        };
         let serve = axum::serve(
             self.listener,
             self.router
@@ -201,6 +232,7 @@ impl Application {
                 // The server ended without a shutdown signal (an accept error).
                 served?;
                 state.sender.close().await;
+                stop_metrics();
                 return Ok(());
             }
             Ok(at) = on_signal => at,
@@ -221,7 +253,7 @@ impl Application {
                 std::io::Result::Ok(())
             }
         };
-        match tokio::time::timeout_at(deadline, finish).await {
+        let outcome = match tokio::time::timeout_at(deadline, finish).await {
             Ok(Ok(())) => {
                 tracing::info!("shut down cleanly");
                 Ok(())
@@ -250,7 +282,9 @@ impl Application {
                     ),
                 ))
             }
-        }
+        };
+        stop_metrics();
+        outcome
     }
 
     /// Serve until SIGTERM or Ctrl-C.
@@ -307,19 +341,28 @@ pub fn router(state: AppState) -> Router {
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(request_span)
+                // `request_log::observe` writes the one line per request, errors included.
                 .on_request(())
-                // One line per request, with status and latency (the span adds method, path, id).
-                .on_response(
-                    DefaultOnResponse::new()
-                        .level(Level::INFO)
-                        .latency_unit(LatencyUnit::Micros),
-                )
-                .on_failure(DefaultOnFailure::new().level(Level::ERROR)),
+                .on_response(())
+                .on_failure(()),
         )
+        .layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            request_log::observe,
+        ))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(CatchPanicLayer::custom(|_| {
-            ApiError::Internal.into_response()
-        }))
+        .layer(CatchPanicLayer::custom(
+            |panic: Box<dyn std::any::Any + Send>| {
+                // The request's log line names the panic; the caller sees only the request id.
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                request_log::note_cause_text(format!("the handler panicked: {message}"));
+                ApiError::Internal.into_response()
+            },
+        ))
         .layer(axum::middleware::from_fn_with_state(
             limits.max_body_bytes,
             problem_details,
@@ -331,11 +374,14 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(DefaultBodyLimit::disable());
 
-    let routes = Router::new()
+    let mut routes = Router::new()
         .route("/mail", post(api::mail::send_mail))
         .route("/health/live", get(api::health::live))
         .route("/health/ready", get(api::health::ready))
         .route("/openapi.json", get(api::openapi::openapi_json));
+    if state.settings.relay.metrics.listen.is_none() {
+        routes = routes.route("/metrics", get(api::metrics::metrics));
+    }
     // Every route, probes included, moves under the base path: the proxy forwards the path as is.
     let base_path = state.settings.relay.http.base_path.as_str();
     let routes = if base_path.is_empty() {
@@ -348,6 +394,13 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware)
         .layer(cors(&state.settings.relay.cors))
+        .with_state(state)
+}
+
+/// `/metrics` alone, for its own listener (`mailRelay.metrics.port`).
+fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(api::metrics::metrics))
         .with_state(state)
 }
 

@@ -25,18 +25,12 @@ pub struct Cli {
         default_value = "config/osweb-prod.yml"
     )]
     pub config: PathBuf,
-    /// Log format: `json` (one object a line) or `text`.
-    #[arg(
-        long,
-        global = true,
-        env = "MAIL_RELAY_LOG_FORMAT",
-        value_enum,
-        default_value = "json"
-    )]
-    pub log_format: LogFormat,
-    /// Log filter in `RUST_LOG` syntax.
-    #[arg(long, global = true, env = "RUST_LOG", default_value = "info")]
-    pub log: String,
+    /// Log format: `json` (one object a line) or `text`; overrides `mailRelay.log.format` (default json).
+    #[arg(long, global = true, env = "MAIL_RELAY_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter in `RUST_LOG` syntax; overrides `mailRelay.log.level` (default info).
+    #[arg(long, global = true, env = "RUST_LOG")]
+    pub log: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -85,7 +79,7 @@ pub enum Command {
 /// Run the parsed command line; the exit code says how it went.
 pub async fn run(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Serve => serve(&cli.config, cli.log_format, &cli.log).await,
+        Command::Serve => serve(&cli.config, cli.log_format, cli.log.as_deref()).await,
         Command::CheckConfig => check_config(&cli.config),
         Command::EncryptSecret => encrypt_secret(),
         Command::Healthcheck { ref url, timeout } => {
@@ -147,8 +141,11 @@ async fn diagnose(path: &std::path::Path, test: Option<&crate::diagnose::SendTes
     }
 }
 
-async fn serve(path: &std::path::Path, format: LogFormat, filter: &str) -> ExitCode {
-    telemetry::init(format, filter, std::io::stdout);
+async fn serve(
+    path: &std::path::Path,
+    format: Option<LogFormat>,
+    filter: Option<&str>,
+) -> ExitCode {
     let loaded = match config::load(&LoadOptions::from_process(path.to_path_buf())) {
         Ok(loaded) => loaded,
         Err(e) => {
@@ -156,6 +153,13 @@ async fn serve(path: &std::path::Path, format: LogFormat, filter: &str) -> ExitC
             return ExitCode::from(EXIT_INVALID);
         }
     };
+    // The command line and its environment variables win over the settings file.
+    let log = &loaded.settings.relay.log;
+    telemetry::init(
+        format.unwrap_or(log.format),
+        filter.unwrap_or(&log.filter),
+        std::io::stdout,
+    );
     for warning in &loaded.warnings {
         tracing::warn!(config = %path.display(), "{warning}");
     }
@@ -167,6 +171,9 @@ async fn serve(path: &std::path::Path, format: LogFormat, filter: &str) -> ExitC
             return ExitCode::FAILURE;
         }
     };
+    if let Some(addr) = app.metrics_addr() {
+        tracing::info!(%addr, "metrics listening (GET /metrics)");
+    }
     match app.local_addr() {
         Ok(addr) => {
             tracing::info!(%addr, version = env!("CARGO_PKG_VERSION"), "mail-relay listening")

@@ -13,6 +13,7 @@ pub use crate::message::FieldError;
 use crate::message::MailError;
 use crate::rate_limit::LimitError;
 use crate::smtp::{SmtpError, SmtpErrorKind};
+use crate::telemetry::request_log::{self, Failure};
 use crate::token::TokenError;
 
 /// Seconds a client should wait before retrying a 503 when the cause names no better time.
@@ -259,11 +260,13 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, _, _) = self.parts();
-        if status.is_server_error() {
-            tracing::error!(error = %self, code = self.code(), "request failed");
-        }
+        let (status, code, _) = self.parts();
         let mut response = (status, Json(self.problem())).into_response();
+        // Logged once, by the request's log line: server errors with their detail.
+        response.extensions_mut().insert(Failure {
+            code,
+            detail: status.is_server_error().then(|| self.to_string()),
+        });
         response.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
@@ -353,7 +356,9 @@ impl From<MailError> for ApiError {
             }
             MailError::TooLarge { size, limit } => Self::MessageTooLarge { size, limit },
             MailError::Build(detail) => {
-                tracing::error!(%detail, "a validated mail could not be built");
+                request_log::note_cause_text(format!(
+                    "a validated mail could not be built: {detail}"
+                ));
                 Self::Internal
             }
         }
@@ -364,11 +369,9 @@ impl From<MailError> for ApiError {
 impl From<DeliveryError> for ApiError {
     fn from(e: DeliveryError) -> Self {
         match e {
-            DeliveryError::Outbox { .. } => {
-                // The path and OS error are for the operator, not the caller.
-                tracing::error!(error = %e, "outbox write failed");
-                Self::Internal
-            }
+            // The path and OS error are for the operator (the request's log line has them,
+            // noted by the sender), not the caller.
+            DeliveryError::Outbox { .. } => Self::Internal,
             DeliveryError::Token(e) => e.into(),
             DeliveryError::Smtp(e) => e.into(),
         }

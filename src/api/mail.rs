@@ -18,6 +18,7 @@ use crate::idempotency::{Fingerprint, IdempotencyKey};
 use crate::message::{Mail, MailRequest, MessageLimits, OutgoingMail, UploadedFile};
 use crate::rate_limit::Reservation;
 use crate::smtp::{SmtpError, SmtpErrorKind};
+use crate::telemetry::request_log;
 
 /// Mails whose attachments are larger than this are encoded on the blocking pool, so that
 /// base64 of megabytes does not stall other requests on the same worker.
@@ -77,6 +78,7 @@ pub async fn send_mail(
     headers: HeaderMap,
     submission: Submission,
 ) -> Result<Response, ApiError> {
+    request_log::note_caller(&caller);
     let key = IdempotencyKey::from_headers(&headers)?;
     let fingerprint = submission.fingerprint;
     let answer = state
@@ -99,6 +101,7 @@ async fn deliver(
         .request
         .validate_with_files(&limits, submission.files)?;
     let from = mail.from.address.clone();
+    request_log::note_from(from.as_str());
     state.send_as.check(caller, from.as_str())?;
     let outgoing = build(mail, limits).await?;
     let quota = state
@@ -112,14 +115,12 @@ async fn deliver(
         }
         Err(e) => return Err(refused(state, e, quota, from.as_str()).await),
     };
-    tracing::info!(
-        caller = caller.kind(),
-        from_domain = from.domain(),
-        mail_id = %outgoing.id,
-        message_id = %outgoing.message_id,
-        recipients = receipt.accepted.len(),
-        bytes = outgoing.formatted.len(),
-        "mail accepted"
+    // The request's one log line carries these, with the caller and the From domain.
+    request_log::note_mail(
+        &outgoing.id,
+        &outgoing.message_id,
+        receipt.accepted.len(),
+        outgoing.formatted.len(),
     );
     Ok((
         StatusCode::ACCEPTED,
@@ -227,7 +228,7 @@ async fn build(mail: Mail, limits: MessageLimits) -> Result<OutgoingMail, ApiErr
     tokio::task::spawn_blocking(move || mail.build(&limits))
         .await
         .map_err(|e| {
-            tracing::error!(error = %e, "building the message panicked");
+            request_log::note_cause_text(format!("building the message panicked: {e}"));
             ApiError::Internal
         })?
         .map_err(ApiError::from)

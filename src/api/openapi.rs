@@ -5,7 +5,7 @@ use axum::extract::State;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{errors, form, health, mail};
+use super::{errors, form, health, mail, metrics};
 use crate::app::AppState;
 use crate::message;
 
@@ -16,7 +16,7 @@ use crate::message;
         description = "HTTP-to-SMTP relay for Microsoft 365: sends mail through Exchange Online with OAuth2 (SASL XOAUTH2).",
         license(name = "MIT OR Apache-2.0"),
     ),
-    paths(health::live, health::ready, mail::send_mail, openapi_json),
+    paths(health::live, health::ready, metrics::metrics, mail::send_mail, openapi_json),
     components(schemas(
         errors::Problem,
         errors::FieldError,

@@ -90,6 +90,10 @@ pub const KEYS: &[KeySpec] = &[
     plain("mailRelay.shutdown.deadlineSeconds"),
     plain("mailRelay.adminMail.enabled"),
     plain("mailRelay.adminMail.from"),
+    plain("mailRelay.metrics.address"),
+    plain("mailRelay.metrics.port"),
+    plain("mailRelay.log.format"),
+    plain("mailRelay.log.level"),
 ];
 
 /// Sections under `mailRelay` that hold lists or maps (API keys, policies): the loader hands

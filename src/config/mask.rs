@@ -4,7 +4,8 @@ use std::fmt::Write as _;
 
 use super::resolve::{Origin, Resolved};
 use super::{
-    ClientCredential, Delivery, Encryption, ForwardedHeader, Settings, SmtpAuthentication,
+    ClientCredential, Delivery, Encryption, ForwardedHeader, LogFormat, Settings,
+    SmtpAuthentication,
 };
 
 const MASK: &str = "****";
@@ -221,6 +222,25 @@ pub fn render(settings: &Settings, values: &Resolved) -> String {
         "mailRelay.limits.requestTimeoutSeconds",
         secs(r.limits.request_timeout),
     );
+    out.section(2, "metrics");
+    let listen = r.metrics.listen;
+    out.line(
+        4,
+        "mailRelay.metrics.address",
+        listen.map(|l| quote(&l.ip().to_string())),
+    );
+    out.line(
+        4,
+        "mailRelay.metrics.port",
+        listen.map(|l| l.port().to_string()),
+    );
+    out.section(2, "log");
+    let format = match r.log.format {
+        LogFormat::Json => "json",
+        LogFormat::Text => "text",
+    };
+    out.line(4, "mailRelay.log.format", Some(format.to_string()));
+    out.line(4, "mailRelay.log.level", Some(quote(&r.log.filter)));
     render_callers(&mut out, settings);
     render_rate_limits(&mut out, settings);
     out.text

@@ -9,6 +9,7 @@ pub mod cipher;
 mod keys;
 mod load;
 mod mask;
+mod observe;
 mod placeholders;
 mod proxy;
 mod raw;
@@ -142,6 +143,8 @@ pub struct RelaySettings {
     pub shutdown: ShutdownSettings,
     /// `mailRelay.adminMail`: notices to administrators; `None` when off (the default).
     pub admin_mail: Option<AdminMailSettings>,
+    pub metrics: MetricsSettings,
+    pub log: LogSettings,
 }
 
 /// `mailRelay.http.*`: how the relay sits behind a reverse proxy.
@@ -189,6 +192,32 @@ impl Default for ShutdownSettings {
     }
 }
 
+/// `mailRelay.metrics`: where `GET /metrics` is served.
+#[derive(Debug, Clone, Default)]
+pub struct MetricsSettings {
+    /// A listener of its own (`address` and `port`), the only place `/metrics` is served then;
+    /// `None` serves it on the main listener.
+    pub listen: Option<SocketAddr>,
+}
+
+/// `mailRelay.log`: how log lines look and which are written.
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A `RUST_LOG`-style filter, e.g. `info` or `info,mail_relay=debug`.
+    pub filter: String,
+}
+
+impl Default for LogSettings {
+    /// JSON lines at `info`: what log collectors in containers expect.
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Json,
+            filter: "info".to_string(),
+        }
+    }
+}
+
 /// `mailRelay.adminMail`: who gets the relay's notices (start, stop, sends failing for a
 /// configuration reason), and from which address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,6 +226,15 @@ pub struct AdminMailSettings {
     pub from: String,
     /// At least one address.
     pub recipients: Vec<String>,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object a line.
+    Json,
+    /// Human-readable lines.
+    Text,
 }
 
 /// `mailRelay.delivery`: where accepted mail goes.

@@ -13,6 +13,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use secrecy::SecretString;
 use url::Url;
 
+use super::observe;
 use super::resolve::Resolved;
 use super::{
     AdminMailSettings, ClientCredential, Delivery, Encryption, IdempotencySettings, Limits,
@@ -180,6 +181,8 @@ pub fn validate(values: &Resolved) -> (Result<Settings, Vec<SettingError>>, Vec<
     relay.http = proxy::http(&mut ctx);
     relay.shutdown = proxy::shutdown(&mut ctx);
     relay.admin_mail = admin_mail(&mut ctx, &send_email);
+    relay.metrics = observe::metrics(&mut ctx, server.address);
+    relay.log = observe::log(&mut ctx);
     let settings = Settings {
         server,
         send_email,
@@ -294,6 +297,8 @@ fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
         http: Default::default(),
         shutdown: Default::default(),
         admin_mail: None,
+        metrics: Default::default(),
+        log: Default::default(),
     }
 }
 

@@ -103,7 +103,8 @@ impl SmtpSender {
             }
             Err(error) => {
                 self.inner.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(kind = %error.kind(), error = %error, "SMTP send failed");
+                // The request's own log line reports the failure (once); this is detail.
+                tracing::debug!(kind = %error.kind(), error = %error, "SMTP send failed");
                 *self.inner.last_error() = Some((SystemTime::now(), error.to_string()));
             }
         }
@@ -142,6 +143,10 @@ impl MailSender for SmtpSender {
 
     async fn close(&self) {
         SmtpSender::close(self).await;
+    }
+
+    fn smtp_state(&self) -> Option<SmtpState> {
+        Some(self.state())
     }
 }
 

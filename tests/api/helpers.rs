@@ -55,6 +55,8 @@ pub fn test_settings(outbox: PathBuf) -> Settings {
             http: Default::default(),
             shutdown: Default::default(),
             admin_mail: None,
+            metrics: Default::default(),
+            log: Default::default(),
         },
     }
 }

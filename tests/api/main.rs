@@ -12,6 +12,7 @@ mod entra;
 mod helpers;
 mod limits;
 mod mail;
+mod observe;
 pub mod peer;
 mod peer_smoke;
 pub mod process;

@@ -24,7 +24,8 @@ pub struct RelayProcess {
 }
 
 impl RelayProcess {
-    /// Start `mail-relay serve` with `yaml` as its settings; waits for its "listening" line.
+    /// Start `mail-relay serve` with `yaml` as its settings (log level from `mailRelay.log.level`,
+    /// `info` by default); waits for its "listening" line.
     pub fn start(yaml: &str) -> RelayProcess {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("relay.yml");
@@ -44,7 +45,7 @@ impl RelayProcess {
         let mut child = command
             .args(["serve", "--config"])
             .arg(&config)
-            .args(["--log-format", "json", "--log", "info"])
+            .args(["--log-format", "json"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -143,8 +144,8 @@ impl RelayProcess {
     pub fn clients_for(&self, path: &str) -> Vec<String> {
         self.json_lines()
             .into_iter()
-            .filter(|line| line["span"]["name"] == "request" && line["span"]["path"] == path)
-            .filter(|line| line["message"] == "finished processing request")
+            // The request's one line (probes log it at debug level).
+            .filter(|line| line["message"] == "request finished" && line["route"] == path)
             .map(|line| line["span"]["client"].as_str().unwrap_or("?").to_owned())
             .collect()
     }

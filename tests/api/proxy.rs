@@ -87,7 +87,7 @@ async fn the_openapi_document_names_the_base_path_as_its_server() {
 async fn the_request_log_names_the_client_a_trusted_proxy_reports() {
     let outbox = tempfile::tempdir().unwrap();
     let relay = RelayProcess::start(&format!(
-        "server:\n  port: 0\nmailRelay:\n  delivery:\n    mode: outbox\n    outboxDir: {}\n  auth:\n    allowAnonymous: true\n  http:\n    trustedProxies: [127.0.0.2]\n",
+        "server:\n  port: 0\nmailRelay:\n  delivery:\n    mode: outbox\n    outboxDir: {}\n  auth:\n    allowAnonymous: true\n  http:\n    trustedProxies: [127.0.0.2]\n  log:\n    level: info,mail_relay=debug\n",
         outbox.path().display()
     ));
     let from = |ip: [u8; 4]| {
