@@ -45,6 +45,15 @@ pub enum LimitKind {
 }
 
 impl LimitKind {
+    /// The `scope` label of `mail_relay_rate_limited_total`.
+    pub fn metric_scope(self) -> &'static str {
+        match self {
+            Self::MailboxMessages => "mailbox_minute",
+            Self::MailboxRecipients => "mailbox_day",
+            Self::CallerMessages => "caller",
+        }
+    }
+
     /// The setting that configures this limit.
     pub fn setting_key(self) -> &'static str {
         match self {

@@ -16,9 +16,9 @@ use crate::caller::Caller;
 use crate::delivery::DeliveryError;
 use crate::idempotency::{Fingerprint, IdempotencyKey};
 use crate::message::{Mail, MailRequest, MessageLimits, OutgoingMail, UploadedFile};
-use crate::rate_limit::Reservation;
+use crate::rate_limit::{LimitError, Reservation};
 use crate::smtp::{SmtpError, SmtpErrorKind};
-use crate::telemetry::request_log;
+use crate::telemetry::{metrics, request_log};
 
 /// Mails whose attachments are larger than this are encoded on the blocking pool, so that
 /// base64 of megabytes does not stall other requests on the same worker.
@@ -107,7 +107,12 @@ async fn deliver(
     let quota = state
         .rate_limits
         .reserve(caller, outgoing.envelope.to().len())
-        .await?;
+        .await
+        .inspect_err(|e| {
+            if let LimitError::Limited(limited) = e {
+                metrics::rate_limited(limited.kind.metric_scope());
+            }
+        })?;
     let receipt = match state.sender.send(&outgoing).await {
         Ok(receipt) => {
             quota.keep();

@@ -59,6 +59,13 @@ async fn excess_mail_gets_429_with_retry_after_and_nothing_is_sent() {
     );
     assert!(detail.contains("nothing was sent"), "{detail}");
     assert_eq!(outbox_files(&app).len(), 3);
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("mail_relay_rate_limited_total{scope=\"mailbox_minute\"} 1")),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
