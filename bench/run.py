@@ -231,7 +231,7 @@ def median(values):
     return statistics.median(values) if values else None
 
 
-def machine():
+def machine(load):
     cpu = "unknown"
     with open("/proc/cpuinfo", encoding="utf-8") as f:
         for line in f:
@@ -241,7 +241,8 @@ def machine():
     mem = proc_meminfo_total()
     return (f"{os.cpu_count()} vCPU ({cpu}), {mem:.0f} GiB RAM, Linux {platform.release()}, "
             f"{platform.freedesktop_os_release().get('PRETTY_NAME', 'Linux')}; client (wrk), relay, "
-            "token endpoint and Postfix + Dovecot share the same cores, all on loopback")
+            "token endpoint and Postfix + Dovecot share the same cores, all on loopback; "
+            f"load average before the run {load:.2f} (other work on the machine)")
 
 
 def proc_meminfo_total():
@@ -252,6 +253,7 @@ def proc_meminfo_total():
 def main():
     peer_env = sys.argv[1]
     peer = read_env(peer_env)
+    load_before = os.getloadavg()[0]
     work = tempfile.mkdtemp(prefix="mail-relay-bench-")
     marker = f"bench-{int(time.time())}"
     log(f"work dir {work}, marker {marker}, {RUNS} runs x {SECONDS} s")
@@ -336,7 +338,7 @@ def main():
                      "socket_errors": sum(r["socket_errors"] for r in runs)})
     total_mails = sum(r["mails"] for runs in relay_runs.values() for r in runs) + 1
     summary = {
-        "machine": machine(), "runs": RUNS, "seconds_per_run": SECONDS, "marker": marker,
+        "machine": machine(load_before), "runs": RUNS, "seconds_per_run": SECONDS, "marker": marker,
         "direct": {"rate": limit, "p50_ms": median([d["p50_ms"] for d in direct]),
                    "p99_ms": median([d["p99_ms"] for d in direct]), "runs": direct},
         "relay": rows, "relay_runs": relay_runs,
