@@ -10,3 +10,6 @@ trap 'bash tests/peer/stop.sh' EXIT
 # Tests that need the peer fail instead of skipping when it is missing.
 export CI="${CI:-true}"
 cargo test --locked "$@"
+
+# API fuzzing (schemathesis against /openapi.json, bounded; installs itself into target/fuzz-venv).
+bash tests/fuzz/run.sh
