@@ -218,6 +218,36 @@ def run_wrk(relay, script, clients):
             "rss_max_mib": max(rss) if rss else None}
 
 
+def profile(relay, script, work):
+    """One extra, unmeasured 8-client run under `perf record`: where the relay's CPU goes."""
+    data = os.path.join(work, "perf.data")
+    try:
+        perf = subprocess.Popen(["perf", "record", "-q", "-F", "999", "-g", "-o", data,
+                                 "-p", str(relay.proc.pid)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    except FileNotFoundError:
+        log("perf not installed: no profile")
+        return
+    time.sleep(0.3)
+    run_wrk(relay, script, 8)
+    perf.send_signal(2)
+    perf.wait(timeout=60)
+    reports = []
+    for sort in ["dso", "symbol"]:
+        out = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children",
+                              "-g", "none", "--percent-limit", "0.7", "--sort", sort],
+                             capture_output=True, text=True, check=False).stdout
+        reports.append("\n".join(re.sub(r"(\s+-)*\s*$", "", line) for line in out.splitlines()
+                                 if line.strip() and not line.startswith("#")))
+    os.makedirs(os.path.join(ROOT, "bench/results"), exist_ok=True)
+    with open(os.path.join(ROOT, "bench/results/profile.txt"), "w", encoding="utf-8") as f:
+        f.write("perf record -F 999 -g on the relay during one 8-client wrk run\n\n"
+                "== by shared object ==\n" + reports[0] + "\n\n== by symbol ==\n"
+                + reports[1] + "\n")
+    log("profile written to bench/results/profile.txt")
+
+
 def run_direct(peer, token, marker):
     out = subprocess.run([DIRECT, peer["PEER_HOST"], peer["PEER_SUBMISSION_PORT"], peer["PEER_CA"],
                           peer["PEER_OAUTH_USER"], str(CONNECTIONS), str(SECONDS), marker],
@@ -303,6 +333,8 @@ def main():
                 relay_runs[clients].append(result)
                 log(f"relay run {i + 1}, {clients} clients: {result}")
         rss_after_load = proc_status(relay.proc.pid, "VmRSS")
+        if os.environ.get("BENCH_PROFILE", "1") == "1":
+            profile(relay, script, work)
 
         # Peak RSS while sending one 25 MB attachment: reset the high-water mark first.
         with open(f"/proc/{relay.proc.pid}/clear_refs", "w", encoding="utf-8") as f:
