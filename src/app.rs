@@ -13,7 +13,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
-use tower_http::LatencyUnit;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
@@ -22,19 +21,27 @@ use tower_http::request_id::{
 };
 use tower_http::sensitive_headers::SetSensitiveHeadersLayer;
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
-use tracing::Level;
+use tower_http::trace::TraceLayer;
 
+use crate::admin::AdminNotifier;
 use crate::api::{self, ApiError};
 use crate::caller::Authenticator;
 use crate::config::{CorsSettings, Delivery, Settings, SmtpAuthentication};
 use crate::delivery::{MailSender, Outbox};
+use crate::drain::{self, InFlight};
+use crate::forwarded::{self, ClientAddr, TrustedProxies};
+use crate::idempotency::Idempotency;
+use crate::rate_limit::RateLimits;
 use crate::send_as::SendAsPolicy;
 use crate::smtp::SmtpSender;
+use crate::telemetry::delivery::{ObservedSender, SendHistory};
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::request_log;
 use crate::token::{TokenCache, TokenProvider};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 /// Shared state: cheap to clone, one `Arc` per part.
 #[derive(Clone)]
@@ -45,7 +52,16 @@ pub struct AppState {
     pub send_as: Arc<SendAsPolicy>,
     /// The shared token cache, when the SMTP login uses MS_OAUTH.
     pub tokens: Option<Arc<dyn TokenProvider>>,
+    pub rate_limits: RateLimits,
+    pub idempotency: Idempotency,
+    /// Administrative e-mails (`mailRelay.adminMail`); the mail handler reports failed sends.
+    pub admin: AdminNotifier,
+    /// This app's Prometheus registry (`GET /metrics`).
+    pub metrics: Arc<Metrics>,
+    /// The recent sends, for readiness.
+    pub sends: Arc<SendHistory>,
     draining: Arc<AtomicBool>,
+    in_flight: InFlight,
 }
 
 impl AppState {
@@ -56,35 +72,46 @@ impl AppState {
             settings.relay.send_as.clone(),
             settings.send_email.smtp_authentication.username(),
         );
+        let rate_limits = RateLimits::in_memory(&settings);
+        let idempotency = Idempotency::in_memory(&settings.relay.idempotency);
+        let metrics = Arc::new(Metrics::new());
+        let sends = Arc::new(SendHistory::default());
+        let sender: Arc<dyn MailSender> =
+            Arc::new(ObservedSender::new(sender, metrics.clone(), sends.clone()));
         Ok(Self {
+            admin: AdminNotifier::new(&settings, Arc::clone(&sender)),
             settings,
             sender,
             authenticator: Arc::new(authenticator),
             send_as: Arc::new(send_as),
             tokens: None,
+            rate_limits,
+            idempotency,
+            metrics,
+            sends,
             draining: Arc::new(AtomicBool::new(false)),
+            in_flight: InFlight::default(),
         })
     }
 
     /// Why this instance should get no traffic now, if it should not.
     pub fn not_ready_reason(&self) -> Option<String> {
-        if self.draining.load(Ordering::Relaxed) {
-            return Some("draining: the instance is shutting down".to_string());
-        }
-        let tokens = self.tokens.as_ref()?.state();
-        let valid = tokens
-            .expires_at
-            .is_some_and(|at| at > std::time::SystemTime::now());
-        // Never having needed a token is fine; failing to get one with none valid is not.
-        match (valid, tokens.last_error) {
-            (false, Some(error)) => Some(format!("no valid access token: {error}")),
-            _ => None,
-        }
+        api::health::check(self).reason
+    }
+
+    /// Whether [`AppState::start_draining`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// Turn readiness off (on SIGTERM), so load balancers stop sending traffic.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// The requests being served now.
+    pub fn in_flight(&self) -> &InFlight {
+        &self.in_flight
     }
 }
 
@@ -93,6 +120,8 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     state: AppState,
+    /// `mailRelay.metrics.port`'s own listener, serving only `/metrics`.
+    metrics: Option<(TcpListener, Router)>,
 }
 
 impl Application {
@@ -120,12 +149,27 @@ impl Application {
         let listener = TcpListener::bind(settings.server.socket_addr()).await?;
         let mut state = AppState::new(settings, sender)?;
         state.tokens = tokens;
+        let metrics = match state.settings.relay.metrics.listen {
+            Some(address) => Some((
+                TcpListener::bind(address).await?,
+                metrics_router(state.clone()),
+            )),
+            None => None,
+        };
         let router = router(state.clone());
         Ok(Self {
             listener,
             router,
             state,
+            metrics,
         })
+    }
+
+    /// Where `/metrics` is served when it has a listener of its own.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
+            .as_ref()
+            .and_then(|(listener, _)| listener.local_addr().ok())
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -136,28 +180,111 @@ impl Application {
         &self.state
     }
 
-    /// Serve until `shutdown` completes, then finish in-flight requests.
+    /// Serve until `shutdown` completes, then drain: readiness turns 503 at once, requests are
+    /// still accepted for `mailRelay.shutdown.drainDelaySeconds`, in-flight requests finish, idle
+    /// SMTP connections get `QUIT`. All of that must end within `deadlineSeconds` of `shutdown`;
+    /// otherwise the error names what was still running.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let state = self.state.clone();
-        let shutdown = async move {
-            shutdown.await;
-            state.start_draining();
-            tracing::info!("shutting down: finishing in-flight requests");
+        let drain = state.settings.relay.shutdown.clone();
+        let (signalled, on_signal) = tokio::sync::oneshot::channel::<tokio::time::Instant>();
+        let stop_accepting = {
+            let state = state.clone();
+            async move {
+                shutdown.await;
+                let _ = signalled.send(tokio::time::Instant::now());
+                state.start_draining();
+                tracing::info!(
+                    drain_delay_seconds = drain.drain_delay.as_secs(),
+                    deadline_seconds = drain.deadline.as_secs(),
+                    in_flight = state.in_flight.count(),
+                    "shutting down: readiness is 503; still accepting requests for the drain delay"
+                );
+                tokio::time::sleep(drain.drain_delay).await;
+                tracing::info!(
+                    in_flight = state.in_flight.count(),
+                    "drain delay over: accepting no new connections; finishing in-flight requests"
+                );
+            }
         };
-        let sender = self.state.sender.clone();
-        axum::serve(
+        // Scrapes go on through the drain; the listener closes when the app is done.
+        let metrics = self
+            .metrics
+            .map(|(listener, router)| tokio::spawn(axum::serve(listener, router).into_future()));
+        let stop_metrics = move || {
+            if let Some(metrics) = &metrics {
+                metrics.abort();
+            }
+        };
+        let serve = axum::serve(
             self.listener,
             self.router
                 .into_make_service_with_connect_info::<SocketAddr>(),
         )
-        .with_graceful_shutdown(shutdown)
-        .await?;
-        // Every request has finished: say QUIT on the idle SMTP connections.
-        sender.close().await;
-        Ok(())
+        .with_graceful_shutdown(stop_accepting)
+        .into_future();
+        tokio::pin!(serve);
+        let signalled_at = tokio::select! {
+            served = &mut serve => {
+                // The server ended without a shutdown signal (an accept error).
+                served?;
+                state.sender.close().await;
+                stop_metrics();
+                return Ok(());
+            }
+            Ok(at) = on_signal => at,
+        };
+        let deadline = signalled_at + drain.deadline;
+        let closing = Arc::new(AtomicBool::new(false));
+        let finish = {
+            let closing = closing.clone();
+            let sender = state.sender.clone();
+            let admin = state.admin.clone();
+            async move {
+                serve.await?;
+                // Every request has finished: tell the administrators, then say QUIT on the
+                // idle SMTP connections.
+                admin.stopping().await;
+                closing.store(true, Ordering::Relaxed);
+                sender.close().await;
+                std::io::Result::Ok(())
+            }
+        };
+        let outcome = match tokio::time::timeout_at(deadline, finish).await {
+            Ok(Ok(())) => {
+                tracing::info!("shut down cleanly");
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                let mut running = state.in_flight.describe();
+                if closing.load(Ordering::Relaxed) {
+                    running.push("closing SMTP connections (QUIT)".into());
+                }
+                let running = if running.is_empty() {
+                    "finishing open connections".to_owned()
+                } else {
+                    running.join("; ")
+                };
+                tracing::error!(
+                    deadline_seconds = drain.deadline.as_secs(),
+                    still_running = %running,
+                    "shutdown deadline passed: abandoning what is still running; raise mailRelay.shutdown.deadlineSeconds if sends need longer"
+                );
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "mailRelay.shutdown.deadlineSeconds ({} s) passed with work still running: {running}",
+                        drain.deadline.as_secs()
+                    ),
+                ))
+            }
+        };
+        stop_metrics();
+        outcome
     }
 
     /// Serve until SIGTERM or Ctrl-C.
@@ -195,6 +322,7 @@ fn sender_for(
 /// The router with every route and the middleware stack.
 pub fn router(state: AppState) -> Router {
     let limits = state.settings.relay.limits.clone();
+    let proxies = Arc::new(TrustedProxies::new(&state.settings.relay.http));
     let middleware = ServiceBuilder::new()
         .layer(SetSensitiveHeadersLayer::new([
             header::AUTHORIZATION,
@@ -202,22 +330,39 @@ pub fn router(state: AppState) -> Router {
             header::COOKIE,
         ]))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(axum::middleware::from_fn_with_state(
+            proxies,
+            forwarded::client_address,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.in_flight.clone(),
+            drain::track,
+        ))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(request_span)
+                // `request_log::observe` writes the one line per request, errors included.
                 .on_request(())
-                // One line per request, with status and latency (the span adds method, path, id).
-                .on_response(
-                    DefaultOnResponse::new()
-                        .level(Level::INFO)
-                        .latency_unit(LatencyUnit::Micros),
-                )
-                .on_failure(DefaultOnFailure::new().level(Level::ERROR)),
+                .on_response(())
+                .on_failure(()),
         )
+        .layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            request_log::observe,
+        ))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(CatchPanicLayer::custom(|_| {
-            ApiError::Internal.into_response()
-        }))
+        .layer(CatchPanicLayer::custom(
+            |panic: Box<dyn std::any::Any + Send>| {
+                // The request's log line names the panic; the caller sees only the request id.
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                request_log::note_cause_text(format!("the handler panicked: {message}"));
+                ApiError::Internal.into_response()
+            },
+        ))
         .layer(axum::middleware::from_fn_with_state(
             limits.max_body_bytes,
             problem_details,
@@ -229,15 +374,33 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(DefaultBodyLimit::disable());
 
-    Router::new()
+    let mut routes = Router::new()
         .route("/mail", post(api::mail::send_mail))
         .route("/health/live", get(api::health::live))
         .route("/health/ready", get(api::health::ready))
-        .route("/openapi.json", get(api::openapi::openapi_json))
+        .route("/openapi.json", get(api::openapi::openapi_json));
+    if state.settings.relay.metrics.listen.is_none() {
+        routes = routes.route("/metrics", get(api::metrics::metrics));
+    }
+    // Every route, probes included, moves under the base path: the proxy forwards the path as is.
+    let base_path = state.settings.relay.http.base_path.as_str();
+    let routes = if base_path.is_empty() {
+        routes
+    } else {
+        Router::new().nest(base_path, routes)
+    };
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware)
         .layer(cors(&state.settings.relay.cors))
+        .with_state(state)
+}
+
+/// `/metrics` alone, for its own listener (`mailRelay.metrics.port`).
+fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(api::metrics::metrics))
         .with_state(state)
 }
 
@@ -252,7 +415,7 @@ fn cors(settings: &CorsSettings) -> CorsLayer {
             REQUEST_ID,
             IDEMPOTENCY_KEY,
         ])
-        .expose_headers([REQUEST_ID, header::RETRY_AFTER])
+        .expose_headers([REQUEST_ID, header::RETRY_AFTER, IDEMPOTENT_REPLAYED])
         // Credentials are only ever allowed for an origin that is listed: the list is exact.
         .allow_credentials(!settings.allowed_origins.is_empty())
         .max_age(Duration::from_secs(600))
@@ -268,7 +431,12 @@ fn request_span(request: &Request<Body>) -> tracing::Span {
         .get::<RequestId>()
         .and_then(|id| id.header_value().to_str().ok())
         .unwrap_or("-");
-    tracing::info_span!("request", method = %request.method(), path, request_id)
+    let client = request
+        .extensions()
+        .get::<ClientAddr>()
+        .map(|ClientAddr(ip)| ip.to_string());
+    let client = client.as_deref().unwrap_or("-");
+    tracing::info_span!("request", method = %request.method(), path, request_id, client)
 }
 
 async fn not_found(request: Request) -> ApiError {

@@ -146,7 +146,9 @@ impl Authenticator {
         })
     }
 
-    /// Authenticate a request from `peer` (the TCP peer, or the client address a trusted proxy reported).
+    /// Authenticate a request whose TCP peer is `peer`. Always the TCP peer, never an address from
+    /// `X-Forwarded-For`: the user header is believed because the proxy set it, so the proxy itself
+    /// must be the one connecting (`trustedProxy.sources`).
     pub async fn authenticate(
         &self,
         headers: &HeaderMap,

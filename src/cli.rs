@@ -25,18 +25,12 @@ pub struct Cli {
         default_value = "config/osweb-prod.yml"
     )]
     pub config: PathBuf,
-    /// Log format: `json` (one object a line) or `text`.
-    #[arg(
-        long,
-        global = true,
-        env = "MAIL_RELAY_LOG_FORMAT",
-        value_enum,
-        default_value = "json"
-    )]
-    pub log_format: LogFormat,
-    /// Log filter in `RUST_LOG` syntax.
-    #[arg(long, global = true, env = "RUST_LOG", default_value = "info")]
-    pub log: String,
+    /// Log format: `json` (one object a line) or `text`; overrides `mailRelay.log.format` (default json).
+    #[arg(long, global = true, env = "MAIL_RELAY_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter in `RUST_LOG` syntax; overrides `mailRelay.log.level` (default info).
+    #[arg(long, global = true, env = "RUST_LOG")]
+    pub log: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -66,12 +60,26 @@ pub enum Command {
     HashKey,
     /// Print the OpenAPI document (as committed in `openapi/openapi.json`).
     Openapi,
+    /// Check each step to Microsoft 365 with these settings (DNS, TCP, TLS, EHLO, token, AUTH)
+    /// and print PASS/FAIL/SKIP with cause and fix; exit 0 when all pass, 1 on a failure,
+    /// 2 for invalid settings.
+    Diagnose {
+        /// Also send a real test mail (needs --from and --to).
+        #[arg(long, requires_all = ["from", "to"])]
+        send_test: bool,
+        /// From address of the test mail; the SMTP mailbox needs "Send as" on it.
+        #[arg(long, requires = "send_test")]
+        from: Option<String>,
+        /// Recipient of the test mail.
+        #[arg(long, requires = "send_test")]
+        to: Option<String>,
+    },
 }
 
 /// Run the parsed command line; the exit code says how it went.
 pub async fn run(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Serve => serve(&cli.config, cli.log_format, &cli.log).await,
+        Command::Serve => serve(&cli.config, cli.log_format, cli.log.as_deref()).await,
         Command::CheckConfig => check_config(&cli.config),
         Command::EncryptSecret => encrypt_secret(),
         Command::Healthcheck { ref url, timeout } => {
@@ -87,11 +95,57 @@ pub async fn run(cli: Cli) -> ExitCode {
             print!("{}", crate::api::openapi::document_json());
             ExitCode::SUCCESS
         }
+        Command::Diagnose {
+            send_test,
+            ref from,
+            ref to,
+        } => {
+            let test = match (send_test, from, to) {
+                (true, Some(from), Some(to)) => Some(crate::diagnose::SendTest {
+                    from: from.clone(),
+                    to: to.clone(),
+                }),
+                _ => None,
+            };
+            diagnose(&cli.config, test.as_ref()).await
+        }
     }
 }
 
-async fn serve(path: &std::path::Path, format: LogFormat, filter: &str) -> ExitCode {
-    telemetry::init(format, filter, std::io::stdout);
+async fn diagnose(path: &std::path::Path, test: Option<&crate::diagnose::SendTest>) -> ExitCode {
+    use crate::diagnose;
+
+    println!(
+        "mail-relay {} diagnose: {}",
+        env!("CARGO_PKG_VERSION"),
+        path.display()
+    );
+    let loaded = match config::load(&LoadOptions::from_process(path.to_path_buf())) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            println!("{}", diagnose::settings_failed(path, &e));
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    println!("{}", diagnose::settings_passed(&loaded.settings));
+    for warning in &loaded.warnings {
+        println!("     warning: {warning}");
+    }
+    let ok = diagnose::run(&loaded.settings, test, &mut |step| println!("{step}")).await;
+    if ok {
+        println!("all checks passed");
+        ExitCode::SUCCESS
+    } else {
+        println!("a check failed: fix the first FAIL above and run diagnose again");
+        ExitCode::FAILURE
+    }
+}
+
+async fn serve(
+    path: &std::path::Path,
+    format: Option<LogFormat>,
+    filter: Option<&str>,
+) -> ExitCode {
     let loaded = match config::load(&LoadOptions::from_process(path.to_path_buf())) {
         Ok(loaded) => loaded,
         Err(e) => {
@@ -99,9 +153,17 @@ async fn serve(path: &std::path::Path, format: LogFormat, filter: &str) -> ExitC
             return ExitCode::from(EXIT_INVALID);
         }
     };
+    // The command line and its environment variables win over the settings file.
+    let log = &loaded.settings.relay.log;
+    telemetry::init(
+        format.unwrap_or(log.format),
+        filter.unwrap_or(&log.filter),
+        std::io::stdout,
+    );
     for warning in &loaded.warnings {
         tracing::warn!(config = %path.display(), "{warning}");
     }
+    let masked = loaded.masked;
     let app = match Application::build(loaded.settings).await {
         Ok(app) => app,
         Err(e) => {
@@ -109,12 +171,16 @@ async fn serve(path: &std::path::Path, format: LogFormat, filter: &str) -> ExitC
             return ExitCode::FAILURE;
         }
     };
+    if let Some(addr) = app.metrics_addr() {
+        tracing::info!(%addr, "metrics listening (GET /metrics)");
+    }
     match app.local_addr() {
         Ok(addr) => {
             tracing::info!(%addr, version = env!("CARGO_PKG_VERSION"), "mail-relay listening")
         }
         Err(e) => tracing::warn!(error = %e, "listening, address unknown"),
     }
+    app.state().admin.started(&masked, app.local_addr().ok());
     match app.run().await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -238,23 +238,6 @@ pub enum IdempotencyError {
     Unavailable(String),
 }
 
-impl IdempotencyError {
-    /// Seconds for a `Retry-After` header: a request still in progress is worth asking again soon.
-    pub fn retry_after_secs(&self) -> Option<u64> {
-        matches!(self, Self::InProgress).then_some(1)
-    }
-
-    /// The HTTP status and stable code for the API's problem+json.
-    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
-        match self {
-            Self::InvalidKey(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
-            Self::KeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
-            Self::InProgress => (StatusCode::CONFLICT, "idempotency_in_progress"),
-            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "idempotency_unavailable"),
-        }
-    }
-}
-
 /// What the store found for a key.
 #[derive(Debug)]
 pub enum Slot {
@@ -657,10 +640,6 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err, IdempotencyError::KeyReused);
-        assert_eq!(
-            err.status_and_code(),
-            (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
-        );
     }
 
     #[tokio::test]
@@ -673,9 +652,6 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err, IdempotencyError::InProgress);
-        assert_eq!(err.status_and_code().0, StatusCode::CONFLICT);
-        assert_eq!(err.retry_after_secs(), Some(1));
-        assert_eq!(IdempotencyError::KeyReused.retry_after_secs(), None);
         guard.complete(accepted("m-1")).await;
         replay(&idem, &caller, "k-1", b"body").await;
     }

@@ -2,6 +2,7 @@
 //!
 //! Data flows one way: request -> caller -> send-as -> message -> token -> SMTP -> response.
 
+pub mod admin;
 pub mod api;
 pub mod app;
 pub mod caller;
@@ -9,6 +10,9 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod delivery;
+pub mod diagnose;
+pub mod drain;
+pub mod forwarded;
 pub mod idempotency;
 pub mod message;
 pub mod rate_limit;

@@ -17,7 +17,8 @@ impl FromRequestParts<AppState> for Caller {
         let peer = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
-            .map(|ConnectInfo(addr)| addr.ip())
+            // A listener on `::` sees IPv4 peers as `::ffff:a.b.c.d`; the sources are written as IPv4.
+            .map(|ConnectInfo(addr)| addr.ip().to_canonical())
             .ok_or_else(|| {
                 tracing::error!("no peer address on the request: serve with connect info");
                 ApiError::Internal

@@ -8,9 +8,12 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::delivery::DeliveryError;
+use crate::idempotency::IdempotencyError;
 pub use crate::message::FieldError;
 use crate::message::MailError;
+use crate::rate_limit::LimitError;
 use crate::smtp::{SmtpError, SmtpErrorKind};
+use crate::telemetry::request_log::{self, Failure};
 use crate::token::TokenError;
 
 /// Seconds a client should wait before retrying a 503 when the cause names no better time.
@@ -91,6 +94,15 @@ pub enum ApiError {
     /// A sending quota or rate limit is used up.
     #[error("{detail}")]
     RateLimited { detail: String, retry_after: u64 },
+    /// The same Idempotency-Key came with a different request.
+    #[error("{0}")]
+    IdempotencyKeyReused(String),
+    /// A request with the same Idempotency-Key is still running.
+    #[error("{0}")]
+    IdempotencyInProgress(String),
+    /// A store the relay needs (rate limits, idempotency keys) could not be asked.
+    #[error("{0}")]
+    StoreUnavailable(String),
     /// The SMTP server could not be reached or answered "try later".
     #[error("{detail}")]
     SmtpUnavailable {
@@ -169,6 +181,21 @@ impl ApiError {
                 "smtp_auth_disabled",
                 "SMTP authentication disabled",
             ),
+            Self::IdempotencyKeyReused(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "Idempotency-Key reused",
+            ),
+            Self::IdempotencyInProgress(_) => (
+                StatusCode::CONFLICT,
+                "idempotency_in_progress",
+                "Request in progress",
+            ),
+            Self::StoreUnavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "Store unavailable",
+            ),
             Self::RateLimited { .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
@@ -196,6 +223,8 @@ impl ApiError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             Self::RateLimited { retry_after, .. } => Some(*retry_after),
+            // The first request is usually done within a second or two.
+            Self::IdempotencyInProgress(_) => Some(1),
             Self::SmtpUnavailable { retry_after, .. }
             | Self::TokenUnavailable { retry_after, .. } => {
                 Some(retry_after.unwrap_or(DEFAULT_RETRY_AFTER))
@@ -231,11 +260,13 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, _, _) = self.parts();
-        if status.is_server_error() {
-            tracing::error!(error = %self, code = self.code(), "request failed");
-        }
+        let (status, code, _) = self.parts();
         let mut response = (status, Json(self.problem())).into_response();
+        // Logged once, by the request's log line: server errors with their detail.
+        response.extensions_mut().insert(Failure {
+            code,
+            detail: status.is_server_error().then(|| self.to_string()),
+        });
         response.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
@@ -269,6 +300,36 @@ impl From<crate::send_as::SendAsRefusal> for ApiError {
     }
 }
 
+impl From<IdempotencyError> for ApiError {
+    fn from(e: IdempotencyError) -> Self {
+        let detail = e.to_string();
+        match e {
+            IdempotencyError::InvalidKey(_) => Self::InvalidRequest {
+                errors: vec![FieldError {
+                    field: "headers.Idempotency-Key".into(),
+                    message: detail.clone(),
+                }],
+                detail,
+            },
+            IdempotencyError::KeyReused => Self::IdempotencyKeyReused(detail),
+            IdempotencyError::InProgress => Self::IdempotencyInProgress(detail),
+            IdempotencyError::Unavailable(_) => Self::StoreUnavailable(detail),
+        }
+    }
+}
+
+impl From<LimitError> for ApiError {
+    fn from(e: LimitError) -> Self {
+        match e {
+            LimitError::Limited(limited) => Self::RateLimited {
+                detail: limited.to_string(),
+                retry_after: limited.retry_after_secs(),
+            },
+            LimitError::Unavailable(_) => Self::StoreUnavailable(e.to_string()),
+        }
+    }
+}
+
 impl From<MailError> for ApiError {
     fn from(e: MailError) -> Self {
         match e {
@@ -295,7 +356,9 @@ impl From<MailError> for ApiError {
             }
             MailError::TooLarge { size, limit } => Self::MessageTooLarge { size, limit },
             MailError::Build(detail) => {
-                tracing::error!(%detail, "a validated mail could not be built");
+                request_log::note_cause_text(format!(
+                    "a validated mail could not be built: {detail}"
+                ));
                 Self::Internal
             }
         }
@@ -306,11 +369,9 @@ impl From<MailError> for ApiError {
 impl From<DeliveryError> for ApiError {
     fn from(e: DeliveryError) -> Self {
         match e {
-            DeliveryError::Outbox { .. } => {
-                // The path and OS error are for the operator, not the caller.
-                tracing::error!(error = %e, "outbox write failed");
-                Self::Internal
-            }
+            // The path and OS error are for the operator (the request's log line has them,
+            // noted by the sender), not the caller.
+            DeliveryError::Outbox { .. } => Self::Internal,
             DeliveryError::Token(e) => e.into(),
             DeliveryError::Smtp(e) => e.into(),
         }
@@ -490,6 +551,24 @@ mod tests {
                 Some(30),
             ),
             (ApiError::SmtpRejected(d()), 502, "smtp_rejected", None),
+            (
+                ApiError::IdempotencyKeyReused(d()),
+                422,
+                "idempotency_key_reused",
+                None,
+            ),
+            (
+                ApiError::IdempotencyInProgress(d()),
+                409,
+                "idempotency_in_progress",
+                Some(1),
+            ),
+            (
+                ApiError::StoreUnavailable(d()),
+                503,
+                "store_unavailable",
+                Some(5),
+            ),
             (
                 ApiError::MessageTooLarge { size: 2, limit: 1 },
                 413,

@@ -6,10 +6,13 @@ use axum::extract::multipart::MultipartError;
 use axum::http::StatusCode;
 use utoipa::ToSchema;
 
+use bytes::Bytes;
+
 use super::ApiError;
 use super::errors::FieldError;
 use super::json;
 use crate::config::Limits;
+use crate::idempotency::Fingerprint;
 use crate::message::{MailRequest, UploadedFile};
 
 /// The name of the form part that holds the JSON mail request.
@@ -38,10 +41,11 @@ pub struct MailForm {
 pub async fn read(
     mut form: Multipart,
     limits: &Limits,
-) -> Result<(MailRequest, Vec<UploadedFile>), ApiError> {
+) -> Result<(MailRequest, Vec<UploadedFile>, Fingerprint), ApiError> {
     let max_message_bytes = limits.max_message_bytes;
     let form_error = |e: MultipartError| form_error(e, limits.max_body_bytes);
     let mut request = None;
+    let mut mail_part = Bytes::new();
     let mut files = Vec::new();
     // Base64 size of everything read so far.
     let mut encoded = 0usize;
@@ -53,6 +57,7 @@ pub async fn read(
             }
             let bytes = part.bytes().await.map_err(form_error)?;
             request = Some(json::parse::<MailRequest>(&bytes)?);
+            mail_part = bytes;
             continue;
         }
         let Some(filename) = part.file_name().map(str::to_owned) else {
@@ -91,7 +96,22 @@ pub async fn read(
             "the form has no `mail` part with the JSON mail request",
         )
     })?;
-    Ok((request, files))
+    let fingerprint = fingerprint(&mail_part, &files);
+    Ok((request, files, fingerprint))
+}
+
+/// The request's identity for Idempotency-Key: the `mail` part and every file, not the raw
+/// body, whose multipart boundary changes on each retry.
+fn fingerprint(mail_part: &[u8], files: &[UploadedFile]) -> Fingerprint {
+    let file_parts = files.iter().flat_map(|f| {
+        [
+            f.filename.as_bytes(),
+            f.content_type.as_bytes(),
+            f.content_id.as_deref().unwrap_or_default().as_bytes(),
+            f.content.as_slice(),
+        ]
+    });
+    Fingerprint::of_parts(std::iter::once(mail_part).chain(file_parts))
 }
 
 fn invalid(field: impl Into<String>, message: &str) -> ApiError {

@@ -1,4 +1,9 @@
 //! Probes for orchestrators: `/health/live` and `/health/ready`.
+//!
+//! Liveness only says the process serves HTTP: restarting cannot fix Microsoft 365. Readiness
+//! says whether this instance can send now, with each component's state and last error.
+
+use std::time::SystemTime;
 
 use axum::Json;
 use axum::extract::State;
@@ -8,6 +13,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::app::AppState;
+use crate::telemetry::delivery::{FAILING_AFTER, FAILING_FOR};
 
 /// Liveness: the process is serving requests.
 #[derive(Debug, Serialize, ToSchema)]
@@ -19,15 +25,158 @@ pub struct Live {
     pub version: &'static str,
 }
 
-/// Readiness: whether this instance should receive traffic, and why not.
+/// Readiness: whether this instance should receive traffic, and the state of each part.
 #[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct Ready {
     /// `ready` or `not_ready`.
     #[schema(example = "ready")]
     pub status: &'static str,
     /// Why the instance is not ready; absent when it is.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(
+        example = "smtp: the last 3 sends failed: SMTP connection to smtp.office365.com failed at connect: connection refused"
+    )]
     pub reason: Option<String>,
+    /// The instance is shutting down (SIGTERM): it finishes what it has and takes nothing new.
+    pub draining: bool,
+    pub components: Components,
+}
+
+/// Each part readiness depends on.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Components {
+    pub token: TokenComponent,
+    pub smtp: SmtpComponent,
+}
+
+/// `ok`, `failing`, or `unused` (the settings do not need this part).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ComponentStatus {
+    Ok,
+    Failing,
+    Unused,
+}
+
+/// The Entra ID access token cache (SMTP login with `MS_OAUTH`).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenComponent {
+    /// `failing` when there is no valid token and the last fetch failed; never having needed
+    /// one yet is `ok`.
+    pub status: ComponentStatus,
+    /// Seconds until the cached token expires; absent without a valid token.
+    #[schema(example = 3125)]
+    pub expires_in_seconds: Option<u64>,
+    /// The last fetch's error, until a fetch succeeds.
+    pub last_error: Option<String>,
+    /// Requests to the token endpoint so far, failed ones included.
+    #[schema(example = 2)]
+    pub fetch_count: u64,
+}
+
+/// The SMTP side (or the outbox in development).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SmtpComponent {
+    /// `failing` when the last 3 sends all failed on the relay's side (connection, TLS, login,
+    /// the mailbox; not a refusal of one mail) and the last of them is less than 60 s old.
+    pub status: ComponentStatus,
+    /// Open SMTP connections, in use or idle; absent without SMTP delivery.
+    #[schema(example = 1)]
+    pub open_connections: Option<usize>,
+    /// The last relay-side send error, however old.
+    pub last_error: Option<String>,
+    /// When it happened (RFC 3339).
+    #[schema(example = "2026-11-26T08:15:00Z")]
+    pub last_error_at: Option<String>,
+    /// Mails the server took, and sends that failed, since start (SMTP delivery only).
+    pub sent: Option<u64>,
+    pub failed: Option<u64>,
+}
+
+/// The readiness report for `state`.
+pub fn check(state: &AppState) -> Ready {
+    let token = token_component(state);
+    let smtp = smtp_component(state);
+    let draining = state.is_draining();
+    let reason = if draining {
+        Some("draining: the instance is shutting down".to_string())
+    } else if token.status == ComponentStatus::Failing {
+        Some(format!(
+            "token: no valid access token: {}",
+            token
+                .last_error
+                .as_deref()
+                .unwrap_or("the last fetch failed")
+        ))
+    } else {
+        state.sends.failing().map(|error| {
+            format!(
+                "smtp: the last {FAILING_AFTER} sends failed within {}s: {error}",
+                FAILING_FOR.as_secs()
+            )
+        })
+    };
+    Ready {
+        status: if reason.is_none() {
+            "ready"
+        } else {
+            "not_ready"
+        },
+        reason,
+        draining,
+        components: Components { token, smtp },
+    }
+}
+
+fn token_component(state: &AppState) -> TokenComponent {
+    let Some(tokens) = &state.tokens else {
+        return TokenComponent {
+            status: ComponentStatus::Unused,
+            expires_in_seconds: None,
+            last_error: None,
+            fetch_count: 0,
+        };
+    };
+    let tokens = tokens.state();
+    let expires_in = tokens
+        .expires_at
+        .and_then(|at| at.duration_since(SystemTime::now()).ok());
+    let status = match (expires_in, &tokens.last_error) {
+        (None, Some(_)) => ComponentStatus::Failing,
+        _ => ComponentStatus::Ok,
+    };
+    TokenComponent {
+        status,
+        expires_in_seconds: expires_in.map(|d| d.as_secs()),
+        last_error: tokens.last_error,
+        fetch_count: tokens.fetch_count,
+    }
+}
+
+fn smtp_component(state: &AppState) -> SmtpComponent {
+    let pool = state.sender.smtp_state();
+    let last = state.sends.last_error();
+    SmtpComponent {
+        status: if state.sends.failing().is_some() {
+            ComponentStatus::Failing
+        } else {
+            ComponentStatus::Ok
+        },
+        open_connections: pool.as_ref().map(|p| p.open_connections),
+        last_error_at: last.as_ref().map(|(at, _)| rfc3339(*at)),
+        last_error: last.map(|(_, e)| e),
+        sent: pool.as_ref().map(|p| p.sent),
+        failed: pool.as_ref().map(|p| p.failed),
+    }
+}
+
+fn rfc3339(at: SystemTime) -> String {
+    time::OffsetDateTime::from(at)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 /// The process is up and serving.
@@ -40,27 +189,29 @@ pub async fn live() -> Json<Live> {
     })
 }
 
-/// Settings are loaded and the instance is not draining.
+/// Whether this instance can send now: not draining, an access token at hand (or none needed
+/// yet), and the SMTP side not failing.
 #[utoipa::path(get, path = "/health/ready", tag = "health",
     responses(
         (status = 200, description = "Ready for traffic", body = Ready),
-        (status = 503, description = "Not ready (draining, or a dependency failing)", body = Ready),
+        (status = 503, description = "Not ready: draining, no access token after a failed fetch, or the SMTP side failing; `reason` and the components say which", body = Ready),
     ))]
 pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
-    match state.not_ready_reason() {
-        None => (
-            StatusCode::OK,
-            Json(Ready {
-                status: "ready",
-                reason: None,
-            }),
-        ),
-        Some(reason) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(Ready {
-                status: "not_ready",
-                reason: Some(reason),
-            }),
-        ),
+    let report = check(&state);
+    if report.components.token.status == ComponentStatus::Failing
+        && let Some(tokens) = state.tokens.clone()
+    {
+        // Not ready means no traffic, and without traffic nobody would fetch a token again:
+        // the probe asks for one in the background (the cache's back-off bounds how often),
+        // so that the instance turns ready by itself once Entra ID answers.
+        tokio::spawn(async move {
+            let _ = tokens.token().await;
+        });
     }
+    let status = if report.reason.is_none() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(report))
 }

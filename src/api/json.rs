@@ -23,27 +23,36 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        check_content_type(&request)?;
-        let limit = AppState::from_ref(state)
-            .settings
-            .relay
-            .limits
-            .max_body_bytes;
-        let bytes = Bytes::from_request(request, state)
-            .await
-            .map_err(|rejection| {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    // A body without Content-Length that grew past the limit while being read.
-                    ApiError::PayloadTooLarge { limit }
-                } else {
-                    ApiError::InvalidRequest {
-                        detail: format!("the request body could not be read: {rejection}"),
-                        errors: Vec::new(),
-                    }
-                }
-            })?;
+        let bytes = body(request, state).await?;
         parse(&bytes).map(ApiJson)
     }
+}
+
+/// The raw bytes of a JSON body: 415 for another content type, 413 past the body limit.
+pub async fn body<S>(request: Request, state: &S) -> Result<Bytes, ApiError>
+where
+    S: Send + Sync,
+    AppState: FromRef<S>,
+{
+    check_content_type(&request)?;
+    let limit = AppState::from_ref(state)
+        .settings
+        .relay
+        .limits
+        .max_body_bytes;
+    Bytes::from_request(request, state)
+        .await
+        .map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                // A body without Content-Length that grew past the limit while being read.
+                ApiError::PayloadTooLarge { limit }
+            } else {
+                ApiError::InvalidRequest {
+                    detail: format!("the request body could not be read: {rejection}"),
+                    errors: Vec::new(),
+                }
+            }
+        })
 }
 
 fn check_content_type(request: &Request) -> Result<(), ApiError> {

@@ -2,19 +2,23 @@
 
 use axum::Json;
 use axum::extract::{FromRequest, Multipart, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::ApiError;
 use super::errors::Problem;
 use super::form::{self, MailForm};
-use super::json::ApiJson;
+use super::json;
 use crate::app::AppState;
 use crate::caller::Caller;
 use crate::delivery::DeliveryError;
+use crate::idempotency::{Fingerprint, IdempotencyKey};
 use crate::message::{Mail, MailRequest, MessageLimits, OutgoingMail, UploadedFile};
-use crate::smtp::SmtpErrorKind;
+use crate::rate_limit::Reservation;
+use crate::smtp::{SmtpError, SmtpErrorKind};
+use crate::telemetry::request_log;
 
 /// Mails whose attachments are larger than this are encoded on the blocking pool, so that
 /// base64 of megabytes does not stall other requests on the same worker.
@@ -40,10 +44,13 @@ pub struct MailAccepted {
 /// Answers 202 only after the SMTP server accepted the mail (250 after DATA). Bcc recipients
 /// go into the envelope only. The relay sets `Message-ID` and `Date`.
 #[utoipa::path(post, path = "/mail", tag = "mail", security(("bearer" = [])),
+    params(("Idempotency-Key" = Option<String>, Header,
+        description = "1 to 255 visible ASCII characters (a UUID is best). A retry with the same key and body returns the first answer (marked `Idempotent-Replayed: true`) without sending again.")),
     request_body(description = "The mail: JSON with base64 attachments, or a form with a `mail` JSON part and file parts",
         content((MailRequest = "application/json"), (MailForm = "multipart/form-data"))),
     responses(
-        (status = 202, description = "The SMTP server accepted the mail", body = MailAccepted),
+        (status = 202, description = "The SMTP server accepted the mail", body = MailAccepted,
+            headers(("Idempotent-Replayed" = bool, description = "`true` when this is the stored answer to an earlier request with the same Idempotency-Key"))),
         (status = 400, description = "`invalid_request`: malformed JSON, or invalid fields, each listed in `errors`; `too_many_recipients`: more than `mailRelay.limits.maxRecipients` in to + cc + bcc",
             body = Problem, content_type = "application/problem+json",
             example = json!({"type": "https://mail-relay.dev/problems/invalid_request", "title": "Invalid request", "status": 400,
@@ -55,7 +62,10 @@ pub struct MailAccepted {
         (status = 403, description = "`send_as_denied`: the caller may not send as the From address (the relay's policy), or Exchange answered SendAsDenied; the detail names the caller, the address and what an administrator must change", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`payload_too_large`: the body is over `mailRelay.limits.maxBodyBytes`, or the encoded mail over `mailRelay.limits.maxMessageBytes` (or the server's limit)", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`: the body is neither `application/json` nor `multipart/form-data`", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited`: the mailbox's sending quota is used up; see `Retry-After`", body = Problem, content_type = "application/problem+json",
+        (status = 409, description = "`idempotency_in_progress`: a request with this Idempotency-Key is still running; retry after `Retry-After` to get its answer", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 422, description = "`idempotency_key_reused`: this Idempotency-Key came with a different request; use a new key for a new mail", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited`: a rate limit of the relay (`mailRelay.rateLimits.*`, Exchange's 30 mails a minute and 10,000 recipients a day per mailbox) or Exchange's own quota; nothing was sent; see `Retry-After`", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
         (status = 500, description = "`internal_error`: see the logs under the request id", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "`smtp_auth_failed`, `smtp_auth_disabled` (the relay's SMTP login was refused; an administrator must act) or `smtp_rejected` (the server refused the mail for good; the detail has its reply)", body = Problem, content_type = "application/problem+json"),
@@ -65,6 +75,25 @@ pub struct MailAccepted {
 pub async fn send_mail(
     State(state): State<AppState>,
     caller: Caller,
+    headers: HeaderMap,
+    submission: Submission,
+) -> Result<Response, ApiError> {
+    request_log::note_caller(&caller);
+    let key = IdempotencyKey::from_headers(&headers)?;
+    let fingerprint = submission.fingerprint;
+    let answer = state
+        .idempotency
+        .run(&caller, key, fingerprint, || async {
+            deliver(&state, &caller, submission).await.into_response()
+        })
+        .await?;
+    Ok(answer)
+}
+
+/// Validate, check send-as, build, take the rate-limit quota, hand over.
+async fn deliver(
+    state: &AppState,
+    caller: &Caller,
     submission: Submission,
 ) -> Result<(StatusCode, Json<MailAccepted>), ApiError> {
     let limits = MessageLimits::from(&state.settings.relay.limits);
@@ -72,27 +101,26 @@ pub async fn send_mail(
         .request
         .validate_with_files(&limits, submission.files)?;
     let from = mail.from.address.clone();
-    state.send_as.check(&caller, from.as_str())?;
+    request_log::note_from(from.as_str());
+    state.send_as.check(caller, from.as_str())?;
     let outgoing = build(mail, limits).await?;
+    let quota = state
+        .rate_limits
+        .reserve(caller, outgoing.envelope.to().len())
+        .await?;
     let receipt = match state.sender.send(&outgoing).await {
-        Ok(receipt) => receipt,
-        Err(DeliveryError::Smtp(e)) if e.kind() == SmtpErrorKind::SendAsDenied => {
-            let reply = e.reply().map_or_else(|| e.to_string(), ToString::to_string);
-            return Err(state
-                .send_as
-                .remember_exchange_denial(from.as_str(), &reply)
-                .into());
+        Ok(receipt) => {
+            quota.keep();
+            receipt
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(refused(state, e, quota, from.as_str()).await),
     };
-    tracing::info!(
-        caller = caller.kind(),
-        from_domain = from.domain(),
-        mail_id = %outgoing.id,
-        message_id = %outgoing.message_id,
-        recipients = receipt.accepted.len(),
-        bytes = outgoing.formatted.len(),
-        "mail accepted"
+    // The request's one log line carries these, with the caller and the From domain.
+    request_log::note_mail(
+        &outgoing.id,
+        &outgoing.message_id,
+        receipt.accepted.len(),
+        outgoing.formatted.len(),
     );
     Ok((
         StatusCode::ACCEPTED,
@@ -104,10 +132,44 @@ pub async fn send_mail(
     ))
 }
 
+/// What a failed hand-over means beyond its answer: quota back unless the server may have
+/// the mail, Exchange's quota and send-as refusals remembered.
+async fn refused(
+    state: &AppState,
+    error: DeliveryError,
+    quota: Reservation,
+    from: &str,
+) -> ApiError {
+    // Failures an administrator must fix (login, TLS, token) are mailed to them, at most hourly.
+    state.admin.send_failure(&error);
+    let smtp = match &error {
+        DeliveryError::Smtp(e) => Some(e),
+        _ => None,
+    };
+    if smtp.is_some_and(SmtpError::outcome_unknown) {
+        quota.keep();
+    } else {
+        state.rate_limits.refund(quota).await;
+    }
+    match smtp.map(SmtpError::kind) {
+        Some(SmtpErrorKind::QuotaExceeded) => state.rate_limits.mailbox_quota_exceeded().await,
+        Some(SmtpErrorKind::SendAsDenied) => {
+            let reply = smtp
+                .and_then(SmtpError::reply)
+                .map_or_else(|| error.to_string(), ToString::to_string);
+            return state.send_as.remember_exchange_denial(from, &reply).into();
+        }
+        _ => {}
+    }
+    error.into()
+}
+
 /// The request as sent: JSON, or a form with files beside it.
 pub struct Submission {
     request: MailRequest,
     files: Vec<UploadedFile>,
+    /// What makes two requests "the same" for Idempotency-Key.
+    fingerprint: Fingerprint,
 }
 
 impl FromRequest<AppState> for Submission {
@@ -131,13 +193,19 @@ impl FromRequest<AppState> for Submission {
                     errors: Vec::new(),
                 }
             })?;
-            let (request, files) = form::read(form_data, &state.settings.relay.limits).await?;
-            return Ok(Self { request, files });
-        }
-        match ApiJson::<MailRequest>::from_request(request, state).await {
-            Ok(ApiJson(request)) => Ok(Self {
+            let (request, files, fingerprint) =
+                form::read(form_data, &state.settings.relay.limits).await?;
+            return Ok(Self {
                 request,
+                files,
+                fingerprint,
+            });
+        }
+        match json::body(request, state).await {
+            Ok(bytes) => Ok(Self {
+                request: json::parse(&bytes)?,
                 files: Vec::new(),
+                fingerprint: Fingerprint::of(&bytes),
             }),
             Err(ApiError::UnsupportedMediaType(_)) => Err(ApiError::UnsupportedMediaType(format!(
                 "POST /mail takes Content-Type application/json or multipart/form-data (got {})",
@@ -160,7 +228,7 @@ async fn build(mail: Mail, limits: MessageLimits) -> Result<OutgoingMail, ApiErr
     tokio::task::spawn_blocking(move || mail.build(&limits))
         .await
         .map_err(|e| {
-            tracing::error!(error = %e, "building the message panicked");
+            request_log::note_cause_text(format!("building the message panicked: {e}"));
             ApiError::Internal
         })?
         .map_err(ApiError::from)

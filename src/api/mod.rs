@@ -6,6 +6,7 @@ pub mod form;
 pub mod health;
 pub mod json;
 pub mod mail;
+pub mod metrics;
 pub mod openapi;
 
 pub use errors::ApiError;

@@ -1,10 +1,12 @@
 //! The OpenAPI document, generated from the code; `openapi/openapi.json` is its committed copy.
 
 use axum::Json;
+use axum::extract::State;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{errors, form, health, mail};
+use super::{errors, form, health, mail, metrics};
+use crate::app::AppState;
 use crate::message;
 
 #[derive(OpenApi)]
@@ -14,7 +16,7 @@ use crate::message;
         description = "HTTP-to-SMTP relay for Microsoft 365: sends mail through Exchange Online with OAuth2 (SASL XOAUTH2).",
         license(name = "MIT OR Apache-2.0"),
     ),
-    paths(health::live, health::ready, mail::send_mail, openapi_json),
+    paths(health::live, health::ready, metrics::metrics, mail::send_mail, openapi_json),
     components(schemas(
         errors::Problem,
         errors::FieldError,
@@ -67,6 +69,15 @@ pub fn document_json() -> String {
 /// This OpenAPI document.
 #[utoipa::path(get, path = "/openapi.json", tag = "meta",
     responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")))]
-pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+pub async fn openapi_json(State(state): State<AppState>) -> Json<utoipa::openapi::OpenApi> {
+    Json(document_for(&state.settings.relay.http.base_path))
+}
+
+/// The document as served under `base_path`: the paths stay relative, a `servers` entry adds the prefix.
+pub fn document_for(base_path: &str) -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    if !base_path.is_empty() {
+        doc.servers = Some(vec![utoipa::openapi::Server::new(base_path)]);
+    }
+    doc
 }

@@ -44,7 +44,7 @@ fn scalar_text(value: &Value) -> Option<String> {
 }
 
 /// A list of single values at `key`; a lone value counts as a list of one.
-fn string_list(ctx: &mut Ctx<'_>, key: &str, value: &Value) -> Vec<String> {
+pub(super) fn string_list(ctx: &mut Ctx<'_>, key: &str, value: &Value) -> Vec<String> {
     match value {
         Value::Null => Vec::new(),
         Value::Array(items) => items

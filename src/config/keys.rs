@@ -84,6 +84,16 @@ pub const KEYS: &[KeySpec] = &[
     plain("mailRelay.rateLimits.callerMessagesPerMinute"),
     plain("mailRelay.idempotency.ttlSeconds"),
     plain("mailRelay.idempotency.maxEntries"),
+    plain("mailRelay.http.basePath"),
+    plain("mailRelay.http.forwardedHeader"),
+    plain("mailRelay.shutdown.drainDelaySeconds"),
+    plain("mailRelay.shutdown.deadlineSeconds"),
+    plain("mailRelay.adminMail.enabled"),
+    plain("mailRelay.adminMail.from"),
+    plain("mailRelay.metrics.address"),
+    plain("mailRelay.metrics.port"),
+    plain("mailRelay.log.format"),
+    plain("mailRelay.log.level"),
 ];
 
 /// Sections under `mailRelay` that hold lists or maps (API keys, policies): the loader hands
@@ -97,6 +107,8 @@ pub const SUBTREES: &[&str] = &[
     "mailRelay.sendAs.groups",
     "mailRelay.sendAs.exchangeGrants",
     "mailRelay.cors.allowedOrigins",
+    "mailRelay.http.trustedProxies",
+    "mailRelay.adminMail.recipients",
 ];
 
 /// Suffix of the sibling key that names a file holding the value (`oAuthClientSecretFile`).

@@ -3,7 +3,10 @@
 use std::fmt::Write as _;
 
 use super::resolve::{Origin, Resolved};
-use super::{ClientCredential, Delivery, Encryption, Settings, SmtpAuthentication};
+use super::{
+    ClientCredential, Delivery, Encryption, ForwardedHeader, LogFormat, Settings,
+    SmtpAuthentication,
+};
 
 const MASK: &str = "****";
 
@@ -219,6 +222,25 @@ pub fn render(settings: &Settings, values: &Resolved) -> String {
         "mailRelay.limits.requestTimeoutSeconds",
         secs(r.limits.request_timeout),
     );
+    out.section(2, "metrics");
+    let listen = r.metrics.listen;
+    out.line(
+        4,
+        "mailRelay.metrics.address",
+        listen.map(|l| quote(&l.ip().to_string())),
+    );
+    out.line(
+        4,
+        "mailRelay.metrics.port",
+        listen.map(|l| l.port().to_string()),
+    );
+    out.section(2, "log");
+    let format = match r.log.format {
+        LogFormat::Json => "json",
+        LogFormat::Text => "text",
+    };
+    out.line(4, "mailRelay.log.format", Some(format.to_string()));
+    out.line(4, "mailRelay.log.level", Some(quote(&r.log.filter)));
     render_callers(&mut out, settings);
     render_rate_limits(&mut out, settings);
     out.text
@@ -343,4 +365,43 @@ fn render_callers(out: &mut Out<'_>, settings: &Settings) {
         .filter_map(|o| o.to_str().ok())
         .collect();
     out.plain(4, "allowedOrigins", &flow_list(origins));
+    let http = &settings.relay.http;
+    out.section(2, "http");
+    out.line(
+        4,
+        "mailRelay.http.basePath",
+        (!http.base_path.is_empty()).then(|| quote(&http.base_path)),
+    );
+    let proxies: Vec<String> = http
+        .trusted_proxies
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    out.plain(4, "trustedProxies", &flow_list(proxies));
+    let header = match http.forwarded_header {
+        ForwardedHeader::XForwardedFor => "X-Forwarded-For",
+        ForwardedHeader::Forwarded => "Forwarded",
+    };
+    out.line(4, "mailRelay.http.forwardedHeader", Some(quote(header)));
+    let shutdown = &settings.relay.shutdown;
+    out.section(2, "shutdown");
+    out.line(
+        4,
+        "mailRelay.shutdown.drainDelaySeconds",
+        Some(shutdown.drain_delay.as_secs().to_string()),
+    );
+    out.line(
+        4,
+        "mailRelay.shutdown.deadlineSeconds",
+        secs(shutdown.deadline),
+    );
+    out.section(2, "adminMail");
+    match &settings.relay.admin_mail {
+        None => out.line(4, "mailRelay.adminMail.enabled", Some("false".into())),
+        Some(admin) => {
+            out.line(4, "mailRelay.adminMail.enabled", Some("true".into()));
+            out.line(4, "mailRelay.adminMail.from", Some(quote(&admin.from)));
+            out.plain(4, "recipients", &flow_list(&admin.recipients));
+        }
+    }
 }

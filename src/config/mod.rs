@@ -9,7 +9,9 @@ pub mod cipher;
 mod keys;
 mod load;
 mod mask;
+mod observe;
 mod placeholders;
+mod proxy;
 mod raw;
 mod resolve;
 mod validate;
@@ -137,6 +139,102 @@ pub struct RelaySettings {
     pub cors: CorsSettings,
     pub rate_limits: RateLimitSettings,
     pub idempotency: IdempotencySettings,
+    pub http: HttpSettings,
+    pub shutdown: ShutdownSettings,
+    /// `mailRelay.adminMail`: notices to administrators; `None` when off (the default).
+    pub admin_mail: Option<AdminMailSettings>,
+    pub metrics: MetricsSettings,
+    pub log: LogSettings,
+}
+
+/// `mailRelay.http.*`: how the relay sits behind a reverse proxy.
+#[derive(Debug, Clone, Default)]
+pub struct HttpSettings {
+    /// Path prefix every route is served under (`/osweb/mail`); empty for the root.
+    /// Starts with `/`, has no trailing `/` and no `..`.
+    pub base_path: String,
+    /// Proxies whose forwarding header is believed (CIDRs); none by default.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Which header those proxies report the client in.
+    pub forwarded_header: ForwardedHeader,
+}
+
+/// `mailRelay.http.forwardedHeader`: the one header the trusted proxies maintain.
+///
+/// Only one is read: a proxy that appends to one passes the other through untouched, so a
+/// client could put any address into it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For: client, proxy1` (nginx's `$proxy_add_x_forwarded_for`).
+    #[default]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded: for=client;proto=https, for=proxy1`.
+    Forwarded,
+}
+
+/// `mailRelay.shutdown.*`: graceful drain on SIGTERM.
+#[derive(Debug, Clone)]
+pub struct ShutdownSettings {
+    /// How long requests are still accepted after SIGTERM, while readiness already says 503.
+    pub drain_delay: Duration,
+    /// From SIGTERM to exit at the latest; what still runs then is abandoned and the exit is non-zero.
+    pub deadline: Duration,
+}
+
+impl Default for ShutdownSettings {
+    /// 5 s of drain delay; a 70 s deadline, so a send accepted at the end of the delay still
+    /// has the default `sendDeadlineSeconds` (60) to finish.
+    fn default() -> Self {
+        Self {
+            drain_delay: Duration::from_secs(5),
+            deadline: Duration::from_secs(70),
+        }
+    }
+}
+
+/// `mailRelay.metrics`: where `GET /metrics` is served.
+#[derive(Debug, Clone, Default)]
+pub struct MetricsSettings {
+    /// A listener of its own (`address` and `port`), the only place `/metrics` is served then;
+    /// `None` serves it on the main listener.
+    pub listen: Option<SocketAddr>,
+}
+
+/// `mailRelay.log`: how log lines look and which are written.
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A `RUST_LOG`-style filter, e.g. `info` or `info,mail_relay=debug`.
+    pub filter: String,
+}
+
+impl Default for LogSettings {
+    /// JSON lines at `info`: what log collectors in containers expect.
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Json,
+            filter: "info".to_string(),
+        }
+    }
+}
+
+/// `mailRelay.adminMail`: who gets the relay's notices (start, stop, sends failing for a
+/// configuration reason), and from which address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminMailSettings {
+    /// The sender: `smtpUsername` itself, the one address the SMTP mailbox may always use.
+    pub from: String,
+    /// At least one address.
+    pub recipients: Vec<String>,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object a line.
+    Json,
+    /// Human-readable lines.
+    Text,
 }
 
 /// `mailRelay.delivery`: where accepted mail goes.

@@ -13,13 +13,14 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use secrecy::SecretString;
 use url::Url;
 
-use super::callers;
+use super::observe;
 use super::resolve::Resolved;
 use super::{
-    ClientCredential, Delivery, Encryption, IdempotencySettings, Limits, OAuthSettings,
-    RateLimitSettings, RelaySettings, SendEmailSettings, ServerSettings, SettingError, Settings,
-    SmtpAuthentication, SmtpTuning, keys,
+    AdminMailSettings, ClientCredential, Delivery, Encryption, IdempotencySettings, Limits,
+    OAuthSettings, RateLimitSettings, RelaySettings, SendEmailSettings, ServerSettings,
+    SettingError, Settings, SmtpAuthentication, SmtpTuning, keys,
 };
+use super::{callers, proxy};
 
 pub const DEFAULT_TOKEN_ENDPOINT: &str =
     "https://login.microsoftonline.com/#TenantID#/oauth2/v2.0/token";
@@ -177,6 +178,11 @@ pub fn validate(values: &Resolved) -> (Result<Settings, Vec<SettingError>>, Vec<
     relay.auth = callers::auth(&mut ctx, smtp);
     relay.send_as = callers::send_as(&mut ctx);
     relay.cors = callers::cors(&mut ctx);
+    relay.http = proxy::http(&mut ctx);
+    relay.shutdown = proxy::shutdown(&mut ctx);
+    relay.admin_mail = admin_mail(&mut ctx, &send_email);
+    relay.metrics = observe::metrics(&mut ctx, server.address);
+    relay.log = observe::log(&mut ctx);
     let settings = Settings {
         server,
         send_email,
@@ -288,6 +294,11 @@ fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
         cors: Default::default(),
         rate_limits: rate_limits(ctx),
         idempotency: idempotency(ctx),
+        http: Default::default(),
+        shutdown: Default::default(),
+        admin_mail: None,
+        metrics: Default::default(),
+        log: Default::default(),
     }
 }
 
@@ -366,6 +377,82 @@ fn check_rate_limits(ctx: &mut Ctx<'_>, relay: &RelaySettings, send_email: &Send
             "{RATE_LIMITS}.mailboxRecipientsPerDay allows more than Exchange Online's {EXCHANGE_RECIPIENTS_PER_DAY} recipients per day per mailbox: past it Exchange refuses every mail for up to a day (SubmissionQuotaExceeded); use {EXCHANGE_RECIPIENTS_PER_DAY} or less"
         ));
     }
+}
+
+const ADMIN_ENABLED: &str = "mailRelay.adminMail.enabled";
+const ADMIN_FROM: &str = "mailRelay.adminMail.from";
+const ADMIN_RECIPIENTS: &str = "mailRelay.adminMail.recipients";
+
+/// `mailRelay.adminMail`; present values are checked even when it is off.
+fn admin_mail(ctx: &mut Ctx<'_>, send_email: &SendEmailSettings) -> Option<AdminMailSettings> {
+    let enabled = ctx.one_of(
+        ADMIN_ENABLED,
+        false,
+        &[("true", true), ("false", false)],
+        "true, false",
+    );
+    let tree = ctx
+        .values
+        .subtrees
+        .get(ADMIN_RECIPIENTS)
+        .cloned()
+        .unwrap_or(serde_json::Value::Null);
+    let recipients: Vec<String> = callers::string_list(ctx, ADMIN_RECIPIENTS, &tree)
+        .into_iter()
+        .filter(|address| {
+            let ok = is_address(address);
+            if !ok {
+                ctx.error(
+                    ADMIN_RECIPIENTS,
+                    format!("{address:?} is not an e-mail address; list addresses such as ops@contoso.com"),
+                );
+            }
+            ok
+        })
+        .collect();
+    let username = send_email.smtp_authentication.username().map(str::to_owned);
+    let from = ctx.text(ADMIN_FROM).map(str::to_owned);
+    if let (Some(from), Some(username)) = (&from, &username)
+        && !from.eq_ignore_ascii_case(username)
+    {
+        // Exchange lets the SMTP mailbox send as itself; any other From needs a Send As
+        // grant, and a refused notice would go unseen.
+        ctx.error(
+            ADMIN_FROM,
+            format!(
+                "{from:?} differs from {SE}.smtpUsername ({username:?}): {ADMIN_FROM} must equal {SE}.smtpUsername, the mailbox the relay logs in as (leave {ADMIN_FROM} out to use it)"
+            ),
+        );
+    }
+    if !enabled {
+        return None;
+    }
+    if recipients.is_empty() && !ctx.values.failed.contains(ADMIN_RECIPIENTS) {
+        ctx.error(
+            ADMIN_RECIPIENTS,
+            format!("is required when {ADMIN_ENABLED} is true: list the administrators' addresses, e.g. [ops@contoso.com]"),
+        );
+    }
+    let from = match from.or(username) {
+        Some(from) if is_address(&from) => from,
+        Some(from) => {
+            ctx.error(
+                ADMIN_FROM,
+                format!(
+                    "{from:?} is not an e-mail address; {ADMIN_FROM} must equal {SE}.smtpUsername"
+                ),
+            );
+            return None;
+        }
+        None => {
+            ctx.error(
+                ADMIN_FROM,
+                format!("is required when {ADMIN_ENABLED} is true and {SE}.smtpUsername is not set: give the address the notices come from"),
+            );
+            return None;
+        }
+    };
+    (!recipients.is_empty()).then_some(AdminMailSettings { from, recipients })
 }
 
 fn check_ca_file(ctx: &mut Ctx<'_>, path: &Path) {

@@ -41,4 +41,9 @@ pub trait MailSender: Send + Sync + 'static {
 
     /// Finish politely at shutdown (e.g. QUIT idle SMTP connections); sends in flight finish.
     async fn close(&self) {}
+
+    /// The SMTP pool's state, for health and metrics; `None` for senders without one.
+    fn smtp_state(&self) -> Option<crate::smtp::SmtpState> {
+        None
+    }
 }

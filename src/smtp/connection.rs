@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::AsyncSmtpConnection;
+use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream};
 use lettre::transport::smtp::commands::{Data, Mail, Noop, Quit, Rcpt, Rset};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::{Code, Response};
@@ -72,56 +72,91 @@ impl Connector {
     #[tracing::instrument(name = "smtp_connect", skip_all, fields(server = %self.server()))]
     pub async fn open(&self, token: Option<&AccessToken>) -> Result<Connection, SmtpError> {
         let tcp = self.connect_tcp().await?;
-        let hello = &self.hello;
         let mut connection = match (self.encryption, &self.tls) {
-            (Encryption::Ssl, Some(tls)) => {
-                let tls_stream = self
-                    .timed(
-                        Stage::Connect,
-                        self.connect_timeout,
-                        tls.implicit.connect(tls.server_name.clone(), tcp),
-                    )
-                    .await?
-                    .map_err(|e| self.tls_error(Stage::Connect, &e))?;
-                self.timed(
-                    Stage::Greeting,
-                    self.command_timeout,
-                    AsyncSmtpConnection::connect_with_transport(
-                        Box::new(ImplicitTls(tls_stream)),
-                        hello,
-                    ),
-                )
-                .await?
-                .map_err(|e| self.lettre_error(e, Stage::Greeting))?
+            (Encryption::Ssl, Some(_)) => {
+                let tls_stream = self.implicit_tls(tcp).await?;
+                self.greet(Box::new(ImplicitTls(tls_stream))).await?
             }
-            _ => self
-                .timed(
-                    Stage::Greeting,
-                    self.command_timeout,
-                    AsyncSmtpConnection::connect_with_transport(Box::new(tcp), hello),
-                )
-                .await?
-                .map_err(|e| self.lettre_error(e, Stage::Greeting))?,
+            _ => self.greet(Box::new(tcp)).await?,
         };
-        if let (Encryption::Tls, Some(tls)) = (self.encryption, &self.tls) {
-            // STARTTLS is required: never fall back to plain text.
-            if !connection.can_starttls() {
-                connection.abort().await;
-                return Err(SmtpError::Unsupported {
-                    server: self.server(),
-                    detail: "does not offer STARTTLS, which smtpEncryption TLS requires \
-                             (use SSL for an implicit-TLS port)"
-                        .into(),
-                });
-            }
-            self.timed(
-                Stage::StartTls,
-                self.command_timeout,
-                connection.starttls(tls.starttls.clone(), hello),
-            )
-            .await?
-            .map_err(|e| self.lettre_error(e, Stage::StartTls))?;
+        if let (Encryption::Tls, Some(_)) = (self.encryption, &self.tls) {
+            self.starttls(&mut connection).await?;
         }
+        self.login(connection, token).await
+    }
+
+    // The steps of `open`, one by one, for `mail-relay diagnose`.
+
+    /// Implicit TLS (`smtpEncryption: SSL`) on a fresh socket, before the greeting.
+    pub(crate) async fn implicit_tls(
+        &self,
+        tcp: TcpStream,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, SmtpError> {
+        let Some(tls) = &self.tls else {
+            return Err(SmtpError::Setup {
+                key: "featureSwitches.sendEmail.smtpEncryption",
+                message: "implicit TLS asked for without TLS settings".into(),
+            });
+        };
+        self.timed(
+            Stage::Connect,
+            self.connect_timeout,
+            tls.implicit.connect(tls.server_name.clone(), tcp),
+        )
+        .await?
+        .map_err(|e| self.tls_error(Stage::Connect, &e))
+    }
+
+    /// Reads the server's greeting and says EHLO.
+    pub(crate) async fn greet(
+        &self,
+        stream: Box<dyn AsyncTokioStream>,
+    ) -> Result<AsyncSmtpConnection, SmtpError> {
+        self.timed(
+            Stage::Greeting,
+            self.command_timeout,
+            AsyncSmtpConnection::connect_with_transport(stream, &self.hello),
+        )
+        .await?
+        .map_err(|e| self.lettre_error(e, Stage::Greeting))
+    }
+
+    /// STARTTLS (required: a server not offering it is an error, never a fall-back to plain
+    /// text), then EHLO again over TLS.
+    pub(crate) async fn starttls(
+        &self,
+        connection: &mut AsyncSmtpConnection,
+    ) -> Result<(), SmtpError> {
+        let Some(tls) = &self.tls else {
+            return Err(SmtpError::Setup {
+                key: "featureSwitches.sendEmail.smtpEncryption",
+                message: "STARTTLS asked for without TLS settings".into(),
+            });
+        };
+        if !connection.can_starttls() {
+            connection.abort().await;
+            return Err(SmtpError::Unsupported {
+                server: self.server(),
+                detail: "does not offer STARTTLS, which smtpEncryption TLS requires \
+                         (use SSL for an implicit-TLS port)"
+                    .into(),
+            });
+        }
+        self.timed(
+            Stage::StartTls,
+            self.command_timeout,
+            connection.starttls(tls.starttls.clone(), &self.hello),
+        )
+        .await?
+        .map_err(|e| self.lettre_error(e, Stage::StartTls))
+    }
+
+    /// Logs in as the settings say; a refused login ends the session with QUIT.
+    pub(crate) async fn login(
+        &self,
+        connection: AsyncSmtpConnection,
+        token: Option<&AccessToken>,
+    ) -> Result<Connection, SmtpError> {
         let mut connection = Connection {
             inner: connection,
             token: None,
@@ -154,7 +189,7 @@ impl Connector {
         }
     }
 
-    async fn connect_tcp(&self) -> Result<TcpStream, SmtpError> {
+    pub(crate) async fn connect_tcp(&self) -> Result<TcpStream, SmtpError> {
         let addresses: Vec<SocketAddr> = self
             .timed(
                 Stage::Connect,

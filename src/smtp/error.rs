@@ -225,6 +225,18 @@ impl SmtpError {
         }
     }
 
+    /// A failure after the whole message was sent, with no reply: the server may have taken
+    /// the mail, and sending it again could deliver it twice.
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            Self::Connection { stage, .. } => *stage == Stage::EndOfData,
+            Self::Deadline {
+                last: Some(last), ..
+            } => last.outcome_unknown(),
+            _ => false,
+        }
+    }
+
     /// Whether the connection it happened on can take the next mail (after `RSET`):
     /// the server refused one transaction, not the session.
     pub(crate) fn leaves_connection_usable(&self) -> bool {

@@ -53,3 +53,7 @@ mod tls;
 pub use classify::{EnhancedCode, SmtpErrorKind, classify, parse_enhanced};
 pub use error::{SmtpError, SmtpReply, Stage};
 pub use sender::{SmtpSender, SmtpState};
+
+// The steps of opening a connection, for `mail-relay diagnose`.
+pub(crate) use connection::{Connection, Connector};
+pub(crate) use tls::ImplicitTls;

@@ -11,7 +11,7 @@ use rand::Rng as _;
 
 use super::classify::SmtpErrorKind;
 use super::connection::{Connection, Connector, Login};
-use super::error::{SmtpError, Stage};
+use super::error::SmtpError;
 use super::pool::Pool;
 use super::tls::TlsSetup;
 use crate::config::{Encryption, Settings, SmtpAuthentication};
@@ -68,7 +68,6 @@ impl SmtpSender {
         settings: &Settings,
         tokens: Option<Arc<dyn TokenProvider>>,
     ) -> Result<Self, SmtpError> {
-        let email = &settings.send_email;
         let tuning = &settings.relay.smtp;
         if tuning.max_connections == 0 {
             return Err(SmtpError::Setup {
@@ -76,76 +75,7 @@ impl SmtpSender {
                 message: "must be at least 1 (Exchange Online allows 3 per mailbox)".into(),
             });
         }
-        let login = match &email.smtp_authentication {
-            SmtpAuthentication::None => Login::None,
-            SmtpAuthentication::Basic { username, password } => Login::Basic {
-                username: username.clone(),
-                password: password.clone(),
-            },
-            SmtpAuthentication::MsOAuth { username, .. } => {
-                if tokens.is_none() {
-                    return Err(SmtpError::Setup {
-                        key: "featureSwitches.sendEmail.smtpAuthentication",
-                        message: "MS_OAUTH needs the token cache, and none was given".into(),
-                    });
-                }
-                Login::XOAuth2 {
-                    username: username.clone(),
-                }
-            }
-        };
-        if email.smtp_encryption == Encryption::None
-            && !matches!(login, Login::None)
-            && !is_loopback(&email.smtp_server)
-        {
-            return Err(SmtpError::Setup {
-                key: "featureSwitches.sendEmail.smtpEncryption",
-                message: format!(
-                    "NONE would send the credentials in clear text to {}: use TLS (STARTTLS) \
-                     or SSL; NONE is allowed only with smtpAuthentication NONE or on loopback",
-                    email.smtp_server
-                ),
-            });
-        }
-        if email.smtp_encryption == Encryption::Ssl
-            && email
-                .smtp_server
-                .to_ascii_lowercase()
-                .ends_with("office365.com")
-        {
-            tracing::warn!(
-                server = %email.smtp_server,
-                "smtpEncryption SSL (implicit TLS) does not work with Exchange Online, which \
-                 offers only STARTTLS on port 587: use smtpEncryption TLS"
-            );
-        }
-        let tls = match email.smtp_encryption {
-            Encryption::None => None,
-            Encryption::Ssl | Encryption::Tls => Some(TlsSetup::new(
-                &email.smtp_server,
-                tuning.ca_file.as_deref(),
-            )?),
-        };
-        let hello = match &tuning.hello_name {
-            Some(name) => match name.parse::<IpAddr>() {
-                Ok(IpAddr::V4(ip)) => ClientId::Ipv4(ip),
-                Ok(IpAddr::V6(ip)) => ClientId::Ipv6(ip),
-                Err(_) => ClientId::Domain(name.clone()),
-            },
-            None => ClientId::default(),
-        };
-        let connector = Connector {
-            host: email.smtp_server.clone(),
-            port: email.smtp_port,
-            encryption: email.smtp_encryption,
-            login,
-            tls,
-            hello,
-            source_address: tuning.source_address,
-            connect_timeout: tuning.connect_timeout,
-            command_timeout: tuning.command_timeout,
-            open: Arc::new(AtomicUsize::new(0)),
-        };
+        let connector = Connector::from_settings(settings, tokens.is_some())?;
         let inner = Arc::new(Inner {
             connector,
             pool: Pool::new(tuning.max_connections),
@@ -173,7 +103,8 @@ impl SmtpSender {
             }
             Err(error) => {
                 self.inner.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(kind = %error.kind(), error = %error, "SMTP send failed");
+                // The request's own log line reports the failure (once); this is detail.
+                tracing::debug!(kind = %error.kind(), error = %error, "SMTP send failed");
                 *self.inner.last_error() = Some((SystemTime::now(), error.to_string()));
             }
         }
@@ -212,6 +143,10 @@ impl MailSender for SmtpSender {
 
     async fn close(&self) {
         SmtpSender::close(self).await;
+    }
+
+    fn smtp_state(&self) -> Option<SmtpState> {
+        Some(self.state())
     }
 }
 
@@ -256,7 +191,7 @@ impl Inner {
             }
             if !error.is_transient()
                 || matches!(error, SmtpError::Token(_))
-                || outcome_unknown(&error)
+                || error.outcome_unknown()
             {
                 // Token errors: the cache does its own retrying.
                 return Err(error);
@@ -344,6 +279,85 @@ impl Inner {
     }
 }
 
+impl Connector {
+    /// Everything needed to open connections to `featureSwitches.sendEmail`'s server; checks
+    /// the settings and prepares TLS. `has_tokens`: a token source exists (required for MS_OAUTH).
+    pub(crate) fn from_settings(settings: &Settings, has_tokens: bool) -> Result<Self, SmtpError> {
+        let email = &settings.send_email;
+        let tuning = &settings.relay.smtp;
+        let login = match &email.smtp_authentication {
+            SmtpAuthentication::None => Login::None,
+            SmtpAuthentication::Basic { username, password } => Login::Basic {
+                username: username.clone(),
+                password: password.clone(),
+            },
+            SmtpAuthentication::MsOAuth { username, .. } => {
+                if !has_tokens {
+                    return Err(SmtpError::Setup {
+                        key: "featureSwitches.sendEmail.smtpAuthentication",
+                        message: "MS_OAUTH needs the token cache, and none was given".into(),
+                    });
+                }
+                Login::XOAuth2 {
+                    username: username.clone(),
+                }
+            }
+        };
+        if email.smtp_encryption == Encryption::None
+            && !matches!(login, Login::None)
+            && !is_loopback(&email.smtp_server)
+        {
+            return Err(SmtpError::Setup {
+                key: "featureSwitches.sendEmail.smtpEncryption",
+                message: format!(
+                    "NONE would send the credentials in clear text to {}: use TLS (STARTTLS) \
+                     or SSL; NONE is allowed only with smtpAuthentication NONE or on loopback",
+                    email.smtp_server
+                ),
+            });
+        }
+        if email.smtp_encryption == Encryption::Ssl
+            && email
+                .smtp_server
+                .to_ascii_lowercase()
+                .ends_with("office365.com")
+        {
+            tracing::warn!(
+                server = %email.smtp_server,
+                "smtpEncryption SSL (implicit TLS) does not work with Exchange Online, which \
+                 offers only STARTTLS on port 587: use smtpEncryption TLS"
+            );
+        }
+        let tls = match email.smtp_encryption {
+            Encryption::None => None,
+            Encryption::Ssl | Encryption::Tls => Some(TlsSetup::new(
+                &email.smtp_server,
+                tuning.ca_file.as_deref(),
+            )?),
+        };
+        let hello = match &tuning.hello_name {
+            Some(name) => match name.parse::<IpAddr>() {
+                Ok(IpAddr::V4(ip)) => ClientId::Ipv4(ip),
+                Ok(IpAddr::V6(ip)) => ClientId::Ipv6(ip),
+                Err(_) => ClientId::Domain(name.clone()),
+            },
+            None => ClientId::default(),
+        };
+        Ok(Connector {
+            host: email.smtp_server.clone(),
+            port: email.smtp_port,
+            encryption: email.smtp_encryption,
+            login,
+            tls,
+            hello,
+            source_address: tuning.source_address,
+            connect_timeout: tuning.connect_timeout,
+            command_timeout: tuning.command_timeout,
+            open: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+}
+
 /// Quits connections that sat idle too long, so they do not hold one of the mailbox's
 /// few sessions for nothing. Ends when the sender is gone.
 async fn reap_idle(inner: Weak<Inner>) {
@@ -358,18 +372,6 @@ async fn reap_idle(inner: Weak<Inner>) {
             connection.quit().await;
         }
     }
-}
-
-/// A failure after the whole message was sent, with no reply: the server may have taken
-/// the mail, and sending it again could deliver it twice.
-fn outcome_unknown(error: &SmtpError) -> bool {
-    matches!(
-        error,
-        SmtpError::Connection {
-            stage: Stage::EndOfData,
-            ..
-        }
-    )
 }
 
 /// Exponential back-off with jitter; longer for Exchange's thread limit.
@@ -399,6 +401,7 @@ fn is_loopback(host: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::smtp::Stage;
 
     #[test]
     fn backoff_grows_and_stays_capped() {
@@ -429,8 +432,8 @@ mod tests {
             server: "s:1".into(),
             detail: "reset".into(),
         };
-        assert!(outcome_unknown(&lost));
+        assert!(lost.outcome_unknown());
         let refused = SmtpError::rejected(Stage::EndOfData, 451, "4.3.0 later");
-        assert!(!outcome_unknown(&refused));
+        assert!(!refused.outcome_unknown());
     }
 }

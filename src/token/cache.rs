@@ -156,6 +156,7 @@ struct Inner {
     flight: tokio::sync::Mutex<()>,
     wake: Arc<Notify>,
     fetches: AtomicU64,
+    failed_fetches: AtomicU64,
 }
 
 struct Current {
@@ -224,6 +225,7 @@ impl TokenCache {
                 flight: tokio::sync::Mutex::new(()),
                 wake: wake.clone(),
                 fetches: AtomicU64::new(0),
+                failed_fetches: AtomicU64::new(0),
             }),
             wake,
             refresher: OnceLock::new(),
@@ -307,6 +309,7 @@ impl TokenProvider for TokenCache {
             expires_at: valid.map(|t| t.expires_at()),
             last_error: state.last_failure.as_ref().map(ToString::to_string),
             fetch_count: self.inner.fetches.load(Ordering::Relaxed),
+            failed_fetches: self.inner.failed_fetches.load(Ordering::Relaxed),
         }
     }
 }
@@ -451,6 +454,7 @@ impl Inner {
                 Ok(token)
             }
             Err(error) => {
+                self.failed_fetches.fetch_add(1, Ordering::Relaxed);
                 state.failures += 1;
                 let delay = self.retry.delay(state.failures, &error);
                 state.next_attempt = Some(received + delay);

@@ -71,7 +71,10 @@ pub struct TokenState {
     pub has_token: bool,
     pub expires_at: Option<SystemTime>,
     pub last_error: Option<String>,
+    /// Requests to the token endpoint, failed ones included.
     pub fetch_count: u64,
+    /// Of those, the ones that failed.
+    pub failed_fetches: u64,
 }
 
 /// The shared token cache, as the SMTP side sees it.

@@ -52,6 +52,11 @@ pub fn test_settings(outbox: PathBuf) -> Settings {
             // Off, so tests that send many mails are not refused; rate-limit tests turn them on.
             rate_limits: RateLimitSettings::OFF,
             idempotency: Default::default(),
+            http: Default::default(),
+            shutdown: Default::default(),
+            admin_mail: None,
+            metrics: Default::default(),
+            log: Default::default(),
         },
     }
 }

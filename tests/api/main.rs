@@ -1,16 +1,22 @@
 //! Integration tests, compiled as one binary.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod admin_mail;
 mod auth;
 mod cli;
 mod config;
+mod diagnose;
+mod drain;
 mod e2e;
 mod entra;
 mod helpers;
 mod limits;
 mod mail;
+mod observe;
 pub mod peer;
 mod peer_smoke;
+pub mod process;
+mod proxy;
 mod server;
 mod smtp;
 mod token;

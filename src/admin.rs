@@ -1,0 +1,352 @@
+//! Administrative e-mails (`mailRelay.adminMail`): notices to the administrators at start-up,
+//! at shutdown, and when sends start failing for a reason only an administrator can fix.
+//!
+//! Notices go through the relay's own [`MailSender`] (the pool and the token cache), from
+//! `smtpUsername` (the one address the SMTP mailbox may always use). They never hold up a
+//! request: [`AdminNotifier::send_failure`] spawns a task and returns at once. A notice that
+//! cannot be sent is logged, never retried and never reported by another notice. A failure
+//! notice goes out at most once an hour, however many sends fail.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use crate::config::{AdminMailSettings, Settings};
+use crate::delivery::{DeliveryError, MailSender};
+use crate::message::{MailRequest, MessageLimits, OutgoingMail};
+use crate::smtp::{SmtpError, SmtpErrorKind};
+use crate::token::{Clock, SystemClock, TokenError};
+
+/// At most one failure notice per this interval.
+pub const FAILURE_NOTICE_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Sends the administrative notices; a no-op when `mailRelay.adminMail` is off. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct AdminNotifier {
+    inner: Option<Arc<Inner>>,
+}
+
+struct Inner {
+    settings: AdminMailSettings,
+    sender: Arc<dyn MailSender>,
+    limits: MessageLimits,
+    host: String,
+    clock: Arc<dyn Clock>,
+    /// When the last failure notice was started.
+    last_failure_notice: Mutex<Option<SystemTime>>,
+    /// Longest the shutdown notice may hold up the exit.
+    shutdown_wait: Duration,
+}
+
+/// The kind of notice, for subjects and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Notice {
+    Startup,
+    Shutdown,
+    Failure,
+}
+
+impl Notice {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Startup => "startup",
+            Self::Shutdown => "shutdown",
+            Self::Failure => "failure",
+        }
+    }
+}
+
+impl AdminNotifier {
+    /// From the settings: off unless `mailRelay.adminMail.enabled`.
+    pub fn new(settings: &Settings, sender: Arc<dyn MailSender>) -> Self {
+        Self::with_clock(settings, sender, Arc::new(SystemClock))
+    }
+
+    /// As [`AdminNotifier::new`], reading the time from `clock` (tests cross the hour without waiting).
+    pub fn with_clock(
+        settings: &Settings,
+        sender: Arc<dyn MailSender>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        let Some(admin) = &settings.relay.admin_mail else {
+            return Self::default();
+        };
+        let host = lettre::transport::smtp::extension::ClientId::default().to_string();
+        Self {
+            inner: Some(Arc::new(Inner {
+                settings: admin.clone(),
+                sender,
+                limits: MessageLimits::from(&settings.relay.limits),
+                host,
+                clock,
+                last_failure_notice: Mutex::new(None),
+                shutdown_wait: settings.relay.smtp.send_deadline,
+            })),
+        }
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// Mails the start-up notice in the background: version, host, address, and the effective
+    /// settings with secrets masked (`masked` is [`crate::config::Loaded::masked`]).
+    pub fn started(&self, masked: &str, listening: Option<SocketAddr>) {
+        let Some(inner) = &self.inner else { return };
+        let listening = listening.map_or_else(|| "an unknown address".into(), |a| a.to_string());
+        let subject = format!("mail-relay started on {}", inner.host);
+        let text = format!(
+            "mail-relay {version} started on {host} at {at}, listening on {listening}.\n\n\
+             Effective settings (secrets shown as ****):\n\n{masked}",
+            version = env!("CARGO_PKG_VERSION"),
+            host = inner.host,
+            at = httpdate::fmt_http_date(inner.clock.now()),
+        );
+        let inner = Arc::clone(inner);
+        tokio::spawn(async move { inner.send(Notice::Startup, subject, text).await });
+    }
+
+    /// Mails the shutdown notice and waits for it, at most `mailRelay.smtp.sendDeadlineSeconds`
+    /// (called after the last request, before the SMTP connections are closed).
+    pub async fn stopping(&self) {
+        let Some(inner) = &self.inner else { return };
+        let subject = format!("mail-relay stopping on {}", inner.host);
+        let text = format!(
+            "mail-relay {version} on {host} is shutting down at {at} (SIGTERM or Ctrl-C); \
+             requests in flight have finished.\n",
+            version = env!("CARGO_PKG_VERSION"),
+            host = inner.host,
+            at = httpdate::fmt_http_date(inner.clock.now()),
+        );
+        let send = inner.send(Notice::Shutdown, subject, text);
+        if tokio::time::timeout(inner.shutdown_wait, send)
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                notice = "shutdown",
+                "administrative notice not sent within mailRelay.smtp.sendDeadlineSeconds"
+            );
+        }
+    }
+
+    /// For the mail handler after a failed send: when `error` is one an administrator must
+    /// fix ([`needs_administrator`]) and no failure notice went out in the last hour, mails
+    /// one in the background. Returns at once; true when a notice was started.
+    pub fn send_failure(&self, error: &DeliveryError) -> bool {
+        let Some(inner) = &self.inner else {
+            return false;
+        };
+        if !needs_administrator(error) {
+            return false;
+        }
+        let now = inner.clock.now();
+        {
+            let mut last = inner
+                .last_failure_notice
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let recent = last.is_some_and(|at| {
+                now.duration_since(at)
+                    .is_ok_and(|since| since < FAILURE_NOTICE_INTERVAL)
+                    // A clock set back counts as recent: no burst of notices.
+                    || now < at
+            });
+            if recent {
+                tracing::debug!("failure notice already sent within the hour; not mailing again");
+                return false;
+            }
+            *last = Some(now);
+        }
+        let subject = format!(
+            "mail-relay on {}: sending fails ({})",
+            inner.host,
+            error_code(error)
+        );
+        let fix = error_fix(error);
+        let text = format!(
+            "mail-relay {version} on {host} could not send a mail at {at}, for a reason an \
+             administrator must fix:\n\n{error}\n\n{fix}\
+             Run `mail-relay diagnose --config <settings file>` on the host for a step-by-step check.\n\n\
+             Further failures are not mailed until {next}; the log has every one.\n",
+            version = env!("CARGO_PKG_VERSION"),
+            host = inner.host,
+            at = httpdate::fmt_http_date(now),
+            fix = fix.map_or_else(String::new, |fix| format!("What to do: {fix}\n\n")),
+            next = httpdate::fmt_http_date(now + FAILURE_NOTICE_INTERVAL),
+        );
+        let inner = Arc::clone(inner);
+        tokio::spawn(async move { inner.send(Notice::Failure, subject, text).await });
+        true
+    }
+}
+
+impl Inner {
+    async fn send(&self, notice: Notice, subject: String, text: String) {
+        let request = serde_json::json!({
+            "from": self.settings.from,
+            "to": self.settings.recipients,
+            "subject": subject,
+            "text": text,
+            // RFC 3834: auto-responders must not answer it.
+            "headers": {"Auto-Submitted": "auto-generated"},
+        });
+        let mail = serde_json::from_value::<MailRequest>(request)
+            .map_err(|e| e.to_string())
+            .and_then(|r| OutgoingMail::from_request(r, &self.limits).map_err(|e| e.to_string()));
+        let mail = match mail {
+            Ok(mail) => mail,
+            Err(error) => {
+                tracing::error!(notice = notice.as_str(), %error, "administrative notice could not be built");
+                return;
+            }
+        };
+        // Only logged: a notice about a failing notice would fail the same way.
+        match self.sender.send(&mail).await {
+            Ok(_) => tracing::info!(
+                notice = notice.as_str(),
+                message_id = %mail.message_id,
+                recipients = self.settings.recipients.len(),
+                "administrative notice sent"
+            ),
+            Err(error) => tracing::error!(
+                notice = notice.as_str(),
+                %error,
+                "administrative notice could not be sent"
+            ),
+        }
+    }
+}
+
+/// Failures an administrator must fix: the SMTP login refused or switched off, TLS or
+/// settings that cannot work, a server lacking what the settings need, or Entra ID refusing
+/// the token request for a reason that will not pass by itself.
+pub fn needs_administrator(error: &DeliveryError) -> bool {
+    match error {
+        DeliveryError::Token(token) | DeliveryError::Smtp(SmtpError::Token(token)) => {
+            !token.is_transient()
+        }
+        DeliveryError::Smtp(SmtpError::Unsupported { .. }) => true,
+        DeliveryError::Smtp(smtp) => matches!(
+            smtp.kind(),
+            SmtpErrorKind::AuthFailed
+                | SmtpErrorKind::SmtpAuthDisabled
+                | SmtpErrorKind::BasicAuthRefused
+                | SmtpErrorKind::Tls
+                | SmtpErrorKind::Setup
+        ),
+        DeliveryError::Outbox { .. } => false,
+    }
+}
+
+fn token_error(error: &DeliveryError) -> Option<&TokenError> {
+    match error {
+        DeliveryError::Token(token) | DeliveryError::Smtp(SmtpError::Token(token)) => Some(token),
+        _ => None,
+    }
+}
+
+fn error_code(error: &DeliveryError) -> &'static str {
+    match (token_error(error), error) {
+        (Some(token), _) => token.code(),
+        (None, DeliveryError::Smtp(smtp)) => smtp.kind().as_str(),
+        (None, _) => "delivery_failed",
+    }
+}
+
+fn error_fix(error: &DeliveryError) -> Option<&'static str> {
+    match (token_error(error), error) {
+        (Some(token), _) => token.entra().and_then(|e| e.known()).map(|k| k.fix),
+        (None, DeliveryError::Smtp(smtp)) => smtp.fix(),
+        (None, _) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smtp::Stage;
+    use crate::token::EntraError;
+
+    fn entra(code: u64) -> DeliveryError {
+        DeliveryError::Token(TokenError::Rejected(Box::new(EntraError {
+            status: 401,
+            error: "invalid_client".into(),
+            error_codes: vec![code],
+            description: String::new(),
+            trace_id: None,
+            correlation_id: None,
+            timestamp: None,
+        })))
+    }
+
+    #[test]
+    fn configuration_failures_need_an_administrator() {
+        let auth = SmtpError::rejected(Stage::Auth, 535, "5.7.3 Authentication unsuccessful");
+        assert!(needs_administrator(&DeliveryError::Smtp(auth)));
+        let disabled = SmtpError::rejected(
+            Stage::Auth,
+            535,
+            "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant",
+        );
+        assert!(needs_administrator(&DeliveryError::Smtp(disabled)));
+        let basic = SmtpError::rejected(
+            Stage::Auth,
+            550,
+            "5.7.30 Basic authentication is not supported for Client Submission",
+        );
+        assert!(needs_administrator(&DeliveryError::Smtp(basic)));
+        let tls = SmtpError::Connection {
+            kind: SmtpErrorKind::Tls,
+            stage: Stage::StartTls,
+            server: "s:587".into(),
+            detail: "invalid peer certificate".into(),
+        };
+        assert!(needs_administrator(&DeliveryError::Smtp(tls)));
+        let setup = SmtpError::Setup {
+            key: "mailRelay.smtp.caFile",
+            message: "x".into(),
+        };
+        assert!(needs_administrator(&DeliveryError::Smtp(setup)));
+        assert!(needs_administrator(&entra(7000215)));
+        assert!(needs_administrator(&DeliveryError::Smtp(SmtpError::Token(
+            TokenError::Credential("bad key".into())
+        ))));
+    }
+
+    #[test]
+    fn passing_or_per_mail_failures_do_not() {
+        let transient = SmtpError::rejected(Stage::Data, 451, "4.3.0 try later");
+        assert!(!needs_administrator(&DeliveryError::Smtp(transient)));
+        let send_as = SmtpError::rejected(Stage::EndOfData, 554, "5.2.252 SendAsDenied; x");
+        assert!(!needs_administrator(&DeliveryError::Smtp(send_as)));
+        let network = TokenError::Network {
+            endpoint: "https://login".into(),
+            detail: "reset".into(),
+        };
+        assert!(!needs_administrator(&DeliveryError::Token(network)));
+        assert!(!needs_administrator(&DeliveryError::Token(
+            TokenError::Throttled { retry_after: None }
+        )));
+    }
+
+    #[test]
+    fn codes_and_fixes_name_the_cause() {
+        assert_eq!(error_code(&entra(90002)), "token_tenant_not_found");
+        assert!(error_fix(&entra(90002)).unwrap().contains("oAuthTenantId"));
+        let disabled = DeliveryError::Smtp(SmtpError::rejected(
+            Stage::Auth,
+            535,
+            "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox",
+        ));
+        assert_eq!(error_code(&disabled), "smtp_auth_disabled");
+        assert!(error_fix(&disabled).unwrap().contains("Set-CASMailbox"));
+    }
+
+    #[test]
+    fn a_disabled_notifier_does_nothing() {
+        let notifier = AdminNotifier::default();
+        assert!(!notifier.is_enabled());
+        assert!(!notifier.send_failure(&entra(7000215)));
+    }
+}

@@ -1,0 +1,26 @@
+//! `GET /metrics`: the Prometheus text format.
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+
+use crate::app::AppState;
+
+/// Prometheus text exposition format, version 0.0.4.
+const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The relay's metrics; the token and SMTP values are read at this moment.
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses((status = 200, description = "Prometheus text format (on `mailRelay.metrics.port` instead, when that is set)",
+        body = String, content_type = "text/plain; version=0.0.4")))]
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    state
+        .metrics
+        .set_ready(super::health::check(&state).reason.is_none());
+    let tokens = state.tokens.as_ref().map(|t| t.state());
+    let smtp = state.sender.smtp_state();
+    (
+        [(header::CONTENT_TYPE, CONTENT_TYPE)],
+        state.metrics.render(tokens.as_ref(), smtp.as_ref()),
+    )
+}

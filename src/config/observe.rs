@@ -1,0 +1,66 @@
+//! `mailRelay.metrics.*` and `mailRelay.log.*`: how the relay can be watched.
+
+use std::net::{IpAddr, SocketAddr};
+
+use tracing_subscriber::EnvFilter;
+
+use super::validate::Ctx;
+use super::{LogFormat, LogSettings, MetricsSettings};
+
+const ADDRESS: &str = "mailRelay.metrics.address";
+const PORT: &str = "mailRelay.metrics.port";
+
+/// A port of its own turns the separate listener on; the address alone means nothing.
+pub(super) fn metrics(ctx: &mut Ctx<'_>, server_address: IpAddr) -> MetricsSettings {
+    let address = ctx.text(ADDRESS).map(str::to_owned).and_then(|text| {
+        let parsed = text.parse::<IpAddr>().ok();
+        if parsed.is_none() {
+            ctx.error(
+                ADDRESS,
+                format!(
+                    "{text:?} is not an IP address; use e.g. 0.0.0.0 (all interfaces) or 127.0.0.1"
+                ),
+            );
+        }
+        parsed
+    });
+    if ctx.text(PORT).is_none() {
+        if address.is_some() {
+            ctx.error(
+                ADDRESS,
+                format!("is set but {PORT} is not: give the port of the separate metrics listener too, or remove the address to serve /metrics on the main listener"),
+            );
+        }
+        return MetricsSettings::default();
+    }
+    // 0 picks a free port, as for server.port.
+    let port = ctx.number(PORT, 9090u16, 0..=65535);
+    MetricsSettings {
+        listen: Some(SocketAddr::new(address.unwrap_or(server_address), port)),
+    }
+}
+
+pub(super) fn log(ctx: &mut Ctx<'_>) -> LogSettings {
+    let defaults = LogSettings::default();
+    let format = ctx.one_of(
+        "mailRelay.log.format",
+        defaults.format,
+        &[("json", LogFormat::Json), ("text", LogFormat::Text)],
+        "json, text",
+    );
+    let key = "mailRelay.log.level";
+    let filter = match ctx.text(key).map(str::to_owned) {
+        None => defaults.filter,
+        Some(text) => match EnvFilter::try_new(&text) {
+            Ok(_) => text,
+            Err(e) => {
+                ctx.error(
+                    key,
+                    format!("{text:?} is not a RUST_LOG-style filter ({e}); use e.g. info, or info,mail_relay=debug"),
+                );
+                defaults.filter
+            }
+        },
+    };
+    LogSettings { format, filter }
+}

@@ -1,0 +1,149 @@
+//! `mailRelay.http` and `mailRelay.shutdown`: the relay behind a reverse proxy, and its drain.
+
+use std::net::IpAddr;
+
+use serde_json::Value;
+
+use super::callers::string_list;
+use super::validate::Ctx;
+use super::{ForwardedHeader, HttpSettings, ShutdownSettings};
+
+const BASE_PATH: &str = "mailRelay.http.basePath";
+const TRUSTED_PROXIES: &str = "mailRelay.http.trustedProxies";
+const FORWARDED_HEADER: &str = "mailRelay.http.forwardedHeader";
+const DRAIN_DELAY: &str = "mailRelay.shutdown.drainDelaySeconds";
+const DEADLINE: &str = "mailRelay.shutdown.deadlineSeconds";
+
+pub(super) fn http(ctx: &mut Ctx<'_>) -> HttpSettings {
+    let base_path = ctx
+        .text(BASE_PATH)
+        .map(str::to_owned)
+        .map(|text| match base_path_problem(&text) {
+            None => text,
+            Some(problem) => {
+                ctx.error(
+                    BASE_PATH,
+                    format!("{text:?} {problem}; write it like /osweb/mail, or leave it unset to serve at the root"),
+                );
+                String::new()
+            }
+        })
+        .unwrap_or_default();
+    let tree = ctx
+        .values
+        .subtrees
+        .get(TRUSTED_PROXIES)
+        .cloned()
+        .unwrap_or(Value::Null);
+    let trusted_proxies = string_list(ctx, TRUSTED_PROXIES, &tree)
+        .into_iter()
+        .filter_map(|text| {
+            let net = text
+                .parse::<ipnet::IpNet>()
+                .ok()
+                .or_else(|| text.parse::<IpAddr>().ok().map(ipnet::IpNet::from));
+            if net.is_none() {
+                ctx.error(
+                    TRUSTED_PROXIES,
+                    format!("{text:?} is not an IP address or CIDR block; list the reverse proxies' addresses, e.g. 10.0.0.0/8 or ::1"),
+                );
+            }
+            net
+        })
+        .map(|net| net.trunc())
+        .collect();
+    let forwarded_header = ctx.one_of(
+        FORWARDED_HEADER,
+        ForwardedHeader::XForwardedFor,
+        &[
+            ("X-Forwarded-For", ForwardedHeader::XForwardedFor),
+            ("Forwarded", ForwardedHeader::Forwarded),
+        ],
+        "X-Forwarded-For, Forwarded (the header your proxy appends the client to)",
+    );
+    HttpSettings {
+        base_path,
+        trusted_proxies,
+        forwarded_header,
+    }
+}
+
+/// Why `path` cannot be a base path, if it cannot.
+fn base_path_problem(path: &str) -> Option<&'static str> {
+    if path == "/" {
+        return Some("is the root; leave basePath unset for that");
+    }
+    if !path.starts_with('/') {
+        return Some("does not start with /");
+    }
+    if path.ends_with('/') {
+        return Some("ends with /");
+    }
+    if path
+        .split('/')
+        .any(|segment| segment == ".." || segment == ".")
+    {
+        return Some("contains a . or .. segment");
+    }
+    if path.contains("//") {
+        return Some("contains an empty segment (//)");
+    }
+    // Characters a URL path would carry percent-encoded, and the route syntax of the router.
+    if !path
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.' | '~'))
+    {
+        return Some("may only hold letters, digits, /, -, _, . and ~");
+    }
+    None
+}
+
+pub(super) fn shutdown(ctx: &mut Ctx<'_>) -> ShutdownSettings {
+    let defaults = ShutdownSettings::default();
+    let drain_delay = std::time::Duration::from_secs(ctx.number(
+        DRAIN_DELAY,
+        defaults.drain_delay.as_secs(),
+        0..=3_600,
+    ));
+    let deadline = ctx.seconds(DEADLINE, defaults.deadline.as_secs());
+    if drain_delay >= deadline {
+        ctx.error(
+            DEADLINE,
+            format!(
+                "({}) is not above {DRAIN_DELAY} ({}): in-flight sends would have no time to finish; raise the deadline or lower the delay",
+                deadline.as_secs(),
+                drain_delay.as_secs()
+            ),
+        );
+    }
+    ShutdownSettings {
+        drain_delay,
+        deadline,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::base_path_problem;
+
+    #[test]
+    fn base_paths_must_be_clean() {
+        assert_eq!(base_path_problem("/osweb/mail"), None);
+        assert_eq!(base_path_problem("/mail-relay_v1"), None);
+        for bad in [
+            "osweb/mail",
+            "/osweb/mail/",
+            "/",
+            "/osweb/../admin",
+            "/..",
+            "/osweb//mail",
+            "/osweb/./mail",
+            "/osweb mail",
+            "/osweb/{id}",
+            "/osweb/*rest",
+            "/osweb?x=1",
+        ] {
+            assert!(base_path_problem(bad).is_some(), "{bad:?} was accepted");
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! Prometheus metrics, one registry per application.
+//!
+//! Each [`Metrics`] owns its own recorder rather than installing the global one: a process
+//! (the test binary) may run many apps, and a global recorder can be installed only once.
+//! Values read from other parts' state (open connections, token expiry) are set at scrape time.
+//! No label carries an address, a secret or a caller's name: routes, statuses, codes and
+//! fixed scopes only.
+
+use std::time::{Duration, SystemTime};
+
+use ::metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+use crate::smtp::SmtpState;
+use crate::token::TokenState;
+
+/// Seconds; from a fast local answer to Exchange's slowest sends.
+const DURATION_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+pub const HTTP_REQUESTS: &str = "mail_relay_http_requests_total";
+pub const HTTP_DURATION: &str = "mail_relay_http_request_duration_seconds";
+pub const MAILS: &str = "mail_relay_mails_total";
+pub const SMTP_SEND_DURATION: &str = "mail_relay_smtp_send_duration_seconds";
+pub const SMTP_OPEN: &str = "mail_relay_smtp_connections_open";
+pub const SMTP_IDLE: &str = "mail_relay_smtp_connections_idle";
+pub const TOKEN_FETCHES: &str = "mail_relay_token_fetches_total";
+pub const TOKEN_EXPIRES_IN: &str = "mail_relay_token_expires_in_seconds";
+pub const RATE_LIMITED: &str = "mail_relay_rate_limited_total";
+pub const READY: &str = "mail_relay_ready";
+
+/// One application's metrics registry.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        // Only fails for an empty bucket list, which this is not.
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), DURATION_BUCKETS)
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        let metrics = Self { recorder, handle };
+        metrics.with(describe);
+        metrics
+    }
+
+    fn with(&self, f: impl FnOnce()) {
+        ::metrics::with_local_recorder(&self.recorder, f);
+    }
+
+    /// One answered HTTP request; `route` is the matched route (`/mail`), never the raw path.
+    pub fn http_request(&self, route: &str, method: &str, status: u16, latency: Duration) {
+        self.with(|| {
+            counter!(HTTP_REQUESTS, "route" => route.to_owned(), "method" => method.to_owned(),
+                "status" => status.to_string())
+            .increment(1);
+            histogram!(HTTP_DURATION, "route" => route.to_owned(), "method" => method.to_owned())
+                .record(latency.as_secs_f64());
+        });
+    }
+
+    /// A mail that was handed to the sender: `sent`, or `failed` with the answer's error code.
+    pub fn mail(&self, code: Option<&'static str>) {
+        let (outcome, code) = match code {
+            None => ("sent", "ok"),
+            Some(code) => ("failed", code),
+        };
+        self.with(|| counter!(MAILS, "outcome" => outcome, "code" => code).increment(1));
+    }
+
+    /// One hand-over to the sender (the SMTP server, or the outbox in development).
+    pub fn smtp_send(&self, latency: Duration, ok: bool) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.with(|| {
+            histogram!(SMTP_SEND_DURATION, "outcome" => outcome).record(latency.as_secs_f64());
+        });
+    }
+
+    /// A request answered 429 (counted by the request middleware; see [`rate_limited`]).
+    pub(crate) fn count_rate_limited(&self, scope: &'static str) {
+        self.with(|| counter!(RATE_LIMITED, "scope" => scope).increment(1));
+    }
+
+    /// Whether `/health/ready` would answer 200 now (1) or 503 (0).
+    pub fn set_ready(&self, ready: bool) {
+        self.with(|| gauge!(READY).set(if ready { 1.0 } else { 0.0 }));
+    }
+
+    /// The Prometheus text, with the values read from the token cache and the SMTP pool now.
+    pub fn render(&self, tokens: Option<&TokenState>, smtp: Option<&SmtpState>) -> String {
+        self.with(|| {
+            if let Some(smtp) = smtp {
+                gauge!(SMTP_OPEN).set(smtp.open_connections as f64);
+                gauge!(SMTP_IDLE).set(smtp.idle_connections as f64);
+            }
+            if let Some(tokens) = tokens {
+                let failures = tokens.failed_fetches.min(tokens.fetch_count);
+                counter!(TOKEN_FETCHES, "outcome" => "success")
+                    .absolute(tokens.fetch_count - failures);
+                counter!(TOKEN_FETCHES, "outcome" => "failure").absolute(failures);
+                gauge!(TOKEN_EXPIRES_IN).set(seconds_until(tokens.expires_at));
+            }
+        });
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+}
+
+/// Names the limit that refuses the current request, for `mail_relay_rate_limited_total{scope}`:
+/// call it where a rate limit answers 429, anywhere inside the request. `scope` is a fixed
+/// word such as `mailbox_minute`, `mailbox_day` or `caller`: never an address or a caller's name.
+///
+/// Every 429 is counted once whether or not this is called: without a scope, one from Exchange
+/// (its quota) counts as `exchange_quota`, any other as `relay`.
+pub fn rate_limited(scope: &'static str) {
+    super::request_log::note_rate_limit(scope);
+}
+
+/// Seconds to `at`; 0 when there is no valid token.
+fn seconds_until(at: Option<SystemTime>) -> f64 {
+    at.and_then(|at| at.duration_since(SystemTime::now()).ok())
+        .map_or(0.0, |d| d.as_secs() as f64)
+}
+
+fn describe() {
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests answered, by matched route, method and status"
+    );
+    describe_histogram!(
+        HTTP_DURATION,
+        ::metrics::Unit::Seconds,
+        "Time to answer an HTTP request, by matched route and method"
+    );
+    describe_counter!(
+        MAILS,
+        "Mails handed to the sender: outcome sent (code ok) or failed, by the answer's error code"
+    );
+    describe_histogram!(
+        SMTP_SEND_DURATION,
+        ::metrics::Unit::Seconds,
+        "Time of one send to the SMTP server (retries included), by outcome"
+    );
+    describe_gauge!(SMTP_OPEN, "Open SMTP connections, in use or idle");
+    describe_gauge!(SMTP_IDLE, "Idle SMTP connections in the pool");
+    describe_counter!(
+        TOKEN_FETCHES,
+        "Requests to the Entra ID token endpoint, by outcome"
+    );
+    describe_gauge!(
+        TOKEN_EXPIRES_IN,
+        ::metrics::Unit::Seconds,
+        "Seconds until the cached access token expires; 0 when there is none"
+    );
+    describe_gauge!(
+        READY,
+        "1 when /health/ready answers 200, 0 when it answers 503 (draining, no token, SMTP failing)"
+    );
+    describe_counter!(
+        RATE_LIMITED,
+        "Requests refused with 429 rate_limited, by the limit's scope"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    #[test]
+    fn two_registries_count_apart() {
+        let a = Metrics::new();
+        let b = Metrics::new();
+        a.count_rate_limited("caller");
+        a.count_rate_limited("caller");
+        b.count_rate_limited("mailbox_minute");
+        let a = a.render(None, None);
+        let b = b.render(None, None);
+        assert_eq!(
+            value(&a, "mail_relay_rate_limited_total{scope=\"caller\"}"),
+            Some(2.0),
+            "{a}"
+        );
+        assert!(!a.contains("mailbox_minute"), "{a}");
+        assert_eq!(
+            value(
+                &b,
+                "mail_relay_rate_limited_total{scope=\"mailbox_minute\"}"
+            ),
+            Some(1.0),
+            "{b}"
+        );
+    }
+
+    #[test]
+    fn token_and_smtp_state_are_read_at_scrape_time() {
+        let metrics = Metrics::new();
+        let tokens = TokenState {
+            has_token: true,
+            expires_at: Some(SystemTime::now() + Duration::from_secs(3000)),
+            last_error: None,
+            fetch_count: 5,
+            failed_fetches: 2,
+        };
+        let smtp = SmtpState {
+            open_connections: 2,
+            idle_connections: 1,
+            max_connections: 3,
+            sent: 0,
+            failed: 0,
+            last_error: None,
+            last_error_at: None,
+        };
+        let text = metrics.render(Some(&tokens), Some(&smtp));
+        assert_eq!(
+            value(&text, "mail_relay_token_fetches_total{outcome=\"success\"}"),
+            Some(3.0),
+            "{text}"
+        );
+        assert_eq!(
+            value(&text, "mail_relay_token_fetches_total{outcome=\"failure\"}"),
+            Some(2.0)
+        );
+        let expires = value(&text, "mail_relay_token_expires_in_seconds").unwrap();
+        assert!((2990.0..=3000.0).contains(&expires), "{expires}");
+        assert_eq!(value(&text, "mail_relay_smtp_connections_open"), Some(2.0));
+    }
+
+    #[test]
+    fn latencies_land_in_histogram_buckets() {
+        let metrics = Metrics::new();
+        metrics.http_request("/mail", "POST", 202, Duration::from_millis(30));
+        metrics.smtp_send(Duration::from_millis(300), true);
+        let text = metrics.render(None, None);
+        assert_eq!(
+            value(
+                &text,
+                "mail_relay_http_request_duration_seconds_bucket{route=\"/mail\",method=\"POST\",le=\"0.05\"}"
+            ),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(
+            value(
+                &text,
+                "mail_relay_smtp_send_duration_seconds_bucket{outcome=\"ok\",le=\"0.25\"}"
+            ),
+            Some(0.0),
+            "{text}"
+        );
+        assert_eq!(
+            value(
+                &text,
+                "mail_relay_smtp_send_duration_seconds_bucket{outcome=\"ok\",le=\"0.5\"}"
+            ),
+            Some(1.0)
+        );
+    }
+}
