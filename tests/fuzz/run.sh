@@ -67,6 +67,9 @@ done
 ready || { echo "the relay did not get ready:"; cat "$work/relay.log"; exit 1; }
 
 status=0
+venv="$(cd "$venv" && pwd)"
+# From the scratch dir: schemathesis keeps a cache (.schemathesis/) in its working directory.
+cd "$work"
 "$venv/bin/st" run "http://127.0.0.1:$port/openapi.json" \
     --header "Authorization: Bearer $api_key" \
     --checks "${MAIL_RELAY_FUZZ_CHECKS:-all}" \
