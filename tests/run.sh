@@ -12,3 +12,6 @@ trap 'bash tests/proxy/stop.sh; bash tests/peer/stop.sh' EXIT
 # Tests that need the peers fail instead of skipping when one is missing.
 export CI="${CI:-true}"
 cargo test --locked "$@"
+
+# API fuzzing (schemathesis against /openapi.json, bounded; installs itself into target/fuzz-venv).
+bash tests/fuzz/run.sh

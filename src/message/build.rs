@@ -26,7 +26,9 @@ impl Entity {
 impl Mail {
     /// Build the RFC 5322 message: the relay sets `Message-ID` (`<id@from domain>`) and `Date`;
     /// Bcc recipients go into the envelope only.
-    pub fn build(&self, limits: &MessageLimits) -> Result<OutgoingMail, MailError> {
+    /// Takes the mail by value: attachments move into the MIME parts instead of being copied,
+    /// which keeps a large attachment from being held twice while the message is built.
+    pub fn build(mut self, limits: &MessageLimits) -> Result<OutgoingMail, MailError> {
         let id = uuid::Uuid::now_v7().to_string();
         let message_id = format!("<{id}@{}>", self.from.address.domain());
 
@@ -69,7 +71,8 @@ impl Mail {
             });
         }
 
-        let message = match self.content() {
+        let attachments = std::mem::take(&mut self.attachments);
+        let message = match self.content(attachments) {
             Entity::Single(part) => builder.singlepart(part),
             Entity::Multi(multi) => builder.multipart(multi),
         }
@@ -92,7 +95,7 @@ impl Mail {
 
     /// mixed( related( alternative(text, html), inline parts... ), attachments... ),
     /// leaving out every level that would hold a single child.
-    fn content(&self) -> Entity {
+    fn content(&self, attachments: Vec<Attachment>) -> Entity {
         let text = match (&self.body.text, &self.body.html) {
             (Some(text), Some(html)) => Some(Entity::Multi(MultiPart::alternative_plain_html(
                 text.clone(),
@@ -102,15 +105,14 @@ impl Mail {
             (None, Some(html)) => Some(Entity::Single(SinglePart::html(html.clone()))),
             (None, None) => None,
         };
-        let (inline, attached): (Vec<_>, Vec<_>) = self
-            .attachments
-            .iter()
+        let (inline, attached): (Vec<_>, Vec<_>) = attachments
+            .into_iter()
             .partition(|a| a.content_id.is_some());
 
         let text = match text {
             Some(text) if !inline.is_empty() => {
                 let related = inline
-                    .iter()
+                    .into_iter()
                     .fold(text.add_to(MultiPart::related().build()), |m, a| {
                         m.singlepart(attachment_part(a))
                     });
@@ -128,7 +130,7 @@ impl Mail {
                 };
                 Entity::Multi(
                     attached
-                        .iter()
+                        .into_iter()
                         .fold(mixed, |m, a| m.singlepart(attachment_part(a))),
                 )
             }
@@ -136,15 +138,15 @@ impl Mail {
     }
 }
 
-fn attachment_part(a: &Attachment) -> SinglePart {
+fn attachment_part(a: Attachment) -> SinglePart {
     let filename = a.filename.as_str().to_owned();
-    let kind = match &a.content_id {
-        Some(id) => lettre::message::Attachment::new_inline_with_name(id.clone(), filename),
+    let kind = match a.content_id {
+        Some(id) => lettre::message::Attachment::new_inline_with_name(id, filename),
         None => lettre::message::Attachment::new(filename),
     };
     // Always base64: lettre would pick 7bit for bytes that merely look like ASCII (NUL
     // included), and binary data must survive every hop unchanged.
-    let body = Body::new_with_encoding(a.content.clone(), ContentTransferEncoding::Base64)
+    let body = Body::new_with_encoding(a.content, ContentTransferEncoding::Base64)
         .unwrap_or_else(Body::new);
     kind.body(
         body,

@@ -228,7 +228,10 @@ impl PartialSchema for Recipients {
                     ])]),
             )
             .item(Ref::from_schema_name(<MailboxInput as ToSchema>::name()))
-            .description(Some("A list of mailboxes, or a single one."))
+            // `null` is accepted as "none" (see `visit_unit`); the schema must say so, or
+            // schema-driven clients and fuzzers treat a valid request as invalid.
+            .item(ObjectBuilder::new().schema_type(Type::Null))
+            .description(Some("A list of mailboxes, a single one, or null (none)."))
             .into()
     }
 }

@@ -1,0 +1,258 @@
+//! Faults while mail flows: the SMTP server goes away and comes back, the token endpoint
+//! misbehaves, the SMTP server is slow.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::StreamExt;
+use mail_relay::delivery::MailSender;
+use mail_relay::smtp::SmtpSender;
+use mail_relay::token::{CacheOptions, ManualClock, RetryPolicy, TokenCache, TokenProvider};
+use wiremock::ResponseTemplate;
+
+use crate::entra::{FakeEntra, token_response};
+use crate::harness::{
+    Forwarder, Outcome, assert_exactly_once, good_entra, marker, relay_settings, send, spawn_relay,
+    spawn_relay_with, wait_for_deliveries,
+};
+use crate::helpers::TestApp;
+use crate::require_peer;
+
+async fn send_many(app: &TestApp, marker: &str, range: std::ops::Range<usize>) -> Vec<Outcome> {
+    futures_util::stream::iter(range)
+        .map(|n| send(app, marker, n))
+        .buffer_unordered(8)
+        .collect()
+        .await
+}
+
+fn assert_unavailable(o: &Outcome, code: &str, within: Duration) {
+    assert_eq!(o.status, 503, "mail #{}: {o:?}", o.n);
+    assert_eq!(o.code.as_deref(), Some(code), "mail #{}: {o:?}", o.n);
+    let retry_after: u64 = o
+        .retry_after
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("503 without a Retry-After in seconds: {o:?}"));
+    assert!(retry_after >= 1, "{o:?}");
+    assert!(
+        o.elapsed <= within,
+        "mail #{} answered after {:?}, more than {within:?}",
+        o.n,
+        o.elapsed
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_server_down_mid_run_gives_prompt_503s_and_the_relay_recovers_without_restart() {
+    let peer = require_peer!();
+    let _turn = crate::exclusive().await;
+    let target: SocketAddr = format!("{}:{}", peer.host, peer.submission_port)
+        .parse()
+        .unwrap();
+    let forwarder = Forwarder::start(target).await;
+    let entra = good_entra(&peer).await;
+    let mut settings = relay_settings(&peer, &entra, forwarder.port);
+    let deadline = Duration::from_secs(3);
+    settings.relay.smtp.send_deadline = deadline;
+    settings.relay.smtp.connect_timeout = Duration::from_secs(2);
+    let app = spawn_relay(settings).await;
+    let marker = marker("outage");
+
+    let mut outcomes = send_many(&app, &marker, 0..24).await;
+    assert!(
+        outcomes.iter().all(|o| o.status == 202),
+        "before the outage: {outcomes:?}"
+    );
+
+    forwarder.down().await;
+    let during = send_many(&app, &marker, 24..40).await;
+    for o in &during {
+        // The send deadline plus a little for the HTTP round trip: no hang.
+        assert_unavailable(o, "smtp_unavailable", deadline + Duration::from_secs(2));
+    }
+    outcomes.extend(during);
+
+    forwarder.up().await;
+    // The relay needs no restart: the first send after the server is back goes through.
+    let back = Instant::now();
+    let mut n = 40;
+    loop {
+        let o = send(&app, &marker, n).await;
+        n += 1;
+        let accepted = o.status == 202;
+        outcomes.push(o);
+        if accepted {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(15),
+            "no recovery: {:?}",
+            outcomes.last()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = send_many(&app, &marker, n..n + 24).await;
+    assert!(
+        after.iter().all(|o| o.status == 202),
+        "after the outage: {after:?}"
+    );
+    outcomes.extend(after);
+
+    let accepted = outcomes.iter().filter(|o| o.status == 202).count();
+    let (ids, numbers) =
+        wait_for_deliveries(&peer, &marker, accepted, Duration::from_secs(30)).await;
+    assert_exactly_once(&outcomes, &ids, &numbers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_failures_do_not_stop_sends_while_a_token_is_valid_and_then_give_503() {
+    let peer = require_peer!();
+    let _turn = crate::exclusive().await;
+    let entra = FakeEntra::start().await;
+    let good = peer.mint_token(&peer.oauth_user, Duration::from_secs(3600));
+    entra.mount_token_once(&good, 3599).await;
+    // Then, one after the other: a 500, a 429 with Retry-After, and answers too slow to wait for.
+    FakeEntra::token_request()
+        .respond_with(ResponseTemplate::new(500).set_body_string("{}"))
+        .up_to_n_times(1)
+        .with_priority(2)
+        .mount(&entra.server)
+        .await;
+    FakeEntra::token_request()
+        .respond_with(
+            ResponseTemplate::new(429)
+                .insert_header("Retry-After", "1")
+                .set_body_string("{}"),
+        )
+        .up_to_n_times(1)
+        .with_priority(3)
+        .mount(&entra.server)
+        .await;
+    FakeEntra::token_request()
+        .respond_with(token_response(&good, 3599).set_delay(Duration::from_secs(3)))
+        .with_priority(4)
+        .mount(&entra.server)
+        .await;
+
+    let mut oauth = entra.oauth_settings();
+    oauth.request_timeout = Duration::from_secs(1);
+    let clock = ManualClock::new(SystemTime::now());
+    let options = CacheOptions {
+        clock: Arc::new(clock.clone()),
+        retry: RetryPolicy {
+            attempts: 3,
+            base_delay: Duration::from_millis(50),
+            max_delay: Duration::from_millis(500),
+            max_wait: Duration::from_secs(4),
+        },
+    };
+    let cache: Arc<dyn TokenProvider> =
+        Arc::new(TokenCache::with_options(&oauth, options).unwrap());
+    let mut settings = relay_settings(&peer, &entra, peer.submission_port);
+    if let mail_relay::config::SmtpAuthentication::MsOAuth { oauth: o, .. } =
+        &mut settings.send_email.smtp_authentication
+    {
+        *o = oauth.clone();
+    }
+    let sender = SmtpSender::new(&settings, Some(cache.clone())).unwrap();
+    let app = spawn_relay_with(settings, Arc::new(sender) as Arc<dyn MailSender>).await;
+    let marker = marker("token-faults");
+
+    let mut outcomes = vec![send(&app, &marker, 0).await];
+    assert_eq!(outcomes[0].status, 202, "{:?}", outcomes[0]);
+
+    // Past the refresh point (80 % of 3300 s), well before expiry: every refresh from now on
+    // fails (500, 429, timeouts) while the cached token stays valid, and mail keeps flowing.
+    clock.advance(Duration::from_secs(3000));
+    let started = Instant::now();
+    let mut n = 1;
+    while entra.fetch_count().await < 5 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30) && n < 120,
+            "the refresh never reached the slow answers: {} requests",
+            entra.fetch_count().await
+        );
+        let o = send(&app, &marker, n).await;
+        assert_eq!(o.status, 202, "with a valid cached token: {o:?}");
+        outcomes.push(o);
+        n += 1;
+        // The cache's back-off runs on its clock: let it pass (still far from expiry).
+        clock.advance(Duration::from_secs(2));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let state = cache.state();
+    assert!(state.has_token, "{state:?}");
+    assert!(state.last_error.is_some(), "{state:?}");
+
+    // The cached token expires: no valid token, a clear 503 within the retry budget.
+    clock.advance(Duration::from_secs(700));
+    let o = send(&app, &marker, n).await;
+    assert_unavailable(&o, "token_unavailable", Duration::from_secs(10));
+    outcomes.push(o);
+
+    let accepted = outcomes.iter().filter(|o| o.status == 202).count();
+    let (ids, numbers) =
+        wait_for_deliveries(&peer, &marker, accepted, Duration::from_secs(30)).await;
+    assert_exactly_once(&outcomes, &ids, &numbers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_smtp_server_times_out_as_configured_and_connections_return_to_the_limit() {
+    let peer = require_peer!();
+    let _turn = crate::exclusive().await;
+    let entra = good_entra(&peer).await;
+    let mut settings = relay_settings(&peer, &entra, peer.slow_port);
+    let command_timeout = Duration::from_secs(2);
+    let deadline = Duration::from_secs(4);
+    assert!(peer.slow_delay > command_timeout + Duration::from_secs(1));
+    settings.relay.smtp.command_timeout = command_timeout;
+    settings.relay.smtp.send_deadline = deadline;
+    let max = settings.relay.smtp.max_connections;
+    let tokens: Arc<dyn TokenProvider> =
+        Arc::new(TokenCache::new(&entra.oauth_settings()).unwrap());
+    let sender = Arc::new(SmtpSender::new(&settings, Some(tokens)).unwrap());
+    let app = spawn_relay_with(settings, sender.clone() as Arc<dyn MailSender>).await;
+    let marker = marker("slow-smtp");
+
+    // Watch the number of open connections while twice as many mails as connections wait.
+    let most_open = Arc::new(AtomicUsize::new(0));
+    let watching = Arc::new(AtomicBool::new(true));
+    let watcher = {
+        let (sender, most_open, watching) = (sender.clone(), most_open.clone(), watching.clone());
+        tokio::spawn(async move {
+            while watching.load(Ordering::Relaxed) {
+                most_open.fetch_max(sender.state().open_connections, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let outcomes: Vec<Outcome> = futures_util::stream::iter(0..2 * max)
+        .map(|n| send(&app, &marker, n))
+        .buffer_unordered(2 * max)
+        .collect()
+        .await;
+    watching.store(false, Ordering::Relaxed);
+    watcher.await.unwrap();
+
+    for o in &outcomes {
+        // Not the server's 5 s: the configured timeouts end each send.
+        assert_unavailable(o, "smtp_unavailable", deadline + Duration::from_secs(1));
+    }
+    let first = outcomes.iter().map(|o| o.elapsed).min().unwrap();
+    assert!(
+        first >= command_timeout,
+        "the first answer came after {first:?}, before the command timeout"
+    );
+    assert!(
+        most_open.load(Ordering::Relaxed) <= max,
+        "{} connections open at once, limit {max}",
+        most_open.load(Ordering::Relaxed)
+    );
+    // Connections that timed out are closed, none stays checked out.
+    let state = sender.state();
+    assert!(state.open_connections <= max, "{state:?}");
+    assert_eq!(state.open_connections, state.idle_connections, "{state:?}");
+}
