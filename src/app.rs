@@ -219,13 +219,12 @@ impl Application {
                 metrics.abort();
             }
         };
-        let serve = axum::serve(
+        let serve = crate::serve::serve(
             self.listener,
-            self.router
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stop_accepting)
-        .into_future();
+            self.router,
+            crate::serve::HEADER_READ_TIMEOUT,
+            stop_accepting,
+        );
         tokio::pin!(serve);
         let signalled_at = tokio::select! {
             served = &mut serve => {

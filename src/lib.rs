@@ -17,6 +17,7 @@ pub mod idempotency;
 pub mod message;
 pub mod rate_limit;
 pub mod send_as;
+pub mod serve;
 pub mod smtp;
 pub mod telemetry;
 pub mod token;

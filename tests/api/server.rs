@@ -124,3 +124,42 @@ async fn a_declared_body_over_the_limit_is_refused_without_reading_it() {
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("payload_too_large"), "{answer}");
 }
+
+#[tokio::test]
+async fn a_request_head_sent_too_slowly_is_cut_off_while_others_are_served() {
+    use std::time::{Duration, Instant};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let router = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+    tokio::spawn(mail_relay::serve::serve(
+        listener,
+        router,
+        Duration::from_millis(300),
+        std::future::pending(),
+    ));
+
+    // Slowloris: a head that never ends.
+    let mut slow = tokio::net::TcpStream::connect(address).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: 1")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    // Meanwhile a normal client gets its answer.
+    let body = reqwest::get(format!("http://{address}/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(body, "ok");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the slow connection was not closed");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "closed before the timeout"
+    );
+}
