@@ -260,3 +260,65 @@ async fn a_from_outside_the_keys_list_never_reaches_the_server() {
     );
     assert_eq!(entra.fetch_count().await, 0, "no token was even fetched");
 }
+
+#[tokio::test]
+async fn an_idempotent_retry_reaches_the_server_once() {
+    let peer = require_peer!();
+    let (app, _entra) = relay_with_good_tokens(&peer).await;
+    let marker = format!("idempotent-{}", uuid::Uuid::new_v4());
+    let body = json!({"from": "noreply@contoso.test", "to": "alice@contoso.test", "subject": marker, "text": "hi"});
+    let key = uuid::Uuid::new_v4().to_string();
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let response = app
+            .client
+            .post(app.url("/mail"))
+            .header("idempotency-key", &key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        answers.push(response.json::<Value>().await.unwrap());
+    }
+    assert!(answers.windows(2).all(|w| w[0] == w[1]), "{answers:?}");
+    let id = answers[0]["messageId"]
+        .as_str()
+        .unwrap()
+        .trim_matches(['<', '>']);
+    delivered(&peer, id).await;
+    // Give a wrongly repeated delivery time to land before counting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(peer.find_messages(&marker).len(), 1);
+}
+
+#[tokio::test]
+async fn a_rate_limited_request_never_reaches_the_server() {
+    let peer = require_peer!();
+    let entra = FakeEntra::start().await;
+    entra
+        .mount_token(
+            &peer.mint_token(&peer.oauth_user, Duration::from_secs(3600)),
+            3599,
+        )
+        .await;
+    let mut settings = relay_settings(&peer, &entra);
+    settings.relay.rate_limits.mailbox_messages_per_minute = std::num::NonZeroU32::new(1);
+    let app = spawn_relay(settings).await;
+    let first = format!("limited-first-{}", uuid::Uuid::new_v4());
+    let second = format!("limited-second-{}", uuid::Uuid::new_v4());
+    let mail = |subject: &str| json!({"from": "noreply@contoso.test", "to": "alice@contoso.test", "subject": subject, "text": "hi"});
+    let accepted: Value = post_mail(&app, &mail(&first)).await.json().await.unwrap();
+    let response = post_mail(&app, &mail(&second)).await;
+    assert!(response.headers().contains_key("retry-after"));
+    expect_problem(response, 429, "rate_limited").await;
+    delivered(
+        &peer,
+        accepted["messageId"]
+            .as_str()
+            .unwrap()
+            .trim_matches(['<', '>']),
+    )
+    .await;
+    assert!(peer.find_messages(&second).is_empty());
+}
