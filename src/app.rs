@@ -26,7 +26,7 @@ use tower_http::trace::TraceLayer;
 use crate::admin::AdminNotifier;
 use crate::api::{self, ApiError};
 use crate::caller::Authenticator;
-use crate::config::{CorsSettings, Delivery, Settings, SmtpAuthentication};
+use crate::config::{CorsSettings, Delivery, Limits, Settings, SmtpAuthentication};
 use crate::delivery::{MailSender, Outbox};
 use crate::drain::{self, InFlight};
 use crate::forwarded::{self, ClientAddr, TrustedProxies};
@@ -363,7 +363,7 @@ pub fn router(state: AppState) -> Router {
             },
         ))
         .layer(axum::middleware::from_fn_with_state(
-            limits.max_body_bytes,
+            limits.clone(),
             problem_details,
         ))
         .layer(RequestBodyLimitLayer::new(limits.max_body_bytes))
@@ -456,7 +456,7 @@ async fn method_not_allowed(request: Request) -> ApiError {
 /// Makes every error one format: adds the request id to problem+json bodies, and turns
 /// the plain-text errors of layers below (body limit, timeout) into problem+json.
 async fn problem_details(
-    State(limit): State<usize>,
+    State(limits): State<Limits>,
     request: Request,
     next: axum::middleware::Next,
 ) -> Response {
@@ -471,13 +471,14 @@ async fn problem_details(
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
     let response = match (response.status(), is_problem) {
-        (StatusCode::PAYLOAD_TOO_LARGE, false) => {
-            ApiError::PayloadTooLarge { limit }.into_response()
+        (StatusCode::PAYLOAD_TOO_LARGE, false) => ApiError::PayloadTooLarge {
+            limit: limits.max_body_bytes,
         }
+        .into_response(),
         (StatusCode::SERVICE_UNAVAILABLE, false)
             if response.headers().get(header::CONTENT_TYPE).is_none() =>
         {
-            ApiError::Timeout(Duration::ZERO).into_response()
+            ApiError::Timeout(limits.request_timeout).into_response()
         }
         _ => response,
     };

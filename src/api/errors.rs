@@ -65,7 +65,9 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
     UnsupportedMediaType(String),
-    #[error("the request took longer than the limit of {0:?}")]
+    #[error(
+        "the request took longer than {0:?} (mailRelay.limits.requestTimeoutSeconds); the mail may or may not have gone out: retry with the same Idempotency-Key so that it goes out once"
+    )]
     Timeout(std::time::Duration),
     #[error("the service is not ready: {0}")]
     NotReady(String),

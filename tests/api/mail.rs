@@ -620,3 +620,34 @@ async fn json_with_a_charset_parameter_is_accepted() {
         .unwrap();
     assert_eq!(response.status(), 202);
 }
+
+/// Takes longer than any test's request timeout.
+struct SlowSender;
+
+#[async_trait::async_trait]
+impl MailSender for SlowSender {
+    async fn send(&self, _mail: &OutgoingMail) -> Result<Receipt, DeliveryError> {
+        tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+        Err(DeliveryError::Outbox {
+            path: "unreachable".into(),
+            source: std::io::Error::other("too late"),
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_request_over_its_time_limit_is_503_timeout_naming_the_setting() {
+    let app = spawn_app_with_sender(
+        |s| s.relay.limits.request_timeout = std::time::Duration::from_millis(200),
+        Some(Arc::new(SlowSender)),
+    )
+    .await;
+    let response = post_mail(&app, &minimal()).await;
+    assert!(response.headers().contains_key("retry-after"));
+    let problem = expect_problem(response, 503, "timeout").await;
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("200ms") && detail.contains("requestTimeoutSeconds"),
+        "{detail}"
+    );
+}
