@@ -66,8 +66,9 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(settings: Arc<Settings>, sender: Arc<dyn MailSender>) -> std::io::Result<Self> {
-        let authenticator =
-            Authenticator::new(&settings.relay.auth).map_err(std::io::Error::other)?;
+        let authenticator = Authenticator::new(&settings.relay.auth)
+            .map_err(std::io::Error::other)?
+            .with_allowed_origins(&settings.relay.cors.allowed_origins);
         let send_as = SendAsPolicy::new(
             settings.relay.send_as.clone(),
             settings.send_email.smtp_authentication.username(),

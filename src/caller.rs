@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, HeaderValue, header};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::jwk::JwkSet;
@@ -95,8 +95,13 @@ pub enum AuthError {
     InvalidToken(String),
     #[error("the trusted proxy did not send its shared secret")]
     ProxySecretMismatch,
-    #[error("the user header from the trusted proxy is not an e-mail address")]
+    #[error("the user header from the trusted proxy is not exactly one e-mail address")]
     ProxyUserInvalid,
+    #[error(
+        "a browser request from the origin {0} may not send as the proxy's logged-in user (cross-site request forgery); \
+         an administrator can list the origin in mailRelay.cors.allowedOrigins"
+    )]
+    ForeignOrigin(String),
     #[error("the issuer's signing keys could not be fetched: {0}")]
     JwksUnavailable(String),
 }
@@ -115,6 +120,8 @@ impl AuthError {
 /// Decides who a request comes from.
 pub struct Authenticator {
     allow_anonymous: bool,
+    /// Origins whose browser pages may send as the proxy's user (`mailRelay.cors.allowedOrigins`).
+    allowed_origins: Vec<HeaderValue>,
     api_keys: Vec<ApiKeyEntry>,
     proxy: Option<TrustedProxySettings>,
     oidc: Option<OidcVerifier>,
@@ -140,10 +147,18 @@ impl Authenticator {
         let oidc = settings.oidc.as_ref().map(OidcVerifier::new).transpose()?;
         Ok(Self {
             allow_anonymous: settings.allow_anonymous,
+            allowed_origins: Vec::new(),
             api_keys,
             proxy: settings.trusted_proxy.clone(),
             oidc,
         })
+    }
+
+    /// Browser pages from these origins may send as the trusted proxy's user; a request from any
+    /// other origin is refused, since the proxy's session cookie rides along on cross-site forms.
+    pub fn with_allowed_origins(mut self, origins: &[HeaderValue]) -> Self {
+        self.allowed_origins = origins.to_vec();
+        self
     }
 
     /// Authenticate a request whose TCP peer is `peer`. Always the TCP peer, never an address from
@@ -214,12 +229,25 @@ impl Authenticator {
                 return Err(AuthError::ProxySecretMismatch);
             }
         }
+        // A proxy that appends rather than replaces would let the client's own header come first.
+        if headers.get_all(&proxy.user_header).iter().count() != 1 {
+            return Err(AuthError::ProxyUserInvalid);
+        }
         let address = value
             .to_str()
             .map_err(|_| AuthError::ProxyUserInvalid)?
             .trim();
-        if !is_plausible_address(address) {
+        if !is_plausible_address(address) || address.contains([',', ';', '<', '>', '"']) {
             return Err(AuthError::ProxyUserInvalid);
+        }
+        // Form posts are "simple" requests that browsers send cross-site without asking, with
+        // the proxy's cookie: only listed origins may send as the logged-in user.
+        if let Some(origin) = headers.get(header::ORIGIN)
+            && !self.allowed_origins.contains(origin)
+        {
+            return Err(AuthError::ForeignOrigin(
+                String::from_utf8_lossy(origin.as_bytes()).into_owned(),
+            ));
         }
         Ok(Some(Caller::User {
             address: address.to_ascii_lowercase(),
@@ -268,6 +296,8 @@ struct OidcVerifier {
 struct CachedKeys {
     by_kid: HashMap<String, (DecodingKey, Option<Algorithm>)>,
     fetched: Option<Instant>,
+    /// Last fetch attempt, failed ones too: the refetch limit counts from it.
+    attempted: Option<Instant>,
 }
 
 /// Asymmetric algorithms only: an HMAC `alg` with a public key is the classic confusion attack.
@@ -315,6 +345,8 @@ impl OidcVerifier {
             ));
         }
         let mut validation = Validation::new(header.alg);
+        // jsonwebtoken checks `iss` and `aud` only when present: require them.
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
         validation.leeway = self.settings.clock_skew.as_secs();
         validation.validate_nbf = true;
         validation.set_audience(&[&self.settings.audience]);
@@ -336,6 +368,15 @@ impl OidcVerifier {
                     self.settings.user_claim
                 ))
             })?;
+        // `email` can be set by users themselves in some directories (Entra's "nOAuth"): only a
+        // verified one names the user.
+        if self.settings.user_claim == "email"
+            && claims.get("email_verified") != Some(&serde_json::Value::Bool(true))
+        {
+            return Err(AuthError::InvalidToken(
+                "the `email` claim is not marked `email_verified: true`; use preferred_username or upn".into(),
+            ));
+        }
         Ok(Caller::User {
             address: address.to_ascii_lowercase(),
             via: UserSource::Oidc,
@@ -354,14 +395,23 @@ impl OidcVerifier {
         }
         let recently = self
             .read_keys()
-            .fetched
+            .attempted
             .is_some_and(|at| at.elapsed() < JWKS_MIN_REFRESH);
         if !recently {
-            let fetched = self.fetch().await?;
-            *self
+            let fetched = self.fetch().await;
+            let mut keys = self
                 .keys
                 .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = fetched;
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            keys.attempted = Some(Instant::now());
+            match fetched {
+                Ok(fetched) => *keys = fetched,
+                // While the issuer is unreachable, the keys already known still verify tokens.
+                Err(e) if keys.by_kid.contains_key(kid) => {
+                    tracing::warn!(error = %e, "JWKS refresh failed; using the keys fetched before");
+                }
+                Err(e) => return Err(e),
+            }
         }
         self.cached(kid, Duration::MAX).ok_or_else(|| {
             AuthError::InvalidToken("signed by a key the issuer does not publish".into())
@@ -396,6 +446,10 @@ impl OidcVerifier {
         let by_kid = set
             .keys
             .iter()
+            // Encryption keys never verify a signature.
+            .filter(|jwk| {
+                jwk.common.public_key_use != Some(jsonwebtoken::jwk::PublicKeyUse::Encryption)
+            })
             .filter_map(|jwk| {
                 let kid = jwk.common.key_id.clone()?;
                 let alg = jwk
@@ -408,6 +462,7 @@ impl OidcVerifier {
         Ok(CachedKeys {
             by_kid,
             fetched: Some(Instant::now()),
+            attempted: Some(Instant::now()),
         })
     }
 }
@@ -666,6 +721,22 @@ mod tests {
                 matches!(err, AuthError::InvalidToken(ref m) if m.contains("Audience")),
                 "{err}"
             );
+        }
+
+        #[tokio::test]
+        async fn a_token_without_audience_or_issuer_is_refused() {
+            let server = jwks_server(1).await;
+            let auth = authenticator(&server);
+            for missing in ["aud", "iss"] {
+                let mut claims = claims(AUDIENCE, 600);
+                claims.as_object_mut().unwrap().remove(missing);
+                let jwt = token("oidc-signing-key.pem", "test-key-1", claims);
+                let err = verify(&auth, &jwt).await.unwrap_err();
+                assert!(
+                    matches!(err, AuthError::InvalidToken(_)),
+                    "{missing}: {err}"
+                );
+            }
         }
 
         #[tokio::test]

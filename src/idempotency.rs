@@ -125,12 +125,19 @@ impl fmt::Debug for Fingerprint {
     }
 }
 
+/// A response extension: store this answer under its key whatever its status. An SMTP send
+/// whose outcome is unknown must not be tried again by a retry with the same key.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplayAlways;
+
 /// A response kept for replay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredResponse {
     pub status: StatusCode,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub body: Bytes,
+    /// Marked [`ReplayAlways`]: kept whatever its status.
+    pub always: bool,
 }
 
 impl StoredResponse {
@@ -149,7 +156,7 @@ impl StoredResponse {
     }
 
     pub fn is_replayable(&self) -> bool {
-        Self::is_replayable_status(self.status)
+        self.always || Self::is_replayable_status(self.status)
     }
 
     /// Buffer `response`'s body and return it unchanged, with a copy to store when it is
@@ -161,7 +168,8 @@ impl StoredResponse {
             .size_hint()
             .upper()
             .is_some_and(|n| n <= MAX_STORED_BODY as u64);
-        if !Self::is_replayable_status(response.status()) || !small {
+        let always = response.extensions().get::<ReplayAlways>().is_some();
+        if !(always || Self::is_replayable_status(response.status())) || !small {
             return (response, None);
         }
         let (parts, body) = response.into_parts();
@@ -177,6 +185,7 @@ impl StoredResponse {
                     status: parts.status,
                     headers,
                     body: bytes.clone(),
+                    always,
                 };
                 (Response::from_parts(parts, Body::from(bytes)), Some(stored))
             }
@@ -590,6 +599,7 @@ mod tests {
                 HeaderValue::from_static("application/json"),
             )],
             body: Bytes::from(format!(r#"{{"id":"{id}"}}"#)),
+            always: false,
         }
     }
 
@@ -688,6 +698,7 @@ mod tests {
                     status,
                     headers: Vec::new(),
                     body: Bytes::new(),
+                    always: false,
                 })
                 .await;
             assert!(store.is_empty(), "{status} was stored");
@@ -698,6 +709,7 @@ mod tests {
             status: StatusCode::FORBIDDEN,
             headers: Vec::new(),
             body: Bytes::from_static(b"send_as_denied"),
+            always: false,
         };
         guard.complete(forbidden.clone()).await;
         assert_eq!(replay(&idem, &caller, "k-1", b"body").await, forbidden);

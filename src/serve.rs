@@ -20,8 +20,11 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
-/// How long a client may take to send a request's head (request line and headers).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a request's head (request line and headers). hyper runs the
+/// same timer while a kept-alive connection waits for its next request, so it must stay above the
+/// upstream keep-alive idle time of reverse proxies (nginx: 60 s), or they would reuse a connection
+/// the relay is closing.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(75);
 
 /// Serve `router` on `listener` until `stop` completes; then accept nothing more and return
 /// once every open connection has finished its requests.

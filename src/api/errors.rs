@@ -111,6 +111,9 @@ pub enum ApiError {
         detail: String,
         retry_after: Option<u64>,
     },
+    /// The connection was lost after the mail went out: the server may or may not have it.
+    #[error("{0}")]
+    OutcomeUnknown(String),
     /// The SMTP server refused the mail for good; the detail carries its reply.
     #[error("{0}")]
     SmtpRejected(String),
@@ -208,6 +211,11 @@ impl ApiError {
                 "smtp_unavailable",
                 "SMTP server unavailable",
             ),
+            Self::OutcomeUnknown(_) => (
+                StatusCode::BAD_GATEWAY,
+                "smtp_outcome_unknown",
+                "SMTP outcome unknown",
+            ),
             Self::SmtpRejected(_) => (
                 StatusCode::BAD_GATEWAY,
                 "smtp_rejected",
@@ -273,6 +281,11 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if let Self::OutcomeUnknown(_) = &self {
+            response
+                .extensions_mut()
+                .insert(crate::idempotency::ReplayAlways);
+        }
         if let Self::Unauthorized(e) = &self {
             response
                 .headers_mut()
@@ -407,6 +420,12 @@ impl From<TokenError> for ApiError {
 impl From<SmtpError> for ApiError {
     fn from(e: SmtpError) -> Self {
         let detail = e.to_string();
+        if e.outcome_unknown() {
+            return Self::OutcomeUnknown(format!(
+                "{detail}. The SMTP server may or may not have the mail: do not send it again \
+                 blindly (a retry with the same Idempotency-Key gets this answer again)"
+            ));
+        }
         match e.kind() {
             SmtpErrorKind::SendAsDenied => Self::SendAsDenied(detail),
             SmtpErrorKind::AuthFailed => Self::SmtpAuthFailed(detail),
@@ -553,6 +572,12 @@ mod tests {
                 Some(30),
             ),
             (ApiError::SmtpRejected(d()), 502, "smtp_rejected", None),
+            (
+                ApiError::OutcomeUnknown(d()),
+                502,
+                "smtp_outcome_unknown",
+                None,
+            ),
             (
                 ApiError::IdempotencyKeyReused(d()),
                 422,

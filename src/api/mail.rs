@@ -81,13 +81,26 @@ pub async fn send_mail(
     request_log::note_caller(&caller);
     let key = IdempotencyKey::from_headers(&headers)?;
     let fingerprint = submission.fingerprint;
-    let answer = state
-        .idempotency
-        .run(&caller, key, fingerprint, || async {
-            deliver(&state, &caller, submission).await.into_response()
-        })
-        .await?;
-    Ok(answer)
+    // The send runs as a task of its own: when the client goes away or the request times out,
+    // a send past DATA still finishes and its answer is stored under the Idempotency-Key, so a
+    // retry replays it instead of sending the mail a second time.
+    let send = request_log::carry_notes(async move {
+        state
+            .idempotency
+            .run(&caller, key, fingerprint, || async {
+                deliver(&state, &caller, submission).await.into_response()
+            })
+            .await
+    });
+    match tokio::spawn(send).await {
+        Ok(answer) => Ok(answer?),
+        // A panic in the send stays a panic of this request (the panic layer answers it).
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => {
+            request_log::note_cause_text(format!("the send task was cancelled: {e}"));
+            Err(ApiError::Internal)
+        }
+    }
 }
 
 /// Validate, check send-as, build, take the rate-limit quota, hand over.

@@ -987,7 +987,10 @@ async fn send_test_mail(settings: &Settings, connection: &mut Connection, test: 
             );
         }
     };
-    match connection.send(&mail).await {
+    match connection
+        .send(&mail, &std::sync::atomic::AtomicBool::new(false))
+        .await
+    {
         Ok(receipt) => Step::pass(
             "send-test",
             format!(

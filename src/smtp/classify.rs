@@ -122,9 +122,32 @@ const BASIC_AUTH_REFUSED: EnhancedCode = EnhancedCode::new(5, 7, 30);
 const MAILBOX_FULL: EnhancedCode = EnhancedCode::new(5, 2, 2);
 const TOO_LARGE: EnhancedCode = EnhancedCode::new(5, 3, 4);
 
+/// The reply without `<…>` and `"…"` parts and without words that hold an `@`.
+fn without_addresses(text: &str) -> String {
+    let mut plain = String::with_capacity(text.len());
+    let mut closing = None;
+    for c in text.chars() {
+        match (closing, c) {
+            (Some(end), c) if c == end => closing = None,
+            (Some(_), _) => {}
+            (None, '<') => closing = Some('>'),
+            (None, '"') => closing = Some('"'),
+            (None, c) => plain.push(c),
+        }
+    }
+    plain
+        .split_whitespace()
+        .filter(|word| !word.contains('@'))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Sorts a negative reply. Pure: the basic code and the text (without the code) in, the kind out.
 pub fn classify(code: u16, text: &str) -> SmtpErrorKind {
-    let enhanced = parse_enhanced(text);
+    // Addresses in the reply are the caller's words (a From of `SubmissionQuotaExceeded@…`):
+    // only the server's own words count.
+    let text = without_addresses(text);
+    let enhanced = parse_enhanced(&text);
     let lower = text.to_ascii_lowercase();
     let has = |needle: &str| lower.contains(needle);
 
@@ -171,6 +194,32 @@ mod tests {
     fn classify_line(line: &str) -> SmtpErrorKind {
         let (code, text) = line.split_once(' ').unwrap();
         classify(code.parse().unwrap(), text)
+    }
+
+    #[test]
+    fn addresses_in_a_reply_decide_nothing() {
+        assert_eq!(
+            classify(
+                550,
+                "5.1.1 <SubmissionQuotaExceeded@contoso.com>: Recipient address rejected"
+            ),
+            SmtpErrorKind::Permanent
+        );
+        assert_eq!(
+            classify(
+                550,
+                "5.1.10 Recipient \"SendAsDenied x\"@contoso.com not found"
+            ),
+            SmtpErrorKind::Permanent
+        );
+        // Exchange's own words still count, with the addresses it names around them.
+        assert_eq!(
+            classify(
+                554,
+                "5.2.252 SendAsDenied; relay@contoso.com not allowed to send as ceo@contoso.com"
+            ),
+            SmtpErrorKind::SendAsDenied
+        );
     }
 
     #[test]

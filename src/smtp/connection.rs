@@ -4,7 +4,7 @@ use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -445,8 +445,13 @@ impl Connection {
     }
 
     /// One mail: MAIL FROM, RCPT TO for each recipient, DATA, the message.
-    /// Success only after the server's positive reply to the end of DATA.
-    pub async fn send(&mut self, mail: &OutgoingMail) -> Result<Receipt, SmtpError> {
+    /// Success only after the server's positive reply to the end of DATA. `uploading` turns true
+    /// when the message itself starts going out: from then on the server may end up with it.
+    pub async fn send(
+        &mut self,
+        mail: &OutgoingMail,
+        uploading: &AtomicBool,
+    ) -> Result<Receipt, SmtpError> {
         let envelope = &mail.envelope;
         let from = envelope.from().map(ToString::to_string).unwrap_or_default();
         let server_info = self.inner.server_info();
@@ -489,6 +494,7 @@ impl Connection {
             .await?;
         }
         self.command(Data, Stage::Data).await?;
+        uploading.store(true, Ordering::Relaxed);
         // The upload may take longer than one command: allow a slow link of 1 MB/s on top.
         let limit =
             self.command_timeout + Duration::from_secs((mail.formatted.len() / 1_000_000) as u64);
@@ -523,15 +529,26 @@ impl Connection {
 
     /// A cheap liveness check before reusing a connection that sat idle.
     pub async fn noop(&mut self) -> Result<(), SmtpError> {
-        self.command(Noop, Stage::Reuse).await?;
-        Ok(())
+        // A session a firewall dropped silently must not eat the send's deadline.
+        match tokio::time::timeout(HOUSEKEEPING_TIMEOUT, self.command(Noop, Stage::Reuse)).await {
+            Ok(result) => result.map(|_| ()),
+            Err(_) => Err(SmtpError::Connection {
+                kind: SmtpErrorKind::Transient,
+                stage: Stage::Reuse,
+                server: self.server.clone(),
+                detail: format!("no answer to NOOP within {HOUSEKEEPING_TIMEOUT:?}"),
+            }),
+        }
     }
 
-    /// Says goodbye, bounded by the command timeout; errors do not matter any more.
+    /// Says goodbye, briefly; errors do not matter any more.
     pub async fn quit(mut self) {
-        let _ = tokio::time::timeout(self.command_timeout, self.inner.command(Quit)).await;
+        let _ = tokio::time::timeout(HOUSEKEEPING_TIMEOUT, self.inner.command(Quit)).await;
     }
 }
+
+/// `NOOP` and `QUIT` on pooled connections: a live server answers at once.
+const HOUSEKEEPING_TIMEOUT: Duration = Duration::from_secs(3);
 
 fn decode_challenge(response: &Response) -> String {
     let text = reply_text(response);

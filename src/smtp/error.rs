@@ -95,6 +95,8 @@ pub enum SmtpError {
     Deadline {
         deadline: Duration,
         last: Option<Box<SmtpError>>,
+        /// The deadline struck after the message had started going out.
+        after_upload: bool,
     },
     /// The SMTP settings cannot work.
     #[error("setting {key}: {message}")]
@@ -165,11 +167,14 @@ impl SmtpError {
     /// A negative reply, sorted by [`classify`].
     pub fn rejected(stage: Stage, code: u16, text: impl Into<String>) -> Self {
         let reply = SmtpReply::new(code, text);
-        Self::Rejected {
-            kind: classify(reply.code, &reply.text),
-            stage,
-            reply,
-        }
+        // A refusal of one recipient repeats the recipient's address, which the caller chose:
+        // its text must not decide anything beyond "this recipient, now or for good".
+        let kind = match stage {
+            Stage::RcptTo(_) if (400..500).contains(&code) => SmtpErrorKind::Transient,
+            Stage::RcptTo(_) => SmtpErrorKind::Permanent,
+            _ => classify(reply.code, &reply.text),
+        };
+        Self::Rejected { kind, stage, reply }
     }
 
     /// The case this error is, flat.
@@ -231,6 +236,9 @@ impl SmtpError {
         match self {
             Self::Connection { stage, .. } => *stage == Stage::EndOfData,
             Self::Deadline {
+                after_upload: true, ..
+            } => true,
+            Self::Deadline {
                 last: Some(last), ..
             } => last.outcome_unknown(),
             _ => false,
@@ -256,6 +264,22 @@ impl SmtpError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recipient_refusal_is_about_that_recipient_only() {
+        let full = SmtpError::rejected(
+            Stage::RcptTo("x@contoso.com".into()),
+            552,
+            "5.2.2 mailbox full",
+        );
+        assert_eq!(full.kind(), SmtpErrorKind::Permanent);
+        let later = SmtpError::rejected(
+            Stage::RcptTo("SubmissionQuotaExceeded@contoso.com".into()),
+            450,
+            "4.2.0 <SubmissionQuotaExceeded@contoso.com>: try later",
+        );
+        assert_eq!(later.kind(), SmtpErrorKind::Transient);
+    }
 
     #[test]
     fn rejected_carries_code_enhanced_code_text_and_fix() {
@@ -308,6 +332,7 @@ mod tests {
     fn deadline_reports_the_last_error() {
         let e = SmtpError::Deadline {
             deadline: Duration::from_secs(3),
+            after_upload: false,
             last: Some(Box::new(SmtpError::Connection {
                 kind: SmtpErrorKind::Transient,
                 stage: Stage::Connect,

@@ -1,7 +1,7 @@
 //! `SmtpSender`: the [`MailSender`] that hands mail to the SMTP server, with retries.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -166,7 +166,8 @@ impl Inner {
             let remaining = deadline.saturating_duration_since(Instant::now());
             // Only the first refusal drops the token: a fresh token refused too points at
             // the tenant's setup, and dropping it would cost a token fetch per mail.
-            let attempt = self.attempt(mail, !token_retried);
+            let uploading = AtomicBool::new(false);
+            let attempt = self.attempt(mail, !token_retried, &uploading);
             let error = match tokio::time::timeout(remaining, attempt).await {
                 Ok(Ok(receipt)) => return Ok(receipt),
                 Ok(Err(error)) => error,
@@ -174,6 +175,8 @@ impl Inner {
                     return Err(SmtpError::Deadline {
                         deadline: self.send_deadline,
                         last: last.map(Box::new),
+                        // Cut off while the server was getting the mail: it may have it.
+                        after_upload: uploading.load(Ordering::Relaxed),
                     });
                 }
             };
@@ -212,6 +215,7 @@ impl Inner {
         &self,
         mail: &OutgoingMail,
         invalidate_refused_token: bool,
+        uploading: &AtomicBool,
     ) -> Result<Receipt, SmtpError> {
         let _turn = self.pool.turn().await;
         let token = match (&self.tokens, &self.connector.login) {
@@ -232,7 +236,7 @@ impl Inner {
                 }
             },
         };
-        match connection.send(mail).await {
+        match connection.send(mail, uploading).await {
             Ok(receipt) => {
                 self.check_in(connection).await;
                 Ok(receipt)
@@ -358,7 +362,7 @@ impl Connector {
     }
 }
 
-/// Quits connections that sat idle too long, so they do not hold one of the mailbox's
+/// Closes connections that sat idle too long, so they do not hold one of the mailbox's
 /// few sessions for nothing. Ends when the sender is gone.
 async fn reap_idle(inner: Weak<Inner>) {
     let mut tick = tokio::time::interval(MAX_IDLE / 2);
@@ -366,11 +370,9 @@ async fn reap_idle(inner: Weak<Inner>) {
     loop {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
-        let stale = inner.pool.take_where(|c| c.last_used.elapsed() > MAX_IDLE);
-        drop(inner);
-        for connection in stale {
-            connection.quit().await;
-        }
+        // Closed at once, without QUIT: a QUIT taking its time here would leave room for a
+        // send to open one more session than the mailbox's limit.
+        drop(inner.pool.take_where(|c| c.last_used.elapsed() > MAX_IDLE));
     }
 }
 

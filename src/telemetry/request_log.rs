@@ -60,6 +60,17 @@ fn lock(notes: &Mutex<Notes>) -> MutexGuard<'_, Notes> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// `future` with this request's notes, so a task spawned for the request still adds to its line.
+pub fn carry_notes<F: Future>(future: F) -> impl Future<Output = F::Output> {
+    let notes = NOTES.try_with(Arc::clone).ok();
+    async move {
+        match notes {
+            Some(notes) => NOTES.scope(notes, future).await,
+            None => future.await,
+        }
+    }
+}
+
 /// Who called.
 pub fn note_caller(caller: &Caller) {
     with_notes(|n| {

@@ -313,3 +313,67 @@ async fn cors_preflight_allows_only_listed_origins() {
     let other = preflight("https://evil.example").await.unwrap();
     assert!(other.headers().get("access-control-allow-origin").is_none());
 }
+
+#[tokio::test]
+async fn a_cross_site_form_cannot_send_as_the_proxys_user() {
+    let app = spawn_app_with(|s| {
+        trusting_loopback(s, "127.0.0.0/8");
+        s.relay.cors.allowed_origins =
+            vec![http::HeaderValue::from_static("https://app.contoso.com")];
+    })
+    .await;
+    // The form a forging page would post: a `mail` text field, no preflight needed.
+    let form = format!(
+        "--b\r\nContent-Disposition: form-data; name=\"mail\"\r\n\r\n{}\r\n--b--\r\n",
+        mail_from("bob@contoso.com")
+    );
+    let bob = |origin: Option<&'static str>| {
+        let mut request = reqwest::Client::new()
+            .post(app.url("/mail"))
+            .header("x-forwarded-email", "bob@contoso.com")
+            .header("content-type", "multipart/form-data; boundary=b")
+            .body(form.clone());
+        if let Some(origin) = origin {
+            request = request.header("origin", origin);
+        }
+        request.send()
+    };
+    let forged = expect_problem(
+        bob(Some("https://evil.example")).await.unwrap(),
+        401,
+        "unauthorized",
+    )
+    .await;
+    assert!(
+        forged["detail"]
+            .as_str()
+            .unwrap()
+            .contains("allowedOrigins"),
+        "{forged:#}"
+    );
+    assert!(outbox_files(&app).is_empty());
+    assert_eq!(
+        bob(Some("https://app.contoso.com")).await.unwrap().status(),
+        202
+    );
+    assert_eq!(
+        bob(None).await.unwrap().status(),
+        202,
+        "non-browser clients send no Origin"
+    );
+}
+
+#[tokio::test]
+async fn a_proxy_user_header_sent_twice_is_refused() {
+    let app = spawn_app_with(|s| trusting_loopback(s, "127.0.0.0/8")).await;
+    let response = reqwest::Client::new()
+        .post(app.url("/mail"))
+        .header("x-forwarded-email", "ceo@contoso.com")
+        .header("x-forwarded-email", "bob@contoso.com")
+        .json(&mail_from("ceo@contoso.com"))
+        .send()
+        .await
+        .unwrap();
+    expect_problem(response, 401, "unauthorized").await;
+    assert!(outbox_files(&app).is_empty());
+}

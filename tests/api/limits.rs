@@ -211,3 +211,41 @@ async fn concurrent_retries_with_one_key_send_once() {
     assert!(statuses.contains(&202));
     assert_eq!(outbox_files(&app).len(), 1);
 }
+
+/// Loses the server's reply to the end of DATA: the server may have the mail.
+struct LostReply(std::sync::atomic::AtomicUsize);
+
+#[async_trait]
+impl MailSender for LostReply {
+    async fn send(&self, _mail: &OutgoingMail) -> Result<Receipt, DeliveryError> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Err(DeliveryError::Smtp(SmtpError::Connection {
+            kind: mail_relay::smtp::SmtpErrorKind::Transient,
+            stage: Stage::EndOfData,
+            server: "smtp.test:587".into(),
+            detail: "connection reset".into(),
+        }))
+    }
+}
+
+#[tokio::test]
+async fn an_unknown_outcome_is_502_and_a_retry_with_the_key_does_not_send_again() {
+    let sender = Arc::new(LostReply(Default::default()));
+    let app = spawn_app_with_sender(|_| {}, Some(sender.clone())).await;
+    let first = post_with_key(&app, "k-lost", &mail("lost reply")).await;
+    assert!(
+        first.headers().get("retry-after").is_none(),
+        "not an invitation to retry"
+    );
+    let problem = expect_problem(first, 502, "smtp_outcome_unknown").await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("may or may not")
+    );
+    let again = post_with_key(&app, "k-lost", &mail("lost reply")).await;
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    expect_problem(again, 502, "smtp_outcome_unknown").await;
+    assert_eq!(sender.0.load(Ordering::SeqCst), 1, "handed over once");
+}
