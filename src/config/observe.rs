@@ -11,7 +11,8 @@ const ADDRESS: &str = "mailRelay.metrics.address";
 const PORT: &str = "mailRelay.metrics.port";
 
 /// A port of its own turns the separate listener on; the address alone means nothing.
-pub(super) fn metrics(ctx: &mut Ctx<'_>, server_address: IpAddr) -> MetricsSettings {
+pub(super) fn metrics(ctx: &mut Ctx<'_>, server: SocketAddr) -> MetricsSettings {
+    let server_address = server.ip();
     let address = ctx.text(ADDRESS).map(str::to_owned).and_then(|text| {
         let parsed = text.parse::<IpAddr>().ok();
         if parsed.is_none() {
@@ -35,6 +36,12 @@ pub(super) fn metrics(ctx: &mut Ctx<'_>, server_address: IpAddr) -> MetricsSetti
     }
     // 0 picks a free port, as for server.port.
     let port = ctx.number(PORT, 9090u16, 0..=65535);
+    if port != 0 && port == server.port() && address.is_none_or(|a| a == server_address) {
+        ctx.error(
+            PORT,
+            format!("{port} is server.port too: the two listeners need different ports"),
+        );
+    }
     MetricsSettings {
         listen: Some(SocketAddr::new(address.unwrap_or(server_address), port)),
     }

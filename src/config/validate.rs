@@ -28,6 +28,28 @@ pub const DEFAULT_SCOPES: &str = "https://outlook.office365.com/.default";
 pub const TENANT_PLACEHOLDER: &str = "#TenantID#";
 const OFFICE365_HOST: &str = "smtp.office365.com";
 
+/// Settings that work but break a promise: more sessions than Exchange allows, or a shutdown
+/// deadline that cuts off a send accepted during the drain delay.
+fn warn_on_unsafe_limits(ctx: &mut Ctx<'_>, relay: &RelaySettings, send_email: &SendEmailSettings) {
+    let max = relay.smtp.max_connections;
+    if relay.delivery == Delivery::Smtp
+        && send_email.smtp_server.eq_ignore_ascii_case(OFFICE365_HOST)
+        && max > 3
+    {
+        ctx.warnings.push(format!(
+            "mailRelay.smtp.maxConnections is {max}: Exchange Online allows 3 concurrent connections per mailbox and answers more with 432 4.3.2; use 3 or less"
+        ));
+    }
+    let needed = relay.shutdown.drain_delay + relay.smtp.send_deadline;
+    if relay.shutdown.deadline < needed {
+        ctx.warnings.push(format!(
+            "mailRelay.shutdown.deadlineSeconds ({} s) is below drainDelaySeconds + smtp.sendDeadlineSeconds ({} s): a send accepted at the end of the drain delay could be cut off at shutdown; raise it",
+            relay.shutdown.deadline.as_secs(),
+            needed.as_secs()
+        ));
+    }
+}
+
 const SE: &str = "featureSwitches.sendEmail";
 
 fn se(name: &str) -> String {
@@ -180,8 +202,9 @@ pub fn validate(values: &Resolved) -> (Result<Settings, Vec<SettingError>>, Vec<
     relay.cors = callers::cors(&mut ctx);
     relay.http = proxy::http(&mut ctx);
     relay.shutdown = proxy::shutdown(&mut ctx);
+    warn_on_unsafe_limits(&mut ctx, &relay, &send_email);
     relay.admin_mail = admin_mail(&mut ctx, &send_email);
-    relay.metrics = observe::metrics(&mut ctx, server.address);
+    relay.metrics = observe::metrics(&mut ctx, server.socket_addr());
     relay.log = observe::log(&mut ctx);
     let settings = Settings {
         server,

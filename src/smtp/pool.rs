@@ -51,10 +51,12 @@ impl Pool {
 
     /// Returns a connection for reuse; after [`Pool::close`] it is handed back to be quit.
     pub fn put_back(&self, connection: Connection) -> Option<Connection> {
+        // Checked under the lock `close` takes too, so no connection slips in after it.
+        let mut idle = self.idle();
         if self.closed.load(Ordering::Acquire) {
             return Some(connection);
         }
-        self.idle().push(connection);
+        idle.push(connection);
         None
     }
 
@@ -68,8 +70,9 @@ impl Pool {
 
     /// Stops keeping connections and returns the idle ones.
     pub fn close(&self) -> Vec<Connection> {
+        let mut idle = self.idle();
         self.closed.store(true, Ordering::Release);
-        std::mem::take(&mut *self.idle())
+        std::mem::take(&mut *idle)
     }
 
     pub fn idle_count(&self) -> usize {

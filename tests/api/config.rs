@@ -1439,3 +1439,19 @@ fn production_example_sets_the_exchange_limits() {
         loaded.masked
     );
 }
+
+#[test]
+fn settings_that_break_exchange_or_drain_promises_are_warned_about() {
+    let yaml = "featureSwitches:\n  sendEmail:\n    smtpServer: smtp.office365.com\n    smtpAuthentication: NONE\n\
+                mailRelay:\n  smtp:\n    maxConnections: 5\n  shutdown:\n    drainDelaySeconds: 5\n    deadlineSeconds: 30\n";
+    let loaded = mail_relay::config::load_str(yaml, "test.yml", &[]).unwrap();
+    let warnings = loaded.warnings.join("\n");
+    assert!(
+        warnings.contains("maxConnections is 5") && warnings.contains("432"),
+        "{warnings}"
+    );
+    assert!(
+        warnings.contains("deadlineSeconds (30 s)") && warnings.contains("65 s"),
+        "{warnings}"
+    );
+}

@@ -688,6 +688,11 @@ fn invalid_observe_settings_name_the_key_and_the_fix() {
             "mailRelay.metrics.port is not",
         ),
         (
+            &[("MAILRELAY_METRICS_PORT", "8080"), ("SERVER_PORT", "8080")],
+            "mailRelay.metrics.port",
+            "different ports",
+        ),
+        (
             &[("MAILRELAY_LOG_FORMAT", "xml")],
             "mailRelay.log.format",
             "json, text",
