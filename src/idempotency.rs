@@ -274,12 +274,15 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     ) -> Result<Slot, IdempotencyError>;
 
     /// Store the result of the claim `token`; nothing when the claim is gone (expired, evicted).
+    /// Store the answer for the claim `token`; it is kept for the TTL from `now`, the answer's
+    /// time, since its request may have run longer than the TTL.
     async fn complete(
         &self,
         scope: &str,
         key: &IdempotencyKey,
         token: u64,
         response: StoredResponse,
+        now: Millis,
     );
 
     /// Drop the claim `token` so a retry can run. Synchronous because it runs from `Drop`;
@@ -301,6 +304,7 @@ pub enum Begin {
 #[must_use = "complete the guard with the response, or drop it to let a retry send"]
 pub struct Guard {
     store: Arc<dyn IdempotencyStore>,
+    clock: Arc<dyn Clock>,
     scope: String,
     key: IdempotencyKey,
     token: u64,
@@ -322,7 +326,13 @@ impl Guard {
     pub async fn complete(mut self, response: StoredResponse) {
         if response.is_replayable() {
             self.store
-                .complete(&self.scope, &self.key, self.token, response)
+                .complete(
+                    &self.scope,
+                    &self.key,
+                    self.token,
+                    response,
+                    self.clock.now_ms(),
+                )
                 .await;
             self.done = true;
         }
@@ -359,12 +369,25 @@ impl Records {
         self.entries.get(id).is_some_and(|e| e.token == token)
     }
 
-    /// Forget expired records and, beyond `max`, the oldest ones.
+    /// Forget expired records and, beyond `max`, the oldest ones. A claim still waiting for its
+    /// answer is never forgotten: its request may be sending, and a retry must not send again.
     fn trim(&mut self, now: Millis, max: usize) {
+        let mut pending_seen = 0;
         while let Some((token, id)) = self.order.front() {
             let current = self.entries.get(id).filter(|e| e.token == *token);
             match current {
                 None => {}
+                Some(e) if e.response.is_none() => {
+                    // Look past it, once each; it goes to the back of the line.
+                    if pending_seen == self.order.len() {
+                        break;
+                    }
+                    pending_seen += 1;
+                    if let Some(front) = self.order.pop_front() {
+                        self.order.push_back(front);
+                    }
+                    continue;
+                }
                 Some(e) if e.expires_at <= now || self.entries.len() > max => {
                     self.entries.remove(id);
                 }
@@ -425,8 +448,9 @@ impl IdempotencyStore for InMemoryStore {
         let mut records = self.lock();
         records.trim(now, self.max_entries);
         let id = (scope.to_owned(), key.clone());
+        // A claim still waiting for its answer counts however old: its send may be under way.
         if let Some(entry) = records.entries.get(&id)
-            && entry.expires_at > now
+            && (entry.expires_at > now || entry.response.is_none())
         {
             return Ok(if entry.fingerprint != fingerprint {
                 Slot::Conflict
@@ -459,12 +483,14 @@ impl IdempotencyStore for InMemoryStore {
         key: &IdempotencyKey,
         token: u64,
         response: StoredResponse,
+        now: Millis,
     ) {
         let mut records = self.lock();
         if let Some(entry) = records.entries.get_mut(&(scope.to_owned(), key.clone()))
             && entry.token == token
         {
             entry.response = Some(response);
+            entry.expires_at = entry.expires_at.max(now.saturating_add(self.ttl_ms));
         }
     }
 
@@ -548,6 +574,7 @@ impl Idempotency {
         match self.store.begin(&scope, &key, fingerprint, now).await? {
             Slot::New { token } => Ok(Begin::New(Guard {
                 store: Arc::clone(&self.store),
+                clock: Arc::clone(&self.clock),
                 scope,
                 key,
                 token,
@@ -778,23 +805,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_late_completion_does_not_overwrite_a_newer_claim() {
-        let (idem, _, clock) = setup(60, 100);
+    async fn a_claim_waiting_for_its_answer_does_not_expire() {
+        // The first request may still be sending: a retry after the TTL must not send again.
+        let (idem, _, clock) = setup(60, 1);
         let caller = api_key("billing");
-        let old = new_guard(&idem, &caller, "k-1", b"body").await;
+        let first = new_guard(&idem, &caller, "k-1", b"body").await;
         clock.advance(Duration::from_secs(61));
-        let newer = new_guard(&idem, &caller, "k-1", b"body").await;
-        old.complete(accepted("old")).await;
-        // The old claim's completion neither stored its result nor removed the newer claim.
+        // Neither the TTL nor another claim beyond `maxEntries` pushes it out.
+        let other = new_guard(&idem, &caller, "k-2", b"other").await;
         let err = idem
             .begin(&caller, key("k-1"), Fingerprint::of(b"body"))
             .await
             .unwrap_err();
         assert_eq!(err, IdempotencyError::InProgress);
-        newer.complete(accepted("new")).await;
+        drop(other);
+        // Its answer, however late, is kept for the TTL from then.
+        first.complete(accepted("first")).await;
         assert_eq!(
             replay(&idem, &caller, "k-1", b"body").await,
-            accepted("new")
+            accepted("first")
         );
     }
 
