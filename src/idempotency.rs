@@ -130,6 +130,11 @@ impl fmt::Debug for Fingerprint {
 #[derive(Debug, Clone, Copy)]
 pub struct ReplayAlways;
 
+/// A response extension: never store this answer, whatever its status (a refusal that lasts
+/// only a short while, so a retry with the same key should be tried again).
+#[derive(Debug, Clone, Copy)]
+pub struct ReplayNever;
+
 /// A response kept for replay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredResponse {
@@ -169,7 +174,8 @@ impl StoredResponse {
             .upper()
             .is_some_and(|n| n <= MAX_STORED_BODY as u64);
         let always = response.extensions().get::<ReplayAlways>().is_some();
-        if !(always || Self::is_replayable_status(response.status())) || !small {
+        let never = response.extensions().get::<ReplayNever>().is_some();
+        if never || !(always || Self::is_replayable_status(response.status())) || !small {
             return (response, None);
         }
         let (parts, body) = response.into_parts();

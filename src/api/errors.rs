@@ -81,6 +81,9 @@ pub enum ApiError {
         "the encoded mail is {size} bytes, more than the limit of {limit} bytes (attachments grow by about a third when base64-encoded): send smaller or fewer attachments"
     )]
     MessageTooLarge { size: usize, limit: usize },
+    /// Exchange refused this From moments ago; asked again after a pause (not replayed).
+    #[error("{0}")]
+    SendAsDeniedForNow(String),
     /// The SMTP server refused the mail as too large.
     #[error("{0}")]
     ServerTooLarge(String),
@@ -174,7 +177,9 @@ impl ApiError {
                 "payload_too_large",
                 "Payload too large",
             ),
-            Self::SendAsDenied(_) => (StatusCode::FORBIDDEN, "send_as_denied", "Send as denied"),
+            Self::SendAsDenied(_) | Self::SendAsDeniedForNow(_) => {
+                (StatusCode::FORBIDDEN, "send_as_denied", "Send as denied")
+            }
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized"),
             Self::SmtpAuthFailed(_) => (
                 StatusCode::BAD_GATEWAY,
@@ -281,10 +286,18 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if let Self::OutcomeUnknown(_) = &self {
-            response
-                .extensions_mut()
-                .insert(crate::idempotency::ReplayAlways);
+        match &self {
+            Self::OutcomeUnknown(_) => {
+                response
+                    .extensions_mut()
+                    .insert(crate::idempotency::ReplayAlways);
+            }
+            Self::SendAsDeniedForNow(_) => {
+                response
+                    .extensions_mut()
+                    .insert(crate::idempotency::ReplayNever);
+            }
+            _ => {}
         }
         if let Self::Unauthorized(e) = &self {
             response
@@ -311,7 +324,12 @@ fn www_authenticate(error: &crate::caller::AuthError) -> HeaderValue {
 
 impl From<crate::send_as::SendAsRefusal> for ApiError {
     fn from(refusal: crate::send_as::SendAsRefusal) -> Self {
-        Self::SendAsDenied(refusal.to_string())
+        match refusal {
+            crate::send_as::SendAsRefusal::RecentlyDeniedByExchange { .. } => {
+                Self::SendAsDeniedForNow(refusal.to_string())
+            }
+            _ => Self::SendAsDenied(refusal.to_string()),
+        }
     }
 }
 
@@ -484,6 +502,40 @@ mod tests {
             "4.3.0 try later",
         ));
         assert_eq!(answer(smtp), (503, "smtp_unavailable", Some(5)));
+    }
+
+    #[test]
+    fn a_refusal_for_a_short_while_is_never_replayed_an_unknown_outcome_always() {
+        let for_now = ApiError::from(crate::send_as::SendAsRefusal::RecentlyDeniedByExchange {
+            address: "ceo@contoso.com".into(),
+            smtp_user: "relay@contoso.com".into(),
+        })
+        .into_response();
+        assert_eq!(for_now.status(), StatusCode::FORBIDDEN);
+        assert!(
+            for_now
+                .extensions()
+                .get::<crate::idempotency::ReplayNever>()
+                .is_some()
+        );
+        let unknown = ApiError::OutcomeUnknown("lost".into()).into_response();
+        assert!(
+            unknown
+                .extensions()
+                .get::<crate::idempotency::ReplayAlways>()
+                .is_some()
+        );
+    }
+
+    #[tokio::test]
+    async fn idempotency_keeps_or_skips_answers_as_they_are_marked() {
+        use crate::idempotency::StoredResponse;
+        let for_now = ApiError::SendAsDeniedForNow("later".into()).into_response();
+        assert!(StoredResponse::capture(for_now).await.1.is_none());
+        let denied = ApiError::SendAsDenied("no".into()).into_response();
+        assert!(StoredResponse::capture(denied).await.1.is_some());
+        let unknown = ApiError::OutcomeUnknown("lost".into()).into_response();
+        assert!(StoredResponse::capture(unknown).await.1.is_some());
     }
 
     #[test]

@@ -245,6 +245,21 @@ impl SmtpError {
         }
     }
 
+    /// A refusal before any mail was named (connecting, greeting, STARTTLS, AUTH, reuse), or of
+    /// an unauthenticated session: the server refuses this relay, not one mail.
+    pub fn refuses_the_session(&self) -> bool {
+        match self {
+            Self::Rejected { stage, reply, .. } => match stage {
+                Stage::Connect | Stage::Greeting | Stage::StartTls | Stage::Auth | Stage::Reuse => {
+                    true
+                }
+                Stage::MailFrom(_) => reply.code == 530,
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
     /// Whether the connection it happened on can take the next mail (after `RSET`):
     /// the server refused one transaction, not the session.
     pub(crate) fn leaves_connection_usable(&self) -> bool {

@@ -100,6 +100,7 @@ fn blame(error: &DeliveryError) -> Blame {
     match error {
         DeliveryError::Token(_) => Blame::Token,
         DeliveryError::Outbox { .. } => Blame::Relay,
+        DeliveryError::Smtp(e) if e.refuses_the_session() => Blame::Relay,
         DeliveryError::Smtp(e) => match e.kind() {
             SmtpErrorKind::Token => Blame::Token,
             SmtpErrorKind::SendAsDenied
@@ -238,5 +239,24 @@ mod tests {
             "5.7.3 Authentication unsuccessful",
         ));
         assert!(matches!(blame(&login), Blame::Relay));
+        // A refusal of the session itself says the server will take no mail from this relay.
+        for (stage, code, text) in [
+            (Stage::Greeting, 554, "5.7.1 Client host blocked"),
+            (Stage::Auth, 504, "5.7.4 Unrecognized authentication type"),
+            (
+                Stage::MailFrom("a@b.c".into()),
+                530,
+                "5.7.57 Client not authenticated to send mail",
+            ),
+        ] {
+            let refused = DeliveryError::Smtp(SmtpError::rejected(stage, code, text));
+            assert!(matches!(blame(&refused), Blame::Relay), "{refused}");
+        }
+        let one_mail = DeliveryError::Smtp(SmtpError::rejected(
+            Stage::MailFrom("a@b.c".into()),
+            550,
+            "5.7.1 sender refused",
+        ));
+        assert!(matches!(blame(&one_mail), Blame::Mail));
     }
 }
