@@ -44,6 +44,32 @@ fn scalar_text(value: &Value) -> Option<String> {
 }
 
 /// A list of single values at `key`; a lone value counts as a list of one.
+/// The list of single values at `key` (empty when unset).
+pub(super) fn list_at(ctx: &mut Ctx<'_>, key: &str) -> Vec<String> {
+    let tree = ctx.values.subtrees.get(key).cloned().unwrap_or(Value::Null);
+    string_list(ctx, key, &tree)
+}
+
+/// The IP addresses and CIDR blocks listed at `key`, each bad entry an error naming it.
+pub(super) fn ip_nets_at(ctx: &mut Ctx<'_>, key: &str) -> Vec<ipnet::IpNet> {
+    list_at(ctx, key)
+        .into_iter()
+        .filter_map(|text| {
+            let net = text
+                .parse::<ipnet::IpNet>()
+                .ok()
+                .or_else(|| text.parse::<IpAddr>().ok().map(ipnet::IpNet::from));
+            if net.is_none() {
+                ctx.error(
+                    key,
+                    format!("{text:?} is not an IP address or CIDR block, e.g. 10.0.0.0/8 or ::1"),
+                );
+            }
+            net.map(|net| net.trunc())
+        })
+        .collect()
+}
+
 pub(super) fn string_list(ctx: &mut Ctx<'_>, key: &str, value: &Value) -> Vec<String> {
     match value {
         Value::Null => Vec::new(),
@@ -249,28 +275,7 @@ fn trusted_proxy(ctx: &mut Ctx<'_>) -> Option<TrustedProxySettings> {
         Some(text) => header_name(ctx, &header_key, &text),
     };
     let sources_key = format!("{PROXY}.sources");
-    let tree = ctx
-        .values
-        .subtrees
-        .get(sources_key.as_str())
-        .cloned()
-        .unwrap_or(Value::Null);
-    let sources: Vec<ipnet::IpNet> = string_list(ctx, &sources_key, &tree)
-        .into_iter()
-        .filter_map(|text| {
-            let net = text
-                .parse::<ipnet::IpNet>()
-                .ok()
-                .or_else(|| text.parse::<IpAddr>().ok().map(ipnet::IpNet::from));
-            if net.is_none() {
-                ctx.error(
-                    &sources_key,
-                    format!("{text:?} is not an IP address or CIDR block, e.g. 10.0.0.0/8"),
-                );
-            }
-            net
-        })
-        .collect();
+    let sources = ip_nets_at(ctx, &sources_key);
     if sources.is_empty() {
         ctx.error(
             &sources_key,
@@ -430,13 +435,7 @@ pub(super) fn send_as(ctx: &mut Ctx<'_>) -> SendAsSettings {
 }
 
 pub(super) fn cors(ctx: &mut Ctx<'_>) -> CorsSettings {
-    let tree = ctx
-        .values
-        .subtrees
-        .get(ORIGINS)
-        .cloned()
-        .unwrap_or(Value::Null);
-    let allowed_origins = string_list(ctx, ORIGINS, &tree)
+    let allowed_origins = list_at(ctx, ORIGINS)
         .into_iter()
         .filter_map(|text| {
             let origin = url::Url::parse(&text).ok().filter(|u| {

@@ -1,10 +1,6 @@
 //! `mailRelay.http` and `mailRelay.shutdown`: the relay behind a reverse proxy, and its drain.
 
-use std::net::IpAddr;
-
-use serde_json::Value;
-
-use super::callers::string_list;
+use super::callers;
 use super::validate::Ctx;
 use super::{ForwardedHeader, HttpSettings, ShutdownSettings};
 
@@ -29,29 +25,7 @@ pub(super) fn http(ctx: &mut Ctx<'_>) -> HttpSettings {
             }
         })
         .unwrap_or_default();
-    let tree = ctx
-        .values
-        .subtrees
-        .get(TRUSTED_PROXIES)
-        .cloned()
-        .unwrap_or(Value::Null);
-    let trusted_proxies = string_list(ctx, TRUSTED_PROXIES, &tree)
-        .into_iter()
-        .filter_map(|text| {
-            let net = text
-                .parse::<ipnet::IpNet>()
-                .ok()
-                .or_else(|| text.parse::<IpAddr>().ok().map(ipnet::IpNet::from));
-            if net.is_none() {
-                ctx.error(
-                    TRUSTED_PROXIES,
-                    format!("{text:?} is not an IP address or CIDR block; list the reverse proxies' addresses, e.g. 10.0.0.0/8 or ::1"),
-                );
-            }
-            net
-        })
-        .map(|net| net.trunc())
-        .collect();
+    let trusted_proxies = callers::ip_nets_at(ctx, TRUSTED_PROXIES);
     let forwarded_header = ctx.one_of(
         FORWARDED_HEADER,
         ForwardedHeader::XForwardedFor,

@@ -414,13 +414,7 @@ fn admin_mail(ctx: &mut Ctx<'_>, send_email: &SendEmailSettings) -> Option<Admin
         &[("true", true), ("false", false)],
         "true, false",
     );
-    let tree = ctx
-        .values
-        .subtrees
-        .get(ADMIN_RECIPIENTS)
-        .cloned()
-        .unwrap_or(serde_json::Value::Null);
-    let recipients: Vec<String> = callers::string_list(ctx, ADMIN_RECIPIENTS, &tree)
+    let recipients: Vec<String> = callers::list_at(ctx, ADMIN_RECIPIENTS)
         .into_iter()
         .filter(|address| {
             let ok = is_address(address);

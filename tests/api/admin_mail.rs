@@ -160,13 +160,7 @@ async fn wait_for_count(peer: &Peer, needle: &str, count: usize) -> Vec<Vec<u8>>
 #[tokio::test]
 async fn the_binary_mails_a_startup_and_a_shutdown_notice() {
     let peer = require_peer!();
-    let entra = FakeEntra::start().await;
-    entra
-        .mount_token(
-            &peer.mint_token(&peer.oauth_user, Duration::from_secs(3600)),
-            3599,
-        )
-        .await;
+    let entra = FakeEntra::serving_peer_tokens(&peer).await;
     let admin = unique_recipient("lifecycle");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("osweb-prod.yml");
@@ -288,13 +282,7 @@ fn relay_settings(peer: &Peer, entra: &FakeEntra, admin: &str) -> Settings {
 #[tokio::test]
 async fn a_failure_notice_goes_out_at_most_once_an_hour() {
     let peer = require_peer!();
-    let entra = FakeEntra::start().await;
-    entra
-        .mount_token(
-            &peer.mint_token(&peer.oauth_user, Duration::from_secs(3600)),
-            3599,
-        )
-        .await;
+    let entra = FakeEntra::serving_peer_tokens(&peer).await;
     let admin = unique_recipient("failure");
     let settings = relay_settings(&peer, &entra, &admin);
     let SmtpAuthentication::MsOAuth { oauth, .. } = &settings.send_email.smtp_authentication else {

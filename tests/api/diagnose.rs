@@ -333,13 +333,7 @@ async fn a_closed_port_fails_at_connect_and_the_token_is_still_checked() {
 #[tokio::test]
 async fn send_test_delivers_a_real_mail() {
     let peer = require_peer!();
-    let entra = FakeEntra::start().await;
-    entra
-        .mount_token(
-            &peer.mint_token(&peer.oauth_user, Duration::from_secs(3600)),
-            3599,
-        )
-        .await;
+    let entra = FakeEntra::serving_peer_tokens(&peer).await;
     let dir = tempfile::tempdir().unwrap();
     let to = format!("diag-{}@contoso.test", uuid::Uuid::new_v4().simple());
 
@@ -368,13 +362,7 @@ async fn send_test_delivers_a_real_mail() {
 #[tokio::test]
 async fn send_test_as_a_denied_sender_explains_send_as() {
     let peer = require_peer!();
-    let entra = FakeEntra::start().await;
-    entra
-        .mount_token(
-            &peer.mint_token(&peer.oauth_user, Duration::from_secs(3600)),
-            3599,
-        )
-        .await;
+    let entra = FakeEntra::serving_peer_tokens(&peer).await;
     let dir = tempfile::tempdir().unwrap();
 
     let run = diagnose(

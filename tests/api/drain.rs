@@ -15,17 +15,6 @@ fn mail(subject: &str) -> Value {
     json!({"from": "noreply@contoso.test", "to": "alice@contoso.test", "subject": subject, "text": "drain"})
 }
 
-async fn entra_for(peer: &Peer) -> FakeEntra {
-    let entra = FakeEntra::start().await;
-    entra
-        .mount_token(
-            &peer.mint_token(&peer.oauth_user, Duration::from_secs(3600)),
-            3599,
-        )
-        .await;
-    entra
-}
-
 /// Start a send in the background; it returns the status and body.
 fn start_send(relay: &RelayProcess, subject: &str) -> tokio::task::JoinHandle<(u16, Value)> {
     let url = relay.url("/mail");
@@ -73,7 +62,7 @@ fn disconnects_from(peer: &Peer, ip: Ipv4Addr) -> (usize, usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_slow_send_finish_refuses_readiness_and_exits_0() {
     let peer = require_peer!();
-    let entra = entra_for(&peer).await;
+    let entra = FakeEntra::serving_peer_tokens(&peer).await;
     let source = Ipv4Addr::new(127, 0, 43, 1);
     let (disconnects_before, quits_before) = disconnects_from(&peer, source);
     let mut relay = RelayProcess::start(&smtp_yaml(
@@ -184,7 +173,7 @@ async fn sigterm_lets_a_slow_send_finish_refuses_readiness_and_exits_0() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_still_running_at_the_deadline_is_named_and_the_exit_is_non_zero() {
     let peer = require_peer!();
-    let entra = entra_for(&peer).await;
+    let entra = FakeEntra::serving_peer_tokens(&peer).await;
     // The slow port answers the end of DATA 5 s late; the deadline is 2 s after SIGTERM.
     assert!(
         peer.slow_delay > Duration::from_secs(3),

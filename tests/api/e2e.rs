@@ -5,12 +5,11 @@ use std::time::Duration;
 
 use base64::Engine;
 use mail_parser::{MessageParser, MimeHeaders};
-use mail_relay::app::Application;
 use mail_relay::config::{Delivery, Encryption, Settings, SmtpAuthentication};
 use serde_json::{Value, json};
 
 use crate::entra::FakeEntra;
-use crate::helpers::{TestApp, authenticated_client, expect_problem, post_mail, test_settings};
+use crate::helpers::{TestApp, expect_problem, post_mail, spawn_built, test_settings};
 use crate::peer::Peer;
 use crate::require_peer;
 
@@ -31,28 +30,10 @@ fn relay_settings(peer: &Peer, entra: &FakeEntra) -> Settings {
     settings
 }
 
-/// The production build path (`Application::build`: token cache + SMTP sender), on port 0.
-async fn spawn_relay(settings: Settings) -> TestApp {
-    let app = Application::build(settings).await.unwrap();
-    let address = app.local_addr().unwrap();
-    tokio::spawn(app.run_until(std::future::pending()));
-    TestApp {
-        address,
-        client: authenticated_client(),
-        outbox: tempfile::tempdir().unwrap(),
-    }
-}
-
 /// A fake Entra ID serving tokens the peer accepts, and a relay using it.
 async fn relay_with_good_tokens(peer: &Peer) -> (TestApp, FakeEntra) {
-    let entra = FakeEntra::start().await;
-    entra
-        .mount_token(
-            &peer.mint_token(&peer.oauth_user, Duration::from_secs(3600)),
-            3599,
-        )
-        .await;
-    let app = spawn_relay(relay_settings(peer, &entra)).await;
+    let entra = FakeEntra::serving_peer_tokens(peer).await;
+    let app = spawn_built(relay_settings(peer, &entra)).await;
     (app, entra)
 }
 
@@ -137,13 +118,7 @@ async fn many_mails_share_one_token() {
 #[tokio::test]
 async fn a_token_the_server_refuses_is_replaced_and_the_mail_still_arrives() {
     let peer = require_peer!();
-    let entra = FakeEntra::start().await;
-    entra
-        .mount_token(
-            &peer.mint_token(&peer.oauth_user, Duration::from_secs(3600)),
-            3599,
-        )
-        .await;
+    let entra = FakeEntra::serving_peer_tokens(&peer).await;
     // The first token Entra hands out is one the SMTP server will not accept.
     entra
         .mount_token_once(
@@ -151,7 +126,7 @@ async fn a_token_the_server_refuses_is_replaced_and_the_mail_still_arrives() {
             3599,
         )
         .await;
-    let app = spawn_relay(relay_settings(&peer, &entra)).await;
+    let app = spawn_built(relay_settings(&peer, &entra)).await;
     let body = json!({"from": "noreply@contoso.test", "to": "alice@contoso.test",
                       "subject": "after a refused token", "text": "hi"});
     let response = post_mail(&app, &body).await;
@@ -204,7 +179,7 @@ async fn a_wrong_client_secret_is_503_token_unavailable_naming_the_fix() {
     let peer = require_peer!();
     let entra = FakeEntra::start().await;
     entra.mount_error(7000215).await;
-    let app = spawn_relay(relay_settings(&peer, &entra)).await;
+    let app = spawn_built(relay_settings(&peer, &entra)).await;
     let body = json!({"from": "noreply@contoso.test", "to": "alice@contoso.test", "subject": "no token", "text": "hi"});
     let problem = expect_problem(post_mail(&app, &body).await, 503, "token_unavailable").await;
     let detail = problem["detail"].as_str().unwrap();
@@ -219,20 +194,14 @@ async fn a_wrong_client_secret_is_503_token_unavailable_naming_the_fix() {
 #[tokio::test]
 async fn the_smtp_server_down_is_a_prompt_503_with_retry_after() {
     let peer = require_peer!();
-    let entra = FakeEntra::start().await;
-    entra
-        .mount_token(
-            &peer.mint_token(&peer.oauth_user, Duration::from_secs(3600)),
-            3599,
-        )
-        .await;
+    let entra = FakeEntra::serving_peer_tokens(&peer).await;
     let mut settings = relay_settings(&peer, &entra);
     // A port nothing listens on.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     settings.send_email.smtp_port = closed.local_addr().unwrap().port();
     drop(closed);
     settings.relay.smtp.send_deadline = Duration::from_secs(2);
-    let app = spawn_relay(settings).await;
+    let app = spawn_built(settings).await;
     let body = json!({"from": "noreply@contoso.test", "to": "alice@contoso.test", "subject": "down", "text": "hi"});
     let started = std::time::Instant::now();
     let response = post_mail(&app, &body).await;
@@ -295,16 +264,10 @@ async fn an_idempotent_retry_reaches_the_server_once() {
 #[tokio::test]
 async fn a_rate_limited_request_never_reaches_the_server() {
     let peer = require_peer!();
-    let entra = FakeEntra::start().await;
-    entra
-        .mount_token(
-            &peer.mint_token(&peer.oauth_user, Duration::from_secs(3600)),
-            3599,
-        )
-        .await;
+    let entra = FakeEntra::serving_peer_tokens(&peer).await;
     let mut settings = relay_settings(&peer, &entra);
     settings.relay.rate_limits.mailbox_messages_per_minute = std::num::NonZeroU32::new(1);
-    let app = spawn_relay(settings).await;
+    let app = spawn_built(settings).await;
     let first = format!("limited-first-{}", uuid::Uuid::new_v4());
     let second = format!("limited-second-{}", uuid::Uuid::new_v4());
     let mail = |subject: &str| json!({"from": "noreply@contoso.test", "to": "alice@contoso.test", "subject": subject, "text": "hi"});

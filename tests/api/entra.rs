@@ -37,6 +37,18 @@ impl FakeEntra {
         }
     }
 
+    /// A fake serving, to every request, an hour-long token the SMTP test peer accepts.
+    pub async fn serving_peer_tokens(peer: &crate::peer::Peer) -> Self {
+        let entra = Self::start().await;
+        entra
+            .mount_token(
+                &peer.mint_token(&peer.oauth_user, Duration::from_secs(3600)),
+                3599,
+            )
+            .await;
+        entra
+    }
+
     /// `http://127.0.0.1:<port>/<tenant>/oauth2/v2.0/token`, like Entra's v2.0 endpoint.
     pub fn token_url(&self) -> Url {
         Url::parse(&format!(

@@ -136,6 +136,19 @@ pub async fn spawn_app_with_sender(
     }
 }
 
+/// Start an instance the way production does (`Application::build`: the token cache and the
+/// SMTP sender from `settings`), on port 0.
+pub async fn spawn_built(settings: Settings) -> TestApp {
+    let app = Application::build(settings).await.unwrap();
+    let address = app.local_addr().unwrap();
+    tokio::spawn(app.run_until(std::future::pending()));
+    TestApp {
+        address,
+        client: authenticated_client(),
+        outbox: tempfile::tempdir().unwrap(),
+    }
+}
+
 /// Start an instance with the default test settings, changed by `adjust`.
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     spawn_app_with_sender(adjust, None).await

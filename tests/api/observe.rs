@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use crate::entra::{CLIENT_SECRET, FakeEntra};
 use crate::helpers::{
     TEST_API_KEY, TestApp, authenticated_client, post_mail, spawn_app, spawn_app_with,
-    spawn_app_with_sender, test_settings,
+    spawn_app_with_sender, spawn_built, test_settings,
 };
 
 fn mail() -> Value {
@@ -476,17 +476,6 @@ fn oauth_settings_to_closed_port(entra: &FakeEntra) -> Settings {
     settings.relay.smtp.connect_timeout = Duration::from_secs(1);
     settings.relay.smtp.send_deadline = Duration::from_secs(1);
     settings
-}
-
-async fn spawn_built(settings: Settings) -> TestApp {
-    let app = Application::build(settings).await.unwrap();
-    let address = app.local_addr().unwrap();
-    tokio::spawn(app.run_until(std::future::pending()));
-    TestApp {
-        address,
-        client: authenticated_client(),
-        outbox: tempfile::tempdir().unwrap(),
-    }
 }
 
 #[tokio::test]

@@ -382,13 +382,7 @@ async fn a_mail_sent_through_nginx_arrives_with_the_user_nginx_named() {
     else {
         return;
     };
-    let entra = FakeEntra::start().await;
-    entra
-        .mount_token(
-            &peer.mint_token(&peer.oauth_user, Duration::from_secs(3600)),
-            3599,
-        )
-        .await;
+    let entra = FakeEntra::serving_peer_tokens(&peer).await;
     let relay = relay_behind(&nginx, &peer, &entra);
     let relay_port = relay.address.port().to_string();
     // The browser: on 127.0.0.3, so that nginx sees a client that is not itself.

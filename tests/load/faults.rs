@@ -14,7 +14,7 @@ use wiremock::ResponseTemplate;
 
 use crate::entra::{FakeEntra, token_response};
 use crate::harness::{
-    Forwarder, Outcome, assert_exactly_once, good_entra, marker, relay_settings, send, spawn_relay,
+    Forwarder, Outcome, assert_exactly_once, marker, relay_settings, send, spawn_relay,
     spawn_relay_with, wait_for_deliveries,
 };
 use crate::helpers::TestApp;
@@ -53,7 +53,7 @@ async fn smtp_server_down_mid_run_gives_prompt_503s_and_the_relay_recovers_witho
         .parse()
         .unwrap();
     let forwarder = Forwarder::start(target).await;
-    let entra = good_entra(&peer).await;
+    let entra = FakeEntra::serving_peer_tokens(&peer).await;
     let mut settings = relay_settings(&peer, &entra, forwarder.port);
     let deadline = Duration::from_secs(3);
     settings.relay.smtp.send_deadline = deadline;
@@ -203,7 +203,7 @@ async fn token_endpoint_failures_do_not_stop_sends_while_a_token_is_valid_and_th
 async fn a_slow_smtp_server_times_out_as_configured_and_connections_return_to_the_limit() {
     let peer = require_peer!();
     let _turn = crate::exclusive().await;
-    let entra = good_entra(&peer).await;
+    let entra = FakeEntra::serving_peer_tokens(&peer).await;
     let mut settings = relay_settings(&peer, &entra, peer.slow_port);
     let command_timeout = Duration::from_secs(2);
     let deadline = Duration::from_secs(4);

@@ -34,22 +34,9 @@ pub fn relay_settings(peer: &Peer, entra: &FakeEntra, port: u16) -> Settings {
     settings
 }
 
-/// A fake Entra ID that hands out tokens the peer accepts, valid for an hour.
-pub async fn good_entra(peer: &Peer) -> FakeEntra {
-    let entra = FakeEntra::start().await;
-    entra
-        .mount_token(
-            &peer.mint_token(&peer.oauth_user, Duration::from_secs(3600)),
-            3599,
-        )
-        .await;
-    entra
-}
-
 /// The production build path (token cache + SMTP sender from the settings), on port 0.
 pub async fn spawn_relay(settings: Settings) -> TestApp {
-    let app = Application::build(settings).await.unwrap();
-    serve(app)
+    crate::helpers::spawn_built(settings).await
 }
 
 /// A relay sending through `sender` (so that the test can watch the sender's state).

@@ -4,8 +4,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
+use crate::entra::FakeEntra;
 use crate::harness::{
-    assert_exactly_once, good_entra, marker, relay_settings, send, spawn_relay, wait_for_deliveries,
+    assert_exactly_once, marker, relay_settings, send, spawn_relay, wait_for_deliveries,
 };
 use crate::require_peer;
 
@@ -23,7 +24,7 @@ const CLIENTS: usize = 64;
 async fn every_accepted_mail_of_a_64_client_load_arrives_exactly_once() {
     let peer = require_peer!();
     let _turn = crate::exclusive().await;
-    let entra = good_entra(&peer).await;
+    let entra = FakeEntra::serving_peer_tokens(&peer).await;
     let app = spawn_relay(relay_settings(&peer, &entra, peer.submission_port)).await;
     let marker = marker("load");
     let count = mail_count();

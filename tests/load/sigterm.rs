@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::entra::CLIENT_SECRET;
-use crate::harness::{Outcome, assert_exactly_once, good_entra, marker, wait_for_deliveries};
+use crate::entra::{CLIENT_SECRET, FakeEntra};
+use crate::harness::{Outcome, assert_exactly_once, marker, wait_for_deliveries};
 use crate::helpers::{TEST_API_KEY, TestApp, authenticated_client};
 use crate::peer::{Peer, closed_port};
 use crate::require_peer;
@@ -38,7 +38,7 @@ fn config(peer: &Peer, port: u16, token_url: &str, client_id: &str, tenant: &str
 async fn sigterm_under_load_loses_no_accepted_mail() {
     let peer = require_peer!();
     let _turn = crate::exclusive().await;
-    let entra = good_entra(&peer).await;
+    let entra = FakeEntra::serving_peer_tokens(&peer).await;
     let dir = tempfile::tempdir().unwrap();
     let port = closed_port();
     let oauth = entra.oauth_settings();
