@@ -69,8 +69,6 @@ pub enum ApiError {
         "the request took longer than {0:?} (mailRelay.limits.requestTimeoutSeconds); the mail may or may not have gone out: retry with the same Idempotency-Key so that it goes out once"
     )]
     Timeout(std::time::Duration),
-    #[error("the service is not ready: {0}")]
-    NotReady(String),
     #[error("internal error; see the logs under this request id")]
     Internal,
     #[error(
@@ -156,11 +154,6 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "timeout",
                 "Request timed out",
-            ),
-            Self::NotReady(_) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not_ready",
-                "Service not ready",
             ),
             Self::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,

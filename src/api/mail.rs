@@ -69,7 +69,7 @@ pub struct MailAccepted {
             headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
         (status = 500, description = "`internal_error`: see the logs under the request id", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "`smtp_auth_failed`, `smtp_auth_disabled` (the relay's SMTP login was refused; an administrator must act) `smtp_rejected` (the server refused the mail for good; the detail has its reply) or `smtp_outcome_unknown` (the connection was lost after the mail went out: the server may have it; do not send it again blindly)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`smtp_unavailable` or `token_unavailable`: a transient upstream failure, or `timeout`/`not_ready`; try again after `Retry-After`", body = Problem, content_type = "application/problem+json",
+        (status = 503, description = "`smtp_unavailable` or `token_unavailable`: a transient upstream failure, or `timeout` (the request took longer than `mailRelay.limits.requestTimeoutSeconds`); try again after `Retry-After`", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
     ))]
 pub async fn send_mail(
