@@ -226,7 +226,9 @@ pub fn needs_administrator(error: &DeliveryError) -> bool {
         DeliveryError::Token(token) | DeliveryError::Smtp(SmtpError::Token(token)) => {
             !token.is_transient()
         }
-        DeliveryError::Smtp(SmtpError::Unsupported { .. }) => true,
+        DeliveryError::Smtp(unsupported @ SmtpError::Unsupported { .. }) => {
+            unsupported.refuses_the_session()
+        }
         DeliveryError::Smtp(smtp) => matches!(
             smtp.kind(),
             SmtpErrorKind::AuthFailed
@@ -308,6 +310,12 @@ mod tests {
             message: "x".into(),
         };
         assert!(needs_administrator(&DeliveryError::Smtp(setup)));
+        let no_xoauth2 = SmtpError::Unsupported {
+            stage: Stage::Auth,
+            server: "s:587".into(),
+            detail: "does not offer AUTH XOAUTH2".into(),
+        };
+        assert!(needs_administrator(&DeliveryError::Smtp(no_xoauth2)));
         assert!(needs_administrator(&entra(7000215)));
         assert!(needs_administrator(&DeliveryError::Smtp(SmtpError::Token(
             TokenError::Credential("bad key".into())
@@ -320,6 +328,12 @@ mod tests {
         assert!(!needs_administrator(&DeliveryError::Smtp(transient)));
         let send_as = SmtpError::rejected(Stage::EndOfData, 554, "5.2.252 SendAsDenied; x");
         assert!(!needs_administrator(&DeliveryError::Smtp(send_as)));
+        let no_smtputf8 = SmtpError::Unsupported {
+            stage: Stage::MailFrom("jörg@contoso.com".into()),
+            server: "s:587".into(),
+            detail: "does not support SMTPUTF8".into(),
+        };
+        assert!(!needs_administrator(&DeliveryError::Smtp(no_smtputf8)));
         let network = TokenError::Network {
             endpoint: "https://login".into(),
             detail: "reset".into(),

@@ -136,6 +136,7 @@ impl Connector {
         if !connection.can_starttls() {
             connection.abort().await;
             return Err(SmtpError::Unsupported {
+                stage: Stage::StartTls,
                 server: self.server(),
                 detail: "does not offer STARTTLS, which smtpEncryption TLS requires \
                          (use SSL for an implicit-TLS port)"
@@ -292,8 +293,9 @@ fn from_lettre(error: lettre::transport::smtp::Error, stage: Stage, server: &str
     }
     if error.is_client() {
         return SmtpError::Unsupported {
-            server: server.to_string(),
             detail: format!("cannot be used at {stage}: {error}"),
+            stage,
+            server: server.to_string(),
         };
     }
     let kind = if is_certificate_error(&error) {
@@ -414,6 +416,7 @@ impl Connection {
             .supports_auth_mechanism(Mechanism::Xoauth2)
         {
             return Err(SmtpError::Unsupported {
+                stage: Stage::Auth,
                 server: self.server.clone(),
                 detail: format!(
                     "does not offer AUTH XOAUTH2 (it offers: {}), which MS_OAUTH needs",
@@ -466,6 +469,7 @@ impl Connection {
         if non_ascii_address {
             if !server_info.supports_feature(Extension::SmtpUtfEight) {
                 return Err(SmtpError::Unsupported {
+                    stage: Stage::MailFrom(from.clone()),
                     server: self.server.clone(),
                     detail: "does not support SMTPUTF8, needed for a non-ASCII address".into(),
                 });
@@ -475,6 +479,7 @@ impl Connection {
         if !mail.formatted.is_ascii() {
             if !server_info.supports_feature(Extension::EightBitMime) {
                 return Err(SmtpError::Unsupported {
+                    stage: Stage::MailFrom(from.clone()),
                     server: self.server.clone(),
                     detail: "does not support 8BITMIME, needed for this 8-bit message".into(),
                 });

@@ -49,6 +49,16 @@ pub enum Stage {
     Reuse,
 }
 
+impl Stage {
+    /// Setting up the session, before any mail is named.
+    fn is_session(&self) -> bool {
+        matches!(
+            self,
+            Self::Connect | Self::Greeting | Self::StartTls | Self::Auth | Self::Reuse
+        )
+    }
+}
+
 impl fmt::Display for Stage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -84,9 +94,14 @@ pub enum SmtpError {
         server: String,
         detail: String,
     },
-    /// The server lacks something the settings require (STARTTLS, an AUTH mechanism).
+    /// The server lacks something the settings (STARTTLS, an AUTH mechanism) or one mail
+    /// (SMTPUTF8, 8BITMIME) requires; `stage` tells which.
     #[error("the SMTP server {server} {detail}")]
-    Unsupported { server: String, detail: String },
+    Unsupported {
+        stage: Stage,
+        server: String,
+        detail: String,
+    },
     /// No access token for XOAUTH2 could be had.
     #[error("no access token for SMTP: {0}")]
     Token(#[from] TokenError),
@@ -246,16 +261,14 @@ impl SmtpError {
     }
 
     /// A refusal before any mail was named (connecting, greeting, STARTTLS, AUTH, reuse), or of
-    /// an unauthenticated session: the server refuses this relay, not one mail.
+    /// an unauthenticated session, or a server lacking what the session needs (STARTTLS,
+    /// XOAUTH2): the server refuses this relay, not one mail.
     pub fn refuses_the_session(&self) -> bool {
         match self {
-            Self::Rejected { stage, reply, .. } => match stage {
-                Stage::Connect | Stage::Greeting | Stage::StartTls | Stage::Auth | Stage::Reuse => {
-                    true
-                }
-                Stage::MailFrom(_) => reply.code == 530,
-                _ => false,
-            },
+            Self::Rejected { stage, reply, .. } => {
+                stage.is_session() || (matches!(stage, Stage::MailFrom(_)) && reply.code == 530)
+            }
+            Self::Unsupported { stage, .. } => stage.is_session(),
             _ => false,
         }
     }

@@ -259,4 +259,23 @@ mod tests {
         ));
         assert!(matches!(blame(&one_mail), Blame::Mail));
     }
+
+    #[test]
+    fn a_server_lacking_what_the_session_needs_counts_against_the_server() {
+        use crate::smtp::{SmtpError, Stage};
+        let unsupported = |stage| {
+            DeliveryError::Smtp(SmtpError::Unsupported {
+                stage,
+                server: "smtp.example:587".into(),
+                detail: "does not offer it".into(),
+            })
+        };
+        assert!(matches!(blame(&unsupported(Stage::StartTls)), Blame::Relay));
+        assert!(matches!(blame(&unsupported(Stage::Auth)), Blame::Relay));
+        // SMTPUTF8 or 8BITMIME missing stops only the mail that needs it.
+        assert!(matches!(
+            blame(&unsupported(Stage::MailFrom("jörg@b.c".into()))),
+            Blame::Mail
+        ));
+    }
 }
