@@ -230,20 +230,27 @@ pub trait RateLimiter: Send + Sync + 'static {
     /// Give a reservation back; costs whose window has passed are already gone.
     async fn release(&self, reservation: Reservation);
 
-    /// Count `key` as full (`max`) from `now` on for a whole window, replacing what was counted:
-    /// the server said the quota is used up (other clients of the mailbox, a restart).
-    async fn saturate(&self, key: &LimitKey, max: NonZeroU32, now: Millis);
+    /// Refuse every cost on `key` for a whole window from `now`, whatever is counted or given
+    /// back meanwhile: the server said the quota is used up (other clients of the mailbox, a
+    /// restart), and only time frees it.
+    async fn block(&self, key: &LimitKey, now: Millis);
 }
 
-/// Costs within one window, oldest first, summed per bucket.
+/// Costs within one window, oldest first, summed per bucket, and a block set by the server.
 #[derive(Debug, Default)]
 struct Window {
     buckets: VecDeque<(Millis, u32)>,
     total: u64,
+    /// Nothing fits before this time. Kept apart from the counts, so that refunds of sends
+    /// that were under way when the server refused cannot reopen the quota.
+    blocked_until: Option<Millis>,
 }
 
 impl Window {
     fn expire(&mut self, kind: LimitKind, now: Millis) {
+        if self.blocked_until.is_some_and(|until| until <= now) {
+            self.blocked_until = None;
+        }
         while let Some(&(bucket, cost)) = self.buckets.front() {
             if kind.expires_at(bucket) > now {
                 break;
@@ -255,6 +262,9 @@ impl Window {
 
     /// `Ok` when `cost` fits under `max`; otherwise how long until enough old costs expire.
     fn admit(&self, kind: LimitKind, cost: u32, max: u32, now: Millis) -> Result<(), Duration> {
+        if let Some(until) = self.blocked_until {
+            return Err(Duration::from_millis(until.saturating_sub(now)));
+        }
         let over = (self.total + u64::from(cost)).saturating_sub(u64::from(max));
         if over == 0 {
             return Ok(());
@@ -296,6 +306,10 @@ impl Window {
     fn last_bucket(&self) -> Option<Millis> {
         self.buckets.back().map(|(b, _)| *b)
     }
+
+    fn is_idle(&self) -> bool {
+        self.buckets.is_empty() && self.blocked_until.is_none()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -324,7 +338,7 @@ impl InMemoryRateLimiter {
         if state.reservations % SWEEP_EVERY == 0 {
             state.windows.retain(|key, window| {
                 window.expire(key.kind, now);
-                !window.buckets.is_empty()
+                !window.is_idle()
             });
         }
         let mut refusal: Option<RateLimited> = None;
@@ -392,15 +406,18 @@ impl RateLimiter for InMemoryRateLimiter {
         self.unreserve(reservation);
     }
 
-    async fn saturate(&self, key: &LimitKey, max: NonZeroU32, now: Millis) {
+    async fn block(&self, key: &LimitKey, now: Millis) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let kind = key.kind;
         let window = state.windows.entry(key.clone()).or_default();
-        // One full bucket from now: older counts would free quota before the window has passed.
+        // Until the end of a whole bucket from now, the same moment a cost counted now would free.
         let bucket = now - now % kind.bucket_ms();
         let bucket = window.last_bucket().map_or(bucket, |last| bucket.max(last));
-        *window = Window::default();
-        window.add(bucket, max.get());
+        // What was counted before the block frees no earlier than the block ends: drop it.
+        *window = Window {
+            blocked_until: Some(kind.expires_at(bucket)),
+            ..Window::default()
+        };
     }
 }
 
@@ -521,9 +538,9 @@ impl RateLimits {
     /// instead of sending each one into the same refusal. Nothing happens when the daily
     /// limit is off.
     pub async fn mailbox_quota_exceeded(&self) {
-        let Some(max) = self.settings.mailbox_recipients_per_day else {
+        if self.settings.mailbox_recipients_per_day.is_none() {
             return;
-        };
+        }
         tracing::warn!(
             "the SMTP server reports the mailbox's daily recipient quota used up; refusing mail for 24 hours"
         );
@@ -531,7 +548,7 @@ impl RateLimits {
             kind: LimitKind::MailboxRecipients,
             subject: self.mailbox.to_string(),
         };
-        self.limiter.saturate(&key, max, self.clock.now_ms()).await;
+        self.limiter.block(&key, self.clock.now_ms()).await;
     }
 
     /// Give the quota back: the send failed before the server accepted the mail.
@@ -782,13 +799,31 @@ mod tests {
         let now = clock.now_ms();
         let frees_at = now - now % 60_000 + 86_400_000 + 59_999;
         assert_eq!(refusal.retry_after, Duration::from_millis(frees_at - now));
+        clock.set(frees_at - 1);
+        limited(limits.reserve(&caller, 1).await);
         clock.set(frees_at);
         limits.reserve(&caller, 10_000).await.unwrap().keep();
 
-        // With the daily limit off there is nothing to saturate.
+        // With the daily limit off there is nothing to block.
         let (off, _) = self::limits(settings(30, 0, 0));
         off.mailbox_quota_exceeded().await;
         off.reserve(&caller, 500).await.unwrap().keep();
+    }
+
+    #[tokio::test]
+    async fn refunds_after_exchange_reported_the_quota_do_not_reopen_it() {
+        let (limits, clock) = limits(settings(30, 10_000, 0));
+        let caller = key("a");
+        // Two sends under way; the first is refused for the quota, both give their cost back.
+        let refused = limits.reserve(&caller, 5).await.unwrap();
+        let in_flight = limits.reserve(&caller, 7).await.unwrap();
+        limits.mailbox_quota_exceeded().await;
+        limits.refund(refused).await;
+        limits.refund(in_flight).await;
+        let refusal = limited(limits.reserve(&caller, 1).await);
+        assert_eq!(refusal.kind, LimitKind::MailboxRecipients);
+        clock.advance(Duration::from_secs(12 * 3600));
+        limited(limits.reserve(&caller, 1).await);
     }
 
     #[tokio::test]
