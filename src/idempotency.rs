@@ -14,11 +14,12 @@
 //!   cancelled before it completes (its [`Guard`] is dropped) leaves no record either.
 //!
 //! Records live behind [`IdempotencyStore`]. [`InMemoryStore`] keeps them in this process for
-//! `mailRelay.idempotency.ttlSeconds`, at most `maxEntries` of them (oldest forgotten first).
+//! `mailRelay.idempotency.ttlSeconds`, at most `maxEntries` of them (beyond it, the oldest records
+//! of the caller holding the most are forgotten first, so no caller can push out another's).
 //! Several replicas behind one load balancer need a shared store (e.g. Redis `SET NX` with expiry
 //! for the claim), added as another `IdempotencyStore`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -361,27 +362,85 @@ struct Entry {
     response: Option<StoredResponse>,
 }
 
+type RecordId = (String, IdempotencyKey);
+
 #[derive(Default)]
 struct Records {
-    entries: HashMap<(String, IdempotencyKey), Entry>,
-    /// Claims oldest first, as (token, map key). Removed entries leave stale items here,
-    /// skipped by their token and compacted when they pile up.
-    order: VecDeque<(u64, (String, IdempotencyKey))>,
+    entries: HashMap<RecordId, Entry>,
+    /// Claims oldest first, as (token, record), for expiry. Removed entries leave stale items
+    /// here, skipped by their token and compacted when they pile up.
+    order: VecDeque<(u64, RecordId)>,
+    /// Each caller's records, for eviction beyond `max` from the caller holding the most, so one
+    /// caller's flood of keys pushes out its own records, never another caller's.
+    scopes: HashMap<String, Scope>,
+    /// (live records, caller) for every caller holding any: the last one holds the most.
+    by_count: BTreeSet<(usize, String)>,
     next_token: u64,
 }
 
+/// One caller's claims oldest first (stale items skipped as in `Records::order`).
+#[derive(Default)]
+struct Scope {
+    order: VecDeque<(u64, IdempotencyKey)>,
+    live: usize,
+}
+
 impl Records {
-    fn is_current(&self, token: u64, id: &(String, IdempotencyKey)) -> bool {
+    fn is_current(&self, token: u64, id: &RecordId) -> bool {
         self.entries.get(id).is_some_and(|e| e.token == token)
     }
 
-    /// Forget expired records and, beyond `max`, the oldest ones. A claim still waiting for its
-    /// answer is never forgotten: its request may be sending, and a retry must not send again.
+    fn insert(&mut self, id: RecordId, entry: Entry) {
+        let token = entry.token;
+        let replaced = self.entries.insert(id.clone(), entry).is_some();
+        let (scope_name, key) = id.clone();
+        self.order.push_back((token, id));
+        let scope = self.scopes.entry(scope_name.clone()).or_default();
+        scope.order.push_back((token, key));
+        if !replaced {
+            let before = scope.live;
+            scope.live += 1;
+            Self::recount(&mut self.by_count, &scope_name, before, scope.live);
+        }
+    }
+
+    fn remove(&mut self, id: &RecordId) {
+        if self.entries.remove(id).is_none() {
+            return;
+        }
+        let Some(scope) = self.scopes.get_mut(&id.0) else {
+            return;
+        };
+        let before = scope.live;
+        scope.live -= 1;
+        Self::recount(&mut self.by_count, &id.0, before, scope.live);
+        if scope.live == 0 {
+            self.scopes.remove(&id.0);
+        }
+    }
+
+    fn recount(by_count: &mut BTreeSet<(usize, String)>, scope: &str, before: usize, after: usize) {
+        if before > 0 {
+            by_count.remove(&(before, scope.to_owned()));
+        }
+        if after > 0 {
+            by_count.insert((after, scope.to_owned()));
+        }
+    }
+
+    /// Forget expired records and, beyond `max`, the oldest ones of the caller holding the most.
+    /// A claim still waiting for its answer is never forgotten: its request may be sending, and
+    /// a retry must not send again.
     fn trim(&mut self, now: Millis, max: usize) {
+        self.expire(now);
+        while self.entries.len() > max && self.evict_one() {}
+        self.compact();
+    }
+
+    fn expire(&mut self, now: Millis) {
         let mut pending_seen = 0;
         while let Some((token, id)) = self.order.front() {
-            let current = self.entries.get(id).filter(|e| e.token == *token);
-            match current {
+            match self.entries.get(id).filter(|e| e.token == *token) {
                 None => {}
                 Some(e) if e.response.is_none() => {
                     // Look past it, once each; it goes to the back of the line.
@@ -394,13 +453,59 @@ impl Records {
                     }
                     continue;
                 }
-                Some(e) if e.expires_at <= now || self.entries.len() > max => {
-                    self.entries.remove(id);
+                Some(e) if e.expires_at <= now => {
+                    let id = id.clone();
+                    self.remove(&id);
                 }
                 Some(_) => break,
             }
             self.order.pop_front();
         }
+    }
+
+    /// Forget the oldest answered record of the caller holding the most (the next one when all
+    /// of its records are still waiting for answers). `false` when nothing can go.
+    fn evict_one(&mut self) -> bool {
+        let mut candidate = self.by_count.last().cloned();
+        while let Some(current) = candidate {
+            candidate = self.by_count.range(..&current).next_back().cloned();
+            let scope_name = current.1;
+            let Some(scope) = self.scopes.get_mut(&scope_name) else {
+                continue;
+            };
+            let mut victim = None;
+            let mut pending_seen = 0;
+            while let Some((token, key)) = scope.order.front() {
+                let id = (scope_name.clone(), key.clone());
+                match self.entries.get(&id).filter(|e| e.token == *token) {
+                    None => {}
+                    Some(e) if e.response.is_none() => {
+                        if pending_seen == scope.order.len() {
+                            break;
+                        }
+                        pending_seen += 1;
+                        if let Some(front) = scope.order.pop_front() {
+                            scope.order.push_back(front);
+                        }
+                        continue;
+                    }
+                    Some(_) => victim = Some(id),
+                }
+                scope.order.pop_front();
+                if victim.is_some() {
+                    break;
+                }
+            }
+            if let Some(id) = victim {
+                self.remove(&id);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Drop stale queue items once they outnumber the live records.
+    fn compact(&mut self) {
         if self.order.len() > 2 * self.entries.len() + 1024 {
             let order = std::mem::take(&mut self.order);
             self.order = order
@@ -408,10 +513,21 @@ impl Records {
                 .filter(|(token, id)| self.is_current(*token, id))
                 .collect();
         }
+        for (name, scope) in &mut self.scopes {
+            if scope.order.len() > 2 * scope.live + 64 {
+                let entries = &self.entries;
+                scope.order.retain(|(token, key)| {
+                    entries
+                        .get(&(name.clone(), key.clone()))
+                        .is_some_and(|e| e.token == *token)
+                });
+            }
+        }
     }
 }
 
-/// Records in this process, for `ttl` each, at most `max_entries` (oldest forgotten first).
+/// Records in this process, for `ttl` each, at most `max_entries` (beyond it, the oldest of the
+/// caller holding the most are forgotten first).
 pub struct InMemoryStore {
     ttl_ms: Millis,
     max_entries: usize,
@@ -469,8 +585,8 @@ impl IdempotencyStore for InMemoryStore {
         }
         records.next_token += 1;
         let token = records.next_token;
-        records.entries.insert(
-            id.clone(),
+        records.insert(
+            id,
             Entry {
                 fingerprint,
                 token,
@@ -478,7 +594,6 @@ impl IdempotencyStore for InMemoryStore {
                 response: None,
             },
         );
-        records.order.push_back((token, id));
         records.trim(now, self.max_entries);
         Ok(Slot::New { token })
     }
@@ -504,7 +619,7 @@ impl IdempotencyStore for InMemoryStore {
         let mut records = self.lock();
         let id = (scope.to_owned(), key.clone());
         if records.is_current(token, &id) {
-            records.entries.remove(&id);
+            records.remove(&id);
         }
     }
 }
@@ -808,6 +923,58 @@ mod tests {
             assert_eq!(replay(&idem, &caller, k, b"body").await, accepted(k));
         }
         drop(new_guard(&idem, &caller, "a", b"body").await);
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_keys_from_one_caller_pushes_out_only_its_own_records() {
+        let (idem, store, clock) = setup(86_400, 5);
+        let (quiet, noisy) = (api_key("billing"), api_key("newsletter"));
+        for k in ["q-1", "q-2"] {
+            new_guard(&idem, &quiet, k, b"body")
+                .await
+                .complete(accepted(k))
+                .await;
+        }
+        for n in 0..20 {
+            clock.advance(Duration::from_secs(1));
+            let k = format!("n-{n}");
+            new_guard(&idem, &noisy, &k, b"body")
+                .await
+                .complete(accepted(&k))
+                .await;
+        }
+        assert_eq!(store.len(), 5);
+        // The quiet caller's older records stay; the noisy one keeps its newest three.
+        for k in ["q-1", "q-2"] {
+            assert_eq!(replay(&idem, &quiet, k, b"body").await, accepted(k));
+        }
+        for k in ["n-17", "n-18", "n-19"] {
+            assert_eq!(replay(&idem, &noisy, k, b"body").await, accepted(k));
+        }
+        drop(new_guard(&idem, &noisy, "n-16", b"body").await);
+    }
+
+    #[tokio::test]
+    async fn when_the_largest_caller_has_only_running_claims_the_next_one_gives_way() {
+        let (idem, store, _) = setup(86_400, 3);
+        let (a, b) = (api_key("a"), api_key("b"));
+        let mut running = Vec::new();
+        for k in ["a-1", "a-2", "a-3"] {
+            running.push(new_guard(&idem, &a, k, b"x").await);
+        }
+        new_guard(&idem, &b, "b-1", b"x")
+            .await
+            .complete(accepted("b-1"))
+            .await;
+        running.push(new_guard(&idem, &b, "b-2", b"x").await);
+        // `a` holds the most, but its claims are running: `b`'s answered record went instead.
+        assert_eq!(store.len(), 4);
+        for k in ["a-1", "a-2", "a-3"] {
+            let err = idem.begin(&a, key(k), Fingerprint::of(b"x")).await;
+            assert_eq!(err.unwrap_err(), IdempotencyError::InProgress);
+        }
+        drop(new_guard(&idem, &b, "b-1", b"x").await);
+        drop(running);
     }
 
     #[tokio::test]
