@@ -35,7 +35,9 @@
 //!   to the end of DATA. A refusal of the transaction (e.g. send-as denied, which comes
 //!   after DATA) leaves the session usable: `RSET` and back to the pool.
 //! - **Retries** within `mailRelay.smtp.sendDeadlineSeconds`: token refused → the token is
-//!   invalidated in the cache and the send tried once more with a new one; transient
+//!   invalidated in the cache and the send tried once more with a new one; refused again
+//!   (or SMTP AUTH off, or a wrong password), the refusal stands for 30 s for the same
+//!   credentials, so a broken setup costs no login per mail; transient
 //!   (other 4xx, 432 thread limit, network, timeout) → back-off with jitter and retry;
 //!   permanent → no retry. A connection lost after the whole message was sent is not
 //!   retried (the server may have taken it: no duplicates).

@@ -2,7 +2,7 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
@@ -11,7 +11,7 @@ use rand::Rng as _;
 
 use super::classify::SmtpErrorKind;
 use super::connection::{Connection, Connector, Login};
-use super::error::SmtpError;
+use super::error::{SmtpError, SmtpReply, Stage};
 use super::pool::Pool;
 use super::tls::TlsSetup;
 use crate::config::{Encryption, Settings, SmtpAuthentication};
@@ -26,6 +26,11 @@ const CHECK_AFTER_IDLE: Duration = Duration::from_secs(10);
 const MAX_IDLE: Duration = Duration::from_secs(60);
 /// A connection whose token expires within this is not reused.
 const TOKEN_MARGIN: Duration = Duration::from_secs(60);
+/// How long a refused login stands as the answer for the same credentials. A login refused
+/// after the token was already replaced once (or SMTP AUTH switched off, or a wrong password)
+/// points at the setup, which does not change within seconds; trying again for every mail would
+/// cost a token fetch and two refused logins each (and can lock out a BASIC account).
+const REFUSED_LOGIN_STANDS: Duration = Duration::from_secs(30);
 
 /// What health and metrics show of the SMTP side.
 #[derive(Debug, Clone, Default)]
@@ -59,6 +64,16 @@ struct Inner {
     sent: AtomicU64,
     failed: AtomicU64,
     last_error: Mutex<Option<(SystemTime, String)>>,
+    refused_login: Mutex<Option<RefusedLogin>>,
+}
+
+/// A login the server refused for a reason only the setup can fix.
+struct RefusedLogin {
+    /// The token it was refused with (`None`: BASIC or no login).
+    token: Option<AccessToken>,
+    kind: SmtpErrorKind,
+    reply: SmtpReply,
+    at: Instant,
 }
 
 impl SmtpSender {
@@ -85,6 +100,7 @@ impl SmtpSender {
             sent: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            refused_login: Mutex::new(None),
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(reap_idle(Arc::downgrade(&inner)));
@@ -158,6 +174,9 @@ impl Inner {
     }
 
     async fn send_with_retries(&self, mail: &OutgoingMail) -> Result<Receipt, SmtpError> {
+        if let Some(refused) = self.standing_refusal().await {
+            return Err(refused);
+        }
         let deadline = Instant::now() + self.send_deadline;
         let mut last: Option<SmtpError> = None;
         let mut token_retried = false;
@@ -165,7 +184,7 @@ impl Inner {
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             // Only the first refusal drops the token: a fresh token refused too points at
-            // the tenant's setup, and dropping it would cost a token fetch per mail.
+            // the tenant's setup, and stands for a while (`REFUSED_LOGIN_STANDS`).
             let uploading = AtomicBool::new(false);
             let attempt = self.attempt(mail, !token_retried, &uploading);
             let error = match tokio::time::timeout(remaining, attempt).await {
@@ -181,10 +200,7 @@ impl Inner {
                 }
             };
             let kind = error.kind();
-            if kind == SmtpErrorKind::AuthFailed
-                && self.tokens.is_some()
-                && matches!(self.connector.login, Login::XOAuth2 { .. })
-                && !token_retried
+            if kind == SmtpErrorKind::AuthFailed && self.token_source().is_some() && !token_retried
             {
                 // The token was dropped from the cache in `attempt`: one more try with a new one.
                 tracing::warn!(error = %error, "XOAUTH2 token refused; retrying once with a new token");
@@ -218,19 +234,22 @@ impl Inner {
         uploading: &AtomicBool,
     ) -> Result<Receipt, SmtpError> {
         let _turn = self.pool.turn().await;
-        let token = match (&self.tokens, &self.connector.login) {
-            (Some(tokens), Login::XOAuth2 { .. }) => Some(tokens.token().await?),
-            _ => None,
+        let token = match self.token_source() {
+            Some(tokens) => Some(tokens.token().await?),
+            None => None,
         };
         let mut connection = match self.reusable_connection(token.as_ref()).await {
             Some(connection) => connection,
             None => match self.connector.open(token.as_ref()).await {
                 Ok(connection) => connection,
                 Err(error) => {
-                    if let (SmtpErrorKind::AuthFailed, Some(tokens), Some(token), true) =
-                        (error.kind(), &self.tokens, &token, invalidate_refused_token)
-                    {
-                        tokens.invalidate(token);
+                    match (error.kind(), &self.tokens, &token) {
+                        (SmtpErrorKind::AuthFailed, Some(tokens), Some(token), ..)
+                            if invalidate_refused_token =>
+                        {
+                            tokens.invalidate(token);
+                        }
+                        _ => self.remember_refused_login(&error, token),
                     }
                     return Err(error);
                 }
@@ -249,6 +268,76 @@ impl Inner {
                 Err(error)
             }
         }
+    }
+
+    /// Where XOAUTH2 logins get their tokens; `None` for other logins.
+    fn token_source(&self) -> Option<&Arc<dyn TokenProvider>> {
+        match (&self.tokens, &self.connector.login) {
+            (Some(tokens), Login::XOAuth2 { .. }) => Some(tokens),
+            _ => None,
+        }
+    }
+
+    /// The refusal of the current credentials, while it stands ([`REFUSED_LOGIN_STANDS`]).
+    async fn standing_refusal(&self) -> Option<SmtpError> {
+        let (kind, reply, refused_token) = {
+            let refused = self
+                .refused_login
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let refused = refused
+                .as_ref()
+                .filter(|r| r.at.elapsed() < REFUSED_LOGIN_STANDS)?;
+            (refused.kind, refused.reply.clone(), refused.token.clone())
+        };
+        let current = match self.token_source() {
+            Some(tokens) => tokens.token().await.ok(),
+            None => None,
+        };
+        let same = match (&current, &refused_token) {
+            (None, None) => true,
+            (Some(current), Some(refused)) => current.same_as(refused),
+            _ => false,
+        };
+        same.then_some(SmtpError::Rejected {
+            kind,
+            stage: Stage::Auth,
+            reply,
+        })
+    }
+
+    /// Keeps a login refusal that only the setup can fix, so the next mails fail at once.
+    fn remember_refused_login(&self, error: &SmtpError, token: Option<AccessToken>) {
+        let SmtpError::Rejected {
+            kind,
+            stage: Stage::Auth,
+            reply,
+        } = error
+        else {
+            return;
+        };
+        if !matches!(
+            kind,
+            SmtpErrorKind::AuthFailed
+                | SmtpErrorKind::SmtpAuthDisabled
+                | SmtpErrorKind::BasicAuthRefused
+        ) {
+            return;
+        }
+        tracing::warn!(
+            error = %error,
+            "SMTP login refused; mails fail at once with this error for {} s before the next login",
+            REFUSED_LOGIN_STANDS.as_secs()
+        );
+        *self
+            .refused_login
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(RefusedLogin {
+            token,
+            kind: *kind,
+            reply: reply.clone(),
+            at: Instant::now(),
+        });
     }
 
     async fn check_in(&self, connection: Connection) {

@@ -878,6 +878,49 @@ mod exchange_replies {
     }
 
     #[tokio::test]
+    async fn a_refused_fresh_token_stands_for_the_next_mails_until_the_token_changes() {
+        let script = Arc::new(Script::default());
+        for _ in 0..4 {
+            script
+                .auth
+                .lock()
+                .unwrap()
+                .push_back(vec!["535 5.7.3 Authentication unsuccessful"]);
+        }
+        let (sender, tokens) = fake_exchange(&script).await;
+        let first = sender
+            .send_mail(&mail(FROM, TO, &marker("refused-1")))
+            .await
+            .unwrap_err();
+        assert_eq!(first.kind(), SmtpErrorKind::AuthFailed, "{first}");
+        assert_eq!(script.connections.load(Ordering::SeqCst), 2);
+
+        // The same token again: the refusal stands, with no login and no token fetch.
+        for n in 2..5 {
+            let again = sender
+                .send_mail(&mail(FROM, TO, &marker(&format!("refused-{n}"))))
+                .await
+                .unwrap_err();
+            assert_eq!(again.kind(), SmtpErrorKind::AuthFailed, "{again}");
+            assert_eq!(again.code(), Some(535));
+            assert!(again.to_string().contains("SMTP.SendAsApp"), "{again}");
+        }
+        assert_eq!(script.connections.load(Ordering::SeqCst), 2);
+        assert_eq!(tokens.fetches.load(Ordering::SeqCst), 2);
+
+        // A new token (the cache refreshed it) gets the usual login, and retry, at once.
+        let current = tokens.token().await.unwrap();
+        tokens.invalidate(&current);
+        let retried = sender
+            .send_mail(&mail(FROM, TO, &marker("new-token")))
+            .await
+            .unwrap_err();
+        assert_eq!(retried.kind(), SmtpErrorKind::AuthFailed, "{retried}");
+        assert_eq!(script.connections.load(Ordering::SeqCst), 4);
+        assert_eq!(tokens.fetches.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
     async fn smtp_auth_disabled_is_not_retried() {
         let script = Arc::new(Script::default());
         script.auth.lock().unwrap().push_back(vec![
@@ -895,6 +938,14 @@ mod exchange_replies {
         assert_eq!(tokens.fetches.load(Ordering::SeqCst), 1);
         assert_eq!(script.connections.load(Ordering::SeqCst), 1);
         assert!(error.to_string().contains("Authenticated SMTP"), "{error}");
+
+        // Switched off stays switched off for a while: the next mail is told so without a login.
+        let again = sender
+            .send_mail(&mail(FROM, TO, &marker("139-again")))
+            .await
+            .unwrap_err();
+        assert_eq!(again.kind(), SmtpErrorKind::SmtpAuthDisabled, "{again}");
+        assert_eq!(script.connections.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
