@@ -438,28 +438,13 @@ impl Records {
     }
 
     fn expire(&mut self, now: Millis) {
-        let mut pending_seen = 0;
-        while let Some((token, id)) = self.order.front() {
-            match self.entries.get(id).filter(|e| e.token == *token) {
-                None => {}
-                Some(e) if e.response.is_none() => {
-                    // Look past it, once each; it goes to the back of the line.
-                    if pending_seen == self.order.len() {
-                        break;
-                    }
-                    pending_seen += 1;
-                    if let Some(front) = self.order.pop_front() {
-                        self.order.push_back(front);
-                    }
-                    continue;
-                }
-                Some(e) if e.expires_at <= now => {
-                    let id = id.clone();
-                    self.remove(&id);
-                }
-                Some(_) => break,
+        while let Some(entry) = front_answered(&mut self.order, |id| self.entries.get(id)) {
+            if entry.expires_at > now {
+                break;
             }
-            self.order.pop_front();
+            if let Some((_, id)) = self.order.pop_front() {
+                self.remove(&id);
+            }
         }
     }
 
@@ -469,35 +454,17 @@ impl Records {
         let mut candidate = self.by_count.last().cloned();
         while let Some(current) = candidate {
             candidate = self.by_count.range(..&current).next_back().cloned();
-            let scope_name = current.1;
-            let Some(scope) = self.scopes.get_mut(&scope_name) else {
+            let name = current.1;
+            let Some(scope) = self.scopes.get_mut(&name) else {
                 continue;
             };
-            let mut victim = None;
-            let mut pending_seen = 0;
-            while let Some((token, key)) = scope.order.front() {
-                let id = (scope_name.clone(), key.clone());
-                match self.entries.get(&id).filter(|e| e.token == *token) {
-                    None => {}
-                    Some(e) if e.response.is_none() => {
-                        if pending_seen == scope.order.len() {
-                            break;
-                        }
-                        pending_seen += 1;
-                        if let Some(front) = scope.order.pop_front() {
-                            scope.order.push_back(front);
-                        }
-                        continue;
-                    }
-                    Some(_) => victim = Some(id),
-                }
-                scope.order.pop_front();
-                if victim.is_some() {
-                    break;
-                }
+            let entries = &self.entries;
+            let lookup = |key: &IdempotencyKey| entries.get(&(name.clone(), key.clone()));
+            if front_answered(&mut scope.order, lookup).is_none() {
+                continue;
             }
-            if let Some(id) = victim {
-                self.remove(&id);
+            if let Some((_, key)) = scope.order.pop_front() {
+                self.remove(&(name, key));
                 return true;
             }
         }
@@ -524,6 +491,32 @@ impl Records {
             }
         }
     }
+}
+
+/// Brings the oldest answered record of `queue` to its front and returns it. Stale items
+/// (removed or replaced records) are dropped on the way; claims still waiting for their answers
+/// go to the back, each looked past once: they are never forgotten.
+fn front_answered<'e, K>(
+    queue: &mut VecDeque<(u64, K)>,
+    entry_of: impl Fn(&K) -> Option<&'e Entry>,
+) -> Option<&'e Entry> {
+    let mut pending_seen = 0;
+    while let Some((token, key)) = queue.front() {
+        match entry_of(key).filter(|e| e.token == *token) {
+            None => {
+                queue.pop_front();
+            }
+            Some(e) if e.response.is_none() => {
+                if pending_seen == queue.len() {
+                    return None;
+                }
+                pending_seen += 1;
+                queue.rotate_left(1);
+            }
+            Some(e) => return Some(e),
+        }
+    }
+    None
 }
 
 /// Records in this process, for `ttl` each, at most `max_entries` (beyond it, the oldest of the

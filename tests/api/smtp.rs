@@ -15,7 +15,7 @@ use lettre::message::header::ContentType;
 use mail_relay::config::{Delivery, Encryption, Settings, SmtpAuthentication};
 use mail_relay::delivery::{DeliveryError, MailSender};
 use mail_relay::message::OutgoingMail;
-use mail_relay::smtp::{EnhancedCode, SmtpErrorKind, SmtpSender};
+use mail_relay::smtp::{EnhancedCode, SmtpError, SmtpErrorKind, SmtpSender};
 use mail_relay::token::{AccessToken, TokenError, TokenProvider, TokenState};
 use secrecy::SecretString;
 
@@ -159,6 +159,14 @@ fn marker(test: &str) -> String {
     format!("{test}-{}", uuid::Uuid::new_v4().simple())
 }
 
+/// Sends a test mail that must fail, and returns why.
+async fn refused(sender: &SmtpSender, test: &str) -> SmtpError {
+    sender
+        .send_mail(&mail(FROM, TO, &marker(test)))
+        .await
+        .unwrap_err()
+}
+
 fn mail(from: &str, to: &str, marker: &str) -> OutgoingMail {
     let message_id = format!("<{marker}@relay.test>");
     let message = Message::builder()
@@ -289,10 +297,7 @@ async fn wrong_basic_password_is_auth_failed_and_not_retried() {
     );
     let sender = SmtpSender::new(&settings, None).unwrap();
 
-    let error = sender
-        .send_mail(&mail(FROM, TO, &marker("basic-bad")))
-        .await
-        .unwrap_err();
+    let error = refused(&sender, "basic-bad").await;
 
     assert_eq!(error.kind(), SmtpErrorKind::AuthFailed, "{error}");
     assert_eq!(error.code(), Some(535));
@@ -359,10 +364,7 @@ async fn a_token_refused_twice_is_reported_with_the_setup_steps() {
     let provider: Arc<dyn TokenProvider> = Arc::new(WrongUser(counter.clone()));
     let sender = SmtpSender::new(&settings, Some(provider)).unwrap();
 
-    let error = sender
-        .send_mail(&mail(FROM, TO, &marker("refused")))
-        .await
-        .unwrap_err();
+    let error = refused(&sender, "refused").await;
 
     assert_eq!(error.kind(), SmtpErrorKind::AuthFailed, "{error}");
     assert_eq!(error.code(), Some(535));
@@ -529,10 +531,7 @@ async fn server_down_is_transient_within_the_deadline() {
     let sender = SmtpSender::new(&settings, None).unwrap();
 
     let start = Instant::now();
-    let error = sender
-        .send_mail(&mail(FROM, TO, &marker("down")))
-        .await
-        .unwrap_err();
+    let error = refused(&sender, "down").await;
 
     assert!(error.is_transient(), "{error}");
     assert_eq!(error.kind(), SmtpErrorKind::Transient);
@@ -551,10 +550,7 @@ async fn an_untrusted_certificate_is_refused() {
     let tokens = PeerTokens::new(&peer);
     let sender = oauth_sender(&peer, &tokens, |s| s.relay.smtp.ca_file = None);
 
-    let error = sender
-        .send_mail(&mail(FROM, TO, &marker("untrusted")))
-        .await
-        .unwrap_err();
+    let error = refused(&sender, "untrusted").await;
 
     assert_eq!(error.kind(), SmtpErrorKind::Tls, "{error}");
     assert!(!error.is_transient());
@@ -859,10 +855,7 @@ mod exchange_replies {
         }
         let (sender, tokens) = fake_exchange(&script).await;
 
-        let error = sender
-            .send_mail(&mail(FROM, TO, &marker("334")))
-            .await
-            .unwrap_err();
+        let error = refused(&sender, "334").await;
 
         assert_eq!(error.kind(), SmtpErrorKind::AuthFailed, "{error}");
         assert_eq!(
@@ -888,19 +881,13 @@ mod exchange_replies {
                 .push_back(vec!["535 5.7.3 Authentication unsuccessful"]);
         }
         let (sender, tokens) = fake_exchange(&script).await;
-        let first = sender
-            .send_mail(&mail(FROM, TO, &marker("refused-1")))
-            .await
-            .unwrap_err();
+        let first = refused(&sender, "refused-1").await;
         assert_eq!(first.kind(), SmtpErrorKind::AuthFailed, "{first}");
         assert_eq!(script.connections.load(Ordering::SeqCst), 2);
 
         // The same token again: the refusal stands, with no login and no token fetch.
         for n in 2..5 {
-            let again = sender
-                .send_mail(&mail(FROM, TO, &marker(&format!("refused-{n}"))))
-                .await
-                .unwrap_err();
+            let again = refused(&sender, &format!("refused-{n}")).await;
             assert_eq!(again.kind(), SmtpErrorKind::AuthFailed, "{again}");
             assert_eq!(again.code(), Some(535));
             assert!(again.to_string().contains("SMTP.SendAsApp"), "{again}");
@@ -911,10 +898,7 @@ mod exchange_replies {
         // A new token (the cache refreshed it) gets the usual login, and retry, at once.
         let current = tokens.token().await.unwrap();
         tokens.invalidate(&current);
-        let retried = sender
-            .send_mail(&mail(FROM, TO, &marker("new-token")))
-            .await
-            .unwrap_err();
+        let retried = refused(&sender, "new-token").await;
         assert_eq!(retried.kind(), SmtpErrorKind::AuthFailed, "{retried}");
         assert_eq!(script.connections.load(Ordering::SeqCst), 4);
         assert_eq!(tokens.fetches.load(Ordering::SeqCst), 4);
@@ -928,10 +912,7 @@ mod exchange_replies {
         ]);
         let (sender, tokens) = fake_exchange(&script).await;
 
-        let error = sender
-            .send_mail(&mail(FROM, TO, &marker("139")))
-            .await
-            .unwrap_err();
+        let error = refused(&sender, "139").await;
 
         assert_eq!(error.kind(), SmtpErrorKind::SmtpAuthDisabled, "{error}");
         assert_eq!(error.enhanced_code(), Some(EnhancedCode::new(5, 7, 139)));
@@ -940,10 +921,7 @@ mod exchange_replies {
         assert!(error.to_string().contains("Authenticated SMTP"), "{error}");
 
         // Switched off stays switched off for a while: the next mail is told so without a login.
-        let again = sender
-            .send_mail(&mail(FROM, TO, &marker("139-again")))
-            .await
-            .unwrap_err();
+        let again = refused(&sender, "139-again").await;
         assert_eq!(again.kind(), SmtpErrorKind::SmtpAuthDisabled, "{again}");
         assert_eq!(script.connections.load(Ordering::SeqCst), 1);
     }
@@ -972,10 +950,7 @@ mod exchange_replies {
         );
         let (sender, _) = fake_exchange(&script).await;
 
-        let error = sender
-            .send_mail(&mail(FROM, TO, &marker("550")))
-            .await
-            .unwrap_err();
+        let error = refused(&sender, "550").await;
 
         assert_eq!(error.kind(), SmtpErrorKind::Permanent, "{error}");
         assert_eq!(error.code(), Some(550));
@@ -996,10 +971,7 @@ async fn a_server_without_starttls_is_refused_for_tls() {
     let tokens = PeerTokens::new(&peer);
     let sender = oauth_sender(&peer, &tokens, |s| s.send_email.smtp_port = peer.plain_port);
 
-    let error = sender
-        .send_mail(&mail(FROM, TO, &marker("no-starttls")))
-        .await
-        .unwrap_err();
+    let error = refused(&sender, "no-starttls").await;
 
     assert_eq!(error.kind(), SmtpErrorKind::Permanent, "{error}");
     assert!(error.to_string().contains("STARTTLS"), "{error}");
