@@ -11,6 +11,8 @@ RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && cargo build --release --locked \
     && rm -rf src
 COPY src ./src
+# The binary embeds config/dev.yml (the default when no settings file is given).
+COPY config ./config
 RUN touch src/main.rs src/lib.rs \
     && cargo build --release --locked \
     && install -D -m 0755 target/release/mail-relay /out/mail-relay

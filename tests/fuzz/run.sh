@@ -17,7 +17,8 @@ api_key="mr_fuzz-key-not-a-secret"
 
 if [ ! -x "$venv/bin/st" ]; then
     echo "installing schemathesis into $venv"
-    python3 -m venv "$venv"
+    source tests/venv.sh
+    make_venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check 'schemathesis>=4.3,<5'
 fi
 
