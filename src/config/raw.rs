@@ -27,11 +27,13 @@ pub fn parse(text: &str) -> Result<RawFile, String> {
         Value::Null
     } else {
         // Keep number-like text as written where YAML allows it (`0123`, `1_000`, `yes`):
-        // settings are text until validation, and a secret must not change.
+        // settings are text until validation, and a secret must not change. No snippet in
+        // errors: the lines around a syntax error may hold a secret; line and column suffice.
         let options = serde_saphyr::options! {
             leading_zero_numbers_as_strings: true,
             underscored_numbers_as_strings: true,
             strict_booleans: true,
+            with_snippet: false,
         };
         serde_saphyr::from_str_with_options(text, options).map_err(|e| e.to_string())?
     };

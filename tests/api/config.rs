@@ -233,6 +233,16 @@ fn a_file_that_is_not_yaml_is_an_error() {
     assert!(e.errors[0].message.contains("not valid YAML"), "{e}");
 }
 
+#[test]
+fn a_syntax_error_gives_line_and_column_but_never_the_lines_around_it() {
+    // The parser could quote the neighbouring lines, and those may hold a secret.
+    let yaml = "featureSwitches:\n  sendEmail:\n    oAuthClientSecret: Leaky5ecret\n    smtpServer: \"unclosed\n";
+    let e = err(yaml, &[]);
+    let message = &e.errors[0].message;
+    assert!(message.contains("line 4, column 17"), "{message}");
+    assert!(!e.to_string().contains("Leaky5ecret"), "{e}");
+}
+
 // ---- unknown keys --------------------------------------------------------------------------
 
 #[test]
