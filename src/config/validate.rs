@@ -68,10 +68,25 @@ impl Ctx<'_> {
         if self.values.failed.contains(key) {
             return;
         }
+        let mut message = message.into();
+        // A secret or `{cipher}` value never appears in a message, whichever check wrote it.
+        if let Some(value) = self.values.get(key).filter(|_| self.masked(key)) {
+            for form in [value.text.as_str(), value.text.trim()] {
+                if !form.is_empty() {
+                    message = message.replace(&format!("{form:?}"), "****");
+                    message = message.replace(form, "****");
+                }
+            }
+        }
         self.errors.push(SettingError {
             key: key.to_owned(),
-            message: message.into(),
+            message,
         });
+    }
+
+    fn masked(&self, key: &str) -> bool {
+        keys::spec(key).is_some_and(|s| s.secret)
+            || self.values.get(key).is_some_and(|v| v.encrypted)
     }
 
     /// The effective text of a non-secret key, trimmed.
@@ -88,9 +103,7 @@ impl Ctx<'_> {
 
     /// The value as it may appear in a message: masked for secrets and `{cipher}` values.
     pub(super) fn shown(&self, key: &str, value: &str) -> String {
-        let masked = keys::spec(key).is_some_and(|s| s.secret)
-            || self.values.get(key).is_some_and(|v| v.encrypted);
-        if masked {
+        if self.masked(key) {
             "****".into()
         } else {
             format!("{value:?}")

@@ -460,6 +460,31 @@ fn cipher_value_under_a_wrong_key_names_the_setting_not_the_secret() {
 }
 
 #[test]
+fn an_invalid_cipher_value_is_reported_without_its_clear_text() {
+    // Encrypted, then found invalid: the operator hid it, so the error must not show it.
+    let key = EncryptionKey::from_bytes(&[5; 32]);
+    let (name, value) = key_env(5);
+    for (setting, clear) in [
+        ("smtpUsername", "not-an-address"),
+        ("smtpEncryption", "STARTTLS-please"),
+        ("oAuthTokenEndpoint", "http://login.example.com/#TenantID#/token"),
+    ] {
+        let encrypted = cipher::encrypt(&key, clear).unwrap();
+        let yaml = seed_with(
+            &format!("{setting}:"),
+            &format!("{setting}: \"{encrypted}\""),
+        );
+        let e = err(&yaml, &[(&name, &value)]);
+        let shown = e.to_string();
+        assert!(
+            shown.contains(&format!("featureSwitches.sendEmail.{setting}")),
+            "{shown}"
+        );
+        assert!(!shown.contains(clear), "{shown}");
+    }
+}
+
+#[test]
 fn cipher_value_without_a_key_says_which_variable_to_set() {
     let encrypted = cipher::encrypt(&EncryptionKey::from_bytes(&[5; 32]), "x").unwrap();
     let yaml = seed_with(
