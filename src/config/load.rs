@@ -1,15 +1,27 @@
 //! Loading: YAML -> environment overrides -> placeholders -> `{cipher}` -> validation.
 
+use std::fmt;
 use std::path::PathBuf;
 
 use super::{Settings, mask, raw, resolve, validate};
 
 /// What to load and which environment to resolve against.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LoadOptions {
     pub path: PathBuf,
     /// A snapshot of the environment, so tests control it.
     pub env: Vec<(String, String)>,
+}
+
+/// Names the variables only: the environment holds secrets (`OAUTH_CLIENT_SECRET`,
+/// `MAIL_RELAY_ENCRYPT_KEY`).
+impl fmt::Debug for LoadOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoadOptions")
+            .field("path", &self.path)
+            .field("env", &self.env.iter().map(|(k, _)| k).collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl LoadOptions {

@@ -510,6 +510,13 @@ fn secrets_are_absent_from_masked_output_and_debug() {
     let debug = format!("{:?}", loaded.settings);
     assert!(!debug.contains(CLIENT_SECRET), "{debug}");
     assert!(!format!("{loaded:?}").contains(CLIENT_SECRET));
+    let options = LoadOptions {
+        path: PathBuf::from("osweb-prod.yml"),
+        env: vec![("OAUTH_CLIENT_SECRET".into(), CLIENT_SECRET.into())],
+    };
+    let debug = format!("{options:?}");
+    assert!(debug.contains("OAUTH_CLIENT_SECRET"), "{debug}");
+    assert!(!debug.contains(CLIENT_SECRET), "{debug}");
 }
 
 #[test]
