@@ -45,13 +45,10 @@ pub enum Command {
     EncryptSecret,
     /// GET the live probe of a running instance; exit 0 when it answers 200 (for container HEALTHCHECKs).
     Healthcheck {
-        /// The probe's URL.
-        #[arg(
-            long,
-            env = "MAIL_RELAY_HEALTHCHECK_URL",
-            default_value = "http://127.0.0.1:8080/health/live"
-        )]
-        url: String,
+        /// The probe's URL [default: from the settings: server.address (loopback when it is
+        /// 0.0.0.0 or ::), server.port and mailRelay.http.basePath].
+        #[arg(long, env = "MAIL_RELAY_HEALTHCHECK_URL")]
+        url: Option<String>,
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 3)]
         timeout: u64,
@@ -83,7 +80,17 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::CheckConfig => check_config(&cli.config),
         Command::EncryptSecret => encrypt_secret(),
         Command::Healthcheck { ref url, timeout } => {
-            healthcheck(url, Duration::from_secs(timeout)).await
+            let url = match url {
+                Some(url) => url.clone(),
+                None => match config::load(&LoadOptions::from_process(cli.config.clone())) {
+                    Ok(loaded) => live_probe_url(&loaded.settings),
+                    Err(e) => {
+                        eprintln!("healthcheck: {e}");
+                        return ExitCode::from(EXIT_INVALID);
+                    }
+                },
+            };
+            healthcheck(&url, Duration::from_secs(timeout)).await
         }
         Command::HashKey => {
             let (key, hash) = crate::caller::new_api_key();
@@ -245,6 +252,22 @@ fn encrypt_secret() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Where this instance's live probe answers, as seen from inside its own container.
+fn live_probe_url(settings: &config::Settings) -> String {
+    let mut address = settings.server.socket_addr();
+    if address.ip().is_unspecified() {
+        address.set_ip(if address.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    format!(
+        "http://{address}{}/health/live",
+        settings.relay.http.base_path
+    )
 }
 
 async fn healthcheck(url: &str, timeout: Duration) -> ExitCode {

@@ -180,3 +180,72 @@ fn encrypt_secret_with_empty_stdin_exits_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("no secret on stdin"));
 }
+
+// ---- healthcheck ---------------------------------------------------------------------------
+
+/// Settings for the healthcheck: where an instance listens, and its base path.
+fn listening_yaml(port: u16, base_path: &str) -> String {
+    format!(
+        "server:\n  address: 0.0.0.0\n  port: {port}\nmailRelay:\n  http:\n    basePath: {base_path}\n  delivery:\n    mode: outbox\n    outboxDir: ./unused\n  auth:\n    allowAnonymous: true\n"
+    )
+}
+
+#[tokio::test]
+async fn healthcheck_finds_the_probe_from_the_settings_and_exits_by_its_answer() {
+    let app = crate::helpers::spawn_app_with(|s| s.relay.http.base_path = "/relay".into()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let healthcheck = |yaml: String| {
+        let config = write_config(dir.path(), &yaml);
+        tokio::task::spawn_blocking(move || run(&["healthcheck", "--config", &config], &[]))
+    };
+    let port = app.address.port();
+
+    let up = healthcheck(listening_yaml(port, "/relay")).await.unwrap();
+    assert_eq!(up.status.code(), Some(0), "{}", text(&up.stderr));
+
+    // Another base path: the probe answers 404.
+    let wrong = healthcheck(listening_yaml(port, "/elsewhere"))
+        .await
+        .unwrap();
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(
+        text(&wrong.stderr).contains("404"),
+        "{}",
+        text(&wrong.stderr)
+    );
+
+    // Nothing listening.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let down = healthcheck(listening_yaml(closed_port, "/relay"))
+        .await
+        .unwrap();
+    assert_eq!(down.status.code(), Some(1));
+
+    // Settings that do not load: exit 2, as check-config.
+    let invalid = healthcheck("server:\n  port: seventy\n".into())
+        .await
+        .unwrap();
+    assert_eq!(invalid.status.code(), Some(2));
+    assert!(
+        text(&invalid.stderr).contains("server.port"),
+        "{}",
+        text(&invalid.stderr)
+    );
+
+    // An explicit URL wins over the settings.
+    let url = format!("http://127.0.0.1:{port}/relay/health/live");
+    let config = write_config(dir.path(), &listening_yaml(closed_port, "/x"));
+    let explicit = tokio::task::spawn_blocking(move || {
+        run(&["healthcheck", "--config", &config, "--url", &url], &[])
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        explicit.status.code(),
+        Some(0),
+        "{}",
+        text(&explicit.stderr)
+    );
+}

@@ -467,7 +467,10 @@ fn an_invalid_cipher_value_is_reported_without_its_clear_text() {
     for (setting, clear) in [
         ("smtpUsername", "not-an-address"),
         ("smtpEncryption", "STARTTLS-please"),
-        ("oAuthTokenEndpoint", "http://login.example.com/#TenantID#/token"),
+        (
+            "oAuthTokenEndpoint",
+            "http://login.example.com/#TenantID#/token",
+        ),
     ] {
         let encrypted = cipher::encrypt(&key, clear).unwrap();
         let yaml = seed_with(
