@@ -174,7 +174,7 @@ async fn serve(
     let app = match Application::build(loaded.settings).await {
         Ok(app) => app,
         Err(e) => {
-            tracing::error!(error = %e, "cannot bind the HTTP listener");
+            tracing::error!(error = %e, "cannot start (HTTP listener, token source or SMTP setup)");
             return ExitCode::FAILURE;
         }
     };

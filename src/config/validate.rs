@@ -13,6 +13,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use secrecy::SecretString;
 use url::Url;
 
+use crate::token::CertificateCredential;
+
 use super::observe;
 use super::resolve::Resolved;
 use super::{
@@ -686,18 +688,19 @@ fn ms_oauth(ctx: &mut Ctx<'_>, smtp: bool) -> Option<SmtpAuthentication> {
         .text(&endpoint_key)
         .unwrap_or(DEFAULT_TOKEN_ENDPOINT)
         .to_owned();
-    let token_endpoint = match (&tenant_id, template.contains(TENANT_PLACEHOLDER)) {
-        (None, true) => None,
-        (tenant, _) => {
-            let text = template.replace(TENANT_PLACEHOLDER, tenant.as_deref().unwrap_or_default());
-            https_url(
-                ctx,
-                &endpoint_key,
-                &text,
-                "the client secret travels over it",
-            )
-        }
+    // Without a tenant id (already reported) the template itself is checked, so that every
+    // error comes at once.
+    let text = match &tenant_id {
+        Some(tenant) => template.replace(TENANT_PLACEHOLDER, tenant),
+        None => template.clone(),
     };
+    let token_endpoint = https_url(
+        ctx,
+        &endpoint_key,
+        &text,
+        "the client secret travels over it",
+    )
+    .filter(|_| tenant_id.is_some() || !template.contains(TENANT_PLACEHOLDER));
     let scopes = ctx
         .text(&se("oAuthScopes"))
         .unwrap_or(DEFAULT_SCOPES)
@@ -796,7 +799,16 @@ fn credential(ctx: &mut Ctx<'_>, smtp: bool) -> Option<ClientCredential> {
                     "**** is not a PEM RSA private key (-----BEGIN PRIVATE KEY----- or -----BEGIN RSA PRIVATE KEY-----)",
                 );
             }
-            (cert_ok && key_ok).then_some(ClientCredential::Certificate {
+            if !(cert_ok && key_ok) {
+                return None;
+            }
+            // The pair check signs and verifies a probe: a key from another certificate is a
+            // settings error here, not Entra's AADSTS700027 on the first mail.
+            if let Err(e) = CertificateCredential::from_pem(&certificate, &private_key) {
+                ctx.error(&pkey_key, e.to_string());
+                return None;
+            }
+            Some(ClientCredential::Certificate {
                 certificate_pem: certificate,
                 private_key_pem: private_key,
             })

@@ -695,6 +695,28 @@ fn certificate_and_key_from_files_parse() {
 }
 
 #[test]
+fn a_private_key_of_another_certificate_is_a_settings_error() {
+    let other = crate::token::make_certificate();
+    let dir = tempfile::tempdir().unwrap();
+    let other_key = dir.path().join("other-key.pem");
+    std::fs::write(&other_key, &other.private_key_pem).unwrap();
+    let yaml = seed_with(
+        "oAuthClientSecret:",
+        &format!(
+            "oAuthCertificateFile: {}\n    oAuthPrivateKeyFile: {}",
+            fixture("oauth-cert.pem").display(),
+            other_key.display()
+        ),
+    );
+    let message = error_for(&yaml, &[], "featureSwitches.sendEmail.oAuthPrivateKey");
+    assert!(
+        message.contains("does not belong to the certificate"),
+        "{message}"
+    );
+    assert!(!message.contains("PRIVATE KEY"), "{message}");
+}
+
+#[test]
 fn broken_certificate_is_an_error_naming_the_key() {
     let yaml = seed_with(
         "oAuthClientSecret:",
@@ -897,12 +919,16 @@ fn outbox_mode_needs_no_smtp_settings() {
 #[test]
 fn all_errors_are_reported_at_once() {
     let e = err(
-        SEED,
+        &seed_without("oAuthTenantId:"),
         &[
             ("SERVER_PORT", "x"),
             ("FEATURESWITCHES_SENDEMAIL_SMTPENCRYPTION", "FOO"),
             ("MAILRELAY_SMTP_MAXCONNECTIONS", "0"),
             ("FEATURESWITCHES_SENDEMAIL_SMTPUSERNAME", "nobody"),
+            (
+                "FEATURESWITCHES_SENDEMAIL_OAUTHTOKENENDPOINT",
+                "http://login.example.com/#TenantID#/token",
+            ),
         ],
     );
     let keys: Vec<&str> = e.errors.iter().map(|e| e.key.as_str()).collect();
@@ -911,6 +937,9 @@ fn all_errors_are_reported_at_once() {
         "featureSwitches.sendEmail.smtpEncryption",
         "mailRelay.smtp.maxConnections",
         "featureSwitches.sendEmail.smtpUsername",
+        "featureSwitches.sendEmail.oAuthTenantId",
+        // Checked even though the tenant to put in it is missing.
+        "featureSwitches.sendEmail.oAuthTokenEndpoint",
     ] {
         assert!(keys.contains(&key), "{key} missing in {e}");
     }

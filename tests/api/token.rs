@@ -576,14 +576,14 @@ async fn a_remote_plain_http_endpoint_is_refused() {
 }
 
 /// A throw-away RSA key and self-signed certificate, made with the `openssl` CLI for this test only.
-struct TestCertificate {
-    certificate_pem: String,
-    private_key_pem: String,
+pub(crate) struct TestCertificate {
+    pub(crate) certificate_pem: String,
+    pub(crate) private_key_pem: String,
     der: Vec<u8>,
     _dir: tempfile::TempDir,
 }
 
-fn make_certificate() -> TestCertificate {
+pub(crate) fn make_certificate() -> TestCertificate {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("key.pem");
     let cert = dir.path().join("cert.pem");
