@@ -335,7 +335,7 @@ impl InMemoryRateLimiter {
     fn reserve(&self, asks: &[Ask], now: Millis) -> Result<Reservation, RateLimited> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         state.reservations += 1;
-        if state.reservations % SWEEP_EVERY == 0 {
+        if state.reservations.is_multiple_of(SWEEP_EVERY) {
             state.windows.retain(|key, window| {
                 window.expire(key.kind, now);
                 !window.is_idle()

@@ -146,12 +146,11 @@ pub fn delivered(peer: &Peer, marker: &str) -> (HashMap<String, usize>, Vec<usiz
             if lower.starts_with("message-id:") {
                 let id = line["message-id:".len()..].trim().trim_matches(['<', '>']);
                 *ids.entry(id.to_owned()).or_insert(0) += 1;
-            } else if lower.starts_with("subject:") {
-                if let Some((_, n)) = line.rsplit_once(" #") {
-                    if let Ok(n) = n.trim().parse() {
-                        numbers.push(n);
-                    }
-                }
+            } else if lower.starts_with("subject:")
+                && let Some((_, n)) = line.rsplit_once(" #")
+                && let Ok(n) = n.trim().parse()
+            {
+                numbers.push(n);
             }
         }
     }

@@ -68,10 +68,10 @@ async fn sigterm_under_load_loses_no_accepted_mail() {
     };
     let started = Instant::now();
     loop {
-        if let Ok(r) = app.client.get(app.url("/health/ready")).send().await {
-            if r.status() == 200 {
-                break;
-            }
+        if let Ok(r) = app.client.get(app.url("/health/ready")).send().await
+            && r.status() == 200
+        {
+            break;
         }
         assert!(
             started.elapsed() < Duration::from_secs(20),
