@@ -171,7 +171,9 @@ pub fn classify(code: u16, text: &str) -> SmtpErrorKind {
     if code == 432 || has("thread limit exceeded") {
         return SmtpErrorKind::ThreadLimit;
     }
-    if enhanced == Some(MAILBOX_FULL) || has("mailbox full") {
+    // Final only as a 5xx (EXCHANGE.md: `554 5.2.2`); a 4xx "mailbox full" may clear, and is
+    // retried as any other 4xx.
+    if code >= 500 && (enhanced == Some(MAILBOX_FULL) || has("mailbox full")) {
         return SmtpErrorKind::MailboxFull;
     }
     if code == 552 || enhanced == Some(TOO_LARGE) {
@@ -342,6 +344,7 @@ mod tests {
             "421 4.4.2 Connection dropped due to timeout",
             "454 4.7.0 Temporary authentication failure",
             "450 4.2.1 try later",
+            "452 4.2.2 Mailbox full",
         ] {
             assert_eq!(classify_line(line), SmtpErrorKind::Transient, "{line}");
         }
@@ -383,7 +386,7 @@ mod tests {
             let kind = classify(code, &text);
             if (400..500).contains(&code) {
                 proptest::prop_assert!(
-                    !matches!(kind, SmtpErrorKind::Permanent | SmtpErrorKind::TooLarge | SmtpErrorKind::AuthFailed),
+                    !matches!(kind, SmtpErrorKind::Permanent | SmtpErrorKind::TooLarge | SmtpErrorKind::AuthFailed | SmtpErrorKind::MailboxFull),
                     "{code} {text:?} -> {kind:?}"
                 );
             }

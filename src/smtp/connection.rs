@@ -518,6 +518,21 @@ impl Connection {
                 });
             }
         };
+        // lettre counts any 2xx or 3xx as positive; only a 2xx (RFC 5321: 250) means the
+        // server took the mail. Anything else after the whole message is a broken exchange.
+        let code = code_number(response.code());
+        if !(200..300).contains(&code) {
+            return Err(SmtpError::Connection {
+                kind: SmtpErrorKind::Transient,
+                stage: Stage::EndOfData,
+                server: self.server.clone(),
+                detail: format!(
+                    "answered {code} {} to the end of the message, which is neither success nor \
+                     refusal; the server may or may not have taken the mail",
+                    reply_text(&response)
+                ),
+            });
+        }
         self.last_used = Instant::now();
         Ok(Receipt {
             accepted: envelope.to().iter().map(ToString::to_string).collect(),

@@ -653,6 +653,8 @@ mod exchange_replies {
         auth: Mutex<VecDeque<Vec<&'static str>>>,
         mail_from: Mutex<VecDeque<&'static str>>,
         rcpt_to: Mutex<VecDeque<&'static str>>,
+        /// Replies to the end of the message, before the default 250.
+        end_of_data: Mutex<VecDeque<&'static str>>,
         connections: AtomicUsize,
         mail_commands: AtomicUsize,
         delivered: AtomicUsize,
@@ -738,12 +740,13 @@ mod exchange_replies {
                         break;
                     }
                 }
-                script.delivered.fetch_add(1, Ordering::SeqCst);
-                send(
-                    &mut write,
-                    "250 2.0.0 OK <queued@fake.outlook.test> [Hostname=FAKE]",
-                )
-                .await;
+                let reply = script.end_of_data.lock().unwrap().pop_front();
+                let reply =
+                    reply.unwrap_or("250 2.0.0 OK <queued@fake.outlook.test> [Hostname=FAKE]");
+                if reply.starts_with('2') {
+                    script.delivered.fetch_add(1, Ordering::SeqCst);
+                }
+                send(&mut write, reply).await;
             } else if command == "QUIT" {
                 send(&mut write, "221 2.0.0 Service closing transmission channel").await;
                 return;
@@ -902,6 +905,24 @@ mod exchange_replies {
         assert_eq!(retried.kind(), SmtpErrorKind::AuthFailed, "{retried}");
         assert_eq!(script.connections.load(Ordering::SeqCst), 4);
         assert_eq!(tokens.fetches.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn only_a_2xx_to_the_end_of_the_message_is_success() {
+        let script = Arc::new(Script::default());
+        script
+            .end_of_data
+            .lock()
+            .unwrap()
+            .push_back("354 Start mail input");
+        let (sender, _) = fake_exchange(&script).await;
+
+        let error = refused(&sender, "354-after-data").await;
+
+        assert!(error.outcome_unknown(), "{error}");
+        assert!(error.to_string().contains("354"), "{error}");
+        // Not sent again: the server may have it.
+        assert_eq!(script.mail_commands.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
