@@ -26,28 +26,39 @@ pub enum SendAsRefusal {
     )]
     NotADelegate { caller: String, address: String },
     #[error(
-        "{address} has not granted Send As to the relay's mailbox {smtp_user} in Exchange Online (it is not in \
-         mailRelay.sendAs.exchangeGrants). An Exchange administrator must grant it (Add-RecipientPermission \
-         {address} -Trustee {smtp_user} -AccessRights SendAs) and then add it to exchangeGrants"
+        "{caller} may not send as {address}: {address} has not granted Send As to {smtp_user} in Exchange \
+         Online (it is not in mailRelay.sendAs.exchangeGrants). An Exchange administrator must grant it \
+         (Add-RecipientPermission {address} -Trustee {smtp_user} -AccessRights SendAs) and then add it to \
+         exchangeGrants"
     )]
-    NoExchangeGrant { address: String, smtp_user: String },
+    NoExchangeGrant {
+        caller: String,
+        address: String,
+        smtp_user: String,
+    },
     #[error(
-        "Exchange Online refused to let {smtp_user} send as {address} (its reply: {reply}). An Exchange \
-         administrator must grant Send As on {address} to {smtp_user}: M365 admin center > Active users > \
-         {address} > Mail > Send as permissions, or Add-RecipientPermission {address} -Trustee {smtp_user} \
-         -AccessRights SendAs"
+        "{caller} may not send as {address}: Exchange Online refused to let {smtp_user} send as {address} \
+         (its reply: {reply}). An Exchange administrator must grant Send As on {address} to {smtp_user}: \
+         M365 admin center > Active users > {address} > Mail > Send as permissions, or \
+         Add-RecipientPermission {address} -Trustee {smtp_user} -AccessRights SendAs"
     )]
     DeniedByExchange {
+        caller: String,
         address: String,
         smtp_user: String,
         reply: String,
     },
     #[error(
-        "Exchange Online refused to let {smtp_user} send as {address} moments ago (SendAsDenied). An Exchange \
-         administrator must grant Send As on {address} to {smtp_user} (Add-RecipientPermission {address} \
-         -Trustee {smtp_user} -AccessRights SendAs); the relay retries after a short pause"
+        "{caller} may not send as {address}: Exchange Online refused to let {smtp_user} send as {address} \
+         moments ago (SendAsDenied). An Exchange administrator must grant Send As on {address} to \
+         {smtp_user} (Add-RecipientPermission {address} -Trustee {smtp_user} -AccessRights SendAs); the \
+         relay retries after a short pause"
     )]
-    RecentlyDeniedByExchange { address: String, smtp_user: String },
+    RecentlyDeniedByExchange {
+        caller: String,
+        address: String,
+        smtp_user: String,
+    },
 }
 
 /// The send-as rules from settings, plus a short memory of Exchange's own refusals.
@@ -63,7 +74,9 @@ impl SendAsPolicy {
     pub fn new(settings: SendAsSettings, smtp_user: Option<&str>) -> Self {
         Self {
             settings,
-            smtp_user: smtp_user.unwrap_or("the relay's SMTP mailbox").to_string(),
+            smtp_user: smtp_user
+                .unwrap_or("the relay's SMTP mailbox (smtpUsername)")
+                .to_string(),
             denials: Mutex::new(HashMap::new()),
         }
     }
@@ -76,12 +89,14 @@ impl SendAsPolicy {
             && !grants.iter().any(|g| g.matches(&from))
         {
             return Err(SendAsRefusal::NoExchangeGrant {
+                caller: caller.to_string(),
                 address: from,
                 smtp_user: self.smtp_user.clone(),
             });
         }
         if self.recently_denied(&from) {
             return Err(SendAsRefusal::RecentlyDeniedByExchange {
+                caller: caller.to_string(),
                 address: from,
                 smtp_user: self.smtp_user.clone(),
             });
@@ -91,10 +106,16 @@ impl SendAsPolicy {
 
     /// Remember that Exchange answered SendAsDenied (`reply`) for `from`, so repeats fail fast
     /// without uploading the message again; returns the refusal to give the caller.
-    pub fn remember_exchange_denial(&self, from: &str, reply: &str) -> SendAsRefusal {
+    pub fn remember_exchange_denial(
+        &self,
+        caller: &Caller,
+        from: &str,
+        reply: &str,
+    ) -> SendAsRefusal {
         let address = from.to_ascii_lowercase();
         self.lock_denials().insert(address.clone(), Instant::now());
         SendAsRefusal::DeniedByExchange {
+            caller: caller.to_string(),
             address,
             smtp_user: self.smtp_user.clone(),
             reply: reply.to_string(),
@@ -174,6 +195,7 @@ fn list(patterns: &[AddressPattern]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
     use std::time::Duration;
 
     use super::*;
@@ -263,19 +285,32 @@ mod tests {
         let mut p = policy();
         p.settings.exchange_grants = Some(vec![AddressPattern::parse("*@contoso.com").unwrap()]);
         assert!(p.check(&Caller::Anonymous, "x@contoso.com").is_ok());
-        let refused = p.check(&Caller::Anonymous, "x@fabrikam.com").unwrap_err();
-        assert!(refused.to_string().contains("Add-RecipientPermission"));
+        let key = Caller::ApiKey {
+            name: "billing".into(),
+            allowed_from: Arc::from(vec![AddressPattern::parse("*@fabrikam.com").unwrap()]),
+        };
+        let refused = p.check(&key, "x@fabrikam.com").unwrap_err().to_string();
+        assert!(
+            refused.starts_with("API key 'billing' may not send as x@fabrikam.com"),
+            "{refused}"
+        );
+        assert!(refused.contains("Add-RecipientPermission"), "{refused}");
     }
 
     #[test]
     fn an_exchange_denial_is_remembered_for_a_while() {
         let mut p = policy();
         let caller = user("alice@contoso.com");
-        let refusal = p.remember_exchange_denial("Alice@contoso.com", "554 5.2.252 SendAsDenied");
+        let refusal =
+            p.remember_exchange_denial(&caller, "Alice@contoso.com", "554 5.2.252 SendAsDenied");
+        let detail = refusal.to_string();
         assert!(
-            refusal
-                .to_string()
-                .contains("Add-RecipientPermission alice@contoso.com")
+            detail.starts_with("user alice@contoso.com may not send as alice@contoso.com"),
+            "{detail}"
+        );
+        assert!(
+            detail.contains("Add-RecipientPermission alice@contoso.com"),
+            "{detail}"
         );
         assert!(matches!(
             p.check(&caller, "alice@contoso.com"),

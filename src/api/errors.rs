@@ -500,6 +500,7 @@ mod tests {
     #[test]
     fn a_refusal_for_a_short_while_is_never_replayed_an_unknown_outcome_always() {
         let for_now = ApiError::from(crate::send_as::SendAsRefusal::RecentlyDeniedByExchange {
+            caller: "API key 'billing'".into(),
             address: "ceo@contoso.com".into(),
             smtp_user: "relay@contoso.com".into(),
         })

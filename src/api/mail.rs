@@ -131,7 +131,7 @@ async fn deliver(
             quota.keep();
             receipt
         }
-        Err(e) => return Err(refused(state, e, quota, from.as_str()).await),
+        Err(e) => return Err(refused(state, e, quota, caller, from.as_str()).await),
     };
     // The request's one log line carries these, with the caller and the From domain.
     request_log::note_mail(
@@ -156,6 +156,7 @@ async fn refused(
     state: &AppState,
     error: DeliveryError,
     quota: Reservation,
+    caller: &Caller,
     from: &str,
 ) -> ApiError {
     // Failures an administrator must fix (login, TLS, token) are mailed to them, at most hourly.
@@ -175,7 +176,10 @@ async fn refused(
             let reply = smtp
                 .and_then(SmtpError::reply)
                 .map_or_else(|| error.to_string(), ToString::to_string);
-            return state.send_as.remember_exchange_denial(from, &reply).into();
+            return state
+                .send_as
+                .remember_exchange_denial(caller, from, &reply)
+                .into();
         }
         _ => {}
     }
