@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::cors::{AllowCredentials, AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{
     MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
@@ -416,8 +416,11 @@ fn cors(settings: &CorsSettings) -> CorsLayer {
             IDEMPOTENCY_KEY,
         ])
         .expose_headers([REQUEST_ID, header::RETRY_AFTER, IDEMPOTENT_REPLAYED])
-        // Credentials are only ever allowed for an origin that is listed: the list is exact.
-        .allow_credentials(!settings.allowed_origins.is_empty())
+        // Credentials only for an origin that is listed, never in answers to any other origin.
+        .allow_credentials(AllowCredentials::predicate({
+            let listed = settings.allowed_origins.clone();
+            move |origin, _| listed.contains(origin)
+        }))
         .max_age(Duration::from_secs(600))
 }
 

@@ -312,6 +312,12 @@ async fn cors_preflight_allows_only_listed_origins() {
     );
     let other = preflight("https://evil.example").await.unwrap();
     assert!(other.headers().get("access-control-allow-origin").is_none());
+    assert!(
+        other
+            .headers()
+            .get("access-control-allow-credentials")
+            .is_none()
+    );
 }
 
 #[tokio::test]
