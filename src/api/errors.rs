@@ -252,6 +252,13 @@ impl ApiError {
         let (status, code, title) = self.parts();
         let errors = match self {
             Self::InvalidRequest { errors, .. } => errors.clone(),
+            // A client showing errors beside its fields gets this one beside the recipients.
+            Self::TooManyRecipients { count, limit } => vec![FieldError {
+                field: "to".into(),
+                message: format!(
+                    "{count} recipients in to, cc and bcc together; at most {limit} are allowed"
+                ),
+            }],
             _ => Vec::new(),
         };
         Problem {

@@ -222,6 +222,13 @@ async fn more_recipients_than_the_limit_is_too_many_recipients() {
     body["bcc"] = json!(bcc);
     let problem = expect_problem(post_mail(&app, &body).await, 400, "too_many_recipients").await;
     assert!(problem["detail"].as_str().unwrap().contains("501"));
+    assert_eq!(problem["errors"][0]["field"], "to");
+    assert!(
+        problem["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 500")
+    );
 }
 
 #[tokio::test]
