@@ -52,11 +52,7 @@ pub struct MailAccepted {
         (status = 202, description = "The SMTP server accepted the mail", body = MailAccepted,
             headers(("Idempotent-Replayed" = bool, description = "`true` when this is the stored answer to an earlier request with the same Idempotency-Key"))),
         (status = 400, description = "`invalid_request`: malformed JSON, or invalid fields, each listed in `errors`; `too_many_recipients`: more than `mailRelay.limits.maxRecipients` in to + cc + bcc",
-            body = Problem, content_type = "application/problem+json",
-            example = json!({"type": "https://mail-relay.dev/problems/invalid_request", "title": "Invalid request", "status": 400,
-                "detail": "the mail request has 1 invalid field(s): to[2]: not an e-mail address: it has no '@' between a local part and a domain",
-                "code": "invalid_request", "requestId": "5f0c6f1e-3b8e-4a51-a4a5-0d7f3c1f7b0a",
-                "errors": [{"field": "to[2]", "message": "not an e-mail address: it has no '@' between a local part and a domain"}]})),
+            body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`: no credentials, or an unknown API key or invalid access token; see `WWW-Authenticate`", body = Problem, content_type = "application/problem+json",
             headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"mail-relay\"`, with `error=\"invalid_token\"` when a credential was refused"))),
         (status = 403, description = "`send_as_denied`: the caller may not send as the From address (the relay's policy), or Exchange answered SendAsDenied; the detail names the caller, the address and what an administrator must change", body = Problem, content_type = "application/problem+json"),
@@ -69,7 +65,7 @@ pub struct MailAccepted {
             headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
         (status = 500, description = "`internal_error`: see the logs under the request id", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "`smtp_auth_failed`, `smtp_auth_disabled` (the relay's SMTP login was refused; an administrator must act) `smtp_rejected` (the server refused the mail for good; the detail has its reply) or `smtp_outcome_unknown` (the connection was lost after the mail went out: the server may have it; do not send it again blindly)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`smtp_unavailable` or `token_unavailable`: a transient upstream failure, or `timeout` (the request took longer than `mailRelay.limits.requestTimeoutSeconds`); try again after `Retry-After`", body = Problem, content_type = "application/problem+json",
+        (status = 503, description = "`smtp_unavailable` or `token_unavailable`: a transient upstream failure; `timeout`: the request took longer than `mailRelay.limits.requestTimeoutSeconds`; `store_unavailable`: a shared rate-limit or idempotency store could not be asked; try again after `Retry-After`", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
     ))]
 pub async fn send_mail(

@@ -2,6 +2,8 @@
 
 use axum::Json;
 use axum::extract::State;
+use utoipa::openapi::RefOr;
+use utoipa::openapi::example::ExampleBuilder;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
@@ -29,7 +31,7 @@ use crate::message;
         message::request::Recipients,
         message::Priority,
     )),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &ProblemExamples),
     tags(
         (name = "mail", description = "Sending mail"),
         (name = "health", description = "Probes for orchestrators"),
@@ -57,6 +59,221 @@ impl Modify for BearerAuth {
             ),
         );
     }
+}
+
+/// Examples of every error `POST /mail` answers, made by the code that makes the real answers,
+/// so the document cannot drift from them.
+struct ProblemExamples;
+
+impl Modify for ProblemExamples {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let Some(operation) = openapi
+            .paths
+            .paths
+            .get_mut("/mail")
+            .and_then(|item| item.post.as_mut())
+        else {
+            return;
+        };
+        for (status, name, error) in problem_examples() {
+            let Some(RefOr::T(response)) = operation.responses.responses.get_mut(status) else {
+                continue;
+            };
+            let Some(content) = response.content.get_mut("application/problem+json") else {
+                continue;
+            };
+            let mut problem = error.problem();
+            problem.request_id = Some("5f0c6f1e-3b8e-4a51-a4a5-0d7f3c1f7b0a".into());
+            let value = serde_json::to_value(&problem).ok();
+            let summary = format!("{}: {}", problem.code, problem.title);
+            let example = ExampleBuilder::new().summary(summary).value(value).build();
+            content.examples.insert(name.into(), RefOr::T(example));
+        }
+    }
+}
+
+/// One answer of each kind: its status, the example's name, and the error behind it.
+fn problem_examples() -> Vec<(&'static str, &'static str, errors::ApiError)> {
+    use std::time::Duration;
+
+    use crate::caller::AuthError;
+    use crate::idempotency::IdempotencyError;
+    use crate::rate_limit::{LimitError, LimitKind, RateLimited};
+    use crate::send_as::SendAsRefusal;
+    use crate::smtp::{SmtpError, SmtpErrorKind, Stage};
+    use crate::token::TokenError;
+    use errors::ApiError;
+
+    let limits = message::MessageLimits {
+        max_recipients: 500,
+        max_message_bytes: 36_700_160,
+    };
+    let invalid = serde_json::from_value::<message::MailRequest>(serde_json::json!({
+        "from": "noreply@contoso.com",
+        "to": ["alice@example.com", "bob@example.com", "carol.example.com"],
+        "subject": "Your invoice",
+        "text": "Please find your invoice attached."
+    }))
+    .map_err(|e| ApiError::InvalidRequest {
+        detail: e.to_string(),
+        errors: Vec::new(),
+    })
+    .and_then(|request| request.validate(&limits).map_err(ApiError::from));
+    let smtp = |stage, code, text: &str| ApiError::from(SmtpError::rejected(stage, code, text));
+    let mut examples = vec![
+        (
+            "400",
+            "too_many_recipients",
+            ApiError::TooManyRecipients {
+                count: 501,
+                limit: 500,
+            },
+        ),
+        (
+            "401",
+            "unauthorized_no_credentials",
+            ApiError::from(AuthError::Missing {
+                proxy_configured: false,
+            }),
+        ),
+        (
+            "401",
+            "unauthorized_unknown_api_key",
+            ApiError::from(AuthError::UnknownApiKey),
+        ),
+        (
+            "403",
+            "send_as_denied_by_policy",
+            ApiError::from(SendAsRefusal::NotListedForKey {
+                caller: "API key 'billing'".into(),
+                address: "ceo@contoso.com".into(),
+                allowed: "invoices@contoso.com, *@billing.contoso.com".into(),
+            }),
+        ),
+        (
+            "403",
+            "send_as_denied_by_exchange",
+            ApiError::from(SendAsRefusal::DeniedByExchange {
+                caller: "user alice@contoso.com".into(),
+                address: "ceo@contoso.com".into(),
+                smtp_user: "relay@contoso.com".into(),
+                reply: "554 5.2.252 SendAsDenied; relay@contoso.com not allowed to send as \
+                        ceo@contoso.com; STOREDRV.Submission.Exception:SendAsDeniedException"
+                    .into(),
+            }),
+        ),
+        (
+            "413",
+            "payload_too_large_body",
+            ApiError::PayloadTooLarge { limit: 52_428_800 },
+        ),
+        (
+            "413",
+            "payload_too_large_message",
+            ApiError::MessageTooLarge {
+                size: 38_112_554,
+                limit: 36_700_160,
+            },
+        ),
+        (
+            "409",
+            "idempotency_in_progress",
+            ApiError::from(IdempotencyError::InProgress),
+        ),
+        (
+            "422",
+            "idempotency_key_reused",
+            ApiError::from(IdempotencyError::KeyReused),
+        ),
+        (
+            "429",
+            "rate_limited",
+            ApiError::from(LimitError::Limited(RateLimited {
+                kind: LimitKind::MailboxMessages,
+                max: 30,
+                cost: 1,
+                retry_after: Duration::from_secs(12),
+            })),
+        ),
+        (
+            "415",
+            "unsupported_media_type",
+            ApiError::UnsupportedMediaType(
+                "POST /mail takes Content-Type application/json or multipart/form-data (got text/plain)"
+                    .into(),
+            ),
+        ),
+        ("500", "internal_error", ApiError::Internal),
+        (
+            "502",
+            "smtp_auth_failed",
+            smtp(Stage::Auth, 535, "5.7.3 Authentication unsuccessful"),
+        ),
+        (
+            "502",
+            "smtp_auth_disabled",
+            smtp(
+                Stage::Auth,
+                535,
+                "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.",
+            ),
+        ),
+        (
+            "502",
+            "smtp_rejected",
+            smtp(
+                Stage::RcptTo("x@fabrikam.com".into()),
+                550,
+                "5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup",
+            ),
+        ),
+        (
+            "502",
+            "smtp_outcome_unknown",
+            ApiError::from(SmtpError::Connection {
+                kind: SmtpErrorKind::Transient,
+                stage: Stage::EndOfData,
+                server: "smtp.office365.com:587".into(),
+                detail: "connection reset by peer".into(),
+            }),
+        ),
+        (
+            "503",
+            "smtp_unavailable",
+            ApiError::from(SmtpError::Connection {
+                kind: SmtpErrorKind::Transient,
+                stage: Stage::Connect,
+                server: "smtp.office365.com:587".into(),
+                detail: "connection timed out".into(),
+            }),
+        ),
+        (
+            "503",
+            "token_unavailable",
+            ApiError::from(TokenError::Network {
+                endpoint:
+                    "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+                        .into(),
+                detail: "dns error: failed to lookup address information".into(),
+            }),
+        ),
+        (
+            "503",
+            "timeout",
+            ApiError::Timeout(Duration::from_secs(120)),
+        ),
+        (
+            "503",
+            "store_unavailable",
+            ApiError::StoreUnavailable(
+                "the rate-limit store is unavailable: connection refused".into(),
+            ),
+        ),
+    ];
+    if let Err(invalid) = invalid {
+        examples.insert(0, ("400", "invalid_request", invalid));
+    }
+    examples
 }
 
 /// The document as pretty JSON with a trailing newline, as committed in `openapi/openapi.json`.

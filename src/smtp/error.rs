@@ -79,7 +79,7 @@ impl fmt::Display for Stage {
 #[derive(Debug, thiserror::Error)]
 pub enum SmtpError {
     /// The server answered with a negative reply.
-    #[error("the SMTP server refused {stage}: {reply}{}", hint_suffix(*kind))]
+    #[error("the SMTP server refused {stage}: {}{}", reply.to_string().trim_end_matches('.'), hint_suffix(*kind))]
     Rejected {
         kind: SmtpErrorKind,
         stage: Stage,

@@ -101,6 +101,56 @@ async fn openapi_is_served_and_matches_the_committed_copy() {
     assert_eq!(served, serde_json::from_str::<Value>(&generated).unwrap());
 }
 
+#[test]
+fn every_error_answer_of_post_mail_is_documented_with_an_example_of_its_own_status() {
+    let doc: Value = serde_json::from_str(&mail_relay::api::openapi::document_json()).unwrap();
+    let responses = doc["paths"]["/mail"]["post"]["responses"]
+        .as_object()
+        .unwrap();
+    let mut codes = Vec::new();
+    for (status, response) in responses {
+        if !status.starts_with('4') && !status.starts_with('5') {
+            continue;
+        }
+        let examples = response["content"]["application/problem+json"]["examples"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{status} has no examples"));
+        let description = response["description"].as_str().unwrap();
+        for (name, example) in examples {
+            let value = &example["value"];
+            assert_eq!(value["status"].to_string(), *status, "{name}");
+            let code = value["code"].as_str().unwrap();
+            assert!(
+                description.contains(&format!("`{code}`")),
+                "{status}'s description does not name {code}"
+            );
+            assert!(!value["detail"].as_str().unwrap().is_empty(), "{name}");
+            codes.push(code.to_owned());
+        }
+    }
+    // The codes the README's error table lists for POST /mail, each with an example.
+    for code in [
+        "invalid_request",
+        "too_many_recipients",
+        "unauthorized",
+        "send_as_denied",
+        "payload_too_large",
+        "idempotency_in_progress",
+        "idempotency_key_reused",
+        "rate_limited",
+        "smtp_auth_failed",
+        "smtp_auth_disabled",
+        "smtp_rejected",
+        "smtp_outcome_unknown",
+        "smtp_unavailable",
+        "token_unavailable",
+        "store_unavailable",
+        "timeout",
+    ] {
+        assert!(codes.iter().any(|c| c == code), "no example for {code}");
+    }
+}
+
 #[tokio::test]
 async fn a_declared_body_over_the_limit_is_refused_without_reading_it() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
