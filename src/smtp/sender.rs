@@ -324,9 +324,10 @@ impl Inner {
         ) {
             return;
         }
+        // The error itself is in the failed request's own log line.
         tracing::warn!(
-            error = %error,
-            "SMTP login refused; mails fail at once with this error for {} s before the next login",
+            kind = %kind,
+            "SMTP login refused; mails fail at once with the same error for {} s before the next login",
             REFUSED_LOGIN_STANDS.as_secs()
         );
         *self

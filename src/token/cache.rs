@@ -359,12 +359,7 @@ impl Inner {
                 Err(error) => error,
             };
             if let Some(token) = self.lock().valid(self.clock.now()) {
-                tracing::warn!(
-                    cache = %self.key,
-                    fingerprint = %token.fingerprint(),
-                    expires_at = %humantime(token.expires_at()),
-                    "token refresh failed; using the current token until it expires"
-                );
+                self.log_refresh_failure(&error, &token);
                 return Ok(token);
             }
             if !error.is_transient() || attempt >= attempts {
@@ -374,7 +369,7 @@ impl Inner {
             if delay > self.retry.max_wait {
                 return Err(error);
             }
-            tracing::debug!(cache = %self.key, attempt, ?delay, "retrying token fetch");
+            tracing::debug!(cache = %self.key, attempt, ?delay, error = %error, "retrying token fetch");
             tokio::time::sleep(delay).await;
             attempt += 1;
         }
@@ -390,8 +385,25 @@ impl Inner {
         if !self.due(self.clock.now()) {
             return;
         }
-        // Errors are recorded and logged by `fetch_once`; the old token stays in use.
-        let _ = self.fetch_once().await;
+        // No request waits for this fetch, so its failure is logged here; the old token stays.
+        if let Err(error) = self.fetch_once().await
+            && let Some(token) = self.lock().valid(self.clock.now())
+        {
+            self.log_refresh_failure(&error, &token);
+        }
+    }
+
+    /// The one log line of a failed refresh that no caller sees, since `token` is still in use.
+    fn log_refresh_failure(&self, error: &TokenError, token: &AccessToken) {
+        tracing::warn!(
+            cache = %self.key,
+            code = error.code(),
+            transient = error.is_transient(),
+            entra_description = error.entra().map(|e| e.description.as_str()),
+            fingerprint = %token.fingerprint(),
+            expires_at = %humantime(token.expires_at()),
+            "token refresh failed; using the current token until it expires: {error}"
+        );
     }
 
     fn due(&self, now: SystemTime) -> bool {
@@ -460,14 +472,8 @@ impl Inner {
                 state.next_attempt = Some(received + delay);
                 state.not_before = error.retry_after().map(|d| received + d);
                 state.last_failure = Some(error.clone());
-                tracing::warn!(
-                    cache = %self.key,
-                    code = error.code(),
-                    transient = error.is_transient(),
-                    failures = state.failures,
-                    entra_description = error.entra().map(|e| e.description.as_str()),
-                    "token fetch failed: {error}"
-                );
+                // Logged by whoever handles it: the request's own line, or the
+                // `token refresh failed` line when the current token stays in use.
                 Err(error)
             }
         }

@@ -759,7 +759,7 @@ fn no_log_line_or_debug_output_contains_a_secret_or_token() {
         logs.contains("fetched access token"),
         "capture works: {logs}"
     );
-    assert!(logs.contains("token fetch failed"), "{logs}");
+    assert!(logs.contains("token refresh failed"), "{logs}");
     let key_body: String = certificate
         .private_key_pem
         .lines()
