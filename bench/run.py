@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """mail-relay benchmark: the relay against direct SMTP to the Postfix + Dovecot peer.
 
-Called by bench/run.sh (which starts the peer and builds the release binaries). Measures, with
-BENCH_RUNS runs of BENCH_SECONDS each and medians over the runs:
+Called by bench/run.sh (which starts the peer and builds the release binaries). Measures, in
+BENCH_RUNS rounds of BENCH_SECONDS per row, each round one direct run followed by one relay run
+per client count (interleaved, so that drift in the machine's load hits both alike), with medians
+and the spread over the rounds; a ratio compares a relay run with the direct run of its round:
 - the limit: direct SMTP over 3 pooled XOAUTH2 connections (bench/smtp_direct.rs);
 - the relay: POST /mail from wrk at 1, 8, 32, 128 clients: mails/s, p50/p99, ratio to the limit,
   the relay's CPU per mail (from /proc/PID/stat);
@@ -32,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELAY = os.path.join(ROOT, "target/release/mail-relay")
 DIRECT = os.path.join(ROOT, "target/release/examples/smtp_direct")
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
-RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+RUNS = int(os.environ.get("BENCH_RUNS", "5"))
 CLIENTS = [int(c) for c in os.environ.get("BENCH_CLIENTS", "1,8,32,128").split(",")]
 CONNECTIONS = 3
 API_KEY = "mr_bench-key-not-secret"
@@ -326,18 +328,17 @@ def main():
             raise SystemExit(f"warm-up mail: {status} {answer[:500]!r}")
 
         _, token = http(f"{token_base}/token")
-        direct = []
-        for i in range(RUNS):
-            direct.append(run_direct(peer, token.decode(), marker))
-            log(f"direct run {i + 1}: {direct[-1]}")
-
         script = wrk_script(work, marker)
+        direct = []
         relay_runs = {c: [] for c in CLIENTS}
         for i in range(RUNS):
+            direct.append(run_direct(peer, token.decode(), marker))
+            log(f"round {i + 1}, direct: {direct[-1]}")
             for clients in CLIENTS:
                 result = run_wrk(relay, script, clients)
+                result["ratio"] = result["rate"] / direct[-1]["rate"]
                 relay_runs[clients].append(result)
-                log(f"relay run {i + 1}, {clients} clients: {result}")
+                log(f"round {i + 1}, relay at {clients} clients: {result}")
         rss_after_load = proc_status(relay.proc.pid, "VmRSS")
         if os.environ.get("BENCH_PROFILE", "1") == "1":
             profile(relay, script, work)
@@ -367,8 +368,11 @@ def main():
     rows = []
     for clients in CLIENTS:
         runs = relay_runs[clients]
-        rate = median([r["rate"] for r in runs])
-        rows.append({"clients": clients, "rate": rate, "ratio": rate / limit,
+        rates = [r["rate"] for r in runs]
+        ratios = [r["ratio"] for r in runs]
+        rows.append({"clients": clients, "rate": median(rates),
+                     "rate_min": min(rates), "rate_max": max(rates),
+                     "ratio": median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
                      "p50_ms": median([r["p50_ms"] for r in runs]),
                      "p99_ms": median([r["p99_ms"] for r in runs]),
                      "cpu_ms_per_mail": median([r["cpu_ms_per_mail"] for r in runs]),
@@ -377,7 +381,8 @@ def main():
     total_mails = sum(r["mails"] for runs in relay_runs.values() for r in runs) + 1
     summary = {
         "machine": machine(load_before), "runs": RUNS, "seconds_per_run": SECONDS, "marker": marker,
-        "direct": {"rate": limit, "p50_ms": median([d["p50_ms"] for d in direct]),
+        "direct": {"rate": limit, "rate_min": min(d["rate"] for d in direct),
+                   "rate_max": max(d["rate"] for d in direct), "p50_ms": median([d["p50_ms"] for d in direct]),
                    "p99_ms": median([d["p99_ms"] for d in direct]),
                    "cpu_ms_per_mail": median([d["cpu_ms_per_mail"] for d in direct]), "runs": direct},
         "relay": rows, "relay_runs": relay_runs,
@@ -405,18 +410,23 @@ def render(s):
     d = s["direct"]
     lines = [
         f"Machine: {s['machine']}.",
-        f"{s['runs']} runs of {s['seconds_per_run']:.0f} s per row, medians; small mails (about 1 KB), "
+        f"{s['runs']} rounds of {s['seconds_per_run']:.0f} s per row, each round a direct run and then "
+        "the relay at each client count; medians, with the lowest and highest round in brackets; a "
+        "ratio divides a relay run by the direct run of the same round. Small mails (about 1 KB), "
         f"{CONNECTIONS} SMTP connections, STARTTLS + XOAUTH2. CPU ms/mail: user + system time of the "
         "relay process (of the direct client in the first row) divided by the mails it sent.",
         "",
         "| path | clients | mails/s | ratio to direct | p50 ms | p99 ms | CPU ms/mail | non-2xx |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
-        f"| direct SMTP (the limit) | {CONNECTIONS} conns | {fmt(d['rate'])} | 1.00 | "
+        f"| direct SMTP (the limit) | {CONNECTIONS} conns | {fmt(d['rate'])} "
+        f"({fmt(d['rate_min'], 0)}–{fmt(d['rate_max'], 0)}) | 1.00 | "
         f"{fmt(d['p50_ms'], 2)} | {fmt(d['p99_ms'], 2)} | {fmt(d['cpu_ms_per_mail'], 3)} (client) | – |",
     ]
     for r in s["relay"]:
-        lines.append(f"| relay, POST /mail (wrk) | {r['clients']} | {fmt(r['rate'])} | "
-                     f"{fmt(r['ratio'], 2)} | {fmt(r['p50_ms'], 2)} | {fmt(r['p99_ms'], 2)} | "
+        lines.append(f"| relay, POST /mail (wrk) | {r['clients']} | {fmt(r['rate'])} "
+                     f"({fmt(r['rate_min'], 0)}–{fmt(r['rate_max'], 0)}) | "
+                     f"{fmt(r['ratio'], 2)} ({fmt(r['ratio_min'], 2)}–{fmt(r['ratio_max'], 2)}) | "
+                     f"{fmt(r['p50_ms'], 2)} | {fmt(r['p99_ms'], 2)} | "
                      f"{fmt(r['cpu_ms_per_mail'], 3)} | {r['non2xx'] + r['socket_errors']} |")
     lines += [
         "",

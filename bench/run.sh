@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark: the relay (release build) against direct SMTP to the Postfix + Dovecot test peer.
-# Usage: bash bench/run.sh            (BENCH_RUNS=3 BENCH_SECONDS=5 BENCH_CLIENTS=1,8,32,128)
+# Usage: bash bench/run.sh            (BENCH_RUNS=5 BENCH_SECONDS=5 BENCH_CLIENTS=1,8,32,128)
 # Prints the results table and writes it to bench/results/latest.{md,json}, and a perf profile of the
-# relay to bench/results/profile.txt (BENCH_PROFILE=0 to skip). Takes about 3 minutes.
+# relay to bench/results/profile.txt (BENCH_PROFILE=0 to skip). Takes about 5 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
