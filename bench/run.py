@@ -37,6 +37,10 @@ SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
 RUNS = int(os.environ.get("BENCH_RUNS", "5"))
 CLIENTS = [int(c) for c in os.environ.get("BENCH_CLIENTS", "1,8,32,128").split(",")]
 CONNECTIONS = 3
+# `shared`: everything on all cores. `split` (bench/run.sh sets it): the SMTP server on CPU 0,
+# the relay and its clients on the others, as in production, where Exchange is elsewhere.
+LAYOUT = os.environ.get("BENCH_LAYOUT", "shared")
+RESULTS = "latest" if LAYOUT == "shared" else f"latest-{LAYOUT}"
 API_KEY = "mr_bench-key-not-secret"
 TENANT = "9188040d-6c67-4c5b-b112-36a304b66dad"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -277,10 +281,13 @@ def machine(load):
                 cpu = line.split(":", 1)[1].strip()
                 break
     mem = proc_meminfo_total()
+    layout = ("client (wrk), relay, token endpoint and Postfix + Dovecot share the same cores"
+              if LAYOUT == "shared" else
+              "Postfix + Dovecot pinned to CPU 0, the relay, wrk, the direct client and the token "
+              "endpoint to the other cores")
     return (f"{os.cpu_count()} vCPU ({cpu}), {mem:.0f} GiB RAM, Linux {platform.release()}, "
-            f"{platform.freedesktop_os_release().get('PRETTY_NAME', 'Linux')}; client (wrk), relay, "
-            "token endpoint and Postfix + Dovecot share the same cores, all on loopback; "
-            f"load average before the run {load:.2f} (other work on the machine)")
+            f"{platform.freedesktop_os_release().get('PRETTY_NAME', 'Linux')}; {layout}, all on "
+            f"loopback; load average before the run {load:.2f} (other work on the machine)")
 
 
 def proc_meminfo_total():
@@ -340,7 +347,7 @@ def main():
                 relay_runs[clients].append(result)
                 log(f"round {i + 1}, relay at {clients} clients: {result}")
         rss_after_load = proc_status(relay.proc.pid, "VmRSS")
-        if os.environ.get("BENCH_PROFILE", "1") == "1":
+        if os.environ.get("BENCH_PROFILE", "1") == "1" and LAYOUT == "shared":
             profile(relay, script, work)
 
         # Peak RSS while sending one 25 MB attachment: reset the high-water mark first.
@@ -395,9 +402,9 @@ def main():
     }
     table = render(summary)
     os.makedirs(os.path.join(ROOT, "bench/results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench/results/latest.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(ROOT, f"bench/results/{RESULTS}.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
-    with open(os.path.join(ROOT, "bench/results/latest.md"), "w", encoding="utf-8") as f:
+    with open(os.path.join(ROOT, f"bench/results/{RESULTS}.md"), "w", encoding="utf-8") as f:
         f.write(table)
     print(table)
 

@@ -489,9 +489,17 @@ async fn a_server_name_missing_from_the_certificate_is_named() {
     );
 }
 
+/// EHLO as Exchange Online answers it after STARTTLS.
+const EXCHANGE_EHLO: &str = "250-fake.outlook.test Hello\r\n250-SIZE 157286400\r\n250-AUTH LOGIN XOAUTH2\r\n250 8BITMIME\r\n";
+
 /// A plain-text SMTP server that answers like Exchange Online after STARTTLS: it offers
 /// `AUTH LOGIN XOAUTH2` and answers every AUTH with `auth_reply`.
 async fn exchange_like(auth_reply: &'static str) -> u16 {
+    smtp_fake(EXCHANGE_EHLO, auth_reply).await
+}
+
+/// A plain-text SMTP server answering EHLO with `ehlo` and every AUTH with `auth_reply`.
+async fn smtp_fake(ehlo: &'static str, auth_reply: &'static str) -> u16 {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -511,10 +519,12 @@ async fn exchange_like(auth_reply: &'static str) -> u16 {
                         .unwrap_or_default()
                         .to_ascii_uppercase();
                     let reply = match verb.as_str() {
-                        "EHLO" => "250-fake.outlook.test Hello\r\n250-SIZE 157286400\r\n250-AUTH LOGIN XOAUTH2\r\n250 8BITMIME\r\n".to_owned(),
+                        "EHLO" => ehlo.to_owned(),
                         "AUTH" => format!("{auth_reply}\r\n"),
                         "QUIT" => {
-                            let _ = write.write_all(b"221 2.0.0 Service closing transmission channel\r\n").await;
+                            let _ = write
+                                .write_all(b"221 2.0.0 Service closing transmission channel\r\n")
+                                .await;
                             return;
                         }
                         _ => "250 2.0.0 OK\r\n".to_owned(),
@@ -538,6 +548,52 @@ async fn diagnose_against_exchange_like(auth_reply: &'static str) -> (Run, Strin
     // smtpEncryption NONE is allowed with a login on loopback only; TLS is not the point here.
     let settings = yaml_for("127.0.0.1", port, "NONE", "relay@contoso.com", None, &entra);
     (diagnose(dir.path(), &settings, &[]).await, token.to_owned())
+}
+
+#[tokio::test]
+async fn a_server_without_xoauth2_fails_at_ehlo_naming_what_ms_oauth_needs() {
+    let entra = FakeEntra::start().await;
+    entra.mount_token("opaque-token-7e2a", 3599).await;
+    let port = smtp_fake(
+        "250-mail.example.test Hello\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n",
+        "535 5.7.8 not reached",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let settings = yaml_for("127.0.0.1", port, "NONE", "relay@contoso.com", None, &entra);
+
+    let run = diagnose(dir.path(), &settings, &[]).await;
+
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    let ehlo = run.assert_step("FAIL", "ehlo");
+    assert!(ehlo.contains("offers AUTH PLAIN LOGIN"), "{ehlo}");
+    assert!(ehlo.contains("MS_OAUTH needs AUTH XOAUTH2"), "{ehlo}");
+    assert!(ehlo.contains("smtpAuthentication BASIC"), "{ehlo}");
+}
+
+#[tokio::test]
+async fn a_port_without_starttls_fails_at_tls_with_the_implicit_tls_fix() {
+    let entra = FakeEntra::start().await;
+    entra.mount_token("opaque-token-7e2b", 3599).await;
+    // An EHLO without STARTTLS, as an implicit-TLS port speaking plain text would never send,
+    // but a plain relay port does.
+    let port = smtp_fake(
+        "250-mail.example.test Hello\r\n250-AUTH LOGIN XOAUTH2\r\n250 8BITMIME\r\n",
+        "235 2.7.0 not reached",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let settings = yaml_for("127.0.0.1", port, "TLS", "relay@contoso.com", None, &entra);
+
+    let run = diagnose(dir.path(), &settings, &[]).await;
+
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    let tls = run.assert_step("FAIL", "tls");
+    assert!(tls.contains("does not offer STARTTLS"), "{tls}");
+    assert!(
+        tls.contains("smtpEncryption SSL for an implicit-TLS port"),
+        "{tls}"
+    );
 }
 
 #[tokio::test]

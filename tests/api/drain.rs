@@ -161,7 +161,7 @@ async fn sigterm_lets_a_slow_send_finish_refuses_readiness_and_exits_0() {
     assert_eq!(quits, disconnects, "connections closed without QUIT");
     let logs = relay.log_text();
     assert!(logs.contains("shut down cleanly"), "{logs}");
-    // The only errors allowed are tower-http's lines for the 503 readiness answers.
+    // The only errors allowed are the request log's lines for the 503 readiness answers.
     let errors: Vec<Value> = relay
         .json_lines()
         .into_iter()

@@ -101,6 +101,56 @@ async fn a_mail_posted_to_the_relay_arrives_intact_over_xoauth2() {
 }
 
 #[tokio::test]
+async fn a_10_mb_file_uploaded_as_form_data_arrives_intact_through_the_smtp_server() {
+    use crate::mail::{FormPart, post_form};
+
+    let peer = require_peer!();
+    let entra = FakeEntra::serving_peer_tokens(&peer).await;
+    let mut settings = relay_settings(&peer, &entra);
+    settings.relay.limits.max_body_bytes = 16 * 1024 * 1024;
+    let app = spawn_built(settings).await;
+    let big: Vec<u8> = (0..10 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let mail = json!({"from": "noreply@contoso.test", "to": "alice@contoso.test",
+                      "subject": "10 MB upload", "text": "see the file"})
+    .to_string();
+    let parts = [
+        FormPart {
+            name: "mail",
+            filename: None,
+            content_type: "application/json",
+            content: mail.as_bytes(),
+        },
+        FormPart {
+            name: "file",
+            filename: Some("messwerte.bin"),
+            content_type: "application/octet-stream",
+            content: &big,
+        },
+    ];
+
+    let response = post_form(&app, &parts).await;
+
+    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+    let accepted: Value = response.json().await.unwrap();
+    let message_id = accepted["messageId"]
+        .as_str()
+        .unwrap()
+        .trim_matches(['<', '>']);
+    let raw = delivered(&peer, message_id).await;
+    let message = MessageParser::default().parse(&raw).unwrap();
+    let file = message
+        .attachments()
+        .find(|a| a.attachment_name() == Some("messwerte.bin"))
+        .expect("the file is attached");
+    assert!(
+        file.contents() == big.as_slice(),
+        "the 10 MB file changed on the way"
+    );
+}
+
+#[tokio::test]
 async fn many_mails_share_one_token() {
     let peer = require_peer!();
     let (app, entra) = relay_with_good_tokens(&peer).await;

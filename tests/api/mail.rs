@@ -435,11 +435,11 @@ async fn an_outbox_write_failure_is_500_without_the_path() {
 }
 
 /// One part of a hand-built multipart/form-data body.
-struct FormPart<'a> {
-    name: &'a str,
-    filename: Option<&'a str>,
-    content_type: &'a str,
-    content: &'a [u8],
+pub(crate) struct FormPart<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) filename: Option<&'a str>,
+    pub(crate) content_type: &'a str,
+    pub(crate) content: &'a [u8],
 }
 
 const BOUNDARY: &str = "mail-relay-test-boundary-7f3a";
@@ -466,7 +466,7 @@ fn form_body(parts: &[FormPart<'_>]) -> Vec<u8> {
     body
 }
 
-async fn post_form(app: &TestApp, parts: &[FormPart<'_>]) -> reqwest::Response {
+pub(crate) async fn post_form(app: &TestApp, parts: &[FormPart<'_>]) -> reqwest::Response {
     app.client
         .post(app.url("/mail"))
         .header(

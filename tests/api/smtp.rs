@@ -655,6 +655,8 @@ mod exchange_replies {
         rcpt_to: Mutex<VecDeque<&'static str>>,
         /// Replies to the end of the message, before the default 250.
         end_of_data: Mutex<VecDeque<&'static str>>,
+        /// MAIL FROM commands that arrived with their RCPT TO already behind them (pipelined).
+        pipelined: AtomicUsize,
         connections: AtomicUsize,
         mail_commands: AtomicUsize,
         delivered: AtomicUsize,
@@ -709,7 +711,7 @@ mod exchange_replies {
             if command.starts_with("EHLO") {
                 send(
                     &mut write,
-                    "250-fake.outlook.test Hello\r\n250-8BITMIME\r\n250 AUTH LOGIN XOAUTH2",
+                    "250-fake.outlook.test Hello\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 AUTH LOGIN XOAUTH2",
                 )
                 .await;
             } else if command.starts_with("AUTH XOAUTH2") {
@@ -724,6 +726,9 @@ mod exchange_replies {
                 }
             } else if command.starts_with("MAIL FROM") {
                 script.mail_commands.fetch_add(1, Ordering::SeqCst);
+                if read.buffer().starts_with(b"RCPT TO") {
+                    script.pipelined.fetch_add(1, Ordering::SeqCst);
+                }
                 let reply = script.mail_from.lock().unwrap().pop_front();
                 send(&mut write, reply.unwrap_or("250 2.1.0 Sender OK")).await;
             } else if command.starts_with("RCPT TO") {
@@ -905,6 +910,38 @@ mod exchange_replies {
         assert_eq!(retried.kind(), SmtpErrorKind::AuthFailed, "{retried}");
         assert_eq!(script.connections.load(Ordering::SeqCst), 4);
         assert_eq!(tokens.fetches.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn the_envelope_is_pipelined_and_a_refused_recipient_leaves_the_session_in_step() {
+        let script = Arc::new(Script::default());
+        script.rcpt_to.lock().unwrap().extend([
+            "250 2.1.5 Recipient OK",
+            "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found",
+        ]);
+        let (sender, _) = fake_exchange(&script).await;
+        let two = |marker: &str| {
+            let mut mail = mail(FROM, TO, marker);
+            mail.envelope = lettre::address::Envelope::new(
+                Some(FROM.parse().unwrap()),
+                vec![TO.parse().unwrap(), "gone@contoso.test".parse().unwrap()],
+            )
+            .unwrap();
+            mail
+        };
+
+        let error = sender.send_mail(&two("pipelined-1")).await.unwrap_err();
+
+        assert!(
+            error.to_string().contains("RCPT TO:<gone@contoso.test>"),
+            "{error}"
+        );
+        assert_eq!(script.pipelined.load(Ordering::SeqCst), 1);
+        // Every reply was read: after RSET the same session takes the next mail.
+        sender.send_mail(&two("pipelined-2")).await.unwrap();
+        assert_eq!(script.connections.load(Ordering::SeqCst), 1);
+        assert_eq!(script.delivered.load(Ordering::SeqCst), 1);
+        assert_eq!(script.pipelined.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
