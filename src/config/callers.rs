@@ -143,7 +143,14 @@ pub(super) fn auth(ctx: &mut Ctx<'_>, smtp: bool) -> AuthSettings {
     let api_keys = api_keys(ctx);
     let trusted_proxy = has_any(ctx, PROXY).then(|| trusted_proxy(ctx)).flatten();
     let oidc = has_any(ctx, OIDC).then(|| oidc(ctx)).flatten();
-    if smtp && !allow_anonymous && api_keys.is_empty() && trusted_proxy.is_none() && oidc.is_none()
+    // Keys whose placeholders could not be resolved are reported already; they are not "none".
+    let unresolved_keys = ctx.values.failed.contains(API_KEYS);
+    if smtp
+        && !allow_anonymous
+        && !unresolved_keys
+        && api_keys.is_empty()
+        && trusted_proxy.is_none()
+        && oidc.is_none()
     {
         ctx.warnings.push(format!(
             "mailRelay.auth: no apiKeys, trustedProxy or oidc configured: every POST /mail will be refused (401); add an API key ({API_KEYS}, `mail-relay hash-key` makes one)"

@@ -139,9 +139,21 @@ pub fn resolve(
         }
     }
     for (name, tree) in subtrees {
-        resolved
-            .subtrees
-            .insert(name, resolve_tree(name, tree, env, errors));
+        let mut unresolved = BTreeSet::new();
+        let tree = resolve_tree(name, tree, env, errors, &mut unresolved);
+        // The entries holding an unresolved value count as failed too, up to the list itself,
+        // so validation adds no "is required" for the gap it leaves.
+        for key in unresolved {
+            let mut path = key.as_str();
+            resolved.failed.insert(path.to_owned());
+            while path.len() > name.len()
+                && let Some(cut) = path.rfind(['.', '['])
+            {
+                path = &path[..cut];
+                resolved.failed.insert(path.to_owned());
+            }
+        }
+        resolved.subtrees.insert(name, tree);
     }
 
     // 3. `<key>File`: the value is the content of the named file (a Kubernetes secret mount).
@@ -245,11 +257,14 @@ fn env_tree(value: &str) -> Result<Value, String> {
     }
 }
 
+/// Placeholders inside a list or map; a value that cannot be resolved is reported, left out and
+/// added to `unresolved`.
 fn resolve_tree(
     key: &str,
     tree: Value,
     env: &[(String, String)],
     errors: &mut Vec<SettingError>,
+    unresolved: &mut BTreeSet<String>,
 ) -> Value {
     match tree {
         Value::String(s) => match placeholders::resolve(&s, env) {
@@ -259,6 +274,7 @@ fn resolve_tree(
                     key: key.to_owned(),
                     message: e.to_string(),
                 });
+                unresolved.insert(key.to_owned());
                 Value::Null
             }
         },
@@ -266,13 +282,13 @@ fn resolve_tree(
             items
                 .into_iter()
                 .enumerate()
-                .map(|(i, v)| resolve_tree(&format!("{key}[{i}]"), v, env, errors))
+                .map(|(i, v)| resolve_tree(&format!("{key}[{i}]"), v, env, errors, unresolved))
                 .collect(),
         ),
         Value::Object(map) => Value::Object(
             map.into_iter()
                 .map(|(k, v)| {
-                    let child = resolve_tree(&format!("{key}.{k}"), v, env, errors);
+                    let child = resolve_tree(&format!("{key}.{k}"), v, env, errors, unresolved);
                     (k, child)
                 })
                 .collect(),

@@ -1091,6 +1091,33 @@ fn api_key_errors_name_the_entry_and_field() {
 }
 
 #[test]
+fn an_unset_placeholder_in_an_api_key_is_one_error_not_three() {
+    let yaml = SEED.replace(HASH, "${BILLING_KEY_SHA256}").replace(
+        "[noreply@contoso.com, \"*@billing.contoso.com\"]",
+        "[\"*@${MAIL_DOMAIN}\"]",
+    );
+    let e = err(&yaml, &[]);
+    let keys: Vec<&str> = e.errors.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "mailRelay.auth.apiKeys[0].allowedFrom[0]",
+            "mailRelay.auth.apiKeys[0].sha256"
+        ],
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("BILLING_KEY_SHA256 is not set"),
+        "{e}"
+    );
+    assert!(
+        !e.warnings.iter().any(|w| w.contains("no apiKeys")),
+        "{:?}",
+        e.warnings
+    );
+}
+
+#[test]
 fn api_key_names_must_be_unique() {
     let value = format!(
         "[{{name: a, sha256: {HASH}, allowedFrom: [a@contoso.com]}}, {{name: a, sha256: '{}', allowedFrom: [a@contoso.com]}}]",
