@@ -336,6 +336,8 @@ def main():
 
         _, token = http(f"{token_base}/token")
         script = wrk_script(work, marker)
+        # Unmeasured: the server's first run after a pause is slow (its processes start).
+        log(f"warm-up, direct: {run_direct(peer, token.decode(), marker)}")
         direct = []
         relay_runs = {c: [] for c in CLIENTS}
         for i in range(RUNS):
