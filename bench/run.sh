@@ -4,7 +4,7 @@
 # Runs twice: with everything sharing all cores (bench/results/latest.{md,json}, and a perf profile
 # of the relay in bench/results/profile.txt; BENCH_PROFILE=0 to skip), then with the SMTP server
 # pinned to CPU 0 and the relay and its clients to the others (bench/results/latest-split.*), as in
-# production where Exchange runs elsewhere (BENCH_SPLIT=0 to skip). Takes about 9 minutes.
+# production where Exchange runs elsewhere (BENCH_SPLIT=0 to skip). Takes about 10 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
