@@ -102,32 +102,20 @@ async fn a_mail_posted_to_the_relay_arrives_intact_over_xoauth2() {
 
 #[tokio::test]
 async fn a_10_mb_file_uploaded_as_form_data_arrives_intact_through_the_smtp_server() {
-    use crate::mail::{FormPart, post_form};
+    use crate::mail::{FormPart, post_form, scrambled_bytes};
 
     let peer = require_peer!();
     let entra = FakeEntra::serving_peer_tokens(&peer).await;
     let mut settings = relay_settings(&peer, &entra);
     settings.relay.limits.max_body_bytes = 16 * 1024 * 1024;
     let app = spawn_built(settings).await;
-    let big: Vec<u8> = (0..10 * 1024 * 1024u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-        .collect();
+    let big = scrambled_bytes(10 * 1024 * 1024);
     let mail = json!({"from": "noreply@contoso.test", "to": "alice@contoso.test",
                       "subject": "10 MB upload", "text": "see the file"})
     .to_string();
     let parts = [
-        FormPart {
-            name: "mail",
-            filename: None,
-            content_type: "application/json",
-            content: mail.as_bytes(),
-        },
-        FormPart {
-            name: "file",
-            filename: Some("messwerte.bin"),
-            content_type: "application/octet-stream",
-            content: &big,
-        },
+        FormPart::mail(&mail),
+        FormPart::file("file", "messwerte.bin", "application/octet-stream", &big),
     ];
 
     let response = post_form(&app, &parts).await;

@@ -442,6 +442,40 @@ pub(crate) struct FormPart<'a> {
     pub(crate) content: &'a [u8],
 }
 
+impl<'a> FormPart<'a> {
+    /// The `mail` part: the JSON request.
+    pub(crate) fn mail(json: &'a str) -> Self {
+        Self {
+            name: "mail",
+            filename: None,
+            content_type: "application/json",
+            content: json.as_bytes(),
+        }
+    }
+
+    /// A file part.
+    pub(crate) fn file(
+        name: &'a str,
+        filename: &'a str,
+        content_type: &'a str,
+        content: &'a [u8],
+    ) -> Self {
+        Self {
+            name,
+            filename: Some(filename),
+            content_type,
+            content,
+        }
+    }
+}
+
+/// `len` bytes of every value in a scrambled order: no run a compressor or encoder could favour.
+pub(crate) fn scrambled_bytes(len: u32) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect()
+}
+
 const BOUNDARY: &str = "mail-relay-test-boundary-7f3a";
 
 fn form_body(parts: &[FormPart<'_>]) -> Vec<u8> {
@@ -482,9 +516,7 @@ pub(crate) async fn post_form(app: &TestApp, parts: &[FormPart<'_>]) -> reqwest:
 #[tokio::test]
 async fn a_10_mb_upload_as_form_data_arrives_intact() {
     let app = spawn_app_with(|s| s.relay.limits.max_body_bytes = 16 * 1024 * 1024).await;
-    let big: Vec<u8> = (0..10 * 1024 * 1024u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-        .collect();
+    let big = scrambled_bytes(10 * 1024 * 1024);
     let logo = b"\x89PNG inline".to_vec();
     let mail = json!({
         "from": "sender@contoso.com", "to": "alice@example.com",
@@ -494,24 +526,9 @@ async fn a_10_mb_upload_as_form_data_arrives_intact() {
     let response = post_form(
         &app,
         &[
-            FormPart {
-                name: "mail",
-                filename: None,
-                content_type: "application/json",
-                content: mail.as_bytes(),
-            },
-            FormPart {
-                name: "file",
-                filename: Some("daten.bin"),
-                content_type: "application/octet-stream",
-                content: &big,
-            },
-            FormPart {
-                name: "cid:logo",
-                filename: Some("logo.png"),
-                content_type: "image/png",
-                content: &logo,
-            },
+            FormPart::mail(&mail),
+            FormPart::file("file", "daten.bin", "application/octet-stream", &big),
+            FormPart::file("cid:logo", "logo.png", "image/png", &logo),
         ],
     )
     .await;
@@ -543,12 +560,7 @@ async fn a_form_without_the_mail_part_is_invalid() {
     let app = spawn_app().await;
     let response = post_form(
         &app,
-        &[FormPart {
-            name: "file",
-            filename: Some("a.txt"),
-            content_type: "text/plain",
-            content: b"hi",
-        }],
+        &[FormPart::file("file", "a.txt", "text/plain", b"hi")],
     )
     .await;
     let problem = expect_problem(response, 400, "invalid_request").await;
@@ -563,18 +575,8 @@ async fn form_parts_are_validated_like_json() {
     let response = post_form(
         &app,
         &[
-            FormPart {
-                name: "mail",
-                filename: None,
-                content_type: "application/json",
-                content: mail.as_bytes(),
-            },
-            FormPart {
-                name: "cid:logo",
-                filename: Some("l.png"),
-                content_type: "image/png",
-                content: b"x",
-            },
+            FormPart::mail(&mail),
+            FormPart::file("cid:logo", "l.png", "image/png", b"x"),
         ],
     )
     .await;
@@ -594,18 +596,8 @@ async fn a_form_upload_over_the_message_limit_is_413() {
     let response = post_form(
         &app,
         &[
-            FormPart {
-                name: "mail",
-                filename: None,
-                content_type: "application/json",
-                content: mail.as_bytes(),
-            },
-            FormPart {
-                name: "file",
-                filename: Some("big.bin"),
-                content_type: "application/octet-stream",
-                content: &big,
-            },
+            FormPart::mail(&mail),
+            FormPart::file("file", "big.bin", "application/octet-stream", &big),
         ],
     )
     .await;
