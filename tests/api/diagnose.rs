@@ -492,13 +492,8 @@ async fn a_server_name_missing_from_the_certificate_is_named() {
 /// EHLO as Exchange Online answers it after STARTTLS.
 const EXCHANGE_EHLO: &str = "250-fake.outlook.test Hello\r\n250-SIZE 157286400\r\n250-AUTH LOGIN XOAUTH2\r\n250 8BITMIME\r\n";
 
-/// A plain-text SMTP server that answers like Exchange Online after STARTTLS: it offers
-/// `AUTH LOGIN XOAUTH2` and answers every AUTH with `auth_reply`.
-async fn exchange_like(auth_reply: &'static str) -> u16 {
-    smtp_fake(EXCHANGE_EHLO, auth_reply).await
-}
-
-/// A plain-text SMTP server answering EHLO with `ehlo` and every AUTH with `auth_reply`.
+/// A plain-text SMTP server answering EHLO with `ehlo` (`EXCHANGE_EHLO`: as Exchange Online
+/// after STARTTLS) and every AUTH with `auth_reply`.
 async fn smtp_fake(ehlo: &'static str, auth_reply: &'static str) -> u16 {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -540,29 +535,40 @@ async fn smtp_fake(ehlo: &'static str, auth_reply: &'static str) -> u16 {
 }
 
 async fn diagnose_against_exchange_like(auth_reply: &'static str) -> (Run, String) {
+    // smtpEncryption NONE is allowed with a login on loopback only; TLS is not the point here.
+    diagnose_against_fake(EXCHANGE_EHLO, auth_reply, "NONE").await
+}
+
+/// `diagnose` against `smtp_fake(ehlo, auth_reply)` with `encryption`, and the token it got.
+async fn diagnose_against_fake(
+    ehlo: &'static str,
+    auth_reply: &'static str,
+    encryption: &str,
+) -> (Run, String) {
     let entra = FakeEntra::start().await;
     let token = "opaque-access-token-not-a-jwt-6f1d";
     entra.mount_token(token, 3599).await;
-    let port = exchange_like(auth_reply).await;
+    let port = smtp_fake(ehlo, auth_reply).await;
     let dir = tempfile::tempdir().unwrap();
-    // smtpEncryption NONE is allowed with a login on loopback only; TLS is not the point here.
-    let settings = yaml_for("127.0.0.1", port, "NONE", "relay@contoso.com", None, &entra);
+    let settings = yaml_for(
+        "127.0.0.1",
+        port,
+        encryption,
+        "relay@contoso.com",
+        None,
+        &entra,
+    );
     (diagnose(dir.path(), &settings, &[]).await, token.to_owned())
 }
 
 #[tokio::test]
 async fn a_server_without_xoauth2_fails_at_ehlo_naming_what_ms_oauth_needs() {
-    let entra = FakeEntra::start().await;
-    entra.mount_token("opaque-token-7e2a", 3599).await;
-    let port = smtp_fake(
+    let (run, _) = diagnose_against_fake(
         "250-mail.example.test Hello\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n",
         "535 5.7.8 not reached",
+        "NONE",
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let settings = yaml_for("127.0.0.1", port, "NONE", "relay@contoso.com", None, &entra);
-
-    let run = diagnose(dir.path(), &settings, &[]).await;
 
     assert_eq!(run.code, 1, "{}", run.stdout);
     let ehlo = run.assert_step("FAIL", "ehlo");
@@ -573,19 +579,13 @@ async fn a_server_without_xoauth2_fails_at_ehlo_naming_what_ms_oauth_needs() {
 
 #[tokio::test]
 async fn a_port_without_starttls_fails_at_tls_with_the_implicit_tls_fix() {
-    let entra = FakeEntra::start().await;
-    entra.mount_token("opaque-token-7e2b", 3599).await;
-    // An EHLO without STARTTLS, as an implicit-TLS port speaking plain text would never send,
-    // but a plain relay port does.
-    let port = smtp_fake(
+    // An EHLO without STARTTLS, as a plain relay port sends it.
+    let (run, _) = diagnose_against_fake(
         "250-mail.example.test Hello\r\n250-AUTH LOGIN XOAUTH2\r\n250 8BITMIME\r\n",
         "235 2.7.0 not reached",
+        "TLS",
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let settings = yaml_for("127.0.0.1", port, "TLS", "relay@contoso.com", None, &entra);
-
-    let run = diagnose(dir.path(), &settings, &[]).await;
 
     assert_eq!(run.code, 1, "{}", run.stdout);
     let tls = run.assert_step("FAIL", "tls");
