@@ -167,19 +167,14 @@ impl Connector {
             command_timeout: self.command_timeout,
             _open: OpenGuard::new(&self.open),
         };
-        // lettre keeps only the EHLO keywords it knows, and PIPELINING is not one: ask once
-        // more per connection (before AUTH, which EHLO must not follow).
-        match connection
+        // lettre keeps only the EHLO keywords it knows, and PIPELINING is not one: one more
+        // EHLO per connection, before AUTH, tells.
+        let ehlo = connection
             .command(Ehlo::new(self.hello.clone()), Stage::Greeting)
-            .await
-        {
-            Ok(ehlo) => {
-                connection.pipelining = ehlo
-                    .message()
-                    .any(|line| line.trim().eq_ignore_ascii_case("PIPELINING"));
-            }
-            Err(error) => return Err(error),
-        }
+            .await?;
+        connection.pipelining = ehlo
+            .message()
+            .any(|line| line.trim().eq_ignore_ascii_case("PIPELINING"));
         let login = match &self.login {
             Login::None => Ok(()),
             Login::Basic { username, password } => connection.basic(username, password).await,
