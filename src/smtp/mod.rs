@@ -31,8 +31,10 @@
 //!   JSON challenge answered with an empty line and then `535` (Gmail, Dovecot) both end
 //!   as [`SmtpErrorKind::AuthFailed`]. The AUTH line never reaches `Debug` or logs
 //!   (lettre's `tracing` feature is off for that reason: it logs every line it writes).
-//! - **Transaction**: MAIL FROM, RCPT TO, DATA, message; success only on the positive reply
-//!   to the end of DATA. A refusal of the transaction (e.g. send-as denied, which comes
+//! - **Transaction**: MAIL FROM and RCPT TO (in one write when the server offers
+//!   PIPELINING: lettre does not pipeline, so the relay writes the batch and reads each reply),
+//!   DATA, then the message and its end in one write; success only on a 2xx reply to the end
+//!   of DATA. A refusal of the transaction (e.g. send-as denied, which comes
 //!   after DATA) leaves the session usable: `RSET` and back to the pool.
 //! - **Retries** within `mailRelay.smtp.sendDeadlineSeconds`: token refused → the token is
 //!   invalidated in the cache and the send tried once more with a new one; refused again
