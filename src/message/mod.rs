@@ -1,7 +1,7 @@
 //! A validated outgoing message and its MIME form.
 //!
 //! The flow is `MailRequest` (the JSON body, [`request`]) -> [`Mail`] (every field parsed,
-//! [`validate`]) -> [`OutgoingMail`] (envelope plus RFC 5322 bytes, [`build`]). The send-as
+//! `validate`) -> [`OutgoingMail`] (envelope plus RFC 5322 bytes, `build`). The send-as
 //! decision sits between the last two, so a refused sender costs no MIME work.
 
 mod address;

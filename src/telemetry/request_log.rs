@@ -1,7 +1,7 @@
 //! One log line per request, and the HTTP metrics, from one middleware.
 //!
 //! Parts deeper in the request (the handler, the sender) add what they learn — the caller, the
-//! From address, the SMTP reply code, an error's causes — to the request's [`Notes`] through a
+//! From address, the SMTP reply code, an error's causes — to the request's `Notes` through a
 //! task-local, so the line is written once, at the end, with everything in it. Errors are logged
 //! there and nowhere else: `ApiError` only attaches its code and detail to the response.
 
