@@ -101,6 +101,18 @@ mailRelay:
     )
 }
 
+/// `diagnose` with the peer's settings (`yaml`) on `port`.
+async fn diagnose_peer(
+    peer: &Peer,
+    entra: &FakeEntra,
+    port: u16,
+    encryption: &str,
+    args: &[&str],
+) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    diagnose(dir.path(), &yaml(peer, entra, port, encryption), args).await
+}
+
 async fn diagnose(dir: &Path, yaml: &str, args: &[&str]) -> Run {
     let path = dir.join("osweb-prod.yml");
     std::fs::write(&path, yaml).unwrap();
@@ -144,14 +156,8 @@ async fn every_step_passes_against_the_peer_and_fake_entra() {
     let entra = FakeEntra::start().await;
     let token = peer.mint_token(&peer.oauth_user, Duration::from_secs(3600));
     entra.mount_token(&token, 3599).await;
-    let dir = tempfile::tempdir().unwrap();
 
-    let run = diagnose(
-        dir.path(),
-        &yaml(&peer, &entra, peer.submission_port, "TLS"),
-        &[],
-    )
-    .await;
+    let run = diagnose_peer(&peer, &entra, peer.submission_port, "TLS", &[]).await;
 
     assert_eq!(run.code, 0, "{}", run.stdout);
     run.assert_step("PASS", "settings");
@@ -187,14 +193,8 @@ async fn implicit_tls_passes_on_the_smtps_port() {
     let entra = FakeEntra::start().await;
     let token = peer.mint_token(&peer.oauth_user, Duration::from_secs(3600));
     entra.mount_token(&token, 3599).await;
-    let dir = tempfile::tempdir().unwrap();
 
-    let run = diagnose(
-        dir.path(),
-        &yaml(&peer, &entra, peer.smtps_port, "SSL"),
-        &[],
-    )
-    .await;
+    let run = diagnose_peer(&peer, &entra, peer.smtps_port, "SSL", &[]).await;
 
     assert_eq!(run.code, 0, "{}", run.stdout);
     let tls = run.assert_step("PASS", "tls");
@@ -208,14 +208,8 @@ async fn a_wrong_client_secret_is_named_with_its_fix() {
     let peer = require_peer!();
     let entra = FakeEntra::start().await;
     entra.mount_error(7000215).await;
-    let dir = tempfile::tempdir().unwrap();
 
-    let run = diagnose(
-        dir.path(),
-        &yaml(&peer, &entra, peer.submission_port, "TLS"),
-        &[],
-    )
-    .await;
+    let run = diagnose_peer(&peer, &entra, peer.submission_port, "TLS", &[]).await;
 
     assert_eq!(run.code, 1, "{}", run.stdout);
     run.assert_step("PASS", "ehlo");
@@ -240,14 +234,8 @@ async fn an_unknown_tenant_is_named_with_its_fix() {
     let peer = require_peer!();
     let entra = FakeEntra::start().await;
     entra.mount_error(90002).await;
-    let dir = tempfile::tempdir().unwrap();
 
-    let run = diagnose(
-        dir.path(),
-        &yaml(&peer, &entra, peer.submission_port, "TLS"),
-        &[],
-    )
-    .await;
+    let run = diagnose_peer(&peer, &entra, peer.submission_port, "TLS", &[]).await;
 
     assert_eq!(run.code, 1, "{}", run.stdout);
     let token = run.assert_step("FAIL", "token");
@@ -265,14 +253,8 @@ async fn a_token_the_server_refuses_gets_the_exchange_setup_checklist() {
     let entra = FakeEntra::start().await;
     let token = peer.mint_token_wrong_key(&peer.oauth_user, Duration::from_secs(3600));
     entra.mount_token(&token, 3599).await;
-    let dir = tempfile::tempdir().unwrap();
 
-    let run = diagnose(
-        dir.path(),
-        &yaml(&peer, &entra, peer.submission_port, "TLS"),
-        &[],
-    )
-    .await;
+    let run = diagnose_peer(&peer, &entra, peer.submission_port, "TLS", &[]).await;
 
     assert_eq!(run.code, 1, "{}", run.stdout);
     run.assert_step("PASS", "token");
@@ -309,10 +291,9 @@ async fn a_closed_port_fails_at_connect_and_the_token_is_still_checked() {
     let entra = FakeEntra::start().await;
     let token = peer.mint_token(&peer.oauth_user, Duration::from_secs(3600));
     entra.mount_token(&token, 3599).await;
-    let dir = tempfile::tempdir().unwrap();
     let port = closed_port();
 
-    let run = diagnose(dir.path(), &yaml(&peer, &entra, port, "TLS"), &[]).await;
+    let run = diagnose_peer(&peer, &entra, port, "TLS", &[]).await;
 
     assert_eq!(run.code, 1, "{}", run.stdout);
     let connect = run.assert_step("FAIL", "connect");
@@ -334,12 +315,13 @@ async fn a_closed_port_fails_at_connect_and_the_token_is_still_checked() {
 async fn send_test_delivers_a_real_mail() {
     let peer = require_peer!();
     let entra = FakeEntra::serving_peer_tokens(&peer).await;
-    let dir = tempfile::tempdir().unwrap();
     let to = format!("diag-{}@contoso.test", uuid::Uuid::new_v4().simple());
 
-    let run = diagnose(
-        dir.path(),
-        &yaml(&peer, &entra, peer.submission_port, "TLS"),
+    let run = diagnose_peer(
+        &peer,
+        &entra,
+        peer.submission_port,
+        "TLS",
         &["--send-test", "--from", "billing@contoso.test", "--to", &to],
     )
     .await;
@@ -363,11 +345,12 @@ async fn send_test_delivers_a_real_mail() {
 async fn send_test_as_a_denied_sender_explains_send_as() {
     let peer = require_peer!();
     let entra = FakeEntra::serving_peer_tokens(&peer).await;
-    let dir = tempfile::tempdir().unwrap();
 
-    let run = diagnose(
-        dir.path(),
-        &yaml(&peer, &entra, peer.submission_port, "TLS"),
+    let run = diagnose_peer(
+        &peer,
+        &entra,
+        peer.submission_port,
+        "TLS",
         &[
             "--send-test",
             "--from",
@@ -456,25 +439,26 @@ async fn an_untrusted_certificate_is_shown_with_the_ca_file_fix() {
 #[tokio::test]
 async fn a_server_name_missing_from_the_certificate_is_named() {
     let peer = require_peer!();
-    // This machine's own name, when it points at loopback, reaches the peer under a name
-    // its certificate (localhost, 127.0.0.1) does not carry.
-    let host = std::fs::read_to_string("/etc/hostname")
-        .unwrap_or_default()
-        .trim()
-        .to_owned();
-    let loopback = !host.is_empty()
-        && host != "localhost"
-        && tokio::net::lookup_host((host.as_str(), 25))
-            .await
-            .is_ok_and(|mut a| a.all(|a| a.ip() == std::net::Ipv4Addr::LOCALHOST));
-    if !loopback {
-        eprintln!("SKIPPED: the host name {host:?} does not resolve to 127.0.0.1 only");
-        return;
-    }
+    // 127.0.0.2 is this machine too, but not a name in the peer's certificate (localhost,
+    // 127.0.0.1): a forwarder there reaches the peer under a name it does not carry.
+    let host = "127.0.0.2";
+    let forwarder = tokio::net::TcpListener::bind((host, 0)).await.unwrap();
+    let port = forwarder.local_addr().unwrap().port();
+    let target = peer.submission_port;
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = forwarder.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
     let entra = FakeEntra::start().await;
     entra.mount_token("unused", 3599).await;
     let dir = tempfile::tempdir().unwrap();
-    let by_host_name = yaml(&peer, &entra, peer.submission_port, "TLS")
+    let by_host_name = yaml(&peer, &entra, port, "TLS")
         .replace("smtpServer: localhost", &format!("smtpServer: {host}"));
 
     let run = diagnose(dir.path(), &by_host_name, &[]).await;
