@@ -30,7 +30,7 @@ use crate::config::{CorsSettings, Delivery, Limits, Settings, SmtpAuthentication
 use crate::delivery::{MailSender, Outbox};
 use crate::drain::{self, InFlight};
 use crate::forwarded::{self, ClientAddr, TrustedProxies};
-use crate::idempotency::Idempotency;
+use crate::idempotency::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, Idempotency};
 use crate::rate_limit::RateLimits;
 use crate::send_as::SendAsPolicy;
 use crate::smtp::SmtpSender;
@@ -39,9 +39,8 @@ use crate::telemetry::metrics::Metrics;
 use crate::telemetry::request_log;
 use crate::token::{TokenCache, TokenProvider};
 
-const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
-const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+/// The request id header: set when missing, echoed in the answer, logged.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Shared state: cheap to clone, one `Arc` per part.
 #[derive(Clone)]
@@ -60,6 +59,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The recent sends, for readiness.
     pub sends: Arc<SendHistory>,
+    /// `GET /openapi.json`, built once for this base path.
+    pub openapi: bytes::Bytes,
     draining: Arc<AtomicBool>,
     in_flight: InFlight,
 }
@@ -79,7 +80,11 @@ impl AppState {
         let sends = Arc::new(SendHistory::default());
         let sender: Arc<dyn MailSender> =
             Arc::new(ObservedSender::new(sender, metrics.clone(), sends.clone()));
+        let openapi =
+            serde_json::to_vec(&api::openapi::document_for(&settings.relay.http.base_path))
+                .map_err(std::io::Error::other)?;
         Ok(Self {
+            openapi: openapi.into(),
             admin: AdminNotifier::new(&settings, Arc::clone(&sender)),
             settings,
             sender,
@@ -147,12 +152,12 @@ impl Application {
         sender: Arc<dyn MailSender>,
         tokens: Option<Arc<dyn TokenProvider>>,
     ) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(settings.server.socket_addr()).await?;
+        let listener = bind(settings.server.socket_addr(), "server.address/server.port").await?;
         let mut state = AppState::new(settings, sender)?;
         state.tokens = tokens;
         let metrics = match state.settings.relay.metrics.listen {
             Some(address) => Some((
-                TcpListener::bind(address).await?,
+                bind(address, "mailRelay.metrics.address/port").await?,
                 metrics_router(state.clone()),
             )),
             None => None,
@@ -212,9 +217,15 @@ impl Application {
             }
         };
         // Scrapes go on through the drain; the listener closes when the app is done.
-        let metrics = self
-            .metrics
-            .map(|(listener, router)| tokio::spawn(axum::serve(listener, router).into_future()));
+        // Through the same accept loop as the API, so a slow client cannot hold a connection.
+        let metrics = self.metrics.map(|(listener, router)| {
+            tokio::spawn(crate::serve::serve(
+                listener,
+                router,
+                crate::serve::HEADER_READ_TIMEOUT,
+                std::future::pending(),
+            ))
+        });
         let stop_metrics = move || {
             if let Some(metrics) = &metrics {
                 metrics.abort();
@@ -395,6 +406,16 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware)
         .layer(cors(&state.settings.relay.cors))
         .with_state(state)
+}
+
+/// Binds `address`, or says which settings to change.
+async fn bind(address: std::net::SocketAddr, keys: &str) -> std::io::Result<TcpListener> {
+    TcpListener::bind(address).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen on {address} ({keys}): {e}; free the port or change {keys}"),
+        )
+    })
 }
 
 /// `/metrics` alone, for its own listener (`mailRelay.metrics.port`).

@@ -1,4 +1,4 @@
-//! A JSON body extractor whose every refusal is problem+json, like every other error.
+//! Reading a JSON body: every refusal is problem+json, like every other error.
 
 use axum::extract::{FromRef, FromRequest, Request};
 use axum::http::{StatusCode, header};
@@ -8,25 +8,6 @@ use serde::de::DeserializeOwned;
 use super::ApiError;
 use super::errors::FieldError;
 use crate::app::AppState;
-
-/// `Json<T>` with the relay's error format: wrong content type -> 415, malformed JSON or a
-/// wrong, missing or unknown field -> 400 `invalid_request` naming the field.
-#[derive(Debug, Clone)]
-pub struct ApiJson<T>(pub T);
-
-impl<S, T> FromRequest<S> for ApiJson<T>
-where
-    S: Send + Sync,
-    AppState: FromRef<S>,
-    T: DeserializeOwned,
-{
-    type Rejection = ApiError;
-
-    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = body(request, state).await?;
-        parse(&bytes).map(ApiJson)
-    }
-}
 
 /// The raw bytes of a JSON body: 415 for another content type, 413 past the body limit.
 pub async fn body<S>(request: Request, state: &S) -> Result<Bytes, ApiError>

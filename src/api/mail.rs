@@ -208,7 +208,7 @@ impl FromRequest<AppState> for Submission {
                         "the multipart/form-data body could not be read: {}",
                         e.body_text()
                     ),
-                    errors: Vec::new(),
+                    errors: vec![crate::message::FieldError::new("body", e.body_text())],
                 }
             })?;
             let (request, files, fingerprint) =

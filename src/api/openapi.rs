@@ -1,7 +1,8 @@
 //! The OpenAPI document, generated from the code; `openapi/openapi.json` is its committed copy.
 
-use axum::Json;
 use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
 use utoipa::openapi::RefOr;
 use utoipa::openapi::example::ExampleBuilder;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -286,8 +287,11 @@ pub fn document_json() -> String {
 /// This OpenAPI document.
 #[utoipa::path(get, path = "/openapi.json", tag = "meta",
     responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")))]
-pub async fn openapi_json(State(state): State<AppState>) -> Json<utoipa::openapi::OpenApi> {
-    Json(document_for(&state.settings.relay.http.base_path))
+pub async fn openapi_json(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        state.openapi.clone(),
+    )
 }
 
 /// The document as served under `base_path`: the paths stay relative, a `servers` entry adds the prefix.

@@ -71,13 +71,11 @@ impl Ctx<'_> {
             return;
         }
         let mut message = message.into();
-        // A secret or `{cipher}` value never appears in a message, whichever check wrote it.
+        // Checks quote values as `{value:?}`: for a secret or `{cipher}` value, whichever check
+        // wrote the message, that quote becomes `****` (`shown` does the same up front).
         if let Some(value) = self.values.get(key).filter(|_| self.masked(key)) {
             for form in [value.text.as_str(), value.text.trim()] {
-                if !form.is_empty() {
-                    message = message.replace(&format!("{form:?}"), "****");
-                    message = message.replace(form, "****");
-                }
+                message = message.replace(&format!("{form:?}"), "****");
             }
         }
         self.errors.push(SettingError {
@@ -168,7 +166,8 @@ impl Ctx<'_> {
         {
             Some((_, v)) => *v,
             None => {
-                self.error(key, format!("{text} is not one of {allowed}"));
+                let shown = self.shown(key, &text);
+                self.error(key, format!("{shown} is not one of {allowed}"));
                 default
             }
         }

@@ -12,7 +12,6 @@ mod validate;
 
 use std::fmt;
 
-use lettre::Address;
 use lettre::address::Envelope;
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -34,10 +33,6 @@ pub struct OutgoingMail {
 }
 
 impl OutgoingMail {
-    pub fn from_address(&self) -> Option<&Address> {
-        self.envelope.from()
-    }
-
     /// Validate a request and build its MIME form in one step (no send-as check in between).
     pub fn from_request(request: MailRequest, limits: &MessageLimits) -> Result<Self, MailError> {
         request.validate(limits)?.build(limits)

@@ -89,7 +89,7 @@ fn check_config_invalid_encryption_exits_2_naming_key_and_allowed_values() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("featureSwitches.sendEmail.smtpEncryption: FOO is not one of NONE, SSL, TLS (or 0, 1, 2)"),
+        stderr.contains("featureSwitches.sendEmail.smtpEncryption: \"FOO\" is not one of NONE, SSL, TLS (or 0, 1, 2)"),
         "{stderr}"
     );
     assert!(out.stdout.is_empty());

@@ -613,7 +613,7 @@ fn unknown_encryption_lists_the_allowed_values() {
         &[],
         "featureSwitches.sendEmail.smtpEncryption",
     );
-    assert_eq!(message, "FOO is not one of NONE, SSL, TLS (or 0, 1, 2)");
+    assert_eq!(message, "\"FOO\" is not one of NONE, SSL, TLS (or 0, 1, 2)");
 }
 
 #[test]
@@ -623,7 +623,7 @@ fn unknown_authentication_lists_the_allowed_values() {
         &[],
         "featureSwitches.sendEmail.smtpAuthentication",
     );
-    assert_eq!(message, "OAUTH is not one of NONE, BASIC, MS_OAUTH");
+    assert_eq!(message, "\"OAUTH\" is not one of NONE, BASIC, MS_OAUTH");
 }
 
 #[test]
