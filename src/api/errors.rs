@@ -494,6 +494,7 @@ mod tests {
         let token = DeliveryError::Token(TokenError::Timeout {
             endpoint: "https://login.example.test/token".into(),
             timeout: std::time::Duration::from_secs(15),
+            setting: "mailRelay.token.requestTimeoutSeconds",
         });
         assert_eq!(answer(token), (503, "token_unavailable", Some(5)));
         let smtp = DeliveryError::Smtp(SmtpError::rejected(

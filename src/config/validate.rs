@@ -823,3 +823,30 @@ fn credential(ctx: &mut Ctx<'_>, smtp: bool) -> Option<ClientCredential> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts() {
+        for host in [
+            "localhost",
+            "LOCALHOST.",
+            "127.0.0.1",
+            "127.0.0.2",
+            "[::1]",
+            "::1",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "smtp.office365.com",
+            "10.0.0.1",
+            "localhost.example",
+            "[::2]",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
+    }
+}

@@ -435,14 +435,7 @@ impl Connection {
                 reply_text(&response),
             )),
             Ok(Err(e)) => Err(from_lettre(e, Stage::Auth, &self.server)),
-            Err(_) => Err(SmtpError::Connection {
-                kind: SmtpErrorKind::Transient,
-                stage: Stage::Auth,
-                server: self.server.clone(),
-                detail: format!(
-                    "no answer within mailRelay.smtp.commandTimeoutSeconds ({limit:?})"
-                ),
-            }),
+            Err(_) => Err(self.no_answer(Stage::Auth)),
         }
     }
 

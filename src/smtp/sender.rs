@@ -399,7 +399,7 @@ impl Connector {
         };
         if email.smtp_encryption == Encryption::None
             && !matches!(login, Login::None)
-            && !is_loopback(&email.smtp_server)
+            && !crate::config::is_loopback_host(&email.smtp_server)
         {
             return Err(SmtpError::Setup {
                 key: "featureSwitches.sendEmail.smtpEncryption",
@@ -481,15 +481,6 @@ fn backoff(failures: u32, thread_limit: bool) -> Duration {
     half + half.mul_f64(rand::rng().random::<f64>())
 }
 
-fn is_loopback(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,15 +496,6 @@ mod tests {
         assert!(backoff(6, false) >= Duration::from_secs(1));
         assert!(backoff(1, true) >= Duration::from_millis(250));
         assert!(backoff(20, true) <= Duration::from_secs(5));
-    }
-
-    #[test]
-    fn loopback_hosts() {
-        assert!(is_loopback("localhost"));
-        assert!(is_loopback("127.0.0.1"));
-        assert!(is_loopback("[::1]"));
-        assert!(!is_loopback("smtp.office365.com"));
-        assert!(!is_loopback("10.0.0.1"));
     }
 
     #[test]

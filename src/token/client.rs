@@ -1,14 +1,13 @@
 //! One client-credentials request to the token endpoint, and what its answer means.
 
 use std::fmt;
-use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
-use url::{Host, Url};
+use url::Url;
 
 use super::assertion::{ASSERTION_TYPE, CertificateCredential};
 use super::error::{EntraError, TokenError};
@@ -136,12 +135,22 @@ impl TokenClient {
     fn transport_error(&self, e: &reqwest::Error) -> TokenError {
         let endpoint = self.endpoint.to_string();
         if e.is_timeout() {
-            let timeout = if e.is_connect() {
-                self.connect_timeout
+            let (timeout, setting) = if e.is_connect() {
+                (
+                    self.connect_timeout,
+                    "mailRelay.token.connectTimeoutSeconds",
+                )
             } else {
-                self.request_timeout
+                (
+                    self.request_timeout,
+                    "mailRelay.token.requestTimeoutSeconds",
+                )
             };
-            TokenError::Timeout { endpoint, timeout }
+            TokenError::Timeout {
+                endpoint,
+                timeout,
+                setting,
+            }
         } else {
             TokenError::Network {
                 endpoint,
@@ -153,12 +162,8 @@ impl TokenClient {
 
 /// Plain http only to loopback (tests, a local proxy): the request carries the client secret.
 fn check_endpoint(url: &Url) -> Result<(), TokenError> {
-    let loopback = match url.host() {
-        Some(Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-        Some(Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
-        Some(Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
-        None => false,
-    };
+    // The same rule as the settings check, so an endpoint that passed it works here too.
+    let loopback = url.host_str().is_some_and(crate::config::is_loopback_host);
     match url.scheme() {
         "https" => Ok(()),
         "http" if loopback => Ok(()),

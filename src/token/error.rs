@@ -17,11 +17,16 @@ pub enum TokenError {
         "the token endpoint {endpoint} could not be reached: {detail}; check oAuthTokenEndpoint and that this host can reach it (proxy, firewall, DNS)"
     )]
     Network { endpoint: String, detail: String },
-    /// No complete answer within `mailRelay.token.requestTimeout` (or the connect timeout).
+    /// No connection or no complete answer within `setting`
+    /// (`mailRelay.token.connectTimeoutSeconds` or `requestTimeoutSeconds`).
     #[error(
-        "the token endpoint {endpoint} did not answer within {timeout:?}; it may be overloaded or unreachable"
+        "the token endpoint {endpoint} did not answer within {timeout:?} ({setting}); it may be overloaded or unreachable: check that this host reaches it, or raise {setting}"
     )]
-    Timeout { endpoint: String, timeout: Duration },
+    Timeout {
+        endpoint: String,
+        timeout: Duration,
+        setting: &'static str,
+    },
     /// HTTP 429: Entra ID throttles this client.
     #[error("the token endpoint is throttling this client (HTTP 429){}", RetryHint(*.retry_after))]
     Throttled { retry_after: Option<Duration> },

@@ -414,6 +414,7 @@ async fn a_token_failure_is_503_token_unavailable() {
         DeliveryError::Token(TokenError::Timeout {
             endpoint: "https://login.example.test/token".into(),
             timeout: std::time::Duration::from_secs(15),
+            setting: "mailRelay.token.requestTimeoutSeconds",
         })
     })))
     .await;

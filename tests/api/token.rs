@@ -348,6 +348,12 @@ async fn a_slow_endpoint_is_a_timeout() {
         matches!(error, TokenError::Timeout { timeout, .. } if timeout == Duration::from_millis(300)),
         "{error:?}"
     );
+    assert!(
+        error
+            .to_string()
+            .contains("raise mailRelay.token.requestTimeoutSeconds"),
+        "{error}"
+    );
     assert!(error.is_transient());
 }
 
