@@ -215,15 +215,18 @@ async fn assert_delivered(peer: &Peer, marker: &str, from: &str, to: &str) {
 
 /// Counts the peer's connections from `ip` until it reaches `expected` or 3 s pass
 /// (Postfix writes its log asynchronously), and returns the count.
+/// Connections from `ip` since `before`, once `expected` have been logged (or after 3 s), and
+/// then again after a pause: Postfix logs asynchronously, and a connection logged late must
+/// still fail an "exactly `expected`" assertion.
 async fn connections_from(peer: &Peer, ip: Ipv4Addr, before: usize, expected: usize) -> usize {
     let start = Instant::now();
-    loop {
-        let now = peer.count_connections_from(ip) - before;
-        if now >= expected || start.elapsed() > Duration::from_secs(3) {
-            return now;
-        }
+    while peer.count_connections_from(ip) - before < expected
+        && start.elapsed() < Duration::from_secs(3)
+    {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    peer.count_connections_from(ip) - before
 }
 
 const FROM: &str = "sender@contoso.test";
@@ -286,7 +289,9 @@ async fn basic_auth_delivers() {
 #[tokio::test]
 async fn wrong_basic_password_is_auth_failed_and_not_retried() {
     let peer = crate::require_peer!();
-    let settings = peer_settings(
+    let source = Ipv4Addr::new(127, 0, 42, 6);
+    let before = peer.count_connections_from(source);
+    let mut settings = peer_settings(
         &peer,
         Encryption::Tls,
         peer.submission_port,
@@ -295,13 +300,22 @@ async fn wrong_basic_password_is_auth_failed_and_not_retried() {
             password: SecretString::from("wrong password".to_string()),
         },
     );
+    settings.relay.smtp.source_address = Some(IpAddr::V4(source));
     let sender = SmtpSender::new(&settings, None).unwrap();
 
     let error = refused(&sender, "basic-bad").await;
+    // A second mail at once: the refusal stands, no login is tried again (no account lock-out).
+    let again = refused(&sender, "basic-bad-again").await;
 
     assert_eq!(error.kind(), SmtpErrorKind::AuthFailed, "{error}");
     assert_eq!(error.code(), Some(535));
     assert!(!error.to_string().contains("wrong password"), "{error}");
+    assert_eq!(again.kind(), SmtpErrorKind::AuthFailed, "{again}");
+    assert_eq!(
+        connections_from(&peer, source, before, 1).await,
+        1,
+        "one login for both mails"
+    );
 }
 
 #[tokio::test]
