@@ -82,8 +82,8 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Healthcheck { ref url, timeout } => {
             let url = match url {
                 Some(url) => url.clone(),
-                None => match config::load(&LoadOptions::from_process(cli.config.clone())) {
-                    Ok(loaded) => live_probe_url(&loaded.settings),
+                None => match config::listener(&LoadOptions::from_process(cli.config.clone())) {
+                    Ok((server, http)) => live_probe_url(&server, &http),
                     Err(e) => {
                         eprintln!("healthcheck: {e}");
                         return ExitCode::from(EXIT_INVALID);
@@ -255,8 +255,8 @@ fn encrypt_secret() -> ExitCode {
 }
 
 /// Where this instance's live probe answers, as seen from inside its own container.
-fn live_probe_url(settings: &config::Settings) -> String {
-    let mut address = settings.server.socket_addr();
+fn live_probe_url(server: &config::ServerSettings, http: &config::HttpSettings) -> String {
+    let mut address = server.socket_addr();
     if address.ip().is_unspecified() {
         address.set_ip(if address.is_ipv4() {
             std::net::Ipv4Addr::LOCALHOST.into()
@@ -264,10 +264,7 @@ fn live_probe_url(settings: &config::Settings) -> String {
             std::net::Ipv6Addr::LOCALHOST.into()
         });
     }
-    format!(
-        "http://{address}{}/health/live",
-        settings.relay.http.base_path
-    )
+    format!("http://{address}{}/health/live", http.base_path)
 }
 
 async fn healthcheck(url: &str, timeout: Duration) -> ExitCode {

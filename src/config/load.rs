@@ -3,7 +3,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use super::{Settings, mask, raw, resolve, validate};
+use super::{HttpSettings, ServerSettings, Settings, mask, raw, resolve, validate};
 
 /// What to load and which environment to resolve against.
 #[derive(Clone)]
@@ -83,18 +83,53 @@ impl std::fmt::Display for ConfigError {
 
 /// Load and validate the settings in the file `options.path`.
 pub fn load(options: &LoadOptions) -> Result<Loaded, ConfigError> {
-    let path = options.path.display().to_string();
-    let text = std::fs::read_to_string(&options.path).map_err(|e| ConfigError {
-        path: path.clone(),
-        errors: vec![SettingError {
-            key: "(file)".into(),
-            message: format!(
-                "cannot read the settings file {path}: {e}; pass --config PATH or set MAIL_RELAY_CONFIG"
-            ),
-        }],
-        warnings: Vec::new(),
-    })?;
+    let (text, path) = read(options)?;
     load_str(&text, &path, &options.env)
+}
+
+/// Only where the service listens: `server.address`, `server.port` and
+/// `mailRelay.http.basePath`, for the health check, which must not fail over a secret, a
+/// certificate or any other setting it does not use.
+pub fn listener(options: &LoadOptions) -> Result<(ServerSettings, HttpSettings), ConfigError> {
+    let (text, path) = read(options)?;
+    let fail = |errors| ConfigError {
+        path: path.clone(),
+        errors,
+        warnings: Vec::new(),
+    };
+    let raw = raw::parse(text.as_str()).map_err(|message| {
+        fail(vec![SettingError {
+            key: "(file)".into(),
+            message: format!("not valid YAML: {message}"),
+        }])
+    })?;
+    let (mut errors, mut warnings) = (Vec::new(), Vec::new());
+    let resolved = resolve::resolve(raw, &options.env, &mut errors, &mut warnings);
+    let (listener, more) = validate::listener(&resolved);
+    errors.extend(more);
+    errors.retain(|e| e.key.starts_with("server.") || e.key.starts_with("mailRelay.http."));
+    if errors.is_empty() {
+        Ok(listener)
+    } else {
+        Err(fail(errors))
+    }
+}
+
+fn read(options: &LoadOptions) -> Result<(String, String), ConfigError> {
+    let path = options.path.display().to_string();
+    match std::fs::read_to_string(&options.path) {
+        Ok(text) => Ok((text, path)),
+        Err(e) => Err(ConfigError {
+            errors: vec![SettingError {
+                key: "(file)".into(),
+                message: format!(
+                    "cannot read the settings file {path}: {e}; pass --config PATH or set MAIL_RELAY_CONFIG"
+                ),
+            }],
+            path,
+            warnings: Vec::new(),
+        }),
+    }
 }
 
 /// Load and validate settings given as YAML text; `source` names it in errors.

@@ -25,7 +25,7 @@ use secrecy::SecretString;
 use url::Url;
 
 pub use keys::env_name;
-pub use load::{ConfigError, LoadOptions, Loaded, SettingError, load, load_str};
+pub use load::{ConfigError, LoadOptions, Loaded, SettingError, listener, load, load_str};
 pub use validate::is_loopback_host;
 
 /// The embedded dev settings (`config/dev.yml`): outbox delivery, no Microsoft 365 needed.

@@ -235,6 +235,19 @@ pub fn validate(values: &Resolved) -> (Result<Settings, Vec<SettingError>>, Vec<
     }
 }
 
+/// `server.*` and `mailRelay.http.*` alone, with their errors (see [`super::load::listener`]).
+pub(super) fn listener(
+    values: &Resolved,
+) -> ((ServerSettings, super::HttpSettings), Vec<SettingError>) {
+    let mut ctx = Ctx {
+        values,
+        errors: Vec::new(),
+        warnings: Vec::new(),
+    };
+    let listener = (server(&mut ctx), proxy::http(&mut ctx));
+    (listener, ctx.errors)
+}
+
 fn server(ctx: &mut Ctx<'_>) -> ServerSettings {
     let key = "server.address";
     let address = match ctx.text(key).map(str::to_owned) {

@@ -214,6 +214,15 @@ async fn healthcheck_finds_the_probe_from_the_settings_and_exits_by_its_answer()
         text(&wrong.stderr)
     );
 
+    // Settings that are broken elsewhere (an unset secret, no tenant) do not fail the probe:
+    // the health check reads only where the service listens.
+    let elsewhere_broken = format!(
+        "{}featureSwitches:\n  sendEmail:\n    smtpAuthentication: MS_OAUTH\n    oAuthClientSecret: ${{UNSET_SECRET}}\n",
+        listening_yaml(port, "/relay")
+    );
+    let up_anyway = healthcheck(elsewhere_broken).await.unwrap();
+    assert_eq!(up_anyway.status.code(), Some(0), "{}", text(&up_anyway.stderr));
+
     // Nothing listening.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let closed_port = closed.local_addr().unwrap().port();
