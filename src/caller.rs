@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::{AddressPattern, AuthSettings, OidcSettings, TrustedProxySettings};
+use crate::message::EmailAddress;
 
 /// Prefix of keys made by `mail-relay hash-key`, so they are recognisable in secret scanners.
 const API_KEY_PREFIX: &str = "mr_";
@@ -237,9 +238,11 @@ impl Authenticator {
             .to_str()
             .map_err(|_| AuthError::ProxyUserInvalid)?
             .trim();
-        if !is_plausible_address(address) || address.contains([',', ';', '<', '>', '"']) {
+        if address.contains([',', ';', '<', '>', '"']) {
             return Err(AuthError::ProxyUserInvalid);
         }
+        // Parsed as From addresses are, so an IDN domain compares in the same (punycode) form.
+        let address = EmailAddress::parse(address).map_err(|_| AuthError::ProxyUserInvalid)?;
         // Form posts are "simple" requests that browsers send cross-site without asking, with
         // the proxy's cookie: only listed origins may send as the logged-in user.
         if let Some(origin) = headers.get(header::ORIGIN)
@@ -250,7 +253,7 @@ impl Authenticator {
             ));
         }
         Ok(Some(Caller::User {
-            address: address.to_ascii_lowercase(),
+            address: address.as_str().to_ascii_lowercase(),
             via: UserSource::TrustedProxy,
         }))
     }
@@ -265,14 +268,6 @@ fn bearer(value: &[u8]) -> Option<&str> {
 
 fn looks_like_jwt(credential: &str) -> bool {
     credential.split('.').count() == 3 && credential.starts_with("eyJ")
-}
-
-fn is_plausible_address(text: &str) -> bool {
-    text.rsplit_once('@').is_some_and(|(local, domain)| {
-        !local.is_empty()
-            && domain.contains('.')
-            && !text.contains(|c: char| c.is_whitespace() || c.is_control())
-    })
 }
 
 /// A new random API key and the SHA-256 (hex) to put in the settings: `(key, hash)`.
@@ -361,7 +356,7 @@ impl OidcVerifier {
         let address = claims
             .get(&self.settings.user_claim)
             .and_then(serde_json::Value::as_str)
-            .filter(|a| is_plausible_address(a))
+            .and_then(|a| EmailAddress::parse(a).ok())
             .ok_or_else(|| {
                 AuthError::InvalidToken(format!(
                     "the claim `{}` is missing or not an e-mail address",
@@ -378,7 +373,7 @@ impl OidcVerifier {
             ));
         }
         Ok(Caller::User {
-            address: address.to_ascii_lowercase(),
+            address: address.as_str().to_ascii_lowercase(),
             via: UserSource::Oidc,
         })
     }

@@ -370,13 +370,15 @@ impl AddressPattern {
     pub fn parse(text: &str) -> Option<Self> {
         let text = text.trim().to_ascii_lowercase();
         let (local, domain) = text.rsplit_once('@')?;
-        if domain.is_empty() || domain.contains(['*', '@', ' ']) || local.is_empty() {
+        if domain.contains(['*', '@']) || local.is_empty() {
             return None;
         }
+        // The form From addresses take once parsed (punycode for an IDN), so both compare.
+        let domain = crate::message::normalize_domain(domain).ok()?;
         match local {
-            "*" => Some(Self::Domain(domain.to_string())),
+            "*" => Some(Self::Domain(domain)),
             _ if local.contains('*') => None,
-            _ => Some(Self::Exact(text)),
+            _ => Some(Self::Exact(format!("{local}@{domain}"))),
         }
     }
 

@@ -175,7 +175,10 @@ fn check_quoted(rest: &str) -> Result<(), AddressError> {
     Err(AddressError::InvalidLocal)
 }
 
-fn normalize_domain(domain: &str) -> Result<String, AddressError> {
+/// A domain as the relay compares and sends it: lower-case ASCII, an IDN in punycode. Settings
+/// (`allowedFrom`, delegates) and callers' addresses go through it as From addresses do, so
+/// `bücher.de` and `xn--bcher-kva.de` are the same domain everywhere.
+pub fn normalize_domain(domain: &str) -> Result<String, AddressError> {
     if domain.is_empty() {
         return Err(AddressError::EmptyDomain);
     }

@@ -16,7 +16,7 @@ use lettre::address::Envelope;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-pub use address::{AddressError, EmailAddress, Mailbox};
+pub use address::{AddressError, EmailAddress, Mailbox, normalize_domain};
 pub use headers::{CustomHeader, HeaderText, HeaderTextError, Priority, allowed_header_names};
 pub use request::MailRequest;
 pub use validate::{Attachment, Body, Mail, UploadedFile};

@@ -383,3 +383,24 @@ async fn a_proxy_user_header_sent_twice_is_refused() {
     expect_problem(response, 401, "unauthorized").await;
     assert!(outbox_files(&app).is_empty());
 }
+
+#[tokio::test]
+async fn an_idn_domain_in_allowed_from_matches_the_from_address_in_either_form() {
+    let app = spawn_app_with(|s| {
+        s.relay.auth.api_keys[0].allowed_from = vec![AddressPattern::parse("*@Bücher.de").unwrap()];
+    })
+    .await;
+    for from in ["info@bücher.de", "info@xn--bcher-kva.de"] {
+        let body = json!({"from": from, "to": "alice@example.com", "subject": "s", "text": "t"});
+        let response = post_mail(&app, &body).await;
+        assert_eq!(
+            response.status(),
+            202,
+            "{from}: {}",
+            response.text().await.unwrap()
+        );
+    }
+    let body =
+        json!({"from": "info@buecher.de", "to": "alice@example.com", "subject": "s", "text": "t"});
+    expect_problem(post_mail(&app, &body).await, 403, "send_as_denied").await;
+}

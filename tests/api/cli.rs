@@ -221,7 +221,12 @@ async fn healthcheck_finds_the_probe_from_the_settings_and_exits_by_its_answer()
         listening_yaml(port, "/relay")
     );
     let up_anyway = healthcheck(elsewhere_broken).await.unwrap();
-    assert_eq!(up_anyway.status.code(), Some(0), "{}", text(&up_anyway.stderr));
+    assert_eq!(
+        up_anyway.status.code(),
+        Some(0),
+        "{}",
+        text(&up_anyway.stderr)
+    );
 
     // Nothing listening.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
