@@ -61,7 +61,9 @@ pub enum ApiError {
     NotFound { method: String, path: String },
     #[error("{0}")]
     MethodNotAllowed(String),
-    #[error("the request body is larger than the limit of {limit} bytes")]
+    #[error(
+        "the request body is larger than the limit of {limit} bytes (mailRelay.limits.maxBodyBytes): send large files as multipart/form-data parts (no base64: a third smaller), or fewer of them"
+    )]
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
     UnsupportedMediaType(String),
@@ -71,12 +73,18 @@ pub enum ApiError {
     Timeout(std::time::Duration),
     #[error("internal error; see the logs under this request id")]
     Internal,
+    /// More recipients than one mail may have, or than a rate limit allows in a whole window:
+    /// no retry can help (`setting` names the limit).
     #[error(
-        "the mail has {count} recipients (to + cc + bcc); at most {limit} are allowed: split it into several mails"
+        "the mail has {count} recipients (to + cc + bcc); at most {limit} are allowed ({setting}): split it into several mails"
     )]
-    TooManyRecipients { count: usize, limit: usize },
+    TooManyRecipients {
+        count: usize,
+        limit: usize,
+        setting: &'static str,
+    },
     #[error(
-        "the encoded mail is {size} bytes, more than the limit of {limit} bytes (attachments grow by about a third when base64-encoded): send smaller or fewer attachments"
+        "the encoded mail is {size} bytes, more than the limit of {limit} bytes (mailRelay.limits.maxMessageBytes; attachments grow by about a third when base64-encoded): send smaller or fewer attachments"
     )]
     MessageTooLarge { size: usize, limit: usize },
     /// Exchange refused this From moments ago; asked again after a pause (not replayed).
@@ -253,7 +261,7 @@ impl ApiError {
         let errors = match self {
             Self::InvalidRequest { errors, .. } => errors.clone(),
             // A client showing errors beside its fields gets this one beside the recipients.
-            Self::TooManyRecipients { count, limit } => vec![FieldError {
+            Self::TooManyRecipients { count, limit, .. } => vec![FieldError {
                 field: "to".into(),
                 message: format!(
                     "{count} recipients in to, cc and bcc together; at most {limit} are allowed"
@@ -354,6 +362,12 @@ impl From<IdempotencyError> for ApiError {
 impl From<LimitError> for ApiError {
     fn from(e: LimitError) -> Self {
         match e {
+            // A mail larger than a whole window of the limit: 429 would invite retries.
+            LimitError::Limited(limited) if limited.never_fits() => Self::TooManyRecipients {
+                count: limited.cost as usize,
+                limit: limited.max as usize,
+                setting: limited.limit(),
+            },
             LimitError::Limited(limited) => Self::RateLimited {
                 detail: limited.to_string(),
                 retry_after: limited.retry_after_secs(),
@@ -384,9 +398,11 @@ impl From<MailError> for ApiError {
                 }
                 Self::InvalidRequest { detail, errors }
             }
-            MailError::TooManyRecipients { count, limit } => {
-                Self::TooManyRecipients { count, limit }
-            }
+            MailError::TooManyRecipients { count, limit } => Self::TooManyRecipients {
+                count,
+                limit,
+                setting: "mailRelay.limits.maxRecipients",
+            },
             MailError::TooLarge { size, limit } => Self::MessageTooLarge { size, limit },
             MailError::Build(detail) => {
                 request_log::note_cause_text(format!(
@@ -660,6 +676,7 @@ mod tests {
                 ApiError::TooManyRecipients {
                     count: 501,
                     limit: 500,
+                    setting: "mailRelay.limits.maxRecipients",
                 },
                 400,
                 "too_many_recipients",

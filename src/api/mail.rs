@@ -51,7 +51,7 @@ pub struct MailAccepted {
     responses(
         (status = 202, description = "The SMTP server accepted the mail", body = MailAccepted,
             headers(("Idempotent-Replayed" = bool, description = "`true` when this is the stored answer to an earlier request with the same Idempotency-Key"))),
-        (status = 400, description = "`invalid_request`: malformed JSON, or invalid fields, each listed in `errors`; `too_many_recipients`: more than `mailRelay.limits.maxRecipients` in to + cc + bcc",
+        (status = 400, description = "`invalid_request`: malformed JSON, or invalid fields, each listed in `errors`; `too_many_recipients`: more than `mailRelay.limits.maxRecipients` in to + cc + bcc, or more than `mailRelay.rateLimits.mailboxRecipientsPerDay` allows in a whole day",
             body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`: no credentials, or an unknown API key or invalid access token; see `WWW-Authenticate`", body = Problem, content_type = "application/problem+json",
             headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"mail-relay\"`, with `error=\"invalid_token\"` when a credential was refused"))),

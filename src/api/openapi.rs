@@ -128,6 +128,7 @@ fn problem_examples() -> Vec<(&'static str, &'static str, errors::ApiError)> {
             ApiError::TooManyRecipients {
                 count: 501,
                 limit: 500,
+                setting: "mailRelay.limits.maxRecipients",
             },
         ),
         (

@@ -249,3 +249,27 @@ async fn an_unknown_outcome_is_502_and_a_retry_with_the_key_does_not_send_again(
     expect_problem(again, 502, "smtp_outcome_unknown").await;
     assert_eq!(sender.0.load(Ordering::SeqCst), 1, "handed over once");
 }
+
+#[tokio::test]
+async fn a_mail_with_more_recipients_than_a_whole_day_allows_is_400_not_429() {
+    let app = spawn_app_with(|s| {
+        s.relay.rate_limits = RateLimitSettings {
+            mailbox_recipients_per_day: NonZeroU32::new(2),
+            ..RateLimitSettings::OFF
+        };
+    })
+    .await;
+    let body = json!({"from": "noreply@contoso.com",
+                      "to": ["a@example.com", "b@example.com", "c@example.com"],
+                      "subject": "s", "text": "t"});
+    let response = post_mail(&app, &body).await;
+    assert!(response.headers().get("retry-after").is_none());
+    let problem = expect_problem(response, 400, "too_many_recipients").await;
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("at most 2"), "{detail}");
+    assert!(
+        detail.contains("mailRelay.rateLimits.mailboxRecipientsPerDay"),
+        "{detail}"
+    );
+    assert!(outbox_files(&app).is_empty(), "nothing sent");
+}
