@@ -321,7 +321,10 @@ fn header_name(ctx: &mut Ctx<'_>, key: &str, text: &str) -> Option<http::HeaderN
     match http::HeaderName::from_bytes(text.as_bytes()) {
         Ok(name) => Some(name),
         Err(_) => {
-            ctx.error(key, format!("{text:?} is not an HTTP header name"));
+            ctx.error(
+                key,
+                format!("{text:?} is not an HTTP header name; write it like X-Forwarded-Email"),
+            );
             None
         }
     }
@@ -394,7 +397,7 @@ pub(super) fn send_as(ctx: &mut Ctx<'_>) -> SendAsSettings {
         for member in members.iter().filter(|m| !is_address(m)) {
             ctx.error(
                 &format!("{GROUPS}.{name}"),
-                format!("{member:?} is not an e-mail address"),
+                format!("{member:?} is not an e-mail address; list the group's members as alice@contoso.com"),
             );
         }
     }

@@ -297,11 +297,19 @@ fn render_callers(out: &mut Out<'_>, settings: &Settings) {
     }
     if let Some(proxy) = &auth.trusted_proxy {
         out.section(4, "trustedProxy");
-        out.plain(6, "userHeader", &quote(proxy.user_header.as_str()));
+        out.line(
+            6,
+            "mailRelay.auth.trustedProxy.userHeader",
+            Some(quote(proxy.user_header.as_str())),
+        );
         let sources: Vec<String> = proxy.sources.iter().map(ToString::to_string).collect();
         out.plain(6, "sources", &flow_list(sources));
         if let Some(secret) = &proxy.secret {
-            out.plain(6, "secretHeader", &quote(secret.header.as_str()));
+            out.line(
+                6,
+                "mailRelay.auth.trustedProxy.secretHeader",
+                Some(quote(secret.header.as_str())),
+            );
             out.line(6, "mailRelay.auth.trustedProxy.secret", Some(quote(MASK)));
         }
     }

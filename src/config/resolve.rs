@@ -180,8 +180,12 @@ pub fn resolve(
                 if text.trim().is_empty() {
                     resolved.failed.insert(spec.key.to_owned());
                     errors.push(SettingError {
+                        message: format!(
+                            "the file {} is empty; put the value in it, or unset {file_key} and give {} directly",
+                            path.display(),
+                            spec.key
+                        ),
                         key: file_key,
-                        message: format!("the file {} is empty", path.display()),
                     });
                 } else {
                     resolved.values.insert(

@@ -43,7 +43,8 @@ fn warn_on_unsafe_limits(ctx: &mut Ctx<'_>, relay: &RelaySettings, send_email: &
         ));
     }
     let needed = relay.shutdown.drain_delay + relay.smtp.send_deadline;
-    if relay.shutdown.deadline < needed {
+    // A deadline not above the drain delay is an error already (`proxy::shutdown`).
+    if relay.shutdown.deadline < needed && relay.shutdown.deadline > relay.shutdown.drain_delay {
         ctx.warnings.push(format!(
             "mailRelay.shutdown.deadlineSeconds ({} s) is below drainDelaySeconds + smtp.sendDeadlineSeconds ({} s): a send accepted at the end of the drain delay could be cut off at shutdown; raise it",
             relay.shutdown.deadline.as_secs(),

@@ -1555,4 +1555,13 @@ fn settings_that_break_exchange_or_drain_promises_are_warned_about() {
         warnings.contains("deadlineSeconds (30 s)") && warnings.contains("65 s"),
         "{warnings}"
     );
+    // A deadline not above the drain delay is one error, not an error and a warning too.
+    let broken = yaml.replace("deadlineSeconds: 30", "deadlineSeconds: 5");
+    let e = mail_relay::config::load_str(&broken, "test.yml", &[]).unwrap_err();
+    assert_eq!(e.errors.len(), 1, "{e}");
+    assert_eq!(e.errors[0].key, "mailRelay.shutdown.deadlineSeconds");
+    assert!(
+        !e.warnings.iter().any(|w| w.contains("deadlineSeconds")),
+        "{e}"
+    );
 }
