@@ -38,14 +38,10 @@ pub struct SmtpState {
     /// Open connections, in use or idle.
     pub open_connections: usize,
     pub idle_connections: usize,
-    pub max_connections: usize,
     /// Mails the server took.
     pub sent: u64,
-    /// Sends that failed (after retries).
+    /// Sends that failed (after retries). The last failure is in `telemetry::SendHistory`.
     pub failed: u64,
-    /// The last failure, with its time.
-    pub last_error: Option<String>,
-    pub last_error_at: Option<SystemTime>,
 }
 
 /// Delivers mail over SMTP through a small pool of authenticated connections.
@@ -59,11 +55,9 @@ struct Inner {
     connector: Connector,
     pool: Pool,
     tokens: Option<Arc<dyn TokenProvider>>,
-    max_connections: usize,
     send_deadline: Duration,
     sent: AtomicU64,
     failed: AtomicU64,
-    last_error: Mutex<Option<(SystemTime, String)>>,
     refused_login: Mutex<Option<RefusedLogin>>,
 }
 
@@ -95,11 +89,9 @@ impl SmtpSender {
             connector,
             pool: Pool::new(tuning.max_connections),
             tokens,
-            max_connections: tuning.max_connections,
             send_deadline: tuning.send_deadline,
             sent: AtomicU64::new(0),
             failed: AtomicU64::new(0),
-            last_error: Mutex::new(None),
             refused_login: Mutex::new(None),
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -121,7 +113,6 @@ impl SmtpSender {
                 self.inner.failed.fetch_add(1, Ordering::Relaxed);
                 // The request's own log line reports the failure (once); this is detail.
                 tracing::debug!(kind = %error.kind(), error = %error, "SMTP send failed");
-                *self.inner.last_error() = Some((SystemTime::now(), error.to_string()));
             }
         }
         result
@@ -135,15 +126,11 @@ impl SmtpSender {
     }
 
     pub fn state(&self) -> SmtpState {
-        let last = self.inner.last_error().clone();
         SmtpState {
             open_connections: self.inner.connector.open.load(Ordering::Relaxed),
             idle_connections: self.inner.pool.idle_count(),
-            max_connections: self.inner.max_connections,
             sent: self.inner.sent.load(Ordering::Relaxed),
             failed: self.inner.failed.load(Ordering::Relaxed),
-            last_error_at: last.as_ref().map(|(at, _)| *at),
-            last_error: last.map(|(_, e)| e),
         }
     }
 }
@@ -167,12 +154,6 @@ impl MailSender for SmtpSender {
 }
 
 impl Inner {
-    fn last_error(&self) -> std::sync::MutexGuard<'_, Option<(SystemTime, String)>> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     async fn send_with_retries(&self, mail: &OutgoingMail) -> Result<Receipt, SmtpError> {
         if let Some(refused) = self.standing_refusal().await {
             return Err(refused);

@@ -224,11 +224,8 @@ mod tests {
         let smtp = SmtpState {
             open_connections: 2,
             idle_connections: 1,
-            max_connections: 3,
             sent: 0,
             failed: 0,
-            last_error: None,
-            last_error_at: None,
         };
         let text = metrics.render(Some(&tokens), Some(&smtp));
         assert_eq!(

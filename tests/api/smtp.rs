@@ -555,7 +555,7 @@ async fn server_down_is_transient_within_the_deadline() {
         start.elapsed()
     );
     assert!(error.to_string().contains(&port.to_string()), "{error}");
-    assert!(sender.state().last_error.is_some());
+    assert_eq!(sender.state().failed, 1);
 }
 
 #[tokio::test]
