@@ -13,10 +13,9 @@ use mail_relay::config::{
 use mail_relay::delivery::{DeliveryError, MailSender};
 use mail_relay::smtp::{SmtpError, SmtpSender, Stage};
 use mail_relay::token::{ManualClock, TokenCache, TokenProvider};
-use sha2::{Digest, Sha256};
 
 use crate::entra::{CLIENT_ID, CLIENT_SECRET, FakeEntra, TENANT_ID};
-use crate::helpers::{TEST_API_KEY, test_settings};
+use crate::helpers::test_settings;
 use crate::peer::Peer;
 use crate::require_peer;
 
@@ -196,7 +195,7 @@ mailRelay:
             user = peer.oauth_user,
             endpoint = entra.token_url(),
             ca = peer.ca_path().display(),
-            hash = hex::encode(Sha256::digest(TEST_API_KEY.as_bytes())),
+            hash = crate::process::test_key_sha256(),
         ),
     )
     .unwrap();

@@ -7,7 +7,6 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use crate::entra::{CLIENT_ID, CLIENT_SECRET, FakeEntra, TENANT_ID};
-use crate::helpers::TEST_API_KEY;
 use crate::peer::{Peer, closed_port};
 use crate::require_peer;
 
@@ -73,7 +72,7 @@ fn yaml_for(
     ca: Option<&Path>,
     entra: &FakeEntra,
 ) -> String {
-    let key_hash = hex::encode(Sha256::digest(TEST_API_KEY.as_bytes()));
+    let key_hash = crate::process::test_key_sha256();
     let ca = ca.map_or_else(String::new, |ca| format!("    caFile: {}\n", ca.display()));
     format!(
         r#"featureSwitches:
@@ -640,7 +639,7 @@ async fn exchanges_535_5_7_3_gets_the_setup_checklist() {
 async fn basic_login_on_the_peer_passes_without_a_token() {
     let peer = require_peer!();
     let dir = tempfile::tempdir().unwrap();
-    let key_hash = hex::encode(Sha256::digest(TEST_API_KEY.as_bytes()));
+    let key_hash = crate::process::test_key_sha256();
     let settings = format!(
         r#"featureSwitches:
   sendEmail:

@@ -234,10 +234,7 @@ async fn the_smtp_server_down_is_a_prompt_503_with_retry_after() {
     let peer = require_peer!();
     let entra = FakeEntra::serving_peer_tokens(&peer).await;
     let mut settings = relay_settings(&peer, &entra);
-    // A port nothing listens on.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    settings.send_email.smtp_port = closed.local_addr().unwrap().port();
-    drop(closed);
+    settings.send_email.smtp_port = crate::peer::closed_port();
     settings.relay.smtp.send_deadline = Duration::from_secs(2);
     let app = spawn_built(settings).await;
     let body = json!({"from": "noreply@contoso.test", "to": "alice@contoso.test", "subject": "down", "text": "hi"});

@@ -533,11 +533,7 @@ async fn a_connection_whose_token_expires_soon_is_not_reused() {
 
 #[tokio::test]
 async fn server_down_is_transient_within_the_deadline() {
-    // A port nobody listens on: bound, then released.
-    let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
+    let port = crate::peer::closed_port();
     let mut settings = test_settings(std::env::temp_dir());
     settings.relay.delivery = Delivery::Smtp;
     settings.send_email.smtp_port = port;
