@@ -11,11 +11,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use crate::clock::{Clock, SystemClock};
 use crate::config::{AdminMailSettings, Settings};
 use crate::delivery::{DeliveryError, MailSender};
 use crate::message::{MailRequest, MessageLimits, OutgoingMail};
 use crate::smtp::{SmtpError, SmtpErrorKind};
-use crate::token::{Clock, SystemClock, TokenError};
+use crate::token::TokenError;
 
 /// At most one failure notice per this interval.
 pub const FAILURE_NOTICE_INTERVAL: Duration = Duration::from_secs(3600);

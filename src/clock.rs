@@ -4,6 +4,7 @@
 //! a shared store (Redis, a database) later compares timestamps written by several replicas,
 //! and an `Instant` means nothing outside the process that took it.
 
+use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,9 +12,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Milliseconds since the Unix epoch.
 pub type Millis = u64;
 
-/// Where the current time comes from.
-pub trait Clock: Send + Sync + 'static {
+/// Where the current time comes from; tests swap in a [`ManualClock`].
+pub trait Clock: Send + Sync + fmt::Debug + 'static {
     fn now_ms(&self) -> Millis;
+
+    /// The same moment as a `SystemTime` (token expiry, HTTP dates).
+    fn now(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.now_ms())
+    }
 }
 
 /// The system's wall clock.
@@ -25,7 +31,7 @@ impl Clock for SystemClock {
         // A clock before 1970 is a broken host; counting from 0 keeps the limits working.
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .map_or(0, duration_ms)
     }
 }
 
@@ -37,6 +43,11 @@ impl ManualClock {
     /// A clock showing `start_ms`.
     pub fn new(start_ms: Millis) -> Self {
         Self(Arc::new(AtomicU64::new(start_ms)))
+    }
+
+    /// A clock showing `start` (to the millisecond).
+    pub fn at(start: SystemTime) -> Self {
+        Self::new(start.duration_since(UNIX_EPOCH).map_or(0, duration_ms))
     }
 
     pub fn advance(&self, by: Duration) {

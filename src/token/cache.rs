@@ -16,48 +16,8 @@ use tokio::task::AbortHandle;
 
 use super::client::TokenClient;
 use super::{AccessToken, TokenError, TokenProvider, TokenState};
+use crate::clock::{Clock, SystemClock};
 use crate::config::OAuthSettings;
-
-/// Where the cache reads the time; tests swap in a [`ManualClock`] to cross the grace point
-/// without sleeping.
-pub trait Clock: Send + Sync + fmt::Debug + 'static {
-    fn now(&self) -> SystemTime;
-}
-
-/// The wall clock.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> SystemTime {
-        SystemTime::now()
-    }
-}
-
-/// A clock that moves only when told to.
-#[derive(Debug, Clone)]
-pub struct ManualClock(Arc<Mutex<SystemTime>>);
-
-impl ManualClock {
-    pub fn new(start: SystemTime) -> Self {
-        Self(Arc::new(Mutex::new(start)))
-    }
-
-    pub fn advance(&self, by: Duration) {
-        let mut now = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        *now += by;
-    }
-
-    pub fn set(&self, to: SystemTime) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = to;
-    }
-}
-
-impl Clock for ManualClock {
-    fn now(&self) -> SystemTime {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
 
 /// What a cached token is for: a multi-tenant set-up keeps one cache per key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

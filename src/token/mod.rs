@@ -16,7 +16,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
 pub use assertion::{ASSERTION_TYPE, AssertionClaims, CertificateCredential};
-pub use cache::{CacheKey, CacheOptions, Clock, ManualClock, RetryPolicy, SystemClock, TokenCache};
+pub use cache::{CacheKey, CacheOptions, RetryPolicy, TokenCache};
 pub use client::{Fetched, TokenClient};
 pub use error::{EntraError, KNOWN_CODES, KnownCode, TokenError};
 

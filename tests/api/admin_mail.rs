@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use mail_relay::admin::AdminNotifier;
+use mail_relay::clock::ManualClock;
 use mail_relay::config::{
     AdminMailSettings, Delivery, Encryption, Settings, SmtpAuthentication, load_str,
 };
 use mail_relay::delivery::{DeliveryError, MailSender};
 use mail_relay::smtp::{SmtpError, SmtpSender, Stage};
-use mail_relay::token::{ManualClock, TokenCache, TokenProvider};
+use mail_relay::token::{TokenCache, TokenProvider};
 
 use crate::entra::{CLIENT_ID, CLIENT_SECRET, FakeEntra, TENANT_ID};
 use crate::helpers::test_settings;
@@ -289,7 +290,7 @@ async fn a_failure_notice_goes_out_at_most_once_an_hour() {
     };
     let tokens: Arc<dyn TokenProvider> = Arc::new(TokenCache::new(oauth).unwrap());
     let sender: Arc<dyn MailSender> = Arc::new(SmtpSender::new(&settings, Some(tokens)).unwrap());
-    let clock = ManualClock::new(SystemTime::now());
+    let clock = ManualClock::at(SystemTime::now());
     let notifier = AdminNotifier::with_clock(&settings, sender, Arc::new(clock.clone()));
 
     let refused = || {

@@ -9,10 +9,11 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures_util::future::join_all;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use mail_relay::clock::{Clock, ManualClock};
 use mail_relay::config::{ClientCredential, OAuthSettings};
 use mail_relay::token::{
-    ASSERTION_TYPE, AssertionClaims, CacheOptions, Clock, ManualClock, RetryPolicy, TokenCache,
-    TokenError, TokenProvider,
+    ASSERTION_TYPE, AssertionClaims, CacheOptions, RetryPolicy, TokenCache, TokenError,
+    TokenProvider,
 };
 use secrecy::SecretString;
 use sha2::{Digest, Sha256};
@@ -108,7 +109,7 @@ async fn concurrent_callers_share_one_failed_fetch() {
 async fn after_a_failure_callers_get_the_error_without_a_request_until_the_back_off_ends() {
     let entra = FakeEntra::start().await;
     entra.mount_error(7000215).await;
-    let clock = ManualClock::new(SystemTime::now());
+    let clock = ManualClock::at(SystemTime::now());
     let cache = cache_with(&entra.oauth_settings(), Some(&clock));
 
     assert!(cache.token().await.is_err());
@@ -129,7 +130,7 @@ async fn a_fresh_token_is_reused_and_one_inside_its_grace_time_is_replaced() {
     let entra = FakeEntra::start().await;
     entra.mount_token_once("tok-1", 3600).await;
     entra.mount_token("tok-2", 3600).await;
-    let clock = ManualClock::new(SystemTime::now());
+    let clock = ManualClock::at(SystemTime::now());
     let cache = cache_with(&entra.oauth_settings(), Some(&clock));
 
     let first = cache.token().await.unwrap();
@@ -158,7 +159,7 @@ async fn the_refresher_fetches_ahead_while_callers_keep_the_fresh_token() {
     let entra = FakeEntra::start().await;
     entra.mount_token_once("tok-1", 3600).await;
     entra.mount_token("tok-2", 3600).await;
-    let clock = ManualClock::new(SystemTime::now());
+    let clock = ManualClock::at(SystemTime::now());
     let cache = cache_with(&entra.oauth_settings(), Some(&clock));
     let first = cache.token().await.unwrap();
 
@@ -190,7 +191,7 @@ async fn a_failed_refresh_keeps_the_valid_token_and_an_expired_one_gives_the_typ
     let entra = FakeEntra::start().await;
     entra.mount_token_once("tok-1", 3600).await;
     entra.mount_error(7000222).await;
-    let clock = ManualClock::new(SystemTime::now());
+    let clock = ManualClock::at(SystemTime::now());
     let cache = cache_with(&entra.oauth_settings(), Some(&clock));
     let first = cache.token().await.unwrap();
 
@@ -491,7 +492,7 @@ async fn invalidate_fetches_at_once_even_while_backing_off_from_a_failed_refresh
         .mount(&entra.server)
         .await;
     entra.mount_token("tok-2", 3600).await;
-    let clock = ManualClock::new(SystemTime::now());
+    let clock = ManualClock::at(SystemTime::now());
     let cache = cache_with(&entra.oauth_settings(), Some(&clock));
     let first = cache.token().await.unwrap();
 
@@ -514,7 +515,7 @@ async fn expires_in_as_a_string_is_accepted() {
         ))
         .mount(&entra.server)
         .await;
-    let clock = ManualClock::new(SystemTime::now());
+    let clock = ManualClock::at(SystemTime::now());
     let cache = cache_with(&entra.oauth_settings(), Some(&clock));
     let token = cache.token().await.unwrap();
     assert_eq!(token.expose(), "tok-str");
@@ -736,7 +737,7 @@ fn no_log_line_or_debug_output_contains_a_secret_or_token() {
         let entra = FakeEntra::start().await;
         entra.mount_token_once("tok-secret-1", 3600).await;
         entra.mount_error(7000215).await;
-        let clock = ManualClock::new(SystemTime::now());
+        let clock = ManualClock::at(SystemTime::now());
         let cache = cache_with(&entra.oauth_settings(), Some(&clock));
         let token = cache.token().await.unwrap();
         clock.advance(Duration::from_secs(3400));

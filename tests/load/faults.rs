@@ -7,9 +7,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
+use mail_relay::clock::ManualClock;
 use mail_relay::delivery::MailSender;
 use mail_relay::smtp::SmtpSender;
-use mail_relay::token::{CacheOptions, ManualClock, RetryPolicy, TokenCache, TokenProvider};
+use mail_relay::token::{CacheOptions, RetryPolicy, TokenCache, TokenProvider};
 use wiremock::ResponseTemplate;
 
 use crate::entra::{FakeEntra, token_response};
@@ -139,7 +140,7 @@ async fn token_endpoint_failures_do_not_stop_sends_while_a_token_is_valid_and_th
 
     let mut oauth = entra.oauth_settings();
     oauth.request_timeout = Duration::from_secs(1);
-    let clock = ManualClock::new(SystemTime::now());
+    let clock = ManualClock::at(SystemTime::now());
     let options = CacheOptions {
         clock: Arc::new(clock.clone()),
         retry: RetryPolicy {
