@@ -26,7 +26,7 @@ use url::Url;
 
 pub use keys::env_name;
 pub use load::{ConfigError, LoadOptions, Loaded, SettingError, listener, load, load_str};
-pub use validate::is_loopback_host;
+pub use validate::{is_loopback_host, read_ca_certificates};
 
 /// The embedded dev settings (`config/dev.yml`): outbox delivery, no Microsoft 365 needed.
 pub const DEV_DEFAULT: &str = include_str!("../../config/dev.yml");

@@ -501,28 +501,26 @@ fn admin_mail(ctx: &mut Ctx<'_>, send_email: &SendEmailSettings) -> Option<Admin
 }
 
 fn check_ca_file(ctx: &mut Ctx<'_>, path: &Path) {
-    let key = "mailRelay.smtp.caFile";
-    match std::fs::read(path) {
-        Err(e) => ctx.error(
-            key,
-            format!(
-                "cannot read {}: {e}; give the path of a PEM file of CA certificates",
-                path.display()
-            ),
-        ),
-        Ok(bytes) => {
-            let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&bytes).collect();
-            match certs {
-                Ok(certs) if !certs.is_empty() => {}
-                _ => ctx.error(
-                    key,
-                    format!(
-                        "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
-                        path.display()
-                    ),
-                ),
-            }
-        }
+    if let Err(message) = read_ca_certificates(path) {
+        ctx.error("mailRelay.smtp.caFile", message);
+    }
+}
+
+/// The CA certificates in the PEM file `path` (`mailRelay.smtp.caFile`); the error says what to
+/// give instead. The settings check and the SMTP side's TLS set-up read it the same way.
+pub fn read_ca_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| {
+        format!(
+            "cannot read {}: {e}; give the path of a PEM file of CA certificates",
+            path.display()
+        )
+    })?;
+    match CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>() {
+        Ok(certs) if !certs.is_empty() => Ok(certs),
+        _ => Err(format!(
+            "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----): give a PEM file with the CA certificate(s)",
+            path.display()
+        )),
     }
 }
 

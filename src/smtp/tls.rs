@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use lettre::transport::smtp::client::{AsyncTokioStream, Certificate, TlsParameters};
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -89,26 +88,10 @@ impl TlsSetup {
 }
 
 fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, SmtpError> {
-    let pem = std::fs::read(path).map_err(|e| SmtpError::Setup {
+    crate::config::read_ca_certificates(path).map_err(|message| SmtpError::Setup {
         key: CA_FILE_KEY,
-        message: format!("cannot read {}: {e}", path.display()),
-    })?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| SmtpError::Setup {
-            key: CA_FILE_KEY,
-            message: format!("{} is not valid PEM: {e}", path.display()),
-        })?;
-    if certs.is_empty() {
-        return Err(SmtpError::Setup {
-            key: CA_FILE_KEY,
-            message: format!(
-                "{} holds no certificate: give a PEM file with the CA certificate(s)",
-                path.display()
-            ),
-        });
-    }
-    Ok(certs)
+        message,
+    })
 }
 
 /// A TCP stream with implicit TLS, in the form lettre takes over.
