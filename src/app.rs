@@ -28,8 +28,8 @@ use crate::api::{self, ApiError};
 use crate::caller::Authenticator;
 use crate::config::{CorsSettings, Delivery, Limits, Settings, SmtpAuthentication};
 use crate::delivery::{MailSender, Outbox};
-use crate::drain::{self, InFlight};
-use crate::forwarded::{self, ClientAddr, TrustedProxies};
+use crate::http::drain::{self, InFlight};
+use crate::http::forwarded::{self, ClientAddr, TrustedProxies};
 use crate::idempotency::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, Idempotency};
 use crate::rate_limit::RateLimits;
 use crate::send_as::SendAsPolicy;
@@ -219,10 +219,10 @@ impl Application {
         // Scrapes go on through the drain; the listener closes when the app is done.
         // Through the same accept loop as the API, so a slow client cannot hold a connection.
         let metrics = self.metrics.map(|(listener, router)| {
-            tokio::spawn(crate::serve::serve(
+            tokio::spawn(crate::http::serve::serve(
                 listener,
                 router,
-                crate::serve::HEADER_READ_TIMEOUT,
+                crate::http::serve::HEADER_READ_TIMEOUT,
                 std::future::pending(),
             ))
         });
@@ -231,10 +231,10 @@ impl Application {
                 metrics.abort();
             }
         };
-        let serve = crate::serve::serve(
+        let serve = crate::http::serve::serve(
             self.listener,
             self.router,
-            crate::serve::HEADER_READ_TIMEOUT,
+            crate::http::serve::HEADER_READ_TIMEOUT,
             stop_accepting,
         );
         tokio::pin!(serve);

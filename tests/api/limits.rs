@@ -1,6 +1,6 @@
 //! Rate limits and Idempotency-Key through the real `POST /mail` (outbox sender, so the tests
 //! count what was really sent). The limiters' arithmetic, with a clock moved by hand, is unit
-//! tested in `src/rate_limit.rs` and `src/idempotency.rs`.
+//! tested in `src/rate_limit/` and `src/idempotency/`.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;

@@ -184,7 +184,7 @@ async fn a_request_head_sent_too_slowly_is_cut_off_while_others_are_served() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let router = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
-    tokio::spawn(mail_relay::serve::serve(
+    tokio::spawn(mail_relay::http::serve::serve(
         listener,
         router,
         Duration::from_millis(300),
