@@ -11,6 +11,8 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # Bump when the generated configuration changes, so that start.sh restarts an older running peer
 # instead of declaring it healthy.
 CONFIG_VERSION=3
+# The first Debian build whose oauth2 passdb checks `aud` (see /work/shared/PEER-NOTES.md).
+MIN_DOVECOT=1:2.3.19.1+dfsg1-2.1+deb12u7
 
 HOST=127.0.0.1
 SUBMISSION_PORT="${MAIL_RELAY_PEER_SUBMISSION_PORT:-10587}"
@@ -68,18 +70,33 @@ ensure_packages() {
         [[ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null)" == "install ok installed" ]] ||
             missing+=("$pkg")
     done
+    # Older Dovecot builds accept a token for another app: the audience check came with deb12u7.
+    local stale=0 installed
+    installed="$(dpkg-query -W -f='${Version}' dovecot-core 2>/dev/null || true)"
+    if [[ -n "$installed" ]] && ! dpkg --compare-versions "$installed" ge "$MIN_DOVECOT"; then
+        stale=1
+        missing+=(dovecot-core)
+    fi
     [[ ${#missing[@]} -eq 0 ]] && return 0
+    INSTALLED=1
     command -v apt-get >/dev/null || die "missing packages (${missing[*]}) and no apt-get to install them"
     echo "peer start.sh: installing ${missing[*]} ..." >&2
     export DEBIAN_FRONTEND=noninteractive
     # Keep the package from configuring a system mailer on port 25.
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections 2>/dev/null || true
     local apt_opts=(-y -q --no-install-recommends -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
-    if ! apt-get install "${apt_opts[@]}" "${missing[@]}" </dev/null >"$PEER_DIR/apt.log" 2>&1; then
+    # An upgrade needs fresh package lists: without them the install "succeeds" with the old build.
+    if [[ $stale -eq 1 ]]; then
+        apt-get update -q </dev/null >"$PEER_DIR/apt.log" 2>&1 || die "apt-get update failed, see $PEER_DIR/apt.log"
+    fi
+    if ! apt-get install "${apt_opts[@]}" "${missing[@]}" </dev/null >>"$PEER_DIR/apt.log" 2>&1; then
         apt-get update -q </dev/null >>"$PEER_DIR/apt.log" 2>&1 || die "apt-get update failed, see $PEER_DIR/apt.log"
         apt-get install "${apt_opts[@]}" "${missing[@]}" </dev/null >>"$PEER_DIR/apt.log" 2>&1 ||
             die "apt-get install ${missing[*]} failed, see $PEER_DIR/apt.log"
     fi
+    installed="$(dpkg-query -W -f='${Version}' dovecot-core 2>/dev/null || true)"
+    dpkg --compare-versions "$installed" ge "$MIN_DOVECOT" ||
+        die "dovecot-core $installed is older than $MIN_DOVECOT, which checks a token's audience"
     # The packages' maintainer scripts may have started the system instances: only ours may run.
     postfix stop </dev/null >/dev/null 2>&1 || true
     doveadm stop </dev/null >/dev/null 2>&1 || true
@@ -424,7 +441,8 @@ main() {
 
     # A running peer of an older config version whose Dovecot part is unchanged is reloaded, not
     # restarted: Postfix finishes the sessions in progress, so tests running now are not broken.
-    if running && [[ -s "$ENV_FILE" ]]; then
+    # A freshly installed build must replace the running daemons, so it gets a full restart.
+    if [[ -z "${INSTALLED:-}" ]] && running && [[ -s "$ENV_FILE" ]]; then
         local before
         before="$(dovecot_config_sum)"
         write_dovecot_config
