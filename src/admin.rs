@@ -15,8 +15,6 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{AdminMailSettings, Settings};
 use crate::delivery::{DeliveryError, MailSender};
 use crate::message::{MailRequest, MessageLimits, OutgoingMail};
-use crate::smtp::{SmtpError, SmtpErrorKind};
-use crate::token::TokenError;
 
 /// At most one failure notice per this interval.
 pub const FAILURE_NOTICE_INTERVAL: Duration = Duration::from_secs(3600);
@@ -132,13 +130,13 @@ impl AdminNotifier {
     }
 
     /// For the mail handler after a failed send: when `error` is one an administrator must
-    /// fix ([`needs_administrator`]) and no failure notice went out in the last hour, mails
+    /// fix ([`DeliveryError::needs_administrator`]) and no failure notice went out in the last hour, mails
     /// one in the background. Returns at once; true when a notice was started.
     pub fn send_failure(&self, error: &DeliveryError) -> bool {
         let Some(inner) = &self.inner else {
             return false;
         };
-        if !needs_administrator(error) {
+        if !error.needs_administrator() {
             return false;
         }
         let now = inner.clock.now();
@@ -162,9 +160,9 @@ impl AdminNotifier {
         let subject = format!(
             "mail-relay on {}: sending fails ({})",
             inner.host,
-            error_code(error)
+            error.code()
         );
-        let fix = error_fix(error);
+        let fix = error.remedy();
         let text = format!(
             "mail-relay {version} on {host} could not send a mail at {at}, for a reason an \
              administrator must fix:\n\n{error}\n\n{fix}\
@@ -219,149 +217,24 @@ impl Inner {
     }
 }
 
-/// Failures an administrator must fix: the SMTP login refused or switched off, TLS or
-/// settings that cannot work, a server lacking what the settings need, or Entra ID refusing
-/// the token request for a reason that will not pass by itself.
-pub fn needs_administrator(error: &DeliveryError) -> bool {
-    match error {
-        DeliveryError::Token(token) | DeliveryError::Smtp(SmtpError::Token(token)) => {
-            !token.is_transient()
-        }
-        DeliveryError::Smtp(unsupported @ SmtpError::Unsupported { .. }) => {
-            unsupported.refuses_the_session()
-        }
-        DeliveryError::Smtp(smtp) => matches!(
-            smtp.kind(),
-            SmtpErrorKind::AuthFailed
-                | SmtpErrorKind::SmtpAuthDisabled
-                | SmtpErrorKind::BasicAuthRefused
-                | SmtpErrorKind::Tls
-                | SmtpErrorKind::Setup
-        ),
-        DeliveryError::Outbox { .. } => false,
-    }
-}
-
-fn token_error(error: &DeliveryError) -> Option<&TokenError> {
-    match error {
-        DeliveryError::Token(token) | DeliveryError::Smtp(SmtpError::Token(token)) => Some(token),
-        _ => None,
-    }
-}
-
-fn error_code(error: &DeliveryError) -> &'static str {
-    match (token_error(error), error) {
-        (Some(token), _) => token.code(),
-        (None, DeliveryError::Smtp(smtp)) => smtp.kind().as_str(),
-        (None, _) => "delivery_failed",
-    }
-}
-
-fn error_fix(error: &DeliveryError) -> Option<&'static str> {
-    match (token_error(error), error) {
-        (Some(token), _) => token.entra().and_then(|e| e.known()).map(|k| k.fix),
-        (None, DeliveryError::Smtp(smtp)) => smtp.fix(),
-        (None, _) => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::smtp::Stage;
-    use crate::token::EntraError;
-
-    fn entra(code: u64) -> DeliveryError {
-        DeliveryError::Token(TokenError::Rejected(Box::new(EntraError {
-            status: 401,
-            error: "invalid_client".into(),
-            error_codes: vec![code],
-            description: String::new(),
-            trace_id: None,
-            correlation_id: None,
-            timestamp: None,
-        })))
-    }
-
-    #[test]
-    fn configuration_failures_need_an_administrator() {
-        let auth = SmtpError::rejected(Stage::Auth, 535, "5.7.3 Authentication unsuccessful");
-        assert!(needs_administrator(&DeliveryError::Smtp(auth)));
-        let disabled = SmtpError::rejected(
-            Stage::Auth,
-            535,
-            "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant",
-        );
-        assert!(needs_administrator(&DeliveryError::Smtp(disabled)));
-        let basic = SmtpError::rejected(
-            Stage::Auth,
-            550,
-            "5.7.30 Basic authentication is not supported for Client Submission",
-        );
-        assert!(needs_administrator(&DeliveryError::Smtp(basic)));
-        let tls = SmtpError::Connection {
-            kind: SmtpErrorKind::Tls,
-            stage: Stage::StartTls,
-            server: "s:587".into(),
-            detail: "invalid peer certificate".into(),
-        };
-        assert!(needs_administrator(&DeliveryError::Smtp(tls)));
-        let setup = SmtpError::Setup {
-            key: "mailRelay.smtp.caFile",
-            message: "x".into(),
-        };
-        assert!(needs_administrator(&DeliveryError::Smtp(setup)));
-        let no_xoauth2 = SmtpError::Unsupported {
-            stage: Stage::Auth,
-            server: "s:587".into(),
-            detail: "does not offer AUTH XOAUTH2".into(),
-        };
-        assert!(needs_administrator(&DeliveryError::Smtp(no_xoauth2)));
-        assert!(needs_administrator(&entra(7000215)));
-        assert!(needs_administrator(&DeliveryError::Smtp(SmtpError::Token(
-            TokenError::Credential("bad key".into())
-        ))));
-    }
-
-    #[test]
-    fn passing_or_per_mail_failures_do_not() {
-        let transient = SmtpError::rejected(Stage::Data, 451, "4.3.0 try later");
-        assert!(!needs_administrator(&DeliveryError::Smtp(transient)));
-        let send_as = SmtpError::rejected(Stage::EndOfData, 554, "5.2.252 SendAsDenied; x");
-        assert!(!needs_administrator(&DeliveryError::Smtp(send_as)));
-        let no_smtputf8 = SmtpError::Unsupported {
-            stage: Stage::MailFrom("jörg@contoso.com".into()),
-            server: "s:587".into(),
-            detail: "does not support SMTPUTF8".into(),
-        };
-        assert!(!needs_administrator(&DeliveryError::Smtp(no_smtputf8)));
-        let network = TokenError::Network {
-            endpoint: "https://login".into(),
-            detail: "reset".into(),
-        };
-        assert!(!needs_administrator(&DeliveryError::Token(network)));
-        assert!(!needs_administrator(&DeliveryError::Token(
-            TokenError::Throttled { retry_after: None }
-        )));
-    }
-
-    #[test]
-    fn codes_and_fixes_name_the_cause() {
-        assert_eq!(error_code(&entra(90002)), "token_tenant_not_found");
-        assert!(error_fix(&entra(90002)).unwrap().contains("oAuthTenantId"));
-        let disabled = DeliveryError::Smtp(SmtpError::rejected(
-            Stage::Auth,
-            535,
-            "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox",
-        ));
-        assert_eq!(error_code(&disabled), "smtp_auth_disabled");
-        assert!(error_fix(&disabled).unwrap().contains("Set-CASMailbox"));
-    }
+    use crate::token::{EntraError, TokenError};
 
     #[test]
     fn a_disabled_notifier_does_nothing() {
         let notifier = AdminNotifier::default();
         assert!(!notifier.is_enabled());
-        assert!(!notifier.send_failure(&entra(7000215)));
+        let entra = DeliveryError::Token(TokenError::Rejected(Box::new(EntraError {
+            status: 401,
+            error: "invalid_client".into(),
+            error_codes: vec![7000215],
+            description: String::new(),
+            trace_id: None,
+            correlation_id: None,
+            timestamp: None,
+        })));
+        assert!(!notifier.send_failure(&entra));
     }
 }

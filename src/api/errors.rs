@@ -7,14 +7,12 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::delivery::DeliveryError;
+use crate::delivery::{DeliveryError, FailureKind};
 use crate::idempotency::IdempotencyError;
 pub use crate::message::FieldError;
 use crate::message::MailError;
 use crate::rate_limit::LimitError;
-use crate::smtp::{SmtpError, SmtpErrorKind};
 use crate::telemetry::request_log::{self, Failure};
-use crate::token::TokenError;
 
 /// Seconds a client should wait before retrying a 503 when the cause names no better time.
 const DEFAULT_RETRY_AFTER: u64 = 5;
@@ -135,6 +133,11 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// The HTTP status of this answer.
+    pub fn status(&self) -> StatusCode {
+        self.parts().0
+    }
+
     fn parts(&self) -> (StatusCode, &'static str, &'static str) {
         match self {
             Self::InvalidRequest { .. } => (
@@ -414,78 +417,58 @@ impl From<MailError> for ApiError {
     }
 }
 
-/// The one table from delivery failures to answers (also in the README).
+/// The one table from delivery failures to answers (also in the README):
+///
+/// | kind                                        | answer                                  |
+/// |---------------------------------------------|-----------------------------------------|
+/// | (the server may have the mail)              | 502 `smtp_outcome_unknown`              |
+/// | SendAsDenied                                | 403 `send_as_denied`                    |
+/// | LoginRefused                                | 502 `smtp_auth_failed`                  |
+/// | AuthDisabled, BasicAuthRefused              | 502 `smtp_auth_disabled`                |
+/// | QuotaExceeded                               | 429 `rate_limited` (Retry-After 3600)   |
+/// | TooLarge                                    | 413 `payload_too_large`                 |
+/// | Throttled, Unavailable, Certificate, Setup  | 503 `smtp_unavailable` (Retry-After)    |
+/// | Token                                       | 503 `token_unavailable` (Retry-After)   |
+/// | MailboxFull, Rejected                       | 502 `smtp_rejected`                     |
+/// | Local (the outbox folder)                   | 500 `internal_error`                    |
 impl From<DeliveryError> for ApiError {
     fn from(e: DeliveryError) -> Self {
-        match e {
-            // The path and OS error are for the operator (the request's log line has them,
-            // noted by the sender), not the caller.
-            DeliveryError::Outbox { .. } => Self::Internal,
-            DeliveryError::Token(e) => e.into(),
-            DeliveryError::Smtp(e) => e.into(),
-        }
-    }
-}
-
-impl From<TokenError> for ApiError {
-    fn from(e: TokenError) -> Self {
-        Self::TokenUnavailable {
-            detail: format!(
-                "the relay could not get an access token from Entra ID for the SMTP login: {e}"
-            ),
-            retry_after: e.retry_after().map(|d| d.as_secs().max(1)),
-        }
-    }
-}
-
-/// SMTP failures by kind. The SMTP module classifies replies (`SmtpErrorKind`); at merge each
-/// kind gets one arm here:
-///
-/// | kind                                   | answer                                  |
-/// |----------------------------------------|-----------------------------------------|
-/// | SendAsDenied                           | 403 `send_as_denied`                    |
-/// | AuthFailed                             | 502 `smtp_auth_failed`                  |
-/// | SmtpAuthDisabled, BasicAuthRefused     | 502 `smtp_auth_disabled`                |
-/// | QuotaExceeded                          | 429 `rate_limited` (Retry-After 3600)   |
-/// | TooLarge                               | 413 `payload_too_large`                 |
-/// | ThreadLimit, Transient, Tls, Setup, deadline | 503 `smtp_unavailable` (Retry-After) |
-/// | Token                                  | 503 `token_unavailable` (Retry-After)   |
-/// | MailboxFull, Permanent                 | 502 `smtp_rejected`                     |
-impl From<SmtpError> for ApiError {
-    fn from(e: SmtpError) -> Self {
-        let detail = e.to_string();
         if e.outcome_unknown() {
             return Self::OutcomeUnknown(format!(
-                "{detail}. The SMTP server may or may not have the mail: do not send it again \
+                "{e}. The SMTP server may or may not have the mail: do not send it again \
                  blindly (a retry with the same Idempotency-Key gets this answer again)"
             ));
         }
-        match e.kind() {
-            SmtpErrorKind::SendAsDenied => Self::SendAsDenied(detail),
-            SmtpErrorKind::AuthFailed => Self::SmtpAuthFailed(detail),
-            SmtpErrorKind::SmtpAuthDisabled | SmtpErrorKind::BasicAuthRefused => {
+        let kind = e.kind();
+        let detail = e.to_string();
+        match kind {
+            // The path and OS error are for the operator (the request's log line has them,
+            // noted by the sender), not the caller.
+            FailureKind::Local => Self::Internal,
+            FailureKind::Token => Self::TokenUnavailable {
+                detail: format!(
+                    "the relay could not get an access token from Entra ID for the SMTP login: {detail}"
+                ),
+                retry_after: e.retry_after().map(|d| d.as_secs().max(1)),
+            },
+            FailureKind::SendAsDenied => Self::SendAsDenied(detail),
+            FailureKind::LoginRefused => Self::SmtpAuthFailed(detail),
+            FailureKind::AuthDisabled | FailureKind::BasicAuthRefused => {
                 Self::SmtpAuthDisabled(detail)
             }
-            SmtpErrorKind::QuotaExceeded => Self::RateLimited {
+            FailureKind::QuotaExceeded => Self::RateLimited {
                 detail,
                 retry_after: QUOTA_RETRY_AFTER,
             },
-            SmtpErrorKind::TooLarge => Self::ServerTooLarge(detail),
-            SmtpErrorKind::ThreadLimit
-            | SmtpErrorKind::Transient
-            | SmtpErrorKind::Tls
-            | SmtpErrorKind::Setup => Self::SmtpUnavailable {
+            FailureKind::TooLarge => Self::ServerTooLarge(detail),
+            FailureKind::Throttled
+            | FailureKind::Unavailable
+            | FailureKind::Certificate
+            | FailureKind::Setup => Self::SmtpUnavailable {
                 detail,
                 retry_after: None,
             },
-            SmtpErrorKind::Token => match e {
-                SmtpError::Token(token) => token.into(),
-                _ => Self::TokenUnavailable {
-                    detail,
-                    retry_after: None,
-                },
-            },
-            SmtpErrorKind::MailboxFull | SmtpErrorKind::Permanent => Self::SmtpRejected(detail),
+            FailureKind::MailboxFull | FailureKind::Rejected => Self::SmtpRejected(detail),
         }
     }
 }
@@ -493,7 +476,8 @@ impl From<SmtpError> for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::smtp::Stage;
+    use crate::smtp::{SmtpError, Stage};
+    use crate::token::TokenError;
 
     fn answer(e: impl Into<ApiError>) -> (u16, &'static str, Option<u64>) {
         let e = e.into();
@@ -605,8 +589,11 @@ mod tests {
             (550, "5.1.1 User unknown", 502, "smtp_rejected"),
         ];
         for (code, text, status, api_code) in cases {
-            let (got_status, got_code, _) =
-                answer(SmtpError::rejected(Stage::EndOfData, code, text));
+            let (got_status, got_code, _) = answer(DeliveryError::from(SmtpError::rejected(
+                Stage::EndOfData,
+                code,
+                text,
+            )));
             assert_eq!((got_status, got_code), (status, api_code), "{code} {text}");
         }
     }

@@ -13,11 +13,10 @@ use super::form::{self, MailForm};
 use super::json;
 use crate::app::AppState;
 use crate::caller::Caller;
-use crate::delivery::DeliveryError;
+use crate::delivery::{DeliveryError, FailureKind};
 use crate::idempotency::{Fingerprint, IdempotencyKey};
 use crate::message::{Mail, MailRequest, MessageLimits, OutgoingMail, UploadedFile};
 use crate::rate_limit::{LimitError, Reservation};
-use crate::smtp::{SmtpError, SmtpErrorKind};
 use crate::telemetry::{metrics, request_log};
 
 /// Mails whose attachments are larger than this are encoded on the blocking pool, so that
@@ -157,21 +156,15 @@ async fn refused(
 ) -> ApiError {
     // Failures an administrator must fix (login, TLS, token) are mailed to them, at most hourly.
     state.admin.send_failure(&error);
-    let smtp = match &error {
-        DeliveryError::Smtp(e) => Some(e),
-        _ => None,
-    };
-    if smtp.is_some_and(SmtpError::outcome_unknown) {
+    if error.outcome_unknown() {
         quota.keep();
     } else {
         state.rate_limits.refund(quota).await;
     }
-    match smtp.map(SmtpError::kind) {
-        Some(SmtpErrorKind::QuotaExceeded) => state.rate_limits.mailbox_quota_exceeded().await,
-        Some(SmtpErrorKind::SendAsDenied) => {
-            let reply = smtp
-                .and_then(SmtpError::reply)
-                .map_or_else(|| error.to_string(), ToString::to_string);
+    match error.kind() {
+        FailureKind::QuotaExceeded => state.rate_limits.mailbox_quota_exceeded().await,
+        FailureKind::SendAsDenied => {
+            let reply = error.server_reply().unwrap_or_else(|| error.to_string());
             return state
                 .send_as
                 .remember_exchange_denial(caller, from, &reply)

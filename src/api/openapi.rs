@@ -76,8 +76,10 @@ impl Modify for ProblemExamples {
         else {
             return;
         };
-        for (status, name, error) in problem_examples() {
-            let Some(RefOr::T(response)) = operation.responses.responses.get_mut(status) else {
+        for (name, error) in problem_examples() {
+            let status = error.status();
+            let Some(RefOr::T(response)) = operation.responses.responses.get_mut(status.as_str())
+            else {
                 continue;
             };
             let Some(content) = response.content.get_mut("application/problem+json") else {
@@ -93,16 +95,14 @@ impl Modify for ProblemExamples {
     }
 }
 
-/// One answer of each kind: its status, the example's name, and the error behind it.
-fn problem_examples() -> Vec<(&'static str, &'static str, errors::ApiError)> {
+/// One answer of each kind: the example's name, and the error behind it.
+fn problem_examples() -> Vec<(&'static str, errors::ApiError)> {
     use std::time::Duration;
 
     use crate::caller::AuthError;
     use crate::idempotency::IdempotencyError;
     use crate::rate_limit::{LimitError, LimitKind, RateLimited};
     use crate::send_as::SendAsRefusal;
-    use crate::smtp::{SmtpError, SmtpErrorKind, Stage};
-    use crate::token::TokenError;
     use errors::ApiError;
 
     let limits = message::MessageLimits {
@@ -120,10 +120,8 @@ fn problem_examples() -> Vec<(&'static str, &'static str, errors::ApiError)> {
         errors: Vec::new(),
     })
     .and_then(|request| request.validate(&limits).map_err(ApiError::from));
-    let smtp = |stage, code, text: &str| ApiError::from(SmtpError::rejected(stage, code, text));
     let mut examples = vec![
         (
-            "400",
             "too_many_recipients",
             ApiError::TooManyRecipients {
                 count: 501,
@@ -132,19 +130,16 @@ fn problem_examples() -> Vec<(&'static str, &'static str, errors::ApiError)> {
             },
         ),
         (
-            "401",
             "unauthorized_no_credentials",
             ApiError::from(AuthError::Missing {
                 proxy_configured: false,
             }),
         ),
         (
-            "401",
             "unauthorized_unknown_api_key",
             ApiError::from(AuthError::UnknownApiKey),
         ),
         (
-            "403",
             "send_as_denied_by_policy",
             ApiError::from(SendAsRefusal::NotListedForKey {
                 caller: "API key 'billing'".into(),
@@ -153,7 +148,6 @@ fn problem_examples() -> Vec<(&'static str, &'static str, errors::ApiError)> {
             }),
         ),
         (
-            "403",
             "send_as_denied_by_exchange",
             ApiError::from(SendAsRefusal::DeniedByExchange {
                 caller: "user alice@contoso.com".into(),
@@ -165,12 +159,10 @@ fn problem_examples() -> Vec<(&'static str, &'static str, errors::ApiError)> {
             }),
         ),
         (
-            "413",
             "payload_too_large_body",
             ApiError::PayloadTooLarge { limit: 52_428_800 },
         ),
         (
-            "413",
             "payload_too_large_message",
             ApiError::MessageTooLarge {
                 size: 38_112_554,
@@ -178,17 +170,14 @@ fn problem_examples() -> Vec<(&'static str, &'static str, errors::ApiError)> {
             },
         ),
         (
-            "409",
             "idempotency_in_progress",
             ApiError::from(IdempotencyError::InProgress),
         ),
         (
-            "422",
             "idempotency_key_reused",
             ApiError::from(IdempotencyError::KeyReused),
         ),
         (
-            "429",
             "rate_limited",
             ApiError::from(LimitError::Limited(RateLimited {
                 kind: LimitKind::MailboxMessages,
@@ -198,82 +187,29 @@ fn problem_examples() -> Vec<(&'static str, &'static str, errors::ApiError)> {
             })),
         ),
         (
-            "415",
             "unsupported_media_type",
             ApiError::UnsupportedMediaType(
                 "POST /mail takes Content-Type application/json or multipart/form-data (got text/plain)"
                     .into(),
             ),
         ),
-        ("500", "internal_error", ApiError::Internal),
+        ("internal_error", ApiError::Internal),
         (
-            "502",
-            "smtp_auth_failed",
-            smtp(Stage::Auth, 535, "5.7.3 Authentication unsuccessful"),
-        ),
-        (
-            "502",
-            "smtp_auth_disabled",
-            smtp(
-                Stage::Auth,
-                535,
-                "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.",
-            ),
-        ),
-        (
-            "502",
-            "smtp_rejected",
-            smtp(
-                Stage::RcptTo("x@fabrikam.com".into()),
-                550,
-                "5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup",
-            ),
-        ),
-        (
-            "502",
-            "smtp_outcome_unknown",
-            ApiError::from(SmtpError::Connection {
-                kind: SmtpErrorKind::Transient,
-                stage: Stage::EndOfData,
-                server: "smtp.office365.com:587".into(),
-                detail: "connection reset by peer".into(),
-            }),
-        ),
-        (
-            "503",
-            "smtp_unavailable",
-            ApiError::from(SmtpError::Connection {
-                kind: SmtpErrorKind::Transient,
-                stage: Stage::Connect,
-                server: "smtp.office365.com:587".into(),
-                detail: "connection timed out".into(),
-            }),
-        ),
-        (
-            "503",
-            "token_unavailable",
-            ApiError::from(TokenError::Network {
-                endpoint:
-                    "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
-                        .into(),
-                detail: "dns error: failed to lookup address information".into(),
-            }),
-        ),
-        (
-            "503",
             "timeout",
             ApiError::Timeout(Duration::from_secs(120)),
         ),
         (
-            "503",
             "store_unavailable",
             ApiError::StoreUnavailable(
                 "the rate-limit store is unavailable: connection refused".into(),
             ),
         ),
     ];
+    for (name, failure) in crate::delivery::example_failures() {
+        examples.push((name, ApiError::from(failure)));
+    }
     if let Err(invalid) = invalid {
-        examples.insert(0, ("400", "invalid_request", invalid));
+        examples.insert(0, ("invalid_request", invalid));
     }
     examples
 }

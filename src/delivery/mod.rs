@@ -1,14 +1,19 @@
-//! Where accepted mail goes: the SMTP server, or a local outbox folder for development.
+//! Where accepted mail goes: the [`MailSender`] trait, the transport-neutral failure model, and
+//! the transports behind the trait (the SMTP server, or a local outbox folder for development).
+//! Everything above this module asks a [`DeliveryError`] what it means; nothing above it knows a
+//! transport.
 
+mod error;
 mod outbox;
+mod smtp;
 
 use async_trait::async_trait;
 
+pub use error::{Blame, DeliveryError, FailureKind};
 pub use outbox::Outbox;
+pub use smtp::example_failures;
 
 use crate::message::OutgoingMail;
-use crate::smtp::SmtpError;
-use crate::token::TokenError;
 
 /// What a successful hand-over returns.
 #[derive(Debug, Clone)]
@@ -17,21 +22,6 @@ pub struct Receipt {
     pub accepted: Vec<String>,
     /// The server's reply to the end of DATA (or where the outbox wrote the file).
     pub server_reply: String,
-}
-
-/// Why a mail was not handed over.
-#[derive(Debug, thiserror::Error)]
-pub enum DeliveryError {
-    #[error(transparent)]
-    Smtp(#[from] SmtpError),
-    #[error(transparent)]
-    Token(#[from] TokenError),
-    #[error("could not write the mail to the outbox {path}: {source}")]
-    Outbox {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// Hands a mail over; success means the receiving side took responsibility for it.

@@ -22,6 +22,7 @@ pub use certificate::CertificateSummary;
 
 use crate::config::{Delivery, Encryption, OAuthSettings, Settings, SmtpAuthentication};
 use crate::message::{MailRequest, MessageLimits, OutgoingMail};
+use crate::remedy::{self, Cause, Facts};
 use crate::smtp::{Connection, Connector, ImplicitTls, SmtpError, SmtpErrorKind};
 use crate::token::{AccessToken, TokenClient, TokenError};
 
@@ -889,28 +890,7 @@ fn auth_passed(settings: &Settings, took: Duration) -> Step {
 
 /// EXCHANGE.md section 1, with this relay's values filled in.
 pub fn setup_checklist(username: &str, oauth: &OAuthSettings) -> Vec<String> {
-    let client = &oauth.client_id;
-    vec![
-        format!(
-            "1. Authenticated SMTP is on for the mailbox {username}: M365 admin center > Active users > {username} > Mail > Manage email apps, or Set-CASMailbox -Identity {username} -SmtpClientAuthenticationDisabled $false (security defaults or Conditional Access can still block it)"
-        ),
-        format!(
-            "2. the token came from the right app: {SE}.oAuthClientId {client} in tenant {} (the secret or certificate is right, or no token would have been issued)",
-            oauth.tenant_id
-        ),
-        format!(
-            "3. app registration {client} > API permissions: Office 365 Exchange Online > Application permissions > SMTP.SendAsApp, with admin consent granted (the token's roles then list SMTP.SendAsApp)"
-        ),
-        format!(
-            "4. Exchange Online PowerShell: New-ServicePrincipal -AppId {client} -ObjectId <Object ID of the Enterprise application, not of the app registration>"
-        ),
-        format!(
-            "5. Add-MailboxPermission -Identity {username} -User <that Object ID> -AccessRights FullAccess, and {SE}.smtpUsername is that very mailbox"
-        ),
-        format!(
-            "6. the token is for Exchange: {SE}.oAuthScopes https://outlook.office365.com/.default (audience https://outlook.office365.com)"
-        ),
-    ]
+    remedy::ms_oauth_checklist(username, &oauth.client_id, &oauth.tenant_id)
 }
 
 fn auth_failed(settings: &Settings, claims: Option<&TokenClaims>, error: &SmtpError) -> Step {
@@ -938,22 +918,15 @@ fn auth_failed(settings: &Settings, claims: Option<&TokenClaims>, error: &SmtpEr
             fix.extend(setup_checklist(username, oauth));
             fix
         }
-        (SmtpErrorKind::SmtpAuthDisabled, _) => {
-            let username = email
-                .smtp_authentication
-                .username()
-                .unwrap_or("<smtpUsername>");
-            vec![format!(
-                "enable Authenticated SMTP for {username}: M365 admin center > Active users > {username} > Mail > Manage email apps > Authenticated SMTP, or Set-CASMailbox -Identity {username} -SmtpClientAuthenticationDisabled $false; if it is disabled for the whole tenant: Set-TransportConfig -SmtpClientAuthenticationDisabled $false"
-            )]
-        }
-        (SmtpErrorKind::BasicAuthRefused, _) => vec![format!(
-            "the tenant refuses Basic authentication: set {SE}.smtpAuthentication MS_OAUTH and register an app (README: Access tokens)"
-        )],
+        (SmtpErrorKind::SmtpAuthDisabled, _) => vec![Cause::SmtpAuthDisabled.fix_with(&Facts {
+            mailbox: email.smtp_authentication.username(),
+            ..Facts::default()
+        })],
+        (SmtpErrorKind::BasicAuthRefused, _) => vec![Cause::BasicAuthRefused.fix()],
         (SmtpErrorKind::AuthFailed, SmtpAuthentication::Basic { .. }) => vec![format!(
             "check {SE}.smtpUsername and smtpPassword (Exchange Online refuses Basic authentication for most tenants: prefer MS_OAUTH)"
         )],
-        _ => error.fix().map(str::to_owned).into_iter().collect(),
+        _ => error.cause().map(Cause::fix).into_iter().collect(),
     };
     Step::fail("auth", summary, cause_of(error), fix)
 }
@@ -1004,20 +977,19 @@ async fn send_test_mail(settings: &Settings, connection: &mut Connection, test: 
                 .smtp_authentication
                 .username()
                 .unwrap_or("<smtpUsername>");
+            let facts = Facts {
+                mailbox: Some(login),
+                from: Some(&test.from),
+                client_id: None,
+            };
             Step::fail(
                 "send-test",
                 format!("SendAsDenied: {login} may not send as {}", test.from),
                 cause_of(&error),
                 vec![
-                    format!(
-                        "the mailbox {} must grant \"Send as\" to {login} (the SMTP mailbox): M365 admin center > Active users > {} > Mail > Send as permissions > add {login}",
-                        test.from, test.from
-                    ),
-                    format!(
-                        "or in Exchange Online PowerShell: Add-RecipientPermission -Identity {} -Trustee {login} -AccessRights SendAs",
-                        test.from
-                    ),
-                    "Exchange answers SendAsDenied only after the whole message (after DATA); the grant can take up to an hour to apply".into(),
+                    Cause::SendAsDenied.fix_with(&facts),
+                    "Exchange answers SendAsDenied only after the whole message (after DATA)"
+                        .into(),
                 ],
             )
         }
@@ -1028,7 +1000,7 @@ async fn send_test_mail(settings: &Settings, connection: &mut Connection, test: 
                 test.from, test.to
             ),
             cause_of(&error),
-            error.fix().map(str::to_owned).into_iter().collect(),
+            error.cause().map(Cause::fix).into_iter().collect(),
         ),
     }
 }
@@ -1072,7 +1044,7 @@ mod tests {
 
     #[test]
     fn every_known_entra_code_gets_its_meaning_and_fix() {
-        for known in crate::token::KNOWN_CODES {
+        for known in crate::remedy::KNOWN_ENTRA_CODES {
             let error = TokenError::Rejected(Box::new(EntraError {
                 status: 400,
                 error: "invalid_request".into(),

@@ -17,10 +17,10 @@ use lettre::transport::smtp::response::{Code, Response};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::net::{TcpSocket, TcpStream};
 
+use super::SmtpReceipt;
 use super::error::{SmtpError, Stage};
 use super::tls::{ImplicitTls, TlsSetup, is_certificate_error};
 use crate::config::Encryption;
-use crate::delivery::Receipt;
 use crate::message::OutgoingMail;
 use crate::token::AccessToken;
 
@@ -487,7 +487,7 @@ impl Connection {
         &mut self,
         mail: &OutgoingMail,
         uploading: &AtomicBool,
-    ) -> Result<Receipt, SmtpError> {
+    ) -> Result<SmtpReceipt, SmtpError> {
         let envelope = &mail.envelope;
         let from = envelope.from().map(ToString::to_string).unwrap_or_default();
         let server_info = self.inner.server_info();
@@ -579,7 +579,7 @@ impl Connection {
             });
         }
         self.last_used = Instant::now();
-        Ok(Receipt {
+        Ok(SmtpReceipt {
             accepted: envelope.to().iter().map(ToString::to_string).collect(),
             server_reply: format!("{} {}", code_number(response.code()), reply_text(&response)),
         })

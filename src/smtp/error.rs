@@ -4,6 +4,7 @@ use std::fmt;
 use std::time::Duration;
 
 use super::classify::{EnhancedCode, SmtpErrorKind, classify, parse_enhanced};
+use crate::remedy::Cause;
 use crate::token::TokenError;
 
 /// A negative reply as the server sent it.
@@ -119,7 +120,7 @@ pub enum SmtpError {
 }
 
 fn hint_suffix(kind: SmtpErrorKind) -> String {
-    fix_for(kind).map_or_else(String::new, |fix| format!(". Fix: {fix}"))
+    cause_of(kind).map_or_else(String::new, |cause| format!(". Fix: {}", cause.fix()))
 }
 
 fn last_suffix(last: &Option<Box<SmtpError>>) -> String {
@@ -127,50 +128,18 @@ fn last_suffix(last: &Option<Box<SmtpError>>) -> String {
         .map_or_else(String::new, |e| format!("; last error: {e}"))
 }
 
-/// What the operator should do, from EXCHANGE.md section 1.
-fn fix_for(kind: SmtpErrorKind) -> Option<&'static str> {
+/// The known cause of a kind, whose fix the catalogue holds (EXCHANGE.md section 1).
+fn cause_of(kind: SmtpErrorKind) -> Option<Cause> {
     Some(match kind {
-        SmtpErrorKind::SendAsDenied => {
-            "grant \"Send as\" on the From mailbox to the SMTP mailbox (smtpUsername): \
-             M365 admin center > Active users > Mail > Send as permissions, or \
-             Add-RecipientPermission -Identity <from> -Trustee <smtpUsername> -AccessRights SendAs"
-        }
-        SmtpErrorKind::SmtpAuthDisabled => {
-            "enable Authenticated SMTP for the mailbox smtpUsername (M365 admin center > Mail > \
-             Manage email apps, or Set-CASMailbox -Identity <smtpUsername> \
-             -SmtpClientAuthenticationDisabled $false); security defaults or Conditional Access \
-             can also block SMTP AUTH"
-        }
-        SmtpErrorKind::BasicAuthRefused => {
-            "the tenant refuses Basic authentication: set smtpAuthentication to MS_OAUTH"
-        }
-        SmtpErrorKind::AuthFailed => {
-            "the server refused the login. For MS_OAUTH (a fresh token was refused too): check that \
-             the app registration has the application permission Office 365 Exchange Online > \
-             SMTP.SendAsApp with admin consent; that New-ServicePrincipal -AppId <client id> \
-             -ObjectId <Enterprise application object id> was run; that Add-MailboxPermission \
-             -Identity <smtpUsername> -User <that object id> -AccessRights FullAccess was granted; \
-             and that smtpUsername is that mailbox. For BASIC: check smtpUsername and smtpPassword"
-        }
-        SmtpErrorKind::ThreadLimit => {
-            "more than 3 connections to the mailbox at once: lower mailRelay.smtp.maxConnections \
-             or stop other clients that use the same mailbox"
-        }
-        SmtpErrorKind::QuotaExceeded => {
-            "the mailbox's daily recipient quota (10,000 a day in Exchange Online) is used up: \
-             wait a day or spread the load over more mailboxes"
-        }
-        SmtpErrorKind::MailboxFull => {
-            "the SMTP mailbox (its Sent Items folder) is full: empty it or raise its quota"
-        }
-        SmtpErrorKind::TooLarge => {
-            "the message is larger than the server accepts (Exchange Online: 35 MB by default, \
-             base64 adds about 33%): send less, or raise the limit"
-        }
-        SmtpErrorKind::Tls => {
-            "the server's certificate was not accepted: smtpServer must match a name in the \
-             certificate, and a private CA must be given in mailRelay.smtp.caFile"
-        }
+        SmtpErrorKind::SendAsDenied => Cause::SendAsDenied,
+        SmtpErrorKind::SmtpAuthDisabled => Cause::SmtpAuthDisabled,
+        SmtpErrorKind::BasicAuthRefused => Cause::BasicAuthRefused,
+        SmtpErrorKind::AuthFailed => Cause::LoginRefused,
+        SmtpErrorKind::ThreadLimit => Cause::ThreadLimit,
+        SmtpErrorKind::QuotaExceeded => Cause::QuotaExceeded,
+        SmtpErrorKind::MailboxFull => Cause::MailboxFull,
+        SmtpErrorKind::TooLarge => Cause::TooLarge,
+        SmtpErrorKind::Tls => Cause::Certificate,
         SmtpErrorKind::Transient
         | SmtpErrorKind::Permanent
         | SmtpErrorKind::Token
@@ -229,9 +198,9 @@ impl SmtpError {
         self.reply().map(|r| r.text.as_str())
     }
 
-    /// What the operator should do about it, when there is a known fix.
-    pub fn fix(&self) -> Option<&'static str> {
-        fix_for(self.kind())
+    /// The known cause, whose fix [`crate::remedy`] holds.
+    pub fn cause(&self) -> Option<Cause> {
+        cause_of(self.kind())
     }
 
     /// Worth trying again later: the server or the network may be better then.

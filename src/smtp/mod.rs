@@ -58,6 +58,13 @@ pub use classify::{EnhancedCode, SmtpErrorKind, classify, parse_enhanced};
 pub use error::{SmtpError, SmtpReply, Stage};
 pub use sender::{SmtpSender, SmtpState};
 
+/// What the server took: the recipients it accepted and its reply to the end of DATA.
+#[derive(Debug, Clone)]
+pub struct SmtpReceipt {
+    pub accepted: Vec<String>,
+    pub server_reply: String,
+}
+
 // The steps of opening a connection, for `mail-relay diagnose`.
 pub(crate) use connection::{Connection, Connector};
 pub(crate) use tls::ImplicitTls;

@@ -1,21 +1,21 @@
-//! `SmtpSender`: the [`MailSender`] that hands mail to the SMTP server, with retries.
+//! `SmtpSender`: hands mail to the SMTP server, with retries (`delivery` puts it behind
+//! `MailSender`).
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
-use async_trait::async_trait;
 use lettre::transport::smtp::extension::ClientId;
 use rand::Rng as _;
 
+use super::SmtpReceipt;
 use super::classify::SmtpErrorKind;
 use super::connection::{Connection, Connector, Login};
 use super::error::{SmtpError, SmtpReply, Stage};
 use super::pool::Pool;
 use super::tls::TlsSetup;
 use crate::config::{Encryption, Settings, SmtpAuthentication};
-use crate::delivery::{DeliveryError, MailSender, Receipt};
 use crate::message::OutgoingMail;
 use crate::token::{AccessToken, TokenProvider};
 
@@ -102,7 +102,7 @@ impl SmtpSender {
 
     /// Sends one mail, retrying within `mailRelay.smtp.sendDeadlineSeconds` as the module doc says.
     #[tracing::instrument(name = "smtp_send", skip_all, fields(mail_id = %mail.id, message_id = %mail.message_id))]
-    pub async fn send_mail(&self, mail: &OutgoingMail) -> Result<Receipt, SmtpError> {
+    pub async fn send_mail(&self, mail: &OutgoingMail) -> Result<SmtpReceipt, SmtpError> {
         let result = self.inner.send_with_retries(mail).await;
         match &result {
             Ok(receipt) => {
@@ -135,26 +135,8 @@ impl SmtpSender {
     }
 }
 
-#[async_trait]
-impl MailSender for SmtpSender {
-    async fn send(&self, mail: &OutgoingMail) -> Result<Receipt, DeliveryError> {
-        self.send_mail(mail).await.map_err(|e| match e {
-            SmtpError::Token(token) => DeliveryError::Token(token),
-            other => DeliveryError::Smtp(other),
-        })
-    }
-
-    async fn close(&self) {
-        SmtpSender::close(self).await;
-    }
-
-    fn smtp_state(&self) -> Option<SmtpState> {
-        Some(self.state())
-    }
-}
-
 impl Inner {
-    async fn send_with_retries(&self, mail: &OutgoingMail) -> Result<Receipt, SmtpError> {
+    async fn send_with_retries(&self, mail: &OutgoingMail) -> Result<SmtpReceipt, SmtpError> {
         if let Some(refused) = self.standing_refusal().await {
             return Err(refused);
         }
@@ -213,7 +195,7 @@ impl Inner {
         mail: &OutgoingMail,
         invalidate_refused_token: bool,
         uploading: &AtomicBool,
-    ) -> Result<Receipt, SmtpError> {
+    ) -> Result<SmtpReceipt, SmtpError> {
         let _turn = self.pool.turn().await;
         let token = match self.token_source() {
             Some(tokens) => Some(tokens.token().await?),

@@ -9,9 +9,9 @@ use async_trait::async_trait;
 
 use super::metrics::Metrics;
 use super::request_log;
-use crate::delivery::{DeliveryError, MailSender, Receipt};
+use crate::delivery::{Blame, DeliveryError, MailSender, Receipt};
 use crate::message::OutgoingMail;
-use crate::smtp::{SmtpErrorKind, SmtpState};
+use crate::smtp::SmtpState;
 
 /// The SMTP side counts as failing when this many sends in a row failed on the relay's side...
 pub const FAILING_AFTER: usize = 3;
@@ -86,39 +86,6 @@ impl SendHistory {
     }
 }
 
-/// Whose fault a failed hand-over is, as readiness sees it.
-enum Blame {
-    /// The SMTP side (or the outbox) does not work: counts towards "failing".
-    Relay,
-    /// This mail was refused (its sender, size, recipients, the quota): the server works.
-    Mail,
-    /// No access token: the token component shows it.
-    Token,
-}
-
-fn blame(error: &DeliveryError) -> Blame {
-    match error {
-        DeliveryError::Token(_) => Blame::Token,
-        DeliveryError::Outbox { .. } => Blame::Relay,
-        DeliveryError::Smtp(e) if e.refuses_the_session() => Blame::Relay,
-        DeliveryError::Smtp(e) => match e.kind() {
-            SmtpErrorKind::Token => Blame::Token,
-            SmtpErrorKind::SendAsDenied
-            | SmtpErrorKind::TooLarge
-            | SmtpErrorKind::QuotaExceeded
-            | SmtpErrorKind::Permanent => Blame::Mail,
-            SmtpErrorKind::SmtpAuthDisabled
-            | SmtpErrorKind::BasicAuthRefused
-            | SmtpErrorKind::AuthFailed
-            | SmtpErrorKind::ThreadLimit
-            | SmtpErrorKind::MailboxFull
-            | SmtpErrorKind::Tls
-            | SmtpErrorKind::Transient
-            | SmtpErrorKind::Setup => Blame::Relay,
-        },
-    }
-}
-
 /// The SMTP reply code at the start of a server reply (`250 2.0.0 OK ...`).
 fn reply_code(reply: &str) -> Option<u16> {
     let code = reply.get(..3)?;
@@ -160,13 +127,9 @@ impl MailSender for ObservedSender {
                 request_log::note_handed_over(reply_code(&receipt.server_reply));
             }
             Err(error) => {
-                let smtp_reply = match error {
-                    DeliveryError::Smtp(e) => e.code(),
-                    _ => None,
-                };
-                request_log::note_handed_over(smtp_reply);
+                request_log::note_handed_over(error.reply_code());
                 request_log::note_cause(error);
-                match blame(error) {
+                match error.blame() {
                     Blame::Relay => self.history.record_failure(error.to_string()),
                     Blame::Mail => self.history.record_ok(),
                     Blame::Token => {}
@@ -222,60 +185,5 @@ mod tests {
         assert_eq!(reply_code("250"), Some(250));
         assert_eq!(reply_code("/var/outbox/x.eml"), None);
         assert_eq!(reply_code("2500 x"), None);
-    }
-
-    #[test]
-    fn refusals_of_one_mail_do_not_count_against_the_server() {
-        use crate::smtp::{SmtpError, Stage};
-        let denied = DeliveryError::Smtp(SmtpError::rejected(
-            Stage::EndOfData,
-            554,
-            "5.2.252 SendAsDenied",
-        ));
-        assert!(matches!(blame(&denied), Blame::Mail));
-        let login = DeliveryError::Smtp(SmtpError::rejected(
-            Stage::EndOfData,
-            535,
-            "5.7.3 Authentication unsuccessful",
-        ));
-        assert!(matches!(blame(&login), Blame::Relay));
-        // A refusal of the session itself says the server will take no mail from this relay.
-        for (stage, code, text) in [
-            (Stage::Greeting, 554, "5.7.1 Client host blocked"),
-            (Stage::Auth, 504, "5.7.4 Unrecognized authentication type"),
-            (
-                Stage::MailFrom("a@b.c".into()),
-                530,
-                "5.7.57 Client not authenticated to send mail",
-            ),
-        ] {
-            let refused = DeliveryError::Smtp(SmtpError::rejected(stage, code, text));
-            assert!(matches!(blame(&refused), Blame::Relay), "{refused}");
-        }
-        let one_mail = DeliveryError::Smtp(SmtpError::rejected(
-            Stage::MailFrom("a@b.c".into()),
-            550,
-            "5.7.1 sender refused",
-        ));
-        assert!(matches!(blame(&one_mail), Blame::Mail));
-    }
-
-    #[test]
-    fn a_server_lacking_what_the_session_needs_counts_against_the_server() {
-        use crate::smtp::{SmtpError, Stage};
-        let unsupported = |stage| {
-            DeliveryError::Smtp(SmtpError::Unsupported {
-                stage,
-                server: "smtp.example:587".into(),
-                detail: "does not offer it".into(),
-            })
-        };
-        assert!(matches!(blame(&unsupported(Stage::StartTls)), Blame::Relay));
-        assert!(matches!(blame(&unsupported(Stage::Auth)), Blame::Relay));
-        // SMTPUTF8 or 8BITMIME missing stops only the mail that needs it.
-        assert!(matches!(
-            blame(&unsupported(Stage::MailFrom("jörg@b.c".into()))),
-            Blame::Mail
-        ));
     }
 }

@@ -3,6 +3,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::remedy::{KNOWN_ENTRA_CODES, KnownCode};
+
 /// Why no token could be had.
 ///
 /// `Clone` because one failed fetch answers every caller that waited for it (single flight).
@@ -131,7 +133,7 @@ impl EntraError {
     pub fn known(&self) -> Option<&'static KnownCode> {
         self.error_codes
             .iter()
-            .find_map(|c| KNOWN_CODES.iter().find(|k| k.number == *c))
+            .find_map(|c| KNOWN_ENTRA_CODES.iter().find(|k| k.number == *c))
     }
 }
 
@@ -167,80 +169,6 @@ impl fmt::Display for EntraError {
         )
     }
 }
-
-/// One row of EXCHANGE.md's table: an Entra code the relay explains.
-#[derive(Debug, PartialEq, Eq)]
-pub struct KnownCode {
-    pub number: u64,
-    /// Stable short name (see [`TokenError::code`]).
-    pub code: &'static str,
-    pub meaning: &'static str,
-    pub fix: &'static str,
-}
-
-/// The Entra ID codes an operator meets when setting the relay up.
-pub const KNOWN_CODES: &[KnownCode] = &[
-    KnownCode {
-        number: 7000215,
-        code: "token_invalid_client_secret",
-        meaning: "the client secret is wrong",
-        fix: "set oAuthClientSecret to the secret's value, not its ID (the value is shown only once, when the secret is created)",
-    },
-    KnownCode {
-        number: 7000222,
-        code: "token_client_secret_expired",
-        meaning: "the client secret has expired",
-        fix: "create a new client secret in the app registration (Certificates & secrets) and set oAuthClientSecret to its value",
-    },
-    KnownCode {
-        number: 700016,
-        code: "token_application_not_found",
-        meaning: "no application with this client id exists in the tenant",
-        fix: "check oAuthClientId (the app registration's Application (client) ID) and oAuthTenantId",
-    },
-    KnownCode {
-        number: 90002,
-        code: "token_tenant_not_found",
-        meaning: "the tenant does not exist",
-        fix: "check oAuthTenantId (the Directory (tenant) ID or a verified domain of the tenant)",
-    },
-    KnownCode {
-        number: 70011,
-        code: "token_invalid_scope",
-        meaning: "the scope is not valid",
-        fix: "set oAuthScopes to https://outlook.office365.com/.default",
-    },
-    KnownCode {
-        number: 700027,
-        code: "token_invalid_client_assertion",
-        meaning: "the client assertion's signature is not valid",
-        fix: "the certificate uploaded to the app registration does not match the relay's private key; upload the certificate that belongs to the configured key",
-    },
-    KnownCode {
-        number: 7000112,
-        code: "token_application_disabled",
-        meaning: "the application is disabled",
-        fix: "enable the Enterprise application (Properties > Enabled for users to sign in) or ask the tenant administrator",
-    },
-    KnownCode {
-        number: 500011,
-        code: "token_resource_principal_not_found",
-        meaning: "Office 365 Exchange Online is not present in the tenant (resource principal not found)",
-        fix: "check oAuthScopes, and that the tenant has Exchange Online and admin consent was granted for SMTP.SendAsApp",
-    },
-    KnownCode {
-        number: 53003,
-        code: "token_blocked_by_conditional_access",
-        meaning: "a Conditional Access policy blocked the request",
-        fix: "ask the tenant administrator to exclude this application (or this host's address) from the policy",
-    },
-    KnownCode {
-        number: 900144,
-        code: "token_request_missing_parameter",
-        meaning: "the token request is missing a parameter",
-        fix: "this is a bug in mail-relay; please report it with the trace and correlation ids",
-    },
-];
 
 /// Renders `; retry after Ns` when the endpoint said so.
 struct RetryHint(Option<Duration>);
@@ -307,10 +235,10 @@ mod tests {
 
     #[test]
     fn every_known_code_has_a_distinct_name() {
-        let mut names: Vec<_> = KNOWN_CODES.iter().map(|k| k.code).collect();
+        let mut names: Vec<_> = KNOWN_ENTRA_CODES.iter().map(|k| k.code).collect();
         names.sort_unstable();
         names.dedup();
-        assert_eq!(names.len(), KNOWN_CODES.len());
+        assert_eq!(names.len(), KNOWN_ENTRA_CODES.len());
     }
 
     #[test]

@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 pub use assertion::{ASSERTION_TYPE, AssertionClaims, CertificateCredential};
 pub use cache::{CacheKey, CacheOptions, RetryPolicy, TokenCache};
 pub use client::{Fetched, TokenClient};
-pub use error::{EntraError, KNOWN_CODES, KnownCode, TokenError};
+pub use error::{EntraError, TokenError};
 
 /// An access token. `Debug` shows only its fingerprint and expiry.
 #[derive(Clone)]
