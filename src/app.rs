@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{HeaderName, Method, StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
@@ -36,11 +36,8 @@ use crate::send_as::SendAsPolicy;
 use crate::smtp::SmtpSender;
 use crate::telemetry::delivery::{ObservedSender, SendHistory};
 use crate::telemetry::metrics::Metrics;
-use crate::telemetry::request_log;
+use crate::telemetry::request_log::{self, REQUEST_ID};
 use crate::token::{TokenCache, TokenProvider};
-
-/// The request id header: set when missing, echoed in the answer, logged.
-pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Shared state: cheap to clone, one `Arc` per part.
 #[derive(Clone)]

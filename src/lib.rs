@@ -1,6 +1,7 @@
 //! mail-relay: an HTTP-to-SMTP relay for Microsoft 365 that authenticates with OAuth2.
 //!
-//! Data flows one way: request -> caller -> send-as -> message -> token -> SMTP -> response.
+//! Data flows one way: request -> caller -> policy (send-as, limits, idempotency) -> message ->
+//! delivery -> transport (SMTP) -> token. ARCHITECTURE.md is the map.
 
 pub mod admin;
 pub mod api;

@@ -214,7 +214,7 @@ fn keep_header(name: &HeaderName) -> bool {
         && name != header::TRANSFER_ENCODING
         && name != header::CONNECTION
         && name != header::SET_COOKIE
-        && *name != crate::app::REQUEST_ID
+        && *name != crate::telemetry::request_log::REQUEST_ID
 }
 
 impl IntoResponse for StoredResponse {

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::HeaderName;
 use axum::middleware::Next;
 use axum::response::Response;
 use tower_http::request_id::RequestId;
@@ -16,6 +17,9 @@ use tracing::Level;
 
 use super::metrics::Metrics;
 use crate::caller::Caller;
+
+/// The request id header: set when missing, echoed in the answer, logged.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 tokio::task_local! {
     static NOTES: Arc<Mutex<Notes>>;

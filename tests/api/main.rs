@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod admin_mail;
+mod architecture;
 mod auth;
 mod cli;
 mod config;
