@@ -8,7 +8,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::delivery::DeliveryError;
-use crate::idempotency::IdempotencyError;
+use crate::idempotency::{IdempotencyError, Replay};
 pub use crate::message::FieldError;
 use crate::message::MailError;
 use crate::rate_limit::LimitError;
@@ -250,6 +250,39 @@ impl ApiError {
         }
     }
 
+    /// Whether a retry with the same Idempotency-Key gets this answer again or tries again:
+    /// decided here, once per variant, and nowhere else.
+    pub fn replay(&self) -> Replay {
+        match self {
+            // Retrying the same request cannot change these.
+            Self::InvalidRequest { .. }
+            | Self::Unauthorized(_)
+            | Self::NotFound { .. }
+            | Self::MethodNotAllowed(_)
+            | Self::PayloadTooLarge { .. }
+            | Self::UnsupportedMediaType(_)
+            | Self::TooManyRecipients { .. }
+            | Self::MessageTooLarge { .. }
+            | Self::ServerTooLarge(_)
+            | Self::SendAsDenied(_)
+            | Self::IdempotencyKeyReused(_) => Replay::Store,
+            // The server may have the mail: a retry must not send it again.
+            Self::OutcomeUnknown(_) => Replay::Store,
+            // Transient, short-lived or the administrator's to fix: a retry tries again.
+            Self::Timeout(_)
+            | Self::Internal
+            | Self::SendAsDeniedForNow(_)
+            | Self::SmtpAuthFailed(_)
+            | Self::SmtpAuthDisabled(_)
+            | Self::RateLimited { .. }
+            | Self::IdempotencyInProgress(_)
+            | Self::StoreUnavailable(_)
+            | Self::SmtpUnavailable { .. }
+            | Self::SmtpRejected(_)
+            | Self::TokenUnavailable { .. } => Replay::Skip,
+        }
+    }
+
     /// The stable machine code of this error.
     pub fn code(&self) -> &'static str {
         self.parts().1
@@ -294,19 +327,7 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        match &self {
-            Self::OutcomeUnknown(_) => {
-                response
-                    .extensions_mut()
-                    .insert(crate::idempotency::ReplayAlways);
-            }
-            Self::SendAsDeniedForNow(_) => {
-                response
-                    .extensions_mut()
-                    .insert(crate::idempotency::ReplayNever);
-            }
-            _ => {}
-        }
+        response.extensions_mut().insert(self.replay());
         if let Self::Unauthorized(e) = &self {
             response
                 .headers_mut()
@@ -530,19 +551,9 @@ mod tests {
         })
         .into_response();
         assert_eq!(for_now.status(), StatusCode::FORBIDDEN);
-        assert!(
-            for_now
-                .extensions()
-                .get::<crate::idempotency::ReplayNever>()
-                .is_some()
-        );
+        assert_eq!(for_now.extensions().get(), Some(&Replay::Skip));
         let unknown = ApiError::OutcomeUnknown("lost".into()).into_response();
-        assert!(
-            unknown
-                .extensions()
-                .get::<crate::idempotency::ReplayAlways>()
-                .is_some()
-        );
+        assert_eq!(unknown.extensions().get(), Some(&Replay::Store));
     }
 
     #[tokio::test]

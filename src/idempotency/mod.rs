@@ -9,8 +9,9 @@
 //!   `409 idempotency_in_progress` at once rather than waiting: a send can take as long as the
 //!   SMTP deadline, and a waiting request would hold a connection and a timeout budget for it.
 //!   The client retries after a moment and then gets the stored result;
-//! - only results worth replaying are stored: 2xx and definitive 4xx. A 5xx, 408, 409, 425 or
-//!   429 is not stored, so a retry with the same key tries again. A request that fails or is
+//! - only results worth replaying are stored: 2xx, definitive refusals and an unknown outcome,
+//!   as each answer is marked ([`Replay`]; `ApiError::replay` decides for every failure). A
+//!   transient failure (5xx, 409, 429) is not stored, so a retry with the same key tries again. A request that fails or is
 //!   cancelled before it completes (its [`Guard`] is dropped) leaves no record either.
 //!
 //! Records live behind [`IdempotencyStore`]. [`InMemoryStore`] keeps them in this process for
@@ -29,7 +30,7 @@ use std::sync::Arc;
 use axum::response::{IntoResponse, Response};
 
 pub use self::key::{Fingerprint, IDEMPOTENCY_KEY, IdempotencyKey, MAX_KEY_LEN};
-pub use self::replay::{IDEMPOTENT_REPLAYED, ReplayAlways, ReplayNever, StoredResponse};
+pub use self::replay::{IDEMPOTENT_REPLAYED, Replay, StoredResponse};
 pub use self::store::{IdempotencyStore, InMemoryStore, Slot};
 use crate::caller::Caller;
 use crate::clock::{Clock, SystemClock};
@@ -90,22 +91,19 @@ impl fmt::Debug for Guard {
 }
 
 impl Guard {
-    /// Record the result: kept for replay when [`StoredResponse::is_replayable`], otherwise the
-    /// claim is dropped so a retry tries again.
+    /// Keep `response` for replay. An answer not to keep (see [`Replay`]) never gets here:
+    /// [`StoredResponse::capture`] gives no copy, and dropping the guard lets a retry try again.
     pub async fn complete(mut self, response: StoredResponse) {
-        if response.is_replayable() {
-            self.store
-                .complete(
-                    &self.scope,
-                    &self.key,
-                    self.token,
-                    response,
-                    self.clock.now_ms(),
-                )
-                .await;
-            self.done = true;
-        }
-        // Otherwise `Drop` abandons the claim.
+        self.store
+            .complete(
+                &self.scope,
+                &self.key,
+                self.token,
+                response,
+                self.clock.now_ms(),
+            )
+            .await;
+        self.done = true;
     }
 }
 
@@ -243,7 +241,6 @@ mod tests {
                 HeaderValue::from_static("application/json"),
             )],
             body: Bytes::from(format!(r#"{{"id":"{id}"}}"#)),
-            always: false,
         }
     }
 
@@ -327,36 +324,53 @@ mod tests {
 
     #[tokio::test]
     async fn transient_failures_are_not_stored() {
+        use crate::api::ApiError;
         let (idem, store, _) = setup(86_400, 100);
         let caller = api_key("billing");
-        for status in [
-            StatusCode::SERVICE_UNAVAILABLE,
-            StatusCode::BAD_GATEWAY,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            StatusCode::TOO_MANY_REQUESTS,
-            StatusCode::CONFLICT,
+        let run = |answer: ApiError| {
+            idem.run(
+                &caller,
+                Some(key("k-1")),
+                Fingerprint::of(b"body"),
+                || async { answer.into_response() },
+            )
+        };
+        let detail = || "detail".to_string();
+        for answer in [
+            ApiError::SmtpUnavailable {
+                detail: detail(),
+                retry_after: None,
+            },
+            ApiError::SmtpRejected(detail()),
+            ApiError::Internal,
+            ApiError::RateLimited {
+                detail: detail(),
+                retry_after: 1,
+            },
+            ApiError::IdempotencyInProgress(detail()),
+            ApiError::SendAsDeniedForNow(detail()),
         ] {
-            let guard = new_guard(&idem, &caller, "k-1", b"body").await;
-            guard
-                .complete(StoredResponse {
-                    status,
-                    headers: Vec::new(),
-                    body: Bytes::new(),
-                    always: false,
-                })
-                .await;
+            let status = run(answer).await.unwrap().status();
             assert!(store.is_empty(), "{status} was stored");
         }
         // A definitive refusal is stored: retrying the same request cannot change it.
-        let guard = new_guard(&idem, &caller, "k-1", b"body").await;
-        let forbidden = StoredResponse {
-            status: StatusCode::FORBIDDEN,
-            headers: Vec::new(),
-            body: Bytes::from_static(b"send_as_denied"),
-            always: false,
-        };
-        guard.complete(forbidden.clone()).await;
-        assert_eq!(replay(&idem, &caller, "k-1", b"body").await, forbidden);
+        let first = run(ApiError::SendAsDenied(detail())).await.unwrap();
+        assert_eq!(first.status(), StatusCode::FORBIDDEN);
+        let again = replay(&idem, &caller, "k-1", b"body").await;
+        assert_eq!(again.status, StatusCode::FORBIDDEN);
+        // And so is an unknown outcome, though a 502: the server may have the mail.
+        let (idem, store, _) = setup(86_400, 100);
+        let unknown = idem
+            .run(
+                &caller,
+                Some(key("k-2")),
+                Fingerprint::of(b"body"),
+                || async { ApiError::OutcomeUnknown(detail()).into_response() },
+            )
+            .await
+            .unwrap();
+        assert_eq!(unknown.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(store.len(), 1);
     }
 
     #[tokio::test]

@@ -10,15 +10,29 @@ pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-
 /// Largest response body kept for replay; `POST /mail` answers are far smaller.
 const MAX_STORED_BODY: usize = 64 * 1024;
 
-/// A response extension: store this answer under its key whatever its status. An SMTP send
-/// whose outcome is unknown must not be tried again by a retry with the same key.
-#[derive(Debug, Clone, Copy)]
-pub struct ReplayAlways;
+/// Whether an answer is kept under its Idempotency-Key, carried as a response extension by
+/// whoever built the answer: each kind of failure says it once (`ApiError::replay`), and
+/// [`Replay::of`] is the one place that reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replay {
+    /// Keep it: a retry cannot change the answer, or must not try (the SMTP server may have
+    /// the mail).
+    Store,
+    /// Do not: the failure is transient or the refusal short-lived, so a retry tries again.
+    Skip,
+}
 
-/// A response extension: never store this answer, whatever its status (a refusal that lasts
-/// only a short while, so a retry with the same key should be tried again).
-#[derive(Debug, Clone, Copy)]
-pub struct ReplayNever;
+impl Replay {
+    /// The answer's own mark; unmarked, a success is kept (its mail went out and must not go
+    /// out again) and anything else is not.
+    pub fn of(response: &Response) -> Self {
+        match response.extensions().get::<Self>() {
+            Some(replay) => *replay,
+            None if response.status().is_success() => Self::Store,
+            None => Self::Skip,
+        }
+    }
+}
 
 /// A response kept for replay.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,31 +40,11 @@ pub struct StoredResponse {
     pub status: StatusCode,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub body: Bytes,
-    /// Marked [`ReplayAlways`]: kept whatever its status.
-    pub always: bool,
 }
 
 impl StoredResponse {
-    /// Is a response with this status worth replaying? 2xx and definitive 4xx are; 5xx and the
-    /// 4xx that say "try again" (408, 409, 425, 429) are not, so a retry tries again.
-    pub fn is_replayable_status(status: StatusCode) -> bool {
-        status.is_success()
-            || (status.is_client_error()
-                && !matches!(
-                    status,
-                    StatusCode::REQUEST_TIMEOUT
-                        | StatusCode::CONFLICT
-                        | StatusCode::TOO_EARLY
-                        | StatusCode::TOO_MANY_REQUESTS
-                ))
-    }
-
-    pub fn is_replayable(&self) -> bool {
-        self.always || Self::is_replayable_status(self.status)
-    }
-
-    /// Buffer `response`'s body and return it unchanged, with a copy to store when it is
-    /// replayable and its body known to be at most 64 KiB (larger or streamed bodies are not kept).
+    /// Buffer `response`'s body and return it unchanged, with a copy to store when
+    /// [`Replay::of`] says so and its body known to be at most 64 KiB (larger or streamed bodies are not kept).
     pub async fn capture(response: Response) -> (Response, Option<StoredResponse>) {
         // Only bodies known to be small are buffered; anything else passes through unstored.
         let small = response
@@ -58,9 +52,7 @@ impl StoredResponse {
             .size_hint()
             .upper()
             .is_some_and(|n| n <= MAX_STORED_BODY as u64);
-        let always = response.extensions().get::<ReplayAlways>().is_some();
-        let never = response.extensions().get::<ReplayNever>().is_some();
-        if never || !(always || Self::is_replayable_status(response.status())) || !small {
+        if Replay::of(&response) == Replay::Skip || !small {
             return (response, None);
         }
         let (parts, body) = response.into_parts();
@@ -76,7 +68,6 @@ impl StoredResponse {
                     status: parts.status,
                     headers,
                     body: bytes.clone(),
-                    always,
                 };
                 (Response::from_parts(parts, Body::from(bytes)), Some(stored))
             }
