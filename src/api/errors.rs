@@ -20,6 +20,10 @@ use crate::token::TokenError;
 const DEFAULT_RETRY_AFTER: u64 = 5;
 /// Exchange's recipient quota is per rolling day: an hour is a fair first wait.
 const QUOTA_RETRY_AFTER: u64 = 3600;
+/// Most field errors a problem lists in `errors`; the rest are counted in `errorsOmitted`. A
+/// client fixes the first ones and sends again, and the answer stays a few KiB, however many
+/// fields a request got wrong.
+pub const MAX_LISTED_ERRORS: usize = 20;
 
 /// A problem+json body (RFC 9457) with the relay's stable `code`.
 #[derive(Debug, Serialize, ToSchema)]
@@ -42,9 +46,13 @@ pub struct Problem {
     /// The request id (also in the `X-Request-Id` header and the logs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
-    /// For validation errors: each field and what is wrong with it.
+    /// For validation errors: each field and what is wrong with it, the first 20 of them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<FieldError>,
+    /// How many more field errors there were than the 20 listed in `errors`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = 480)]
+    pub errors_omitted: Option<usize>,
 }
 
 /// Every way a request can fail, as the client sees it.
@@ -292,7 +300,9 @@ impl ApiError {
     pub fn problem(&self) -> Problem {
         let (status, code, title) = self.parts();
         let errors = match self {
-            Self::InvalidRequest { errors, .. } => errors.clone(),
+            Self::InvalidRequest { errors, .. } => {
+                errors.iter().take(MAX_LISTED_ERRORS).cloned().collect()
+            }
             // A client showing errors beside its fields gets this one beside the recipients.
             Self::TooManyRecipients { count, limit, .. } => vec![FieldError {
                 field: "to".into(),
@@ -302,6 +312,10 @@ impl ApiError {
             }],
             _ => Vec::new(),
         };
+        let omitted = match self {
+            Self::InvalidRequest { errors: all, .. } => all.len().saturating_sub(errors.len()),
+            _ => 0,
+        };
         Problem {
             r#type: format!("https://mail-relay.dev/problems/{code}"),
             title: title.to_string(),
@@ -310,6 +324,7 @@ impl ApiError {
             code: code.to_string(),
             request_id: None,
             errors,
+            errors_omitted: (omitted > 0).then_some(omitted),
         }
     }
 }
@@ -402,7 +417,7 @@ impl From<MailError> for ApiError {
     fn from(e: MailError) -> Self {
         match e {
             MailError::Invalid(errors) => {
-                // The detail names the first few; `errors` has them all.
+                // The detail names the first few; `errors` the first MAX_LISTED_ERRORS.
                 const SHOWN: usize = 5;
                 let mut detail = format!(
                     "the mail request has {} invalid field(s): {}",
@@ -719,5 +734,32 @@ mod tests {
         assert_eq!(problem.code, "invalid_request");
         assert_eq!(problem.errors[0].field, "to[2]");
         assert!(problem.detail.contains("to[2]: not an e-mail address"));
+    }
+
+    #[test]
+    fn a_problem_lists_the_first_20_field_errors_and_counts_the_rest() {
+        let errors = (0..500)
+            .map(|i| FieldError::new(format!("headers.X-{i}"), "not a header name"))
+            .collect();
+        let problem = ApiError::from(MailError::Invalid(errors)).problem();
+        assert_eq!(problem.status, 400);
+        assert_eq!(problem.errors.len(), MAX_LISTED_ERRORS);
+        assert_eq!(problem.errors[19].field, "headers.X-19");
+        assert_eq!(problem.errors_omitted, Some(480));
+        let json = serde_json::to_value(&problem).unwrap();
+        assert_eq!(json["errorsOmitted"], 480);
+        // A stored refusal keeps as many, so its replay lists what the first answer listed.
+        assert_eq!(
+            MAX_LISTED_ERRORS,
+            crate::idempotency::MAX_STORED_FIELD_ERRORS
+        );
+        // Nothing omitted, nothing said.
+        let one = ApiError::from(MailError::Invalid(vec![FieldError::new("to", "x")])).problem();
+        assert!(
+            serde_json::to_value(&one)
+                .unwrap()
+                .get("errorsOmitted")
+                .is_none()
+        );
     }
 }

@@ -84,6 +84,7 @@ pub const KEYS: &[KeySpec] = &[
     plain("mailRelay.rateLimits.callerMessagesPerMinute"),
     plain("mailRelay.idempotency.ttlSeconds"),
     plain("mailRelay.idempotency.maxEntries"),
+    plain("mailRelay.idempotency.maxBytes"),
     plain("mailRelay.http.basePath"),
     plain("mailRelay.http.forwardedHeader"),
     plain("mailRelay.shutdown.drainDelaySeconds"),

@@ -274,6 +274,11 @@ fn render_rate_limits(out: &mut Out<'_>, settings: &Settings) {
         "mailRelay.idempotency.maxEntries",
         Some(idempotency.max_entries.to_string()),
     );
+    out.line(
+        4,
+        "mailRelay.idempotency.maxBytes",
+        Some(idempotency.max_bytes.to_string()),
+    );
 }
 
 fn render_callers(out: &mut Out<'_>, settings: &Settings) {

@@ -440,6 +440,8 @@ pub struct IdempotencySettings {
     pub ttl: Duration,
     /// Most keys remembered; beyond it the oldest are forgotten first.
     pub max_entries: usize,
+    /// Most bytes the remembered answers may hold; beyond it the oldest are forgotten first.
+    pub max_bytes: usize,
 }
 
 impl Default for IdempotencySettings {
@@ -447,6 +449,7 @@ impl Default for IdempotencySettings {
         Self {
             ttl: Duration::from_secs(86_400),
             max_entries: 100_000,
+            max_bytes: 32 * 1024 * 1024,
         }
     }
 }

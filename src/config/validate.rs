@@ -390,6 +390,13 @@ fn idempotency(ctx: &mut Ctx<'_>) -> IdempotencySettings {
             100_000usize,
             1..=10_000_000,
         ),
+        // 32 MiB: an eighth of the 256 MiB container, and days of the 10,000 mails a day one
+        // mailbox may send. At least 1 MiB, so the largest success answer always fits.
+        max_bytes: ctx.number(
+            "mailRelay.idempotency.maxBytes",
+            32 * 1024 * 1024usize,
+            1024 * 1024..=1024 * 1024 * 1024,
+        ),
     }
 }
 

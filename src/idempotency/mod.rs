@@ -30,7 +30,7 @@ use std::sync::Arc;
 use axum::response::{IntoResponse, Response};
 
 pub use self::key::{Fingerprint, IDEMPOTENCY_KEY, IdempotencyKey, MAX_KEY_LEN};
-pub use self::replay::{IDEMPOTENT_REPLAYED, Replay, StoredResponse};
+pub use self::replay::{IDEMPOTENT_REPLAYED, MAX_STORED_FIELD_ERRORS, Replay, StoredResponse};
 pub use self::store::{IdempotencyStore, InMemoryStore, Slot};
 use crate::caller::Caller;
 use crate::clock::{Clock, SystemClock};
@@ -213,9 +213,18 @@ mod tests {
     const T0: Millis = 1_700_000_000_000;
 
     fn setup(ttl_secs: u64, max_entries: usize) -> (Idempotency, Arc<InMemoryStore>, ManualClock) {
+        setup_bytes(ttl_secs, max_entries, usize::MAX)
+    }
+
+    fn setup_bytes(
+        ttl_secs: u64,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> (Idempotency, Arc<InMemoryStore>, ManualClock) {
         let store = Arc::new(InMemoryStore::new(&IdempotencySettings {
             ttl: Duration::from_secs(ttl_secs),
             max_entries,
+            max_bytes,
         }));
         let clock = ManualClock::new(T0);
         let idempotency = Idempotency::new(store.clone(), Arc::new(clock.clone()));
@@ -462,6 +471,55 @@ mod tests {
             assert_eq!(replay(&idem, &noisy, k, b"body").await, accepted(k));
         }
         drop(new_guard(&idem, &noisy, "n-16", b"body").await);
+    }
+
+    /// A 400 as large as a request with hundreds of refused header names made one.
+    fn large_refusal() -> StoredResponse {
+        StoredResponse {
+            status: StatusCode::BAD_REQUEST,
+            headers: Vec::new(),
+            body: Bytes::from(vec![b'x'; 60 * 1024]),
+        }
+    }
+
+    #[tokio::test]
+    async fn large_refusals_stay_under_the_byte_bound_and_push_out_only_their_callers_own() {
+        const MAX_BYTES: usize = 1024 * 1024;
+        let (idem, store, clock) = setup_bytes(86_400, 100_000, MAX_BYTES);
+        let (quiet, noisy) = (api_key("billing"), api_key("newsletter"));
+        for k in ["q-1", "q-2"] {
+            new_guard(&idem, &quiet, k, b"body")
+                .await
+                .complete(accepted(k))
+                .await;
+        }
+        // 200 refusals of 60 KiB: 12 MiB unbounded, far over the count bound's reach.
+        for n in 0..200 {
+            clock.advance(Duration::from_secs(1));
+            let k = format!("n-{n}");
+            new_guard(&idem, &noisy, &k, b"body")
+                .await
+                .complete(large_refusal())
+                .await;
+            assert!(
+                store.bytes() <= MAX_BYTES,
+                "{} bytes after {n}",
+                store.bytes()
+            );
+        }
+        assert!(
+            store.bytes() > MAX_BYTES / 2,
+            "the bound is used, not emptied"
+        );
+        // The quiet caller's answers stay; the noisy one keeps its newest refusals.
+        for k in ["q-1", "q-2"] {
+            assert_eq!(replay(&idem, &quiet, k, b"body").await, accepted(k));
+        }
+        assert_eq!(
+            replay(&idem, &noisy, "n-199", b"body").await,
+            large_refusal()
+        );
+        drop(new_guard(&idem, &noisy, "n-0", b"body").await);
     }
 
     #[tokio::test]

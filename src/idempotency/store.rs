@@ -52,6 +52,10 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     fn abandon(&self, scope: &str, key: &IdempotencyKey, token: u64);
 }
 
+/// What a record costs beyond its key and answer: its map and queue slots, fingerprint and
+/// times. An estimate; what matters is that the bound grows with what clients send.
+const RECORD_OVERHEAD: usize = 256;
+
 struct Entry {
     fingerprint: Fingerprint,
     token: u64,
@@ -59,7 +63,24 @@ struct Entry {
     response: Option<StoredResponse>,
 }
 
+impl Entry {
+    /// Bytes this record holds, counted against `maxBytes`: the caller and key are kept three
+    /// times (map, expiry queue, caller queue).
+    fn size(&self, id: &RecordId) -> usize {
+        RECORD_OVERHEAD
+            + 3 * (id.0.len() + id.1.as_str().len())
+            + self.response.as_ref().map_or(0, StoredResponse::size)
+    }
+}
+
 type RecordId = (String, IdempotencyKey);
+
+/// What eviction makes room for.
+#[derive(Clone, Copy)]
+enum Measure {
+    Count,
+    Bytes,
+}
 
 #[derive(Default)]
 struct Records {
@@ -67,11 +88,16 @@ struct Records {
     /// Claims oldest first, as (token, record), for expiry. Removed entries leave stale items
     /// here, skipped by their token and compacted when they pile up.
     order: VecDeque<(u64, RecordId)>,
-    /// Each caller's records, for eviction beyond `max` from the caller holding the most, so one
-    /// caller's flood of keys pushes out its own records, never another caller's.
+    /// Each caller's records, for eviction beyond a bound from the caller holding the most, so
+    /// one caller's flood of keys (or of large refusals) pushes out its own records, never
+    /// another caller's.
     scopes: HashMap<String, Scope>,
     /// (live records, caller) for every caller holding any: the last one holds the most.
     by_count: BTreeSet<(usize, String)>,
+    /// (bytes held, caller) for every caller holding any: the last one holds the most bytes.
+    by_bytes: BTreeSet<(usize, String)>,
+    /// Bytes held by all records ([`Entry::size`]).
+    bytes: usize,
     next_token: u64,
 }
 
@@ -80,6 +106,7 @@ struct Records {
 struct Scope {
     order: VecDeque<(u64, IdempotencyKey)>,
     live: usize,
+    bytes: usize,
 }
 
 impl Records {
@@ -89,48 +116,78 @@ impl Records {
 
     fn insert(&mut self, id: RecordId, entry: Entry) {
         let token = entry.token;
-        let replaced = self.entries.insert(id.clone(), entry).is_some();
+        let size = entry.size(&id);
+        let replaced = self
+            .entries
+            .insert(id.clone(), entry)
+            .map(|old| old.size(&id));
         let (scope_name, key) = id.clone();
         self.order.push_back((token, id));
-        let scope = self.scopes.entry(scope_name.clone()).or_default();
-        scope.order.push_back((token, key));
-        if !replaced {
-            let before = scope.live;
-            scope.live += 1;
-            Self::recount(&mut self.by_count, &scope_name, before, scope.live);
-        }
+        self.account(&scope_name, |scope| {
+            scope.order.push_back((token, key));
+            scope.live += usize::from(replaced.is_none());
+            scope.bytes = scope.bytes - replaced.unwrap_or(0) + size;
+        });
     }
 
     fn remove(&mut self, id: &RecordId) {
-        if self.entries.remove(id).is_none() {
-            return;
-        }
-        let Some(scope) = self.scopes.get_mut(&id.0) else {
+        let Some(entry) = self.entries.remove(id) else {
             return;
         };
-        let before = scope.live;
-        scope.live -= 1;
-        Self::recount(&mut self.by_count, &id.0, before, scope.live);
-        if scope.live == 0 {
-            self.scopes.remove(&id.0);
+        let size = entry.size(id);
+        self.account(&id.0, |scope| {
+            scope.live -= 1;
+            scope.bytes -= size;
+        });
+    }
+
+    /// The answer for the claim `token`, kept for the TTL from `now` (or longer, if the claim's
+    /// own expiry is later).
+    fn answer(&mut self, id: &RecordId, token: u64, response: StoredResponse, expires_at: Millis) {
+        let Some(entry) = self.entries.get_mut(id).filter(|e| e.token == token) else {
+            return;
+        };
+        let before = entry.size(id);
+        entry.response = Some(response);
+        entry.expires_at = entry.expires_at.max(expires_at);
+        let after = entry.size(id);
+        self.account(&id.0, |scope| scope.bytes = scope.bytes - before + after);
+    }
+
+    /// Apply `change` to the caller's counts and keep the rankings and the total in step; a
+    /// caller left with no records is forgotten.
+    fn account(&mut self, name: &str, change: impl FnOnce(&mut Scope)) {
+        let scope = self.scopes.entry(name.to_owned()).or_default();
+        let before = (scope.live, scope.bytes);
+        change(scope);
+        let after = (scope.live, scope.bytes);
+        self.bytes = self.bytes - before.1 + after.1;
+        if before.0 > 0 {
+            self.by_count.remove(&(before.0, name.to_owned()));
+            self.by_bytes.remove(&(before.1, name.to_owned()));
+        }
+        if after.0 > 0 {
+            self.by_count.insert((after.0, name.to_owned()));
+            self.by_bytes.insert((after.1, name.to_owned()));
+        } else {
+            self.scopes.remove(name);
         }
     }
 
-    fn recount(by_count: &mut BTreeSet<(usize, String)>, scope: &str, before: usize, after: usize) {
-        if before > 0 {
-            by_count.remove(&(before, scope.to_owned()));
-        }
-        if after > 0 {
-            by_count.insert((after, scope.to_owned()));
+    fn ranking(&self, by: Measure) -> &BTreeSet<(usize, String)> {
+        match by {
+            Measure::Count => &self.by_count,
+            Measure::Bytes => &self.by_bytes,
         }
     }
 
-    /// Forget expired records and, beyond `max`, the oldest ones of the caller holding the most.
-    /// A claim still waiting for its answer is never forgotten: its request may be sending, and
-    /// a retry must not send again.
-    fn trim(&mut self, now: Millis, max: usize) {
+    /// Forget expired records and, beyond `max_entries` or `max_bytes`, the oldest ones of the
+    /// caller holding the most records or bytes. A claim still waiting for its answer is never
+    /// forgotten: its request may be sending, and a retry must not send again.
+    fn trim(&mut self, now: Millis, max_entries: usize, max_bytes: usize) {
         self.expire(now);
-        while self.entries.len() > max && self.evict_one() {}
+        while self.entries.len() > max_entries && self.evict_one(Measure::Count) {}
+        while self.bytes > max_bytes && self.evict_one(Measure::Bytes) {}
         self.compact();
     }
 
@@ -145,12 +202,13 @@ impl Records {
         }
     }
 
-    /// Forget the oldest answered record of the caller holding the most (the next one when all
-    /// of its records are still waiting for answers). `false` when nothing can go.
-    fn evict_one(&mut self) -> bool {
-        let mut candidate = self.by_count.last().cloned();
+    /// Forget the oldest answered record of the caller holding the most records or bytes (the
+    /// next one when all of its records are still waiting for answers). `false` when nothing
+    /// can go.
+    fn evict_one(&mut self, by: Measure) -> bool {
+        let mut candidate = self.ranking(by).last().cloned();
         while let Some(current) = candidate {
-            candidate = self.by_count.range(..&current).next_back().cloned();
+            candidate = self.ranking(by).range(..&current).next_back().cloned();
             let name = current.1;
             let Some(scope) = self.scopes.get_mut(&name) else {
                 continue;
@@ -216,11 +274,12 @@ fn front_answered<'e, K>(
     None
 }
 
-/// Records in this process, for `ttl` each, at most `max_entries` (beyond it, the oldest of the
-/// caller holding the most are forgotten first).
+/// Records in this process, for `ttl` each, at most `max_entries` of them holding at most
+/// `max_bytes` (beyond either, the oldest of the caller holding the most are forgotten first).
 pub struct InMemoryStore {
     ttl_ms: Millis,
     max_entries: usize,
+    max_bytes: usize,
     // Never held across `.await`: every operation is a few map look-ups.
     records: Mutex<Records>,
 }
@@ -230,6 +289,7 @@ impl InMemoryStore {
         Self {
             ttl_ms: duration_ms(settings.ttl),
             max_entries: settings.max_entries.max(1),
+            max_bytes: settings.max_bytes,
             records: Mutex::default(),
         }
     }
@@ -246,6 +306,11 @@ impl InMemoryStore {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Bytes the records hold, as counted against `maxBytes`.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
 }
 
 #[async_trait]
@@ -258,7 +323,7 @@ impl IdempotencyStore for InMemoryStore {
         now: Millis,
     ) -> Result<Slot, IdempotencyError> {
         let mut records = self.lock();
-        records.trim(now, self.max_entries);
+        records.trim(now, self.max_entries, self.max_bytes);
         let id = (scope.to_owned(), key.clone());
         // A claim still waiting for its answer counts however old: its send may be under way.
         if let Some(entry) = records.entries.get(&id)
@@ -284,7 +349,7 @@ impl IdempotencyStore for InMemoryStore {
                 response: None,
             },
         );
-        records.trim(now, self.max_entries);
+        records.trim(now, self.max_entries, self.max_bytes);
         Ok(Slot::New { token })
     }
 
@@ -297,12 +362,9 @@ impl IdempotencyStore for InMemoryStore {
         now: Millis,
     ) {
         let mut records = self.lock();
-        if let Some(entry) = records.entries.get_mut(&(scope.to_owned(), key.clone()))
-            && entry.token == token
-        {
-            entry.response = Some(response);
-            entry.expires_at = entry.expires_at.max(now.saturating_add(self.ttl_ms));
-        }
+        let id = (scope.to_owned(), key.clone());
+        records.answer(&id, token, response, now.saturating_add(self.ttl_ms));
+        records.trim(now, self.max_entries, self.max_bytes);
     }
 
     fn abandon(&self, scope: &str, key: &IdempotencyKey, token: u64) {

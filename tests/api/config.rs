@@ -1360,12 +1360,14 @@ fn rate_limits_and_idempotency_default_to_exchange_limits_and_a_day() {
     assert_eq!(r.rate_limits.caller_messages_per_minute, None);
     assert_eq!(r.idempotency.ttl, Duration::from_secs(86_400));
     assert_eq!(r.idempotency.max_entries, 100_000);
+    assert_eq!(r.idempotency.max_bytes, 32 * 1024 * 1024);
     for line in [
         "mailboxMessagesPerMinute: 30 # default",
         "mailboxRecipientsPerDay: 10000 # default",
         "callerMessagesPerMinute: 0 # default",
         "ttlSeconds: 86400 # default",
         "maxEntries: 100000 # default",
+        "maxBytes: 33554432 # default",
     ] {
         assert!(loaded.masked.contains(line), "{line} in\n{}", loaded.masked);
     }
@@ -1374,7 +1376,7 @@ fn rate_limits_and_idempotency_default_to_exchange_limits_and_a_day() {
 #[test]
 fn rate_limits_and_idempotency_are_read_from_file_and_env() {
     let yaml = seed_plus(
-        "  rateLimits:\n    mailboxMessagesPerMinute: 20\n    mailboxRecipientsPerDay: 0\n    callerMessagesPerMinute: 5\n  idempotency:\n    ttlSeconds: 600\n    maxEntries: 50\n",
+        "  rateLimits:\n    mailboxMessagesPerMinute: 20\n    mailboxRecipientsPerDay: 0\n    callerMessagesPerMinute: 5\n  idempotency:\n    ttlSeconds: 600\n    maxEntries: 50\n    maxBytes: 2097152\n",
     );
     let loaded = ok(&yaml, &[]);
     let r = &loaded.settings.relay;
@@ -1383,6 +1385,7 @@ fn rate_limits_and_idempotency_are_read_from_file_and_env() {
     assert_eq!(r.rate_limits.caller_messages_per_minute, limit(5));
     assert_eq!(r.idempotency.ttl, Duration::from_secs(600));
     assert_eq!(r.idempotency.max_entries, 50);
+    assert_eq!(r.idempotency.max_bytes, 2 * 1024 * 1024);
     // Off is written back as 0, and the masked output loads back to the same settings.
     assert!(
         loaded.masked.contains("mailboxRecipientsPerDay: 0\n"),
@@ -1449,6 +1452,12 @@ fn rate_limit_and_idempotency_values_out_of_range_name_the_key() {
             "0",
             "mailRelay.idempotency.maxEntries",
             "out of range; allowed 1..=10000000",
+        ),
+        (
+            "MAILRELAY_IDEMPOTENCY_MAXBYTES",
+            "1000",
+            "mailRelay.idempotency.maxBytes",
+            "out of range; allowed 1048576..=1073741824",
         ),
     ] {
         let message = error_for(SEED, &[(var, value)], key);
