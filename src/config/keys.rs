@@ -82,6 +82,7 @@ pub const KEYS: &[KeySpec] = &[
     plain("mailRelay.rateLimits.mailboxMessagesPerMinute"),
     plain("mailRelay.rateLimits.mailboxRecipientsPerDay"),
     plain("mailRelay.rateLimits.callerMessagesPerMinute"),
+    plain("mailRelay.rateLimits.callerRecipientsPerDay"),
     plain("mailRelay.idempotency.ttlSeconds"),
     plain("mailRelay.idempotency.maxEntries"),
     plain("mailRelay.idempotency.maxBytes"),

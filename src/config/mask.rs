@@ -266,6 +266,11 @@ fn render_rate_limits(out: &mut Out<'_>, settings: &Settings) {
         "mailRelay.rateLimits.callerMessagesPerMinute",
         n(limits.caller_messages_per_minute),
     );
+    out.line(
+        4,
+        "mailRelay.rateLimits.callerRecipientsPerDay",
+        n(limits.caller_recipients_per_day),
+    );
     let idempotency = &settings.relay.idempotency;
     out.section(2, "idempotency");
     out.line(4, "mailRelay.idempotency.ttlSeconds", secs(idempotency.ttl));

@@ -23,6 +23,8 @@ pub enum LimitKind {
     MailboxRecipients,
     /// Messages per rolling minute for one caller.
     CallerMessages,
+    /// Recipients per rolling 24 hours for one caller.
+    CallerRecipients,
 }
 
 impl LimitKind {
@@ -32,6 +34,7 @@ impl LimitKind {
             Self::MailboxMessages => "mailbox_minute",
             Self::MailboxRecipients => "mailbox_day",
             Self::CallerMessages => "caller",
+            Self::CallerRecipients => "caller_day",
         }
     }
 
@@ -41,6 +44,7 @@ impl LimitKind {
             Self::MailboxMessages => "mailRelay.rateLimits.mailboxMessagesPerMinute",
             Self::MailboxRecipients => "mailRelay.rateLimits.mailboxRecipientsPerDay",
             Self::CallerMessages => "mailRelay.rateLimits.callerMessagesPerMinute",
+            Self::CallerRecipients => "mailRelay.rateLimits.callerRecipientsPerDay",
         }
     }
 
@@ -50,6 +54,7 @@ impl LimitKind {
             Self::MailboxMessages => "mailbox_messages_per_minute",
             Self::MailboxRecipients => "mailbox_recipients_per_day",
             Self::CallerMessages => "caller_messages_per_minute",
+            Self::CallerRecipients => "caller_recipients_per_day",
         }
     }
 
@@ -57,7 +62,7 @@ impl LimitKind {
     pub fn window(self) -> Duration {
         match self {
             Self::MailboxMessages | Self::CallerMessages => MINUTE,
-            Self::MailboxRecipients => DAY,
+            Self::MailboxRecipients | Self::CallerRecipients => DAY,
         }
     }
 
@@ -65,7 +70,7 @@ impl LimitKind {
     pub(super) fn bucket_ms(self) -> Millis {
         match self {
             Self::MailboxMessages | Self::CallerMessages => 1,
-            Self::MailboxRecipients => DAY_BUCKET_MS,
+            Self::MailboxRecipients | Self::CallerRecipients => DAY_BUCKET_MS,
         }
     }
 
@@ -89,6 +94,9 @@ impl LimitKind {
             Self::CallerMessages => {
                 format!("each caller may send at most {max} messages per minute")
             }
+            Self::CallerRecipients => format!(
+                "each caller may send to at most {max} recipients per rolling 24 hours, its share of the mailbox's day"
+            ),
         }
     }
 }
@@ -223,6 +231,14 @@ impl RateLimits {
                 },
             ),
             (
+                s.caller_recipients_per_day,
+                recipients,
+                LimitKey {
+                    kind: LimitKind::CallerRecipients,
+                    subject: caller_id(caller),
+                },
+            ),
+            (
                 s.mailbox_messages_per_minute,
                 1,
                 mailbox(LimitKind::MailboxMessages),
@@ -309,6 +325,7 @@ mod tests {
             mailbox_messages_per_minute: NonZeroU32::new(per_minute),
             mailbox_recipients_per_day: NonZeroU32::new(per_day),
             caller_messages_per_minute: NonZeroU32::new(per_caller),
+            caller_recipients_per_day: None,
         }
     }
 
@@ -339,7 +356,12 @@ mod tests {
 
     #[tokio::test]
     async fn the_31st_message_in_a_minute_is_refused_until_the_first_leaves_the_window() {
-        let (limits, clock) = limits(RateLimitSettings::default());
+        // The mailbox's default limit, with one caller: its own share is not what this is about.
+        let (limits, clock) = limits(RateLimitSettings {
+            caller_messages_per_minute: None,
+            caller_recipients_per_day: None,
+            ..RateLimitSettings::default()
+        });
         let caller = key("billing");
         for _ in 0..30 {
             limits.reserve(&caller, 1).await.unwrap().keep();
@@ -506,6 +528,35 @@ mod tests {
         }
         let refusal = limited(limits.reserve(&key("fresh"), 1).await);
         assert_eq!(refusal.kind, LimitKind::MailboxMessages);
+    }
+
+    #[tokio::test]
+    async fn by_default_one_caller_gets_a_quarter_of_the_mailboxs_day() {
+        let (limits, clock) = limits(RateLimitSettings::default());
+        let (newsletter, billing) = (key("newsletter"), key("billing"));
+        // 500 recipients a mail, one a minute: the fifth fills its 2,500.
+        for _ in 0..5 {
+            limits.reserve(&newsletter, 500).await.unwrap().keep();
+            clock.advance(Duration::from_secs(60));
+        }
+        let refusal = limited(limits.reserve(&newsletter, 500).await);
+        assert_eq!(refusal.kind, LimitKind::CallerRecipients);
+        assert_eq!(refusal.max, 2_500);
+        let text = refusal.to_string();
+        assert!(
+            text.contains("mailRelay.rateLimits.callerRecipientsPerDay"),
+            "{text}"
+        );
+        assert!(refusal.retry_after > Duration::from_secs(80_000));
+        // The mailbox has 7,500 left, and another caller still sends.
+        limits.reserve(&billing, 500).await.unwrap().keep();
+        // And per minute a caller gets a quarter of 30 messages: six more make seven.
+        for _ in 0..6 {
+            limits.reserve(&billing, 1).await.unwrap().keep();
+        }
+        let refusal = limited(limits.reserve(&billing, 1).await);
+        assert_eq!(refusal.kind, LimitKind::CallerMessages);
+        assert_eq!(refusal.max, 7);
     }
 
     #[tokio::test]

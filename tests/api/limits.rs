@@ -317,3 +317,54 @@ async fn a_202_over_64_kib_is_replayed_and_not_sent_again() {
     assert_eq!(again.bytes().await.unwrap(), first);
     assert_eq!(outbox_files(&app).len(), 1, "sent once");
 }
+
+#[tokio::test]
+async fn one_caller_using_up_its_share_of_the_day_gets_429_while_another_still_sends() {
+    // The default shares (a quarter of the mailbox) of a smaller day, so that the mails stay
+    // small: 400 recipients for the mailbox, 100 for each caller.
+    let app = spawn_app_with(|s| {
+        let mailbox_recipients_per_day = NonZeroU32::new(400);
+        s.relay.rate_limits = RateLimitSettings {
+            mailbox_recipients_per_day,
+            caller_recipients_per_day: RateLimitSettings::caller_share(mailbox_recipients_per_day),
+            ..RateLimitSettings::default()
+        };
+        s.relay.limits.max_recipients = 20;
+        s.relay.auth.trusted_proxy = Some(mail_relay::config::TrustedProxySettings {
+            user_header: http::HeaderName::from_static("x-forwarded-email"),
+            sources: vec!["127.0.0.0/8".parse().unwrap()],
+            secret: None,
+        });
+    })
+    .await;
+    let to: Vec<String> = (0..20).map(|i| format!("r{i}@example.com")).collect();
+    let body =
+        json!({"from": "billing@contoso.com", "to": to, "subject": "newsletter", "text": "hi"});
+    for _ in 0..5 {
+        assert_eq!(post_mail(&app, &body).await.status(), 202);
+    }
+    let problem = expect_problem(post_mail(&app, &body).await, 429, "rate_limited").await;
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("mailRelay.rateLimits.callerRecipientsPerDay"),
+        "{detail}"
+    );
+    assert!(detail.contains("100 recipients"), "{detail}");
+    // A user through the proxy is another caller, with its own share of the mailbox's day.
+    let user = reqwest::Client::new()
+        .post(app.url("/mail"))
+        .header("x-forwarded-email", "billing@contoso.com")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(user.status(), 202);
+    assert_eq!(outbox_files(&app).len(), 6);
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("mail_relay_rate_limited_total{scope=\"caller_day\"} 1")),
+        "{metrics}"
+    );
+}
