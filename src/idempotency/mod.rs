@@ -11,12 +11,18 @@
 //!   The client retries after a moment and then gets the stored result;
 //! - only results worth replaying are stored: 2xx, definitive refusals and an unknown outcome,
 //!   as each answer is marked ([`Replay`]; `ApiError::replay` decides for every failure). A
-//!   transient failure (5xx, 409, 429) is not stored, so a retry with the same key tries again. A request that fails or is
-//!   cancelled before it completes (its [`Guard`] is dropped) leaves no record either.
+//!   transient failure (5xx, 409, 429) is not stored, so a retry with the same key tries again.
+//!   A request that fails or is cancelled before it completes (its [`Guard`] is dropped) leaves
+//!   no record either. A success is kept whatever its size; a refusal compactly.
+//!
+//! The parts: `key` (the header and the fingerprint), `replay` (what is kept of an answer
+//! and how it is replayed), `store` (the records, their expiry and eviction); this file is the
+//! facade the handler uses.
 //!
 //! Records live behind [`IdempotencyStore`]. [`InMemoryStore`] keeps them in this process for
-//! `mailRelay.idempotency.ttlSeconds`, at most `maxEntries` of them (beyond it, the oldest records
-//! of the caller holding the most are forgotten first, so no caller can push out another's).
+//! `mailRelay.idempotency.ttlSeconds`, at most `maxEntries` of them holding at most `maxBytes`
+//! (beyond either, the oldest records of the caller holding the most records or bytes are
+//! forgotten first, so no caller can push out another's).
 //! Several replicas behind one load balancer need a shared store (e.g. Redis `SET NX` with expiry
 //! for the claim), added as another `IdempotencyStore`.
 

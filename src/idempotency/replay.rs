@@ -58,7 +58,7 @@ impl StoredResponse {
     /// Buffer `response`'s body and return it unchanged, with a copy to store when
     /// [`Replay::of`] says so. A success is kept whatever its size: its mail went out, and a
     /// retry must get this answer rather than send again. A refusal is kept compactly
-    /// ([`compact_problem`]). The bodies are the relay's own, already in memory.
+    /// (`compact_problem`). The bodies are the relay's own, already in memory.
     pub async fn capture(response: Response) -> (Response, Option<StoredResponse>) {
         if Replay::of(&response) == Replay::Skip {
             return (response, None);

@@ -17,7 +17,7 @@ const SWEEP_EVERY: u64 = 4_096;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct LimitKey {
     pub kind: LimitKind,
-    /// The mailbox address (lower case) or the caller's id ([`caller_id`]).
+    /// The mailbox address (lower case) or the caller's id ([`caller_id`](super::caller_id)).
     pub subject: String,
 }
 
@@ -39,7 +39,7 @@ pub struct Reserved {
 }
 
 /// Quota taken by one request. Keep it when the mail was sent; give it back with
-/// [`RateLimits::refund`] when the send failed before the server accepted the mail.
+/// [`RateLimits::refund`](super::RateLimits::refund) when the send failed before the server accepted the mail.
 #[derive(Debug, Default)]
 #[must_use = "a reservation is kept (mail sent) or refunded (send failed); say which"]
 pub struct Reservation {
