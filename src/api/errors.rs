@@ -430,7 +430,10 @@ impl From<MailError> for ApiError {
                         .join("; ")
                 );
                 if errors.len() > SHOWN {
-                    detail.push_str(&format!("; and {} more (see errors)", errors.len() - SHOWN));
+                    detail.push_str(&format!(
+                        "; and {} more (see errors, and errorsOmitted beyond {MAX_LISTED_ERRORS})",
+                        errors.len() - SHOWN
+                    ));
                 }
                 Self::InvalidRequest { detail, errors }
             }

@@ -403,6 +403,8 @@ mod tests {
         let guard = new_guard(&idem, &caller, "k-1", b"other").await;
         drop(guard);
         assert!(store.is_empty());
+        // Every byte counted for the records is given back with them.
+        assert_eq!(store.bytes(), 0);
     }
 
     #[tokio::test]
