@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Body;
+use axum::body::{Body, HttpBody};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -518,10 +518,19 @@ async fn with_request_id(response: Response, request_id: String) -> Response {
     if !is_problem {
         return response;
     }
+    // Problem bodies are built by us, in memory, so their size is known: buffering costs
+    // nothing. One of unknown size passes as it is (its request id is in the header), and no
+    // problem ever turns into a 500 here.
+    if response.body().size_hint().exact().is_none() {
+        return response;
+    }
     let (mut parts, body) = response.into_parts();
-    // Problem bodies are small and built by us; 64 KiB is far above any of them.
-    let Ok(bytes) = axum::body::to_bytes(body, 64 * 1024).await else {
-        return ApiError::Internal.into_response();
+    let bytes = match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            tracing::warn!(error = %e, "a problem body could not be read");
+            return Response::from_parts(parts, Body::empty());
+        }
     };
     let body = match serde_json::from_slice::<serde_json::Value>(&bytes) {
         Ok(serde_json::Value::Object(mut map)) => {

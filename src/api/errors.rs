@@ -8,7 +8,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::delivery::{DeliveryError, FailureKind};
-use crate::idempotency::IdempotencyError;
+use crate::idempotency::{IdempotencyError, Replay};
 pub use crate::message::FieldError;
 use crate::message::MailError;
 use crate::rate_limit::LimitError;
@@ -18,6 +18,10 @@ use crate::telemetry::request_log::{self, Failure};
 const DEFAULT_RETRY_AFTER: u64 = 5;
 /// Exchange's recipient quota is per rolling day: an hour is a fair first wait.
 const QUOTA_RETRY_AFTER: u64 = 3600;
+/// Most field errors a problem lists in `errors`; the rest are counted in `errorsOmitted`. A
+/// client fixes the first ones and sends again, and the answer stays a few KiB, however many
+/// fields a request got wrong.
+pub const MAX_LISTED_ERRORS: usize = 20;
 
 /// A problem+json body (RFC 9457) with the relay's stable `code`.
 #[derive(Debug, Serialize, ToSchema)]
@@ -40,9 +44,13 @@ pub struct Problem {
     /// The request id (also in the `X-Request-Id` header and the logs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
-    /// For validation errors: each field and what is wrong with it.
+    /// For validation errors: each field and what is wrong with it, the first 20 of them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<FieldError>,
+    /// How many more field errors there were than the 20 listed in `errors`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = 480)]
+    pub errors_omitted: Option<usize>,
 }
 
 /// Every way a request can fail, as the client sees it.
@@ -253,6 +261,39 @@ impl ApiError {
         }
     }
 
+    /// Whether a retry with the same Idempotency-Key gets this answer again or tries again:
+    /// decided here, once per variant, and nowhere else.
+    pub fn replay(&self) -> Replay {
+        match self {
+            // Retrying the same request cannot change these.
+            Self::InvalidRequest { .. }
+            | Self::Unauthorized(_)
+            | Self::NotFound { .. }
+            | Self::MethodNotAllowed(_)
+            | Self::PayloadTooLarge { .. }
+            | Self::UnsupportedMediaType(_)
+            | Self::TooManyRecipients { .. }
+            | Self::MessageTooLarge { .. }
+            | Self::ServerTooLarge(_)
+            | Self::SendAsDenied(_)
+            | Self::IdempotencyKeyReused(_) => Replay::Store,
+            // The server may have the mail: a retry must not send it again.
+            Self::OutcomeUnknown(_) => Replay::Store,
+            // Transient, short-lived or the administrator's to fix: a retry tries again.
+            Self::Timeout(_)
+            | Self::Internal
+            | Self::SendAsDeniedForNow(_)
+            | Self::SmtpAuthFailed(_)
+            | Self::SmtpAuthDisabled(_)
+            | Self::RateLimited { .. }
+            | Self::IdempotencyInProgress(_)
+            | Self::StoreUnavailable(_)
+            | Self::SmtpUnavailable { .. }
+            | Self::SmtpRejected(_)
+            | Self::TokenUnavailable { .. } => Replay::Skip,
+        }
+    }
+
     /// The stable machine code of this error.
     pub fn code(&self) -> &'static str {
         self.parts().1
@@ -262,7 +303,9 @@ impl ApiError {
     pub fn problem(&self) -> Problem {
         let (status, code, title) = self.parts();
         let errors = match self {
-            Self::InvalidRequest { errors, .. } => errors.clone(),
+            Self::InvalidRequest { errors, .. } => {
+                errors.iter().take(MAX_LISTED_ERRORS).cloned().collect()
+            }
             // A client showing errors beside its fields gets this one beside the recipients.
             Self::TooManyRecipients { count, limit, .. } => vec![FieldError {
                 field: "to".into(),
@@ -272,6 +315,10 @@ impl ApiError {
             }],
             _ => Vec::new(),
         };
+        let omitted = match self {
+            Self::InvalidRequest { errors: all, .. } => all.len().saturating_sub(errors.len()),
+            _ => 0,
+        };
         Problem {
             r#type: format!("https://mail-relay.dev/problems/{code}"),
             title: title.to_string(),
@@ -280,6 +327,7 @@ impl ApiError {
             code: code.to_string(),
             request_id: None,
             errors,
+            errors_omitted: (omitted > 0).then_some(omitted),
         }
     }
 }
@@ -297,19 +345,7 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        match &self {
-            Self::OutcomeUnknown(_) => {
-                response
-                    .extensions_mut()
-                    .insert(crate::idempotency::ReplayAlways);
-            }
-            Self::SendAsDeniedForNow(_) => {
-                response
-                    .extensions_mut()
-                    .insert(crate::idempotency::ReplayNever);
-            }
-            _ => {}
-        }
+        response.extensions_mut().insert(self.replay());
         if let Self::Unauthorized(e) = &self {
             response
                 .headers_mut()
@@ -384,7 +420,7 @@ impl From<MailError> for ApiError {
     fn from(e: MailError) -> Self {
         match e {
             MailError::Invalid(errors) => {
-                // The detail names the first few; `errors` has them all.
+                // The detail names the first few; `errors` the first MAX_LISTED_ERRORS.
                 const SHOWN: usize = 5;
                 let mut detail = format!(
                     "the mail request has {} invalid field(s): {}",
@@ -397,7 +433,10 @@ impl From<MailError> for ApiError {
                         .join("; ")
                 );
                 if errors.len() > SHOWN {
-                    detail.push_str(&format!("; and {} more (see errors)", errors.len() - SHOWN));
+                    detail.push_str(&format!(
+                        "; and {} more (see errors, and errorsOmitted beyond {MAX_LISTED_ERRORS})",
+                        errors.len() - SHOWN
+                    ));
                 }
                 Self::InvalidRequest { detail, errors }
             }
@@ -514,19 +553,9 @@ mod tests {
         })
         .into_response();
         assert_eq!(for_now.status(), StatusCode::FORBIDDEN);
-        assert!(
-            for_now
-                .extensions()
-                .get::<crate::idempotency::ReplayNever>()
-                .is_some()
-        );
+        assert_eq!(for_now.extensions().get(), Some(&Replay::Skip));
         let unknown = ApiError::OutcomeUnknown("lost".into()).into_response();
-        assert!(
-            unknown
-                .extensions()
-                .get::<crate::idempotency::ReplayAlways>()
-                .is_some()
-        );
+        assert_eq!(unknown.extensions().get(), Some(&Replay::Store));
     }
 
     #[tokio::test]
@@ -695,5 +724,32 @@ mod tests {
         assert_eq!(problem.code, "invalid_request");
         assert_eq!(problem.errors[0].field, "to[2]");
         assert!(problem.detail.contains("to[2]: not an e-mail address"));
+    }
+
+    #[test]
+    fn a_problem_lists_the_first_20_field_errors_and_counts_the_rest() {
+        let errors = (0..500)
+            .map(|i| FieldError::new(format!("headers.X-{i}"), "not a header name"))
+            .collect();
+        let problem = ApiError::from(MailError::Invalid(errors)).problem();
+        assert_eq!(problem.status, 400);
+        assert_eq!(problem.errors.len(), MAX_LISTED_ERRORS);
+        assert_eq!(problem.errors[19].field, "headers.X-19");
+        assert_eq!(problem.errors_omitted, Some(480));
+        let json = serde_json::to_value(&problem).unwrap();
+        assert_eq!(json["errorsOmitted"], 480);
+        // A stored refusal keeps as many, so its replay lists what the first answer listed.
+        assert_eq!(
+            MAX_LISTED_ERRORS,
+            crate::idempotency::MAX_STORED_FIELD_ERRORS
+        );
+        // Nothing omitted, nothing said.
+        let one = ApiError::from(MailError::Invalid(vec![FieldError::new("to", "x")])).problem();
+        assert!(
+            serde_json::to_value(&one)
+                .unwrap()
+                .get("errorsOmitted")
+                .is_none()
+        );
     }
 }

@@ -266,6 +266,11 @@ fn render_rate_limits(out: &mut Out<'_>, settings: &Settings) {
         "mailRelay.rateLimits.callerMessagesPerMinute",
         n(limits.caller_messages_per_minute),
     );
+    out.line(
+        4,
+        "mailRelay.rateLimits.callerRecipientsPerDay",
+        n(limits.caller_recipients_per_day),
+    );
     let idempotency = &settings.relay.idempotency;
     out.section(2, "idempotency");
     out.line(4, "mailRelay.idempotency.ttlSeconds", secs(idempotency.ttl));
@@ -273,6 +278,11 @@ fn render_rate_limits(out: &mut Out<'_>, settings: &Settings) {
         4,
         "mailRelay.idempotency.maxEntries",
         Some(idempotency.max_entries.to_string()),
+    );
+    out.line(
+        4,
+        "mailRelay.idempotency.maxBytes",
+        Some(idempotency.max_bytes.to_string()),
     );
 }
 

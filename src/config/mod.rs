@@ -411,6 +411,8 @@ pub struct RateLimitSettings {
     pub mailbox_recipients_per_day: Option<NonZeroU32>,
     /// Messages per rolling minute for each caller (API key or user).
     pub caller_messages_per_minute: Option<NonZeroU32>,
+    /// Recipients per rolling 24 hours for each caller (API key or user).
+    pub caller_recipients_per_day: Option<NonZeroU32>,
 }
 
 impl RateLimitSettings {
@@ -419,16 +421,27 @@ impl RateLimitSettings {
         mailbox_messages_per_minute: None,
         mailbox_recipients_per_day: None,
         caller_messages_per_minute: None,
+        caller_recipients_per_day: None,
     };
+
+    /// A caller's default share of a mailbox limit: a quarter, so that one caller (an API key,
+    /// a proxy or OIDC user) cannot use up the mailbox's day and at least four must together.
+    /// Off when the mailbox limit is off.
+    pub fn caller_share(mailbox: Option<NonZeroU32>) -> Option<NonZeroU32> {
+        mailbox.map(|max| NonZeroU32::new(max.get() / 4).unwrap_or(NonZeroU32::MIN))
+    }
 }
 
 impl Default for RateLimitSettings {
-    /// Exchange Online's limits for the mailbox; no per-caller limit.
+    /// Exchange Online's limits for the mailbox; a quarter of them for each caller.
     fn default() -> Self {
+        let mailbox_messages_per_minute = NonZeroU32::new(30);
+        let mailbox_recipients_per_day = NonZeroU32::new(10_000);
         Self {
-            mailbox_messages_per_minute: NonZeroU32::new(30),
-            mailbox_recipients_per_day: NonZeroU32::new(10_000),
-            caller_messages_per_minute: None,
+            mailbox_messages_per_minute,
+            mailbox_recipients_per_day,
+            caller_messages_per_minute: Self::caller_share(mailbox_messages_per_minute),
+            caller_recipients_per_day: Self::caller_share(mailbox_recipients_per_day),
         }
     }
 }
@@ -440,6 +453,8 @@ pub struct IdempotencySettings {
     pub ttl: Duration,
     /// Most keys remembered; beyond it the oldest are forgotten first.
     pub max_entries: usize,
+    /// Most bytes the remembered answers may hold; beyond it the oldest are forgotten first.
+    pub max_bytes: usize,
 }
 
 impl Default for IdempotencySettings {
@@ -447,6 +462,7 @@ impl Default for IdempotencySettings {
         Self {
             ttl: Duration::from_secs(86_400),
             max_entries: 100_000,
+            max_bytes: 32 * 1024 * 1024,
         }
     }
 }

@@ -327,6 +327,7 @@ fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
         max_recipients: ctx.number("mailRelay.limits.maxRecipients", 500usize, 1..=100_000),
         request_timeout: ctx.seconds("mailRelay.limits.requestTimeoutSeconds", 120),
     };
+    let rate_limits = rate_limits(ctx, limits.max_recipients);
     RelaySettings {
         delivery,
         smtp: SmtpTuning {
@@ -343,7 +344,7 @@ fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
         auth: Default::default(),
         send_as: Default::default(),
         cors: Default::default(),
-        rate_limits: rate_limits(ctx),
+        rate_limits,
         idempotency: idempotency(ctx),
         http: Default::default(),
         shutdown: Default::default(),
@@ -358,22 +359,38 @@ const RATE_LIMITS: &str = "mailRelay.rateLimits";
 const EXCHANGE_MESSAGES_PER_MINUTE: u32 = 30;
 const EXCHANGE_RECIPIENTS_PER_DAY: u32 = 10_000;
 
-fn rate_limits(ctx: &mut Ctx<'_>) -> RateLimitSettings {
-    let mut limit = |name: &str, default: u32, max: u32| {
+fn rate_limits(ctx: &mut Ctx<'_>, max_recipients: usize) -> RateLimitSettings {
+    let mut limit = |name: &str, default: Option<NonZeroU32>, max: u32| {
+        let default = default.map_or(0, NonZeroU32::get);
         NonZeroU32::new(ctx.number(&format!("{RATE_LIMITS}.{name}"), default, 0..=max))
     };
+    let mailbox_messages_per_minute = limit(
+        "mailboxMessagesPerMinute",
+        NonZeroU32::new(EXCHANGE_MESSAGES_PER_MINUTE),
+        100_000,
+    );
+    let mailbox_recipients_per_day = limit(
+        "mailboxRecipientsPerDay",
+        NonZeroU32::new(EXCHANGE_RECIPIENTS_PER_DAY),
+        10_000_000,
+    );
+    // The per-caller defaults follow the mailbox's; the daily one never below what one mail
+    // may carry (nor above the mailbox's own), so that the default alone refuses no mail.
+    let share = RateLimitSettings::caller_share;
+    let per_mail = u32::try_from(max_recipients).unwrap_or(u32::MAX);
+    let recipients_default = share(mailbox_recipients_per_day).map(|quarter| {
+        let mailbox = mailbox_recipients_per_day.map_or(u32::MAX, NonZeroU32::get);
+        quarter.max(NonZeroU32::new(per_mail.min(mailbox)).unwrap_or(quarter))
+    });
     RateLimitSettings {
-        mailbox_messages_per_minute: limit(
-            "mailboxMessagesPerMinute",
-            EXCHANGE_MESSAGES_PER_MINUTE,
+        mailbox_messages_per_minute,
+        mailbox_recipients_per_day,
+        caller_messages_per_minute: limit(
+            "callerMessagesPerMinute",
+            share(mailbox_messages_per_minute),
             100_000,
         ),
-        mailbox_recipients_per_day: limit(
-            "mailboxRecipientsPerDay",
-            EXCHANGE_RECIPIENTS_PER_DAY,
-            10_000_000,
-        ),
-        caller_messages_per_minute: limit("callerMessagesPerMinute", 0, 100_000),
+        caller_recipients_per_day: limit("callerRecipientsPerDay", recipients_default, 10_000_000),
     }
 }
 
@@ -390,6 +407,13 @@ fn idempotency(ctx: &mut Ctx<'_>) -> IdempotencySettings {
             100_000usize,
             1..=10_000_000,
         ),
+        // 32 MiB: an eighth of the 256 MiB container, and days of the 10,000 mails a day one
+        // mailbox may send. At least 1 MiB, so the largest success answer always fits.
+        max_bytes: ctx.number(
+            "mailRelay.idempotency.maxBytes",
+            32 * 1024 * 1024usize,
+            1024 * 1024..=1024 * 1024 * 1024,
+        ),
     }
 }
 
@@ -403,6 +427,16 @@ fn check_rate_limits(ctx: &mut Ctx<'_>, relay: &RelaySettings, send_email: &Send
             &format!("{RATE_LIMITS}.mailboxRecipientsPerDay"),
             format!(
                 "{per_day} is below mailRelay.limits.maxRecipients ({max_recipients}): a mail with that many recipients could never be sent; raise it, set it to 0 (off), or lower maxRecipients"
+            ),
+        );
+    }
+    if let Some(per_day) = limits.caller_recipients_per_day
+        && usize::try_from(per_day.get()).is_ok_and(|per_day| per_day < max_recipients)
+    {
+        ctx.error(
+            &format!("{RATE_LIMITS}.callerRecipientsPerDay"),
+            format!(
+                "{per_day} is below mailRelay.limits.maxRecipients ({max_recipients}): a mail with that many recipients could never be sent by any caller; raise it, set it to 0 (off), or lower maxRecipients"
             ),
         );
     }

@@ -9,227 +9,39 @@
 //!   `409 idempotency_in_progress` at once rather than waiting: a send can take as long as the
 //!   SMTP deadline, and a waiting request would hold a connection and a timeout budget for it.
 //!   The client retries after a moment and then gets the stored result;
-//! - only results worth replaying are stored: 2xx and definitive 4xx. A 5xx, 408, 409, 425 or
-//!   429 is not stored, so a retry with the same key tries again. A request that fails or is
-//!   cancelled before it completes (its [`Guard`] is dropped) leaves no record either.
+//! - only results worth replaying are stored: 2xx, definitive refusals and an unknown outcome,
+//!   as each answer is marked ([`Replay`]; `ApiError::replay` decides for every failure). A
+//!   transient failure (5xx, 409, 429) is not stored, so a retry with the same key tries again.
+//!   A request that fails or is cancelled before it completes (its [`Guard`] is dropped) leaves
+//!   no record either. A success is kept whatever its size; a refusal compactly.
+//!
+//! The parts: `key` (the header and the fingerprint), `replay` (what is kept of an answer
+//! and how it is replayed), `store` (the records, their expiry and eviction); this file is the
+//! facade the handler uses.
 //!
 //! Records live behind [`IdempotencyStore`]. [`InMemoryStore`] keeps them in this process for
-//! `mailRelay.idempotency.ttlSeconds`, at most `maxEntries` of them (beyond it, the oldest records
-//! of the caller holding the most are forgotten first, so no caller can push out another's).
+//! `mailRelay.idempotency.ttlSeconds`, at most `maxEntries` of them holding at most `maxBytes`
+//! (beyond either, the oldest records of the caller holding the most records or bytes are
+//! forgotten first, so no caller can push out another's).
 //! Several replicas behind one load balancer need a shared store (e.g. Redis `SET NX` with expiry
 //! for the claim), added as another `IdempotencyStore`.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+mod key;
+mod replay;
+mod store;
+
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
-use async_trait::async_trait;
-use axum::body::{Body, HttpBody};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
-use sha2::{Digest, Sha256};
 
+pub use self::key::{Fingerprint, IDEMPOTENCY_KEY, IdempotencyKey, MAX_KEY_LEN};
+pub use self::replay::{IDEMPOTENT_REPLAYED, MAX_STORED_FIELD_ERRORS, Replay, StoredResponse};
+pub use self::store::{IdempotencyStore, InMemoryStore, Slot};
 use crate::caller::Caller;
-use crate::clock::{Clock, Millis, SystemClock, duration_ms};
+use crate::clock::{Clock, SystemClock};
 use crate::config::IdempotencySettings;
 use crate::rate_limit::caller_id;
-
-/// The request header carrying the key.
-pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
-/// Set to `true` on a replayed response, so clients and logs can tell a replay from a first send.
-pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
-/// Longest key accepted.
-pub const MAX_KEY_LEN: usize = 255;
-/// Largest response body kept for replay; `POST /mail` answers are far smaller.
-const MAX_STORED_BODY: usize = 64 * 1024;
-
-/// A valid `Idempotency-Key`: 1 to 255 visible ASCII characters (a UUID is the usual choice).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct IdempotencyKey(String);
-
-impl IdempotencyKey {
-    pub fn parse(value: &[u8]) -> Result<Self, IdempotencyError> {
-        // Structured-field strings arrive quoted (`"abc"`); plain tokens are common too. Accept both.
-        let value = match value {
-            [b'"', inner @ .., b'"'] => inner,
-            other => other,
-        };
-        if value.is_empty() || value.len() > MAX_KEY_LEN {
-            return Err(IdempotencyError::InvalidKey(format!(
-                "it has {} characters",
-                value.len()
-            )));
-        }
-        match value.iter().position(|b| !b.is_ascii_graphic()) {
-            Some(i) => Err(IdempotencyError::InvalidKey(format!(
-                "character {} is not visible ASCII",
-                i + 1
-            ))),
-            None => Ok(Self(String::from_utf8_lossy(value).into_owned())),
-        }
-    }
-
-    /// The key in `headers`, if there is one.
-    pub fn from_headers(headers: &HeaderMap) -> Result<Option<Self>, IdempotencyError> {
-        let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
-        let Some(first) = values.next() else {
-            return Ok(None);
-        };
-        if values.next().is_some() {
-            return Err(IdempotencyError::InvalidKey(
-                "it is sent more than once".into(),
-            ));
-        }
-        Self::parse(first.as_bytes()).map(Some)
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for IdempotencyKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// SHA-256 of what makes a request "the same request". The store keys records by caller and key,
-/// so together they compare the SHA-256 of caller and body.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Fingerprint([u8; 32]);
-
-impl Fingerprint {
-    /// The fingerprint of a request body (JSON: its raw bytes).
-    pub fn of(body: &[u8]) -> Self {
-        Self::of_parts([body])
-    }
-
-    /// The fingerprint of a request read in parts, e.g. a `multipart/form-data` mail: its `mail`
-    /// JSON part, then each file's name, type and content. Hashing the parts rather than the raw
-    /// body keeps a retry with a new multipart boundary the same request.
-    pub fn of_parts<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Self {
-        let mut hash = Sha256::new();
-        for part in parts {
-            // Length-prefixed, so ("ab", "c") and ("a", "bc") differ.
-            hash.update((part.len() as u64).to_be_bytes());
-            hash.update(part);
-        }
-        Self(hash.finalize().into())
-    }
-}
-
-impl fmt::Debug for Fingerprint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Fingerprint({})", hex::encode(&self.0[..8]))
-    }
-}
-
-/// A response extension: store this answer under its key whatever its status. An SMTP send
-/// whose outcome is unknown must not be tried again by a retry with the same key.
-#[derive(Debug, Clone, Copy)]
-pub struct ReplayAlways;
-
-/// A response extension: never store this answer, whatever its status (a refusal that lasts
-/// only a short while, so a retry with the same key should be tried again).
-#[derive(Debug, Clone, Copy)]
-pub struct ReplayNever;
-
-/// A response kept for replay.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredResponse {
-    pub status: StatusCode,
-    pub headers: Vec<(HeaderName, HeaderValue)>,
-    pub body: Bytes,
-    /// Marked [`ReplayAlways`]: kept whatever its status.
-    pub always: bool,
-}
-
-impl StoredResponse {
-    /// Is a response with this status worth replaying? 2xx and definitive 4xx are; 5xx and the
-    /// 4xx that say "try again" (408, 409, 425, 429) are not, so a retry tries again.
-    pub fn is_replayable_status(status: StatusCode) -> bool {
-        status.is_success()
-            || (status.is_client_error()
-                && !matches!(
-                    status,
-                    StatusCode::REQUEST_TIMEOUT
-                        | StatusCode::CONFLICT
-                        | StatusCode::TOO_EARLY
-                        | StatusCode::TOO_MANY_REQUESTS
-                ))
-    }
-
-    pub fn is_replayable(&self) -> bool {
-        self.always || Self::is_replayable_status(self.status)
-    }
-
-    /// Buffer `response`'s body and return it unchanged, with a copy to store when it is
-    /// replayable and its body known to be at most 64 KiB (larger or streamed bodies are not kept).
-    pub async fn capture(response: Response) -> (Response, Option<StoredResponse>) {
-        // Only bodies known to be small are buffered; anything else passes through unstored.
-        let small = response
-            .body()
-            .size_hint()
-            .upper()
-            .is_some_and(|n| n <= MAX_STORED_BODY as u64);
-        let always = response.extensions().get::<ReplayAlways>().is_some();
-        let never = response.extensions().get::<ReplayNever>().is_some();
-        if never || !(always || Self::is_replayable_status(response.status())) || !small {
-            return (response, None);
-        }
-        let (parts, body) = response.into_parts();
-        match axum::body::to_bytes(body, MAX_STORED_BODY).await {
-            Ok(bytes) => {
-                let headers = parts
-                    .headers
-                    .iter()
-                    .filter(|(name, _)| keep_header(name))
-                    .map(|(name, value)| (name.clone(), value.clone()))
-                    .collect();
-                let stored = StoredResponse {
-                    status: parts.status,
-                    headers,
-                    body: bytes.clone(),
-                    always,
-                };
-                (Response::from_parts(parts, Body::from(bytes)), Some(stored))
-            }
-            Err(e) => {
-                // Too large or broken: the client gets an error either way; nothing to replay.
-                tracing::warn!(error = %e, "response not kept for idempotent replay");
-                let mut failed = Response::new(Body::empty());
-                *failed.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                (failed, None)
-            }
-        }
-    }
-}
-
-/// Headers that describe the result; per-response ones (request id, date, length) are not replayed.
-fn keep_header(name: &HeaderName) -> bool {
-    name != header::DATE
-        && name != header::CONTENT_LENGTH
-        && name != header::TRANSFER_ENCODING
-        && name != header::CONNECTION
-        && name != header::SET_COOKIE
-        && *name != crate::telemetry::request_log::REQUEST_ID
-}
-
-impl IntoResponse for StoredResponse {
-    /// The stored response, marked `Idempotent-Replayed: true`.
-    fn into_response(self) -> Response {
-        let mut response = Response::new(Body::from(self.body));
-        *response.status_mut() = self.status;
-        let headers = response.headers_mut();
-        for (name, value) in self.headers {
-            headers.append(name, value);
-        }
-        headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
-        response
-    }
-}
 
 /// Why a request with an `Idempotency-Key` is not processed. Messages are safe to show.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -252,49 +64,6 @@ pub enum IdempotencyError {
     /// 503: a shared store could not be asked.
     #[error("the idempotency store is unavailable: {0}")]
     Unavailable(String),
-}
-
-/// What the store found for a key.
-#[derive(Debug)]
-pub enum Slot {
-    /// No record: this request claimed the key; `token` identifies the claim.
-    New {
-        token: u64,
-    },
-    Replay(StoredResponse),
-    /// Claimed or completed with another fingerprint.
-    Conflict,
-    /// Claimed, not completed yet.
-    InProgress,
-}
-
-/// Keeps idempotency records per (caller scope, key).
-#[async_trait]
-pub trait IdempotencyStore: Send + Sync + 'static {
-    /// Claim `key` for `fingerprint`, or report what is already there.
-    async fn begin(
-        &self,
-        scope: &str,
-        key: &IdempotencyKey,
-        fingerprint: Fingerprint,
-        now: Millis,
-    ) -> Result<Slot, IdempotencyError>;
-
-    /// Store the result of the claim `token`; nothing when the claim is gone (expired, evicted).
-    /// Store the answer for the claim `token`; it is kept for the TTL from `now`, the answer's
-    /// time, since its request may have run longer than the TTL.
-    async fn complete(
-        &self,
-        scope: &str,
-        key: &IdempotencyKey,
-        token: u64,
-        response: StoredResponse,
-        now: Millis,
-    );
-
-    /// Drop the claim `token` so a retry can run. Synchronous because it runs from `Drop`;
-    /// a networked store spawns the removal.
-    fn abandon(&self, scope: &str, key: &IdempotencyKey, token: u64);
 }
 
 /// The outcome of [`Idempotency::begin`] that lets the request go on.
@@ -328,22 +97,19 @@ impl fmt::Debug for Guard {
 }
 
 impl Guard {
-    /// Record the result: kept for replay when [`StoredResponse::is_replayable`], otherwise the
-    /// claim is dropped so a retry tries again.
+    /// Keep `response` for replay. An answer not to keep (see [`Replay`]) never gets here:
+    /// [`StoredResponse::capture`] gives no copy, and dropping the guard lets a retry try again.
     pub async fn complete(mut self, response: StoredResponse) {
-        if response.is_replayable() {
-            self.store
-                .complete(
-                    &self.scope,
-                    &self.key,
-                    self.token,
-                    response,
-                    self.clock.now_ms(),
-                )
-                .await;
-            self.done = true;
-        }
-        // Otherwise `Drop` abandons the claim.
+        self.store
+            .complete(
+                &self.scope,
+                &self.key,
+                self.token,
+                response,
+                self.clock.now_ms(),
+            )
+            .await;
+        self.done = true;
     }
 }
 
@@ -351,268 +117,6 @@ impl Drop for Guard {
     fn drop(&mut self) {
         if !self.done {
             self.store.abandon(&self.scope, &self.key, self.token);
-        }
-    }
-}
-
-struct Entry {
-    fingerprint: Fingerprint,
-    token: u64,
-    expires_at: Millis,
-    response: Option<StoredResponse>,
-}
-
-type RecordId = (String, IdempotencyKey);
-
-#[derive(Default)]
-struct Records {
-    entries: HashMap<RecordId, Entry>,
-    /// Claims oldest first, as (token, record), for expiry. Removed entries leave stale items
-    /// here, skipped by their token and compacted when they pile up.
-    order: VecDeque<(u64, RecordId)>,
-    /// Each caller's records, for eviction beyond `max` from the caller holding the most, so one
-    /// caller's flood of keys pushes out its own records, never another caller's.
-    scopes: HashMap<String, Scope>,
-    /// (live records, caller) for every caller holding any: the last one holds the most.
-    by_count: BTreeSet<(usize, String)>,
-    next_token: u64,
-}
-
-/// One caller's claims oldest first (stale items skipped as in `Records::order`).
-#[derive(Default)]
-struct Scope {
-    order: VecDeque<(u64, IdempotencyKey)>,
-    live: usize,
-}
-
-impl Records {
-    fn is_current(&self, token: u64, id: &RecordId) -> bool {
-        self.entries.get(id).is_some_and(|e| e.token == token)
-    }
-
-    fn insert(&mut self, id: RecordId, entry: Entry) {
-        let token = entry.token;
-        let replaced = self.entries.insert(id.clone(), entry).is_some();
-        let (scope_name, key) = id.clone();
-        self.order.push_back((token, id));
-        let scope = self.scopes.entry(scope_name.clone()).or_default();
-        scope.order.push_back((token, key));
-        if !replaced {
-            let before = scope.live;
-            scope.live += 1;
-            Self::recount(&mut self.by_count, &scope_name, before, scope.live);
-        }
-    }
-
-    fn remove(&mut self, id: &RecordId) {
-        if self.entries.remove(id).is_none() {
-            return;
-        }
-        let Some(scope) = self.scopes.get_mut(&id.0) else {
-            return;
-        };
-        let before = scope.live;
-        scope.live -= 1;
-        Self::recount(&mut self.by_count, &id.0, before, scope.live);
-        if scope.live == 0 {
-            self.scopes.remove(&id.0);
-        }
-    }
-
-    fn recount(by_count: &mut BTreeSet<(usize, String)>, scope: &str, before: usize, after: usize) {
-        if before > 0 {
-            by_count.remove(&(before, scope.to_owned()));
-        }
-        if after > 0 {
-            by_count.insert((after, scope.to_owned()));
-        }
-    }
-
-    /// Forget expired records and, beyond `max`, the oldest ones of the caller holding the most.
-    /// A claim still waiting for its answer is never forgotten: its request may be sending, and
-    /// a retry must not send again.
-    fn trim(&mut self, now: Millis, max: usize) {
-        self.expire(now);
-        while self.entries.len() > max && self.evict_one() {}
-        self.compact();
-    }
-
-    fn expire(&mut self, now: Millis) {
-        while let Some(entry) = front_answered(&mut self.order, |id| self.entries.get(id)) {
-            if entry.expires_at > now {
-                break;
-            }
-            if let Some((_, id)) = self.order.pop_front() {
-                self.remove(&id);
-            }
-        }
-    }
-
-    /// Forget the oldest answered record of the caller holding the most (the next one when all
-    /// of its records are still waiting for answers). `false` when nothing can go.
-    fn evict_one(&mut self) -> bool {
-        let mut candidate = self.by_count.last().cloned();
-        while let Some(current) = candidate {
-            candidate = self.by_count.range(..&current).next_back().cloned();
-            let name = current.1;
-            let Some(scope) = self.scopes.get_mut(&name) else {
-                continue;
-            };
-            let entries = &self.entries;
-            let lookup = |key: &IdempotencyKey| entries.get(&(name.clone(), key.clone()));
-            if front_answered(&mut scope.order, lookup).is_none() {
-                continue;
-            }
-            if let Some((_, key)) = scope.order.pop_front() {
-                self.remove(&(name, key));
-                return true;
-            }
-        }
-        false
-    }
-
-    /// Drop stale queue items once they outnumber the live records.
-    fn compact(&mut self) {
-        if self.order.len() > 2 * self.entries.len() + 1024 {
-            let order = std::mem::take(&mut self.order);
-            self.order = order
-                .into_iter()
-                .filter(|(token, id)| self.is_current(*token, id))
-                .collect();
-        }
-        for (name, scope) in &mut self.scopes {
-            if scope.order.len() > 2 * scope.live + 64 {
-                let entries = &self.entries;
-                scope.order.retain(|(token, key)| {
-                    entries
-                        .get(&(name.clone(), key.clone()))
-                        .is_some_and(|e| e.token == *token)
-                });
-            }
-        }
-    }
-}
-
-/// Brings the oldest answered record of `queue` to its front and returns it. Stale items
-/// (removed or replaced records) are dropped on the way; claims still waiting for their answers
-/// go to the back, each looked past once: they are never forgotten.
-fn front_answered<'e, K>(
-    queue: &mut VecDeque<(u64, K)>,
-    entry_of: impl Fn(&K) -> Option<&'e Entry>,
-) -> Option<&'e Entry> {
-    let mut pending_seen = 0;
-    while let Some((token, key)) = queue.front() {
-        match entry_of(key).filter(|e| e.token == *token) {
-            None => {
-                queue.pop_front();
-            }
-            Some(e) if e.response.is_none() => {
-                if pending_seen == queue.len() {
-                    return None;
-                }
-                pending_seen += 1;
-                queue.rotate_left(1);
-            }
-            Some(e) => return Some(e),
-        }
-    }
-    None
-}
-
-/// Records in this process, for `ttl` each, at most `max_entries` (beyond it, the oldest of the
-/// caller holding the most are forgotten first).
-pub struct InMemoryStore {
-    ttl_ms: Millis,
-    max_entries: usize,
-    // Never held across `.await`: every operation is a few map look-ups.
-    records: Mutex<Records>,
-}
-
-impl InMemoryStore {
-    pub fn new(settings: &IdempotencySettings) -> Self {
-        Self {
-            ttl_ms: duration_ms(settings.ttl),
-            max_entries: settings.max_entries.max(1),
-            records: Mutex::default(),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Records> {
-        self.records.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// How many records are kept (claims and results).
-    pub fn len(&self) -> usize {
-        self.lock().entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-#[async_trait]
-impl IdempotencyStore for InMemoryStore {
-    async fn begin(
-        &self,
-        scope: &str,
-        key: &IdempotencyKey,
-        fingerprint: Fingerprint,
-        now: Millis,
-    ) -> Result<Slot, IdempotencyError> {
-        let mut records = self.lock();
-        records.trim(now, self.max_entries);
-        let id = (scope.to_owned(), key.clone());
-        // A claim still waiting for its answer counts however old: its send may be under way.
-        if let Some(entry) = records.entries.get(&id)
-            && (entry.expires_at > now || entry.response.is_none())
-        {
-            return Ok(if entry.fingerprint != fingerprint {
-                Slot::Conflict
-            } else {
-                match &entry.response {
-                    Some(response) => Slot::Replay(response.clone()),
-                    None => Slot::InProgress,
-                }
-            });
-        }
-        records.next_token += 1;
-        let token = records.next_token;
-        records.insert(
-            id,
-            Entry {
-                fingerprint,
-                token,
-                expires_at: now.saturating_add(self.ttl_ms),
-                response: None,
-            },
-        );
-        records.trim(now, self.max_entries);
-        Ok(Slot::New { token })
-    }
-
-    async fn complete(
-        &self,
-        scope: &str,
-        key: &IdempotencyKey,
-        token: u64,
-        response: StoredResponse,
-        now: Millis,
-    ) {
-        let mut records = self.lock();
-        if let Some(entry) = records.entries.get_mut(&(scope.to_owned(), key.clone()))
-            && entry.token == token
-        {
-            entry.response = Some(response);
-            entry.expires_at = entry.expires_at.max(now.saturating_add(self.ttl_ms));
-        }
-    }
-
-    fn abandon(&self, scope: &str, key: &IdempotencyKey, token: u64) {
-        let mut records = self.lock();
-        let id = (scope.to_owned(), key.clone());
-        if records.is_current(token, &id) {
-            records.remove(&id);
         }
     }
 }
@@ -705,16 +209,28 @@ impl Idempotency {
 mod tests {
     use std::time::Duration;
 
+    use axum::http::{HeaderValue, StatusCode, header};
+    use bytes::Bytes;
+
     use super::*;
     use crate::caller::UserSource;
-    use crate::clock::ManualClock;
+    use crate::clock::{ManualClock, Millis};
 
     const T0: Millis = 1_700_000_000_000;
 
     fn setup(ttl_secs: u64, max_entries: usize) -> (Idempotency, Arc<InMemoryStore>, ManualClock) {
+        setup_bytes(ttl_secs, max_entries, usize::MAX)
+    }
+
+    fn setup_bytes(
+        ttl_secs: u64,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> (Idempotency, Arc<InMemoryStore>, ManualClock) {
         let store = Arc::new(InMemoryStore::new(&IdempotencySettings {
             ttl: Duration::from_secs(ttl_secs),
             max_entries,
+            max_bytes,
         }));
         let clock = ManualClock::new(T0);
         let idempotency = Idempotency::new(store.clone(), Arc::new(clock.clone()));
@@ -740,7 +256,6 @@ mod tests {
                 HeaderValue::from_static("application/json"),
             )],
             body: Bytes::from(format!(r#"{{"id":"{id}"}}"#)),
-            always: false,
         }
     }
 
@@ -824,36 +339,53 @@ mod tests {
 
     #[tokio::test]
     async fn transient_failures_are_not_stored() {
+        use crate::api::ApiError;
         let (idem, store, _) = setup(86_400, 100);
         let caller = api_key("billing");
-        for status in [
-            StatusCode::SERVICE_UNAVAILABLE,
-            StatusCode::BAD_GATEWAY,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            StatusCode::TOO_MANY_REQUESTS,
-            StatusCode::CONFLICT,
+        let run = |answer: ApiError| {
+            idem.run(
+                &caller,
+                Some(key("k-1")),
+                Fingerprint::of(b"body"),
+                || async { answer.into_response() },
+            )
+        };
+        let detail = || "detail".to_string();
+        for answer in [
+            ApiError::SmtpUnavailable {
+                detail: detail(),
+                retry_after: None,
+            },
+            ApiError::SmtpRejected(detail()),
+            ApiError::Internal,
+            ApiError::RateLimited {
+                detail: detail(),
+                retry_after: 1,
+            },
+            ApiError::IdempotencyInProgress(detail()),
+            ApiError::SendAsDeniedForNow(detail()),
         ] {
-            let guard = new_guard(&idem, &caller, "k-1", b"body").await;
-            guard
-                .complete(StoredResponse {
-                    status,
-                    headers: Vec::new(),
-                    body: Bytes::new(),
-                    always: false,
-                })
-                .await;
+            let status = run(answer).await.unwrap().status();
             assert!(store.is_empty(), "{status} was stored");
         }
         // A definitive refusal is stored: retrying the same request cannot change it.
-        let guard = new_guard(&idem, &caller, "k-1", b"body").await;
-        let forbidden = StoredResponse {
-            status: StatusCode::FORBIDDEN,
-            headers: Vec::new(),
-            body: Bytes::from_static(b"send_as_denied"),
-            always: false,
-        };
-        guard.complete(forbidden.clone()).await;
-        assert_eq!(replay(&idem, &caller, "k-1", b"body").await, forbidden);
+        let first = run(ApiError::SendAsDenied(detail())).await.unwrap();
+        assert_eq!(first.status(), StatusCode::FORBIDDEN);
+        let again = replay(&idem, &caller, "k-1", b"body").await;
+        assert_eq!(again.status, StatusCode::FORBIDDEN);
+        // And so is an unknown outcome, though a 502: the server may have the mail.
+        let (idem, store, _) = setup(86_400, 100);
+        let unknown = idem
+            .run(
+                &caller,
+                Some(key("k-2")),
+                Fingerprint::of(b"body"),
+                || async { ApiError::OutcomeUnknown(detail()).into_response() },
+            )
+            .await
+            .unwrap();
+        assert_eq!(unknown.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(store.len(), 1);
     }
 
     #[tokio::test]
@@ -871,6 +403,8 @@ mod tests {
         let guard = new_guard(&idem, &caller, "k-1", b"other").await;
         drop(guard);
         assert!(store.is_empty());
+        // Every byte counted for the records is given back with them.
+        assert_eq!(store.bytes(), 0);
     }
 
     #[tokio::test]
@@ -947,6 +481,55 @@ mod tests {
         drop(new_guard(&idem, &noisy, "n-16", b"body").await);
     }
 
+    /// A 400 as large as a request with hundreds of refused header names made one.
+    fn large_refusal() -> StoredResponse {
+        StoredResponse {
+            status: StatusCode::BAD_REQUEST,
+            headers: Vec::new(),
+            body: Bytes::from(vec![b'x'; 60 * 1024]),
+        }
+    }
+
+    #[tokio::test]
+    async fn large_refusals_stay_under_the_byte_bound_and_push_out_only_their_callers_own() {
+        const MAX_BYTES: usize = 1024 * 1024;
+        let (idem, store, clock) = setup_bytes(86_400, 100_000, MAX_BYTES);
+        let (quiet, noisy) = (api_key("billing"), api_key("newsletter"));
+        for k in ["q-1", "q-2"] {
+            new_guard(&idem, &quiet, k, b"body")
+                .await
+                .complete(accepted(k))
+                .await;
+        }
+        // 200 refusals of 60 KiB: 12 MiB unbounded, far over the count bound's reach.
+        for n in 0..200 {
+            clock.advance(Duration::from_secs(1));
+            let k = format!("n-{n}");
+            new_guard(&idem, &noisy, &k, b"body")
+                .await
+                .complete(large_refusal())
+                .await;
+            assert!(
+                store.bytes() <= MAX_BYTES,
+                "{} bytes after {n}",
+                store.bytes()
+            );
+        }
+        assert!(
+            store.bytes() > MAX_BYTES / 2,
+            "the bound is used, not emptied"
+        );
+        // The quiet caller's answers stay; the noisy one keeps its newest refusals.
+        for k in ["q-1", "q-2"] {
+            assert_eq!(replay(&idem, &quiet, k, b"body").await, accepted(k));
+        }
+        assert_eq!(
+            replay(&idem, &noisy, "n-199", b"body").await,
+            large_refusal()
+        );
+        drop(new_guard(&idem, &noisy, "n-0", b"body").await);
+    }
+
     #[tokio::test]
     async fn when_the_largest_caller_has_only_running_claims_the_next_one_gives_way() {
         let (idem, store, _) = setup(86_400, 3);
@@ -1017,95 +600,5 @@ mod tests {
             guards.extend(task.await.unwrap());
         }
         assert_eq!(guards.len(), 1);
-    }
-
-    #[test]
-    fn keys_are_1_to_255_visible_ascii_characters() {
-        for good in [
-            "a",
-            "8e03978e-40d5-43e8-bc93-6894a57f9324",
-            &"x".repeat(255),
-            "a!~\"",
-        ] {
-            assert!(IdempotencyKey::parse(good.as_bytes()).is_ok(), "{good}");
-        }
-        assert_eq!(key("\"quoted-key\"").as_str(), "quoted-key");
-        for bad in [
-            "",
-            &"x".repeat(256),
-            "with space",
-            "tab\there",
-            "caf\u{e9}",
-            "\"\"",
-        ] {
-            let err = IdempotencyKey::parse(bad.as_bytes()).unwrap_err();
-            assert!(err.to_string().contains("1 to 255 visible ASCII"), "{err}");
-        }
-    }
-
-    #[test]
-    fn a_key_sent_twice_is_refused_and_none_is_fine() {
-        let mut headers = HeaderMap::new();
-        assert_eq!(IdempotencyKey::from_headers(&headers), Ok(None));
-        headers.append(IDEMPOTENCY_KEY, HeaderValue::from_static("a"));
-        assert_eq!(IdempotencyKey::from_headers(&headers), Ok(Some(key("a"))));
-        headers.append(IDEMPOTENCY_KEY, HeaderValue::from_static("b"));
-        assert!(IdempotencyKey::from_headers(&headers).is_err());
-    }
-
-    #[test]
-    fn the_fingerprint_covers_every_byte_and_part_boundary() {
-        let base = Fingerprint::of(b"body");
-        assert_eq!(base, Fingerprint::of(b"body"));
-        assert_ne!(base, Fingerprint::of(b"body "));
-        assert_ne!(
-            Fingerprint::of_parts([&b"ab"[..], b"c"]),
-            Fingerprint::of_parts([&b"a"[..], b"bc"])
-        );
-        assert_ne!(
-            Fingerprint::of_parts([&b"mail"[..]]),
-            Fingerprint::of_parts([&b"mail"[..], b""])
-        );
-    }
-
-    #[tokio::test]
-    async fn capture_keeps_the_response_and_a_replayable_copy() {
-        let original = (
-            StatusCode::ACCEPTED,
-            [("x-request-id", "req-1"), ("location", "/mail/m-1")],
-            "{\"id\":\"m-1\"}",
-        )
-            .into_response();
-        let (response, stored) = StoredResponse::capture(original).await;
-        let stored = stored.unwrap();
-        assert_eq!(response.status(), StatusCode::ACCEPTED);
-        let body = axum::body::to_bytes(response.into_body(), 1024)
-            .await
-            .unwrap();
-        assert_eq!(&body[..], b"{\"id\":\"m-1\"}");
-        assert!(stored.headers.iter().any(|(n, _)| n == header::LOCATION));
-        assert!(!stored.headers.iter().any(|(n, _)| n == "x-request-id"));
-
-        let replayed = stored.into_response();
-        assert_eq!(replayed.status(), StatusCode::ACCEPTED);
-        assert_eq!(replayed.headers()[IDEMPOTENT_REPLAYED], "true");
-        assert_eq!(replayed.headers()[header::LOCATION], "/mail/m-1");
-        let body = axum::body::to_bytes(replayed.into_body(), 1024)
-            .await
-            .unwrap();
-        assert_eq!(&body[..], b"{\"id\":\"m-1\"}");
-
-        let (_, stored) =
-            StoredResponse::capture(StatusCode::SERVICE_UNAVAILABLE.into_response()).await;
-        assert!(stored.is_none());
-
-        // Too large to keep: passed through whole, not stored.
-        let big = "x".repeat(MAX_STORED_BODY + 1);
-        let (response, stored) = StoredResponse::capture(big.clone().into_response()).await;
-        assert!(stored.is_none());
-        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
-            .await
-            .unwrap();
-        assert_eq!(body.len(), big.len());
     }
 }

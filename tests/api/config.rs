@@ -1357,15 +1357,20 @@ fn rate_limits_and_idempotency_default_to_exchange_limits_and_a_day() {
     let r = &loaded.settings.relay;
     assert_eq!(r.rate_limits.mailbox_messages_per_minute, limit(30));
     assert_eq!(r.rate_limits.mailbox_recipients_per_day, limit(10_000));
-    assert_eq!(r.rate_limits.caller_messages_per_minute, None);
+    // A quarter of the mailbox's for each caller.
+    assert_eq!(r.rate_limits.caller_messages_per_minute, limit(7));
+    assert_eq!(r.rate_limits.caller_recipients_per_day, limit(2_500));
     assert_eq!(r.idempotency.ttl, Duration::from_secs(86_400));
     assert_eq!(r.idempotency.max_entries, 100_000);
+    assert_eq!(r.idempotency.max_bytes, 32 * 1024 * 1024);
     for line in [
         "mailboxMessagesPerMinute: 30 # default",
         "mailboxRecipientsPerDay: 10000 # default",
-        "callerMessagesPerMinute: 0 # default",
+        "callerMessagesPerMinute: 7 # default",
+        "callerRecipientsPerDay: 2500 # default",
         "ttlSeconds: 86400 # default",
         "maxEntries: 100000 # default",
+        "maxBytes: 33554432 # default",
     ] {
         assert!(loaded.masked.contains(line), "{line} in\n{}", loaded.masked);
     }
@@ -1374,15 +1379,18 @@ fn rate_limits_and_idempotency_default_to_exchange_limits_and_a_day() {
 #[test]
 fn rate_limits_and_idempotency_are_read_from_file_and_env() {
     let yaml = seed_plus(
-        "  rateLimits:\n    mailboxMessagesPerMinute: 20\n    mailboxRecipientsPerDay: 0\n    callerMessagesPerMinute: 5\n  idempotency:\n    ttlSeconds: 600\n    maxEntries: 50\n",
+        "  rateLimits:\n    mailboxMessagesPerMinute: 20\n    mailboxRecipientsPerDay: 0\n    callerMessagesPerMinute: 5\n  idempotency:\n    ttlSeconds: 600\n    maxEntries: 50\n    maxBytes: 2097152\n",
     );
     let loaded = ok(&yaml, &[]);
     let r = &loaded.settings.relay;
     assert_eq!(r.rate_limits.mailbox_messages_per_minute, limit(20));
     assert_eq!(r.rate_limits.mailbox_recipients_per_day, None, "0 is off");
     assert_eq!(r.rate_limits.caller_messages_per_minute, limit(5));
+    // The mailbox's day is off, and so is the caller's share of it.
+    assert_eq!(r.rate_limits.caller_recipients_per_day, None);
     assert_eq!(r.idempotency.ttl, Duration::from_secs(600));
     assert_eq!(r.idempotency.max_entries, 50);
+    assert_eq!(r.idempotency.max_bytes, 2 * 1024 * 1024);
     // Off is written back as 0, and the masked output loads back to the same settings.
     assert!(
         loaded.masked.contains("mailboxRecipientsPerDay: 0\n"),
@@ -1439,6 +1447,12 @@ fn rate_limit_and_idempotency_values_out_of_range_name_the_key() {
             "out of range; allowed 0..=100000",
         ),
         (
+            "MAILRELAY_RATELIMITS_CALLERRECIPIENTSPERDAY",
+            "10000001",
+            "mailRelay.rateLimits.callerRecipientsPerDay",
+            "out of range; allowed 0..=10000000",
+        ),
+        (
             "MAILRELAY_IDEMPOTENCY_TTLSECONDS",
             "0",
             "mailRelay.idempotency.ttlSeconds",
@@ -1449,6 +1463,12 @@ fn rate_limit_and_idempotency_values_out_of_range_name_the_key() {
             "0",
             "mailRelay.idempotency.maxEntries",
             "out of range; allowed 1..=10000000",
+        ),
+        (
+            "MAILRELAY_IDEMPOTENCY_MAXBYTES",
+            "1000",
+            "mailRelay.idempotency.maxBytes",
+            "out of range; allowed 1048576..=1073741824",
         ),
     ] {
         let message = error_for(SEED, &[(var, value)], key);
@@ -1474,6 +1494,24 @@ fn a_daily_recipient_limit_below_the_per_mail_limit_is_an_error() {
         SEED,
         &[("MAILRELAY_RATELIMITS_MAILBOXRECIPIENTSPERDAY", "100")],
     );
+
+    let key = "mailRelay.rateLimits.callerRecipientsPerDay";
+    let message = error_for(
+        SEED,
+        &[("MAILRELAY_RATELIMITS_CALLERRECIPIENTSPERDAY", "99")],
+        key,
+    );
+    assert!(
+        message.contains("below mailRelay.limits.maxRecipients (100)"),
+        "{message}"
+    );
+    // The default share is never below one mail's recipients: a quarter of 200 would be 50.
+    let loaded = ok(
+        SEED,
+        &[("MAILRELAY_RATELIMITS_MAILBOXRECIPIENTSPERDAY", "200")],
+    );
+    let limits = &loaded.settings.relay.rate_limits;
+    assert_eq!(limits.caller_recipients_per_day, limit(100));
 }
 
 #[test]

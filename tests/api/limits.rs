@@ -273,3 +273,98 @@ async fn a_mail_with_more_recipients_than_a_whole_day_allows_is_400_not_429() {
     );
     assert!(outbox_files(&app).is_empty(), "nothing sent");
 }
+
+#[tokio::test]
+async fn a_problem_with_500_field_errors_is_a_400_listing_20_and_the_count() {
+    let app = spawn_app_with(|s| s.relay.limits.max_body_bytes = 1024 * 1024).await;
+    // 500 refused header names of 150 characters: an answer listing them all was over 64 KiB
+    // and came back as 500 internal_error.
+    let headers: serde_json::Map<String, Value> = (0..500)
+        .map(|i| (format!("X-Bad Name {i:03} {}", "n".repeat(135)), json!("v")))
+        .collect();
+    let mut body = mail("many bad headers");
+    body["headers"] = Value::Object(headers);
+    let first = post_with_key(&app, "k-headers", &body).await;
+    let problem = expect_problem(first, 400, "invalid_request").await;
+    assert_eq!(problem["errors"].as_array().unwrap().len(), 20, "{problem}");
+    assert_eq!(problem["errorsOmitted"], 480);
+    assert!(problem["requestId"].is_string());
+    // Its replay lists the same.
+    let again = post_with_key(&app, "k-headers", &body).await;
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let replayed = expect_problem(again, 400, "invalid_request").await;
+    assert_eq!(replayed["errors"], problem["errors"]);
+    assert_eq!(replayed["errorsOmitted"], 480);
+    assert!(outbox_files(&app).is_empty());
+}
+
+#[tokio::test]
+async fn a_202_over_64_kib_is_replayed_and_not_sent_again() {
+    let app = spawn_app_with(|s| s.relay.limits.max_body_bytes = 1024 * 1024).await;
+    // 500 long recipients: the answer lists them all, about 70 KiB.
+    let to: Vec<String> = (0..500)
+        .map(|i| format!("{}{i:03}@{}.example.com", "a".repeat(60), "b".repeat(60)))
+        .collect();
+    let body =
+        json!({"from": "billing@contoso.com", "to": to, "subject": "big answer", "text": "hi"});
+    let first = post_with_key(&app, "k-big", &body).await;
+    assert_eq!(first.status(), 202);
+    let first = first.bytes().await.unwrap();
+    assert!(first.len() > 64 * 1024, "{} bytes", first.len());
+    let again = post_with_key(&app, "k-big", &body).await;
+    assert_eq!(again.status(), 202);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.bytes().await.unwrap(), first);
+    assert_eq!(outbox_files(&app).len(), 1, "sent once");
+}
+
+#[tokio::test]
+async fn one_caller_using_up_its_share_of_the_day_gets_429_while_another_still_sends() {
+    // The default shares (a quarter of the mailbox) of a smaller day, so that the mails stay
+    // small: 400 recipients for the mailbox, 100 for each caller.
+    let app = spawn_app_with(|s| {
+        let mailbox_recipients_per_day = NonZeroU32::new(400);
+        s.relay.rate_limits = RateLimitSettings {
+            mailbox_recipients_per_day,
+            caller_recipients_per_day: RateLimitSettings::caller_share(mailbox_recipients_per_day),
+            ..RateLimitSettings::default()
+        };
+        s.relay.limits.max_recipients = 20;
+        s.relay.auth.trusted_proxy = Some(mail_relay::config::TrustedProxySettings {
+            user_header: http::HeaderName::from_static("x-forwarded-email"),
+            sources: vec!["127.0.0.0/8".parse().unwrap()],
+            secret: None,
+        });
+    })
+    .await;
+    let to: Vec<String> = (0..20).map(|i| format!("r{i}@example.com")).collect();
+    let body =
+        json!({"from": "billing@contoso.com", "to": to, "subject": "newsletter", "text": "hi"});
+    for _ in 0..5 {
+        assert_eq!(post_mail(&app, &body).await.status(), 202);
+    }
+    let problem = expect_problem(post_mail(&app, &body).await, 429, "rate_limited").await;
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("mailRelay.rateLimits.callerRecipientsPerDay"),
+        "{detail}"
+    );
+    assert!(detail.contains("100 recipients"), "{detail}");
+    // A user through the proxy is another caller, with its own share of the mailbox's day.
+    let user = reqwest::Client::new()
+        .post(app.url("/mail"))
+        .header("x-forwarded-email", "billing@contoso.com")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(user.status(), 202);
+    assert_eq!(outbox_files(&app).len(), 6);
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("mail_relay_rate_limited_total{scope=\"caller_day\"} 1")),
+        "{metrics}"
+    );
+}
