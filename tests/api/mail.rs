@@ -724,6 +724,7 @@ mod corpus {
     fn address_at(domain: &'static str) -> BoxedStrategy<String> {
         prop_oneof![
             6 => "[a-z]{1,8}".prop_map(move |l| format!("{l}@{domain}")),
+            1 => "\"[ -~]{1,8}\"".prop_map(move |l| format!("{l}@{domain}")),
             1 => (local_part(), any_domain()).prop_map(|(l, d)| format!("{l}@{d}")),
         ]
         .boxed()
