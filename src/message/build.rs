@@ -5,8 +5,9 @@ use lettre::address::Envelope;
 use lettre::message::header::{ContentTransferEncoding, ContentType, HeaderName, HeaderValue};
 use lettre::message::{Body, MultiPart, SinglePart};
 
+use super::headers::fits_when_folded;
 use super::validate::Attachment;
-use super::{Mail, MailError, MessageLimits, OutgoingMail};
+use super::{Mail, MailError, Mailbox, MessageLimits, OutgoingMail};
 
 /// A MIME entity: one part or a multipart.
 enum Entity {
@@ -37,14 +38,14 @@ impl Mail {
             .message_id(Some(message_id.clone()))
             .date_now()
             .raw_header(unstructured("Subject", self.subject.as_str())?);
-        for m in &self.to {
-            builder = builder.to(m.to_lettre());
-        }
-        for m in &self.cc {
-            builder = builder.cc(m.to_lettre());
-        }
-        for m in &self.reply_to {
-            builder = builder.reply_to(m.to_lettre());
+        for (name, list) in [
+            ("To", &self.to),
+            ("Cc", &self.cc),
+            ("Reply-To", &self.reply_to),
+        ] {
+            if let Some(header) = mailbox_list(name, list)? {
+                builder = builder.raw_header(header);
+            }
         }
         // Bcc is not given to the builder at all: the envelope below carries it, so no
         // header can leak it whatever lettre's defaults are.
@@ -183,11 +184,14 @@ fn content_type_with_name(content_type: &str, filename: &str) -> ContentType {
 /// encoded words only. lettre encodes word by word and leaves the spaces between encoded
 /// words outside them, where decoders must drop them ("a  b" with non-ASCII letters
 /// arrives as "ab"); text that merely looks like an encoded word would be decoded too.
+/// ASCII with a word too long for a 998-octet line is encoded too: lettre folds only at
+/// spaces, and encoded words are split anywhere.
 fn unstructured(name: &str, value: &str) -> Result<HeaderValue, MailError> {
     let plain = value
         .bytes()
         .all(|b| (b' '..=b'~').contains(&b) || b == b'\t')
-        && !value.contains("=?");
+        && !value.contains("=?")
+        && fits_when_folded(name, value);
     if plain {
         return raw(name, value);
     }
@@ -222,6 +226,39 @@ fn encoded_words(text: &str) -> String {
         rest = tail;
     }
     words.join(" ")
+}
+
+/// An address header (To, Cc, Reply-To) with one mailbox a line, each as lettre writes a
+/// single mailbox. lettre writes a whole list on one line, which a few dozen recipients take
+/// past RFC 5322's 998 octets.
+fn mailbox_list(name: &str, mailboxes: &[Mailbox]) -> Result<Option<HeaderValue>, MailError> {
+    use lettre::message::Mailboxes;
+    use lettre::message::header::{Headers, To};
+
+    if mailboxes.is_empty() {
+        return Ok(None);
+    }
+    let header = HeaderName::new_from_ascii(name.to_owned())
+        .map_err(|e| MailError::Build(format!("header name {name}: {e}")))?;
+    let mut raw_value = Vec::with_capacity(mailboxes.len());
+    let mut encoded = Vec::with_capacity(mailboxes.len());
+    for mailbox in mailboxes {
+        let mailbox = mailbox.to_lettre();
+        raw_value.push(mailbox.to_string());
+        let mut one = Headers::new();
+        one.set(To::from(Mailboxes::from(mailbox)));
+        let line = one.to_string();
+        let value = line
+            .strip_prefix("To: ")
+            .and_then(|l| l.strip_suffix("\r\n"))
+            .ok_or_else(|| MailError::Build(format!("unexpected {name} header: {line:?}")))?;
+        encoded.push(value.to_owned());
+    }
+    Ok(Some(HeaderValue::dangerous_new_pre_encoded(
+        header,
+        raw_value.join(", "),
+        encoded.join(",\r\n "),
+    )))
 }
 
 fn raw(name: &str, value: &str) -> Result<HeaderValue, MailError> {

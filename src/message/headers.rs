@@ -8,6 +8,16 @@ use utoipa::ToSchema;
 /// Longest header value a caller may give (before encoding); lettre folds longer lines.
 const MAX_HEADER_TEXT: usize = 2048;
 
+/// Longest line of a message, CRLF not counted (RFC 5322 section 2.1.1).
+pub(crate) const MAX_LINE: usize = 998;
+
+/// Whether `value`, folded only at its spaces as lettre folds, keeps every line of header
+/// `name` within [`MAX_LINE`]: a word starts a line at worst, after `Name: ` or the space.
+pub(crate) fn fits_when_folded(name: &str, value: &str) -> bool {
+    let room = MAX_LINE.saturating_sub(name.len() + ": ".len());
+    value.split(' ').all(|word| word.len() <= room)
+}
+
 /// Text that is safe as an unstructured header value: one line, no control characters other
 /// than tab. A CR or LF is refused, never stripped: it is how header injection starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,6 +129,16 @@ impl CustomHeader {
         let canonical = canonical_name(name)?;
         let value = HeaderText::parse(value).map_err(|e| e.to_string())?;
         check_value(&canonical, value.as_str())?;
+        // Free text is encoded when a word is too long for a line; a structured value cannot
+        // be (an encoded word is not a message id or URI), so it must fit as it is.
+        if STRUCTURED.contains(&canonical.as_str()) && !fits_when_folded(&canonical, value.as_str())
+        {
+            return Err(format!(
+                "has a word (text without a space) too long for one header line: at most {} \
+                 characters for {canonical} (RFC 5322 allows {MAX_LINE} on a line)",
+                MAX_LINE - canonical.len() - 2
+            ));
+        }
         Ok(Self {
             name: canonical,
             value,
@@ -251,6 +271,10 @@ mod tests {
             .is_ok()
         );
         assert!(CustomHeader::parse("Auto-Submitted", "auto-generated").is_ok());
+        // Free text may hold long words: it is encoded, not refused.
+        assert!(CustomHeader::parse("X-Token", &"a".repeat(2048)).is_ok());
+        let id = format!("<{}@example.com>", "a".repeat(970));
+        assert!(CustomHeader::parse("References", &format!("{id} {id}")).is_ok());
         for (name, value) in [
             ("From", "x@example.com"),
             ("Subject", "hi"),
@@ -264,6 +288,7 @@ mod tests {
             ("Auto-Submitted", "sometimes"),
             ("List-Unsubscribe-Post", "yes"),
             ("X-Ok", "line\r\nBcc: victim@example.com"),
+            ("References", &format!("<{}@example.com>", "a".repeat(1000))),
         ] {
             assert!(
                 CustomHeader::parse(name, value).is_err(),

@@ -10,6 +10,9 @@ mod headers;
 pub mod request;
 mod validate;
 
+#[cfg(test)]
+mod tests;
+
 use std::fmt;
 
 use lettre::address::Envelope;

@@ -51,10 +51,11 @@ pub struct MailRequest {
     #[serde(default)]
     #[schema(example = "Ihre Anfrage – Ticket 4711")]
     pub subject: Option<String>,
-    /// Plain-text body. With `html` as well, the mail is multipart/alternative.
+    /// Plain-text body. With `html` as well, the mail is multipart/alternative. Every line break
+    /// (CRLF, a lone CR or a lone LF) is sent as CRLF.
     #[serde(default)]
     pub text: Option<String>,
-    /// HTML body; inline images are referenced as `cid:<contentId>`.
+    /// HTML body; inline images are referenced as `cid:<contentId>`. Line breaks are sent as CRLF.
     #[serde(default)]
     pub html: Option<String>,
     /// Files, base64-encoded. With `contentId`, an inline image for the HTML body.
@@ -79,7 +80,8 @@ pub struct AttachmentInput {
     /// The file name shown to the recipient (any Unicode; encoded per RFC 2231).
     #[schema(example = "Bericht März.pdf")]
     pub filename: String,
-    /// The MIME type.
+    /// The MIME type: type/subtype and parameters (`text/plain; charset=utf-8`), ASCII, at most
+    /// 255 characters; not multipart.
     #[schema(example = "application/pdf")]
     pub content_type: String,
     /// The file's bytes, standard base64 with padding.

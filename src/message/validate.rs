@@ -15,6 +15,14 @@ use super::{
 /// Longest attachment file name, in characters (what file systems allow).
 const MAX_FILENAME: usize = 255;
 
+/// Longest attachment content type, in characters (type, subtype and parameters).
+const MAX_CONTENT_TYPE: usize = 255;
+
+/// Longest word (text without a space) of a display name. lettre folds a name only at its
+/// spaces and writes the address after it on the same line; this keeps an escaped name word
+/// (twice as long at worst), the address and the brackets within RFC 5322's 998 octets.
+const MAX_NAME_WORD: usize = 256;
+
 /// A mail whose every part is valid; [`Mail::build`] gives its MIME form.
 #[derive(Debug, Clone)]
 pub struct Mail {
@@ -217,8 +225,8 @@ impl MailRequest {
                 reply_to,
                 subject,
                 body: Body {
-                    text: self.text,
-                    html: self.html,
+                    text: self.text.map(crlf_line_endings),
+                    html: self.html.map(crlf_line_endings),
                 },
                 attachments,
                 headers,
@@ -227,6 +235,28 @@ impl MailRequest {
             _ => Err(MailError::Invalid(errors.0)),
         }
     }
+}
+
+/// Every line break (CRLF, a lone CR, a lone LF) as CRLF. lettre turns a lone LF into CRLF
+/// but leaves a lone CR, which some receivers take for a line end: a `.` after it would end
+/// the DATA there without having been dot-stuffed (SMTP smuggling).
+fn crlf_line_endings(text: String) -> String {
+    if !text.contains('\r') && !text.contains('\n') {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len() + text.len() / 32);
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\r' => {
+                chars.next_if_eq(&'\n');
+                out.push_str("\r\n");
+            }
+            '\n' => out.push_str("\r\n"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// The field errors found so far.
@@ -255,6 +285,16 @@ impl Errors {
             .ok();
         let name = match input.name().filter(|n| !n.trim().is_empty()) {
             None => Some(None),
+            Some(n) if n.split(' ').any(|w| w.chars().count() > MAX_NAME_WORD) => {
+                self.push(
+                    &name_field,
+                    format!(
+                        "has a word (text without a space) longer than {MAX_NAME_WORD} characters, \
+                         too long for a header line"
+                    ),
+                );
+                None
+            }
             Some(n) => self.header_text(&name_field, n).map(Some),
         };
         Some(Mailbox::new(name?, address?))
@@ -311,6 +351,14 @@ impl Errors {
             self.push(field, format!("{HINT}: only ASCII is allowed"));
             return None;
         }
+        if value.len() > MAX_CONTENT_TYPE {
+            self.push(
+                field,
+                format!("is longer than {MAX_CONTENT_TYPE} characters; {HINT}"),
+            );
+            return None;
+        }
+        // type/subtype plus parameters, as the `mime` crate (lettre's parser) reads them.
         if ContentType::parse(value).is_err() {
             self.push(field, HINT);
             return None;
@@ -429,6 +477,57 @@ mod tests {
                 "headers.Received",
             ]
         );
+    }
+
+    #[test]
+    fn every_line_break_of_text_and_html_becomes_crlf() {
+        let mail = validate(json!({
+            "from": "a@example.com", "to": "b@example.com",
+            "text": "a\rb\r.\rc\nd\r\ne\r\r\n\n",
+            "html": "<p>\r.\r</p>",
+        }))
+        .unwrap();
+        assert_eq!(
+            mail.body.text.as_deref(),
+            Some("a\r\nb\r\n.\r\nc\r\nd\r\ne\r\n\r\n\r\n")
+        );
+        assert_eq!(mail.body.html.as_deref(), Some("<p>\r\n.\r\n</p>"));
+    }
+
+    #[test]
+    fn content_type_is_a_mime_type_of_at_most_255_characters() {
+        let attachment = |content_type: &str| {
+            json!({
+                "from": "a@example.com", "to": "b@example.com",
+                "attachments": [{"filename": "f", "contentType": content_type, "content": ""}],
+            })
+        };
+        let longest = format!("application/x-{}", "a".repeat(255 - 14));
+        assert!(validate(attachment(&longest)).is_ok());
+        assert!(validate(attachment("text/plain; charset=utf-8")).is_ok());
+        for bad in [
+            format!("{longest}a"),
+            format!("application/x-{}", "a".repeat(3000)),
+            "text".to_owned(),
+            "text/plain; charset".to_owned(),
+            "/plain".to_owned(),
+        ] {
+            assert_eq!(
+                fields(validate(attachment(&bad))),
+                ["attachments[0].contentType"],
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_display_name_word_too_long_for_a_header_line_is_named() {
+        let got = fields(validate(json!({
+            "from": {"name": "a".repeat(257), "address": "a@example.com"},
+            "to": [{"name": format!("{} x", "b".repeat(256)), "address": "b@example.com"}],
+            "text": "x",
+        })));
+        assert_eq!(got, ["from.name"]);
     }
 
     #[test]

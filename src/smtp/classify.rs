@@ -5,6 +5,8 @@
 
 use std::fmt;
 
+use super::error::Stage;
+
 /// An enhanced status code (RFC 3463), e.g. `5.2.252`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct EnhancedCode {
@@ -122,18 +124,44 @@ const BASIC_AUTH_REFUSED: EnhancedCode = EnhancedCode::new(5, 7, 30);
 const MAILBOX_FULL: EnhancedCode = EnhancedCode::new(5, 2, 2);
 const TOO_LARGE: EnhancedCode = EnhancedCode::new(5, 3, 4);
 
-/// The reply without `<…>` and `"…"` parts and without words that hold an `@`.
-fn without_addresses(text: &str) -> String {
+/// The words of a reply that the server wrote: without `<…>` paths, `"…"` quoted strings and
+/// words that hold an `@`. Quote-aware, as addresses are: a `>` inside a quoted local part
+/// (`<"x>SubmissionQuotaExceeded"@contoso.com>`) does not end the path, and `\"` does not
+/// end a quoted string. What is left open at the end is dropped, never read as the server's.
+fn server_words(text: &str) -> String {
+    #[derive(Clone, Copy)]
+    enum In {
+        Text,
+        Path,
+        Quoted { in_path: bool },
+    }
     let mut plain = String::with_capacity(text.len());
-    let mut closing = None;
-    for c in text.chars() {
-        match (closing, c) {
-            (Some(end), c) if c == end => closing = None,
-            (Some(_), _) => {}
-            (None, '<') => closing = Some('>'),
-            (None, '"') => closing = Some('"'),
-            (None, c) => plain.push(c),
-        }
+    let mut state = In::Text;
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        state = match (state, c) {
+            (In::Text, '<') => In::Path,
+            (In::Text, '"') => In::Quoted { in_path: false },
+            (In::Text, c) => {
+                plain.push(c);
+                In::Text
+            }
+            (In::Path, '>') => In::Text,
+            (In::Path, '"') => In::Quoted { in_path: true },
+            (In::Path, _) => In::Path,
+            (quoted @ In::Quoted { .. }, '\\') => {
+                chars.next();
+                quoted
+            }
+            (In::Quoted { in_path }, '"') => {
+                if in_path {
+                    In::Path
+                } else {
+                    In::Text
+                }
+            }
+            (quoted @ In::Quoted { .. }, _) => quoted,
+        };
     }
     plain
         .split_whitespace()
@@ -142,20 +170,34 @@ fn without_addresses(text: &str) -> String {
         .join(" ")
 }
 
-/// Sorts a negative reply. Pure: the basic code and the text (without the code) in, the kind out.
-pub fn classify(code: u16, text: &str) -> SmtpErrorKind {
+/// Sorts a negative reply. Pure: the stage, the basic code and the text (without the code) in,
+/// the kind out.
+pub fn classify(stage: &Stage, code: u16, text: &str) -> SmtpErrorKind {
+    // A refusal of one recipient repeats the recipient's address, which the caller chose: its
+    // text must not decide anything beyond "this recipient, now or for good".
+    if matches!(stage, Stage::RcptTo(_)) {
+        return match code {
+            400..=499 => SmtpErrorKind::Transient,
+            _ => SmtpErrorKind::Permanent,
+        };
+    }
     // Addresses in the reply are the caller's words (a From of `SubmissionQuotaExceeded@…`):
     // only the server's own words count.
-    let text = without_addresses(text);
+    let text = server_words(text);
     let enhanced = parse_enhanced(&text);
     let lower = text.to_ascii_lowercase();
     let has = |needle: &str| lower.contains(needle);
+    // Exchange answers SendAsDenied and SubmissionQuotaExceeded only to the end of DATA
+    // (EXCHANGE.md section 3): the same words at MAIL FROM or DATA are not those replies, and a
+    // quota refusal stops all mail for a day, so only that stage may decide it.
+    let after_data = *stage == Stage::EndOfData;
 
     // Exchange's texts first: they are more specific than its codes (5.2.0 carries
     // both the quota and the send-as cases).
-    if has("sendasdenied")
-        || enhanced == Some(SEND_AS_DENIED)
-        || enhanced == Some(NO_SEND_AS_PERMISSION)
+    if after_data
+        && (has("sendasdenied")
+            || enhanced == Some(SEND_AS_DENIED)
+            || enhanced == Some(NO_SEND_AS_PERMISSION))
     {
         return SmtpErrorKind::SendAsDenied;
     }
@@ -165,7 +207,7 @@ pub fn classify(code: u16, text: &str) -> SmtpErrorKind {
     if enhanced == Some(BASIC_AUTH_REFUSED) || has("basic authentication is not supported") {
         return SmtpErrorKind::BasicAuthRefused;
     }
-    if has("submissionquotaexceeded") {
+    if after_data && has("submissionquotaexceeded") {
         return SmtpErrorKind::QuotaExceeded;
     }
     if code == 432 || has("thread limit exceeded") {
@@ -192,16 +234,26 @@ pub fn classify(code: u16, text: &str) -> SmtpErrorKind {
 mod tests {
     use super::*;
 
+    /// Where Exchange gives each reply of these tests: AUTH refusals at AUTH, the rest after DATA.
+    fn stage_of(line: &str) -> Stage {
+        if line.starts_with("535") || line.contains("5.7.30") {
+            Stage::Auth
+        } else {
+            Stage::EndOfData
+        }
+    }
+
     /// Splits a reply as seen on the wire into code and text.
     fn classify_line(line: &str) -> SmtpErrorKind {
         let (code, text) = line.split_once(' ').unwrap();
-        classify(code.parse().unwrap(), text)
+        classify(&stage_of(line), code.parse().unwrap(), text)
     }
 
     #[test]
     fn addresses_in_a_reply_decide_nothing() {
         assert_eq!(
             classify(
+                &Stage::EndOfData,
                 550,
                 "5.1.1 <SubmissionQuotaExceeded@contoso.com>: Recipient address rejected"
             ),
@@ -209,6 +261,7 @@ mod tests {
         );
         assert_eq!(
             classify(
+                &Stage::EndOfData,
                 550,
                 "5.1.10 Recipient \"SendAsDenied x\"@contoso.com not found"
             ),
@@ -217,11 +270,71 @@ mod tests {
         // Exchange's own words still count, with the addresses it names around them.
         assert_eq!(
             classify(
+                &Stage::EndOfData,
                 554,
                 "5.2.252 SendAsDenied; relay@contoso.com not allowed to send as ceo@contoso.com"
             ),
             SmtpErrorKind::SendAsDenied
         );
+    }
+
+    /// Replies as Postfix and Exchange echo a hostile From or recipient, at every stage.
+    #[test]
+    fn hostile_addresses_echoed_at_any_stage_decide_neither_quota_nor_send_as() {
+        use crate::smtp::SmtpError;
+        let hostile = [
+            "\"x>SubmissionQuotaExceeded\"@contoso.com",
+            "\"x>SubmissionQuotaExceededException; y\"@contoso.com",
+            "\"a\\\">SendAsDenied; 5.2.252 b\"@contoso.com",
+            "\"q\\\"<\\\" STOREDRV.Submission.Exception:SubmissionQuotaExceededException\"@contoso.com",
+        ];
+        for address in hostile {
+            let stages = [
+                Stage::MailFrom(address.into()),
+                Stage::RcptTo(address.into()),
+                Stage::Data,
+                Stage::EndOfData,
+            ];
+            for stage in stages {
+                for text in [
+                    format!("5.7.1 <{address}>: Sender address rejected: Access denied"),
+                    format!("5.1.8 Sender {address} refused"),
+                    format!("5.1.1 <{address}>... User unknown"),
+                ] {
+                    let kind = SmtpError::rejected(stage.clone(), 554, text.as_str()).kind();
+                    assert_eq!(kind, SmtpErrorKind::Permanent, "{stage}: 554 {text}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quota_and_send_as_count_only_after_data_and_only_in_the_servers_words() {
+        use crate::smtp::SmtpError;
+        let quota = "5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process message";
+        let send_as = "5.2.252 SendAsDenied; relay@contoso.com not allowed to send as \"x>y\"@contoso.com; STOREDRV.Submission.Exception:SendAsDeniedException";
+        let kind = |stage: Stage, text: &str| SmtpError::rejected(stage, 554, text).kind();
+        assert_eq!(kind(Stage::EndOfData, quota), SmtpErrorKind::QuotaExceeded);
+        assert_eq!(kind(Stage::EndOfData, send_as), SmtpErrorKind::SendAsDenied);
+        // Postfix (the test peer) puts the echoed address first.
+        let echoed = "5.2.0 <\"a>b\"@contoso.test>: Sender address rejected: STOREDRV.Submission.Exception:SubmissionQuotaExceededException; x";
+        assert_eq!(kind(Stage::EndOfData, echoed), SmtpErrorKind::QuotaExceeded);
+        for stage in [
+            Stage::MailFrom("a@contoso.com".into()),
+            Stage::RcptTo("a@contoso.com".into()),
+            Stage::Data,
+        ] {
+            assert_eq!(
+                kind(stage.clone(), quota),
+                SmtpErrorKind::Permanent,
+                "{stage}"
+            );
+            assert_eq!(
+                kind(stage.clone(), send_as),
+                SmtpErrorKind::Permanent,
+                "{stage}"
+            );
+        }
     }
 
     #[test]
@@ -383,7 +496,7 @@ mod tests {
 
         #[test]
         fn every_reply_gets_a_kind_and_4xx_never_counts_as_permanent(code in 200u16..600, text in "\\PC{0,80}") {
-            let kind = classify(code, &text);
+            let kind = classify(&Stage::EndOfData, code, &text);
             if (400..500).contains(&code) {
                 proptest::prop_assert!(
                     !matches!(kind, SmtpErrorKind::Permanent | SmtpErrorKind::TooLarge | SmtpErrorKind::AuthFailed | SmtpErrorKind::MailboxFull),

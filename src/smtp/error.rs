@@ -151,13 +151,7 @@ impl SmtpError {
     /// A negative reply, sorted by [`classify`].
     pub fn rejected(stage: Stage, code: u16, text: impl Into<String>) -> Self {
         let reply = SmtpReply::new(code, text);
-        // A refusal of one recipient repeats the recipient's address, which the caller chose:
-        // its text must not decide anything beyond "this recipient, now or for good".
-        let kind = match stage {
-            Stage::RcptTo(_) if (400..500).contains(&code) => SmtpErrorKind::Transient,
-            Stage::RcptTo(_) => SmtpErrorKind::Permanent,
-            _ => classify(reply.code, &reply.text),
-        };
+        let kind = classify(&stage, reply.code, &reply.text);
         Self::Rejected { kind, stage, reply }
     }
 

@@ -651,3 +651,257 @@ async fn a_request_over_its_time_limit_is_503_timeout_naming_the_setting() {
         "{detail}"
     );
 }
+
+/// Accepts every mail and notes what no mail may carry: a header line over RFC 5322's 998
+/// octets, or a CR or LF that is not part of a CRLF.
+#[derive(Default)]
+struct CheckingSender {
+    faults: std::sync::Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl MailSender for CheckingSender {
+    async fn send(&self, mail: &OutgoingMail) -> Result<Receipt, DeliveryError> {
+        let bytes = &mail.formatted;
+        let mut faults = Vec::new();
+        let head_end = bytes
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or(bytes.len());
+        let longest = bytes[..head_end]
+            .split(|&b| b == b'\n')
+            .map(|line| line.strip_suffix(b"\r").unwrap_or(line).len())
+            .max()
+            .unwrap_or_default();
+        if longest > 998 {
+            faults.push(format!("{}: a header line of {longest} octets", mail.id));
+        }
+        let lone = bytes.iter().enumerate().any(|(i, &b)| {
+            (b == b'\r' && bytes.get(i + 1) != Some(&b'\n'))
+                || (b == b'\n' && (i == 0 || bytes[i - 1] != b'\r'))
+        });
+        if lone {
+            faults.push(format!("{}: a lone CR or LF", mail.id));
+        }
+        self.faults.lock().unwrap().extend(faults);
+        Ok(Receipt {
+            accepted: mail.envelope.to().iter().map(ToString::to_string).collect(),
+            server_reply: "250 2.0.0 OK".into(),
+        })
+    }
+}
+
+/// A generated corpus of requests, valid and not: quoted local parts, IDN domains, comments,
+/// long words, lone CRs, odd content types and headers.
+mod corpus {
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    fn local_part() -> BoxedStrategy<String> {
+        prop_oneof![
+            "[a-z0-9._+-]{1,12}",
+            "\"[ -~]{0,12}\"",
+            "\"[a-z]{1,8}\"",
+            "[a-z]{1,5}\\([ -~]{0,6}\\)",
+            "(?s).{0,12}",
+        ]
+        .boxed()
+    }
+
+    fn any_domain() -> BoxedStrategy<String> {
+        prop_oneof![
+            4 => Just("contoso.com".to_owned()),
+            1 => "[a-z0-9-]{1,10}\\.(com|test|example)",
+            1 => "(bücher|пример|例え|straße)\\.(example|de)",
+            1 => "[a-z]{1,5}\\([a-z]{0,5}\\)\\.com",
+            1 => "\\[[0-9.]{1,15}\\]",
+            1 => "(?s).{0,12}",
+        ]
+        .boxed()
+    }
+
+    /// Mostly a plain address at `domain`, else anything.
+    fn address_at(domain: &'static str) -> BoxedStrategy<String> {
+        prop_oneof![
+            6 => "[a-z]{1,8}".prop_map(move |l| format!("{l}@{domain}")),
+            1 => "\"[ -~]{1,8}\"".prop_map(move |l| format!("{l}@{domain}")),
+            1 => (local_part(), any_domain()).prop_map(|(l, d)| format!("{l}@{d}")),
+        ]
+        .boxed()
+    }
+
+    fn text() -> BoxedStrategy<String> {
+        prop_oneof![
+            6 => "[ -~]{0,40}",
+            1 => "[!-~]{0,2048}",
+            1 => "([!-~]{0,400} ){0,5}",
+            1 => "\\PC{0,80}",
+            1 => "[a.\r\n]{0,30}",
+            1 => "(?s).{0,40}",
+        ]
+        .boxed()
+    }
+
+    fn mailbox(domain: &'static str) -> BoxedStrategy<Value> {
+        prop_oneof![
+            2 => address_at(domain).prop_map(Value::from),
+            1 => (text(), address_at(domain))
+                .prop_map(|(name, address)| json!({"name": name, "address": address})),
+        ]
+        .boxed()
+    }
+
+    fn content_type() -> BoxedStrategy<String> {
+        prop_oneof![
+            6 => Just("application/pdf".to_owned()),
+            1 => "application/x-[a-z]{0,600}",
+            1 => "text/plain; charset=[a-z0-9-]{0,300}",
+            1 => "multipart/(mixed|related)",
+            1 => "[ -~]{0,30}",
+            1 => "(?s).{0,20}",
+        ]
+        .boxed()
+    }
+
+    fn attachment() -> BoxedStrategy<Value> {
+        (
+            prop_oneof![4 => "[a-z]{1,8}\\.pdf", 1 => text()],
+            content_type(),
+            prop_oneof![
+                6 => Just("aGVsbG8=".to_owned()),
+                1 => "[A-Za-z0-9+/=]{0,12}",
+                1 => "(?s).{0,8}",
+            ],
+            prop_oneof![
+                6 => Just(None),
+                1 => "[a-z]{1,8}".prop_map(Some),
+                1 => "(?s).{0,10}".prop_map(Some),
+            ],
+        )
+            .prop_map(|(filename, content_type, content, content_id)| {
+                let mut a =
+                    json!({"filename": filename, "contentType": content_type, "content": content});
+                if let Some(id) = content_id {
+                    a["contentId"] = Value::from(id);
+                }
+                a
+            })
+            .boxed()
+    }
+
+    fn header() -> BoxedStrategy<(String, String)> {
+        prop_oneof![
+            6 => ("X-[A-Za-z0-9-]{1,20}", text()),
+            1 => (
+                "(In-Reply-To|References|List-Id|List-Unsubscribe|Auto-Submitted|Keywords|Comments)",
+                text(),
+            ),
+            1 => ("[ -~]{1,12}", text()),
+            1 => (
+                Just("References".to_owned()),
+                "<[a-z]{1,1100}@example.com>( <[a-z]{1,8}@x>){0,3}",
+            ),
+            1 => (Just("List-Unsubscribe".to_owned()), "<https://[a-z/]{1,1100}>"),
+        ]
+        .boxed()
+    }
+
+    pub(super) fn request() -> BoxedStrategy<Value> {
+        (
+            mailbox("contoso.com"),
+            proptest::collection::vec(mailbox("example.com"), 0..4),
+            proptest::collection::vec(mailbox("example.com"), 0..2),
+            proptest::option::of(text()),
+            proptest::option::weighted(0.8, text()),
+            proptest::option::of(text()),
+            proptest::collection::vec(attachment(), 0..3),
+            proptest::collection::btree_map(header().prop_map(|(n, _)| n), text(), 0..2),
+            proptest::collection::vec(header(), 0..2),
+            prop_oneof![4 => Just("normal"), 1 => Just("high"), 1 => Just("urgent")],
+        )
+            .prop_map(
+                |(
+                    from,
+                    to,
+                    reply_to,
+                    subject,
+                    text,
+                    html,
+                    attachments,
+                    mut headers,
+                    more,
+                    priority,
+                )| {
+                    headers.extend(more);
+                    let mut body = json!({
+                        "from": from, "to": to, "replyTo": reply_to, "attachments": attachments,
+                        "headers": headers, "priority": priority,
+                    });
+                    for (key, value) in [("subject", subject), ("text", text), ("html", html)] {
+                        if let Some(value) = value {
+                            body[key] = Value::from(value);
+                        }
+                    }
+                    body
+                },
+            )
+            .boxed()
+    }
+}
+
+#[tokio::test]
+async fn no_request_of_a_generated_corpus_gets_a_5xx() {
+    use proptest::strategy::{Strategy, ValueTree};
+    use proptest::test_runner::TestRunner;
+
+    // tracing caches each callsite's interest for the whole process, from the subscribers alive
+    // when the callsite is first reached. Reached first from this thread (no subscriber) while
+    // another test's info-level capture is alive, a debug callsite was cached as never, and that
+    // test's debug-level capture then missed it (observe::a_users_address_is_logged_only_at_debug_level).
+    // A subscriber here that takes everything keeps every interest at least "sometimes".
+    let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry());
+    let sender = Arc::new(CheckingSender::default());
+    let app = spawn_with_sender(sender.clone()).await;
+    let strategy = corpus::request();
+    let mut runner = TestRunner::deterministic();
+    let (mut accepted, mut refused) = (0, 0);
+    for _ in 0..400 {
+        let body = strategy.new_tree(&mut runner).unwrap().current();
+        let response = post_mail(&app, &body).await;
+        let status = response.status();
+        assert!(
+            !status.is_server_error(),
+            "{status} for {body}: {}",
+            response.text().await.unwrap()
+        );
+        if status.is_success() {
+            accepted += 1;
+        } else {
+            refused += 1;
+        }
+    }
+    // The corpus reaches the builder and the sender, not only validation.
+    assert!(
+        accepted >= 20 && refused >= 20,
+        "{accepted} accepted, {refused} refused"
+    );
+    let faults = sender.faults.lock().unwrap();
+    assert!(faults.is_empty(), "{faults:#?}");
+}
+
+#[tokio::test]
+async fn a_quoted_local_part_that_needs_its_quotes_is_400_naming_the_field() {
+    let app = spawn_app().await;
+    for (from, field) in [
+        (json!("\"a b\"@contoso.com"), "from"),
+        (
+            json!({"name": "X", "address": "\"x>y\"@contoso.com"}),
+            "from.address",
+        ),
+    ] {
+        let body = json!({"from": from, "to": "alice@example.com", "text": "hi"});
+        let problem = expect_problem(post_mail(&app, &body).await, 400, "invalid_request").await;
+        assert_eq!(fields(&problem), [field], "{problem:#}");
+    }
+    assert!(outbox_files(&app).is_empty());
+}
