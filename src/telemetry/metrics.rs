@@ -237,6 +237,7 @@ mod tests {
             has_token: true,
             expires_at: Some(SystemTime::now() + Duration::from_secs(3000)),
             last_error: None,
+            last_error_code: None,
             fetch_count: 5,
             failed_fetches: 2,
         };
