@@ -310,6 +310,26 @@ async fn a_slow_http1_head_is_cut_off_at_the_configured_timeout() {
     assert!(after < Duration::from_secs(3), "closed after {after:?}");
 }
 
+#[tokio::test]
+async fn a_kept_alive_http1_connection_is_closed_when_idle_for_the_timeout() {
+    let app = spawn_impatient_app().await;
+    let mut stream = TcpStream::connect(app.address).await.unwrap();
+    stream
+        .write_all(b"GET /health/live HTTP/1.1\r\nHost: relay\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = [0u8; 1024];
+    let n = stream.read(&mut answer).await.unwrap();
+    assert!(answer[..n].starts_with(b"HTTP/1.1 200"));
+    let after = closed_within(&mut stream, Duration::from_secs(5))
+        .await
+        .expect("an idle kept-alive connection is closed");
+    assert!(
+        after >= Duration::from_millis(900),
+        "closed after {after:?}"
+    );
+}
+
 /// An HTTP/2 connection (prior knowledge, as gRPC-style clients and nginx's `grpc_pass` do).
 async fn h2_connect(
     app: &TestApp,
