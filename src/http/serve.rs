@@ -246,20 +246,47 @@ struct Refusals {
 
 impl Refusals {
     fn note(&mut self, connections: &Connections) {
+        if let Some(refused) = self.due(Instant::now()) {
+            tracing::warn!(
+                listener = connections.listener(),
+                max_connections = connections.max(),
+                refused,
+                "connection limit reached: closing new connections at once; raise mailRelay.http.maxConnections (and the file descriptor limit) if this is real traffic"
+            );
+        }
+    }
+
+    /// Counts one refusal at `now`; the number to log when a line is due.
+    fn due(&mut self, now: Instant) -> Option<u64> {
         self.since_logged += 1;
         if self
             .logged_at
-            .is_some_and(|at| at.elapsed() < REFUSALS_LOGGED_EVERY)
+            .is_some_and(|at| now.saturating_duration_since(at) < REFUSALS_LOGGED_EVERY)
         {
-            return;
+            return None;
         }
-        tracing::warn!(
-            listener = connections.listener(),
-            max_connections = connections.max(),
-            refused = self.since_logged,
-            "connection limit reached: closing new connections at once; raise mailRelay.http.maxConnections (and the file descriptor limit) if this is real traffic"
+        self.logged_at = Some(now);
+        Some(std::mem::take(&mut self.since_logged))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_logged_at_most_every_ten_seconds_with_their_count() {
+        let mut refusals = Refusals::default();
+        let start = Instant::now();
+        assert_eq!(refusals.due(start), Some(1), "the first one at once");
+        for n in 1..=50 {
+            assert_eq!(refusals.due(start + Duration::from_millis(n * 100)), None);
+        }
+        assert_eq!(
+            refusals.due(start + REFUSALS_LOGGED_EVERY),
+            Some(51),
+            "then all since"
         );
-        self.since_logged = 0;
-        self.logged_at = Some(Instant::now());
+        assert_eq!(refusals.due(start + REFUSALS_LOGGED_EVERY), None);
     }
 }
