@@ -5,9 +5,10 @@
 //! started: a client that sends nothing, only the HTTP/2 preface, or opens HTTP/2 and then sits
 //! idle, would hold a connection and a file descriptor for as long as it likes. Here a connection
 //! without a request in progress for `header_read_timeout` is closed, whatever its protocol and
-//! whether or not it is known yet; at most `max` connections are open per listener. Everything
-//! else is as `axum::serve` does it: `TCP_NODELAY`, HTTP/1.1 and HTTP/2, the peer's address as
-//! `ConnectInfo`, and a graceful stop that lets open requests finish.
+//! whether or not it is known yet; at most `max` connections are open per listener. Otherwise
+//! it is what `axum::serve` does: `TCP_NODELAY`, HTTP/1.1 and HTTP/2, the peer's address as
+//! `ConnectInfo`, and a graceful stop that lets open requests finish; only protocol upgrades
+//! are left out, as no route needs one (no WebSocket).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
