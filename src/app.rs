@@ -30,6 +30,7 @@ use crate::config::{CorsSettings, Delivery, Limits, Settings, SmtpAuthentication
 use crate::delivery::{MailSender, Outbox};
 use crate::http::drain::{self, InFlight};
 use crate::http::forwarded::{self, ClientAddr, TrustedProxies};
+use crate::http::serve::{ConnectionLimits, Connections, METRICS_MAX_CONNECTIONS};
 use crate::idempotency::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, Idempotency};
 use crate::rate_limit::RateLimits;
 use crate::send_as::SendAsPolicy;
@@ -60,6 +61,9 @@ pub struct AppState {
     pub openapi: bytes::Bytes,
     draining: Arc<AtomicBool>,
     in_flight: InFlight,
+    /// The main listener's connections, and the metrics listener's when it has one.
+    connections: Connections,
+    metrics_connections: Option<Connections>,
 }
 
 impl AppState {
@@ -83,7 +87,6 @@ impl AppState {
         Ok(Self {
             openapi: openapi.into(),
             admin: AdminNotifier::new(&settings, Arc::clone(&sender)),
-            settings,
             sender,
             authenticator: Arc::new(authenticator),
             send_as: Arc::new(send_as),
@@ -94,6 +97,13 @@ impl AppState {
             sends,
             draining: Arc::new(AtomicBool::new(false)),
             in_flight: InFlight::default(),
+            connections: Connections::new("main", settings.relay.http.max_connections),
+            metrics_connections: settings
+                .relay
+                .metrics
+                .listen
+                .map(|_| Connections::new("metrics", METRICS_MAX_CONNECTIONS)),
+            settings,
         })
     }
 
@@ -115,6 +125,11 @@ impl AppState {
     /// The requests being served now.
     pub fn in_flight(&self) -> &InFlight {
         &self.in_flight
+    }
+
+    /// Each listener's open and refused connections, for `/metrics`.
+    pub fn listeners(&self) -> impl Iterator<Item = &Connections> {
+        std::iter::once(&self.connections).chain(&self.metrics_connections)
     }
 }
 
@@ -214,12 +229,19 @@ impl Application {
             }
         };
         // Scrapes go on through the drain; the listener closes when the app is done.
-        // Through the same accept loop as the API, so a slow client cannot hold a connection.
+        // Through the same accept loop as the API, so a slow client cannot hold a connection, and
+        // with a cap of its own, so that scrapes still get through when the API's is reached.
+        let limits = ConnectionLimits::from(&state.settings.relay.http);
         let metrics = self.metrics.map(|(listener, router)| {
+            let connections = state
+                .metrics_connections
+                .clone()
+                .unwrap_or_else(|| Connections::new("metrics", METRICS_MAX_CONNECTIONS));
             tokio::spawn(crate::http::serve::serve(
                 listener,
                 router,
-                crate::http::serve::HEADER_READ_TIMEOUT,
+                limits,
+                connections,
                 std::future::pending(),
             ))
         });
@@ -231,7 +253,8 @@ impl Application {
         let serve = crate::http::serve::serve(
             self.listener,
             self.router,
-            crate::http::serve::HEADER_READ_TIMEOUT,
+            limits,
+            state.connections.clone(),
             stop_accepting,
         );
         tokio::pin!(serve);

@@ -1,7 +1,9 @@
 //! Probes for orchestrators: `/health/live` and `/health/ready`.
 //!
 //! Liveness only says the process serves HTTP: restarting cannot fix Microsoft 365. Readiness
-//! says whether this instance can send now, with each component's state and last error.
+//! says whether this instance can send now, with each component's state and last error. Both
+//! are unauthenticated: an error shows as its kind and codes, never as a server's text (an SMTP
+//! reply can repeat `MAIL FROM:<…>` and `RCPT TO:<…>`); the text is in the log.
 
 use std::time::SystemTime;
 
@@ -13,7 +15,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::app::AppState;
-use crate::telemetry::delivery::{FAILING_AFTER, FAILING_FOR};
+use crate::telemetry::delivery::{FAILING_AFTER, FAILING_FOR, FailureSummary};
 
 /// Liveness: the process is serving requests.
 #[derive(Debug, Serialize, ToSchema)]
@@ -43,6 +45,48 @@ pub struct Ready {
     pub components: Components,
 }
 
+/// An error as the probe shows it: what kind it is and the codes, without the server's text.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorSummary {
+    /// The stable code: an SMTP kind (`smtp_unavailable`, `smtp_auth_failed`, `smtp_thread_limit`,
+    /// …), `outbox_unwritable`, or a token code (`token_invalid_client_secret`, …).
+    #[schema(example = "smtp_unavailable")]
+    pub kind: &'static str,
+    /// Where in the SMTP dialogue: `connect`, `greeting`, `starttls`, `auth`, `mail_from`,
+    /// `rcpt_to`, `data`, `end_of_data`, `reuse`.
+    #[schema(example = "mail_from")]
+    pub stage: Option<&'static str>,
+    /// The SMTP server's reply code, when it answered.
+    #[schema(example = 421)]
+    pub reply_code: Option<u16>,
+    /// Its enhanced status code, when it gave one.
+    #[schema(example = "4.3.2")]
+    pub enhanced_code: Option<String>,
+}
+
+impl From<FailureSummary> for ErrorSummary {
+    fn from(failure: FailureSummary) -> Self {
+        Self {
+            kind: failure.kind,
+            stage: failure.stage,
+            reply_code: failure.reply_code,
+            enhanced_code: failure.enhanced_code,
+        }
+    }
+}
+
+impl ErrorSummary {
+    fn code(kind: &'static str) -> Self {
+        Self {
+            kind,
+            stage: None,
+            reply_code: None,
+            enhanced_code: None,
+        }
+    }
+}
+
 /// Each part readiness depends on.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Components {
@@ -70,7 +114,7 @@ pub struct TokenComponent {
     #[schema(example = 3125)]
     pub expires_in_seconds: Option<u64>,
     /// The last fetch's error, until a fetch succeeds.
-    pub last_error: Option<String>,
+    pub last_error: Option<ErrorSummary>,
     /// Requests to the token endpoint so far, failed ones included.
     #[schema(example = 2)]
     pub fetch_count: u64,
@@ -87,7 +131,7 @@ pub struct SmtpComponent {
     #[schema(example = 1)]
     pub open_connections: Option<usize>,
     /// The last relay-side send error, however old.
-    pub last_error: Option<String>,
+    pub last_error: Option<ErrorSummary>,
     /// When it happened (RFC 3339).
     #[schema(example = "2026-11-26T08:15:00Z")]
     pub last_error_at: Option<String>,
@@ -108,8 +152,8 @@ pub fn check(state: &AppState) -> Ready {
             "token: no valid access token: {}",
             token
                 .last_error
-                .as_deref()
-                .unwrap_or("the last fetch failed")
+                .as_ref()
+                .map_or("the last fetch failed", |e| e.kind)
         ))
     } else {
         state.sends.failing().map(|error| {
@@ -151,7 +195,10 @@ fn token_component(state: &AppState) -> TokenComponent {
     TokenComponent {
         status,
         expires_in_seconds: expires_in.map(|d| d.as_secs()),
-        last_error: tokens.last_error,
+        last_error: tokens
+            .last_error
+            .is_some()
+            .then(|| ErrorSummary::code(tokens.last_error_code.unwrap_or("token_unavailable"))),
         fetch_count: tokens.fetch_count,
     }
 }
@@ -167,7 +214,7 @@ fn smtp_component(state: &AppState) -> SmtpComponent {
         },
         open_connections: pool.as_ref().map(|p| p.open_connections),
         last_error_at: last.as_ref().map(|(at, _)| rfc3339(*at)),
-        last_error: last.map(|(_, e)| e),
+        last_error: last.map(|(_, e)| e.into()),
         sent: pool.as_ref().map(|p| p.sent),
         failed: pool.as_ref().map(|p| p.failed),
     }

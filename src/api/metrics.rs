@@ -17,6 +17,13 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     state
         .metrics
         .set_ready(super::health::check(&state).reason.is_none());
+    for connections in state.listeners() {
+        state.metrics.set_connections(
+            connections.listener(),
+            connections.open(),
+            connections.refused(),
+        );
+    }
     let tokens = state.tokens.as_ref().map(|t| t.state());
     let smtp = state.sender.smtp_state();
     (

@@ -147,8 +147,8 @@ pub struct RelaySettings {
     pub log: LogSettings,
 }
 
-/// `mailRelay.http.*`: how the relay sits behind a reverse proxy.
-#[derive(Debug, Clone, Default)]
+/// `mailRelay.http.*`: how the relay sits behind a reverse proxy, and what one connection may hold.
+#[derive(Debug, Clone)]
 pub struct HttpSettings {
     /// Path prefix every route is served under (`/osweb/mail`); empty for the root.
     /// Starts with `/`, has no trailing `/` and no `..`.
@@ -157,6 +157,29 @@ pub struct HttpSettings {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Which header those proxies report the client in.
     pub forwarded_header: ForwardedHeader,
+    /// `headerReadTimeoutSeconds`: how long a connection may go without a request in progress:
+    /// from accepting it (before its protocol is known) to a complete request head, and between
+    /// requests on a kept-alive HTTP/1 or HTTP/2 connection.
+    pub header_read_timeout: Duration,
+    /// `maxConnections`: open connections at most; one more is closed at once.
+    pub max_connections: usize,
+    /// `maxHeaderBytes`: the request head (HTTP/1) or header list (HTTP/2) at most; more is `431`.
+    pub max_header_bytes: usize,
+}
+
+impl Default for HttpSettings {
+    /// 75 s for a head: above nginx's 60 s upstream keep-alive, so nginx never reuses a
+    /// connection the relay is closing. 1024 connections, each one file descriptor. 16 KiB of head.
+    fn default() -> Self {
+        Self {
+            base_path: String::new(),
+            trusted_proxies: Vec::new(),
+            forwarded_header: ForwardedHeader::default(),
+            header_read_timeout: Duration::from_secs(75),
+            max_connections: 1024,
+            max_header_bytes: 16 * 1024,
+        }
+    }
 }
 
 /// `mailRelay.http.forwardedHeader`: the one header the trusted proxies maintain.

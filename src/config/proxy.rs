@@ -7,6 +7,11 @@ use super::{ForwardedHeader, HttpSettings, ShutdownSettings};
 const BASE_PATH: &str = "mailRelay.http.basePath";
 const TRUSTED_PROXIES: &str = "mailRelay.http.trustedProxies";
 const FORWARDED_HEADER: &str = "mailRelay.http.forwardedHeader";
+const HEADER_READ_TIMEOUT: &str = "mailRelay.http.headerReadTimeoutSeconds";
+const MAX_CONNECTIONS: &str = "mailRelay.http.maxConnections";
+const MAX_HEADER_BYTES: &str = "mailRelay.http.maxHeaderBytes";
+/// hyper's smallest read buffer for HTTP/1: a smaller head limit cannot be set.
+const MIN_HEADER_BYTES: usize = 8 * 1024;
 const DRAIN_DELAY: &str = "mailRelay.shutdown.drainDelaySeconds";
 const DEADLINE: &str = "mailRelay.shutdown.deadlineSeconds";
 
@@ -35,10 +40,25 @@ pub(super) fn http(ctx: &mut Ctx<'_>) -> HttpSettings {
         ],
         "X-Forwarded-For, Forwarded (the header your proxy appends the client to)",
     );
+    let defaults = HttpSettings::default();
+    let header_read_timeout = std::time::Duration::from_secs(ctx.number(
+        HEADER_READ_TIMEOUT,
+        defaults.header_read_timeout.as_secs(),
+        1..=3_600,
+    ));
+    let max_connections = ctx.number(MAX_CONNECTIONS, defaults.max_connections, 1..=1_000_000);
+    let max_header_bytes = ctx.number(
+        MAX_HEADER_BYTES,
+        defaults.max_header_bytes,
+        MIN_HEADER_BYTES..=1024 * 1024,
+    );
     HttpSettings {
         base_path,
         trusted_proxies,
         forwarded_header,
+        header_read_timeout,
+        max_connections,
+        max_header_bytes,
     }
 }
 

@@ -76,7 +76,7 @@ impl FailureKind {
             Self::Rejected => "smtp_rejected",
             Self::Token => "token_unavailable",
             Self::Setup => "smtp_setup",
-            Self::Local => "delivery_failed",
+            Self::Local => "outbox_unwritable",
         }
     }
 }
@@ -172,6 +172,22 @@ impl DeliveryError {
     pub fn reply_code(&self) -> Option<u16> {
         match self {
             Self::Smtp(e) => e.code(),
+            _ => None,
+        }
+    }
+
+    /// Where in the transport's dialogue it happened (`connect`, `auth`, `mail_from`, ...).
+    pub fn stage(&self) -> Option<&'static str> {
+        match self {
+            Self::Smtp(e) => e.stage().map(crate::smtp::Stage::name),
+            _ => None,
+        }
+    }
+
+    /// The server's enhanced status code (`4.3.2`), when it gave one.
+    pub fn enhanced_code(&self) -> Option<String> {
+        match self {
+            Self::Smtp(e) => e.enhanced_code().map(|c| c.to_string()),
             _ => None,
         }
     }

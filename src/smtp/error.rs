@@ -60,6 +60,24 @@ impl Stage {
     }
 }
 
+impl Stage {
+    /// A stable name without the address a `MAIL FROM` or `RCPT TO` carries, for what anyone
+    /// may see (the readiness probe).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Greeting => "greeting",
+            Self::StartTls => "starttls",
+            Self::Auth => "auth",
+            Self::MailFrom(_) => "mail_from",
+            Self::RcptTo(_) => "rcpt_to",
+            Self::Data => "data",
+            Self::EndOfData => "end_of_data",
+            Self::Reuse => "reuse",
+        }
+    }
+}
+
 impl fmt::Display for Stage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -173,6 +191,19 @@ impl SmtpError {
             Self::Deadline {
                 last: Some(last), ..
             } => last.reply(),
+            _ => None,
+        }
+    }
+
+    /// Where in the dialogue it happened, when that is known.
+    pub fn stage(&self) -> Option<&Stage> {
+        match self {
+            Self::Rejected { stage, .. }
+            | Self::Connection { stage, .. }
+            | Self::Unsupported { stage, .. } => Some(stage),
+            Self::Deadline {
+                last: Some(last), ..
+            } => last.stage(),
             _ => None,
         }
     }

@@ -31,6 +31,8 @@ pub const TOKEN_FETCHES: &str = "mail_relay_token_fetches_total";
 pub const TOKEN_EXPIRES_IN: &str = "mail_relay_token_expires_in_seconds";
 pub const RATE_LIMITED: &str = "mail_relay_rate_limited_total";
 pub const READY: &str = "mail_relay_ready";
+pub const HTTP_CONNECTIONS_OPEN: &str = "mail_relay_http_connections_open";
+pub const HTTP_CONNECTIONS_REFUSED: &str = "mail_relay_http_connections_refused_total";
 
 /// One application's metrics registry.
 pub struct Metrics {
@@ -97,6 +99,15 @@ impl Metrics {
     /// Whether `/health/ready` would answer 200 now (1) or 503 (0).
     pub fn set_ready(&self, ready: bool) {
         self.with(|| gauge!(READY).set(if ready { 1.0 } else { 0.0 }));
+    }
+
+    /// One listener's connections (`listener` is `main` or `metrics`): open now, and closed at
+    /// once since start because `mailRelay.http.maxConnections` were open.
+    pub fn set_connections(&self, listener: &'static str, open: usize, refused: u64) {
+        self.with(|| {
+            gauge!(HTTP_CONNECTIONS_OPEN, "listener" => listener).set(open as f64);
+            counter!(HTTP_CONNECTIONS_REFUSED, "listener" => listener).absolute(refused);
+        });
     }
 
     /// The Prometheus text, with the values read from the token cache and the SMTP pool now.
@@ -169,6 +180,14 @@ fn describe() {
         READY,
         "1 when /health/ready answers 200, 0 when it answers 503 (draining, no token, SMTP failing)"
     );
+    describe_gauge!(
+        HTTP_CONNECTIONS_OPEN,
+        "Open HTTP connections, by listener (main, metrics)"
+    );
+    describe_counter!(
+        HTTP_CONNECTIONS_REFUSED,
+        "HTTP connections closed at once because the listener's connection limit was reached"
+    );
     describe_counter!(
         RATE_LIMITED,
         "Requests refused with 429 rate_limited, by the limit's scope"
@@ -218,6 +237,7 @@ mod tests {
             has_token: true,
             expires_at: Some(SystemTime::now() + Duration::from_secs(3000)),
             last_error: None,
+            last_error_code: None,
             fetch_count: 5,
             failed_fetches: 2,
         };

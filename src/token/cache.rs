@@ -268,6 +268,7 @@ impl TokenProvider for TokenCache {
             has_token: valid.is_some(),
             expires_at: valid.map(|t| t.expires_at()),
             last_error: state.last_failure.as_ref().map(ToString::to_string),
+            last_error_code: state.last_failure.as_ref().map(TokenError::code),
             fetch_count: self.inner.fetches.load(Ordering::Relaxed),
             failed_fetches: self.inner.failed_fetches.load(Ordering::Relaxed),
         }

@@ -71,6 +71,9 @@ pub struct TokenState {
     pub has_token: bool,
     pub expires_at: Option<SystemTime>,
     pub last_error: Option<String>,
+    /// The last error's stable code ([`TokenError::code`]), for the public probe, which shows no
+    /// text from Entra ID.
+    pub last_error_code: Option<&'static str>,
     /// Requests to the token endpoint, failed ones included.
     pub fetch_count: u64,
     /// Of those, the ones that failed.

@@ -417,11 +417,15 @@ async fn smtp_sends_failing_make_readiness_503_until_one_succeeds() {
     let (_, body) = ready(&app).await;
     assert_eq!(body["status"], "not_ready");
     assert_eq!(body["components"]["smtp"]["status"], "failing");
-    let last_error = body["components"]["smtp"]["lastError"].as_str().unwrap();
-    assert!(last_error.contains("421"), "{last_error}");
+    let last_error = &body["components"]["smtp"]["lastError"];
+    assert_eq!(last_error["kind"], "smtp_unavailable", "{body:#}");
+    assert_eq!(last_error["replyCode"], 421);
+    assert_eq!(last_error["enhancedCode"], "4.3.2");
+    assert_eq!(last_error["stage"], "greeting");
     assert!(body["components"]["smtp"]["lastErrorAt"].is_string());
-    assert!(
-        body["reason"].as_str().unwrap().contains("4.3.2"),
+    assert_eq!(
+        body["reason"],
+        "smtp: the last 3 sends failed within 60s: smtp_unavailable (421 4.3.2 at greeting)",
         "{body:#}"
     );
     // Liveness stays simple: restarting cannot fix the server.
@@ -442,13 +446,62 @@ async fn smtp_sends_failing_make_readiness_503_until_one_succeeds() {
     let (status, body) = ready(&app).await;
     assert_eq!(status, 200, "{body:#}");
     assert_eq!(body["components"]["smtp"]["status"], "ok");
-    assert!(
-        body["components"]["smtp"]["lastError"]
-            .as_str()
-            .unwrap()
-            .contains("421"),
+    assert_eq!(
+        body["components"]["smtp"]["lastError"]["replyCode"], 421,
         "the last error stays visible"
     );
+}
+
+fn refused_naming_addresses() -> DeliveryError {
+    DeliveryError::Smtp(SmtpError::rejected(
+        Stage::RcptTo("bob@example.com".into()),
+        421,
+        "4.3.2 Service not available for <bob@example.com> from <alice@contoso.com>",
+    ))
+}
+
+#[tokio::test]
+async fn the_public_readiness_body_shows_kinds_and_codes_but_no_address_or_server_text() {
+    let (logs, _guard) = Captured::start("info");
+    let sender = Switchable::failing(refused_naming_addresses);
+    let app = spawn_app_with_sender(|_| {}, Some(sender as Arc<dyn MailSender>)).await;
+    for _ in 0..3 {
+        assert_eq!(post_mail(&app, &mail()).await.status(), 503);
+    }
+    let response = app.get("/health/ready").await;
+    assert_eq!(response.status(), 503);
+    let text = response.text().await.unwrap();
+    for secret in [
+        "bob@example.com",
+        "alice@contoso.com",
+        "Service not available",
+        "RCPT TO",
+    ] {
+        assert!(!text.contains(secret), "{secret} in {text}");
+    }
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["status"], "not_ready");
+    assert_eq!(body["components"]["smtp"]["status"], "failing");
+    let last_error = &body["components"]["smtp"]["lastError"];
+    assert_eq!(last_error["kind"], "smtp_unavailable", "{body:#}");
+    assert_eq!(last_error["stage"], "rcpt_to");
+    assert_eq!(last_error["replyCode"], 421);
+    assert_eq!(last_error["enhancedCode"], "4.3.2");
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap()
+            .ends_with("smtp_unavailable (421 4.3.2 at rcpt_to)"),
+        "{body:#}"
+    );
+    // The operator still gets the whole reply: once when readiness turns, and on each request.
+    let log = logs.text();
+    let turned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("/health/ready answers 503"))
+        .collect();
+    assert_eq!(turned.len(), 1, "{log}");
+    assert!(turned[0].contains("Service not available"), "{}", turned[0]);
 }
 
 #[tokio::test]
@@ -497,8 +550,15 @@ async fn readiness_turns_503_when_no_token_can_be_had_and_back_when_entra_recove
     assert_eq!(token["status"], "failing");
     assert_eq!(token["expiresInSeconds"], Value::Null);
     assert!(token["fetchCount"].as_u64().unwrap() >= 1);
-    let last_error = token["lastError"].as_str().unwrap();
-    assert!(last_error.contains("7000215"), "{last_error}");
+    assert_eq!(
+        token["lastError"]["kind"], "token_invalid_client_secret",
+        "{body:#}"
+    );
+    assert_eq!(
+        body["reason"],
+        "token: no valid access token: token_invalid_client_secret"
+    );
+    assert!(!body.to_string().contains("AADSTS"), "{body:#}");
     assert!(!body.to_string().contains(CLIENT_SECRET));
     let (_, samples) = scrape(&app).await;
     assert!(samples[r#"mail_relay_token_fetches_total{outcome="failure"}"#] >= 1.0);
@@ -550,13 +610,10 @@ async fn a_closed_smtp_port_makes_readiness_503_with_the_smtp_error() {
     assert_eq!(smtp["status"], "failing");
     assert_eq!(smtp["openConnections"], 0);
     assert!(smtp["failed"].as_u64().unwrap() >= 3);
-    assert!(
-        smtp["lastError"]
-            .as_str()
-            .unwrap()
-            .contains(&port.to_string()),
-        "{body:#}"
-    );
+    assert_eq!(smtp["lastError"]["kind"], "smtp_unavailable", "{body:#}");
+    assert_eq!(smtp["lastError"]["stage"], "connect");
+    assert_eq!(smtp["lastError"]["replyCode"], Value::Null);
+    assert!(!body.to_string().contains(&port.to_string()), "{body:#}");
 }
 
 #[tokio::test]

@@ -308,6 +308,39 @@ fn bad_proxy_and_shutdown_settings_name_the_key_and_the_fix() {
     assert!(message.contains("out of range"), "{message}");
 }
 
+#[test]
+fn connection_limits_have_defaults_are_read_and_are_checked() {
+    let defaults = load_str(DEV, "test.yml", &[]).unwrap().settings.relay.http;
+    assert_eq!(defaults.header_read_timeout, Duration::from_secs(75));
+    assert_eq!(defaults.max_connections, 1024);
+    assert_eq!(defaults.max_header_bytes, 16 * 1024);
+    let loaded = load_str(
+        &format!("{DEV}  http:\n    headerReadTimeoutSeconds: 20\n    maxHeaderBytes: 32768\n"),
+        "test.yml",
+        &env(&[("MAILRELAY_HTTP_MAXCONNECTIONS", "200")]),
+    )
+    .unwrap();
+    let http = &loaded.settings.relay.http;
+    assert_eq!(http.header_read_timeout, Duration::from_secs(20));
+    assert_eq!(http.max_connections, 200);
+    assert_eq!(http.max_header_bytes, 32 * 1024);
+    for (line, key, allowed) in [
+        (
+            "headerReadTimeoutSeconds: 0",
+            "headerReadTimeoutSeconds",
+            "1..=3600",
+        ),
+        ("maxConnections: 0", "maxConnections", "1..=1000000"),
+        ("maxHeaderBytes: 4096", "maxHeaderBytes", "8192..=1048576"),
+    ] {
+        let message = error_for(
+            &format!("  http:\n    {line}\n"),
+            &format!("mailRelay.http.{key}"),
+        );
+        assert!(message.contains(allowed), "{message}");
+    }
+}
+
 // ---- through a real nginx -----------------------------------------------------------------------
 
 /// The nginx of `tests/proxy/start.sh`, as described by its `proxy.env`.

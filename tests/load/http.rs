@@ -1,4 +1,5 @@
-//! Abuse of the HTTP listener: slowloris and oversized headers do not starve other clients.
+//! Abuse of the HTTP listener: slowloris and oversized headers do not starve other clients, and
+//! connections that send nothing (or only the HTTP/2 preface) do not stay open.
 
 use std::time::{Duration, Instant};
 
@@ -6,7 +7,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::{outbox_files, post_mail, spawn_app};
+use crate::helpers::{outbox_files, post_mail, spawn_app, spawn_app_with};
 
 const SLOW_CLIENTS: usize = 200;
 
@@ -101,4 +102,37 @@ async fn slowloris_and_oversized_headers_do_not_keep_others_from_being_served() 
     for task in slow {
         task.abort();
     }
+}
+
+const SILENT_CLIENTS: usize = 300;
+const PREFACE_ONLY_CLIENTS: usize = 50;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_preface_only_connections_are_all_closed_after_the_head_timeout() {
+    let _turn = crate::exclusive().await;
+    let timeout = Duration::from_secs(2);
+    let app = spawn_app_with(|s| s.relay.http.header_read_timeout = timeout).await;
+    let mut held = Vec::new();
+    for n in 0..SILENT_CLIENTS + PREFACE_ONLY_CLIENTS {
+        let mut stream = TcpStream::connect(app.address).await.unwrap();
+        if n >= SILENT_CLIENTS {
+            stream
+                .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                .await
+                .unwrap();
+        }
+        held.push(tokio::spawn(async move {
+            let mut sink = Vec::new();
+            let _ = stream.read_to_end(&mut sink).await;
+        }));
+    }
+    let started = Instant::now();
+    // Served meanwhile: the idle ones take places, not the listener.
+    assert_eq!(app.get("/health/live").await.status(), 200);
+    let closed = tokio::time::timeout(timeout * 3, futures_util::future::join_all(held)).await;
+    assert!(
+        closed.is_ok(),
+        "{SILENT_CLIENTS} silent and {PREFACE_ONLY_CLIENTS} preface-only connections still open after {:?}",
+        started.elapsed()
+    );
 }
