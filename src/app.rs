@@ -24,6 +24,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::admin::AdminNotifier;
+use crate::api::budget::MailBudget;
 use crate::api::{self, ApiError};
 use crate::caller::Authenticator;
 use crate::config::{CorsSettings, Delivery, Limits, Settings, SmtpAuthentication};
@@ -61,6 +62,8 @@ pub struct AppState {
     pub sends: Arc<SendHistory>,
     /// `GET /openapi.json`, built once for this base path.
     pub openapi: bytes::Bytes,
+    /// The bytes of mail all requests may hold at once (`mailRelay.limits.maxInFlightBytes`).
+    pub budget: MailBudget,
     draining: Arc<AtomicBool>,
     in_flight: InFlight,
 }
@@ -85,6 +88,7 @@ impl AppState {
                 .map_err(std::io::Error::other)?;
         Ok(Self {
             openapi: openapi.into(),
+            budget: MailBudget::new(settings.relay.limits.max_in_flight_bytes),
             admin: AdminNotifier::new(&settings, Arc::clone(&sender)),
             settings,
             sender,

@@ -17,6 +17,9 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     state
         .metrics
         .set_ready(super::health::check(&state).reason.is_none());
+    state
+        .metrics
+        .set_mail_bytes_in_flight(state.budget.in_flight());
     let tokens = state.tokens.as_ref().map(|t| t.state());
     let smtp = state.sender.smtp_state();
     (

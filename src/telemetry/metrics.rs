@@ -31,6 +31,7 @@ pub const TOKEN_FETCHES: &str = "mail_relay_token_fetches_total";
 pub const TOKEN_EXPIRES_IN: &str = "mail_relay_token_expires_in_seconds";
 pub const RATE_LIMITED: &str = "mail_relay_rate_limited_total";
 pub const READY: &str = "mail_relay_ready";
+pub const MAIL_BYTES_IN_FLIGHT: &str = "mail_relay_mail_bytes_in_flight";
 
 /// One application's metrics registry.
 pub struct Metrics {
@@ -97,6 +98,11 @@ impl Metrics {
     /// Whether `/health/ready` would answer 200 now (1) or 503 (0).
     pub fn set_ready(&self, ready: bool) {
         self.with(|| gauge!(READY).set(if ready { 1.0 } else { 0.0 }));
+    }
+
+    /// Bytes of mail the requests hold now, against `mailRelay.limits.maxInFlightBytes`.
+    pub fn set_mail_bytes_in_flight(&self, bytes: usize) {
+        self.with(|| gauge!(MAIL_BYTES_IN_FLIGHT).set(bytes as f64));
     }
 
     /// The Prometheus text, with the values read from the token cache and the SMTP pool now.
@@ -168,6 +174,11 @@ fn describe() {
     describe_gauge!(
         READY,
         "1 when /health/ready answers 200, 0 when it answers 503 (draining, no token, SMTP failing)"
+    );
+    describe_gauge!(
+        MAIL_BYTES_IN_FLIGHT,
+        ::metrics::Unit::Bytes,
+        "Bytes of mail (request bodies) held by the requests now; at most mailRelay.limits.maxInFlightBytes"
     );
     describe_counter!(
         RATE_LIMITED,

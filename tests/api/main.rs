@@ -3,6 +3,7 @@
 
 mod admin_mail;
 mod auth;
+mod budget;
 mod cli;
 mod config;
 mod diagnose;
