@@ -206,3 +206,52 @@ async fn the_charge_is_given_back_after_errors_and_a_client_that_went_away() {
     gate.open.add_permits(1);
     until_empty(&app).await;
 }
+
+/// POSTs `body` with `Transfer-Encoding: chunked` (no Content-Length), in 16 kB chunks;
+/// returns the status line's code and the answer's body.
+async fn post_chunked(app: &TestApp, body: &[u8]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut stream = tokio::net::TcpStream::connect(app.address).await.unwrap();
+    let head = format!(
+        "POST /mail HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        app.address,
+        crate::helpers::TEST_API_KEY
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    for chunk in body.chunks(16_000) {
+        let framed = [format!("{:x}\r\n", chunk.len()).as_bytes(), chunk, b"\r\n"].concat();
+        // The relay may answer and close before all of it is sent.
+        if stream.write_all(&framed).await.is_err() {
+            break;
+        }
+    }
+    let _ = stream.write_all(b"0\r\n\r\n").await;
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {answer:?}"));
+    (status, answer)
+}
+
+#[tokio::test]
+async fn a_body_without_content_length_is_charged_as_it_is_read() {
+    let (app, gate) = app_with_gate().await;
+    gate.open.add_permits(1);
+    let fits = serde_json::to_vec(&mail_with(150_000, "chunked")).unwrap();
+    let (status, answer) = post_chunked(&app, &fits).await;
+    assert_eq!(status, 202, "{answer}");
+    until_empty(&app).await;
+
+    let too_big = serde_json::to_vec(&mail_with(240_000, "chunked, too big")).unwrap();
+    let (status, answer) = post_chunked(&app, &too_big).await;
+    assert_eq!(status, 413, "{answer}");
+    assert!(answer.contains(SETTING), "{answer}");
+    assert_eq!(gate.entered.load(Ordering::SeqCst), 1);
+    until_empty(&app).await;
+}
