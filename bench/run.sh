@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark: the relay (release build) against direct SMTP to the Postfix + Dovecot test peer.
 # Usage: bash bench/run.sh            (BENCH_RUNS=5 BENCH_SECONDS=5 BENCH_CLIENTS=1,8,32,128 BENCH_SPLIT=1)
+#        bash bench/run.sh memory     only the peak RSS for one 25 MB attachment (bench/memory.py)
 # Runs twice: with everything sharing all cores (bench/results/latest.{md,json}, and a perf profile
 # of the relay in bench/results/profile.txt; BENCH_PROFILE=0 to skip), then with the SMTP server
 # pinned to CPU 0 and the relay and its clients to the others (bench/results/latest-split.*), as in
@@ -16,6 +17,9 @@ peer_env="${MAIL_RELAY_PEER_DIR:-/tmp/mail-relay-peer}/peer.env"
 
 # Symbols kept (not stripped) so that perf can name the relay's functions; the code is the same.
 CARGO_PROFILE_RELEASE_STRIP=none cargo build --release --locked --bin mail-relay --example smtp_direct
+# Peak RSS for one 25 MB attachment, as JSON and as form data (fresh relays; under a minute).
+python3 bench/memory.py "$peer_env"
+[ "${1:-}" = memory ] && exit 0
 python3 bench/run.py "$peer_env"
 
 peer_pids() { pgrep -f 'postfix|dovecot' || true; }

@@ -24,6 +24,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::admin::AdminNotifier;
+use crate::api::budget::MailBudget;
 use crate::api::{self, ApiError};
 use crate::caller::Authenticator;
 use crate::config::{CorsSettings, Delivery, Limits, Settings, SmtpAuthentication};
@@ -59,6 +60,8 @@ pub struct AppState {
     pub sends: Arc<SendHistory>,
     /// `GET /openapi.json`, built once for this base path.
     pub openapi: bytes::Bytes,
+    /// The bytes of mail all requests may hold at once (`mailRelay.limits.maxInFlightBytes`).
+    pub budget: MailBudget,
     draining: Arc<AtomicBool>,
     in_flight: InFlight,
     /// The main listener's connections, and the metrics listener's when it has one.
@@ -86,6 +89,7 @@ impl AppState {
                 .map_err(std::io::Error::other)?;
         Ok(Self {
             openapi: openapi.into(),
+            budget: MailBudget::new(settings.relay.limits.max_in_flight_bytes),
             admin: AdminNotifier::new(&settings, Arc::clone(&sender)),
             sender,
             authenticator: Arc::new(authenticator),

@@ -16,6 +16,8 @@ use crate::telemetry::request_log::{self, Failure};
 
 /// Seconds a client should wait before retrying a 503 when the cause names no better time.
 const DEFAULT_RETRY_AFTER: u64 = 5;
+/// Seconds to wait when other mails hold the relay's memory budget.
+const BUSY_RETRY_AFTER: u64 = 2;
 /// Exchange's recipient quota is per rolling day: an hour is a fair first wait.
 const QUOTA_RETRY_AFTER: u64 = 3600;
 /// Most field errors a problem lists in `errors`; the rest are counted in `errorsOmitted`. A
@@ -117,6 +119,12 @@ pub enum ApiError {
     /// A request with the same Idempotency-Key is still running.
     #[error("{0}")]
     IdempotencyInProgress(String),
+    /// Other requests hold the bytes of mail the relay may hold at once (`maxInFlightBytes`).
+    #[error("{0}")]
+    Busy(String),
+    /// One request larger than all the bytes of mail the relay may hold at once.
+    #[error("{0}")]
+    OverBudget(String),
     /// A store the relay needs (rate limits, idempotency keys) could not be asked.
     #[error("{0}")]
     StoreUnavailable(String),
@@ -184,7 +192,7 @@ impl ApiError {
                 "too_many_recipients",
                 "Too many recipients",
             ),
-            Self::MessageTooLarge { .. } | Self::ServerTooLarge(_) => (
+            Self::MessageTooLarge { .. } | Self::ServerTooLarge(_) | Self::OverBudget(_) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
                 "Payload too large",
@@ -213,6 +221,7 @@ impl ApiError {
                 "idempotency_in_progress",
                 "Request in progress",
             ),
+            Self::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy", "Relay busy"),
             Self::StoreUnavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable",
@@ -252,6 +261,8 @@ impl ApiError {
             Self::RateLimited { retry_after, .. } => Some(*retry_after),
             // The first request is usually done within a second or two.
             Self::IdempotencyInProgress(_) => Some(1),
+            // A large mail ahead takes about a second to go out.
+            Self::Busy(_) => Some(BUSY_RETRY_AFTER),
             Self::SmtpUnavailable { retry_after, .. }
             | Self::TokenUnavailable { retry_after, .. } => {
                 Some(retry_after.unwrap_or(DEFAULT_RETRY_AFTER))
@@ -274,6 +285,7 @@ impl ApiError {
             | Self::UnsupportedMediaType(_)
             | Self::TooManyRecipients { .. }
             | Self::MessageTooLarge { .. }
+            | Self::OverBudget(_)
             | Self::ServerTooLarge(_)
             | Self::SendAsDenied(_)
             | Self::IdempotencyKeyReused(_) => Replay::Store,
@@ -282,6 +294,7 @@ impl ApiError {
             // Transient, short-lived or the administrator's to fix: a retry tries again.
             Self::Timeout(_)
             | Self::Internal
+            | Self::Busy(_)
             | Self::SendAsDeniedForNow(_)
             | Self::SmtpAuthFailed(_)
             | Self::SmtpAuthDisabled(_)
@@ -688,6 +701,8 @@ mod tests {
                 "payload_too_large",
                 None,
             ),
+            (ApiError::Busy(d()), 503, "busy", Some(2)),
+            (ApiError::OverBudget(d()), 413, "payload_too_large", None),
             (
                 ApiError::TooManyRecipients {
                     count: 501,

@@ -1,8 +1,8 @@
 //! Reading a JSON body: every refusal is problem+json, like every other error.
 
-use axum::extract::{FromRef, FromRequest, Request};
-use axum::http::{StatusCode, header};
-use bytes::Bytes;
+use axum::extract::{FromRef, Request};
+use axum::http::header;
+use futures_util::StreamExt as _;
 use serde::de::DeserializeOwned;
 
 use super::ApiError;
@@ -10,7 +10,9 @@ use super::errors::FieldError;
 use crate::app::AppState;
 
 /// The raw bytes of a JSON body: 415 for another content type, 413 past the body limit.
-pub async fn body<S>(request: Request, state: &S) -> Result<Bytes, ApiError>
+/// Read into one buffer of the declared length, frame by frame, so that a large body is held
+/// once (collecting the frames first and joining them would hold it twice for a moment).
+pub async fn body<S>(request: Request, state: &S) -> Result<Vec<u8>, ApiError>
 where
     S: Send + Sync,
     AppState: FromRef<S>,
@@ -21,19 +23,27 @@ where
         .relay
         .limits
         .max_body_bytes;
-    Bytes::from_request(request, state)
-        .await
-        .map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+    let declared = super::budget::declared_length(request.headers()).unwrap_or(0);
+    let mut buffer = Vec::with_capacity(declared.min(limit));
+    let mut frames = request.into_body().into_data_stream();
+    while let Some(frame) = frames.next().await {
+        let frame = frame.map_err(|e| {
+            if super::budget::is_length_limit(&e) {
                 // A body without Content-Length that grew past the limit while being read.
                 ApiError::PayloadTooLarge { limit }
             } else {
                 ApiError::InvalidRequest {
-                    detail: format!("the request body could not be read: {rejection}"),
+                    detail: format!("the request body could not be read: {e}"),
                     errors: Vec::new(),
                 }
             }
-        })
+        })?;
+        if buffer.len() + frame.len() > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        buffer.extend_from_slice(&frame);
+    }
+    Ok(buffer)
 }
 
 fn check_content_type(request: &Request) -> Result<(), ApiError> {

@@ -8,6 +8,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::ApiError;
+use super::budget::{self, Charge};
 use super::errors::Problem;
 use super::form::{self, MailForm};
 use super::json;
@@ -55,7 +56,7 @@ pub struct MailAccepted {
         (status = 401, description = "`unauthorized`: no credentials, or an unknown API key or invalid access token; see `WWW-Authenticate`", body = Problem, content_type = "application/problem+json",
             headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"mail-relay\"`, with `error=\"invalid_token\"` when a credential was refused"))),
         (status = 403, description = "`send_as_denied`: the caller may not send as the From address (the relay's policy), or Exchange answered SendAsDenied; the detail names the caller, the address and what an administrator must change", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "`payload_too_large`: the body is over `mailRelay.limits.maxBodyBytes`, or the encoded mail over `mailRelay.limits.maxMessageBytes` (or the server's limit)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`: the body is over `mailRelay.limits.maxBodyBytes` or over all of `mailRelay.limits.maxInFlightBytes`, or the encoded mail over `mailRelay.limits.maxMessageBytes` (or the server's limit)", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`: the body is neither `application/json` nor `multipart/form-data`", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`idempotency_in_progress`: a request with this Idempotency-Key is still running; retry after `Retry-After` to get its answer", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
@@ -64,7 +65,7 @@ pub struct MailAccepted {
             headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
         (status = 500, description = "`internal_error`: see the logs under the request id", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "`smtp_auth_failed`, `smtp_auth_disabled` (the relay's SMTP login was refused; an administrator must act) `smtp_rejected` (the server refused the mail for good; the detail has its reply) or `smtp_outcome_unknown` (the connection was lost after the mail went out: the server may have it; do not send it again blindly)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`smtp_unavailable` or `token_unavailable`: a transient upstream failure; `timeout`: the request took longer than `mailRelay.limits.requestTimeoutSeconds`; `store_unavailable`: a shared rate-limit or idempotency store could not be asked; try again after `Retry-After`", body = Problem, content_type = "application/problem+json",
+        (status = 503, description = "`smtp_unavailable` or `token_unavailable`: a transient upstream failure; `timeout`: the request took longer than `mailRelay.limits.requestTimeoutSeconds`; `store_unavailable`: a shared rate-limit or idempotency store could not be asked; `busy`: other mails in flight hold the bytes `mailRelay.limits.maxInFlightBytes` allows at once; try again after `Retry-After`", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
     ))]
 pub async fn send_mail(
@@ -105,6 +106,8 @@ async fn deliver(
     submission: Submission,
 ) -> Result<(StatusCode, Json<MailAccepted>), ApiError> {
     let limits = MessageLimits::from(&state.settings.relay.limits);
+    // Held to the end of the send, on every path out of this function.
+    let _charge = submission.charge;
     let mail = submission
         .request
         .validate_with_files(&limits, submission.files)?;
@@ -181,6 +184,8 @@ pub struct Submission {
     files: Vec<UploadedFile>,
     /// What makes two requests "the same" for Idempotency-Key.
     fingerprint: Fingerprint,
+    /// The body's bytes in the memory budget, given back when the send is over.
+    charge: Charge,
 }
 
 impl FromRequest<AppState> for Submission {
@@ -193,6 +198,10 @@ impl FromRequest<AppState> for Submission {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_owned();
+        let limits = &state.settings.relay.limits;
+        // Charged before the body is read: the budget bounds what all requests hold at once.
+        let (request, charge, refused) =
+            budget::admit(request, &state.budget, limits.max_body_bytes).await?;
         let essence = content_type.split(';').next().unwrap_or_default().trim();
         if essence.eq_ignore_ascii_case("multipart/form-data") {
             let form_data = Multipart::from_request(request, state).await.map_err(|e| {
@@ -204,20 +213,29 @@ impl FromRequest<AppState> for Submission {
                     errors: vec![crate::message::FieldError::new("body", e.body_text())],
                 }
             })?;
-            let (request, files, fingerprint) =
-                form::read(form_data, &state.settings.relay.limits).await?;
+            let (request, files, fingerprint) = form::read(form_data, limits)
+                .await
+                .map_err(|e| budget::take(&refused).unwrap_or(e))?;
             return Ok(Self {
                 request,
                 files,
                 fingerprint,
+                charge,
             });
         }
         match json::body(request, state).await {
-            Ok(bytes) => Ok(Self {
-                request: json::parse(&bytes)?,
-                files: Vec::new(),
-                fingerprint: Fingerprint::of(&bytes),
-            }),
+            Ok(bytes) => {
+                let fingerprint = Fingerprint::of(&bytes);
+                let request = json::parse(&bytes)?;
+                // The raw body goes as soon as it is parsed, before anything is decoded.
+                drop(bytes);
+                Ok(Self {
+                    request,
+                    files: Vec::new(),
+                    fingerprint,
+                    charge,
+                })
+            }
             Err(ApiError::UnsupportedMediaType(_)) => Err(ApiError::UnsupportedMediaType(format!(
                 "POST /mail takes Content-Type application/json or multipart/form-data (got {})",
                 if content_type.is_empty() {
@@ -226,7 +244,7 @@ impl FromRequest<AppState> for Submission {
                     &content_type
                 }
             ))),
-            Err(e) => Err(e),
+            Err(e) => Err(budget::take(&refused).unwrap_or(e)),
         }
     }
 }

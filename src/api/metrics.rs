@@ -24,6 +24,9 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             connections.refused(),
         );
     }
+    state
+        .metrics
+        .set_mail_bytes_in_flight(state.budget.in_flight());
     let tokens = state.tokens.as_ref().map(|t| t.state());
     let smtp = state.sender.smtp_state();
     (

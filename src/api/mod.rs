@@ -1,6 +1,7 @@
 //! The HTTP API: one file per resource, errors in one place.
 
 mod auth;
+pub mod budget;
 pub mod errors;
 pub mod form;
 pub mod health;

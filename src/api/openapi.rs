@@ -8,7 +8,7 @@ use utoipa::openapi::example::ExampleBuilder;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{errors, form, health, mail, metrics};
+use super::{budget, errors, form, health, mail, metrics};
 use crate::app::AppState;
 use crate::message;
 
@@ -170,6 +170,13 @@ fn problem_examples() -> Vec<(&'static str, errors::ApiError)> {
             },
         ),
         (
+            "payload_too_large_in_flight",
+            ApiError::from(budget::BudgetError::TooLarge {
+                size: 120_000_000,
+                limit: 104_857_600,
+            }),
+        ),
+        (
             "idempotency_in_progress",
             ApiError::from(IdempotencyError::InProgress),
         ),
@@ -197,6 +204,14 @@ fn problem_examples() -> Vec<(&'static str, errors::ApiError)> {
         (
             "timeout",
             ApiError::Timeout(Duration::from_secs(120)),
+        ),
+        (
+            "busy",
+            ApiError::from(budget::BudgetError::Busy {
+                wanted: 34_000_000,
+                in_flight: 90_000_000,
+                limit: 104_857_600,
+            }),
         ),
         (
             "store_unavailable",

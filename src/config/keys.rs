@@ -68,6 +68,7 @@ pub const KEYS: &[KeySpec] = &[
     plain("mailRelay.limits.maxBodyBytes"),
     plain("mailRelay.limits.maxMessageBytes"),
     plain("mailRelay.limits.maxRecipients"),
+    plain("mailRelay.limits.maxInFlightBytes"),
     plain("mailRelay.limits.requestTimeoutSeconds"),
     plain("mailRelay.auth.allowAnonymous"),
     plain("mailRelay.auth.trustedProxy.userHeader"),

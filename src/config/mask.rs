@@ -222,6 +222,11 @@ pub fn render(settings: &Settings, values: &Resolved) -> String {
         "mailRelay.limits.requestTimeoutSeconds",
         secs(r.limits.request_timeout),
     );
+    out.line(
+        4,
+        "mailRelay.limits.maxInFlightBytes",
+        Some(r.limits.max_in_flight_bytes.to_string()),
+    );
     out.section(2, "metrics");
     let listen = r.metrics.listen;
     out.line(

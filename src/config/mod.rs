@@ -300,6 +300,9 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// Longest an HTTP request may take.
     pub request_timeout: Duration,
+    /// Bytes of mail (request bodies) all requests together may hold at once
+    /// (`maxInFlightBytes`); a request past it waits briefly, then gets 503.
+    pub max_in_flight_bytes: usize,
 }
 
 /// `mailRelay.auth`: who may call `POST /mail`.

@@ -326,6 +326,11 @@ fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
         ),
         max_recipients: ctx.number("mailRelay.limits.maxRecipients", 500usize, 1..=100_000),
         request_timeout: ctx.seconds("mailRelay.limits.requestTimeoutSeconds", 120),
+        max_in_flight_bytes: ctx.number(
+            "mailRelay.limits.maxInFlightBytes",
+            104_857_600usize,
+            65_536..=68_719_476_736,
+        ),
     };
     let rate_limits = rate_limits(ctx, limits.max_recipients);
     RelaySettings {

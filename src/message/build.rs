@@ -72,20 +72,28 @@ impl Mail {
             });
         }
 
-        let attachments = std::mem::take(&mut self.attachments);
+        // lettre lays out the message with a short stand-in for each attachment's base64;
+        // the attachments are then encoded straight into the final buffer, one after the
+        // other. lettre's own way holds every attachment three times at the end: the bytes,
+        // their base64 in its body, and the formatted message.
+        let mut attachments = std::mem::take(&mut self.attachments);
+        let nonce = uuid::Uuid::new_v4().simple().to_string();
+        let contents: Vec<(String, Vec<u8>)> = attachments
+            .iter_mut()
+            .enumerate()
+            .map(|(i, a)| {
+                let marker = format!("mail-relay-attachment-{nonce}-{i}");
+                let content = std::mem::replace(&mut a.content, marker.clone().into_bytes());
+                (marker, content)
+            })
+            .collect();
         let message = match self.content(attachments) {
             Entity::Single(part) => builder.singlepart(part),
             Entity::Multi(multi) => builder.multipart(multi),
         }
         .map_err(|e| MailError::Build(e.to_string()))?;
 
-        let formatted = message.formatted();
-        if formatted.len() > limits.max_message_bytes {
-            return Err(MailError::TooLarge {
-                size: formatted.len(),
-                limit: limits.max_message_bytes,
-            });
-        }
+        let formatted = splice(&message.formatted(), contents, limits.max_message_bytes)?;
         Ok(OutgoingMail {
             id,
             message_id,
@@ -146,13 +154,71 @@ fn attachment_part(a: Attachment) -> SinglePart {
         None => lettre::message::Attachment::new(filename),
     };
     // Always base64: lettre would pick 7bit for bytes that merely look like ASCII (NUL
-    // included), and binary data must survive every hop unchanged.
-    let body = Body::new_with_encoding(a.content, ContentTransferEncoding::Base64)
-        .unwrap_or_else(Body::new);
+    // included), and binary data must survive every hop unchanged. The content here is the
+    // stand-in that `splice` replaces with the encoded bytes.
+    let body = Body::dangerous_pre_encoded(a.content, ContentTransferEncoding::Base64);
     kind.body(
         body,
         content_type_with_name(&a.content_type, a.filename.as_str()),
     )
+}
+
+/// Base64 lines as lettre writes them (RFC 2045: 76 characters, CRLF between lines, none
+/// after the last); a body line never starts with a dot, so DATA adds nothing to them.
+const LINE_BYTES: usize = 57;
+const LINE_CHARS: usize = 76;
+
+fn base64_len(bytes: usize) -> usize {
+    let lines = bytes.div_ceil(LINE_BYTES);
+    bytes.div_ceil(3) * 4 + lines.saturating_sub(1) * 2
+}
+
+/// The message with each stand-in replaced by its attachment in base64, written into one
+/// buffer of the exact final size; each attachment's bytes are dropped once encoded. The size
+/// is known before anything is encoded, so a mail over `max_message_bytes` costs nothing more.
+fn splice(
+    skeleton: &[u8],
+    contents: Vec<(String, Vec<u8>)>,
+    max_message_bytes: usize,
+) -> Result<Vec<u8>, MailError> {
+    let mut placed = Vec::with_capacity(contents.len());
+    for (marker, content) in contents {
+        let at = skeleton
+            .windows(marker.len())
+            .position(|w| w == marker.as_bytes())
+            .ok_or_else(|| MailError::Build(format!("{marker} is not in the message")))?;
+        placed.push((at, marker.len(), content));
+    }
+    placed.sort_by_key(|(at, ..)| *at);
+    let size = placed
+        .iter()
+        .fold(skeleton.len(), |size, (_, marker, content)| {
+            size - marker + base64_len(content.len())
+        });
+    if size > max_message_bytes {
+        return Err(MailError::TooLarge {
+            size,
+            limit: max_message_bytes,
+        });
+    }
+    let mut out = Vec::with_capacity(size);
+    let mut from = 0;
+    for (at, marker, content) in placed {
+        out.extend_from_slice(&skeleton[from..at]);
+        let mut line = [0u8; LINE_CHARS];
+        for (i, chunk) in content.chunks(LINE_BYTES).enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b"\r\n");
+            }
+            let n = base64::engine::general_purpose::STANDARD
+                .encode_slice(chunk, &mut line)
+                .map_err(|e| MailError::Build(format!("base64: {e}")))?;
+            out.extend_from_slice(&line[..n]);
+        }
+        from = at + marker;
+    }
+    out.extend_from_slice(&skeleton[from..]);
+    Ok(out)
 }
 
 /// The caller's content type plus a `name` parameter. lettre writes the file name into
@@ -318,6 +384,66 @@ mod tests {
         );
         let envelope: Vec<String> = mail.envelope.to().iter().map(ToString::to_string).collect();
         assert_eq!(envelope, ["b@example.com", "hidden.bcc@example.com"]);
+    }
+
+    #[test]
+    fn attachments_are_encoded_as_lettre_would_encode_them() {
+        let big: Vec<u8> = (0..100_003u32).map(|i| (i * 7 % 251) as u8).collect();
+        let small = b"\x00.\r\n.".to_vec();
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        let mail = build(json!({
+            "from": "a@example.com", "to": "b@example.com", "text": "t", "html": "<img src=\"cid:i\">",
+            "attachments": [
+                {"filename": "big.bin", "contentType": "application/octet-stream", "content": b64(&big)},
+                {"filename": "i.png", "contentType": "image/png", "content": b64(&small), "contentId": "i"},
+                {"filename": "empty.txt", "contentType": "text/plain", "content": ""},
+            ],
+        }));
+        for content in [&big, &small] {
+            let lettre = Body::new_with_encoding(content.clone(), ContentTransferEncoding::Base64)
+                .unwrap()
+                .into_vec();
+            assert_eq!(base64_len(content.len()), lettre.len());
+            let mut expected = b"\r\n\r\n".to_vec();
+            expected.extend_from_slice(&lettre);
+            expected.extend_from_slice(b"\r\n--");
+            assert!(
+                mail.formatted
+                    .windows(expected.len())
+                    .any(|w| w == expected),
+                "{} bytes not found as lettre encodes them",
+                content.len()
+            );
+        }
+        assert!(!String::from_utf8_lossy(&mail.formatted).contains("mail-relay-attachment-"));
+        let parsed = MessageParser::default().parse(&mail.formatted).unwrap();
+        let contents: Vec<&[u8]> = parsed.attachments().map(|a| a.contents()).collect();
+        assert_eq!(contents, [small.as_slice(), big.as_slice(), b"".as_slice()]);
+        for n in [0, 1, 2, 3, 56, 57, 58, 114, 115, 1000] {
+            let lettre =
+                Body::new_with_encoding(vec![0; n], ContentTransferEncoding::Base64).unwrap();
+            assert_eq!(base64_len(n), lettre.len(), "{n}");
+        }
+    }
+
+    #[test]
+    fn an_encoded_mail_over_the_limit_is_refused_with_its_exact_size() {
+        let limits = MessageLimits {
+            max_recipients: 10,
+            max_message_bytes: 2_000,
+        };
+        let content = base64::engine::general_purpose::STANDARD.encode(vec![1u8; 1_400]);
+        let request: MailRequest = serde_json::from_value(json!({
+            "from": "a@example.com", "to": "b@example.com",
+            "attachments": [{"filename": "f", "contentType": "application/octet-stream", "content": content}],
+        }))
+        .unwrap();
+        let mail = request.validate(&LIMITS).unwrap();
+        let fits = mail.clone().build(&LIMITS).unwrap().formatted.len();
+        match mail.build(&limits) {
+            Err(MailError::TooLarge { size, limit: 2_000 }) => assert_eq!(size, fits),
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
     }
 
     #[test]

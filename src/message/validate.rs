@@ -376,6 +376,11 @@ impl Errors {
 
     fn base64(&mut self, field: &str, value: &str) -> Option<Vec<u8>> {
         // Line-wrapped base64 (as MIME tools write it) is common; the white space carries nothing.
+        // Decoded without a white-space-free copy of the whole text, which for a large
+        // attachment would be one more copy of it; only invalid input is copied, for the error.
+        if let Some(decoded) = decode_base64_lean(value) {
+            return Some(decoded);
+        }
         let compact: String = value.chars().filter(|c| !c.is_ascii_whitespace()).collect();
         base64::engine::general_purpose::STANDARD
             .decode(compact)
@@ -408,6 +413,33 @@ impl Errors {
             None
         }
     }
+}
+
+/// Standard base64 with padding, white space ignored, decoded in slices of a few kilobytes;
+/// `None` for anything invalid.
+fn decode_base64_lean(value: &str) -> Option<Vec<u8>> {
+    use base64::engine::general_purpose::STANDARD;
+    if !value.bytes().any(|b| b.is_ascii_whitespace()) {
+        return STANDARD.decode(value).ok();
+    }
+    // A multiple of 4: every slice but the last decodes on its own.
+    const SLICE: usize = 4096;
+    let mut out = Vec::with_capacity(value.len() / 4 * 3);
+    let mut slice = Vec::with_capacity(SLICE);
+    let mut bytes = value
+        .bytes()
+        .filter(|b| !b.is_ascii_whitespace())
+        .peekable();
+    while bytes.peek().is_some() {
+        slice.clear();
+        slice.extend(bytes.by_ref().take(SLICE));
+        // Padding ends the data: after it, only the end may follow.
+        if slice.last() == Some(&b'=') && bytes.peek().is_some() {
+            return None;
+        }
+        STANDARD.decode_vec(&slice, &mut out).ok()?;
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -559,6 +591,27 @@ mod tests {
             err,
             MailError::TooManyRecipients { count: 6, limit: 5 }
         ));
+    }
+
+    #[test]
+    fn wrapped_base64_decodes_as_the_compact_text_would() {
+        use base64::engine::general_purpose::STANDARD;
+        let bytes: Vec<u8> = (0..20_000u32).map(|i| (i % 253) as u8).collect();
+        let encoded = STANDARD.encode(&bytes);
+        let wrapped: String = encoded
+            .as_bytes()
+            .chunks(76)
+            .map(|line| std::str::from_utf8(line).unwrap())
+            .collect::<Vec<_>>()
+            .join("\r\n");
+        assert_eq!(decode_base64_lean(&wrapped).unwrap(), bytes);
+        assert_eq!(decode_base64_lean(&encoded).unwrap(), bytes);
+        assert_eq!(decode_base64_lean(" aGk= \n").unwrap(), b"hi");
+        // Padding in the middle is refused however the slices fall.
+        let twice = format!("{}\n{}", "QUFB".repeat(1023) + "QQ==", "QUFB");
+        assert!(decode_base64_lean(&twice).is_none());
+        assert!(STANDARD.decode(twice.replace('\n', "")).is_err());
+        assert!(decode_base64_lean("aGk\n").is_none());
     }
 
     #[test]

@@ -541,12 +541,21 @@ impl Connection {
         // The upload may take longer than one command: allow a slow link of 1 MB/s on top.
         let limit =
             self.command_timeout + Duration::from_secs((mail.formatted.len() / 1_000_000) as u64);
-        // One write for the message and its end, where lettre's `message` makes two (two TLS
-        // records, two packets with TCP_NODELAY). Its messages are UTF-8; the rest go its way.
+        // A small message goes in one write with its end, where lettre's `message` makes two
+        // (two TLS records, two packets with TCP_NODELAY). A large one goes in slices, each
+        // dot-stuffed into a buffer of its own size: one dot-stuffed copy of the whole message
+        // would double what the send holds.
         let upload = async {
-            match std::str::from_utf8(&mail.formatted) {
-                Ok(text) => self.inner.command(DataText(text)).await,
-                Err(_) => self.inner.message(&mail.formatted).await,
+            let small = (mail.formatted.len() <= ONE_WRITE_MAX)
+                .then(|| std::str::from_utf8(&mail.formatted).ok())
+                .flatten();
+            match small {
+                Some(text) => self.inner.command(DataText(text)).await,
+                None => {
+                    self.inner
+                        .message_iter(mail.formatted.chunks(DATA_SLICE))
+                        .await
+                }
             }
         };
         let response = match tokio::time::timeout(limit, upload).await {
@@ -648,6 +657,11 @@ impl Connection {
         let _ = tokio::time::timeout(HOUSEKEEPING_TIMEOUT, self.inner.command(Quit)).await;
     }
 }
+
+/// Largest message sent in one write with its end line.
+const ONE_WRITE_MAX: usize = 1024 * 1024;
+/// Slices a larger message goes out in.
+const DATA_SLICE: usize = 256 * 1024;
 
 /// `NOOP` and `QUIT` on pooled connections: a live server answers at once.
 const HOUSEKEEPING_TIMEOUT: Duration = Duration::from_secs(3);

@@ -33,6 +33,7 @@ pub const RATE_LIMITED: &str = "mail_relay_rate_limited_total";
 pub const READY: &str = "mail_relay_ready";
 pub const HTTP_CONNECTIONS_OPEN: &str = "mail_relay_http_connections_open";
 pub const HTTP_CONNECTIONS_REFUSED: &str = "mail_relay_http_connections_refused_total";
+pub const MAIL_BYTES_IN_FLIGHT: &str = "mail_relay_mail_bytes_in_flight";
 
 /// One application's metrics registry.
 pub struct Metrics {
@@ -108,6 +109,11 @@ impl Metrics {
             gauge!(HTTP_CONNECTIONS_OPEN, "listener" => listener).set(open as f64);
             counter!(HTTP_CONNECTIONS_REFUSED, "listener" => listener).absolute(refused);
         });
+    }
+
+    /// Bytes of mail the requests hold now, against `mailRelay.limits.maxInFlightBytes`.
+    pub fn set_mail_bytes_in_flight(&self, bytes: usize) {
+        self.with(|| gauge!(MAIL_BYTES_IN_FLIGHT).set(bytes as f64));
     }
 
     /// The Prometheus text, with the values read from the token cache and the SMTP pool now.
@@ -187,6 +193,11 @@ fn describe() {
     describe_counter!(
         HTTP_CONNECTIONS_REFUSED,
         "HTTP connections closed at once because the listener's connection limit was reached"
+    );
+    describe_gauge!(
+        MAIL_BYTES_IN_FLIGHT,
+        ::metrics::Unit::Bytes,
+        "Bytes of mail (request bodies) held by the requests now; at most mailRelay.limits.maxInFlightBytes"
     );
     describe_counter!(
         RATE_LIMITED,

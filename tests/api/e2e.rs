@@ -320,3 +320,53 @@ async fn a_rate_limited_request_never_reaches_the_server() {
     .await;
     assert!(peer.find_messages(&second).is_empty());
 }
+
+#[tokio::test]
+async fn a_6_mb_json_attachment_and_a_text_of_dotted_lines_arrive_intact_through_the_smtp_server() {
+    use crate::mail::scrambled_bytes;
+
+    let peer = require_peer!();
+    let entra = FakeEntra::serving_peer_tokens(&peer).await;
+    let mut settings = relay_settings(&peer, &entra);
+    settings.relay.limits.max_body_bytes = 12 * 1024 * 1024;
+    let app = spawn_built(settings).await;
+    let big = scrambled_bytes(6 * 1024 * 1024);
+    let small = b"\x00.\r\n.\r\n".to_vec();
+    // Every line starts with a dot, over several of the slices a large message goes out in:
+    // dot-stuffing must hold across their edges.
+    let text: String = (0..40_000).map(|i| format!(".line {i}\n")).collect();
+    let body = json!({
+        "from": "noreply@contoso.test", "to": "alice@contoso.test",
+        "subject": "6 MB as JSON", "text": text,
+        "attachments": [
+            {"filename": "messwerte.bin", "contentType": "application/octet-stream", "content": b64(&big)},
+            {"filename": "dots.bin", "contentType": "application/octet-stream", "content": b64(&small)},
+        ]
+    });
+
+    let response = post_mail(&app, &body).await;
+
+    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+    let accepted: Value = response.json().await.unwrap();
+    let message_id = accepted["messageId"]
+        .as_str()
+        .unwrap()
+        .trim_matches(['<', '>']);
+    let raw = delivered(&peer, message_id).await;
+    let message = MessageParser::default().parse(&raw).unwrap();
+    let file = |name: &str| {
+        message
+            .attachments()
+            .find(|a| a.attachment_name() == Some(name))
+            .unwrap_or_else(|| panic!("{name} is attached"))
+            .contents()
+            .to_vec()
+    };
+    assert!(
+        file("messwerte.bin") == big,
+        "the 6 MB file changed on the way"
+    );
+    assert_eq!(file("dots.bin"), small);
+    let arrived = message.body_text(0).unwrap().replace("\r\n", "\n");
+    assert_eq!(arrived.trim_end(), text.trim_end());
+}

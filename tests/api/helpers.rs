@@ -42,6 +42,7 @@ pub fn test_settings(outbox: PathBuf) -> Settings {
                 max_recipients: 500,
                 max_message_bytes: 35 * 1024 * 1024,
                 request_timeout: Duration::from_secs(30),
+                max_in_flight_bytes: 100 * 1024 * 1024,
             },
             auth: AuthSettings {
                 api_keys: vec![test_api_key()],

@@ -4,6 +4,7 @@
 mod admin_mail;
 mod architecture;
 mod auth;
+mod budget;
 mod cli;
 mod config;
 mod diagnose;

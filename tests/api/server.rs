@@ -152,6 +152,7 @@ fn every_error_answer_of_post_mail_is_documented_with_an_example_of_its_own_stat
         "token_unavailable",
         "store_unavailable",
         "timeout",
+        "busy",
     ] {
         assert!(codes.iter().any(|c| c == code), "no example for {code}");
     }
