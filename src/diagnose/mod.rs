@@ -3,7 +3,7 @@
 //! cause and the fix on failure.
 //!
 //! The SMTP steps are the very ones the relay runs when it sends (`Connector`'s steps), so a
-//! PASS here means the service will get as far. The token is fetched with [`TokenClient`] (one
+//! PASS here means the service will get as far. The token is fetched with [`crate::token::TokenClient`] (one
 //! request, no cache, no retries) so that Entra's answer is shown as it is. Nothing secret is
 //! printed: a token appears only as its fingerprint and its non-secret claims.
 
