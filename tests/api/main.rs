@@ -6,6 +6,7 @@ mod architecture;
 mod auth;
 mod cli;
 mod config;
+mod deploy;
 mod diagnose;
 mod drain;
 mod e2e;
