@@ -7,6 +7,7 @@ mod auth;
 mod budget;
 mod cli;
 mod config;
+mod deploy;
 mod diagnose;
 mod drain;
 mod e2e;
