@@ -1,6 +1,7 @@
 //! The HTTP API: one file per resource, errors in one place.
 
 mod auth;
+pub mod docs;
 pub mod errors;
 pub mod form;
 pub mod health;

@@ -86,6 +86,7 @@ pub const KEYS: &[KeySpec] = &[
     plain("mailRelay.idempotency.maxEntries"),
     plain("mailRelay.http.basePath"),
     plain("mailRelay.http.forwardedHeader"),
+    plain("mailRelay.http.docs"),
     plain("mailRelay.shutdown.drainDelaySeconds"),
     plain("mailRelay.shutdown.deadlineSeconds"),
     plain("mailRelay.adminMail.enabled"),

@@ -157,6 +157,8 @@ pub struct HttpSettings {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Which header those proxies report the client in.
     pub forwarded_header: ForwardedHeader,
+    /// Whether `GET /docs` serves the API reference page (on by default).
+    pub docs: bool,
 }
 
 /// `mailRelay.http.forwardedHeader`: the one header the trusted proxies maintain.

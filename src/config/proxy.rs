@@ -7,6 +7,7 @@ use super::{ForwardedHeader, HttpSettings, ShutdownSettings};
 const BASE_PATH: &str = "mailRelay.http.basePath";
 const TRUSTED_PROXIES: &str = "mailRelay.http.trustedProxies";
 const FORWARDED_HEADER: &str = "mailRelay.http.forwardedHeader";
+const DOCS: &str = "mailRelay.http.docs";
 const DRAIN_DELAY: &str = "mailRelay.shutdown.drainDelaySeconds";
 const DEADLINE: &str = "mailRelay.shutdown.deadlineSeconds";
 
@@ -35,10 +36,17 @@ pub(super) fn http(ctx: &mut Ctx<'_>) -> HttpSettings {
         ],
         "X-Forwarded-For, Forwarded (the header your proxy appends the client to)",
     );
+    let docs = ctx.one_of(
+        DOCS,
+        true,
+        &[("true", true), ("false", false)],
+        "true, false",
+    );
     HttpSettings {
         base_path,
         trusted_proxies,
         forwarded_header,
+        docs,
     }
 }
 

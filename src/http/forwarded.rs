@@ -176,6 +176,7 @@ mod tests {
             base_path: String::new(),
             trusted_proxies: nets.iter().map(|n| n.parse().unwrap()).collect(),
             forwarded_header: header,
+            docs: true,
         })
     }
 
