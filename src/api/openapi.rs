@@ -233,14 +233,11 @@ pub async fn openapi_json(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 /// The document as served under `http.basePath`: the paths stay relative, a `servers` entry adds
-/// the prefix; `/docs` is listed only while it is served.
+/// the prefix.
 pub fn document_for(http: &HttpSettings) -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
     if !http.base_path.is_empty() {
         doc.servers = Some(vec![utoipa::openapi::Server::new(&http.base_path)]);
-    }
-    if !http.docs {
-        doc.paths.paths.shift_remove("/docs");
     }
     doc
 }
