@@ -84,9 +84,8 @@ impl AppState {
         let sends = Arc::new(SendHistory::default());
         let sender: Arc<dyn MailSender> =
             Arc::new(ObservedSender::new(sender, metrics.clone(), sends.clone()));
-        let openapi =
-            serde_json::to_vec(&api::openapi::document_for(&settings.relay.http.base_path))
-                .map_err(std::io::Error::other)?;
+        let openapi = serde_json::to_vec(&api::openapi::document_for(&settings.relay.http))
+            .map_err(std::io::Error::other)?;
         Ok(Self {
             openapi: openapi.into(),
             budget: MailBudget::new(settings.relay.limits.max_in_flight_bytes),
@@ -416,6 +415,9 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(api::openapi::openapi_json));
     if state.settings.relay.metrics.listen.is_none() {
         routes = routes.route("/metrics", get(api::metrics::metrics));
+    }
+    if state.settings.relay.http.docs {
+        routes = routes.merge(api::docs::routes());
     }
     // Every route, probes included, moves under the base path: the proxy forwards the path as is.
     let base_path = state.settings.relay.http.base_path.as_str();

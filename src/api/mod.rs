@@ -2,6 +2,7 @@
 
 mod auth;
 pub mod budget;
+pub mod docs;
 pub mod errors;
 pub mod form;
 pub mod health;

@@ -8,8 +8,9 @@ use utoipa::openapi::example::ExampleBuilder;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{budget, errors, form, health, mail, metrics};
+use super::{budget, docs, errors, form, health, mail, metrics};
 use crate::app::AppState;
+use crate::config::HttpSettings;
 use crate::message;
 
 #[derive(OpenApi)]
@@ -19,7 +20,7 @@ use crate::message;
         description = "HTTP-to-SMTP relay for Microsoft 365: sends mail through Exchange Online with OAuth2 (SASL XOAUTH2).",
         license(name = "MIT OR Apache-2.0"),
     ),
-    paths(health::live, health::ready, metrics::metrics, mail::send_mail, openapi_json),
+    paths(health::live, health::ready, metrics::metrics, mail::send_mail, openapi_json, docs::docs_page),
     components(schemas(
         errors::Problem,
         errors::FieldError,
@@ -36,7 +37,7 @@ use crate::message;
     tags(
         (name = "mail", description = "Sending mail"),
         (name = "health", description = "Probes for orchestrators"),
-        (name = "meta", description = "This document"),
+        (name = "meta", description = "This document and its reference page"),
     )
 )]
 pub struct ApiDoc;
@@ -246,11 +247,12 @@ pub async fn openapi_json(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-/// The document as served under `base_path`: the paths stay relative, a `servers` entry adds the prefix.
-pub fn document_for(base_path: &str) -> utoipa::openapi::OpenApi {
+/// The document as served under `http.basePath`: the paths stay relative, a `servers` entry adds
+/// the prefix.
+pub fn document_for(http: &HttpSettings) -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
-    if !base_path.is_empty() {
-        doc.servers = Some(vec![utoipa::openapi::Server::new(base_path)]);
+    if !http.base_path.is_empty() {
+        doc.servers = Some(vec![utoipa::openapi::Server::new(&http.base_path)]);
     }
     doc
 }

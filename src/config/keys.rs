@@ -92,6 +92,7 @@ pub const KEYS: &[KeySpec] = &[
     plain("mailRelay.http.headerReadTimeoutSeconds"),
     plain("mailRelay.http.maxConnections"),
     plain("mailRelay.http.maxHeaderBytes"),
+    plain("mailRelay.http.docs"),
     plain("mailRelay.shutdown.drainDelaySeconds"),
     plain("mailRelay.shutdown.deadlineSeconds"),
     plain("mailRelay.adminMail.enabled"),

@@ -406,6 +406,7 @@ fn render_callers(out: &mut Out<'_>, settings: &Settings) {
         ForwardedHeader::Forwarded => "Forwarded",
     };
     out.line(4, "mailRelay.http.forwardedHeader", Some(quote(header)));
+    out.line(4, "mailRelay.http.docs", Some(http.docs.to_string()));
     let shutdown = &settings.relay.shutdown;
     out.section(2, "shutdown");
     out.line(

@@ -165,6 +165,8 @@ pub struct HttpSettings {
     pub max_connections: usize,
     /// `maxHeaderBytes`: the request head (HTTP/1) or header list (HTTP/2) at most; more is `431`.
     pub max_header_bytes: usize,
+    /// Whether `GET /docs` serves the API reference page (on by default).
+    pub docs: bool,
 }
 
 impl Default for HttpSettings {
@@ -178,6 +180,7 @@ impl Default for HttpSettings {
             header_read_timeout: Duration::from_secs(75),
             max_connections: 1024,
             max_header_bytes: 16 * 1024,
+            docs: true,
         }
     }
 }

@@ -12,6 +12,7 @@ const MAX_CONNECTIONS: &str = "mailRelay.http.maxConnections";
 const MAX_HEADER_BYTES: &str = "mailRelay.http.maxHeaderBytes";
 /// hyper's smallest read buffer for HTTP/1: a smaller head limit cannot be set.
 const MIN_HEADER_BYTES: usize = 8 * 1024;
+const DOCS: &str = "mailRelay.http.docs";
 const DRAIN_DELAY: &str = "mailRelay.shutdown.drainDelaySeconds";
 const DEADLINE: &str = "mailRelay.shutdown.deadlineSeconds";
 
@@ -52,6 +53,12 @@ pub(super) fn http(ctx: &mut Ctx<'_>) -> HttpSettings {
         defaults.max_header_bytes,
         MIN_HEADER_BYTES..=1024 * 1024,
     );
+    let docs = ctx.one_of(
+        DOCS,
+        true,
+        &[("true", true), ("false", false)],
+        "true, false",
+    );
     HttpSettings {
         base_path,
         trusted_proxies,
@@ -59,6 +66,7 @@ pub(super) fn http(ctx: &mut Ctx<'_>) -> HttpSettings {
         header_read_timeout,
         max_connections,
         max_header_bytes,
+        docs,
     }
 }
 
