@@ -13,5 +13,9 @@ trap 'bash tests/proxy/stop.sh; bash tests/peer/stop.sh' EXIT
 export CI="${CI:-true}"
 cargo test --locked "$@"
 
+# Real-browser tests (headless Chromium): CORS, uploads and the /docs page, against the built binary.
+cargo build --locked --quiet
+bash tests/browser/run.sh
+
 # API fuzzing (schemathesis against /openapi.json, bounded; installs itself into target/fuzz-venv).
 bash tests/fuzz/run.sh
