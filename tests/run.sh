@@ -16,6 +16,8 @@ cargo test --locked "$@"
 # Real-browser tests (headless Chromium): CORS, uploads and the /docs page, against the built binary.
 cargo build --locked --quiet
 bash tests/browser/run.sh
+# The TypeScript client generated from openapi/openapi.json, type-checked and run against the relay.
+bash tests/client/run.sh
 
 # API fuzzing (schemathesis against /openapi.json, bounded; installs itself into target/fuzz-venv).
 bash tests/fuzz/run.sh
