@@ -15,10 +15,10 @@ use wiremock::ResponseTemplate;
 
 use crate::entra::{FakeEntra, token_response};
 use crate::harness::{
-    Forwarder, Outcome, assert_exactly_once, marker, relay_settings, send, spawn_relay,
-    spawn_relay_with, wait_for_deliveries,
+    CuttingForwarder, Forwarder, Outcome, assert_exactly_once, marker, outcome, relay_settings,
+    send, small_mail, spawn_relay, spawn_relay_with, wait_for_deliveries,
 };
-use crate::helpers::TestApp;
+use crate::helpers::{TEST_API_KEY, TestApp};
 use crate::require_peer;
 
 async fn send_many(app: &TestApp, marker: &str, range: std::ops::Range<usize>) -> Vec<Outcome> {
@@ -214,7 +214,7 @@ async fn a_slow_smtp_server_times_out_as_configured_and_connections_return_to_th
     let max = settings.relay.smtp.max_connections;
     let tokens: Arc<dyn TokenProvider> =
         Arc::new(TokenCache::new(&entra.oauth_settings()).unwrap());
-    let sender = Arc::new(SmtpSender::new(&settings, Some(tokens)).unwrap());
+    let sender = Arc::new(SmtpSender::new(&settings, Some(tokens.clone())).unwrap());
     let app = spawn_relay_with(settings, sender.clone() as Arc<dyn MailSender>).await;
     let marker = marker("slow-smtp");
 
@@ -230,8 +230,24 @@ async fn a_slow_smtp_server_times_out_as_configured_and_connections_return_to_th
             }
         })
     };
+    // Tasks alive before the sends: afterwards none of theirs may be left behind. The client
+    // keeps no idle connection, so the relay's connection tasks end with their requests too.
+    // The token cache's refresher is one of the relay's standing tasks: started first.
+    tokens.token().await.unwrap();
+    let runtime = tokio::runtime::Handle::current().metrics();
+    let tasks_before = runtime.num_alive_tasks();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let outcomes: Vec<Outcome> = futures_util::stream::iter(0..2 * max)
-        .map(|n| send(&app, &marker, n))
+        .map(|n| {
+            let request = client
+                .post(app.url("/mail"))
+                .bearer_auth(TEST_API_KEY)
+                .json(&small_mail(&marker, n));
+            async move { outcome(n, Instant::now(), request.send().await).await }
+        })
         .buffer_unordered(2 * max)
         .collect()
         .await;
@@ -271,4 +287,108 @@ async fn a_slow_smtp_server_times_out_as_configured_and_connections_return_to_th
     let state = sender.state();
     assert!(state.open_connections <= max, "{state:?}");
     assert_eq!(state.open_connections, state.idle_connections, "{state:?}");
+    // No send, connection or timer task outlives its request (a short grace for the ones that
+    // are finishing their QUIT).
+    let mut tasks_after = runtime.num_alive_tasks();
+    for _ in 0..50 {
+        if tasks_after <= tasks_before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tasks_after = runtime.num_alive_tasks();
+    }
+    assert!(
+        tasks_after <= tasks_before,
+        "{tasks_after} tasks alive after the sends, {tasks_before} before"
+    );
+}
+
+/// A mail whose text is `size` bytes: large enough that the cut falls inside DATA.
+fn large_mail(marker: &str, n: usize, size: usize) -> serde_json::Value {
+    let line = "A line of a large mail, long enough to matter.\n";
+    serde_json::json!({
+        "from": "load@contoso.test",
+        "to": "alice@contoso.test",
+        "subject": format!("{marker} #{n}"),
+        "text": line.repeat(size / line.len()),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cut_in_the_middle_of_data_never_delivers_a_mail_twice_or_reports_it_sent() {
+    let peer = require_peer!();
+    let _turn = crate::exclusive().await;
+    let entra = FakeEntra::serving_peer_tokens(&peer).await;
+    let target: SocketAddr = format!("{}:{}", peer.host, peer.submission_port)
+        .parse()
+        .unwrap();
+    // 64 KiB into a session: past STARTTLS and AUTH, inside a 300 KB message.
+    let cuts = 3;
+    let forwarder = CuttingForwarder::start(target, 64 * 1024, cuts).await;
+    let app = spawn_relay(relay_settings(&peer, &entra, forwarder.port)).await;
+    let marker = marker("cut-in-data");
+
+    let mut outcomes = Vec::new();
+    for n in 0..6 {
+        let started = Instant::now();
+        let response = app
+            .client
+            .post(app.url("/mail"))
+            .header("idempotency-key", format!("{marker}-{n}"))
+            .json(&large_mail(&marker, n, 300_000))
+            .send()
+            .await;
+        outcomes.push(outcome(n, started, response).await);
+    }
+    assert_eq!(forwarder.cut.load(Ordering::SeqCst), cuts, "{outcomes:?}");
+    for o in &outcomes {
+        // Cut while the message was going out, the relay cannot know what the server has:
+        // either it was cut before its last byte went (a retry on a new connection, 202) or
+        // after (502 smtp_outcome_unknown, never retried). Never a 5xx that invites a resend.
+        let known = o.status == 202
+            || (o.status == 502 && o.code.as_deref() == Some("smtp_outcome_unknown"))
+            || (o.status == 503 && o.code.as_deref() == Some("smtp_unavailable"));
+        assert!(known, "mail #{}: {o:?}", o.n);
+    }
+    let accepted = outcomes.iter().filter(|o| o.status == 202).count();
+    assert!(
+        accepted >= 3,
+        "the mails after the cuts go through: {outcomes:?}"
+    );
+    let (ids, numbers) =
+        wait_for_deliveries(&peer, &marker, accepted, Duration::from_secs(30)).await;
+    assert_exactly_once(&outcomes, &ids, &numbers);
+    // A cut message never arrives half: every delivered one is whole.
+    for n in &numbers {
+        let o = &outcomes[*n];
+        assert_eq!(o.status, 202, "mail #{n} was delivered but answered {o:?}");
+    }
+
+    // Retries with the same keys: a 202 is replayed, an unknown outcome too; nothing is resent.
+    for o in &outcomes {
+        let response = app
+            .client
+            .post(app.url("/mail"))
+            .header("idempotency-key", format!("{marker}-{}", o.n))
+            .json(&large_mail(&marker, o.n, 300_000))
+            .send()
+            .await
+            .unwrap();
+        if o.status == 202 || o.status == 502 {
+            assert_eq!(response.status().as_u16(), o.status, "mail #{}", o.n);
+            assert_eq!(
+                response
+                    .headers()
+                    .get("idempotent-replayed")
+                    .map(|v| v.to_str().unwrap()),
+                Some("true"),
+                "mail #{}",
+                o.n
+            );
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (ids_after, _) =
+        wait_for_deliveries(&peer, &marker, accepted, Duration::from_secs(5)).await;
+    assert_eq!(ids_after, ids, "the retries delivered nothing more");
 }

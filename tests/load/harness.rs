@@ -295,3 +295,73 @@ async fn bind_reusable(port: u16) -> TcpListener {
         .unwrap();
     socket.listen(128).unwrap()
 }
+
+/// A forwarder that cuts its first `cuts` connections once the client has sent `after` bytes:
+/// past the greeting, STARTTLS and AUTH (a few KiB), inside a large message's DATA. The traffic
+/// is TLS, so the forwarder counts bytes instead of reading commands.
+pub struct CuttingForwarder {
+    pub port: u16,
+    /// Connections cut so far.
+    pub cut: Arc<std::sync::atomic::AtomicUsize>,
+    acceptor: JoinHandle<()>,
+}
+
+impl CuttingForwarder {
+    pub async fn start(target: SocketAddr, after: usize, cuts: usize) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = bind_reusable(0).await;
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicUsize::new(0));
+        let counter = cut.clone();
+        let acceptor = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let Ok(outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (mut client_read, mut client_write) = inbound.into_split();
+                    let (mut server_read, mut server_write) = outbound.into_split();
+                    let replies = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                    });
+                    let mut sent = 0usize;
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match client_read.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let room = after.saturating_sub(sent);
+                        if n > room && counter.load(Ordering::SeqCst) < cuts {
+                            counter.fetch_add(1, Ordering::SeqCst);
+                            let _ = server_write.write_all(&buf[..room]).await;
+                            // Both sides go: the server sees half a message, the relay a reset.
+                            replies.abort();
+                            return;
+                        }
+                        sent += n;
+                        if server_write.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = server_write.shutdown().await;
+                    let _ = replies.await;
+                });
+            }
+        });
+        Self {
+            port,
+            cut,
+            acceptor,
+        }
+    }
+}
+
+impl Drop for CuttingForwarder {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+    }
+}

@@ -95,6 +95,13 @@ ensure_packages() {
             die "apt-get install ${missing[*]} failed, see $PEER_DIR/apt.log"
     fi
     installed="$(dpkg-query -W -f='${Version}' dovecot-core 2>/dev/null || true)"
+    # A machine's package lists may predate the fixed build: then the install took the old one.
+    if ! dpkg --compare-versions "$installed" ge "$MIN_DOVECOT"; then
+        apt-get update -q </dev/null >>"$PEER_DIR/apt.log" 2>&1 || die "apt-get update failed, see $PEER_DIR/apt.log"
+        apt-get install "${apt_opts[@]}" dovecot-core </dev/null >>"$PEER_DIR/apt.log" 2>&1 ||
+            die "apt-get install dovecot-core failed, see $PEER_DIR/apt.log"
+        installed="$(dpkg-query -W -f='${Version}' dovecot-core 2>/dev/null || true)"
+    fi
     dpkg --compare-versions "$installed" ge "$MIN_DOVECOT" ||
         die "dovecot-core $installed is older than $MIN_DOVECOT, which checks a token's audience"
     # The packages' maintainer scripts may have started the system instances: only ours may run.
