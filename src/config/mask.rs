@@ -289,6 +289,26 @@ fn render_rate_limits(out: &mut Out<'_>, settings: &Settings) {
         "mailRelay.idempotency.maxBytes",
         Some(idempotency.max_bytes.to_string()),
     );
+    let store = &settings.relay.store;
+    out.section(2, "store");
+    out.line(
+        4,
+        "mailRelay.store.url",
+        Some(quote(&store.url.to_string())),
+    );
+    if store.password.is_some() {
+        out.line(4, "mailRelay.store.password", Some(quote(MASK)));
+    }
+    out.line(
+        4,
+        "mailRelay.store.maxConnections",
+        Some(store.max_connections.to_string()),
+    );
+    out.line(
+        4,
+        "mailRelay.store.connectTimeoutSeconds",
+        secs(store.connect_timeout),
+    );
 }
 
 fn render_callers(out: &mut Out<'_>, settings: &Settings) {

@@ -14,6 +14,7 @@ mod placeholders;
 mod proxy;
 mod raw;
 mod resolve;
+mod store;
 mod validate;
 
 use std::net::{IpAddr, SocketAddr};
@@ -26,6 +27,7 @@ use url::Url;
 
 pub use keys::env_name;
 pub use load::{ConfigError, LoadOptions, Loaded, SettingError, listener, load, load_str};
+pub use store::{StoreSettings, StoreUrl};
 pub use validate::{is_loopback_host, read_ca_certificates};
 
 /// The embedded dev settings (`config/dev.yml`): outbox delivery, no Microsoft 365 needed.
@@ -139,6 +141,8 @@ pub struct RelaySettings {
     pub cors: CorsSettings,
     pub rate_limits: RateLimitSettings,
     pub idempotency: IdempotencySettings,
+    /// `mailRelay.store.*`: where shared state lives.
+    pub store: StoreSettings,
     pub http: HttpSettings,
     pub shutdown: ShutdownSettings,
     /// `mailRelay.adminMail`: notices to administrators; `None` when off (the default).

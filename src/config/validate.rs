@@ -351,6 +351,7 @@ fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
         cors: Default::default(),
         rate_limits,
         idempotency: idempotency(ctx),
+        store: super::store::store(ctx),
         http: Default::default(),
         shutdown: Default::default(),
         admin_mail: None,

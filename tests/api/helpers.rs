@@ -53,6 +53,7 @@ pub fn test_settings(outbox: PathBuf) -> Settings {
             // Off, so tests that send many mails are not refused; rate-limit tests turn them on.
             rate_limits: RateLimitSettings::OFF,
             idempotency: Default::default(),
+            store: Default::default(),
             http: Default::default(),
             shutdown: Default::default(),
             admin_mail: None,
