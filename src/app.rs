@@ -78,12 +78,14 @@ impl AppState {
         let authenticator = Authenticator::new(&settings.relay.auth)
             .map_err(std::io::Error::other)?
             .with_allowed_origins(&settings.relay.cors.allowed_origins);
-        let send_as = SendAsPolicy::new(
-            settings.relay.send_as.clone(),
-            settings.send_email.smtp_authentication.username(),
-        );
+
         let store = Store::open(&settings.relay.store).map_err(std::io::Error::other)?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let send_as = SendAsPolicy::with_memory(
+            settings.relay.send_as.clone(),
+            settings.send_email.smtp_authentication.username(),
+            store.denial_memory(),
+        );
         let rate_limits = RateLimits::new(
             settings.relay.rate_limits,
             &mailbox_of(&settings),

@@ -17,6 +17,7 @@
 pub mod db;
 mod idempotency;
 mod rate_limit;
+mod send_as;
 
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
@@ -24,9 +25,11 @@ use std::time::{Duration, Instant};
 pub use self::db::{Db, describe, schema_version};
 pub use self::idempotency::SqlIdempotencyStore;
 pub use self::rate_limit::SqlRateLimiter;
+pub use self::send_as::SqlDenials;
 use crate::config::{Settings, StoreSettings};
 use crate::idempotency::{IdempotencyStore, InMemoryStore};
 use crate::rate_limit::{InMemoryRateLimiter, RateLimiter};
+use crate::send_as::{DenialMemory, InMemoryDenials};
 
 /// How often the background task pings a healthy database.
 const PING_EVERY: Duration = Duration::from_secs(5);
@@ -271,6 +274,14 @@ impl Store {
         match &self.shared {
             None => Arc::new(InMemoryRateLimiter::new()),
             Some(shared) => Arc::new(SqlRateLimiter::new(Arc::clone(shared))),
+        }
+    }
+
+    /// Where Exchange's recent SendAsDenied answers are remembered.
+    pub fn denial_memory(&self) -> Arc<dyn DenialMemory> {
+        match &self.shared {
+            None => Arc::new(InMemoryDenials::default()),
+            Some(shared) => Arc::new(SqlDenials::new(Arc::clone(shared))),
         }
     }
 

@@ -482,3 +482,27 @@ async fn with_a_memory_store_readiness_shows_it_and_sql_metrics_are_absent() {
     assert_eq!(body["components"]["store"]["kind"], "memory", "{body}");
     assert_eq!(body["components"]["store"]["status"], "ok", "{body}");
 }
+
+#[tokio::test]
+async fn a_send_as_denial_seen_by_one_replica_is_known_to_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    for settings in stores(&dir, "a_send_as_denial_seen_by_one_replica") {
+        let (a, b) = (
+            open(&settings).await.denial_memory(),
+            open(&settings).await.denial_memory(),
+        );
+        let address = unique("shared@contoso.test");
+        let now = now_ms();
+        assert!(!b.denied_since(&address, now - 1_000).await.unwrap());
+        a.remember(&address, now).await.unwrap();
+        assert!(
+            b.denied_since(&address, now - 1_000).await.unwrap(),
+            "{:?}",
+            settings.url
+        );
+        assert!(
+            !b.denied_since(&address, now + 1).await.unwrap(),
+            "older than the memory"
+        );
+    }
+}
