@@ -506,3 +506,49 @@ async fn a_send_as_denial_seen_by_one_replica_is_known_to_the_others() {
         );
     }
 }
+
+#[tokio::test]
+async fn diagnose_names_the_layer_that_fails() {
+    let Some(pg) = postgres() else {
+        return crate::peer::missing("PostgreSQL store", "tests/store/start.sh", "diagnose_store");
+    };
+    let StoreUrl::Postgres(url) = &pg.url else {
+        unreachable!()
+    };
+    let closed = unreachable_store();
+    let StoreUrl::Postgres(closed_url) = &closed.url else {
+        unreachable!()
+    };
+    let cases = [
+        (
+            url.as_str(),
+            "not-the-password",
+            "FAIL store",
+            "authentication:",
+        ),
+        (closed_url.as_str(), "x", "FAIL store", "TCP:"),
+        (
+            url.as_str(),
+            "store-test-password",
+            "PASS store",
+            "reachable, logged in",
+        ),
+    ];
+    for (url, password, status, words) in cases {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_mail-relay"))
+            .args(["diagnose", "--config", "config/dev.yml"])
+            .env("MAILRELAY_STORE_URL", url)
+            .env("MAILRELAY_STORE_PASSWORD", password)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout);
+        let line = text
+            .lines()
+            .skip_while(|l| !l.starts_with(status))
+            .take(2)
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(line.contains(words), "{url}: {text}");
+        assert!(!text.contains(password) || password == "x", "{text}");
+    }
+}
