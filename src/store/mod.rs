@@ -18,6 +18,7 @@ pub mod db;
 mod idempotency;
 mod rate_limit;
 mod send_as;
+mod slots;
 
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
@@ -26,6 +27,7 @@ pub use self::db::{Db, describe, schema_version};
 pub use self::idempotency::SqlIdempotencyStore;
 pub use self::rate_limit::SqlRateLimiter;
 pub use self::send_as::SqlDenials;
+pub use self::slots::{SharedSlots, SlotLock};
 use crate::config::{Settings, StoreSettings};
 use crate::idempotency::{IdempotencyStore, InMemoryStore};
 use crate::rate_limit::{InMemoryRateLimiter, RateLimiter};
@@ -223,6 +225,8 @@ impl Shared {
 #[derive(Clone, Default)]
 pub struct Store {
     shared: Option<Arc<Shared>>,
+    /// PostgreSQL's connection options, for the sessions that hold connection slots.
+    postgres: Option<sqlx::postgres::PgConnectOptions>,
 }
 
 impl std::fmt::Debug for Store {
@@ -254,6 +258,7 @@ impl Store {
         runtime.spawn(Shared::maintain(Arc::downgrade(&shared)));
         Ok(Self {
             shared: Some(shared),
+            postgres: db::postgres_options(settings)?,
         })
     }
 
@@ -283,6 +288,14 @@ impl Store {
             None => Arc::new(InMemoryDenials::default()),
             Some(shared) => Arc::new(SqlDenials::new(Arc::clone(shared))),
         }
+    }
+
+    /// The SMTP mailbox's `max` connection slots shared by every replica; `None` unless the
+    /// store is shared (PostgreSQL): one instance's own pool cap is then the cap.
+    pub fn connection_slots(&self, mailbox: &str, max: usize) -> Option<SharedSlots> {
+        self.postgres
+            .as_ref()
+            .map(|options| SharedSlots::new(options, mailbox, max))
     }
 
     /// The SQL store's health; `None` for memory, which is always there.

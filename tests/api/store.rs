@@ -3,7 +3,6 @@
 //! would, and checks that they see one truth.
 
 use std::num::NonZeroU32;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +16,7 @@ use mail_relay::store::Store;
 use secrecy::SecretString;
 
 use crate::helpers::{TestApp, spawn_app};
+use crate::store_settings::postgres;
 
 /// The stores every test runs against: SQLite in `dir`, and PostgreSQL when it runs (under
 /// `CI=true` it must).
@@ -30,30 +30,6 @@ fn stores(dir: &tempfile::TempDir, test: &str) -> Vec<StoreSettings> {
         None => crate::peer::missing("PostgreSQL store", "tests/store/start.sh", test),
     }
     stores
-}
-
-/// The test PostgreSQL's scratch database, from `store.env`.
-fn postgres() -> Option<StoreSettings> {
-    let dir = std::env::var_os("MAIL_RELAY_STORE_DIR")
-        .map_or_else(|| PathBuf::from("/tmp/mail-relay-store"), PathBuf::from);
-    let env = std::fs::read_to_string(dir.join("store.env")).ok()?;
-    let value = |name: &str| {
-        env.lines()
-            .find_map(|line| line.strip_prefix(&format!("{name}=")))
-            .map(str::to_owned)
-    };
-    let url = value("MAIL_RELAY_STORE_SQLTEST_URL")?;
-    let port: u16 = value("MAIL_RELAY_STORE_PORT")?.parse().ok()?;
-    std::net::TcpStream::connect_timeout(
-        &([127, 0, 0, 1], port).into(),
-        Duration::from_millis(500),
-    )
-    .ok()?;
-    Some(StoreSettings {
-        url: StoreUrl::Postgres(url.parse().ok()?),
-        password: value("MAIL_RELAY_STORE_PASSWORD").map(SecretString::from),
-        ..StoreSettings::default()
-    })
 }
 
 async fn open(settings: &StoreSettings) -> Store {
