@@ -2,7 +2,7 @@
 //! failures mean.
 //!
 //! Queries are written once, in the SQL both dialects share (`$1` parameters, `ON CONFLICT`,
-//! `RETURNING`), and run on either pool through [`on_pool!`]; the schemas differ only in type
+//! `RETURNING`), and run on either pool through `on_pool!`; the schemas differ only in type
 //! names (`src/store/migrations/{postgres,sqlite}`).
 
 use std::str::FromStr;
