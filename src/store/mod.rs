@@ -156,6 +156,8 @@ impl Shared {
                 this.ping().await;
                 PING_EVERY
             } else if this.migrate().await {
+                // The first latency figure at once, for readiness and /metrics.
+                this.ping().await;
                 PING_EVERY
             } else {
                 backoff = (backoff * 2).min(MIGRATE_BACKOFF_MAX);
