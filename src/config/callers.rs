@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::validate::{Ctx, https_url, is_address};
+use super::send_email::https_url;
+use super::validate::{Ctx, is_address};
 use super::{
     AddressPattern, ApiKeySettings, AuthSettings, CorsSettings, OidcSettings, ProxySecret,
     SendAsSettings, TrustedProxySettings,

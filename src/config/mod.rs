@@ -14,6 +14,7 @@ mod placeholders;
 mod proxy;
 mod raw;
 mod resolve;
+mod send_email;
 mod store;
 mod validate;
 

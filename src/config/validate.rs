@@ -8,19 +8,15 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use secrecy::SecretString;
-use url::Url;
-
-use crate::token::CertificateCredential;
 
 use super::observe;
 use super::resolve::Resolved;
 use super::{
-    AdminMailSettings, ClientCredential, Delivery, Encryption, IdempotencySettings, Limits,
-    OAuthSettings, RateLimitSettings, RelaySettings, SendEmailSettings, ServerSettings,
-    SettingError, Settings, SmtpAuthentication, SmtpTuning, keys,
+    AdminMailSettings, Delivery, IdempotencySettings, Limits, RateLimitSettings, RelaySettings,
+    SendEmailSettings, ServerSettings, SettingError, Settings, SmtpTuning, keys,
 };
 use super::{callers, proxy};
 
@@ -28,7 +24,7 @@ pub const DEFAULT_TOKEN_ENDPOINT: &str =
     "https://login.microsoftonline.com/#TenantID#/oauth2/v2.0/token";
 pub const DEFAULT_SCOPES: &str = "https://outlook.office365.com/.default";
 pub const TENANT_PLACEHOLDER: &str = "#TenantID#";
-const OFFICE365_HOST: &str = "smtp.office365.com";
+pub(super) const OFFICE365_HOST: &str = "smtp.office365.com";
 
 /// Settings that work but break a promise: more sessions than Exchange allows, or a shutdown
 /// deadline that cuts off a send accepted during the drain delay.
@@ -55,7 +51,7 @@ fn warn_on_unsafe_limits(ctx: &mut Ctx<'_>, relay: &RelaySettings, send_email: &
 
 const SE: &str = "featureSwitches.sendEmail";
 
-fn se(name: &str) -> String {
+pub(super) fn se(name: &str) -> String {
     format!("{SE}.{name}")
 }
 
@@ -208,7 +204,7 @@ pub fn validate(values: &Resolved) -> (Result<Settings, Vec<SettingError>>, Vec<
     };
     let server = server(&mut ctx);
     let mut relay = relay(&mut ctx);
-    let send_email = send_email(&mut ctx, relay.delivery == Delivery::Smtp);
+    let send_email = super::send_email::send_email(&mut ctx, relay.delivery == Delivery::Smtp);
     check_timeouts(&mut ctx, &relay);
     check_rate_limits(&mut ctx, &relay, &send_email);
     let smtp = relay.delivery == Delivery::Smtp;
@@ -572,307 +568,6 @@ fn check_timeouts(ctx: &mut Ctx<'_>, relay: &RelaySettings) {
             relay.smtp.send_deadline.as_secs(),
             relay.limits.request_timeout.as_secs()
         ));
-    }
-}
-
-fn send_email(ctx: &mut Ctx<'_>, smtp: bool) -> SendEmailSettings {
-    let why_smtp =
-        "with mailRelay.delivery.mode smtp (the SMTP server's host name, e.g. smtp.office365.com)";
-    let server = if smtp {
-        ctx.required(&se("smtpServer"), why_smtp)
-    } else {
-        ctx.text(&se("smtpServer")).map(str::to_owned)
-    };
-    if let Some(host) = &server
-        && (host.contains(|c: char| c.is_whitespace() || c == '/') || host.contains("://"))
-    {
-        ctx.error(
-            &se("smtpServer"),
-            format!("{host:?} is not a host name; give the bare host, e.g. smtp.office365.com"),
-        );
-    }
-    let port = ctx.number(&se("smtpPort"), 587u16, 1..=65535);
-    let encryption = ctx.one_of(
-        &se("smtpEncryption"),
-        Encryption::Tls,
-        &[
-            ("NONE", Encryption::None),
-            ("SSL", Encryption::Ssl),
-            ("TLS", Encryption::Tls),
-            ("0", Encryption::None),
-            ("1", Encryption::Ssl),
-            ("2", Encryption::Tls),
-        ],
-        "NONE, SSL, TLS (or 0, 1, 2)",
-    );
-    #[derive(Clone, Copy, PartialEq)]
-    enum Mode {
-        None,
-        Basic,
-        MsOAuth,
-    }
-    let mode = ctx.one_of(
-        &se("smtpAuthentication"),
-        Mode::MsOAuth,
-        &[
-            ("NONE", Mode::None),
-            ("BASIC", Mode::Basic),
-            ("MS_OAUTH", Mode::MsOAuth),
-        ],
-        "NONE, BASIC, MS_OAUTH",
-    );
-
-    let host = server.clone().unwrap_or_default();
-    if encryption == Encryption::Ssl && host.eq_ignore_ascii_case(OFFICE365_HOST) {
-        ctx.warnings.push(format!(
-            "{}: SSL (implicit TLS) with {OFFICE365_HOST}, which offers none: connections will fail; use TLS (STARTTLS) with smtpPort 587",
-            se("smtpEncryption")
-        ));
-    } else if encryption == Encryption::Ssl && port == 587 {
-        ctx.warnings.push(format!(
-            "{}: SSL (implicit TLS) on port 587, which usually speaks STARTTLS; use TLS, or port 465 for SSL",
-            se("smtpEncryption")
-        ));
-    } else if encryption == Encryption::Tls && port == 465 {
-        ctx.warnings.push(format!(
-            "{}: TLS (STARTTLS) on port 465, which usually speaks implicit TLS; use SSL, or port 587 for TLS",
-            se("smtpEncryption")
-        ));
-    }
-    if encryption == Encryption::None
-        && mode != Mode::None
-        && server.is_some()
-        && !is_loopback_host(&host)
-    {
-        ctx.error(
-            &se("smtpEncryption"),
-            format!(
-                "NONE would send the mail credentials in clear to {host:?}; NONE is allowed with BASIC or MS_OAUTH only when smtpServer is loopback (localhost, 127.0.0.0/8, ::1); use TLS (STARTTLS, port 587) or SSL (port 465)"
-            ),
-        );
-    }
-
-    let authentication = match mode {
-        Mode::None => Some(SmtpAuthentication::None),
-        Mode::Basic => basic(ctx, smtp),
-        Mode::MsOAuth => ms_oauth(ctx, smtp),
-    };
-    SendEmailSettings {
-        smtp_server: server.unwrap_or_default(),
-        smtp_port: port,
-        smtp_encryption: encryption,
-        // In outbox mode incomplete credentials are never used.
-        smtp_authentication: authentication.unwrap_or(SmtpAuthentication::None),
-    }
-}
-
-fn basic(ctx: &mut Ctx<'_>, smtp: bool) -> Option<SmtpAuthentication> {
-    let why = "with smtpAuthentication BASIC";
-    let (username, password) = if smtp {
-        let username = ctx.required(&se("smtpUsername"), why);
-        let password = ctx.secret(&se("smtpPassword"));
-        if password.is_none() {
-            ctx.error(
-                &se("smtpPassword"),
-                format!("is required {why} (or smtpPasswordFile naming a file that holds it)"),
-            );
-        }
-        (username, password)
-    } else {
-        (
-            ctx.text(&se("smtpUsername")).map(str::to_owned),
-            ctx.secret(&se("smtpPassword")),
-        )
-    };
-    Some(SmtpAuthentication::Basic {
-        username: username?,
-        password: password?,
-    })
-}
-
-fn ms_oauth(ctx: &mut Ctx<'_>, smtp: bool) -> Option<SmtpAuthentication> {
-    let why = "with smtpAuthentication MS_OAUTH";
-    let get = |ctx: &mut Ctx<'_>, name: &str, what: &str| {
-        if smtp {
-            ctx.required(&se(name), &format!("{why} ({what})"))
-        } else {
-            ctx.text(&se(name)).map(str::to_owned)
-        }
-    };
-    let username = get(
-        ctx,
-        "smtpUsername",
-        "the mailbox the relay logs in as, e.g. relay@contoso.com",
-    );
-    let tenant_id = get(
-        ctx,
-        "oAuthTenantId",
-        "the Directory (tenant) ID of the app registration",
-    );
-    let client_id = get(
-        ctx,
-        "oAuthClientId",
-        "the Application (client) ID of the app registration",
-    );
-    if let Some(user) = &username
-        && !is_address(user)
-    {
-        ctx.error(
-            &se("smtpUsername"),
-            format!("{user:?} is not an e-mail address; MS_OAUTH logs in as a mailbox, e.g. relay@contoso.com"),
-        );
-    }
-    if let Some(tenant) = &tenant_id
-        && !tenant
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-    {
-        ctx.error(
-            &se("oAuthTenantId"),
-            format!("{tenant:?} is not a tenant id; use the Directory (tenant) ID (a GUID) or the tenant's domain, e.g. contoso.onmicrosoft.com"),
-        );
-    }
-    let credential = credential(ctx, smtp);
-
-    let endpoint_key = se("oAuthTokenEndpoint");
-    let template = ctx
-        .text(&endpoint_key)
-        .unwrap_or(DEFAULT_TOKEN_ENDPOINT)
-        .to_owned();
-    // Without a tenant id (already reported) the template itself is checked, so that every
-    // error comes at once.
-    let text = match &tenant_id {
-        Some(tenant) => template.replace(TENANT_PLACEHOLDER, tenant),
-        None => template.clone(),
-    };
-    let token_endpoint = https_url(
-        ctx,
-        &endpoint_key,
-        &text,
-        "the client secret travels over it",
-    )
-    .filter(|_| tenant_id.is_some() || !template.contains(TENANT_PLACEHOLDER));
-    let scopes = ctx
-        .text(&se("oAuthScopes"))
-        .unwrap_or(DEFAULT_SCOPES)
-        .to_owned();
-    let grace =
-        Duration::from_secs(ctx.number(&se("oAuthTokenGraceTimeInSeconds"), 300u64, 0..=3000));
-    let connect_timeout = ctx.seconds("mailRelay.token.connectTimeoutSeconds", 5);
-    let request_timeout = ctx.seconds("mailRelay.token.requestTimeoutSeconds", 15);
-    Some(SmtpAuthentication::MsOAuth {
-        username: username?,
-        oauth: OAuthSettings {
-            tenant_id: tenant_id?,
-            client_id: client_id?,
-            credential: credential?,
-            token_endpoint: token_endpoint?,
-            scopes,
-            grace,
-            connect_timeout,
-            request_timeout,
-        },
-    })
-}
-
-/// An https URL (http only on a loopback host, for tests and local fakes); `why` says what
-/// travels over it.
-pub(super) fn https_url(ctx: &mut Ctx<'_>, key: &str, text: &str, why: &str) -> Option<Url> {
-    match Url::parse(text) {
-        Err(e) => {
-            ctx.error(key, format!("{text:?} is not a URL ({e})"));
-            None
-        }
-        Ok(url) => {
-            let loopback = url.host_str().is_some_and(is_loopback_host);
-            match url.scheme() {
-                "https" => Some(url),
-                "http" if loopback => Some(url),
-                _ => {
-                    ctx.error(
-                        key,
-                        format!(
-                            "{text:?} must be an https URL (http only on a loopback host): {why}"
-                        ),
-                    );
-                    None
-                }
-            }
-        }
-    }
-}
-
-fn credential(ctx: &mut Ctx<'_>, smtp: bool) -> Option<ClientCredential> {
-    let secret_key = se("oAuthClientSecret");
-    let cert_key = se("oAuthCertificate");
-    let pkey_key = se("oAuthPrivateKey");
-    let secret = ctx.secret(&secret_key);
-    let certificate = ctx.text(&cert_key).map(str::to_owned);
-    let private_key = ctx.secret(&pkey_key);
-    match (secret, certificate, private_key) {
-        (Some(_), Some(_), _) => {
-            ctx.error(
-                &secret_key,
-                "MS_OAUTH takes exactly one of oAuthClientSecret and oAuthCertificate (with oAuthPrivateKey); both are set: remove one",
-            );
-            None
-        }
-        (Some(_), None, Some(_)) => {
-            ctx.error(
-                &pkey_key,
-                "is set but oAuthCertificate is not: the private key belongs to a certificate; MS_OAUTH takes exactly one of oAuthClientSecret and oAuthCertificate",
-            );
-            None
-        }
-        (Some(secret), None, None) => Some(ClientCredential::Secret(secret)),
-        (None, Some(certificate), private_key) => {
-            let cert_ok = CertificateDer::from_pem_slice(certificate.as_bytes()).is_ok();
-            if !cert_ok {
-                ctx.error(
-                    &cert_key,
-                    "is not a PEM certificate (-----BEGIN CERTIFICATE-----); give the certificate uploaded to the app registration",
-                );
-            }
-            let Some(private_key) = private_key else {
-                ctx.error(
-                    &pkey_key,
-                    "is required with oAuthCertificate (the PEM private key of that certificate; or oAuthPrivateKeyFile naming a file)",
-                );
-                return None;
-            };
-            use secrecy::ExposeSecret;
-            let pem = private_key.expose_secret().as_bytes();
-            let key_ok = PrivateKeyDer::from_pem_slice(pem).is_ok()
-                && jsonwebtoken::EncodingKey::from_rsa_pem(pem).is_ok();
-            if !key_ok {
-                ctx.error(
-                    &pkey_key,
-                    "**** is not a PEM RSA private key (-----BEGIN PRIVATE KEY----- or -----BEGIN RSA PRIVATE KEY-----)",
-                );
-            }
-            if !(cert_ok && key_ok) {
-                return None;
-            }
-            // The pair check signs and verifies a probe: a key from another certificate is a
-            // settings error here, not Entra's AADSTS700027 on the first mail.
-            if let Err(e) = CertificateCredential::from_pem(&certificate, &private_key) {
-                ctx.error(&pkey_key, e.to_string());
-                return None;
-            }
-            Some(ClientCredential::Certificate {
-                certificate_pem: certificate,
-                private_key_pem: private_key,
-            })
-        }
-        (None, None, _) => {
-            if smtp {
-                ctx.error(
-                    &secret_key,
-                    "MS_OAUTH takes exactly one of oAuthClientSecret and oAuthCertificate (with oAuthPrivateKey); neither is set",
-                );
-            }
-            None
-        }
     }
 }
 
