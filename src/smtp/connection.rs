@@ -1,8 +1,6 @@
 //! One SMTP connection: opening it (socket, TLS, EHLO, AUTH) and one mail transaction on it.
 
 use std::fmt;
-use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -10,292 +8,23 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream};
-use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Noop, Quit, Rcpt, Rset};
-use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
+use lettre::transport::smtp::client::AsyncSmtpConnection;
+use lettre::transport::smtp::commands::{Data, Mail, Noop, Quit, Rcpt, Rset};
+use lettre::transport::smtp::extension::{Extension, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::{Code, Response};
 use secrecy::{ExposeSecret, SecretString};
-use tokio::net::{TcpSocket, TcpStream};
 
 use super::SmtpReceipt;
 use super::error::{SmtpError, Stage};
-use super::tls::{ImplicitTls, TlsSetup, is_certificate_error};
-use crate::config::Encryption;
+use super::tls::is_certificate_error;
 use crate::message::OutgoingMail;
 use crate::token::AccessToken;
 
 use super::classify::SmtpErrorKind;
 
-/// How a new connection logs in.
-#[derive(Clone)]
-pub(crate) enum Login {
-    None,
-    Basic {
-        username: String,
-        password: SecretString,
-    },
-    XOAuth2 {
-        username: String,
-    },
-}
-
-/// Everything needed to open a connection; built once from the settings.
-pub(crate) struct Connector {
-    pub host: String,
-    pub port: u16,
-    pub encryption: Encryption,
-    pub login: Login,
-    pub tls: Option<TlsSetup>,
-    pub hello: ClientId,
-    pub source_address: Option<IpAddr>,
-    pub connect_timeout: Duration,
-    pub command_timeout: Duration,
-    /// Open connections, for health and metrics; each [`Connection`] counts itself.
-    pub open: Arc<AtomicUsize>,
-}
-
-impl Connector {
-    fn server(&self) -> String {
-        format!("{}:{}", self.host, self.port)
-    }
-
-    fn connection_error(&self, stage: Stage, detail: impl Into<String>) -> SmtpError {
-        SmtpError::Connection {
-            kind: SmtpErrorKind::Transient,
-            stage,
-            server: self.server(),
-            detail: detail.into(),
-        }
-    }
-
-    /// Opens, secures and authenticates a connection. `token` is required for XOAUTH2.
-    #[tracing::instrument(name = "smtp_connect", skip_all, fields(server = %self.server()))]
-    pub async fn open(&self, token: Option<&AccessToken>) -> Result<Connection, SmtpError> {
-        let tcp = self.connect_tcp().await?;
-        let mut connection = match (self.encryption, &self.tls) {
-            (Encryption::Ssl, Some(_)) => {
-                let tls_stream = self.implicit_tls(tcp).await?;
-                self.greet(Box::new(ImplicitTls(tls_stream))).await?
-            }
-            _ => self.greet(Box::new(tcp)).await?,
-        };
-        if let (Encryption::Tls, Some(_)) = (self.encryption, &self.tls) {
-            self.starttls(&mut connection).await?;
-        }
-        self.login(connection, token).await
-    }
-
-    // The steps of `open`, one by one, for `mail-relay diagnose`.
-
-    /// Implicit TLS (`smtpEncryption: SSL`) on a fresh socket, before the greeting.
-    pub(crate) async fn implicit_tls(
-        &self,
-        tcp: TcpStream,
-    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, SmtpError> {
-        let Some(tls) = &self.tls else {
-            return Err(SmtpError::Setup {
-                key: "featureSwitches.sendEmail.smtpEncryption",
-                message: "implicit TLS asked for without TLS settings".into(),
-            });
-        };
-        self.timed(
-            Stage::Connect,
-            self.connect_timeout,
-            tls.implicit.connect(tls.server_name.clone(), tcp),
-        )
-        .await?
-        .map_err(|e| self.tls_error(Stage::Connect, &e))
-    }
-
-    /// Reads the server's greeting and says EHLO.
-    pub(crate) async fn greet(
-        &self,
-        stream: Box<dyn AsyncTokioStream>,
-    ) -> Result<AsyncSmtpConnection, SmtpError> {
-        self.timed(
-            Stage::Greeting,
-            self.command_timeout,
-            AsyncSmtpConnection::connect_with_transport(stream, &self.hello),
-        )
-        .await?
-        .map_err(|e| self.lettre_error(e, Stage::Greeting))
-    }
-
-    /// STARTTLS (required: a server not offering it is an error, never a fall-back to plain
-    /// text), then EHLO again over TLS.
-    pub(crate) async fn starttls(
-        &self,
-        connection: &mut AsyncSmtpConnection,
-    ) -> Result<(), SmtpError> {
-        let Some(tls) = &self.tls else {
-            return Err(SmtpError::Setup {
-                key: "featureSwitches.sendEmail.smtpEncryption",
-                message: "STARTTLS asked for without TLS settings".into(),
-            });
-        };
-        if !connection.can_starttls() {
-            connection.abort().await;
-            return Err(SmtpError::Unsupported {
-                stage: Stage::StartTls,
-                server: self.server(),
-                detail: "does not offer STARTTLS, which smtpEncryption TLS requires \
-                         (use SSL for an implicit-TLS port)"
-                    .into(),
-            });
-        }
-        self.timed(
-            Stage::StartTls,
-            self.command_timeout,
-            connection.starttls(tls.starttls.clone(), &self.hello),
-        )
-        .await?
-        .map_err(|e| self.lettre_error(e, Stage::StartTls))
-    }
-
-    /// Logs in as the settings say; a refused login ends the session with QUIT.
-    pub(crate) async fn login(
-        &self,
-        connection: AsyncSmtpConnection,
-        token: Option<&AccessToken>,
-    ) -> Result<Connection, SmtpError> {
-        let mut connection = Connection {
-            inner: connection,
-            pipelining: false,
-            token: None,
-            last_used: Instant::now(),
-            server: self.server(),
-            command_timeout: self.command_timeout,
-            _open: OpenGuard::new(&self.open),
-            slot: None,
-        };
-        // lettre keeps only the EHLO keywords it knows, and PIPELINING is not one: one more
-        // EHLO per connection, before AUTH, tells.
-        let ehlo = connection
-            .command(Ehlo::new(self.hello.clone()), Stage::Greeting)
-            .await?;
-        connection.pipelining = ehlo
-            .message()
-            .any(|line| line.trim().eq_ignore_ascii_case("PIPELINING"));
-        let login = match &self.login {
-            Login::None => Ok(()),
-            Login::Basic { username, password } => connection.basic(username, password).await,
-            Login::XOAuth2 { username } => match token {
-                Some(token) => {
-                    connection.token = Some(token.clone());
-                    connection.xoauth2(username, token).await
-                }
-                None => Err(SmtpError::Setup {
-                    key: "featureSwitches.sendEmail.smtpAuthentication",
-                    message: "MS_OAUTH needs a token provider".into(),
-                }),
-            },
-        };
-        match login {
-            Ok(()) => Ok(connection),
-            Err(error) => {
-                // The session is still open after a refused login: end it politely.
-                connection.quit().await;
-                Err(error)
-            }
-        }
-    }
-
-    pub(crate) async fn connect_tcp(&self) -> Result<TcpStream, SmtpError> {
-        let addresses: Vec<SocketAddr> = self
-            .timed(
-                Stage::Connect,
-                self.connect_timeout,
-                tokio::net::lookup_host((self.host.as_str(), self.port)),
-            )
-            .await?
-            .map_err(|e| self.connection_error(Stage::Connect, format!("cannot resolve: {e}")))?
-            .filter(|a| {
-                self.source_address
-                    .is_none_or(|source| source.is_ipv4() == a.is_ipv4())
-            })
-            .collect();
-        let mut last = None;
-        for address in addresses {
-            match self.connect_one(address).await {
-                Ok(stream) => return Ok(stream),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| {
-            self.connection_error(
-                Stage::Connect,
-                "the host name resolved to no address usable from mailRelay.smtp.sourceAddress",
-            )
-        }))
-    }
-
-    async fn connect_one(&self, address: SocketAddr) -> Result<TcpStream, SmtpError> {
-        let io = |e: std::io::Error| self.connection_error(Stage::Connect, e.to_string());
-        let socket = if address.is_ipv4() {
-            TcpSocket::new_v4()
-        } else {
-            TcpSocket::new_v6()
-        }
-        .map_err(io)?;
-        if let Some(source) = self.source_address {
-            socket.bind(SocketAddr::new(source, 0)).map_err(|e| {
-                self.connection_error(
-                    Stage::Connect,
-                    format!("cannot bind mailRelay.smtp.sourceAddress {source}: {e}"),
-                )
-            })?;
-        }
-        let stream = self
-            .timed(
-                Stage::Connect,
-                self.connect_timeout,
-                socket.connect(address),
-            )
-            .await?
-            .map_err(io)?;
-        // lettre writes the body and the final "." separately: with Nagle's algorithm and
-        // the server's delayed ACK, every mail would wait about 40 ms.
-        stream.set_nodelay(true).map_err(io)?;
-        Ok(stream)
-    }
-
-    async fn timed<T>(
-        &self,
-        stage: Stage,
-        limit: Duration,
-        future: impl Future<Output = T>,
-    ) -> Result<T, SmtpError> {
-        let key = if matches!(stage, Stage::Connect) {
-            "mailRelay.smtp.connectTimeoutSeconds"
-        } else {
-            "mailRelay.smtp.commandTimeoutSeconds"
-        };
-        tokio::time::timeout(limit, future).await.map_err(|_| {
-            self.connection_error(stage, format!("no answer within {key} ({limit:?})"))
-        })
-    }
-
-    fn tls_error(&self, stage: Stage, error: &std::io::Error) -> SmtpError {
-        SmtpError::Connection {
-            kind: if is_certificate_error(error) {
-                SmtpErrorKind::Tls
-            } else {
-                SmtpErrorKind::Transient
-            },
-            stage,
-            server: self.server(),
-            detail: format!("TLS handshake failed: {error}"),
-        }
-    }
-
-    fn lettre_error(&self, error: lettre::transport::smtp::Error, stage: Stage) -> SmtpError {
-        from_lettre(error, stage, &self.server())
-    }
-}
-
 /// A message as DATA carries it, with the line that ends it: a line starting with `.` gets
 /// another one in front (RFC 5321 4.5.2), as lettre's own codec does it.
-struct DataText<'a>(&'a str);
+pub(super) struct DataText<'a>(&'a str);
 
 impl fmt::Display for DataText<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -318,7 +47,11 @@ impl fmt::Display for DataText<'_> {
 }
 
 /// Sorts lettre's error: a reply becomes `Rejected`, the rest a connection failure.
-fn from_lettre(error: lettre::transport::smtp::Error, stage: Stage, server: &str) -> SmtpError {
+pub(super) fn from_lettre(
+    error: lettre::transport::smtp::Error,
+    stage: Stage,
+    server: &str,
+) -> SmtpError {
     if let Some(code) = error.status() {
         let text = std::error::Error::source(&error)
             .map(ToString::to_string)
@@ -345,21 +78,21 @@ fn from_lettre(error: lettre::transport::smtp::Error, stage: Stage, server: &str
     }
 }
 
-fn code_number(code: Code) -> u16 {
+pub(super) fn code_number(code: Code) -> u16 {
     u16::from(code.severity as u8) * 100
         + u16::from(code.category as u8) * 10
         + u16::from(code.detail as u8)
 }
 
-fn reply_text(response: &Response) -> String {
+pub(super) fn reply_text(response: &Response) -> String {
     response.message().collect::<Vec<_>>().join(" ")
 }
 
 /// Counts itself in the connector's open-connection gauge while alive.
-struct OpenGuard(Arc<AtomicUsize>);
+pub(super) struct OpenGuard(Arc<AtomicUsize>);
 
 impl OpenGuard {
-    fn new(open: &Arc<AtomicUsize>) -> Self {
+    pub(super) fn new(open: &Arc<AtomicUsize>) -> Self {
         open.fetch_add(1, Ordering::Relaxed);
         Self(Arc::clone(open))
     }
@@ -372,7 +105,7 @@ impl Drop for OpenGuard {
 }
 
 /// An AUTH line that carries a credential: kept out of `Debug`.
-struct SecretLine(SecretString);
+pub(super) struct SecretLine(SecretString);
 
 impl fmt::Display for SecretLine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -382,22 +115,22 @@ impl fmt::Display for SecretLine {
 
 /// An open, authenticated connection.
 pub(crate) struct Connection {
-    inner: AsyncSmtpConnection,
+    pub(super) inner: AsyncSmtpConnection,
     /// The server offers PIPELINING (RFC 2920): MAIL FROM and RCPT TO go in one write.
-    pipelining: bool,
+    pub(super) pipelining: bool,
     /// The token this connection logged in with (XOAUTH2 only).
     pub token: Option<AccessToken>,
     pub last_used: Instant,
-    server: String,
-    command_timeout: Duration,
-    _open: OpenGuard,
+    pub(super) server: String,
+    pub(super) command_timeout: Duration,
+    pub(super) _open: OpenGuard,
     /// The mailbox's shared slot this connection holds (with a shared store). Declared last,
     /// so it is given back only after the session above is closed.
     pub slot: Option<super::Slot>,
 }
 
 impl Connection {
-    async fn command(
+    pub(super) async fn command(
         &mut self,
         command: impl fmt::Display,
         stage: Stage,
@@ -422,7 +155,11 @@ impl Connection {
         }
     }
 
-    async fn basic(&mut self, username: &str, password: &SecretString) -> Result<(), SmtpError> {
+    pub(super) async fn basic(
+        &mut self,
+        username: &str,
+        password: &SecretString,
+    ) -> Result<(), SmtpError> {
         let credentials = Credentials::new(username.to_string(), password.expose_secret().into());
         let limit = self.command_timeout;
         let outcome = tokio::time::timeout(
@@ -446,7 +183,11 @@ impl Connection {
     /// SASL XOAUTH2 with an initial response. Exchange refuses a token with `535` at once;
     /// Gmail and Dovecot first send a `334` JSON challenge, answered with an empty line,
     /// and then `535`. lettre's own `auth` gives up on that challenge, so this is done here.
-    async fn xoauth2(&mut self, username: &str, token: &AccessToken) -> Result<(), SmtpError> {
+    pub(super) async fn xoauth2(
+        &mut self,
+        username: &str,
+        token: &AccessToken,
+    ) -> Result<(), SmtpError> {
         if !self
             .inner
             .server_info()
@@ -670,7 +411,7 @@ const DATA_SLICE: usize = 256 * 1024;
 /// `NOOP` and `QUIT` on pooled connections: a live server answers at once.
 const HOUSEKEEPING_TIMEOUT: Duration = Duration::from_secs(3);
 
-fn decode_challenge(response: &Response) -> String {
+pub(super) fn decode_challenge(response: &Response) -> String {
     let text = reply_text(response);
     BASE64
         .decode(text.trim())

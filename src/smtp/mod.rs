@@ -48,6 +48,7 @@
 //!   [`SmtpError`] carries code, enhanced code, the server's text and the operator's fix.
 
 mod classify;
+mod connect;
 mod connection;
 mod error;
 mod pool;
@@ -68,5 +69,6 @@ pub struct SmtpReceipt {
 }
 
 // The steps of opening a connection, for `mail-relay diagnose`.
-pub(crate) use connection::{Connection, Connector};
+pub(crate) use connect::Connector;
+pub(crate) use connection::Connection;
 pub(crate) use tls::ImplicitTls;

@@ -11,7 +11,8 @@ use rand::Rng as _;
 
 use super::SmtpReceipt;
 use super::classify::SmtpErrorKind;
-use super::connection::{Connection, Connector, Login};
+use super::connect::{Connector, Login};
+use super::connection::Connection;
 use super::error::{SmtpError, SmtpReply, Stage};
 use super::pool::Pool;
 use super::slots::{ConnectionSlots, SHARED_MAX_IDLE};
