@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command: starts the real SMTP peer (Postfix + Dovecot) and the reverse-proxy peer (nginx),
-# installing them if missing, runs every test, stops both. Usage: bash tests/run.sh [extra cargo test args]
+# The test command: starts the real SMTP peer (Postfix + Dovecot), the reverse-proxy peer (nginx)
+# and the store (a private PostgreSQL), installing them if missing, runs every test, stops them.
+# Usage: bash tests/run.sh [extra cargo test args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,8 +9,10 @@ bash tests/peer/start.sh
 trap 'bash tests/peer/stop.sh' EXIT
 bash tests/proxy/start.sh
 trap 'bash tests/proxy/stop.sh; bash tests/peer/stop.sh' EXIT
+bash tests/store/start.sh
+trap 'bash tests/store/stop.sh; bash tests/proxy/stop.sh; bash tests/peer/stop.sh' EXIT
 
-# Tests that need the peers fail instead of skipping when one is missing.
+# Tests that need the peers or the store fail instead of skipping when one is missing.
 export CI="${CI:-true}"
 cargo test --locked "$@"
 
