@@ -19,14 +19,49 @@ pub fn log_offset(log: &Path) -> u64 {
 /// before its AUTH: an upper bound, on the side of caution. Lines come in the order Postfix's
 /// log daemon received them, which is the order the peer saw the events.
 pub fn max_concurrent_authenticated(text: &str, sources: &[Ipv4Addr]) -> (usize, usize) {
+    let sessions = authenticated_sessions(text, sources);
+    let mut events: Vec<(usize, i32)> = Vec::new();
+    for s in &sessions {
+        events.push((s.connect, 1));
+        if let Some(disconnect) = s.disconnect {
+            events.push((disconnect, -1));
+        }
+    }
+    events.sort_unstable();
+    let (mut open, mut most) = (0i32, 0i32);
+    for (_, delta) in events {
+        open += delta;
+        most = most.max(open);
+    }
+    (most as usize, sessions.len())
+}
+
+/// How many authenticated sessions from `sources` are open at the end of `text`.
+pub fn open_authenticated(text: &str, sources: &[Ipv4Addr]) -> usize {
+    authenticated_sessions(text, sources)
+        .iter()
+        .filter(|s| s.disconnect.is_none())
+        .count()
+}
+
+/// One SMTP session in the peer's log: the line numbers of its connect and disconnect.
+struct Session {
+    connect: usize,
+    disconnect: Option<usize>,
+}
+
+/// The authenticated sessions from `sources` whose connect is in `text`.
+fn authenticated_sessions(text: &str, sources: &[Ipv4Addr]) -> Vec<Session> {
     #[derive(Default)]
-    struct Session {
+    struct Seen {
         connect: Option<usize>,
         disconnect: Option<usize>,
         authenticated: bool,
     }
     let clients: Vec<String> = sources.iter().map(|ip| format!("[{ip}]:")).collect();
-    let mut sessions: HashMap<String, Session> = HashMap::new();
+    // Keyed by `[ip]:port`; a port reused later starts a new session (the old one ended first).
+    let mut open: HashMap<String, Seen> = HashMap::new();
+    let mut done: Vec<Seen> = Vec::new();
     // The client `[ip]:port` a line is about, if it is one of ours.
     let client_of = |rest: &str| -> Option<String> {
         let start = rest.find('[')?;
@@ -43,46 +78,42 @@ pub fn max_concurrent_authenticated(text: &str, sources: &[Ipv4Addr]) -> (usize,
     for (i, line) in text.lines().enumerate() {
         if let Some((_, rest)) = line.split_once(": connect from ") {
             if let Some(client) = client_of(rest) {
-                // A port reused later is a new session: the earlier one has ended by then.
-                let s = sessions.entry(client).or_default();
-                if s.disconnect.is_some() {
-                    *s = Session::default();
-                }
-                s.connect = Some(i);
+                let earlier = open.insert(
+                    client,
+                    Seen {
+                        connect: Some(i),
+                        ..Seen::default()
+                    },
+                );
+                done.extend(earlier);
             }
         } else if let Some((_, rest)) = line.split_once(": disconnect from ") {
             if let Some(client) = client_of(rest) {
-                let s = sessions.entry(client).or_default();
+                let mut s = open.remove(&client).unwrap_or_default();
                 s.disconnect = Some(i);
                 s.authenticated |= rest
                     .split_whitespace()
                     .filter_map(|w| w.strip_prefix("auth="))
                     .any(|v| !v.starts_with('0'));
+                done.push(s);
             }
         } else if let Some((_, rest)) = line.split_once(": client=")
             && rest.contains("sasl_method=")
             && let Some(client) = client_of(rest)
         {
-            sessions.entry(client).or_default().authenticated = true;
+            open.entry(client).or_default().authenticated = true;
         }
     }
-    let mut events: Vec<(usize, i32)> = Vec::new();
-    let mut count = 0;
-    for s in sessions.values().filter(|s| s.authenticated) {
-        let Some(connect) = s.connect else { continue };
-        count += 1;
-        events.push((connect, 1));
-        if let Some(disconnect) = s.disconnect {
-            events.push((disconnect, -1));
-        }
-    }
-    events.sort_unstable();
-    let (mut open, mut most) = (0i32, 0i32);
-    for (_, delta) in events {
-        open += delta;
-        most = most.max(open);
-    }
-    (most as usize, count)
+    done.into_iter()
+        .chain(open.into_values())
+        .filter(|s| s.authenticated)
+        .filter_map(|s| {
+            Some(Session {
+                connect: s.connect?,
+                disconnect: s.disconnect,
+            })
+        })
+        .collect()
 }
 
 /// The peer's log from byte `offset` on.
@@ -117,5 +148,7 @@ x postfix/submission/smtpd[5]: disconnect from unknown[127.0.44.61]:4004 ehlo=2 
         // 127.0.44.7 is not ours.
         assert_eq!(max_concurrent_authenticated(log, &[A, B]), (2, 2));
         assert_eq!(max_concurrent_authenticated(log, &[A]), (1, 1));
+        assert_eq!(open_authenticated(log, &[A, B]), 1);
+        assert_eq!(open_authenticated(log, &[A]), 0);
     }
 }
