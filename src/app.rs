@@ -27,15 +27,17 @@ use crate::admin::AdminNotifier;
 use crate::api::budget::MailBudget;
 use crate::api::{self, ApiError};
 use crate::caller::Authenticator;
+use crate::clock::{Clock, SystemClock};
 use crate::config::{CorsSettings, Delivery, Limits, Settings, SmtpAuthentication};
 use crate::delivery::{MailSender, Outbox};
 use crate::http::drain::{self, InFlight};
 use crate::http::forwarded::{self, ClientAddr, TrustedProxies};
 use crate::http::serve::{ConnectionLimits, Connections, METRICS_MAX_CONNECTIONS};
 use crate::idempotency::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, Idempotency};
-use crate::rate_limit::RateLimits;
+use crate::rate_limit::{RateLimits, mailbox_of};
 use crate::send_as::SendAsPolicy;
 use crate::smtp::SmtpSender;
+use crate::store::Store;
 use crate::telemetry::delivery::{ObservedSender, SendHistory};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::request_log::{self, REQUEST_ID};
@@ -52,6 +54,8 @@ pub struct AppState {
     pub tokens: Option<Arc<dyn TokenProvider>>,
     pub rate_limits: RateLimits,
     pub idempotency: Idempotency,
+    /// Where the state replicas share lives (`mailRelay.store.url`).
+    pub store: Store,
     /// Administrative e-mails (`mailRelay.adminMail`); the mail handler reports failed sends.
     pub admin: AdminNotifier,
     /// This app's Prometheus registry (`GET /metrics`).
@@ -78,8 +82,15 @@ impl AppState {
             settings.relay.send_as.clone(),
             settings.send_email.smtp_authentication.username(),
         );
-        let rate_limits = RateLimits::in_memory(&settings);
-        let idempotency = Idempotency::in_memory(&settings.relay.idempotency);
+        let store = Store::open(&settings.relay.store).map_err(std::io::Error::other)?;
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let rate_limits = RateLimits::new(
+            settings.relay.rate_limits,
+            &mailbox_of(&settings),
+            store.rate_limiter(),
+            Arc::clone(&clock),
+        );
+        let idempotency = Idempotency::new(store.idempotency(&settings), clock);
         let metrics = Arc::new(Metrics::new());
         let sends = Arc::new(SendHistory::default());
         let sender: Arc<dyn MailSender> =
@@ -96,6 +107,7 @@ impl AppState {
             tokens: None,
             rate_limits,
             idempotency,
+            store,
             metrics,
             sends,
             draining: Arc::new(AtomicBool::new(false)),

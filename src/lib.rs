@@ -19,5 +19,6 @@ pub mod rate_limit;
 pub mod remedy;
 pub mod send_as;
 pub mod smtp;
+pub mod store;
 pub mod telemetry;
 pub mod token;

@@ -92,6 +92,7 @@ impl ErrorSummary {
 pub struct Components {
     pub token: TokenComponent,
     pub smtp: SmtpComponent,
+    pub store: StoreComponent,
 }
 
 /// `ok`, `failing`, or `unused` (the settings do not need this part).
@@ -140,13 +141,36 @@ pub struct SmtpComponent {
     pub failed: Option<u64>,
 }
 
+/// Where shared state lives (`mailRelay.store.url`).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreComponent {
+    /// `memory`, `sqlite` or `postgres`.
+    #[schema(example = "postgres")]
+    pub kind: &'static str,
+    /// `failing` while the database does not answer or its schema is not applied; `ok` for
+    /// memory.
+    pub status: ComponentStatus,
+    /// The newest schema version applied; absent for memory or before the first migration.
+    #[schema(example = 20261202000001i64)]
+    pub schema_version: Option<i64>,
+    /// How long the last ping took, in milliseconds.
+    #[schema(example = 1.2)]
+    pub ping_ms: Option<f64>,
+    /// `store_unavailable` or `store_schema_not_applied` while failing (the log has the cause).
+    pub last_error: Option<ErrorSummary>,
+}
+
 /// The readiness report for `state`.
 pub fn check(state: &AppState) -> Ready {
     let token = token_component(state);
     let smtp = smtp_component(state);
+    let store = store_component(state);
     let draining = state.is_draining();
     let reason = if draining {
         Some("draining: the instance is shutting down".to_string())
+    } else if let Some(error) = &store.last_error {
+        Some(format!("store: {}", error.kind))
     } else if token.status == ComponentStatus::Failing {
         Some(format!(
             "token: no valid access token: {}",
@@ -171,7 +195,7 @@ pub fn check(state: &AppState) -> Ready {
         },
         reason,
         draining,
-        components: Components { token, smtp },
+        components: Components { token, smtp, store },
     }
 }
 
@@ -200,6 +224,36 @@ fn token_component(state: &AppState) -> TokenComponent {
             .is_some()
             .then(|| ErrorSummary::code(tokens.last_error_code.unwrap_or("token_unavailable"))),
         fetch_count: tokens.fetch_count,
+    }
+}
+
+fn store_component(state: &AppState) -> StoreComponent {
+    let Some(store) = state.store.state() else {
+        return StoreComponent {
+            kind: "memory",
+            status: ComponentStatus::Ok,
+            schema_version: None,
+            ping_ms: None,
+            last_error: None,
+        };
+    };
+    let error = if !store.migrated {
+        Some("store_schema_not_applied")
+    } else if !store.reachable {
+        Some("store_unavailable")
+    } else {
+        None
+    };
+    StoreComponent {
+        kind: store.kind,
+        status: if error.is_some() {
+            ComponentStatus::Failing
+        } else {
+            ComponentStatus::Ok
+        },
+        schema_version: store.schema_version,
+        ping_ms: store.ping.map(|d| d.as_secs_f64() * 1000.0),
+        last_error: error.map(ErrorSummary::code),
     }
 }
 

@@ -31,6 +31,8 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let smtp = state.sender.smtp_state();
     (
         [(header::CONTENT_TYPE, CONTENT_TYPE)],
-        state.metrics.render(tokens.as_ref(), smtp.as_ref()),
+        state
+            .metrics
+            .render(tokens.as_ref(), smtp.as_ref(), state.store.state().as_ref()),
     )
 }

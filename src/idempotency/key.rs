@@ -74,6 +74,16 @@ impl Fingerprint {
         Self::of_parts([body])
     }
 
+    /// The 32 bytes, as a store keeps them.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// A fingerprint read back from a store; `None` unless it is 32 bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        bytes.try_into().ok().map(Self)
+    }
+
     /// The fingerprint of a request read in parts, e.g. a `multipart/form-data` mail: its `mail`
     /// JSON part, then each file's name, type and content. Hashing the parts rather than the raw
     /// body keeps a retry with a new multipart boundary the same request.

@@ -24,7 +24,9 @@ mod policy;
 mod windows;
 
 pub use self::policy::{LimitError, LimitKind, RateLimited, RateLimits, mailbox_of};
-pub use self::windows::{Ask, InMemoryRateLimiter, LimitKey, RateLimiter, Reservation, Reserved};
+pub use self::windows::{
+    Ask, InMemoryRateLimiter, LimitKey, RateLimiter, Reservation, Reserved, wait_until_fits,
+};
 use crate::caller::Caller;
 
 /// The caller's id for per-caller limits and idempotency scopes: `key:<API key name>`,

@@ -67,7 +67,7 @@ impl LimitKind {
     }
 
     /// Width of one counter: per-minute limits count each millisecond exactly, the daily one per minute.
-    pub(super) fn bucket_ms(self) -> Millis {
+    pub fn bucket_ms(self) -> Millis {
         match self {
             Self::MailboxMessages | Self::CallerMessages => 1,
             Self::MailboxRecipients | Self::CallerRecipients => DAY_BUCKET_MS,
@@ -77,7 +77,7 @@ impl LimitKind {
     /// When a cost counted in the bucket starting at `bucket` stops counting. A coarse bucket
     /// counts until its *last* millisecond is a full window old, so no rolling window ever holds
     /// more than the limit; the price is up to one bucket of extra wait.
-    pub(super) fn expires_at(self, bucket: Millis) -> Millis {
+    pub fn expires_at(self, bucket: Millis) -> Millis {
         bucket
             .saturating_add(duration_ms(self.window()))
             .saturating_add(self.bucket_ms() - 1)

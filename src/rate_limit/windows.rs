@@ -153,6 +153,28 @@ impl Window {
     }
 }
 
+/// The wait before `cost` fits under `max` in a window of `buckets` (start, cost; oldest first)
+/// and an optional block, as [`InMemoryRateLimiter`] decides it: for a store that keeps the
+/// buckets elsewhere. `Ok` when it fits now.
+pub fn wait_until_fits(
+    kind: LimitKind,
+    buckets: impl IntoIterator<Item = (Millis, u32)>,
+    blocked_until: Option<Millis>,
+    cost: u32,
+    max: u32,
+    now: Millis,
+) -> Result<(), Duration> {
+    let mut window = Window {
+        blocked_until,
+        ..Window::default()
+    };
+    for (bucket, bucket_cost) in buckets {
+        window.add(bucket, bucket_cost);
+    }
+    window.expire(kind, now);
+    window.admit(kind, cost, max, now)
+}
+
 #[derive(Debug, Default)]
 struct State {
     windows: HashMap<LimitKey, Window>,

@@ -14,6 +14,7 @@ use metrics_exporter_prometheus::{
 };
 
 use crate::smtp::SmtpState;
+use crate::store::StoreState;
 use crate::token::TokenState;
 
 /// Seconds; from a fast local answer to Exchange's slowest sends.
@@ -34,6 +35,10 @@ pub const READY: &str = "mail_relay_ready";
 pub const HTTP_CONNECTIONS_OPEN: &str = "mail_relay_http_connections_open";
 pub const HTTP_CONNECTIONS_REFUSED: &str = "mail_relay_http_connections_refused_total";
 pub const MAIL_BYTES_IN_FLIGHT: &str = "mail_relay_mail_bytes_in_flight";
+pub const STORE_UP: &str = "mail_relay_store_up";
+pub const STORE_SCHEMA_VERSION: &str = "mail_relay_store_schema_version";
+pub const STORE_PING: &str = "mail_relay_store_ping_seconds";
+pub const STORE_FAILURES: &str = "mail_relay_store_query_failures_total";
 
 /// One application's metrics registry.
 pub struct Metrics {
@@ -117,8 +122,22 @@ impl Metrics {
     }
 
     /// The Prometheus text, with the values read from the token cache and the SMTP pool now.
-    pub fn render(&self, tokens: Option<&TokenState>, smtp: Option<&SmtpState>) -> String {
+    pub fn render(
+        &self,
+        tokens: Option<&TokenState>,
+        smtp: Option<&SmtpState>,
+        store: Option<&StoreState>,
+    ) -> String {
         self.with(|| {
+            if let Some(store) = store {
+                let up = store.migrated && store.reachable;
+                gauge!(STORE_UP, "store" => store.kind).set(if up { 1.0 } else { 0.0 });
+                gauge!(STORE_SCHEMA_VERSION).set(store.schema_version.unwrap_or(0) as f64);
+                if let Some(ping) = store.ping {
+                    gauge!(STORE_PING).set(ping.as_secs_f64());
+                }
+                counter!(STORE_FAILURES).absolute(store.failures);
+            }
             if let Some(smtp) = smtp {
                 gauge!(SMTP_OPEN).set(smtp.open_connections as f64);
                 gauge!(SMTP_IDLE).set(smtp.idle_connections as f64);
@@ -203,6 +222,23 @@ fn describe() {
         RATE_LIMITED,
         "Requests refused with 429 rate_limited, by the limit's scope"
     );
+    describe_gauge!(
+        STORE_UP,
+        "1 when the SQL store (mailRelay.store.url) answers and its schema is applied; absent for memory"
+    );
+    describe_gauge!(
+        STORE_SCHEMA_VERSION,
+        "The newest schema version applied to the SQL store"
+    );
+    describe_gauge!(
+        STORE_PING,
+        ::metrics::Unit::Seconds,
+        "How long the last ping of the SQL store took"
+    );
+    describe_counter!(
+        STORE_FAILURES,
+        "Queries to the SQL store that failed or timed out"
+    );
 }
 
 #[cfg(test)]
@@ -223,8 +259,8 @@ mod tests {
         a.count_rate_limited("caller");
         a.count_rate_limited("caller");
         b.count_rate_limited("mailbox_minute");
-        let a = a.render(None, None);
-        let b = b.render(None, None);
+        let a = a.render(None, None, None);
+        let b = b.render(None, None, None);
         assert_eq!(
             value(&a, "mail_relay_rate_limited_total{scope=\"caller\"}"),
             Some(2.0),
@@ -258,7 +294,7 @@ mod tests {
             sent: 0,
             failed: 0,
         };
-        let text = metrics.render(Some(&tokens), Some(&smtp));
+        let text = metrics.render(Some(&tokens), Some(&smtp), None);
         assert_eq!(
             value(&text, "mail_relay_token_fetches_total{outcome=\"success\"}"),
             Some(3.0),
@@ -278,7 +314,7 @@ mod tests {
         let metrics = Metrics::new();
         metrics.http_request("/mail", "POST", 202, Duration::from_millis(30));
         metrics.smtp_send(Duration::from_millis(300), true);
-        let text = metrics.render(None, None);
+        let text = metrics.render(None, None, None);
         assert_eq!(
             value(
                 &text,

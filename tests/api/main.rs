@@ -22,4 +22,5 @@ pub mod process;
 mod proxy;
 mod server;
 mod smtp;
+mod store;
 mod token;
