@@ -62,15 +62,14 @@ impl SqlIdempotencyStore {
         .map(|_| ()))
         .await?;
         for _ in 0..16 {
-            let (count, bytes): (i64, i64) =
-                sql!(self.shared, |pool| {
-                    sqlx::query_as(
+            let (count, bytes): (i64, i64) = sql!(self.shared, |pool| {
+                sqlx::query_as(
                 "SELECT COUNT(*), CAST(COALESCE(SUM(bytes), 0) AS BIGINT) FROM idempotency_records"
             )
             .fetch_one(pool)
             .await
-                })
-                .await?;
+            })
+            .await?;
             let (over_count, over_bytes) = (count - self.max_entries, bytes - self.max_bytes);
             if over_count <= 0 && over_bytes <= 0 {
                 return Ok(());

@@ -187,6 +187,8 @@ pub struct Answer {
     pub retry_after: Option<String>,
     pub code: Option<String>,
     pub body: Value,
+    /// How long the answer took.
+    pub elapsed: Duration,
 }
 
 impl Answer {
@@ -214,6 +216,7 @@ pub async fn post_mail(
     if let Some(key) = key {
         request = request.header("idempotency-key", key);
     }
+    let started = Instant::now();
     let response = match request.send().await {
         Ok(response) => response,
         Err(e) => {
@@ -224,6 +227,7 @@ pub async fn post_mail(
                 retry_after: None,
                 code: Some(format!("transport error: {e}")),
                 body: Value::Null,
+                elapsed: started.elapsed(),
             };
         }
     };
@@ -245,6 +249,7 @@ pub async fn post_mail(
         retry_after,
         code: body["code"].as_str().map(str::to_owned),
         body,
+        elapsed: started.elapsed(),
     }
 }
 
@@ -256,7 +261,7 @@ pub fn outcome(n: usize, answer: &Answer) -> crate::harness::Outcome {
         message_id: answer.message_id(),
         code: answer.code.clone(),
         retry_after: answer.retry_after.clone(),
-        elapsed: Duration::ZERO,
+        elapsed: answer.elapsed,
     }
 }
 

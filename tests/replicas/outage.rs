@@ -15,13 +15,23 @@ use crate::{require_peer, require_store};
 const REPLICAS: usize = 2;
 const BEFORE: usize = 20;
 /// Clients sending keyed mails all through the outage, each retrying its key until a 202.
-const CLIENTS: usize = 4;
+const CLIENTS: usize = 8;
 const DOWN_FOR: Duration = Duration::from_secs(4);
+/// Once the store is back, every key is answered 202 within this long: readiness returns within
+/// a ping (5 s), and the relay's Retry-After while down is 5 s.
+const RECOVERY: Duration = Duration::from_secs(15);
 
 /// What one background client saw: the final answer of each of its mails, and every answer
 /// that is not one the outage allows.
 struct ClientRun {
     finals: Vec<(usize, Answer)>,
+    /// When each of `finals` came.
+    final_at: Vec<Instant>,
+    /// The slowest answer.
+    slowest: Option<Answer>,
+    /// Keys that got 409 idempotency_in_progress: mail number, how many 409s, the time from
+    /// the first 409 to the key's final answer, and the answers before the first 409.
+    in_progress: Vec<(usize, usize, Duration, Vec<String>)>,
     store_unavailable: usize,
     problems: Vec<String>,
 }
@@ -38,6 +48,9 @@ async fn keep_sending(
 ) -> ClientRun {
     let mut run = ClientRun {
         finals: Vec::new(),
+        final_at: Vec::new(),
+        slowest: None,
+        in_progress: Vec::new(),
         store_unavailable: 0,
         problems: Vec::new(),
     };
@@ -47,6 +60,8 @@ async fn keep_sending(
         let key = uuid::Uuid::new_v4().to_string();
         let mail = small_mail(&marker, n);
         let mut attempt = 0;
+        let mut first_409: Option<(Instant, usize)> = None;
+        let mut history: Vec<String> = Vec::new();
         let last = loop {
             let a = post_mail(
                 &client,
@@ -57,6 +72,19 @@ async fn keep_sending(
             )
             .await;
             attempt += 1;
+            if run.slowest.as_ref().is_none_or(|s| s.elapsed < a.elapsed) {
+                run.slowest = Some(a.clone());
+            }
+            if first_409.is_none() && a.status != 409 {
+                history.push(format!(
+                    "{} {} replica {} request {} after {:?}",
+                    a.status,
+                    a.code.as_deref().unwrap_or(""),
+                    a.replica,
+                    a.body["requestId"].as_str().unwrap_or("-"),
+                    a.elapsed
+                ));
+            }
             let pause = match a.status {
                 202 => break a,
                 503 if a.is(503, "store_unavailable") => {
@@ -72,7 +100,10 @@ async fn keep_sending(
                         .unwrap_or(1);
                     Duration::from_secs(secs.min(1))
                 }
-                409 if a.is(409, "idempotency_in_progress") => Duration::from_millis(500),
+                409 if a.is(409, "idempotency_in_progress") => {
+                    first_409.get_or_insert((Instant::now(), 0)).1 += 1;
+                    Duration::from_millis(500)
+                }
                 _ => {
                     run.problems.push(format!(
                         "mail #{n}: an answer the outage does not explain: {a:?}"
@@ -92,7 +123,11 @@ async fn keep_sending(
             }
             tokio::time::sleep(pause).await;
         };
+        if let Some((since, count)) = first_409 {
+            run.in_progress.push((n, count, since.elapsed(), history));
+        }
         run.finals.push((n, last));
+        run.final_at.push(Instant::now());
         n += 1;
         // A steady trickle, not a flood: the point is mails in flight when the store goes.
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -137,8 +172,10 @@ async fn postgres_stopped_and_started_mid_run() {
         .collect();
     tokio::time::sleep(Duration::from_millis(1000)).await;
 
+    let t0 = Instant::now();
     let stopped = store.stop().await;
     let down_since = Instant::now();
+    eprintln!("store stopped in {:?}", t0.elapsed());
     let mut problems = Vec::new();
     // Mails answered while the store was down: must never arrive.
     let mut refused: Vec<Outcome> = Vec::new();
@@ -194,6 +231,7 @@ async fn postgres_stopped_and_started_mid_run() {
     if elapsed < DOWN_FOR {
         tokio::time::sleep(DOWN_FOR - elapsed).await;
     }
+    eprintln!("{:?} since the stop: probes done", t0.elapsed());
     stopped.start().await;
     let back_at = Instant::now();
 
@@ -205,6 +243,7 @@ async fn postgres_stopped_and_started_mid_run() {
         "replicas ready {:?} after the store came back",
         back_at.elapsed()
     );
+    eprintln!("{:?} since the stop: ready again", t0.elapsed());
     let mut after: Vec<Outcome> = Vec::new();
     for (r, n, key) in &retry_later {
         // Refused while down, so nothing was stored under the key: sent now, not replayed.
@@ -243,6 +282,10 @@ async fn postgres_stopped_and_started_mid_run() {
             }
         }
     }
+    eprintln!(
+        "{:?} since the stop: keys checked after the outage",
+        t0.elapsed()
+    );
     // Let the clients send through the recovered store for a moment, then stop them.
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
@@ -250,7 +293,49 @@ async fn postgres_stopped_and_started_mid_run() {
     for client in clients {
         runs.push(client.await.unwrap());
     }
+    eprintln!("{:?} since the stop: background clients done", t0.elapsed());
+    for run in &runs {
+        eprintln!(
+            "a background client's slowest answer: {:?}; keys answered 409 (mail, 409s, for): {:?}",
+            run.slowest, run.in_progress
+        );
+    }
     let unavailable: usize = runs.iter().map(|r| r.store_unavailable).sum();
+    // A key whose request was cut by the outage must not stay blocked once the store is back.
+    for run in &runs {
+        for ((n, a), at) in run.finals.iter().zip(&run.final_at) {
+            let late = at.saturating_duration_since(back_at);
+            if late <= RECOVERY {
+                continue;
+            }
+            let (count, history) = run
+                .in_progress
+                .iter()
+                .find(|(m, ..)| m == n)
+                .map(|(_, count, _, history)| (*count, history.clone()))
+                .unwrap_or_default();
+            let first_request = history
+                .first()
+                .and_then(|h| h.split(" request ").nth(1))
+                .and_then(|h| h.split(' ').next())
+                .unwrap_or("-")
+                .to_owned();
+            let logs: Vec<String> = cluster
+                .relays
+                .iter()
+                .flat_map(|r| r.log_text().lines().map(str::to_owned).collect::<Vec<_>>())
+                .filter(|l| l.contains(&first_request))
+                .collect();
+            problems.push(format!(
+                "mail #{n}: its key was answered {} only {late:?} after the store was back \
+                 (bound {RECOVERY:?}), after {count} answers 409 idempotency_in_progress; \
+                 its answers before the first 409: {history:?}; the relay's log of its first \
+                 request:\n{}",
+                a.status,
+                logs.join("\n")
+            ));
+        }
+    }
     for run in &runs {
         problems.extend(run.problems.iter().cloned());
     }
@@ -280,6 +365,7 @@ async fn postgres_stopped_and_started_mid_run() {
     let accepted = outcomes.iter().filter(|o| o.status == 202).count();
     let (ids, numbers) =
         wait_for_deliveries(&peer, &marker, accepted, Duration::from_secs(60)).await;
+    eprintln!("{:?} since the stop: deliveries counted", t0.elapsed());
     eprintln!(
         "replicas-outage: {accepted} mails accepted, {unavailable} answers 503 store_unavailable \
          to the background clients, {} delivered",
