@@ -161,6 +161,21 @@ async fn a_replica_killed_with_sigkill_frees_its_connection_slots() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    // The cap is in force: a mail to the survivor waits for a slot (none is free).
+    let probe = {
+        let (client, bases) = (cluster.client.clone(), cluster.bases.clone());
+        let mail = small_mail(&marker, MAILS);
+        tokio::spawn(async move { post_mail(&client, &bases, 1, &mail, None).await })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let survivor_open = open_authenticated(&log_since(&peer.log, offset), &[survivor]);
+    assert!(
+        !probe.is_finished() && survivor_open == 0,
+        "while the doomed replica held every slot, the survivor sent anyway (its mail finished: \
+         {}, its connections at the peer: {survivor_open})",
+        probe.is_finished()
+    );
+
     let pid = cluster.relays[0].pid().to_string();
     let killed = Command::new("kill").args(["-KILL", &pid]).status().unwrap();
     assert!(killed.success(), "kill -KILL {pid} failed");
@@ -190,6 +205,12 @@ async fn a_replica_killed_with_sigkill_frees_its_connection_slots() {
     for task in tasks {
         answers.push(task.await.unwrap());
     }
+    let probe = probe.await.unwrap();
+    answers.push((MAILS, probe.clone(), killed_at.elapsed()));
+    assert!(
+        probe.status == 202,
+        "the mail that waited for a slot when the doomed replica died: {probe:?}"
+    );
     for task in busy {
         let _ = task.await;
     }
