@@ -2,6 +2,7 @@
 # The benchmark: the relay (release build) against direct SMTP to the Postfix + Dovecot test peer.
 # Usage: bash bench/run.sh            (BENCH_RUNS=5 BENCH_SECONDS=5 BENCH_CLIENTS=1,8,32,128 BENCH_SPLIT=1)
 #        bash bench/run.sh memory     only the peak RSS for one 25 MB attachment (bench/memory.py)
+#        bash bench/run.sh store      then only the store's cost per mail and 2 replicas vs 1 (bench/store.py)
 # Runs twice: with everything sharing all cores (bench/results/latest.{md,json}, and a perf profile
 # of the relay in bench/results/profile.txt; BENCH_PROFILE=0 to skip), then with the SMTP server
 # pinned to CPU 0 and the relay and its clients to the others (bench/results/latest-split.*), as in
@@ -20,6 +21,11 @@ CARGO_PROFILE_RELEASE_STRIP=none cargo build --release --locked --bin mail-relay
 # Peak RSS for one 25 MB attachment, as JSON and as form data (fresh relays; under a minute).
 python3 bench/memory.py "$peer_env"
 [ "${1:-}" = memory ] && exit 0
+# What the store costs per mail (memory, SQLite, PostgreSQL) and two replicas against one.
+if [ "${1:-}" = store ]; then
+    python3 bench/store.py "$peer_env"
+    exit 0
+fi
 python3 bench/run.py "$peer_env"
 
 peer_pids() { pgrep -f 'postfix|dovecot' || true; }

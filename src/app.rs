@@ -36,7 +36,7 @@ use crate::http::serve::{ConnectionLimits, Connections, METRICS_MAX_CONNECTIONS}
 use crate::idempotency::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, Idempotency};
 use crate::rate_limit::{RateLimits, mailbox_of};
 use crate::send_as::SendAsPolicy;
-use crate::smtp::SmtpSender;
+use crate::smtp::{ConnectionSlots, SmtpSender};
 use crate::store::Store;
 use crate::telemetry::delivery::{ObservedSender, SendHistory};
 use crate::telemetry::metrics::Metrics;
@@ -74,16 +74,27 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The state with the store `settings` name.
     pub fn new(settings: Arc<Settings>, sender: Arc<dyn MailSender>) -> std::io::Result<Self> {
+        let store = Store::open(&settings.relay.store).map_err(std::io::Error::other)?;
+        Self::with_store(settings, sender, store)
+    }
+
+    pub fn with_store(
+        settings: Arc<Settings>,
+        sender: Arc<dyn MailSender>,
+        store: Store,
+    ) -> std::io::Result<Self> {
         let authenticator = Authenticator::new(&settings.relay.auth)
             .map_err(std::io::Error::other)?
             .with_allowed_origins(&settings.relay.cors.allowed_origins);
-        let send_as = SendAsPolicy::new(
+
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let send_as = SendAsPolicy::with_memory(
             settings.relay.send_as.clone(),
             settings.send_email.smtp_authentication.username(),
+            store.denial_memory(),
         );
-        let store = Store::open(&settings.relay.store).map_err(std::io::Error::other)?;
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let rate_limits = RateLimits::new(
             settings.relay.rate_limits,
             &mailbox_of(&settings),
@@ -161,9 +172,10 @@ impl Application {
     /// Bind first, so that port 0 works in tests and the address is known before serving.
     pub async fn build(settings: Settings) -> std::io::Result<Self> {
         let settings = Arc::new(settings);
+        let store = Store::open(&settings.relay.store).map_err(std::io::Error::other)?;
         let tokens = token_cache_for(&settings)?;
-        let sender = sender_for(&settings, tokens.clone())?;
-        Self::assemble(settings, sender, tokens).await
+        let sender = sender_for(&settings, tokens.clone(), &store)?;
+        Self::assemble(settings, sender, tokens, store).await
     }
 
     /// As [`Application::build`], with the mail sender chosen by the caller.
@@ -171,16 +183,18 @@ impl Application {
         settings: Arc<Settings>,
         sender: Arc<dyn MailSender>,
     ) -> std::io::Result<Self> {
-        Self::assemble(settings, sender, None).await
+        let store = Store::open(&settings.relay.store).map_err(std::io::Error::other)?;
+        Self::assemble(settings, sender, None, store).await
     }
 
     async fn assemble(
         settings: Arc<Settings>,
         sender: Arc<dyn MailSender>,
         tokens: Option<Arc<dyn TokenProvider>>,
+        store: Store,
     ) -> std::io::Result<Self> {
         let listener = bind(settings.server.socket_addr(), "server.address/server.port").await?;
-        let mut state = AppState::new(settings, sender)?;
+        let mut state = AppState::with_store(settings, sender, store)?;
         state.tokens = tokens;
         let metrics = match state.settings.relay.metrics.listen {
             Some(address) => Some((
@@ -356,12 +370,29 @@ fn token_cache_for(settings: &Settings) -> std::io::Result<Option<Arc<dyn TokenP
 fn sender_for(
     settings: &Settings,
     tokens: Option<Arc<dyn TokenProvider>>,
+    store: &Store,
 ) -> std::io::Result<Arc<dyn MailSender>> {
     match &settings.relay.delivery {
         Delivery::Outbox { dir } => Ok(Arc::new(Outbox::new(dir.clone()))),
-        Delivery::Smtp => SmtpSender::new(settings, tokens)
-            .map(|sender| Arc::new(sender) as Arc<dyn MailSender>)
-            .map_err(std::io::Error::other),
+        Delivery::Smtp => {
+            // With a shared store, the mailbox's connection cap holds across replicas.
+            let slots = store
+                .connection_slots(&mailbox_of(settings), settings.relay.smtp.max_connections)
+                .map(|slots| Arc::new(StoreSlots(slots)) as Arc<dyn ConnectionSlots>);
+            SmtpSender::with_slots(settings, tokens, slots)
+                .map(|sender| Arc::new(sender) as Arc<dyn MailSender>)
+                .map_err(std::io::Error::other)
+        }
+    }
+}
+
+/// The store's shared connection slots, as the SMTP transport asks for them.
+struct StoreSlots(crate::store::SharedSlots);
+
+#[async_trait::async_trait]
+impl ConnectionSlots for StoreSlots {
+    async fn acquire(&self) -> Result<crate::smtp::Slot, String> {
+        Ok(Box::new(self.0.acquire().await?))
     }
 }
 

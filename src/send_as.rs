@@ -1,11 +1,51 @@
 //! May this caller send as that From address? Decided before any SMTP traffic.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
 
 use crate::caller::Caller;
+use crate::clock::{Clock, Millis, SystemClock, duration_ms};
 use crate::config::{AddressPattern, SendAsSettings};
+
+/// Where Exchange's recent SendAsDenied answers are remembered: this process, or the store that
+/// replicas share, so that one replica's denial spares the others the upload.
+#[async_trait]
+pub trait DenialMemory: Send + Sync + 'static {
+    /// Exchange refused `address` (lower case) at `at`.
+    async fn remember(&self, address: &str, at: Millis) -> Result<(), String>;
+    /// Whether Exchange refused `address` at `since` or later.
+    async fn denied_since(&self, address: &str, since: Millis) -> Result<bool, String>;
+}
+
+/// The denials in this process's memory (one replica).
+#[derive(Debug, Default)]
+pub struct InMemoryDenials {
+    denials: Mutex<HashMap<String, Millis>>,
+}
+
+impl InMemoryDenials {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Millis>> {
+        self.denials
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[async_trait]
+impl DenialMemory for InMemoryDenials {
+    async fn remember(&self, address: &str, at: Millis) -> Result<(), String> {
+        self.lock().insert(address.to_owned(), at);
+        Ok(())
+    }
+
+    async fn denied_since(&self, address: &str, since: Millis) -> Result<bool, String> {
+        let mut denials = self.lock();
+        denials.retain(|_, at| *at >= since);
+        Ok(denials.contains_key(address))
+    }
+}
 
 /// Why a From address is refused. `Display` is the `detail` the caller sees: it names the caller, the
 /// address and what an administrator must change.
@@ -59,6 +99,9 @@ pub enum SendAsRefusal {
         address: String,
         smtp_user: String,
     },
+    /// The shared denial memory could not be asked (503 `store_unavailable`).
+    #[error("the store is unavailable: {0}")]
+    StoreUnavailable(String),
 }
 
 /// The send-as rules from settings, plus a short memory of Exchange's own refusals.
@@ -66,23 +109,35 @@ pub struct SendAsPolicy {
     settings: SendAsSettings,
     /// The mailbox the relay logs in to SMTP as (`smtpUsername`), for messages.
     smtp_user: String,
-    /// From address (lower case) -> when Exchange last refused it.
-    denials: Mutex<HashMap<String, Instant>>,
+    /// From addresses (lower case) Exchange refused lately.
+    denials: Arc<dyn DenialMemory>,
+    clock: Arc<dyn Clock>,
 }
 
 impl SendAsPolicy {
+    /// The rules, with the denials remembered in this process.
     pub fn new(settings: SendAsSettings, smtp_user: Option<&str>) -> Self {
+        Self::with_memory(settings, smtp_user, Arc::new(InMemoryDenials::default()))
+    }
+
+    /// The rules, with the denials remembered in `denials` (the store).
+    pub fn with_memory(
+        settings: SendAsSettings,
+        smtp_user: Option<&str>,
+        denials: Arc<dyn DenialMemory>,
+    ) -> Self {
         Self {
             settings,
             smtp_user: smtp_user
                 .unwrap_or("the relay's SMTP mailbox (smtpUsername)")
                 .to_string(),
-            denials: Mutex::new(HashMap::new()),
+            denials,
+            clock: Arc::new(SystemClock),
         }
     }
 
     /// Check `from` (an already parsed address) for `caller`.
-    pub fn check(&self, caller: &Caller, from: &str) -> Result<(), SendAsRefusal> {
+    pub async fn check(&self, caller: &Caller, from: &str) -> Result<(), SendAsRefusal> {
         let from = from.to_ascii_lowercase();
         self.caller_may_use(caller, &from)?;
         if let Some(grants) = &self.settings.exchange_grants
@@ -94,7 +149,7 @@ impl SendAsPolicy {
                 smtp_user: self.smtp_user.clone(),
             });
         }
-        if self.recently_denied(&from) {
+        if self.recently_denied(&from).await? {
             return Err(SendAsRefusal::RecentlyDeniedByExchange {
                 caller: caller.to_string(),
                 address: from,
@@ -106,14 +161,17 @@ impl SendAsPolicy {
 
     /// Remember that Exchange answered SendAsDenied (`reply`) for `from`, so repeats fail fast
     /// without uploading the message again; returns the refusal to give the caller.
-    pub fn remember_exchange_denial(
+    pub async fn remember_exchange_denial(
         &self,
         caller: &Caller,
         from: &str,
         reply: &str,
     ) -> SendAsRefusal {
         let address = from.to_ascii_lowercase();
-        self.lock_denials().insert(address.clone(), Instant::now());
+        if let Err(e) = self.denials.remember(&address, self.clock.now_ms()).await {
+            // The caller still gets Exchange's refusal; the next try asks Exchange again.
+            tracing::warn!(error = %e, "a SendAsDenied answer could not be remembered");
+        }
         SendAsRefusal::DeniedByExchange {
             caller: caller.to_string(),
             address,
@@ -168,17 +226,16 @@ impl SendAsPolicy {
             .any(|m| m.eq_ignore_ascii_case(user))
     }
 
-    fn recently_denied(&self, from: &str) -> bool {
-        let mut denials = self.lock_denials();
-        let memory = self.settings.denial_memory;
-        denials.retain(|_, at| at.elapsed() < memory);
-        denials.contains_key(from)
-    }
-
-    fn lock_denials(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+    async fn recently_denied(&self, from: &str) -> Result<bool, SendAsRefusal> {
+        let memory = duration_ms(self.settings.denial_memory);
+        if memory == 0 {
+            return Ok(false);
+        }
+        let since = self.clock.now_ms().saturating_sub(memory) + 1;
         self.denials
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .denied_since(from, since)
+            .await
+            .map_err(SendAsRefusal::StoreUnavailable)
     }
 }
 
@@ -234,13 +291,13 @@ mod tests {
         )
     }
 
-    #[test]
-    fn an_api_key_may_use_its_listed_addresses_and_domains() {
+    #[tokio::test]
+    async fn an_api_key_may_use_its_listed_addresses_and_domains() {
         let p = policy();
         let caller = key(&["noreply@contoso.com", "*@billing.contoso.com"]);
-        assert!(p.check(&caller, "NoReply@contoso.com").is_ok());
-        assert!(p.check(&caller, "x@billing.contoso.com").is_ok());
-        let refused = p.check(&caller, "ceo@contoso.com").unwrap_err();
+        assert!(p.check(&caller, "NoReply@contoso.com").await.is_ok());
+        assert!(p.check(&caller, "x@billing.contoso.com").await.is_ok());
+        let refused = p.check(&caller, "ceo@contoso.com").await.unwrap_err();
         let detail = refused.to_string();
         assert!(
             detail.contains("API key 'billing'") && detail.contains("ceo@contoso.com"),
@@ -249,47 +306,55 @@ mod tests {
         assert!(detail.contains("allowedFrom"), "{detail}");
     }
 
-    #[test]
-    fn a_domain_pattern_does_not_match_subdomains_or_lookalikes() {
+    #[tokio::test]
+    async fn a_domain_pattern_does_not_match_subdomains_or_lookalikes() {
         let p = policy();
         let caller = key(&["*@contoso.com"]);
-        assert!(p.check(&caller, "a@sub.contoso.com").is_err());
-        assert!(p.check(&caller, "a@evilcontoso.com").is_err());
+        assert!(p.check(&caller, "a@sub.contoso.com").await.is_err());
+        assert!(p.check(&caller, "a@evilcontoso.com").await.is_err());
     }
 
-    #[test]
-    fn a_user_may_send_as_self_and_as_mailboxes_that_list_them() {
+    #[tokio::test]
+    async fn a_user_may_send_as_self_and_as_mailboxes_that_list_them() {
         let p = policy();
         assert!(
             p.check(&user("alice@contoso.com"), "alice@contoso.com")
+                .await
                 .is_ok()
         );
         assert!(
             p.check(&user("bob@contoso.com"), "team@contoso.com")
+                .await
                 .is_ok()
         );
         assert!(
             p.check(&user("carol@contoso.com"), "team@contoso.com")
+                .await
                 .is_ok(),
             "through group:sales"
         );
         let refused = p
             .check(&user("alice@contoso.com"), "team@contoso.com")
+            .await
             .unwrap_err();
         assert!(matches!(refused, SendAsRefusal::NotADelegate { .. }));
         assert!(refused.to_string().contains("mailRelay.sendAs.delegates"));
     }
 
-    #[test]
-    fn exchange_grants_refuse_unlisted_mailboxes_at_once() {
+    #[tokio::test]
+    async fn exchange_grants_refuse_unlisted_mailboxes_at_once() {
         let mut p = policy();
         p.settings.exchange_grants = Some(vec![AddressPattern::parse("*@contoso.com").unwrap()]);
-        assert!(p.check(&Caller::Anonymous, "x@contoso.com").is_ok());
+        assert!(p.check(&Caller::Anonymous, "x@contoso.com").await.is_ok());
         let key = Caller::ApiKey {
             name: "billing".into(),
             allowed_from: Arc::from(vec![AddressPattern::parse("*@fabrikam.com").unwrap()]),
         };
-        let refused = p.check(&key, "x@fabrikam.com").unwrap_err().to_string();
+        let refused = p
+            .check(&key, "x@fabrikam.com")
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(
             refused.starts_with("API key 'billing' may not send as x@fabrikam.com"),
             "{refused}"
@@ -297,12 +362,13 @@ mod tests {
         assert!(refused.contains("Add-RecipientPermission"), "{refused}");
     }
 
-    #[test]
-    fn an_exchange_denial_is_remembered_for_a_while() {
+    #[tokio::test]
+    async fn an_exchange_denial_is_remembered_for_a_while() {
         let mut p = policy();
         let caller = user("alice@contoso.com");
-        let refusal =
-            p.remember_exchange_denial(&caller, "Alice@contoso.com", "554 5.2.252 SendAsDenied");
+        let refusal = p
+            .remember_exchange_denial(&caller, "Alice@contoso.com", "554 5.2.252 SendAsDenied")
+            .await;
         let detail = refusal.to_string();
         assert!(
             detail.starts_with("user alice@contoso.com may not send as alice@contoso.com"),
@@ -313,12 +379,12 @@ mod tests {
             "{detail}"
         );
         assert!(matches!(
-            p.check(&caller, "alice@contoso.com"),
+            p.check(&caller, "alice@contoso.com").await,
             Err(SendAsRefusal::RecentlyDeniedByExchange { .. })
         ));
         p.settings.denial_memory = Duration::ZERO;
         assert!(
-            p.check(&caller, "alice@contoso.com").is_ok(),
+            p.check(&caller, "alice@contoso.com").await.is_ok(),
             "forgotten after the memory time"
         );
     }

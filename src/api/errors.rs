@@ -388,6 +388,7 @@ impl From<crate::send_as::SendAsRefusal> for ApiError {
             crate::send_as::SendAsRefusal::RecentlyDeniedByExchange { .. } => {
                 Self::SendAsDeniedForNow(refusal.to_string())
             }
+            crate::send_as::SendAsRefusal::StoreUnavailable(e) => Self::StoreUnavailable(e),
             _ => Self::SendAsDenied(refusal.to_string()),
         }
     }

@@ -113,7 +113,7 @@ async fn deliver(
         .validate_with_files(&limits, submission.files)?;
     let from = mail.from.address.clone();
     request_log::note_from(from.as_str());
-    state.send_as.check(caller, from.as_str())?;
+    state.send_as.check(caller, from.as_str()).await?;
     let outgoing = build(mail, limits).await?;
     let quota = state
         .rate_limits
@@ -171,6 +171,7 @@ async fn refused(
             return state
                 .send_as
                 .remember_exchange_denial(caller, from, &reply)
+                .await
                 .into();
         }
         _ => {}

@@ -10,6 +10,7 @@
 mod certificate;
 mod report;
 mod smtp;
+mod store;
 mod tls;
 mod token;
 
@@ -87,6 +88,7 @@ pub async fn run(
         ok &= step.status != Status::Fail;
         report(&step);
     };
+    emit(store::check(&settings.relay.store).await);
     if let Delivery::Outbox { dir } = &settings.relay.delivery {
         let why = format!(
             "mailRelay.delivery.mode is outbox (mails go to {}): no SMTP server or token is used",

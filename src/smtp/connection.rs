@@ -166,6 +166,7 @@ impl Connector {
             server: self.server(),
             command_timeout: self.command_timeout,
             _open: OpenGuard::new(&self.open),
+            slot: None,
         };
         // lettre keeps only the EHLO keywords it knows, and PIPELINING is not one: one more
         // EHLO per connection, before AUTH, tells.
@@ -390,6 +391,9 @@ pub(crate) struct Connection {
     server: String,
     command_timeout: Duration,
     _open: OpenGuard,
+    /// The mailbox's shared slot this connection holds (with a shared store). Declared last,
+    /// so it is given back only after the session above is closed.
+    pub slot: Option<super::Slot>,
 }
 
 impl Connection {

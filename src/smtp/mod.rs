@@ -52,11 +52,13 @@ mod connection;
 mod error;
 mod pool;
 mod sender;
+mod slots;
 mod tls;
 
 pub use classify::{EnhancedCode, SmtpErrorKind, classify, parse_enhanced};
 pub use error::{SmtpError, SmtpReply, Stage};
 pub use sender::{SmtpSender, SmtpState};
+pub use slots::{ConnectionSlots, SHARED_MAX_IDLE, Slot};
 
 /// What the server took: the recipients it accepted and its reply to the end of DATA.
 #[derive(Debug, Clone)]

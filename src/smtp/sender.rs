@@ -14,6 +14,7 @@ use super::classify::SmtpErrorKind;
 use super::connection::{Connection, Connector, Login};
 use super::error::{SmtpError, SmtpReply, Stage};
 use super::pool::Pool;
+use super::slots::{ConnectionSlots, SHARED_MAX_IDLE};
 use super::tls::TlsSetup;
 use crate::config::{Encryption, Settings, SmtpAuthentication};
 use crate::message::OutgoingMail;
@@ -59,6 +60,10 @@ struct Inner {
     sent: AtomicU64,
     failed: AtomicU64,
     refused_login: Mutex<Option<RefusedLogin>>,
+    /// The mailbox's slots shared with other replicas; `None`: this replica's cap is the cap.
+    slots: Option<Arc<dyn ConnectionSlots>>,
+    /// Idle connections are closed after this (short when slots are shared).
+    max_idle: Duration,
 }
 
 /// A login the server refused for a reason only the setup can fix.
@@ -77,6 +82,16 @@ impl SmtpSender {
         settings: &Settings,
         tokens: Option<Arc<dyn TokenProvider>>,
     ) -> Result<Self, SmtpError> {
+        Self::with_slots(settings, tokens, None)
+    }
+
+    /// As [`SmtpSender::new`], opening connections only with one of `slots` (shared by every
+    /// replica), and closing idle ones after [`SHARED_MAX_IDLE`] so that others get theirs.
+    pub fn with_slots(
+        settings: &Settings,
+        tokens: Option<Arc<dyn TokenProvider>>,
+        slots: Option<Arc<dyn ConnectionSlots>>,
+    ) -> Result<Self, SmtpError> {
         let tuning = &settings.relay.smtp;
         if tuning.max_connections == 0 {
             return Err(SmtpError::Setup {
@@ -93,6 +108,12 @@ impl SmtpSender {
             sent: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             refused_login: Mutex::new(None),
+            max_idle: if slots.is_some() {
+                SHARED_MAX_IDLE
+            } else {
+                MAX_IDLE
+            },
+            slots,
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(reap_idle(Arc::downgrade(&inner)));
@@ -203,7 +224,7 @@ impl Inner {
         };
         let mut connection = match self.reusable_connection(token.as_ref()).await {
             Some(connection) => connection,
-            None => match self.connector.open(token.as_ref()).await {
+            None => match self.open(token.as_ref()).await {
                 Ok(connection) => connection,
                 Err(error) => {
                     match (error.kind(), &self.tokens, &token) {
@@ -231,6 +252,21 @@ impl Inner {
                 Err(error)
             }
         }
+    }
+
+    /// A new connection, with a shared slot first when slots are shared (waiting for one is
+    /// bounded by the send's deadline around it).
+    async fn open(&self, token: Option<&AccessToken>) -> Result<Connection, SmtpError> {
+        let slot = match &self.slots {
+            None => None,
+            Some(slots) => Some(slots.acquire().await.map_err(|message| SmtpError::Setup {
+                key: "mailRelay.store.url",
+                message: format!("the shared connection slots cannot be taken: {message}"),
+            })?),
+        };
+        let mut connection = self.connector.open(token).await?;
+        connection.slot = slot;
+        Ok(connection)
     }
 
     /// Where XOAUTH2 logins get their tokens; `None` for other logins.
@@ -322,7 +358,7 @@ impl Inner {
                 _ => false,
             };
             let idle = connection.last_used.elapsed();
-            if !token_fit || idle > MAX_IDLE {
+            if !token_fit || idle > self.max_idle {
                 tracing::debug!(token_fit, ?idle, "retiring an idle SMTP connection");
                 connection.quit().await;
                 continue;
@@ -418,14 +454,17 @@ impl Connector {
 /// Closes connections that sat idle too long, so they do not hold one of the mailbox's
 /// few sessions for nothing. Ends when the sender is gone.
 async fn reap_idle(inner: Weak<Inner>) {
-    let mut tick = tokio::time::interval(MAX_IDLE / 2);
+    let Some(max_idle) = inner.upgrade().map(|i| i.max_idle) else {
+        return;
+    };
+    let mut tick = tokio::time::interval(max_idle / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
         // Closed at once, without QUIT: a QUIT taking its time here would leave room for a
         // send to open one more session than the mailbox's limit.
-        drop(inner.pool.take_where(|c| c.last_used.elapsed() > MAX_IDLE));
+        drop(inner.pool.take_where(|c| c.last_used.elapsed() > max_idle));
     }
 }
 

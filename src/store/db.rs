@@ -2,7 +2,7 @@
 //! failures mean.
 //!
 //! Queries are written once, in the SQL both dialects share (`$1` parameters, `ON CONFLICT`,
-//! `RETURNING`), and run on either pool through [`on_pool!`]; the schemas differ only in type
+//! `RETURNING`), and run on either pool through `on_pool!`; the schemas differ only in type
 //! names (`src/store/migrations/{postgres,sqlite}`).
 
 use std::str::FromStr;
@@ -93,16 +93,9 @@ impl Db {
                     .connect_lazy_with(options);
                 Ok(Some(Self::Sqlite(pool)))
             }
-            StoreUrl::Postgres(url) => {
-                let mut options = PgConnectOptions::from_str(url.as_str())
-                    .map_err(|e| format!("mailRelay.store.url: {e}"))?
-                    .application_name("mail-relay");
-                if let Some(password) = &settings.password {
-                    options = options.password(password.expose_secret());
-                }
-                // A statement that hangs (a lock, an overloaded server) ends on the server too.
-                let statement_timeout = format!("{}s", settings.connect_timeout.as_secs().max(1));
-                options = options.options([("statement_timeout", statement_timeout.as_str())]);
+            StoreUrl::Postgres(_) => {
+                let options = postgres_options(settings)?
+                    .ok_or_else(|| "not a PostgreSQL store".to_owned())?;
                 let pool = PgPoolOptions::new()
                     .max_connections(settings.max_connections)
                     .acquire_timeout(settings.connect_timeout)
@@ -147,6 +140,25 @@ impl Db {
     pub async fn close(&self) {
         on_pool!(self, |pool| pool.close().await);
     }
+}
+
+/// The connection options of a PostgreSQL store (`None` for the others): the URL, the
+/// password, and a statement timeout so that a query hanging on the server ends there too.
+pub fn postgres_options(settings: &StoreSettings) -> Result<Option<PgConnectOptions>, String> {
+    let StoreUrl::Postgres(url) = &settings.url else {
+        return Ok(None);
+    };
+    let mut options = PgConnectOptions::from_str(url.as_str())
+        .map_err(|e| format!("mailRelay.store.url: {e}"))?
+        .application_name("mail-relay");
+    if let Some(password) = &settings.password {
+        options = options.password(password.expose_secret());
+    }
+    let statement_timeout = format!("{}s", settings.connect_timeout.as_secs().max(1));
+    Ok(Some(options.options([(
+        "statement_timeout",
+        statement_timeout.as_str(),
+    )])))
 }
 
 /// What a database failure means for an operator: the step that failed and what to check.

@@ -17,6 +17,8 @@
 pub mod db;
 mod idempotency;
 mod rate_limit;
+mod send_as;
+mod slots;
 
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
@@ -24,9 +26,12 @@ use std::time::{Duration, Instant};
 pub use self::db::{Db, describe, schema_version};
 pub use self::idempotency::SqlIdempotencyStore;
 pub use self::rate_limit::SqlRateLimiter;
+pub use self::send_as::SqlDenials;
+pub use self::slots::{SharedSlots, SlotLock};
 use crate::config::{Settings, StoreSettings};
 use crate::idempotency::{IdempotencyStore, InMemoryStore};
 use crate::rate_limit::{InMemoryRateLimiter, RateLimiter};
+use crate::send_as::{DenialMemory, InMemoryDenials};
 
 /// How often the background task pings a healthy database.
 const PING_EVERY: Duration = Duration::from_secs(5);
@@ -151,6 +156,8 @@ impl Shared {
                 this.ping().await;
                 PING_EVERY
             } else if this.migrate().await {
+                // The first latency figure at once, for readiness and /metrics.
+                this.ping().await;
                 PING_EVERY
             } else {
                 backoff = (backoff * 2).min(MIGRATE_BACKOFF_MAX);
@@ -220,6 +227,8 @@ impl Shared {
 #[derive(Clone, Default)]
 pub struct Store {
     shared: Option<Arc<Shared>>,
+    /// PostgreSQL's connection options, for the sessions that hold connection slots.
+    postgres: Option<sqlx::postgres::PgConnectOptions>,
 }
 
 impl std::fmt::Debug for Store {
@@ -251,6 +260,7 @@ impl Store {
         runtime.spawn(Shared::maintain(Arc::downgrade(&shared)));
         Ok(Self {
             shared: Some(shared),
+            postgres: db::postgres_options(settings)?,
         })
     }
 
@@ -272,6 +282,22 @@ impl Store {
             None => Arc::new(InMemoryRateLimiter::new()),
             Some(shared) => Arc::new(SqlRateLimiter::new(Arc::clone(shared))),
         }
+    }
+
+    /// Where Exchange's recent SendAsDenied answers are remembered.
+    pub fn denial_memory(&self) -> Arc<dyn DenialMemory> {
+        match &self.shared {
+            None => Arc::new(InMemoryDenials::default()),
+            Some(shared) => Arc::new(SqlDenials::new(Arc::clone(shared))),
+        }
+    }
+
+    /// The SMTP mailbox's `max` connection slots shared by every replica; `None` unless the
+    /// store is shared (PostgreSQL): one instance's own pool cap is then the cap.
+    pub fn connection_slots(&self, mailbox: &str, max: usize) -> Option<SharedSlots> {
+        self.postgres
+            .as_ref()
+            .map(|options| SharedSlots::new(options, mailbox, max))
     }
 
     /// The SQL store's health; `None` for memory, which is always there.

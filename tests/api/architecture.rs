@@ -33,7 +33,17 @@ fn forbidden(room: &str) -> Vec<&'static str> {
             "smtp",
             "token",
         ],
-        "idempotency" | "rate_limit" | "send_as" => vec!["delivery", "smtp", "token"],
+        // The policy keeps its state behind its own traits; the store implements them.
+        "idempotency" | "rate_limit" | "send_as" => vec!["delivery", "smtp", "token", "store"],
+        // The store knows the policy's traits and the settings, nothing that runs a mail.
+        "store" => vec![
+            "caller",
+            "delivery",
+            "message",
+            "smtp",
+            "token",
+            "telemetry",
+        ],
         "message" => vec![
             "caller",
             "delivery",
@@ -101,6 +111,7 @@ fn every_room_but(room: &str) -> Vec<&'static str> {
         "rate_limit",
         "send_as",
         "smtp",
+        "store",
         "telemetry",
         "token",
     ]

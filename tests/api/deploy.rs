@@ -8,7 +8,7 @@ use std::num::NonZeroU32;
 use std::path::Path;
 use std::time::Duration;
 
-use mail_relay::config::{Delivery, Encryption, RateLimitSettings, SmtpAuthentication};
+use mail_relay::config::{Delivery, Encryption, RateLimitSettings, SmtpAuthentication, StoreUrl};
 use serde_json::{Value, json};
 
 use crate::entra::FakeEntra;
@@ -112,7 +112,16 @@ async fn the_dashboard_and_the_alert_rules_use_only_exported_series() {
         mailbox_messages_per_minute: NonZeroU32::new(1),
         ..RateLimitSettings::OFF
     };
+    // A SQL store, so that its series are exported too (an SQLite file: no server needed).
+    let store_dir = tempfile::tempdir().unwrap();
+    settings.relay.store.url = StoreUrl::Sqlite(store_dir.path().join("relay.db"));
     let app = spawn_built(settings).await;
+    for _ in 0..100 {
+        if app.get("/health/ready").await.status() == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let body = json!({"from": "noreply@contoso.test", "to": "alice@contoso.test", "text": "hi"});
     assert_eq!(post_mail(&app, &body).await.status(), 202);

@@ -23,4 +23,6 @@ mod proxy;
 mod server;
 mod smtp;
 mod store;
+#[path = "../store/settings.rs"]
+pub mod store_settings;
 mod token;

@@ -3,7 +3,6 @@
 //! would, and checks that they see one truth.
 
 use std::num::NonZeroU32;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +16,7 @@ use mail_relay::store::Store;
 use secrecy::SecretString;
 
 use crate::helpers::{TestApp, spawn_app};
+use crate::store_settings::postgres;
 
 /// The stores every test runs against: SQLite in `dir`, and PostgreSQL when it runs (under
 /// `CI=true` it must).
@@ -30,30 +30,6 @@ fn stores(dir: &tempfile::TempDir, test: &str) -> Vec<StoreSettings> {
         None => crate::peer::missing("PostgreSQL store", "tests/store/start.sh", test),
     }
     stores
-}
-
-/// The test PostgreSQL's scratch database, from `store.env`.
-fn postgres() -> Option<StoreSettings> {
-    let dir = std::env::var_os("MAIL_RELAY_STORE_DIR")
-        .map_or_else(|| PathBuf::from("/tmp/mail-relay-store"), PathBuf::from);
-    let env = std::fs::read_to_string(dir.join("store.env")).ok()?;
-    let value = |name: &str| {
-        env.lines()
-            .find_map(|line| line.strip_prefix(&format!("{name}=")))
-            .map(str::to_owned)
-    };
-    let url = value("MAIL_RELAY_STORE_SQLTEST_URL")?;
-    let port: u16 = value("MAIL_RELAY_STORE_PORT")?.parse().ok()?;
-    std::net::TcpStream::connect_timeout(
-        &([127, 0, 0, 1], port).into(),
-        Duration::from_millis(500),
-    )
-    .ok()?;
-    Some(StoreSettings {
-        url: StoreUrl::Postgres(url.parse().ok()?),
-        password: value("MAIL_RELAY_STORE_PASSWORD").map(SecretString::from),
-        ..StoreSettings::default()
-    })
 }
 
 async fn open(settings: &StoreSettings) -> Store {
@@ -481,4 +457,74 @@ async fn with_a_memory_store_readiness_shows_it_and_sql_metrics_are_absent() {
         .unwrap();
     assert_eq!(body["components"]["store"]["kind"], "memory", "{body}");
     assert_eq!(body["components"]["store"]["status"], "ok", "{body}");
+}
+
+#[tokio::test]
+async fn a_send_as_denial_seen_by_one_replica_is_known_to_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    for settings in stores(&dir, "a_send_as_denial_seen_by_one_replica") {
+        let (a, b) = (
+            open(&settings).await.denial_memory(),
+            open(&settings).await.denial_memory(),
+        );
+        let address = unique("shared@contoso.test");
+        let now = now_ms();
+        assert!(!b.denied_since(&address, now - 1_000).await.unwrap());
+        a.remember(&address, now).await.unwrap();
+        assert!(
+            b.denied_since(&address, now - 1_000).await.unwrap(),
+            "{:?}",
+            settings.url
+        );
+        assert!(
+            !b.denied_since(&address, now + 1).await.unwrap(),
+            "older than the memory"
+        );
+    }
+}
+
+#[tokio::test]
+async fn diagnose_names_the_layer_that_fails() {
+    let Some(pg) = postgres() else {
+        return crate::peer::missing("PostgreSQL store", "tests/store/start.sh", "diagnose_store");
+    };
+    let StoreUrl::Postgres(url) = &pg.url else {
+        unreachable!()
+    };
+    let closed = unreachable_store();
+    let StoreUrl::Postgres(closed_url) = &closed.url else {
+        unreachable!()
+    };
+    let cases = [
+        (
+            url.as_str(),
+            "not-the-password",
+            "FAIL store",
+            "authentication:",
+        ),
+        (closed_url.as_str(), "x", "FAIL store", "TCP:"),
+        (
+            url.as_str(),
+            "store-test-password",
+            "PASS store",
+            "reachable, logged in",
+        ),
+    ];
+    for (url, password, status, words) in cases {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_mail-relay"))
+            .args(["diagnose", "--config", "config/dev.yml"])
+            .env("MAILRELAY_STORE_URL", url)
+            .env("MAILRELAY_STORE_PASSWORD", password)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout);
+        let line = text
+            .lines()
+            .skip_while(|l| !l.starts_with(status))
+            .take(2)
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(line.contains(words), "{url}: {text}");
+        assert!(!text.contains(password) || password == "x", "{text}");
+    }
 }

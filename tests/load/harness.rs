@@ -224,6 +224,9 @@ pub struct Forwarder {
     pub port: u16,
     target: SocketAddr,
     state: Arc<Mutex<ForwarderState>>,
+    /// Connections forwarded now, and the most at once: what the server saw.
+    open: Arc<std::sync::atomic::AtomicUsize>,
+    peak: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[derive(Default)]
@@ -240,22 +243,30 @@ impl Forwarder {
             port,
             target,
             state: Arc::default(),
+            open: Arc::default(),
+            peak: Arc::default(),
         };
         forwarder.accept_on(listener);
         forwarder
     }
 
     fn accept_on(&self, listener: TcpListener) {
+        use std::sync::atomic::Ordering;
         let state = self.state.clone();
         let target = self.target;
+        let (open, peak) = (self.open.clone(), self.peak.clone());
         let acceptor = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
+                let (open, peak) = (open.clone(), peak.clone());
                 let task = tokio::spawn(async move {
+                    let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
                     if let Ok(mut outbound) = TcpStream::connect(target).await {
                         let _ = inbound.set_nodelay(true);
                         let _ = outbound.set_nodelay(true);
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
+                    open.fetch_sub(1, Ordering::SeqCst);
                 });
                 let mut state = state.lock().unwrap();
                 state.connections.retain(|t| !t.is_finished());
@@ -263,6 +274,16 @@ impl Forwarder {
             }
         });
         self.state.lock().unwrap().acceptor = Some(acceptor);
+    }
+
+    /// The most connections forwarded at once so far.
+    pub fn peak(&self) -> usize {
+        self.peak.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Connections forwarded now.
+    pub fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Stop listening and cut every forwarded connection.

@@ -16,7 +16,10 @@ mod faults;
 mod harness;
 mod http;
 mod mails;
+mod shared_slots;
 mod sigterm;
+#[path = "../store/settings.rs"]
+pub mod store_settings;
 
 /// One load or fault test at a time, across the test harness's threads.
 pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {

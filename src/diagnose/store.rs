@@ -1,0 +1,89 @@
+//! The store step: can the relay reach `mailRelay.store.url`, log in, and find (or create) its
+//! schema? Each failure names the layer: DNS, TCP, TLS, authentication, permissions, schema.
+
+use crate::config::{StoreSettings, StoreUrl};
+use crate::store::{Db, describe, schema_version};
+
+use super::Step;
+
+const NAME: &str = "store";
+
+pub async fn check(settings: &StoreSettings) -> Step {
+    if settings.url == StoreUrl::Memory {
+        return Step::pass(
+            NAME,
+            "memory: state is this process's alone (one replica; a restart forgets Idempotency-Keys and limits)",
+        );
+    }
+    let db = match Db::connect(settings) {
+        Ok(Some(db)) => db,
+        Ok(None) => return Step::pass(NAME, "memory"),
+        Err(e) => return Step::fail(NAME, "the store URL cannot be used", e, vec![fix_url()]),
+    };
+    let timeout = settings.connect_timeout * 2;
+    let step = match tokio::time::timeout(timeout, probe(&db)).await {
+        Err(_) => Step::fail(
+            NAME,
+            format!("no answer from {}", settings.url),
+            format!("nothing within {} s", timeout.as_secs()),
+            vec![
+                "check that the database runs and that a firewall or NetworkPolicy lets this host reach its port".into(),
+            ],
+        ),
+        Ok(Err(error)) => {
+            let cause = describe(&error);
+            let fix = fix_for(&cause);
+            Step::fail(NAME, format!("{} does not work", settings.url), cause, fix)
+        }
+        Ok(Ok(applied)) => {
+            let needed = schema_version();
+            let schema = match applied {
+                None => "no schema yet: the relay applies it at start".to_owned(),
+                Some(v) if v == needed => format!("schema version {v}"),
+                Some(v) if v < needed => {
+                    format!("schema version {v}; the relay applies {needed} at start")
+                }
+                Some(v) => format!("schema version {v}, newer than this build's {needed}"),
+            };
+            Step::pass(NAME, format!("{}: reachable, logged in, {schema}", settings.url))
+        }
+    };
+    db.close().await;
+    step
+}
+
+/// Log in, and read the applied schema version (none when the table is not there yet).
+async fn probe(db: &Db) -> Result<Option<i64>, sqlx::Error> {
+    db.ping().await?;
+    match db.applied_version().await {
+        Ok(version) => Ok(version),
+        // 42P01 (PostgreSQL) or "no such table" (SQLite): not migrated yet.
+        Err(sqlx::Error::Database(e))
+            if e.code().as_deref() == Some("42P01") || e.message().contains("no such table") =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn fix_url() -> String {
+    "set mailRelay.store.url to memory, sqlite:/path/to/file.db or postgres://user@host:5432/database".into()
+}
+
+fn fix_for(cause: &str) -> Vec<String> {
+    let fix = if cause.starts_with("DNS") {
+        "check the host name in mailRelay.store.url (and this host's DNS)"
+    } else if cause.starts_with("TCP") {
+        "check that the database runs, the port in mailRelay.store.url, and that a firewall or NetworkPolicy lets this host reach it"
+    } else if cause.starts_with("TLS") {
+        "check sslmode and sslrootcert in mailRelay.store.url against the server's certificate"
+    } else if cause.starts_with("authentication") {
+        "check the user in mailRelay.store.url and mailRelay.store.password (or passwordFile)"
+    } else if cause.starts_with("permissions") {
+        "grant the relay's database user CREATE on the database (or run the migrations as its owner)"
+    } else {
+        "see the cause above"
+    };
+    vec![fix.into()]
+}

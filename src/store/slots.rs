@@ -1,0 +1,68 @@
+//! The SMTP mailbox's connection slots across replicas, as PostgreSQL session advisory locks.
+//!
+//! Slot `i` of a mailbox is the lock `(hash(mailbox), i)`, taken with `pg_try_advisory_lock` on
+//! a database session of its own that lives as long as the SMTP connection holding the slot.
+//! Closing the session (the connection closed, the replica stopped or killed) frees the lock at
+//! once: the server ends a session whose socket closes. A replica cut off by the network is
+//! noticed by the server's TCP keep-alive, set on these sessions to 5 s idle, then 3 probes
+//! 2 s apart: its slots are free again within about 15 s.
+
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use sqlx::Connection as _;
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+
+use super::describe;
+
+/// How often a replica that found every slot taken tries again.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Slots for one mailbox, shared by every replica on the same database.
+pub struct SharedSlots {
+    options: PgConnectOptions,
+    mailbox: i32,
+    max: i32,
+}
+
+/// A held slot: its database session. Dropping it closes the session, which frees the lock.
+pub struct SlotLock {
+    _session: PgConnection,
+}
+
+impl SharedSlots {
+    pub(super) fn new(options: &PgConnectOptions, mailbox: &str, max: usize) -> Self {
+        let digest = Sha256::digest(mailbox.to_ascii_lowercase().as_bytes());
+        let options = options.clone().options([
+            ("tcp_keepalives_idle", "5"),
+            ("tcp_keepalives_interval", "2"),
+            ("tcp_keepalives_count", "3"),
+        ]);
+        Self {
+            options,
+            mailbox: i32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]),
+            max: i32::try_from(max).unwrap_or(i32::MAX),
+        }
+    }
+
+    /// A free slot, waiting (polling) while every one is held; the caller bounds the wait.
+    pub async fn acquire(&self) -> Result<SlotLock, String> {
+        let mut session = PgConnection::connect_with(&self.options)
+            .await
+            .map_err(|e| describe(&e))?;
+        loop {
+            for slot in 0..self.max {
+                let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+                    .bind(self.mailbox)
+                    .bind(slot)
+                    .fetch_one(&mut session)
+                    .await
+                    .map_err(|e| describe(&e))?;
+                if held {
+                    return Ok(SlotLock { _session: session });
+                }
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
