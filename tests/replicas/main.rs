@@ -23,14 +23,13 @@ mod process;
 pub mod store;
 
 mod cluster;
+mod connection_cap;
 mod idempotency;
 mod limits;
 mod outage;
 mod peer_log;
 mod restart;
 mod sqlite;
-// Not yet: connection_cap.rs (the cluster-wide SMTP connection cap and a SIGKILLed replica's
-// slots) waits for the cap to land in src/; add `mod connection_cap;` then.
 
 /// One replica test at a time, across the test harness's threads.
 pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
