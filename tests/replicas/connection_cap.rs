@@ -269,3 +269,76 @@ async fn a_replica_killed_with_sigkill_frees_its_connection_slots() {
     drop(cluster);
     db.drop_database().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_request_starves_for_a_slot_under_sustained_load() {
+    // The load of the 2,000-mail idempotency test without the keys: 32 clients over 3 replicas
+    // sharing 3 slots, for long enough that a replica holding no slot must get one back from
+    // the busy ones (idle connections alone never come free under such load).
+    const REPLICAS: usize = 3;
+    const CLIENTS: usize = 32;
+    const MAILS: usize = 2000;
+    let peer = require_peer!();
+    let store = require_store!();
+    let _turn = crate::exclusive().await;
+    let db = store.fresh_database().await;
+    let entra = FakeEntra::serving_peer_tokens(&peer).await;
+    let extra = format!("{}{RATE_LIMITS_OFF}", db.store_yaml(""));
+    let yamls: Vec<String> = (0..REPLICAS)
+        .map(|r| replica_yaml(&peer, peer.submission_port, &entra, source(8, r), &extra))
+        .collect();
+    let cluster = Cluster::start(&yamls).await;
+    let marker = marker("replicas-fair");
+    let started = Instant::now();
+    let permits = Arc::new(Semaphore::new(CLIENTS));
+    let mut tasks = Vec::new();
+    for n in 0..MAILS {
+        let (client, bases, marker, permits) = (
+            cluster.client.clone(),
+            cluster.bases.clone(),
+            marker.clone(),
+            permits.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let _permit = permits.acquire_owned().await.unwrap();
+            let mail = small_mail(&marker, n);
+            (
+                n,
+                post_mail(&client, &bases, n % bases.len(), &mail, None).await,
+            )
+        }));
+    }
+    let mut answers: Vec<(usize, Answer)> = Vec::new();
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    let took = started.elapsed();
+    let slowest = answers.iter().map(|(_, a)| a.elapsed).max().unwrap();
+    let per_replica: Vec<(usize, usize)> = (0..REPLICAS)
+        .map(|r| {
+            let mine = answers.iter().filter(|(_, a)| a.replica == r);
+            (
+                mine.clone().filter(|(_, a)| a.status == 202).count(),
+                mine.filter(|(_, a)| a.status != 202).count(),
+            )
+        })
+        .collect();
+    eprintln!(
+        "replicas-fair: {MAILS} mails from {CLIENTS} clients over {REPLICAS} replicas in {took:?}; \
+         slowest answer {slowest:?}; (accepted, refused) per replica {per_replica:?}"
+    );
+    let refused: Vec<_> = answers.iter().filter(|(_, a)| a.status != 202).collect();
+    assert!(
+        refused.is_empty(),
+        "{} of {MAILS} mails were refused (a request that waits for a slot until \
+         sendDeadlineSeconds gets 503 smtp_unavailable while the other replicas keep theirs); \
+         (accepted, refused) per replica {per_replica:?}; e.g. {:?}",
+        refused.len(),
+        refused.first()
+    );
+    let outcomes: Vec<_> = answers.iter().map(|(n, a)| outcome(*n, a)).collect();
+    let (ids, numbers) = wait_for_deliveries(&peer, &marker, MAILS, Duration::from_secs(60)).await;
+    assert_exactly_once(&outcomes, &ids, &numbers);
+    drop(cluster);
+    db.drop_database().await;
+}

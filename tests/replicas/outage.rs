@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use crate::cluster::{Answer, Cluster, is_original, outcome, post_mail, replica_yaml, source};
 use crate::entra::FakeEntra;
 use crate::harness::{Outcome, assert_exactly_once, marker, small_mail, wait_for_deliveries};
+use crate::peer_log::{log_offset, log_since, max_concurrent_authenticated};
 use crate::restart::{assert_all_sent, send_keyed};
 use crate::{require_peer, require_store};
 
@@ -152,6 +153,8 @@ async fn postgres_stopped_and_started_mid_run() {
     let yamls: Vec<String> = (0..REPLICAS)
         .map(|r| replica_yaml(&peer, peer.submission_port, &entra, source(4, r), &extra))
         .collect();
+    let sources: Vec<_> = (0..REPLICAS).map(|r| source(4, r)).collect();
+    let offset = log_offset(&peer.log);
     let cluster = Cluster::start(&yamls).await;
     let marker = marker("replicas-outage");
 
@@ -301,6 +304,16 @@ async fn postgres_stopped_and_started_mid_run() {
         );
     }
     let unavailable: usize = runs.iter().map(|r| r.store_unavailable).sum();
+    // The restart ended the database sessions that held the SMTP slots: the connections opened
+    // with them must not live on next to new ones.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (most, sessions) = max_concurrent_authenticated(&log_since(&peer.log, offset), &sources);
+    eprintln!("replicas-outage: the peer saw {sessions} SMTP sessions, at most {most} at once");
+    if most > 3 {
+        problems.push(format!(
+            "the peer saw {most} authenticated connections from the replicas at once (the cap is 3)"
+        ));
+    }
     // A key whose request was cut by the outage must not stay blocked once the store is back.
     for run in &runs {
         for ((n, a), at) in run.finals.iter().zip(&run.final_at) {
