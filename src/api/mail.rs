@@ -228,7 +228,8 @@ impl FromRequest<AppState> for Submission {
             Ok(bytes) => {
                 let fingerprint = Fingerprint::of(&bytes);
                 let request = json::parse(&bytes)?;
-                // The raw body goes as soon as it is parsed, before anything is decoded.
+                // Attachments were decoded straight from the body's text while it was parsed;
+                // the raw body goes now, before the message is built beside the decoded bytes.
                 drop(bytes);
                 Ok(Self {
                     request,

@@ -1,8 +1,6 @@
 //! From the caller's [`MailRequest`] to a [`Mail`] whose every field is parsed.
 //! All field errors are collected, so the caller can fix everything in one go.
 
-use std::borrow::Cow;
-
 use base64::Engine;
 use lettre::message::header::ContentType;
 
@@ -84,16 +82,17 @@ pub struct UploadedFile {
 }
 
 /// An attachment before its checks, from the JSON (base64) or from a form upload.
-struct Candidate<'a> {
+struct Candidate {
     field: String,
-    filename: Cow<'a, str>,
-    content_type: Cow<'a, str>,
-    content: Content<'a>,
-    content_id: Option<Cow<'a, str>>,
+    filename: String,
+    content_type: String,
+    content: Content,
+    content_id: Option<String>,
 }
 
-enum Content<'a> {
-    Base64(&'a str),
+enum Content {
+    /// Decoded from base64 while the JSON was parsed, or why it could not be.
+    Base64(Result<Vec<u8>, String>),
     Bytes(Vec<u8>),
 }
 
@@ -106,7 +105,7 @@ impl MailRequest {
     /// As [`MailRequest::validate`], with files uploaded beside the JSON; their fields are
     /// named `files[i]`, in upload order.
     pub fn validate_with_files(
-        self,
+        mut self,
         limits: &MessageLimits,
         files: Vec<UploadedFile>,
     ) -> Result<Mail, MailError> {
@@ -119,11 +118,11 @@ impl MailRequest {
             });
         }
         // Base64 in JSON is about as long as base64 in MIME: a cheap early refusal of
-        // mails that cannot fit, before decoding anything.
+        // mails that cannot fit, before building anything.
         let estimate = self
             .attachments
             .iter()
-            .map(|a| a.content.len())
+            .map(|a| a.content.text_len())
             .sum::<usize>()
             + files
                 .iter()
@@ -155,36 +154,34 @@ impl MailRequest {
             }
         }
         let file_count = files.len();
-        if self.text.is_none()
-            && self.html.is_none()
-            && self.attachments.is_empty()
-            && file_count == 0
-        {
+        // Moved, not copied: the decoded bytes exist once.
+        let attached = std::mem::take(&mut self.attachments);
+        let attached_count = attached.len();
+        if self.text.is_none() && self.html.is_none() && attached_count == 0 && file_count == 0 {
             errors.push(
                 "text",
                 "the mail needs text, html or at least one attachment",
             );
         }
-        let candidates = self
-            .attachments
-            .iter()
+        let candidates = attached
+            .into_iter()
             .enumerate()
             .map(|(i, a)| Candidate {
                 field: format!("attachments[{i}]"),
-                filename: Cow::Borrowed(&a.filename),
-                content_type: Cow::Borrowed(&a.content_type),
-                content: Content::Base64(&a.content),
-                content_id: a.content_id.as_deref().map(Cow::Borrowed),
+                filename: a.filename,
+                content_type: a.content_type,
+                content: Content::Base64(a.content.into_decoded()),
+                content_id: a.content_id,
             })
             // Uploads are moved, not copied: their bytes exist once.
             .chain(files.into_iter().enumerate().map(|(i, f)| Candidate {
                 field: format!("files[{i}]"),
-                filename: Cow::Owned(f.filename),
-                content_type: Cow::Owned(f.content_type),
+                filename: f.filename,
+                content_type: f.content_type,
                 content: Content::Bytes(f.content),
-                content_id: f.content_id.map(Cow::Owned),
+                content_id: f.content_id,
             }));
-        let mut attachments = Vec::with_capacity(self.attachments.len() + file_count);
+        let mut attachments = Vec::with_capacity(attached_count + file_count);
         let mut content_ids = std::collections::HashSet::new();
         for candidate in candidates {
             if let Some(id) = &candidate.content_id {
@@ -308,7 +305,7 @@ impl Errors {
             .collect()
     }
 
-    fn attachment(&mut self, input: Candidate<'_>) -> Option<Attachment> {
+    fn attachment(&mut self, input: Candidate) -> Option<Attachment> {
         let field = &input.field;
         let before = self.0.len();
         let filename_field = format!("{field}.filename");
@@ -323,7 +320,9 @@ impl Errors {
         }
         let content_type = self.content_type(&format!("{field}.contentType"), &input.content_type);
         let content = match input.content {
-            Content::Base64(text) => self.base64(&format!("{field}.content"), text),
+            Content::Base64(decoded) => decoded
+                .map_err(|message| self.push(format!("{field}.content"), message))
+                .ok(),
             Content::Bytes(bytes) => Some(bytes),
         };
         let content_id = input
@@ -374,25 +373,6 @@ impl Errors {
         Some(value.trim().to_owned())
     }
 
-    fn base64(&mut self, field: &str, value: &str) -> Option<Vec<u8>> {
-        // Line-wrapped base64 (as MIME tools write it) is common; the white space carries nothing.
-        // Decoded without a white-space-free copy of the whole text, which for a large
-        // attachment would be one more copy of it; only invalid input is copied, for the error.
-        if let Some(decoded) = decode_base64_lean(value) {
-            return Some(decoded);
-        }
-        let compact: String = value.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-        base64::engine::general_purpose::STANDARD
-            .decode(compact)
-            .map_err(|e| {
-                self.push(
-                    field,
-                    format!("not valid base64 (standard alphabet with padding): {e}"),
-                )
-            })
-            .ok()
-    }
-
     fn content_id(&mut self, field: &str, value: &str) -> Option<String> {
         let id = value
             .strip_prefix('<')
@@ -413,6 +393,20 @@ impl Errors {
             None
         }
     }
+}
+
+/// An attachment's base64 `content` decoded, or the message that names what is wrong with it.
+pub(super) fn decode_base64(value: &str) -> Result<Vec<u8>, String> {
+    // Line-wrapped base64 (as MIME tools write it) is common; the white space carries nothing.
+    // Decoded without a white-space-free copy of the whole text, which for a large
+    // attachment would be one more copy of it; only invalid input is copied, for the error.
+    if let Some(decoded) = decode_base64_lean(value) {
+        return Ok(decoded);
+    }
+    let compact: String = value.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(compact)
+        .map_err(|e| format!("not valid base64 (standard alphabet with padding): {e}"))
 }
 
 /// Standard base64 with padding, white space ignored, decoded in slices of a few kilobytes;
