@@ -391,8 +391,12 @@ struct StoreSlots(crate::store::SharedSlots);
 
 #[async_trait::async_trait]
 impl ConnectionSlots for StoreSlots {
-    async fn acquire(&self) -> Result<crate::smtp::Slot, String> {
-        Ok(Box::new(self.0.acquire().await?))
+    async fn try_acquire(&self) -> Result<Option<crate::smtp::Slot>, String> {
+        Ok(self
+            .0
+            .try_acquire()
+            .await?
+            .map(|lock| Box::new(lock) as crate::smtp::Slot))
     }
 }
 

@@ -484,6 +484,7 @@ impl From<MailError> for ApiError {
 /// | Token                                       | 503 `token_unavailable` (Retry-After)   |
 /// | MailboxFull, Rejected                       | 502 `smtp_rejected`                     |
 /// | Local (the outbox folder)                   | 500 `internal_error`                    |
+/// | Store (the shared connection slots)         | 503 `store_unavailable` (Retry-After)   |
 impl From<DeliveryError> for ApiError {
     fn from(e: DeliveryError) -> Self {
         if e.outcome_unknown() {
@@ -498,6 +499,7 @@ impl From<DeliveryError> for ApiError {
             // The path and OS error are for the operator (the request's log line has them,
             // noted by the sender), not the caller.
             FailureKind::Local => Self::Internal,
+            FailureKind::Store => Self::StoreUnavailable(detail),
             FailureKind::Token => Self::TokenUnavailable {
                 detail: format!(
                     "the relay could not get an access token from Entra ID for the SMTP login: {detail}"

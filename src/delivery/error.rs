@@ -57,12 +57,15 @@ pub enum FailureKind {
     Setup,
     /// The relay itself failed (the development outbox could not be written).
     Local,
+    /// The shared store (which holds the mailbox's connection slots) did not answer.
+    Store,
 }
 
 impl FailureKind {
     /// A stable machine-readable name, for logs, metrics and administrative notices.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Store => "store_unavailable",
             Self::SendAsDenied => "send_as_denied",
             Self::LoginRefused => "smtp_auth_failed",
             Self::AuthDisabled => "smtp_auth_disabled",

@@ -44,6 +44,9 @@ impl From<SmtpError> for DeliveryError {
 }
 
 pub(super) fn kind(e: &SmtpError) -> FailureKind {
+    if let SmtpError::Slots(_) = e {
+        return FailureKind::Store;
+    }
     match e.kind() {
         SmtpErrorKind::SendAsDenied => FailureKind::SendAsDenied,
         SmtpErrorKind::SmtpAuthDisabled => FailureKind::AuthDisabled,
@@ -95,7 +98,8 @@ pub(super) fn blame(e: &SmtpError) -> Blame {
         | FailureKind::Certificate
         | FailureKind::Unavailable
         | FailureKind::Setup
-        | FailureKind::Local => Blame::Relay,
+        | FailureKind::Local
+        | FailureKind::Store => Blame::Relay,
     }
 }
 

@@ -135,6 +135,9 @@ pub enum SmtpError {
     /// The SMTP settings cannot work.
     #[error("setting {key}: {message}")]
     Setup { key: &'static str, message: String },
+    /// The mailbox's connection slots, shared with other replicas, could not be asked.
+    #[error("the shared connection slots could not be taken: {0}")]
+    Slots(String),
 }
 
 fn hint_suffix(kind: SmtpErrorKind) -> String {
@@ -181,6 +184,8 @@ impl SmtpError {
             Self::Token(_) => SmtpErrorKind::Token,
             Self::Deadline { .. } => SmtpErrorKind::Transient,
             Self::Setup { .. } => SmtpErrorKind::Setup,
+            // The store may answer again in a moment.
+            Self::Slots(_) => SmtpErrorKind::Transient,
         }
     }
 

@@ -59,7 +59,7 @@ mod tls;
 pub use classify::{EnhancedCode, SmtpErrorKind, classify, parse_enhanced};
 pub use error::{SmtpError, SmtpReply, Stage};
 pub use sender::{SmtpSender, SmtpState};
-pub use slots::{ConnectionSlots, SHARED_MAX_IDLE, Slot};
+pub use slots::{ConnectionSlots, SHARED_MAX_IDLE, SLOT_POLL, Slot};
 
 /// What the server took: the recipients it accepted and its reply to the end of DATA.
 #[derive(Debug, Clone)]

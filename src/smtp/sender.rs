@@ -15,7 +15,7 @@ use super::connect::{Connector, Login};
 use super::connection::Connection;
 use super::error::{SmtpError, SmtpReply, Stage};
 use super::pool::Pool;
-use super::slots::{ConnectionSlots, SHARED_MAX_IDLE};
+use super::slots::{ConnectionSlots, SHARED_MAX_IDLE, SLOT_POLL};
 use super::tls::TlsSetup;
 use crate::config::{Encryption, Settings, SmtpAuthentication};
 use crate::message::OutgoingMail;
@@ -194,7 +194,7 @@ impl Inner {
                 continue;
             }
             if !error.is_transient()
-                || matches!(error, SmtpError::Token(_))
+                || matches!(error, SmtpError::Token(_) | SmtpError::Slots(_))
                 || error.outcome_unknown()
             {
                 // Token errors: the cache does its own retrying.
@@ -223,22 +223,19 @@ impl Inner {
             Some(tokens) => Some(tokens.token().await?),
             None => None,
         };
-        let mut connection = match self.reusable_connection(token.as_ref()).await {
-            Some(connection) => connection,
-            None => match self.open(token.as_ref()).await {
-                Ok(connection) => connection,
-                Err(error) => {
-                    match (error.kind(), &self.tokens, &token) {
-                        (SmtpErrorKind::AuthFailed, Some(tokens), Some(token), ..)
-                            if invalidate_refused_token =>
-                        {
-                            tokens.invalidate(token);
-                        }
-                        _ => self.remember_refused_login(&error, token),
+        let mut connection = match self.connection(token.as_ref()).await {
+            Ok(connection) => connection,
+            Err(error) => {
+                match (error.kind(), &self.tokens, &token) {
+                    (SmtpErrorKind::AuthFailed, Some(tokens), Some(token), ..)
+                        if invalidate_refused_token =>
+                    {
+                        tokens.invalidate(token);
                     }
-                    return Err(error);
+                    _ => self.remember_refused_login(&error, token),
                 }
-            },
+                return Err(error);
+            }
         };
         match connection.send(mail, uploading).await {
             Ok(receipt) => {
@@ -255,19 +252,25 @@ impl Inner {
         }
     }
 
-    /// A new connection, with a shared slot first when slots are shared (waiting for one is
-    /// bounded by the send's deadline around it).
-    async fn open(&self, token: Option<&AccessToken>) -> Result<Connection, SmtpError> {
-        let slot = match &self.slots {
-            None => None,
-            Some(slots) => Some(slots.acquire().await.map_err(|message| SmtpError::Setup {
-                key: "mailRelay.store.url",
-                message: format!("the shared connection slots cannot be taken: {message}"),
-            })?),
-        };
-        let mut connection = self.connector.open(token).await?;
-        connection.slot = slot;
-        Ok(connection)
+    /// A connection for one send: an idle one fit for reuse, or a new one. With shared
+    /// slots a new one needs a free slot first; until there is one, the send looks again at
+    /// both (bounded by the send's deadline around it), so a connection of its own replica
+    /// coming back serves it as soon as a slot would.
+    async fn connection(&self, token: Option<&AccessToken>) -> Result<Connection, SmtpError> {
+        loop {
+            if let Some(connection) = self.reusable_connection(token).await {
+                return Ok(connection);
+            }
+            let Some(slots) = &self.slots else {
+                return self.connector.open(token).await;
+            };
+            if let Some(slot) = slots.try_acquire().await.map_err(SmtpError::Slots)? {
+                let mut connection = self.connector.open(token).await?;
+                connection.slot = Some(slot);
+                return Ok(connection);
+            }
+            tokio::time::sleep(SLOT_POLL).await;
+        }
     }
 
     /// Where XOAUTH2 logins get their tokens; `None` for other logins.

@@ -12,6 +12,9 @@ use async_trait::async_trait;
 
 /// An idle connection is closed after this long when slots are shared (60 s otherwise).
 pub const SHARED_MAX_IDLE: Duration = Duration::from_secs(2);
+/// How often a send that found neither an idle connection nor a free slot looks again (at
+/// both: a connection of its own replica coming back serves it as well as a slot).
+pub const SLOT_POLL: Duration = Duration::from_millis(50);
 
 /// A held slot; dropping it gives the slot back.
 pub type Slot = Box<dyn Send + Sync>;
@@ -19,7 +22,7 @@ pub type Slot = Box<dyn Send + Sync>;
 /// Slots for the SMTP mailbox shared by every replica.
 #[async_trait]
 pub trait ConnectionSlots: Send + Sync + 'static {
-    /// Wait for a free slot (the caller bounds the wait); `Err` when the shared state cannot
-    /// be asked, with a message for an operator.
-    async fn acquire(&self) -> Result<Slot, String>;
+    /// A free slot if there is one now, `None` when every slot is held; `Err` when the shared
+    /// state cannot be asked, with a message for an operator.
+    async fn try_acquire(&self) -> Result<Option<Slot>, String>;
 }

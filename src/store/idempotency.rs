@@ -229,19 +229,31 @@ impl IdempotencyStore for SqlIdempotencyStore {
         };
         let shared = Arc::clone(&self.shared);
         let (scope, key) = (scope.to_owned(), key.as_str().to_owned());
-        // Best effort: if the store is down, the claim's lease frees the key.
+        let lease = Duration::from_millis(self.lease_ms);
+        // A request often fails because the store is away: keep trying until it answers, so
+        // that a retry right after the store's return runs instead of waiting out the lease.
+        // The task holds only the pool, and ends by the lease at the latest.
         runtime.spawn(async move {
-            let _ = sql!(shared, |pool| sqlx::query(
-                "DELETE FROM idempotency_records \
+            let started = std::time::Instant::now();
+            let mut pause = Duration::from_millis(200);
+            while started.elapsed() < lease {
+                let removed = sql!(shared, |pool| sqlx::query(
+                    "DELETE FROM idempotency_records \
                      WHERE scope = $1 AND key = $2 AND token = $3 AND status IS NULL"
-            )
-            .bind(&scope)
-            .bind(&key)
-            .bind(to_sql(token))
-            .execute(pool)
-            .await
-            .map(|_| ()))
-            .await;
+                )
+                .bind(&scope)
+                .bind(&key)
+                .bind(to_sql(token))
+                .execute(pool)
+                .await
+                .map(|_| ()))
+                .await;
+                if removed.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
         });
     }
 }

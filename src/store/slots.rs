@@ -7,7 +7,7 @@
 //! noticed by the server's TCP keep-alive, set on these sessions to 5 s idle, then 3 probes
 //! 2 s apart: its slots are free again within about 15 s.
 
-use std::time::Duration;
+use std::sync::{Mutex, PoisonError};
 
 use sha2::{Digest, Sha256};
 use sqlx::Connection as _;
@@ -15,14 +15,14 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 
 use super::describe;
 
-/// How often a replica that found every slot taken tries again.
-const POLL: Duration = Duration::from_millis(100);
-
 /// Slots for one mailbox, shared by every replica on the same database.
 pub struct SharedSlots {
     options: PgConnectOptions,
     mailbox: i32,
     max: i32,
+    /// A session that found every slot held, kept for the next try: a new session per try
+    /// would cost a login each time.
+    spare: Mutex<Option<PgConnection>>,
 }
 
 /// A held slot: its database session. Dropping it closes the session, which frees the lock.
@@ -42,27 +42,37 @@ impl SharedSlots {
             options,
             mailbox: i32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]),
             max: i32::try_from(max).unwrap_or(i32::MAX),
+            spare: Mutex::new(None),
         }
     }
 
-    /// A free slot, waiting (polling) while every one is held; the caller bounds the wait.
-    pub async fn acquire(&self) -> Result<SlotLock, String> {
-        let mut session = PgConnection::connect_with(&self.options)
-            .await
-            .map_err(|e| describe(&e))?;
-        loop {
-            for slot in 0..self.max {
-                let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
-                    .bind(self.mailbox)
-                    .bind(slot)
-                    .fetch_one(&mut session)
-                    .await
-                    .map_err(|e| describe(&e))?;
-                if held {
-                    return Ok(SlotLock { _session: session });
-                }
+    /// A free slot now, or `None` when every one is held. The session that takes the lock
+    /// becomes the slot's; one that found none is kept for the next try.
+    pub async fn try_acquire(&self) -> Result<Option<SlotLock>, String> {
+        let spare = self
+            .spare
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let mut session = match spare {
+            Some(session) => session,
+            None => PgConnection::connect_with(&self.options)
+                .await
+                .map_err(|e| describe(&e))?,
+        };
+        for slot in 0..self.max {
+            // On an error the session is dropped: the next try logs in afresh.
+            let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+                .bind(self.mailbox)
+                .bind(slot)
+                .fetch_one(&mut session)
+                .await
+                .map_err(|e| describe(&e))?;
+            if held {
+                return Ok(Some(SlotLock { _session: session }));
             }
-            tokio::time::sleep(POLL).await;
         }
+        *self.spare.lock().unwrap_or_else(PoisonError::into_inner) = Some(session);
+        Ok(None)
     }
 }
