@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run as bench  # noqa: E402  (the main benchmark's helpers: relay process, wrk, CPU)
@@ -26,6 +27,7 @@ import run as bench  # noqa: E402  (the main benchmark's helpers: relay process,
 ROOT = bench.ROOT
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 CLIENTS = int(os.environ.get("BENCH_STORE_CLIENTS", "8"))
+RESULTS = "store" if CLIENTS == 8 else f"store-{CLIENTS}c"
 
 
 def store_config(base, store, password_file):
@@ -47,7 +49,9 @@ def store_config(base, store, password_file):
 
 
 def keyed_script(work, marker, name):
-    """wrk posting the benchmark mail, each request with an Idempotency-Key of its own."""
+    """wrk posting the benchmark mail, each request with an Idempotency-Key of its own: a
+    fresh script (its own key prefix) per run, so that no run replays an earlier run's keys."""
+    name = f"{name}-{uuid.uuid4().hex[:12]}"
     path = os.path.join(work, f"keyed-{name}.lua")
     body = bench.mail_body(marker).replace("\\", "\\\\").replace('"', '\\"')
     with open(path, "w", encoding="utf-8") as f:
@@ -104,13 +108,12 @@ def main():
             relay = bench.Relay(config, port, work)
             relay.start()
             relays[name] = relay
-        scripts = {name: keyed_script(work, marker, name) for name in stores}
         # Warm-up: every relay logs in and fills its pools.
         for name, relay in relays.items():
-            bench.run_wrk(relay, scripts[name], 2)
+            bench.run_wrk(relay, keyed_script(work, marker, name), 2)
         rounds = []
         for i in range(RUNS):
-            row = {name: bench.run_wrk(relay, scripts[name], CLIENTS)
+            row = {name: bench.run_wrk(relay, keyed_script(work, marker, name), CLIENTS)
                    for name, relay in relays.items()}
             rounds.append(row)
             bench.log(f"round {i + 1}: " + ", ".join(
@@ -129,17 +132,16 @@ def main():
                                           store_env["MAIL_RELAY_STORE_PASSWORD_FILE"]), port, work)
         second.start()
         relays["second"] = second
-        second_script = keyed_script(work, marker, "second")
         pairs = []
         for i in range(RUNS):
-            alone = bench.run_wrk(one, scripts["postgres"], 2 * CLIENTS)
+            alone = bench.run_wrk(one, keyed_script(work, marker, "one"), 2 * CLIENTS)
             results = {}
 
             def load(key, relay, script):
                 results[key] = bench.run_wrk(relay, script, CLIENTS)
 
-            threads = [threading.Thread(target=load, args=("a", one, scripts["postgres"])),
-                       threading.Thread(target=load, args=("b", second, second_script))]
+            threads = [threading.Thread(target=load, args=("a", one, keyed_script(work, marker, "a"))),
+                       threading.Thread(target=load, args=("b", second, keyed_script(work, marker, "b")))]
             for t in threads:
                 t.start()
             for t in threads:
@@ -188,9 +190,9 @@ def main():
               f"non-2xx {sum(p['non2xx'] for p in pairs)}) |", ""]
     table = "\n".join(lines)
     os.makedirs(os.path.join(ROOT, "bench/results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench/results/store.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(ROOT, f"bench/results/{RESULTS}.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
-    with open(os.path.join(ROOT, "bench/results/store.md"), "w", encoding="utf-8") as f:
+    with open(os.path.join(ROOT, f"bench/results/{RESULTS}.md"), "w", encoding="utf-8") as f:
         f.write(table)
     print(table)
 

@@ -87,8 +87,10 @@ impl Db {
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(SqliteSynchronous::Full)
                     .busy_timeout(settings.connect_timeout);
+                // One connection: SQLite has one writer at a time anyway, and several
+                // connections waiting on its lock spin through busy_timeout (CPU and latency).
                 let pool = SqlitePoolOptions::new()
-                    .max_connections(settings.max_connections)
+                    .max_connections(1)
                     .acquire_timeout(settings.connect_timeout)
                     .connect_lazy_with(options);
                 Ok(Some(Self::Sqlite(pool)))
@@ -99,9 +101,12 @@ impl Db {
                 let pool = PgPoolOptions::new()
                     .max_connections(settings.max_connections)
                     .acquire_timeout(settings.connect_timeout)
-                    // A connection that sat idle may be gone (a failover, a NAT timeout).
+                    // A connection that sat idle may be gone (a failover, a NAT timeout): idle
+                    // ones are closed after 5 minutes. Not pinged before each use, which would
+                    // double the round trips per mail; a dead one fails its query (503) once
+                    // and is dropped.
                     .idle_timeout(Duration::from_secs(300))
-                    .test_before_acquire(true)
+                    .test_before_acquire(false)
                     .connect_lazy_with(options);
                 Ok(Some(Self::Postgres(pool)))
             }

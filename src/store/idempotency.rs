@@ -17,8 +17,9 @@ use crate::idempotency::{
     Fingerprint, IdempotencyError, IdempotencyKey, IdempotencyStore, Slot, StoredResponse,
 };
 
-/// Expired records are deleted, and the bounds checked, every this many answers stored.
-const TRIM_EVERY: u64 = 64;
+/// Expired records are deleted, and the bounds checked, at most this often per replica: the
+/// check counts the whole table, which must not happen per mail.
+const TRIM_EVERY_MS: Millis = 10_000;
 /// What a record costs beyond its key and answer, as the memory store counts it.
 const RECORD_OVERHEAD: i64 = 256;
 
@@ -30,7 +31,8 @@ pub struct SqlIdempotencyStore {
     lease_ms: Millis,
     max_entries: i64,
     max_bytes: i64,
-    completed: AtomicU64,
+    /// When this replica last trimmed (ms).
+    last_trim: AtomicU64,
 }
 
 impl SqlIdempotencyStore {
@@ -45,7 +47,7 @@ impl SqlIdempotencyStore {
             lease_ms: duration_ms(request_timeout + Duration::from_secs(30)),
             max_entries: i64::try_from(settings.max_entries).unwrap_or(i64::MAX),
             max_bytes: i64::try_from(settings.max_bytes).unwrap_or(i64::MAX),
-            completed: AtomicU64::new(0),
+            last_trim: AtomicU64::new(0),
         }
     }
 
@@ -213,10 +215,12 @@ impl IdempotencyStore for SqlIdempotencyStore {
             tracing::error!(error = %e, "an answer could not be kept under its Idempotency-Key");
             return;
         }
-        if self
-            .completed
-            .fetch_add(1, Ordering::Relaxed)
-            .is_multiple_of(TRIM_EVERY)
+        let last = self.last_trim.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= TRIM_EVERY_MS
+            && self
+                .last_trim
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
             && let Err(e) = self.trim(now).await
         {
             tracing::warn!(error = %e, "expired idempotency records could not be deleted");

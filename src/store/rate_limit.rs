@@ -15,7 +15,8 @@ use super::Shared;
 use super::db::locked_transaction;
 use crate::clock::{Millis, duration_ms};
 use crate::rate_limit::{
-    Ask, LimitError, LimitKey, RateLimited, RateLimiter, Reservation, Reserved, wait_until_fits,
+    Ask, LimitError, LimitKey, LimitKind, RateLimited, RateLimiter, Reservation, Reserved,
+    wait_until_fits,
 };
 
 /// The advisory lock (PostgreSQL) that reservations hold: any constant the relay alone uses.
@@ -41,11 +42,67 @@ fn to_sql(ms: Millis) -> i64 {
     i64::try_from(ms).unwrap_or(i64::MAX)
 }
 
-/// The first bucket start that still counts at `now` for `kind`: `expires_at(bucket) > now`.
+/// The width of one stored counter: at least a second. The memory limiter counts per-minute
+/// limits per millisecond; rows per millisecond would make every reservation sum a row per
+/// mail of the last minute. A coarse counter counts until its last millisecond is a window
+/// old, so no rolling window holds more than the limit; the price is up to a second's wait.
+fn bucket_ms(kind: LimitKind) -> Millis {
+    kind.bucket_ms().max(1_000)
+}
+
+/// The stored counter `now` falls in.
+fn bucket_of(kind: LimitKind, now: Millis) -> Millis {
+    now - now % bucket_ms(kind)
+}
+
+/// The first counter start that still counts at `now`: its last millisecond is less than a
+/// window old.
 fn oldest_counted(key: &LimitKey, now: Millis) -> i64 {
     let kind = key.kind;
-    let span = duration_ms(kind.window()) + kind.bucket_ms() - 1;
+    let span = duration_ms(kind.window()) + bucket_ms(kind) - 1;
     to_sql(now.saturating_sub(span)) + 1
+}
+
+/// The block and the count of `n` limits at `$1` (now), each given as (index, kind, subject,
+/// oldest counted bucket) from `$2` on; one row per limit.
+fn window_sql(n: usize) -> String {
+    let asks: Vec<String> = (0..n)
+        .map(|i| {
+            let p = 2 + 4 * i;
+            format!(
+                "(CAST(${} AS BIGINT), CAST(${} AS TEXT), CAST(${} AS TEXT), CAST(${} AS BIGINT))",
+                p,
+                p + 1,
+                p + 2,
+                p + 3
+            )
+        })
+        .collect();
+    format!(
+        "WITH asks (i, kind, subject, since) AS (VALUES {}) \
+         SELECT a.i, \
+           (SELECT MAX(b.until) FROM rate_blocks b \
+             WHERE b.kind = a.kind AND b.subject = a.subject AND b.until > $1), \
+           (SELECT CAST(COALESCE(SUM(c.cost), 0) AS BIGINT) FROM rate_counts c \
+             WHERE c.kind = a.kind AND c.subject = a.subject AND c.bucket >= a.since) \
+         FROM asks a ORDER BY a.i",
+        asks.join(", ")
+    )
+}
+
+/// Add `n` costs (kind, subject, bucket, cost each) in one statement.
+fn insert_sql(n: usize) -> String {
+    let rows: Vec<String> = (0..n)
+        .map(|i| {
+            let p = 1 + 4 * i;
+            format!("(${}, ${}, ${}, ${})", p, p + 1, p + 2, p + 3)
+        })
+        .collect();
+    format!(
+        "INSERT INTO rate_counts (kind, subject, bucket, cost) VALUES {} \
+         ON CONFLICT (kind, subject, bucket) DO UPDATE SET cost = rate_counts.cost + excluded.cost",
+        rows.join(", ")
+    )
 }
 
 /// What a reservation decided inside its transaction.
@@ -65,6 +122,7 @@ impl RateLimiter for SqlRateLimiter {
         if asks.is_empty() {
             return Ok(Reservation::new(Vec::new()));
         }
+        let window_sql = window_sql(asks.len());
         let sweep = self
             .reservations
             .fetch_add(1, Ordering::Relaxed)
@@ -75,27 +133,23 @@ impl RateLimiter for SqlRateLimiter {
                 locked_transaction!(self.shared.db(), RATE_LIMIT_LOCK, |tx| {
                     let mut refusal: Option<RateLimited> = None;
                     let mut planned = Vec::with_capacity(asks.len());
-                    for ask in &asks {
+                    // Every limit's block and count in one round trip.
+                    let mut windows =
+                        sqlx::query_as::<_, (i64, Option<i64>, i64)>(&window_sql).bind(to_sql(now));
+                    for (i, ask) in asks.iter().enumerate() {
+                        windows = windows
+                            .bind(i64::try_from(i).unwrap_or(0))
+                            .bind(ask.key.kind.label())
+                            .bind(ask.key.subject.as_str())
+                            .bind(oldest_counted(&ask.key, now));
+                    }
+                    let windows = windows.fetch_all(&mut *tx).await?;
+                    for (i, blocked, total) in windows {
+                        let Some(ask) = usize::try_from(i).ok().and_then(|i| asks.get(i)) else {
+                            continue;
+                        };
                         let (kind, subject) = (ask.key.kind.label(), ask.key.subject.as_str());
                         let since = oldest_counted(&ask.key, now);
-                        let blocked: Option<i64> = sqlx::query_scalar(
-                            "SELECT until FROM rate_blocks \
-                             WHERE kind = $1 AND subject = $2 AND until > $3",
-                        )
-                        .bind(kind)
-                        .bind(subject)
-                        .bind(to_sql(now))
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                        let total: i64 = sqlx::query_scalar(
-                            "SELECT CAST(COALESCE(SUM(cost), 0) AS BIGINT) FROM rate_counts \
-                             WHERE kind = $1 AND subject = $2 AND bucket >= $3",
-                        )
-                        .bind(kind)
-                        .bind(subject)
-                        .bind(since)
-                        .fetch_one(&mut *tx)
-                        .await?;
                         let max = ask.max.get();
                         let fits = blocked.is_none()
                             && total.saturating_add(i64::from(ask.cost)) <= i64::from(max);
@@ -111,9 +165,12 @@ impl RateLimiter for SqlRateLimiter {
                             .bind(since)
                             .fetch_all(&mut *tx)
                             .await?;
+                            // Each counter as if all of it came at its last millisecond, the
+                            // moment the memory limiter's own counters would free it.
+                            let shift = bucket_ms(ask.key.kind) - ask.key.kind.bucket_ms();
                             let buckets = buckets.into_iter().map(|(bucket, cost)| {
                                 (
-                                    u64::try_from(bucket).unwrap_or(0),
+                                    u64::try_from(bucket).unwrap_or(0) + shift,
                                     u32::try_from(cost).unwrap_or(u32::MAX),
                                 )
                             });
@@ -136,7 +193,7 @@ impl RateLimiter for SqlRateLimiter {
                                 continue;
                             }
                         }
-                        let bucket = now - now % ask.key.kind.bucket_ms();
+                        let bucket = bucket_of(ask.key.kind, now);
                         planned.push(Reserved {
                             key: ask.key.clone(),
                             bucket,
@@ -147,19 +204,17 @@ impl RateLimiter for SqlRateLimiter {
                         tx.rollback().await?;
                         return Ok(Decision::Refuse(refusal));
                     }
-                    for item in &planned {
-                        sqlx::query(
-                            "INSERT INTO rate_counts (kind, subject, bucket, cost) \
-                             VALUES ($1, $2, $3, $4) \
-                             ON CONFLICT (kind, subject, bucket) \
-                             DO UPDATE SET cost = rate_counts.cost + excluded.cost",
-                        )
-                        .bind(item.key.kind.label())
-                        .bind(&item.key.subject)
-                        .bind(to_sql(item.bucket))
-                        .bind(i64::from(item.cost))
-                        .execute(&mut *tx)
-                        .await?;
+                    if !planned.is_empty() {
+                        let insert_sql = insert_sql(planned.len());
+                        let mut insert = sqlx::query(&insert_sql);
+                        for item in &planned {
+                            insert = insert
+                                .bind(item.key.kind.label())
+                                .bind(&item.key.subject)
+                                .bind(to_sql(item.bucket))
+                                .bind(i64::from(item.cost));
+                        }
+                        insert.execute(&mut *tx).await?;
                     }
                     if sweep {
                         // A day and a minute back is older than every window.
@@ -218,8 +273,8 @@ impl RateLimiter for SqlRateLimiter {
 
     async fn block(&self, key: &LimitKey, now: Millis) {
         let kind = key.kind;
-        let bucket = now - now % kind.bucket_ms();
-        let until = to_sql(kind.expires_at(bucket));
+        let bucket = bucket_of(kind, now);
+        let until = to_sql(kind.expires_at(bucket + bucket_ms(kind) - kind.bucket_ms()));
         let blocked = self
             .shared
             .run(async {

@@ -200,7 +200,8 @@ async fn the_byte_bound_is_kept_in_sql_by_forgetting_the_heaviest_callers_oldest
         records
             .complete(&light, &light_key, token, answer("light"), now)
             .await;
-        // 300 answers of 8 KiB: 2.4 MiB from one caller, over the 1 MiB bound.
+        // 300 answers of 8 KiB, one every 100 ms: 2.4 MiB from one caller in 30 s, over the
+        // 1 MiB bound (each replica checks the bound at most every 10 s).
         let big = StoredResponse {
             body: vec![b'x'; 8 * 1024].into(),
             ..answer("big")
@@ -208,21 +209,21 @@ async fn the_byte_bound_is_kept_in_sql_by_forgetting_the_heaviest_callers_oldest
         for n in 0..300 {
             let key = IdempotencyKey::parse(format!("heavy-{n}").as_bytes()).unwrap();
             let Slot::New { token } = records
-                .begin(&heavy, &key, Fingerprint::of(b"h"), now + n)
+                .begin(&heavy, &key, Fingerprint::of(b"h"), now + n * 100)
                 .await
                 .unwrap()
             else {
                 panic!("new");
             };
             records
-                .complete(&heavy, &key, token, big.clone(), now + n)
+                .complete(&heavy, &key, token, big.clone(), now + n * 100)
                 .await;
         }
         let first = IdempotencyKey::parse(b"heavy-0").unwrap();
         assert!(
             matches!(
                 records
-                    .begin(&heavy, &first, Fingerprint::of(b"h"), now + 400)
+                    .begin(&heavy, &first, Fingerprint::of(b"h"), now + 40_000)
                     .await
                     .unwrap(),
                 Slot::New { .. }
@@ -233,7 +234,7 @@ async fn the_byte_bound_is_kept_in_sql_by_forgetting_the_heaviest_callers_oldest
         let last = IdempotencyKey::parse(b"heavy-299").unwrap();
         assert!(matches!(
             records
-                .begin(&heavy, &last, Fingerprint::of(b"h"), now + 400)
+                .begin(&heavy, &last, Fingerprint::of(b"h"), now + 40_000)
                 .await
                 .unwrap(),
             Slot::Replay(_)
@@ -241,7 +242,7 @@ async fn the_byte_bound_is_kept_in_sql_by_forgetting_the_heaviest_callers_oldest
         assert!(
             matches!(
                 records
-                    .begin(&light, &light_key, Fingerprint::of(b"l"), now + 400)
+                    .begin(&light, &light_key, Fingerprint::of(b"l"), now + 40_000)
                     .await
                     .unwrap(),
                 Slot::Replay(_)
@@ -288,7 +289,8 @@ async fn a_limit_is_counted_across_replicas_all_or_nothing() {
                 panic!("{refusal:?}");
             };
             assert!(
-                limited.retry_after <= Duration::from_secs(60),
+                // Counted per second in SQL: up to a second more than the memory limiter.
+                limited.retry_after <= Duration::from_secs(61),
                 "{limited:?}"
             );
             assert!(
@@ -321,11 +323,11 @@ async fn a_limit_is_counted_across_replicas_all_or_nothing() {
                 .await
                 .is_ok()
         );
-        // A minute later the mailbox's window has room again.
+        // A minute (and the second a stored counter spans) later the window has room again.
         let later = vec![ask(LimitKind::MailboxMessages, &mailbox, 1, 10)];
         assert!(
             replicas[0]
-                .check_and_reserve(&later, now + 60_030)
+                .check_and_reserve(&later, now + 61_030)
                 .await
                 .is_ok()
         );
