@@ -166,6 +166,11 @@ pub fn postgres_options(settings: &StoreSettings) -> Result<Option<PgConnectOpti
     )])))
 }
 
+/// A time or count as the schema stores it (BIGINT); beyond `i64::MAX` it saturates.
+pub(crate) fn to_sql(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
 /// What a database failure means for an operator: the step that failed and what to check.
 /// Safe to show: sqlx's messages carry no password.
 pub fn describe(error: &sqlx::Error) -> String {

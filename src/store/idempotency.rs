@@ -10,6 +10,7 @@ use axum::http::{HeaderName, HeaderValue, StatusCode};
 use bytes::Bytes;
 
 use super::Shared;
+use super::db::to_sql;
 use super::sql;
 use crate::clock::{Millis, duration_ms};
 use crate::config::IdempotencySettings;
@@ -102,10 +103,6 @@ impl SqlIdempotencyStore {
         }
         Ok(())
     }
-}
-
-fn to_sql(ms: Millis) -> i64 {
-    i64::try_from(ms).unwrap_or(i64::MAX)
 }
 
 /// A stored record as read back: fingerprint, status, headers (JSON), body.

@@ -13,6 +13,7 @@ use async_trait::async_trait;
 
 use super::Shared;
 use super::db::locked_transaction;
+use super::db::to_sql;
 use crate::clock::{Millis, duration_ms};
 use crate::rate_limit::{
     Ask, LimitError, LimitKey, LimitKind, RateLimited, RateLimiter, Reservation, Reserved,
@@ -36,10 +37,6 @@ impl SqlRateLimiter {
             reservations: AtomicU64::new(0),
         }
     }
-}
-
-fn to_sql(ms: Millis) -> i64 {
-    i64::try_from(ms).unwrap_or(i64::MAX)
 }
 
 /// The width of one stored counter: at least a second. The memory limiter counts per-minute

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use super::db::to_sql;
 use super::{Shared, sql};
 use crate::clock::Millis;
 use crate::send_as::DenialMemory;
@@ -17,10 +18,6 @@ impl SqlDenials {
     pub(super) fn new(shared: Arc<Shared>) -> Self {
         Self { shared }
     }
-}
-
-fn to_sql(ms: Millis) -> i64 {
-    i64::try_from(ms).unwrap_or(i64::MAX)
 }
 
 #[async_trait]
