@@ -15,6 +15,7 @@ pub mod diagnose;
 pub mod http;
 pub mod idempotency;
 pub mod message;
+pub mod queue;
 pub mod rate_limit;
 pub mod remedy;
 pub mod send_as;

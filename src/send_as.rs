@@ -167,17 +167,24 @@ impl SendAsPolicy {
         from: &str,
         reply: &str,
     ) -> SendAsRefusal {
-        let address = from.to_ascii_lowercase();
-        if let Err(e) = self.denials.remember(&address, self.clock.now_ms()).await {
-            // The caller still gets Exchange's refusal; the next try asks Exchange again.
-            tracing::warn!(error = %e, "a SendAsDenied answer could not be remembered");
-        }
+        let address = self.remember_denied(from).await;
         SendAsRefusal::DeniedByExchange {
             caller: caller.to_string(),
             address,
             smtp_user: self.smtp_user.clone(),
             reply: reply.to_string(),
         }
+    }
+
+    /// Remember that Exchange refused `from` (as the queue's workers do, with no caller
+    /// waiting); the address as remembered.
+    pub async fn remember_denied(&self, from: &str) -> String {
+        let address = from.to_ascii_lowercase();
+        if let Err(e) = self.denials.remember(&address, self.clock.now_ms()).await {
+            // The caller still gets Exchange's refusal; the next try asks Exchange again.
+            tracing::warn!(error = %e, "a SendAsDenied answer could not be remembered");
+        }
+        address
     }
 
     fn caller_may_use(&self, caller: &Caller, from: &str) -> Result<(), SendAsRefusal> {

@@ -11,6 +11,7 @@ use crate::delivery::{DeliveryError, FailureKind};
 use crate::idempotency::{IdempotencyError, Replay};
 pub use crate::message::FieldError;
 use crate::message::MailError;
+use crate::queue::{QueueError, Refusal};
 use crate::rate_limit::LimitError;
 use crate::telemetry::request_log::{self, Failure};
 
@@ -67,6 +68,11 @@ pub enum ApiError {
     Unauthorized(#[from] crate::caller::AuthError),
     #[error("no route for {method} {path}")]
     NotFound { method: String, path: String },
+    /// No queued mail with this id was sent by this caller.
+    #[error(
+        "no queued mail {0} was sent by this caller (mails sent synchronously, and finished ones past mailRelay.delivery.retentionSeconds, have no status)"
+    )]
+    MailNotFound(String),
     #[error("{0}")]
     MethodNotAllowed(String),
     #[error(
@@ -161,7 +167,9 @@ impl ApiError {
                 "invalid_request",
                 "Invalid request",
             ),
-            Self::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found", "Not found"),
+            Self::NotFound { .. } | Self::MailNotFound(_) => {
+                (StatusCode::NOT_FOUND, "not_found", "Not found")
+            }
             Self::MethodNotAllowed(_) => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
@@ -280,6 +288,7 @@ impl ApiError {
             Self::InvalidRequest { .. }
             | Self::Unauthorized(_)
             | Self::NotFound { .. }
+            | Self::MailNotFound(_)
             | Self::MethodNotAllowed(_)
             | Self::PayloadTooLarge { .. }
             | Self::UnsupportedMediaType(_)
@@ -410,6 +419,25 @@ impl From<IdempotencyError> for ApiError {
             IdempotencyError::Unavailable(_) => Self::StoreUnavailable(detail),
         }
     }
+}
+
+impl From<QueueError> for ApiError {
+    fn from(e: QueueError) -> Self {
+        match e {
+            QueueError::Full { .. } => Self::Busy(e.to_string()),
+            QueueError::Unavailable(_) => Self::StoreUnavailable(e.to_string()),
+        }
+    }
+}
+
+/// The problem object of a queued mail that ended `failed`: what the synchronous answer to the
+/// same refusal would have been (for `GET /mail/{id}`).
+pub fn refusal_problem(refusal: Refusal) -> serde_json::Value {
+    let error = match refusal {
+        Refusal::Delivery(e) => ApiError::from(e),
+        Refusal::Limit(limited) => ApiError::from(LimitError::Limited(limited)),
+    };
+    serde_json::to_value(error.problem()).unwrap_or_default()
 }
 
 impl From<LimitError> for ApiError {

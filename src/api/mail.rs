@@ -14,10 +14,12 @@ use super::form::{self, MailForm};
 use super::json;
 use crate::app::AppState;
 use crate::caller::Caller;
+use crate::config::QueueMode;
 use crate::delivery::{DeliveryError, FailureKind};
 use crate::idempotency::{Fingerprint, IdempotencyKey};
 use crate::message::{Mail, MailRequest, MessageLimits, OutgoingMail, UploadedFile};
-use crate::rate_limit::{LimitError, Reservation};
+use crate::queue::Queue;
+use crate::rate_limit::{LimitError, Reservation, caller_id};
 use crate::telemetry::{metrics, request_log};
 
 /// Mails whose attachments are larger than this are encoded on the blocking pool, so that
@@ -39,18 +41,44 @@ pub struct MailAccepted {
     pub accepted_recipients: Vec<String>,
 }
 
+/// The mail is committed to the relay's queue; workers deliver it (`GET /mail/{id}` follows it).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MailQueued {
+    /// The relay's id for this mail: `GET /mail/{id}` answers its delivery status.
+    #[schema(example = "019ac3f2-6c1e-7b53-9d1a-2f4e5b6c7d8e")]
+    pub id: String,
+    /// The `Message-ID` header the relay set, with angle brackets.
+    #[schema(example = "<019ac3f2-6c1e-7b53-9d1a-2f4e5b6c7d8e@contoso.com>")]
+    pub message_id: String,
+    /// Always `queued`.
+    #[schema(example = "queued")]
+    pub status: &'static str,
+}
+
+/// The RFC 7240 preference that asks for queued delivery.
+const RESPOND_ASYNC: &str = "respond-async";
+
 /// Send one mail.
 ///
-/// Answers 202 only after the SMTP server accepted the mail (250 after DATA). Bcc recipients
-/// go into the envelope only. The relay sets `Message-ID` and `Date`.
+/// Synchronous by default: answers 202 only after the SMTP server accepted the mail (250
+/// after DATA). With `Prefer: respond-async` (or `mailRelay.delivery.queue: always`) and a
+/// durable store, the mail is checked and built the same way, committed to the relay's queue,
+/// and 202 comes with `"status": "queued"` and a `Location` to follow it; workers deliver it
+/// with retries. Bcc recipients go into the envelope only. The relay sets `Message-ID` and
+/// `Date`.
 #[utoipa::path(post, path = "/mail", tag = "mail", security(("bearer" = [])),
     params(("Idempotency-Key" = Option<String>, Header,
-        description = "1 to 255 visible ASCII characters (a UUID is best). A retry with the same key and body returns the first answer (marked `Idempotent-Replayed: true`) without sending again.")),
+        description = "1 to 255 visible ASCII characters (a UUID is best). A retry with the same key and body returns the first answer (marked `Idempotent-Replayed: true`) without sending again."),
+        ("Prefer" = Option<String>, Header,
+        description = "`respond-async` (RFC 7240): queue the mail and answer once it is committed, instead of waiting for the SMTP server. Honoured when the relay has a durable store (`mailRelay.store.url` sqlite or postgres) and `mailRelay.delivery.queue` is not `never`; the answer then carries `Preference-Applied: respond-async`.")),
     request_body(description = "The mail: JSON with base64 attachments, or a form with a `mail` JSON part and file parts",
         content((MailRequest = "application/json"), (MailForm = "multipart/form-data"))),
     responses(
-        (status = 202, description = "The SMTP server accepted the mail", body = MailAccepted,
-            headers(("Idempotent-Replayed" = bool, description = "`true` when this is the stored answer to an earlier request with the same Idempotency-Key"))),
+        (status = 202, description = "The SMTP server accepted the mail (`MailAccepted`), or, queued, the relay committed it to its queue (`MailQueued`)", body = inline(MailAnswer),
+            headers(("Idempotent-Replayed" = bool, description = "`true` when this is the stored answer to an earlier request with the same Idempotency-Key"),
+                ("Location" = String, description = "Queued only: the mail's status, `GET /mail/{id}`"),
+                ("Preference-Applied" = String, description = "`respond-async` when the request's `Prefer: respond-async` was honoured"))),
         (status = 400, description = "`invalid_request`: malformed JSON, or invalid fields, each listed in `errors`; `too_many_recipients`: more than `mailRelay.limits.maxRecipients` in to + cc + bcc, or more than `mailRelay.rateLimits.mailboxRecipientsPerDay` allows in a whole day",
             body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`: no credentials, or an unknown API key or invalid access token; see `WWW-Authenticate`", body = Problem, content_type = "application/problem+json",
@@ -76,6 +104,7 @@ pub async fn send_mail(
 ) -> Result<Response, ApiError> {
     request_log::note_caller(&caller);
     let key = IdempotencyKey::from_headers(&headers)?;
+    let queued = queue_mode(&state, &headers);
     let fingerprint = submission.fingerprint;
     // The send runs as a task of its own: when the client goes away or the request times out,
     // a send past DATA still finishes and its answer is stored under the Idempotency-Key, so a
@@ -84,7 +113,9 @@ pub async fn send_mail(
         state
             .idempotency
             .run(&caller, key, fingerprint, || async {
-                deliver(&state, &caller, submission).await.into_response()
+                deliver(&state, &caller, submission, queued)
+                    .await
+                    .into_response()
             })
             .await
     });
@@ -99,12 +130,33 @@ pub async fn send_mail(
     }
 }
 
-/// Validate, check send-as, build, take the rate-limit quota, hand over.
+/// How this request is delivered: `None` synchronously; `Some(preferred)` queued, `preferred`
+/// when the client asked with `Prefer: respond-async` (which the answer then says it applied).
+fn queue_mode(state: &AppState, headers: &HeaderMap) -> Option<bool> {
+    state.queue.as_ref()?;
+    let preferred = headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| {
+            let token = p.split([';', '=']).next().unwrap_or_default().trim();
+            token.eq_ignore_ascii_case(RESPOND_ASYNC)
+        });
+    match state.settings.relay.queue.mode {
+        QueueMode::Always => Some(preferred),
+        QueueMode::Prefer if preferred => Some(true),
+        _ => None,
+    }
+}
+
+/// Validate, check send-as, build, take the rate-limit quota, hand over (or queue).
 async fn deliver(
     state: &AppState,
     caller: &Caller,
     submission: Submission,
-) -> Result<(StatusCode, Json<MailAccepted>), ApiError> {
+    queued: Option<bool>,
+) -> Result<Response, ApiError> {
     let limits = MessageLimits::from(&state.settings.relay.limits);
     // Held to the end of the send, on every path out of this function.
     let _charge = submission.charge;
@@ -115,6 +167,9 @@ async fn deliver(
     request_log::note_from(from.as_str());
     state.send_as.check(caller, from.as_str()).await?;
     let outgoing = build(mail, limits).await?;
+    if let (Some(queue), Some(preferred)) = (&state.queue, queued) {
+        return enqueue(state, queue, caller, outgoing, preferred).await;
+    }
     let quota = state
         .rate_limits
         .reserve(caller, outgoing.envelope.to().len())
@@ -145,7 +200,73 @@ async fn deliver(
             message_id: outgoing.message_id,
             accepted_recipients: receipt.accepted,
         }),
-    ))
+    )
+        .into_response())
+}
+
+/// Commit the mail to the queue. The caller's own limits are taken now; the mailbox's when a
+/// worker sends it (a mail that could never fit the mailbox's day is refused here).
+async fn enqueue(
+    state: &AppState,
+    queue: &Queue,
+    caller: &Caller,
+    outgoing: OutgoingMail,
+    preferred: bool,
+) -> Result<Response, ApiError> {
+    let recipients = outgoing.envelope.to().len();
+    state
+        .rate_limits
+        .mailbox_fits(recipients)
+        .map_err(|limited| ApiError::from(LimitError::Limited(limited)))?;
+    let quota = state
+        .rate_limits
+        .reserve_caller(caller, recipients)
+        .await
+        .inspect_err(|e| {
+            if let LimitError::Limited(limited) = e {
+                metrics::rate_limited(limited.kind.metric_scope());
+            }
+        })?;
+    if let Err(e) = queue.enqueue(&caller_id(caller), &outgoing).await {
+        state.rate_limits.refund(quota).await;
+        return Err(e.into());
+    }
+    quota.keep();
+    request_log::note_mail(
+        &outgoing.id,
+        &outgoing.message_id,
+        recipients,
+        outgoing.formatted.len(),
+    );
+    let location = format!(
+        "{}/mail/{}",
+        state.settings.relay.http.base_path, outgoing.id
+    );
+    let mut response = (
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(MailQueued {
+            id: outgoing.id,
+            message_id: outgoing.message_id,
+            status: "queued",
+        }),
+    )
+        .into_response();
+    if preferred {
+        response.headers_mut().insert(
+            "preference-applied",
+            axum::http::HeaderValue::from_static(RESPOND_ASYNC),
+        );
+    }
+    Ok(response)
+}
+
+/// What `POST /mail` answers with 202.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+enum MailAnswer {
+    Sent(MailAccepted),
+    Queued(MailQueued),
 }
 
 /// What a failed hand-over means beyond its answer: quota back unless the server may have

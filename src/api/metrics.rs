@@ -5,6 +5,7 @@ use axum::http::header;
 use axum::response::IntoResponse;
 
 use crate::app::AppState;
+use crate::queue::Queue;
 
 /// Prometheus text exposition format, version 0.0.4.
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -31,8 +32,11 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let smtp = state.sender.smtp_state();
     (
         [(header::CONTENT_TYPE, CONTENT_TYPE)],
-        state
-            .metrics
-            .render(tokens.as_ref(), smtp.as_ref(), state.store.state().as_ref()),
+        state.metrics.render(
+            tokens.as_ref(),
+            smtp.as_ref(),
+            state.store.state().as_ref(),
+            state.queue.as_ref().map(Queue::depth).as_ref(),
+        ),
     )
 }

@@ -8,6 +8,7 @@ pub mod form;
 pub mod health;
 pub mod json;
 pub mod mail;
+pub mod mail_status;
 pub mod metrics;
 pub mod openapi;
 

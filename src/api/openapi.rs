@@ -8,7 +8,7 @@ use utoipa::openapi::example::ExampleBuilder;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{budget, docs, errors, form, health, mail, metrics};
+use super::{budget, docs, errors, form, health, mail, mail_status, metrics};
 use crate::app::AppState;
 use crate::config::HttpSettings;
 use crate::message;
@@ -20,11 +20,14 @@ use crate::message;
         description = "HTTP-to-SMTP relay for Microsoft 365: sends mail through Exchange Online with OAuth2 (SASL XOAUTH2).",
         license(name = "MIT OR Apache-2.0"),
     ),
-    paths(health::live, health::ready, metrics::metrics, mail::send_mail, openapi_json, docs::docs_page),
+    paths(health::live, health::ready, metrics::metrics, mail::send_mail, mail_status::mail_status, openapi_json, docs::docs_page),
     components(schemas(
         errors::Problem,
         errors::FieldError,
         mail::MailAccepted,
+        mail::MailQueued,
+        mail_status::MailStatus,
+        mail_status::AttemptStatus,
         form::MailForm,
         message::MailRequest,
         message::request::AttachmentInput,

@@ -12,6 +12,7 @@ mod mask;
 mod observe;
 mod placeholders;
 mod proxy;
+mod queue;
 mod raw;
 mod resolve;
 mod send_email;
@@ -28,6 +29,7 @@ use url::Url;
 
 pub use keys::env_name;
 pub use load::{ConfigError, LoadOptions, Loaded, SettingError, listener, load, load_str};
+pub use queue::{QueueMode, QueueSettings};
 pub use store::{StoreSettings, StoreUrl};
 pub use validate::{is_loopback_host, read_ca_certificates};
 
@@ -144,6 +146,8 @@ pub struct RelaySettings {
     pub idempotency: IdempotencySettings,
     /// `mailRelay.store.*`: where shared state lives.
     pub store: StoreSettings,
+    /// `mailRelay.delivery.queue` and the delivery workers' retries.
+    pub queue: QueueSettings,
     pub http: HttpSettings,
     pub shutdown: ShutdownSettings,
     /// `mailRelay.adminMail`: notices to administrators; `None` when off (the default).

@@ -329,7 +329,9 @@ fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
         ),
     };
     let rate_limits = rate_limits(ctx, limits.max_recipients);
+    let store = super::store::store(ctx);
     RelaySettings {
+        queue: super::queue::queue(ctx, &store.url),
         delivery,
         smtp: SmtpTuning {
             max_connections,
@@ -347,7 +349,7 @@ fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
         cors: Default::default(),
         rate_limits,
         idempotency: idempotency(ctx),
-        store: super::store::store(ctx),
+        store,
         http: Default::default(),
         shutdown: Default::default(),
         admin_mail: None,

@@ -13,6 +13,8 @@ pub use error::{Blame, DeliveryError, FailureKind};
 pub use outbox::Outbox;
 pub use smtp::example_failures;
 
+pub use crate::smtp::BeforeUpload;
+
 use crate::message::OutgoingMail;
 
 /// What a successful hand-over returns.
@@ -28,6 +30,22 @@ pub struct Receipt {
 #[async_trait]
 pub trait MailSender: Send + Sync + 'static {
     async fn send(&self, mail: &OutgoingMail) -> Result<Receipt, DeliveryError>;
+
+    /// As [`MailSender::send`], asking `before_upload` right before the message goes out (the
+    /// queue's exactness mark); its `Err` stops the send with [`FailureKind::Store`]. A sender
+    /// without a dialogue asks it first thing.
+    async fn send_marked(
+        &self,
+        mail: &OutgoingMail,
+        before_upload: Option<BeforeUpload<'_>>,
+    ) -> Result<Receipt, DeliveryError> {
+        if let Some(before_upload) = before_upload {
+            before_upload()
+                .await
+                .map_err(|detail| DeliveryError::Smtp(crate::smtp::SmtpError::Halted(detail)))?;
+        }
+        self.send(mail).await
+    }
 
     /// Finish politely at shutdown (e.g. QUIT idle SMTP connections); sends in flight finish.
     async fn close(&self) {}

@@ -3,14 +3,22 @@
 
 use async_trait::async_trait;
 
-use super::{Blame, DeliveryError, FailureKind, MailSender, Receipt};
+use super::{BeforeUpload, Blame, DeliveryError, FailureKind, MailSender, Receipt};
 use crate::message::OutgoingMail;
 use crate::smtp::{SmtpError, SmtpErrorKind, SmtpReceipt, SmtpSender, SmtpState, Stage};
 
 #[async_trait]
 impl MailSender for SmtpSender {
     async fn send(&self, mail: &OutgoingMail) -> Result<Receipt, DeliveryError> {
-        self.send_mail(mail)
+        self.send_marked(mail, None).await
+    }
+
+    async fn send_marked(
+        &self,
+        mail: &OutgoingMail,
+        before_upload: Option<BeforeUpload<'_>>,
+    ) -> Result<Receipt, DeliveryError> {
+        self.send_mail_marked(mail, before_upload)
             .await
             .map(
                 |SmtpReceipt {
@@ -44,7 +52,7 @@ impl From<SmtpError> for DeliveryError {
 }
 
 pub(super) fn kind(e: &SmtpError) -> FailureKind {
-    if let SmtpError::Slots(_) = e {
+    if let SmtpError::Slots(_) | SmtpError::Halted(_) = e {
         return FailureKind::Store;
     }
     match e.kind() {

@@ -311,7 +311,7 @@ pub(super) async fn send_test_mail(
         }
     };
     match connection
-        .send(&mail, &std::sync::atomic::AtomicBool::new(false))
+        .send(&mail, &std::sync::atomic::AtomicBool::new(false), None)
         .await
     {
         Ok(receipt) => Step::pass(

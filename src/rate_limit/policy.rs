@@ -215,43 +215,87 @@ impl RateLimits {
         caller: &Caller,
         recipients: usize,
     ) -> Result<Reservation, LimitError> {
+        self.reserve_on(Some(caller), true, recipients).await
+    }
+
+    /// Reserve on the caller's own limits only: a queued mail takes its share of the caller's
+    /// windows when it is accepted, and the mailbox's when a worker sends it.
+    pub async fn reserve_caller(
+        &self,
+        caller: &Caller,
+        recipients: usize,
+    ) -> Result<Reservation, LimitError> {
+        self.reserve_on(Some(caller), false, recipients).await
+    }
+
+    /// Reserve on the mailbox's limits only (a queued mail, as a worker sends it).
+    pub async fn reserve_mailbox(&self, recipients: usize) -> Result<Reservation, LimitError> {
+        self.reserve_on(None, true, recipients).await
+    }
+
+    /// A mail with `recipients` recipients could ever fit the mailbox's day: one that cannot is
+    /// refused when it is accepted, not left in the queue.
+    pub fn mailbox_fits(&self, recipients: usize) -> Result<(), RateLimited> {
+        let cost = u32::try_from(recipients).unwrap_or(u32::MAX);
+        match self.settings.mailbox_recipients_per_day {
+            Some(max) if cost > max.get() => Err(RateLimited {
+                kind: LimitKind::MailboxRecipients,
+                max: max.get(),
+                cost,
+                retry_after: LimitKind::MailboxRecipients.window(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    async fn reserve_on(
+        &self,
+        caller: Option<&Caller>,
+        mailbox_limits: bool,
+        recipients: usize,
+    ) -> Result<Reservation, LimitError> {
         let recipients = u32::try_from(recipients).unwrap_or(u32::MAX);
         let mailbox = |kind| LimitKey {
             kind,
             subject: self.mailbox.to_string(),
         };
         let s = &self.settings;
-        let asks: Vec<Ask> = [
-            (
+        let mut limits = Vec::with_capacity(4);
+        if let Some(caller) = caller {
+            let subject = caller_id(caller);
+            limits.push((
                 s.caller_messages_per_minute,
                 1,
                 LimitKey {
                     kind: LimitKind::CallerMessages,
-                    subject: caller_id(caller),
+                    subject: subject.clone(),
                 },
-            ),
-            (
+            ));
+            limits.push((
                 s.caller_recipients_per_day,
                 recipients,
                 LimitKey {
                     kind: LimitKind::CallerRecipients,
-                    subject: caller_id(caller),
+                    subject,
                 },
-            ),
-            (
+            ));
+        }
+        if mailbox_limits {
+            limits.push((
                 s.mailbox_messages_per_minute,
                 1,
                 mailbox(LimitKind::MailboxMessages),
-            ),
-            (
+            ));
+            limits.push((
                 s.mailbox_recipients_per_day,
                 recipients,
                 mailbox(LimitKind::MailboxRecipients),
-            ),
-        ]
-        .into_iter()
-        .filter_map(|(max, cost, key)| max.map(|max| Ask { key, cost, max }))
-        .collect();
+            ));
+        }
+        let asks: Vec<Ask> = limits
+            .into_iter()
+            .filter_map(|(max, cost, key)| max.map(|max| Ask { key, cost, max }))
+            .collect();
         if asks.is_empty() {
             return Ok(Reservation::default());
         }

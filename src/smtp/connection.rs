@@ -14,9 +14,9 @@ use lettre::transport::smtp::extension::{Extension, MailBodyParameter, MailParam
 use lettre::transport::smtp::response::{Code, Response};
 use secrecy::{ExposeSecret, SecretString};
 
-use super::SmtpReceipt;
 use super::error::{SmtpError, Stage};
 use super::tls::is_certificate_error;
+use super::{BeforeUpload, SmtpReceipt};
 use crate::message::OutgoingMail;
 use crate::token::AccessToken;
 
@@ -232,6 +232,7 @@ impl Connection {
         &mut self,
         mail: &OutgoingMail,
         uploading: &AtomicBool,
+        before_upload: Option<BeforeUpload<'_>>,
     ) -> Result<SmtpReceipt, SmtpError> {
         let envelope = &mail.envelope;
         let from = envelope.from().map(ToString::to_string).unwrap_or_default();
@@ -280,6 +281,9 @@ impl Connection {
             for (command, stage) in commands {
                 self.command(command, stage).await?;
             }
+        }
+        if let Some(before_upload) = before_upload {
+            before_upload().await.map_err(SmtpError::Halted)?;
         }
         self.command(Data, Stage::Data).await?;
         uploading.store(true, Ordering::Relaxed);

@@ -138,6 +138,9 @@ pub enum SmtpError {
     /// The mailbox's connection slots, shared with other replicas, could not be asked.
     #[error("the shared connection slots could not be taken: {0}")]
     Slots(String),
+    /// The caller's check before the upload ([`super::BeforeUpload`]) said no; nothing was sent.
+    #[error("the send stopped before the message went out: {0}")]
+    Halted(String),
 }
 
 fn hint_suffix(kind: SmtpErrorKind) -> String {
@@ -185,7 +188,7 @@ impl SmtpError {
             Self::Deadline { .. } => SmtpErrorKind::Transient,
             Self::Setup { .. } => SmtpErrorKind::Setup,
             // The store may answer again in a moment.
-            Self::Slots(_) => SmtpErrorKind::Transient,
+            Self::Slots(_) | Self::Halted(_) => SmtpErrorKind::Transient,
         }
     }
 
@@ -283,6 +286,8 @@ impl SmtpError {
                         Stage::MailFrom(_) | Stage::RcptTo(_) | Stage::Data | Stage::EndOfData
                     )
             }
+            // Stopped between RCPT and DATA: RSET ends the transaction.
+            Self::Halted(_) => true,
             _ => false,
         }
     }

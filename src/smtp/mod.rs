@@ -61,6 +61,12 @@ pub use error::{SmtpError, SmtpReply, Stage};
 pub use sender::{SmtpSender, SmtpState};
 pub use slots::{ConnectionSlots, SHARED_MAX_IDLE, SLOT_POLL, Slot};
 
+/// Asked right before DATA, once the envelope is accepted: the send goes on only when it answers
+/// `Ok`. The queue records there that the message is about to go out (its exactness mark); an
+/// `Err` ends the attempt with [`SmtpError::Halted`], the session reset and kept.
+pub type BeforeUpload<'a> =
+    &'a (dyn Fn() -> futures_util::future::BoxFuture<'a, Result<(), String>> + Send + Sync);
+
 /// What the server took: the recipients it accepted and its reply to the end of DATA.
 #[derive(Debug, Clone)]
 pub struct SmtpReceipt {

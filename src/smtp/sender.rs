@@ -9,7 +9,6 @@ use std::time::{Duration, Instant, SystemTime};
 use lettre::transport::smtp::extension::ClientId;
 use rand::Rng as _;
 
-use super::SmtpReceipt;
 use super::classify::SmtpErrorKind;
 use super::connect::{Connector, Login};
 use super::connection::Connection;
@@ -17,6 +16,7 @@ use super::error::{SmtpError, SmtpReply, Stage};
 use super::pool::Pool;
 use super::slots::{ConnectionSlots, SHARED_MAX_IDLE, SLOT_POLL};
 use super::tls::TlsSetup;
+use super::{BeforeUpload, SmtpReceipt};
 use crate::config::{Encryption, Settings, SmtpAuthentication};
 use crate::message::OutgoingMail;
 use crate::token::{AccessToken, TokenProvider};
@@ -123,9 +123,18 @@ impl SmtpSender {
     }
 
     /// Sends one mail, retrying within `mailRelay.smtp.sendDeadlineSeconds` as the module doc says.
-    #[tracing::instrument(name = "smtp_send", skip_all, fields(mail_id = %mail.id, message_id = %mail.message_id))]
     pub async fn send_mail(&self, mail: &OutgoingMail) -> Result<SmtpReceipt, SmtpError> {
-        let result = self.inner.send_with_retries(mail).await;
+        self.send_mail_marked(mail, None).await
+    }
+
+    /// As [`SmtpSender::send_mail`], asking `before_upload` right before DATA.
+    #[tracing::instrument(name = "smtp_send", skip_all, fields(mail_id = %mail.id, message_id = %mail.message_id))]
+    pub async fn send_mail_marked(
+        &self,
+        mail: &OutgoingMail,
+        before_upload: Option<BeforeUpload<'_>>,
+    ) -> Result<SmtpReceipt, SmtpError> {
+        let result = self.inner.send_with_retries(mail, before_upload).await;
         match &result {
             Ok(receipt) => {
                 self.inner.sent.fetch_add(1, Ordering::Relaxed);
@@ -158,7 +167,11 @@ impl SmtpSender {
 }
 
 impl Inner {
-    async fn send_with_retries(&self, mail: &OutgoingMail) -> Result<SmtpReceipt, SmtpError> {
+    async fn send_with_retries(
+        &self,
+        mail: &OutgoingMail,
+        before_upload: Option<BeforeUpload<'_>>,
+    ) -> Result<SmtpReceipt, SmtpError> {
         if let Some(refused) = self.standing_refusal().await {
             return Err(refused);
         }
@@ -171,7 +184,7 @@ impl Inner {
             // Only the first refusal drops the token: a fresh token refused too points at
             // the tenant's setup, and stands for a while (`REFUSED_LOGIN_STANDS`).
             let uploading = AtomicBool::new(false);
-            let attempt = self.attempt(mail, !token_retried, &uploading);
+            let attempt = self.attempt(mail, !token_retried, &uploading, before_upload);
             let error = match tokio::time::timeout(remaining, attempt).await {
                 Ok(Ok(receipt)) => return Ok(receipt),
                 Ok(Err(error)) => error,
@@ -194,7 +207,10 @@ impl Inner {
                 continue;
             }
             if !error.is_transient()
-                || matches!(error, SmtpError::Token(_) | SmtpError::Slots(_))
+                || matches!(
+                    error,
+                    SmtpError::Token(_) | SmtpError::Slots(_) | SmtpError::Halted(_)
+                )
                 || error.outcome_unknown()
             {
                 // Token errors: the cache does its own retrying.
@@ -217,6 +233,7 @@ impl Inner {
         mail: &OutgoingMail,
         invalidate_refused_token: bool,
         uploading: &AtomicBool,
+        before_upload: Option<BeforeUpload<'_>>,
     ) -> Result<SmtpReceipt, SmtpError> {
         let _turn = self.pool.turn().await;
         let token = match self.token_source() {
@@ -237,7 +254,7 @@ impl Inner {
                 return Err(error);
             }
         };
-        match connection.send(mail, uploading).await {
+        match connection.send(mail, uploading, before_upload).await {
             Ok(receipt) => {
                 self.check_in(connection).await;
                 Ok(receipt)

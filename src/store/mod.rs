@@ -16,6 +16,7 @@
 
 pub mod db;
 mod idempotency;
+mod queue;
 mod rate_limit;
 mod send_as;
 mod slots;
@@ -25,11 +26,13 @@ use std::time::{Duration, Instant};
 
 pub use self::db::{Db, describe, schema_version};
 pub use self::idempotency::SqlIdempotencyStore;
+pub use self::queue::SqlQueue;
 pub use self::rate_limit::SqlRateLimiter;
 pub use self::send_as::SqlDenials;
 pub use self::slots::{SharedSlots, SlotLock};
 use crate::config::{Settings, StoreSettings};
 use crate::idempotency::{IdempotencyStore, InMemoryStore};
+use crate::queue::QueueStore;
 use crate::rate_limit::{InMemoryRateLimiter, RateLimiter};
 use crate::send_as::{DenialMemory, InMemoryDenials};
 
@@ -282,6 +285,13 @@ impl Store {
             None => Arc::new(InMemoryRateLimiter::new()),
             Some(shared) => Arc::new(SqlRateLimiter::new(Arc::clone(shared))),
         }
+    }
+
+    /// Where queued mails wait; `None` for memory, which could not keep what `202` promised.
+    pub fn queue(&self) -> Option<Arc<dyn QueueStore>> {
+        self.shared
+            .as_ref()
+            .map(|shared| Arc::new(SqlQueue::new(Arc::clone(shared))) as Arc<dyn QueueStore>)
     }
 
     /// Where Exchange's recent SendAsDenied answers are remembered.

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 
 use super::metrics::Metrics;
 use super::request_log;
-use crate::delivery::{Blame, DeliveryError, MailSender, Receipt};
+use crate::delivery::{BeforeUpload, Blame, DeliveryError, MailSender, Receipt};
 use crate::message::OutgoingMail;
 use crate::smtp::SmtpState;
 
@@ -166,8 +166,16 @@ impl ObservedSender {
 #[async_trait]
 impl MailSender for ObservedSender {
     async fn send(&self, mail: &OutgoingMail) -> Result<Receipt, DeliveryError> {
+        self.send_marked(mail, None).await
+    }
+
+    async fn send_marked(
+        &self,
+        mail: &OutgoingMail,
+        before_upload: Option<BeforeUpload<'_>>,
+    ) -> Result<Receipt, DeliveryError> {
         let start = Instant::now();
-        let result = self.inner.send(mail).await;
+        let result = self.inner.send_marked(mail, before_upload).await;
         self.metrics.smtp_send(start.elapsed(), result.is_ok());
         match &result {
             Ok(receipt) => {

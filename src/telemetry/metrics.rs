@@ -13,6 +13,7 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
+use crate::queue::{Depth, MailState};
 use crate::smtp::SmtpState;
 use crate::store::StoreState;
 use crate::token::TokenState;
@@ -39,6 +40,12 @@ pub const STORE_UP: &str = "mail_relay_store_up";
 pub const STORE_SCHEMA_VERSION: &str = "mail_relay_store_schema_version";
 pub const STORE_PING: &str = "mail_relay_store_ping_seconds";
 pub const STORE_FAILURES: &str = "mail_relay_store_query_failures_total";
+pub const QUEUE_MAILS: &str = "mail_relay_queue_mails";
+pub const QUEUE_BYTES: &str = "mail_relay_queue_bytes";
+pub const QUEUE_OLDEST: &str = "mail_relay_queue_oldest_age_seconds";
+pub const QUEUE_ATTEMPTS: &str = "mail_relay_queue_attempts_total";
+pub const QUEUE_RETRIES: &str = "mail_relay_queue_retries_total";
+pub const QUEUE_SWEPT: &str = "mail_relay_queue_swept_total";
 
 /// One application's metrics registry.
 pub struct Metrics {
@@ -121,14 +128,50 @@ impl Metrics {
         self.with(|| gauge!(MAIL_BYTES_IN_FLIGHT).set(bytes as f64));
     }
 
+    /// One queued mail's attempt ended: `outcome` is the state it left the mail in (`sent`,
+    /// `queued` for a retry, `failed`, `expired`, `unknown`).
+    pub fn queue_attempt(&self, outcome: &'static str) {
+        self.with(|| counter!(QUEUE_ATTEMPTS, "outcome" => outcome).increment(1));
+    }
+
+    /// A queued mail will be tried again after a failure of `kind` (a `FailureKind` code).
+    pub fn queue_retry(&self, kind: String) {
+        self.with(|| counter!(QUEUE_RETRIES, "kind" => kind).increment(1));
+    }
+
+    /// The sweep moved `n` mails: `requeued` (dead worker, no upload), `unknown` (dead worker
+    /// while uploading) or `expired`.
+    pub fn queue_swept(&self, outcome: &'static str, n: u64) {
+        self.with(|| counter!(QUEUE_SWEPT, "outcome" => outcome).increment(n));
+    }
+
     /// The Prometheus text, with the values read from the token cache and the SMTP pool now.
     pub fn render(
         &self,
         tokens: Option<&TokenState>,
         smtp: Option<&SmtpState>,
         store: Option<&StoreState>,
+        queue: Option<&Depth>,
     ) -> String {
         self.with(|| {
+            if let Some(depth) = queue {
+                for state in MailState::ALL {
+                    let (count, bytes) = depth
+                        .by_state
+                        .iter()
+                        .find(|(s, ..)| *s == state)
+                        .map_or((0, 0), |(_, count, bytes)| (*count, *bytes));
+                    gauge!(QUEUE_MAILS, "state" => state.as_str()).set(count as f64);
+                    gauge!(QUEUE_BYTES, "state" => state.as_str()).set(bytes as f64);
+                }
+                let now = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let oldest = depth
+                    .oldest_waiting
+                    .map_or(0.0, |at| now.saturating_sub(at) as f64 / 1000.0);
+                gauge!(QUEUE_OLDEST).set(oldest);
+            }
             if let Some(store) = store {
                 let up = store.migrated && store.reachable;
                 gauge!(STORE_UP, "store" => store.kind).set(if up { 1.0 } else { 0.0 });
@@ -239,6 +282,32 @@ fn describe() {
         STORE_FAILURES,
         "Queries to the SQL store that failed or timed out"
     );
+    describe_gauge!(
+        QUEUE_MAILS,
+        "Queued-delivery mails in the store, by state (queued, sending, sent, failed, expired, unknown)"
+    );
+    describe_gauge!(
+        QUEUE_BYTES,
+        ::metrics::Unit::Bytes,
+        "Bytes of MIME the queued-delivery mails hold in the store, by state"
+    );
+    describe_gauge!(
+        QUEUE_OLDEST,
+        ::metrics::Unit::Seconds,
+        "Age of the oldest mail still queued or sending; 0 when none waits"
+    );
+    describe_counter!(
+        QUEUE_ATTEMPTS,
+        "Delivery attempts of queued mails, by the state they left the mail in (queued = will retry)"
+    );
+    describe_counter!(
+        QUEUE_RETRIES,
+        "Queued mails put back for a later attempt, by the failure's kind"
+    );
+    describe_counter!(
+        QUEUE_SWEPT,
+        "Mails the sweep moved: requeued (worker died before the upload), unknown (died while uploading), expired"
+    );
 }
 
 #[cfg(test)]
@@ -259,8 +328,8 @@ mod tests {
         a.count_rate_limited("caller");
         a.count_rate_limited("caller");
         b.count_rate_limited("mailbox_minute");
-        let a = a.render(None, None, None);
-        let b = b.render(None, None, None);
+        let a = a.render(None, None, None, None);
+        let b = b.render(None, None, None, None);
         assert_eq!(
             value(&a, "mail_relay_rate_limited_total{scope=\"caller\"}"),
             Some(2.0),
@@ -294,7 +363,7 @@ mod tests {
             sent: 0,
             failed: 0,
         };
-        let text = metrics.render(Some(&tokens), Some(&smtp), None);
+        let text = metrics.render(Some(&tokens), Some(&smtp), None, None);
         assert_eq!(
             value(&text, "mail_relay_token_fetches_total{outcome=\"success\"}"),
             Some(3.0),
@@ -314,7 +383,7 @@ mod tests {
         let metrics = Metrics::new();
         metrics.http_request("/mail", "POST", 202, Duration::from_millis(30));
         metrics.smtp_send(Duration::from_millis(300), true);
-        let text = metrics.render(None, None, None);
+        let text = metrics.render(None, None, None, None);
         assert_eq!(
             value(
                 &text,

@@ -84,11 +84,15 @@ fn forbidden(room: &str) -> Vec<&'static str> {
             "telemetry",
         ],
         "telemetry" => vec!["admin", "cli", "diagnose"],
+        // Queued delivery sits above `delivery`, beside the API: its rows behind its own trait.
+        "queue" => vec![
+            "smtp", "token", "store", "api", "app", "cli", "diagnose", "http",
+        ],
         // The catalogue of fixes and the clock are leaves: everyone may use them.
         "remedy" | "clock" => return every_room_but(room),
         _ => return Vec::new(),
     };
-    if !matches!(room, "api" | "telemetry") {
+    if !matches!(room, "api" | "telemetry" | "queue") {
         rooms.extend_from_slice(ABOVE);
     }
     rooms.retain(|r| *r != room);

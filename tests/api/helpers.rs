@@ -54,6 +54,7 @@ pub fn test_settings(outbox: PathBuf) -> Settings {
             rate_limits: RateLimitSettings::OFF,
             idempotency: Default::default(),
             store: Default::default(),
+            queue: Default::default(),
             http: Default::default(),
             shutdown: Default::default(),
             admin_mail: None,

@@ -20,6 +20,7 @@ pub mod peer;
 mod peer_smoke;
 pub mod process;
 mod proxy;
+mod queue;
 mod server;
 mod smtp;
 mod store;

@@ -28,20 +28,22 @@ use crate::api::budget::MailBudget;
 use crate::api::{self, ApiError};
 use crate::caller::Authenticator;
 use crate::clock::{Clock, SystemClock};
-use crate::config::{CorsSettings, Delivery, Limits, Settings, SmtpAuthentication};
-use crate::delivery::{MailSender, Outbox};
+use crate::config::{CorsSettings, Limits, Settings};
+use crate::delivery::MailSender;
 use crate::http::drain::{self, InFlight};
 use crate::http::forwarded::{self, ClientAddr, TrustedProxies};
 use crate::http::serve::{ConnectionLimits, Connections, METRICS_MAX_CONNECTIONS};
 use crate::idempotency::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, Idempotency};
+use crate::queue::{Queue, QueueDelivery};
 use crate::rate_limit::{RateLimits, mailbox_of};
 use crate::send_as::SendAsPolicy;
-use crate::smtp::{ConnectionSlots, SmtpSender};
 use crate::store::Store;
 use crate::telemetry::delivery::{ObservedSender, SendHistory};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::request_log::{self, REQUEST_ID};
-use crate::token::{TokenCache, TokenProvider};
+use crate::token::TokenProvider;
+
+mod parts;
 
 /// Shared state: cheap to clone, one `Arc` per part.
 #[derive(Clone)]
@@ -56,6 +58,9 @@ pub struct AppState {
     pub idempotency: Idempotency,
     /// Where the state replicas share lives (`mailRelay.store.url`).
     pub store: Store,
+    /// Queued delivery and its workers; `None` when mails are only sent synchronously (the
+    /// memory store, or `mailRelay.delivery.queue: never`).
+    pub queue: Option<Queue>,
     /// Administrative e-mails (`mailRelay.adminMail`); the mail handler reports failed sends.
     pub admin: AdminNotifier,
     /// This app's Prometheus registry (`GET /metrics`).
@@ -90,31 +95,47 @@ impl AppState {
             .with_allowed_origins(&settings.relay.cors.allowed_origins);
 
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let send_as = SendAsPolicy::with_memory(
+        let send_as = Arc::new(SendAsPolicy::with_memory(
             settings.relay.send_as.clone(),
             settings.send_email.smtp_authentication.username(),
             store.denial_memory(),
-        );
+        ));
         let rate_limits = RateLimits::new(
             settings.relay.rate_limits,
             &mailbox_of(&settings),
             store.rate_limiter(),
             Arc::clone(&clock),
         );
-        let idempotency = Idempotency::new(store.idempotency(&settings), clock);
+        let idempotency = Idempotency::new(store.idempotency(&settings), Arc::clone(&clock));
         let metrics = Arc::new(Metrics::new());
         let sends = Arc::new(SendHistory::default());
         let sender: Arc<dyn MailSender> =
             Arc::new(ObservedSender::new(sender, metrics.clone(), sends.clone()));
         let openapi = serde_json::to_vec(&api::openapi::document_for(&settings.relay.http))
             .map_err(std::io::Error::other)?;
+        let admin = AdminNotifier::new(&settings, Arc::clone(&sender));
+        let queue = parts::queue_for(
+            &settings,
+            &store,
+            QueueDelivery {
+                sender: Arc::clone(&sender),
+                rate_limits: rate_limits.clone(),
+                send_as: Arc::clone(&send_as),
+                admin: admin.clone(),
+                metrics: Arc::clone(&metrics),
+                clock,
+                explain: api::errors::refusal_problem,
+                send_deadline: settings.relay.smtp.send_deadline,
+            },
+        );
         Ok(Self {
             openapi: openapi.into(),
             budget: MailBudget::new(settings.relay.limits.max_in_flight_bytes),
-            admin: AdminNotifier::new(&settings, Arc::clone(&sender)),
+            admin,
+            queue,
             sender,
             authenticator: Arc::new(authenticator),
-            send_as: Arc::new(send_as),
+            send_as,
             tokens: None,
             rate_limits,
             idempotency,
@@ -173,8 +194,8 @@ impl Application {
     pub async fn build(settings: Settings) -> std::io::Result<Self> {
         let settings = Arc::new(settings);
         let store = Store::open(&settings.relay.store).map_err(std::io::Error::other)?;
-        let tokens = token_cache_for(&settings)?;
-        let sender = sender_for(&settings, tokens.clone(), &store)?;
+        let tokens = parts::token_cache_for(&settings)?;
+        let sender = parts::sender_for(&settings, tokens.clone(), &store)?;
         Self::assemble(settings, sender, tokens, store).await
     }
 
@@ -244,6 +265,10 @@ impl Application {
                 shutdown.await;
                 let _ = signalled.send(tokio::time::Instant::now());
                 state.start_draining();
+                // Workers claim nothing more; the mails they hold finish below.
+                if let Some(queue) = &state.queue {
+                    queue.stop();
+                }
                 tracing::info!(
                     drain_delay_seconds = drain.drain_delay.as_secs(),
                     deadline_seconds = drain.deadline.as_secs(),
@@ -303,8 +328,12 @@ impl Application {
             let closing = closing.clone();
             let sender = state.sender.clone();
             let admin = state.admin.clone();
+            let queue = state.queue.clone();
             async move {
                 serve.await?;
+                if let Some(queue) = queue {
+                    queue.stopped().await;
+                }
                 // Every request has finished: tell the administrators, then say QUIT on the
                 // idle SMTP connections.
                 admin.stopping().await;
@@ -350,53 +379,6 @@ impl Application {
     /// Serve until SIGTERM or Ctrl-C.
     pub async fn run(self) -> std::io::Result<()> {
         self.run_until(shutdown_signal()).await
-    }
-}
-
-/// One token cache for the whole process, when mail goes out over SMTP with MS_OAUTH.
-fn token_cache_for(settings: &Settings) -> std::io::Result<Option<Arc<dyn TokenProvider>>> {
-    match (
-        &settings.relay.delivery,
-        &settings.send_email.smtp_authentication,
-    ) {
-        (Delivery::Smtp, SmtpAuthentication::MsOAuth { oauth, .. }) => {
-            let cache = TokenCache::new(oauth).map_err(std::io::Error::other)?;
-            Ok(Some(Arc::new(cache)))
-        }
-        _ => Ok(None),
-    }
-}
-
-fn sender_for(
-    settings: &Settings,
-    tokens: Option<Arc<dyn TokenProvider>>,
-    store: &Store,
-) -> std::io::Result<Arc<dyn MailSender>> {
-    match &settings.relay.delivery {
-        Delivery::Outbox { dir } => Ok(Arc::new(Outbox::new(dir.clone()))),
-        Delivery::Smtp => {
-            // With a shared store, the mailbox's connection cap holds across replicas.
-            let slots = store
-                .connection_slots(&mailbox_of(settings), settings.relay.smtp.max_connections)
-                .map(|slots| Arc::new(StoreSlots(slots)) as Arc<dyn ConnectionSlots>);
-            SmtpSender::with_slots(settings, tokens, slots)
-                .map(|sender| Arc::new(sender) as Arc<dyn MailSender>)
-                .map_err(std::io::Error::other)
-        }
-    }
-}
-
-/// The store's shared connection slots, as the SMTP transport asks for them.
-struct StoreSlots(crate::store::SharedSlots);
-
-#[async_trait::async_trait]
-impl ConnectionSlots for StoreSlots {
-    async fn try_acquire(&self) -> Result<Option<crate::smtp::Slot>, String> {
-        Ok(self
-            .0
-            .try_acquire()
-            .await?
-            .map(|lock| Box::new(lock) as crate::smtp::Slot))
     }
 }
 
@@ -457,6 +439,7 @@ pub fn router(state: AppState) -> Router {
 
     let mut routes = Router::new()
         .route("/mail", post(api::mail::send_mail))
+        .route("/mail/{id}", get(api::mail_status::mail_status))
         .route("/health/live", get(api::health::live))
         .route("/health/ready", get(api::health::ready))
         .route("/openapi.json", get(api::openapi::openapi_json));
