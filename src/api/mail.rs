@@ -261,8 +261,9 @@ async fn enqueue(
     Ok(response)
 }
 
-/// What `POST /mail` answers with 202.
-#[derive(ToSchema)]
+/// What `POST /mail` answers with 202: one of the two bodies, as they are (no tag).
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
 #[allow(dead_code)]
 enum MailAnswer {
     Sent(MailAccepted),
