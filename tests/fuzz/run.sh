@@ -2,7 +2,10 @@
 # API fuzzing: schemathesis against a running relay's /openapi.json, with a valid API key.
 # Starts a relay (debug build) in outbox mode on a free loopback port, runs schemathesis with a
 # bounded number of examples per operation and every check but positive_data_acceptance (the
-# schema cannot express cross-field rules such as "contentId needs an html body"), and fails on
+# schema cannot express cross-field rules such as "contentId needs an html body") and
+# ensure_resource_availability (this relay, on the memory store, sends synchronously: a sent mail's
+# id has no status to GET, as `GET /mail/{id}` documents; tests/api/queue.rs covers the queued
+# ids against real stores), and fails on
 # any 5xx, any answer that does not match the OpenAPI document (status, content type, headers,
 # body), a schema-violating request that is accepted, or a request without credentials that is.
 # Usage: bash tests/fuzz/run.sh   (env: MAIL_RELAY_FUZZ_EXAMPLES=200 per operation,
@@ -74,7 +77,7 @@ cd "$work"
 "$venv/bin/st" run "http://127.0.0.1:$port/openapi.json" \
     --header "Authorization: Bearer $api_key" \
     --checks "${MAIL_RELAY_FUZZ_CHECKS:-all}" \
-    --exclude-checks "${MAIL_RELAY_FUZZ_EXCLUDE_CHECKS:-positive_data_acceptance}" \
+    --exclude-checks "${MAIL_RELAY_FUZZ_EXCLUDE_CHECKS:-positive_data_acceptance,ensure_resource_availability}" \
     --max-examples "$examples" \
     --seed "$seed" \
     --no-color || status=$?
