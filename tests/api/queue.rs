@@ -9,13 +9,13 @@ use mail_relay::config::{
     Delivery, Encryption, QueueMode, Settings, SmtpAuthentication, StoreSettings, StoreUrl,
 };
 use mail_relay::queue::{Attempt, Finish, MailState, NewMail};
-use mail_relay::store::Store;
 use serde_json::{Value, json};
 use sqlx::Connection;
 
 use crate::helpers::{TestApp, spawn_built, test_settings};
 use crate::peer::Peer;
 use crate::require_peer;
+use crate::store::{now_ms, open};
 use crate::store_settings::postgres;
 
 /// The stores a test runs on: SQLite in `dir`, and PostgreSQL in a fresh schema (under
@@ -455,23 +455,6 @@ async fn with_the_memory_store_a_preference_for_async_is_ignored() {
         json!(["alice@contoso.test"]),
         "sent at once: {body}"
     );
-}
-
-async fn open(settings: &StoreSettings) -> Store {
-    let store = Store::open(settings).unwrap();
-    assert!(
-        store.wait_until_migrated(Duration::from_secs(20)).await,
-        "{:?}",
-        store.state()
-    );
-    store
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
 }
 
 /// The exactness rules on the store itself, with two replicas' stores on one database: a mail

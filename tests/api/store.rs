@@ -32,7 +32,7 @@ fn stores(dir: &tempfile::TempDir, test: &str) -> Vec<StoreSettings> {
     stores
 }
 
-async fn open(settings: &StoreSettings) -> Store {
+pub(crate) async fn open(settings: &StoreSettings) -> Store {
     let store = Store::open(settings).unwrap();
     assert!(
         store.wait_until_migrated(Duration::from_secs(20)).await,
@@ -57,7 +57,7 @@ fn sql_idempotency(store: &Store, ttl: Duration) -> Arc<dyn IdempotencyStore> {
     store.idempotency(&settings)
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     u64::try_from(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
