@@ -102,22 +102,24 @@ pub async fn mail_status(
         .status(&caller_id(&caller), &id)
         .await
         .map_err(ApiError::StoreUnavailable)?;
-    record.map(status).map(Json).ok_or_else(not_found)
+    record.map(MailStatus::from).map(Json).ok_or_else(not_found)
 }
 
-fn status(record: MailRecord) -> MailStatus {
-    MailStatus {
-        id: record.id,
-        message_id: record.message_id,
-        status: record.state.as_str(),
-        created_at: rfc3339(record.created_at),
-        expires_at: rfc3339(record.expires_at),
-        next_attempt_at: record.next_attempt_at.map(rfc3339),
-        finished_at: record.finished_at.map(rfc3339),
-        attempt_count: record.attempts,
-        attempts: record.history.into_iter().map(attempt).collect(),
-        accepted_recipients: record.accepted,
-        problem: record.problem,
+impl From<MailRecord> for MailStatus {
+    fn from(record: MailRecord) -> Self {
+        Self {
+            id: record.id,
+            message_id: record.message_id,
+            status: record.state.as_str(),
+            created_at: rfc3339(record.created_at),
+            expires_at: rfc3339(record.expires_at),
+            next_attempt_at: record.next_attempt_at.map(rfc3339),
+            finished_at: record.finished_at.map(rfc3339),
+            attempt_count: record.attempts,
+            attempts: record.history.into_iter().map(attempt).collect(),
+            accepted_recipients: record.accepted,
+            problem: record.problem,
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mail-relay");
-const SECRET: &str = "Zx8Q~cli-secret-value~7";
+pub(crate) const SECRET: &str = "Zx8Q~cli-secret-value~7";
 
 /// A command with a clean environment, so the host's variables cannot leak in.
 fn mail_relay(args: &[&str], env: &[(&str, &str)]) -> Command {
@@ -20,7 +20,7 @@ fn mail_relay(args: &[&str], env: &[(&str, &str)]) -> Command {
     command
 }
 
-fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+pub(crate) fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     mail_relay(args, env).output().unwrap()
 }
 
@@ -40,17 +40,17 @@ fn run_with_stdin(args: &[&str], env: &[(&str, &str)], stdin: &str) -> Output {
     child.wait_with_output().unwrap()
 }
 
-fn text(bytes: &[u8]) -> String {
+pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-fn write_config(dir: &Path, yaml: &str) -> String {
+pub(crate) fn write_config(dir: &Path, yaml: &str) -> String {
     let path = dir.join("settings.yml");
     std::fs::write(&path, yaml).unwrap();
     path.display().to_string()
 }
 
-fn valid_yaml(secret: &str) -> String {
+pub(crate) fn valid_yaml(secret: &str) -> String {
     format!(
         "featureSwitches:\n  sendEmail:\n    smtpServer: smtp.office365.com\n    smtpPort: 587\n    smtpEncryption: TLS\n    smtpAuthentication: MS_OAUTH\n    smtpUsername: relay@contoso.com\n    oAuthClientId: c1\n    oAuthClientSecret: \"{secret}\"\n    oAuthTenantId: contoso.onmicrosoft.com\n"
     )

@@ -562,3 +562,148 @@ async fn a_dead_workers_claim_is_queued_again_before_the_upload_and_unknown_afte
         assert_eq!(a.forget_finished(now + 10_000).await.unwrap(), 1);
     }
 }
+
+/// `mail-relay queue list|show|retry|drop`, through the built binary on an SQLite store that
+/// holds a queued, a failed and a sent mail.
+#[tokio::test]
+async fn the_queue_commands_list_show_retry_and_drop_mails() {
+    use crate::cli::{SECRET, run, text, valid_yaml, write_config};
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("queue.db");
+    let settings = StoreSettings {
+        url: StoreUrl::Sqlite(db.clone()),
+        ..StoreSettings::default()
+    };
+    let queue = open(&settings).await.queue().unwrap();
+    let now = now_ms();
+    let recipients = vec!["alice@contoso.test".to_owned()];
+    let ids: Vec<String> = (0..3).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    for id in &ids {
+        queue
+            .enqueue(NewMail {
+                id,
+                caller: "key:tests",
+                message_id: "<m@contoso.test>",
+                from: "app@contoso.test",
+                recipients: &recipients,
+                mime: b"Subject: x\r\n\r\nhi\r\n",
+                now,
+                expires_at: now + 60_000,
+            })
+            .await
+            .unwrap();
+    }
+    let history = [Attempt {
+        at: now,
+        kind: "smtp_rejected".into(),
+        reply: Some("550 5.7.1 no".into()),
+        detail: "refused".into(),
+    }];
+    let mut ended = Vec::new();
+    for end in [
+        Finish::Failed {
+            problem: json!({"code": "smtp_rejected"}),
+        },
+        Finish::Sent {
+            reply: "250 ok".into(),
+            accepted: recipients.clone(),
+        },
+    ] {
+        let claimed = queue
+            .claim("t/0", now, now + 60_000)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            queue
+                .finish(&claimed.id, "t/0", &end, &history, now)
+                .await
+                .unwrap()
+        );
+        ended.push(claimed.id);
+    }
+    let (failed, sent) = (&ended[0], &ended[1]);
+    let queued = ids.iter().find(|id| !ended.contains(id)).unwrap();
+
+    let yaml = format!(
+        "{}mailRelay:\n  store:\n    url: sqlite:{}\n",
+        valid_yaml(SECRET),
+        db.display()
+    );
+    let config = write_config(dir.path(), &yaml);
+    let queue_cmd = |args: &[&str]| {
+        let mut all = vec!["--config", config.as_str(), "queue"];
+        all.extend_from_slice(args);
+        run(&all, &[])
+    };
+
+    let out = queue_cmd(&["list"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let listing = text(&out.stdout);
+    for (id, state) in [(queued, "queued"), (failed, "failed"), (sent, "sent")] {
+        let line = listing
+            .lines()
+            .find(|l| l.starts_with(id.as_str()))
+            .unwrap();
+        assert!(line.contains(state), "{line}");
+    }
+    assert!(
+        listing.contains("3 shown; in the store: queued 1, sending 0, sent 1, failed 1"),
+        "{listing}"
+    );
+    let out = queue_cmd(&["list", "--state", "failed"]);
+    let listing = text(&out.stdout);
+    assert!(listing.contains(failed.as_str()) && !listing.contains(sent.as_str()));
+    let out = queue_cmd(&["list", "--state", "lost"]);
+    assert_eq!(out.status.code(), Some(2), "a bad state is a usage error");
+    assert!(text(&out.stderr).contains("one of queued, sending"));
+
+    let out = queue_cmd(&["show", failed]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(shown.contains("caller:     key:tests"), "{shown}");
+    let status: Value = serde_json::from_str(&shown[shown.find('{').unwrap()..]).unwrap();
+    assert_eq!(status["status"], "failed");
+    assert_eq!(status["problem"]["code"], "smtp_rejected");
+    assert_eq!(status["attempts"][0]["reply"], "550 5.7.1 no");
+
+    // A failed mail is queued again; a sent one is not sent twice.
+    let out = queue_cmd(&["retry", failed]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let record = queue.get(failed).await.unwrap().unwrap();
+    assert_eq!(record.state, MailState::Queued);
+    assert!(record.problem.is_none());
+    let out = queue_cmd(&["retry", sent]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("was sent"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        queue.get(sent).await.unwrap().unwrap().state,
+        MailState::Sent
+    );
+
+    let out = queue_cmd(&["drop", queued]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(queue.get(queued).await.unwrap().is_none());
+    for missing in [queued.as_str(), "not-an-id"] {
+        let out = queue_cmd(&["show", missing]);
+        assert_eq!(out.status.code(), Some(1), "{missing}");
+    }
+
+    // Without a store there is no queue to act on: a settings error.
+    let out = run(
+        &[
+            "--config",
+            &write_config(dir.path(), &valid_yaml(SECRET)),
+            "queue",
+            "list",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("mailRelay.store.url"));
+}

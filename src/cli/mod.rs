@@ -1,4 +1,6 @@
-//! The command line: `serve`, `check-config`, `encrypt-secret`, `healthcheck`.
+//! The command line: `serve`, `check-config`, `encrypt-secret`, `healthcheck`, `queue`, ...
+
+mod queue;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -71,6 +73,12 @@ pub enum Command {
         #[arg(long, requires = "send_test")]
         to: Option<String>,
     },
+    /// Look at and act on queued mails (in the store of mailRelay.store.url): list, show ID,
+    /// retry ID, drop ID.
+    Queue {
+        #[command(subcommand)]
+        command: queue::QueueCommand,
+    },
 }
 
 /// Run the parsed command line; the exit code says how it went.
@@ -115,6 +123,15 @@ pub async fn run(cli: Cli) -> ExitCode {
                 _ => None,
             };
             diagnose(&cli.config, test.as_ref()).await
+        }
+        Command::Queue { ref command } => {
+            match config::load(&LoadOptions::from_process(cli.config.clone())) {
+                Ok(loaded) => queue::run(&loaded.settings, command).await,
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(EXIT_INVALID)
+                }
+            }
         }
     }
 }
