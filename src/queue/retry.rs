@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use crate::clock::{Millis, duration_ms};
 use crate::config::QueueSettings;
 use crate::delivery::{DeliveryError, FailureKind};
 
@@ -57,6 +58,43 @@ pub fn pause(
     jittered.max(floor.unwrap_or_default())
 }
 
+/// A replica's pause after the server, the network or Entra ID failed (not one mail): its
+/// workers claim nothing until it passes, so that an outage costs a few probing attempts instead
+/// of one attempt (and a longer back-off) for every mail in the queue. Like Postfix's dead
+/// destination, it doubles from a second with each failure in a row, up to `retryMinSeconds`
+/// (never shorter than the server's `Retry-After`), and one delivered mail clears it.
+#[derive(Debug, Default)]
+pub struct Gate {
+    until: Millis,
+    failures: u32,
+}
+
+/// The first pause of the gate.
+const GATE_FIRST: Duration = Duration::from_secs(1);
+
+impl Gate {
+    /// Until when the workers wait (`0`: open).
+    pub fn closed_until(&self) -> Millis {
+        self.until
+    }
+
+    /// Another upstream failure at `now`.
+    pub fn failed(&mut self, settings: &QueueSettings, now: Millis, floor: Option<Duration>) {
+        self.failures = self.failures.saturating_add(1);
+        let doublings = (self.failures - 1).min(20);
+        let pause = GATE_FIRST
+            .saturating_mul(1u32 << doublings)
+            .min(settings.retry_min.max(GATE_FIRST))
+            .max(floor.unwrap_or_default());
+        self.until = self.until.max(now + duration_ms(pause));
+    }
+
+    /// A mail went through: the upstream works.
+    pub fn passed(&mut self) {
+        *self = Self::default();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,5 +124,28 @@ mod tests {
         let floor = Some(Duration::from_secs(120));
         assert_eq!(pause(&s, 1, floor, 0.0), Duration::from_secs(120));
         assert_eq!(pause(&s, 5, floor, 0.5), Duration::from_secs(480));
+    }
+
+    #[test]
+    fn the_gate_doubles_from_a_second_up_to_the_first_retry_and_a_delivery_opens_it() {
+        let s = settings();
+        let mut gate = Gate::default();
+        assert_eq!(gate.closed_until(), 0);
+        let mut pauses = Vec::new();
+        for n in 0..8 {
+            let now = 1_000_000 * (n + 1);
+            gate.failed(&s, now, None);
+            pauses.push(gate.closed_until() - now);
+        }
+        assert_eq!(
+            pauses,
+            [1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000, 30_000]
+        );
+        gate.failed(&s, 10_000_000, Some(Duration::from_secs(120)));
+        assert_eq!(gate.closed_until(), 10_120_000, "Retry-After is a floor");
+        gate.passed();
+        assert_eq!(gate.closed_until(), 0);
+        gate.failed(&s, 20_000_000, None);
+        assert_eq!(gate.closed_until(), 20_001_000, "a delivery starts it over");
     }
 }

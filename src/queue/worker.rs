@@ -17,7 +17,7 @@ use super::{Attempt, Claimed, Depth, Finish, MailRecord, NewMail, QueueStore};
 use crate::admin::AdminNotifier;
 use crate::clock::{Clock, Millis, duration_ms};
 use crate::config::QueueSettings;
-use crate::delivery::{DeliveryError, FailureKind, MailSender};
+use crate::delivery::{Blame, DeliveryError, FailureKind, MailSender};
 use crate::message::OutgoingMail;
 use crate::rate_limit::{LimitError, RateLimited, RateLimits};
 use crate::send_as::SendAsPolicy;
@@ -84,6 +84,8 @@ struct Inner {
     depth: Mutex<Depth>,
     waiting_bytes: AtomicU64,
     last_forget: AtomicU64,
+    /// Closed after the upstream failed: no worker claims until it opens again.
+    gate: Mutex<retry::Gate>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -106,6 +108,7 @@ impl Queue {
             depth: Mutex::default(),
             waiting_bytes: AtomicU64::new(0),
             last_forget: AtomicU64::new(0),
+            gate: Mutex::default(),
             tasks: Mutex::default(),
         });
         let mut tasks = Vec::with_capacity(workers + 1);
@@ -209,6 +212,10 @@ impl Inner {
     fn lease(&self) -> Duration {
         self.delivery.send_deadline + LEASE_MARGIN
     }
+
+    fn gate(&self) -> std::sync::MutexGuard<'_, retry::Gate> {
+        self.gate.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// Claim, send, record; until stopped.
@@ -218,6 +225,15 @@ async fn work(inner: Arc<Inner>, n: usize) {
     let mut failures = 0u32;
     while !inner.stopping() {
         let now = inner.now();
+        let closed_until = inner.gate().closed_until();
+        if closed_until > now {
+            let wait = Duration::from_millis(closed_until - now).min(POLL * 4);
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
         let claimed = inner
             .store
             .claim(&worker, now, now + duration_ms(inner.lease()))
@@ -310,6 +326,7 @@ async fn deliver(inner: &Inner, worker: &str, mail: Claimed) {
     let error = match sent {
         Ok(Ok(receipt)) => {
             quota.keep();
+            inner.gate().passed();
             let attempt = attempt_of(
                 now,
                 "sent",
@@ -357,6 +374,9 @@ async fn deliver(inner: &Inner, worker: &str, mail: Claimed) {
         },
         Decision::Retry { floor } => {
             d.metrics.queue_retry(attempt.kind.clone());
+            if error.blame() != Blame::Mail {
+                inner.gate().failed(&inner.settings, now, floor);
+            }
             retry_end(inner, &mail, floor, now)
         }
     };
