@@ -16,9 +16,9 @@ use crate::app::AppState;
 use crate::caller::Caller;
 use crate::config::QueueMode;
 use crate::delivery::{DeliveryError, FailureKind};
-use crate::idempotency::{Fingerprint, IdempotencyKey};
+use crate::idempotency::{Fingerprint, IDEMPOTENT_REPLAYED, IdempotencyError, IdempotencyKey};
 use crate::message::{Mail, MailRequest, MessageLimits, OutgoingMail, UploadedFile};
-use crate::queue::Queue;
+use crate::queue::{Enqueued, Queue};
 use crate::rate_limit::{LimitError, Reservation, caller_id};
 use crate::telemetry::{metrics, request_log};
 
@@ -104,7 +104,10 @@ pub async fn send_mail(
 ) -> Result<Response, ApiError> {
     request_log::note_caller(&caller);
     let key = IdempotencyKey::from_headers(&headers)?;
-    let queued = queue_mode(&state, &headers);
+    let queued = queue_mode(&state, &headers).map(|preferred| Queued {
+        preferred,
+        key: key.clone(),
+    });
     let fingerprint = submission.fingerprint;
     // The send runs as a task of its own: when the client goes away or the request times out,
     // a send past DATA still finishes and its answer is stored under the Idempotency-Key, so a
@@ -128,6 +131,12 @@ pub async fn send_mail(
             Err(ApiError::Internal)
         }
     }
+}
+
+/// A request that goes into the queue: whether the client asked for it, and its key.
+struct Queued {
+    preferred: bool,
+    key: Option<IdempotencyKey>,
 }
 
 /// How this request is delivered: `None` synchronously; `Some(preferred)` queued, `preferred`
@@ -155,11 +164,12 @@ async fn deliver(
     state: &AppState,
     caller: &Caller,
     submission: Submission,
-    queued: Option<bool>,
+    queued: Option<Queued>,
 ) -> Result<Response, ApiError> {
     let limits = MessageLimits::from(&state.settings.relay.limits);
     // Held to the end of the send, on every path out of this function.
     let _charge = submission.charge;
+    let fingerprint = submission.fingerprint;
     let mail = submission
         .request
         .validate_with_files(&limits, submission.files)?;
@@ -167,8 +177,10 @@ async fn deliver(
     request_log::note_from(from.as_str());
     state.send_as.check(caller, from.as_str()).await?;
     let outgoing = build(mail, limits).await?;
-    if let (Some(queue), Some(preferred)) = (&state.queue, queued) {
-        return enqueue(state, queue, caller, outgoing, preferred).await;
+    if let (Some(queue), Some(queued)) = (&state.queue, queued) {
+        let idempotency = queued.key.as_ref().map(|key| (key.as_str(), &fingerprint));
+        let committed = enqueue(state, queue, caller, outgoing, idempotency).await?;
+        return Ok(queued_answer(state, committed, queued.preferred));
     }
     let quota = state
         .rate_limits
@@ -204,15 +216,17 @@ async fn deliver(
         .into_response())
 }
 
-/// Commit the mail to the queue. The caller's own limits are taken now; the mailbox's when a
-/// worker sends it (a mail that could never fit the mailbox's day is refused here).
+/// Commit the mail to the queue, or find the one its Idempotency-Key committed before (a retry
+/// whose first request's replica died before storing the answer). The caller's own limits are
+/// taken now; the mailbox's when a worker sends it (a mail that could never fit the mailbox's
+/// day is refused here).
 async fn enqueue(
     state: &AppState,
     queue: &Queue,
     caller: &Caller,
     outgoing: OutgoingMail,
-    preferred: bool,
-) -> Result<Response, ApiError> {
+    idempotency: Option<(&str, &Fingerprint)>,
+) -> Result<Committed, ApiError> {
     let recipients = outgoing.envelope.to().len();
     state
         .rate_limits
@@ -227,38 +241,83 @@ async fn enqueue(
                 metrics::rate_limited(limited.kind.metric_scope());
             }
         })?;
-    if let Err(e) = queue.enqueue(&caller_id(caller), &outgoing).await {
-        state.rate_limits.refund(quota).await;
-        return Err(e.into());
-    }
-    quota.keep();
+    let committed = match queue
+        .enqueue(&caller_id(caller), &outgoing, idempotency)
+        .await
+    {
+        Ok(Enqueued::New) => {
+            quota.keep();
+            Committed {
+                id: outgoing.id,
+                message_id: outgoing.message_id,
+                earlier: false,
+            }
+        }
+        Ok(Enqueued::Earlier {
+            id,
+            message_id,
+            same_request,
+        }) => {
+            state.rate_limits.refund(quota).await;
+            if !same_request {
+                return Err(IdempotencyError::KeyReused.into());
+            }
+            Committed {
+                id,
+                message_id,
+                earlier: true,
+            }
+        }
+        Err(e) => {
+            state.rate_limits.refund(quota).await;
+            return Err(e.into());
+        }
+    };
     request_log::note_mail(
-        &outgoing.id,
-        &outgoing.message_id,
+        &committed.id,
+        &committed.message_id,
         recipients,
         outgoing.formatted.len(),
     );
-    let location = format!(
-        "{}/mail/{}",
-        state.settings.relay.http.base_path, outgoing.id
-    );
+    Ok(committed)
+}
+
+/// The queued mail a request answers with.
+struct Committed {
+    id: String,
+    message_id: String,
+    /// Committed by an earlier request with the same key: the answer is a replay.
+    earlier: bool,
+}
+
+/// `202` with `"status": "queued"` and the mail's `Location`; `Preference-Applied` when the
+/// client asked for it.
+fn queued_answer(state: &AppState, mail: Committed, preferred: bool) -> Response {
+    let location = format!("{}/mail/{}", state.settings.relay.http.base_path, mail.id);
     let mut response = (
         StatusCode::ACCEPTED,
         [(header::LOCATION, location)],
         Json(MailQueued {
-            id: outgoing.id,
-            message_id: outgoing.message_id,
+            id: mail.id,
+            message_id: mail.message_id,
             status: "queued",
         }),
     )
         .into_response();
+    let headers = response.headers_mut();
     if preferred {
-        response.headers_mut().insert(
+        headers.insert(
             "preference-applied",
             axum::http::HeaderValue::from_static(RESPOND_ASYNC),
         );
     }
-    Ok(response)
+    if mail.earlier {
+        headers.insert(
+            IDEMPOTENT_REPLAYED,
+            axum::http::HeaderValue::from_static("true"),
+        );
+    }
+    response
 }
 
 /// What `POST /mail` answers with 202: one of the two bodies, as they are (no tag).

@@ -23,7 +23,9 @@ mod worker;
 
 use async_trait::async_trait;
 
-pub use self::record::{Attempt, Claimed, Depth, Finish, MailRecord, MailState, NewMail, Swept};
+pub use self::record::{
+    Attempt, Claimed, Depth, Enqueued, Finish, MailRecord, MailState, NewMail, Swept,
+};
 pub use self::worker::{Queue, QueueDelivery, QueueError, Refusal};
 use crate::clock::Millis;
 
@@ -31,8 +33,9 @@ use crate::clock::Millis;
 /// back described for an operator (the store's own words), and mean "try again later".
 #[async_trait]
 pub trait QueueStore: Send + Sync + 'static {
-    /// Commit a new mail as `queued`, due at once.
-    async fn enqueue(&self, mail: NewMail<'_>) -> Result<(), String>;
+    /// Commit a new mail as `queued`, due at once, unless the caller's mail with the same
+    /// Idempotency-Key is there already (then [`Enqueued::Earlier`], in the same statement).
+    async fn enqueue(&self, mail: NewMail<'_>) -> Result<Enqueued, String>;
 
     /// Claim the mail due longest (`next_attempt_at <= now`) for `worker` until `lease_until`,
     /// counting an attempt; `None` when nothing is due. No two workers get the same mail.

@@ -86,6 +86,24 @@ pub struct NewMail<'a> {
     pub mime: &'a [u8],
     pub now: Millis,
     pub expires_at: Millis,
+    /// The request's `Idempotency-Key` and fingerprint, when it came with one: kept in the
+    /// mail's row, so that the key's retry finds this mail even if its answer was never stored.
+    pub idempotency: Option<(&'a str, &'a [u8])>,
+}
+
+/// What [`QueueStore::enqueue`](super::QueueStore::enqueue) did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enqueued {
+    /// The mail is committed.
+    New,
+    /// This caller's mail with this Idempotency-Key was committed before, by a request whose
+    /// answer was lost (its replica died); nothing new is queued. `same_request` is `false` when
+    /// that mail came with a different request body.
+    Earlier {
+        id: String,
+        message_id: String,
+        same_request: bool,
+    },
 }
 
 /// A mail a worker holds.

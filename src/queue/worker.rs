@@ -13,11 +13,12 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use super::retry::{self, Decision};
-use super::{Attempt, Claimed, Depth, Finish, MailRecord, NewMail, QueueStore};
+use super::{Attempt, Claimed, Depth, Enqueued, Finish, MailRecord, NewMail, QueueStore};
 use crate::admin::AdminNotifier;
 use crate::clock::{Clock, Millis, duration_ms};
 use crate::config::QueueSettings;
 use crate::delivery::{Blame, DeliveryError, FailureKind, MailSender};
+use crate::idempotency::Fingerprint;
 use crate::message::OutgoingMail;
 use crate::rate_limit::{LimitError, RateLimited, RateLimits};
 use crate::send_as::SendAsPolicy;
@@ -121,7 +122,14 @@ impl Queue {
     }
 
     /// Commit `mail` for `caller` (its `caller_id`): when this returns `Ok`, the mail is durable.
-    pub async fn enqueue(&self, caller: &str, mail: &OutgoingMail) -> Result<(), QueueError> {
+    /// With `idempotency` (the request's key and fingerprint), the caller's mail committed
+    /// earlier under the same key is the answer instead ([`Enqueued::Earlier`]).
+    pub async fn enqueue(
+        &self,
+        caller: &str,
+        mail: &OutgoingMail,
+        idempotency: Option<(&str, &Fingerprint)>,
+    ) -> Result<Enqueued, QueueError> {
         let inner = &self.inner;
         let waiting = inner.waiting_bytes.load(Ordering::Relaxed);
         let max = inner.settings.max_queued_bytes;
@@ -135,7 +143,7 @@ impl Queue {
             .from()
             .map(ToString::to_string)
             .unwrap_or_default();
-        inner
+        let enqueued = inner
             .store
             .enqueue(NewMail {
                 id: &mail.id,
@@ -146,14 +154,17 @@ impl Queue {
                 mime: &mail.formatted,
                 now,
                 expires_at: now + duration_ms(inner.settings.max_age),
+                idempotency: idempotency.map(|(key, print)| (key, &print.as_bytes()[..])),
             })
             .await
             .map_err(QueueError::Unavailable)?;
-        inner
-            .waiting_bytes
-            .fetch_add(mail.formatted.len() as u64, Ordering::Relaxed);
-        inner.wake.notify_one();
-        Ok(())
+        if enqueued == Enqueued::New {
+            inner
+                .waiting_bytes
+                .fetch_add(mail.formatted.len() as u64, Ordering::Relaxed);
+            inner.wake.notify_one();
+        }
+        Ok(enqueued)
     }
 
     /// The mail `id` if `caller` sent it; another caller's mail is as absent as none.

@@ -11,7 +11,7 @@ use super::db::{Db, to_sql};
 use super::sql;
 use crate::clock::Millis;
 use crate::queue::{
-    Attempt, Claimed, Depth, Finish, MailRecord, MailState, NewMail, QueueStore, Swept,
+    Attempt, Claimed, Depth, Enqueued, Finish, MailRecord, MailState, NewMail, QueueStore, Swept,
 };
 
 /// The claim: the queued mail due longest, taken by one worker. PostgreSQL skips rows another
@@ -141,14 +141,18 @@ fn record(row: RecordRow) -> MailRecord {
 
 #[async_trait]
 impl QueueStore for SqlQueue {
-    async fn enqueue(&self, mail: NewMail<'_>) -> Result<(), String> {
+    async fn enqueue(&self, mail: NewMail<'_>) -> Result<Enqueued, String> {
         let recipients = to_json(&mail.recipients);
         let (now, expires) = (to_sql(mail.now), to_sql(mail.expires_at));
         let bytes = to_sql(mail.mime.len() as u64);
-        sql!(self.shared, |pool| sqlx::query(
+        let (key, fingerprint) = mail.idempotency.unzip();
+        // One statement: a key already queued for this caller leaves the row as it is.
+        let inserted = sql!(self.shared, |pool| {
+            sqlx::query(
             "INSERT INTO queued_mails (id, caller, message_id, mail_from, recipients, mime, bytes, \
-             state, created_at, expires_at, next_attempt_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $9, $8)"
+             state, created_at, expires_at, next_attempt_at, idempotency_key, fingerprint) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $9, $8, $10, $11) \
+             ON CONFLICT (caller, idempotency_key) DO NOTHING"
         )
         .bind(mail.id)
         .bind(mail.caller)
@@ -159,10 +163,35 @@ impl QueueStore for SqlQueue {
         .bind(bytes)
         .bind(now)
         .bind(expires)
+        .bind(key)
+        .bind(fingerprint)
         .execute(pool)
         .await
-        .map(|_| ()))
-        .await
+        .map(|r| r.rows_affected())
+        })
+        .await?;
+        if inserted == 1 {
+            return Ok(Enqueued::New);
+        }
+        let earlier: Option<(String, String, Option<Vec<u8>>)> =
+            sql!(self.shared, |pool| sqlx::query_as(
+                "SELECT id, message_id, fingerprint FROM queued_mails \
+                 WHERE caller = $1 AND idempotency_key = $2"
+            )
+            .bind(mail.caller)
+            .bind(key)
+            .fetch_optional(pool)
+            .await)
+            .await?;
+        // Deleted in between (retention, or an operator's drop): the key's mail is gone.
+        let (id, message_id, stored) = earlier.ok_or_else(|| {
+            "the mail queued with this Idempotency-Key was deleted just now".to_owned()
+        })?;
+        Ok(Enqueued::Earlier {
+            id,
+            message_id,
+            same_request: stored.as_deref() == fingerprint,
+        })
     }
 
     async fn claim(

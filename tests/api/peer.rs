@@ -165,6 +165,29 @@ impl Peer {
         })
     }
 
+    /// Stops the peer's Postfix (`postfix stop`: the master ends and takes its children with it,
+    /// so sessions are cut and connections refused, as when a server goes away), leaving Dovecot,
+    /// the Maildir and Postfix's own queue as they are. The guard starts it again; dropping it does
+    /// too, so that a failing test does not leave the peer down for the next ones.
+    pub async fn stop_postfix(&self) -> StoppedPostfix {
+        let out = tokio::task::spawn_blocking(|| postfix("stop"))
+            .await
+            .unwrap();
+        assert!(out.status.success(), "postfix stop failed: {out:?}");
+        let address = SocketAddr::new(self.host.parse().unwrap(), self.submission_port);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "Postfix still accepts connections after postfix stop"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        StoppedPostfix {
+            peer: Some(self.clone()),
+        }
+    }
+
     /// Path of the CA certificate (PEM) to trust.
     pub fn ca_path(&self) -> &Path {
         &self.ca
@@ -347,6 +370,50 @@ macro_rules! require_peer {
             None => return,
         }
     }};
+}
+
+/// `postfix -c <the peer's Postfix dir> <command>`.
+fn postfix(command: &str) -> std::process::Output {
+    std::process::Command::new("postfix")
+        .arg("-c")
+        .arg(peer_dir().join("postfix"))
+        .arg(command)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running postfix {command}: {e}"))
+}
+
+/// The peer's Postfix, stopped by [`Peer::stop_postfix`].
+pub struct StoppedPostfix {
+    peer: Option<Peer>,
+}
+
+impl StoppedPostfix {
+    /// Starts Postfix again and waits until the submission port answers with its greeting.
+    pub async fn start(mut self) {
+        let peer = self.peer.take().expect("started once");
+        let out = tokio::task::spawn_blocking(|| postfix("start"))
+            .await
+            .unwrap();
+        assert!(out.status.success(), "postfix start failed: {out:?}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Peer::get().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "Postfix does not accept connections on {} after postfix start",
+                peer.submission_port
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for StoppedPostfix {
+    fn drop(&mut self) {
+        if self.peer.take().is_some() {
+            let _ = postfix("start");
+        }
+    }
 }
 
 #[cfg(test)]

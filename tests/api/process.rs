@@ -103,6 +103,20 @@ impl RelayProcess {
         self.child.id()
     }
 
+    /// The settings file the process was started with (for the operator's commands).
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self._dir.path().join("relay.yml")
+    }
+
+    /// Send SIGKILL: the process ends at once, as in a crash or an OOM kill.
+    pub fn sigkill(&self) {
+        let status = Command::new("kill")
+            .args(["-KILL", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -KILL failed");
+    }
+
     /// Send SIGTERM, as an orchestrator does.
     pub fn sigterm(&self) {
         let status = Command::new("kill")

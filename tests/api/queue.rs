@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use mail_relay::config::{
     Delivery, Encryption, QueueMode, Settings, SmtpAuthentication, StoreSettings, StoreUrl,
 };
-use mail_relay::queue::{Attempt, Finish, MailState, NewMail};
+use mail_relay::queue::{Attempt, Enqueued, Finish, MailState, NewMail};
 use serde_json::{Value, json};
 use sqlx::Connection;
 
@@ -478,6 +478,7 @@ async fn a_dead_workers_claim_is_queued_again_before_the_upload_and_unknown_afte
                 mime: b"Subject: x\r\n\r\nhi\r\n",
                 now,
                 expires_at: now + 60_000,
+                idempotency: None,
             })
             .await
             .unwrap();
@@ -563,6 +564,72 @@ async fn a_dead_workers_claim_is_queued_again_before_the_upload_and_unknown_afte
     }
 }
 
+/// The Idempotency-Key goes into the mail's row in the same commit: a second enqueue with the
+/// caller's key (a retry whose first answer was lost with its replica) finds the first mail
+/// instead of queueing another, and tells a different request body apart.
+#[tokio::test]
+async fn a_key_commits_one_mail_per_caller_whoever_retries_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for settings in stores(&dir, "a_key_commits_one_mail_per_caller").await {
+        let (a, b) = (open(&settings).await, open(&settings).await);
+        let (a, b) = (a.queue().unwrap(), b.queue().unwrap());
+        let now = now_ms();
+        let recipients = vec!["alice@contoso.test".to_owned()];
+        let new_mail = |id: &'static str,
+                        caller: &'static str,
+                        key: Option<&'static str>,
+                        print: &'static [u8]| NewMail {
+            id,
+            caller,
+            message_id: id,
+            from: "app@contoso.test",
+            recipients: &recipients,
+            mime: b"Subject: x\r\n\r\nhi\r\n",
+            now,
+            expires_at: now + 60_000,
+            idempotency: key.map(|k| (k, print)),
+        };
+        let first = a
+            .enqueue(new_mail("m-1", "key:app", Some("k-1"), b"one"))
+            .await;
+        assert_eq!(first.unwrap(), Enqueued::New, "{:?}", settings.url);
+        let retried = b
+            .enqueue(new_mail("m-2", "key:app", Some("k-1"), b"one"))
+            .await;
+        assert_eq!(
+            retried.unwrap(),
+            Enqueued::Earlier {
+                id: "m-1".into(),
+                message_id: "m-1".into(),
+                same_request: true
+            },
+            "{:?}: the retry finds the first mail",
+            settings.url
+        );
+        let other_body = b
+            .enqueue(new_mail("m-3", "key:app", Some("k-1"), b"two"))
+            .await;
+        assert!(matches!(
+            other_body.unwrap(),
+            Enqueued::Earlier {
+                same_request: false,
+                ..
+            }
+        ));
+        // Keys are per caller; mails without one never conflict.
+        for (id, caller, key) in [
+            ("m-4", "key:other", Some("k-1")),
+            ("m-5", "key:app", None),
+            ("m-6", "key:app", None),
+        ] {
+            let enqueued = a.enqueue(new_mail(id, caller, key, b"one")).await;
+            assert_eq!(enqueued.unwrap(), Enqueued::New, "{id}");
+        }
+        assert!(a.get("m-2").await.unwrap().is_none());
+        assert_eq!(a.depth().await.unwrap().count(MailState::Queued), 4);
+    }
+}
+
 /// `mail-relay queue list|show|retry|drop`, through the built binary on an SQLite store that
 /// holds a queued, a failed and a sent mail.
 #[tokio::test]
@@ -590,6 +657,7 @@ async fn the_queue_commands_list_show_retry_and_drop_mails() {
                 mime: b"Subject: x\r\n\r\nhi\r\n",
                 now,
                 expires_at: now + 60_000,
+                idempotency: None,
             })
             .await
             .unwrap();

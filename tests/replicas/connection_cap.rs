@@ -2,7 +2,6 @@
 //! `tests/load/shared_slots.rs` counts at a forwarder in front of the peer, these read what the
 //! peer itself logged.
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -173,9 +172,7 @@ async fn a_replica_killed_with_sigkill_frees_its_connection_slots() {
         probe.is_finished()
     );
 
-    let pid = cluster.relays[0].pid().to_string();
-    let killed = Command::new("kill").args(["-KILL", &pid]).status().unwrap();
-    assert!(killed.success(), "kill -KILL {pid} failed");
+    cluster.relays[0].sigkill();
     let killed_at = Instant::now();
     stop.store(true, Ordering::Relaxed);
 

@@ -28,6 +28,7 @@ mod idempotency;
 mod limits;
 mod outage;
 mod peer_log;
+mod queued;
 mod restart;
 mod sqlite;
 
