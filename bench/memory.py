@@ -16,7 +16,6 @@ import os
 import sys
 import tempfile
 import time
-import subprocess
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run  # noqa: E402  (the benchmark's helpers: config, relay process, token server)
@@ -70,16 +69,8 @@ def main():
         run.RELAY = os.environ["BENCH_RELAY"]
     work = tempfile.mkdtemp(prefix="mail-relay-memory-")
     marker = f"bench-memory-{int(time.time())}"
-    port_file = os.path.join(work, "token.port")
-    token_server = subprocess.Popen([sys.executable, os.path.join(run.ROOT, "bench/token_server.py"),
-                                     peer_env, port_file], stdin=subprocess.DEVNULL)
+    token_server, token_port = run.start_token_server(peer_env, work)
     try:
-        for _ in range(100):
-            if os.path.exists(port_file):
-                break
-            time.sleep(0.05)
-        with open(port_file, encoding="utf-8") as f:
-            token_port = int(f.read())
         port = run.free_port()
         config = run.write_config(work, peer, token_port, port)
         content = os.urandom(ATTACHMENT)

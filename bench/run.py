@@ -93,6 +93,19 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
 
+def start_token_server(peer_env, work):
+    """bench/token_server.py on a port of its own; returns the process and the port."""
+    port_file = os.path.join(work, "token.port")
+    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench/token_server.py"),
+                               peer_env, port_file], stdin=subprocess.DEVNULL)
+    for _ in range(100):
+        if os.path.exists(port_file):
+            break
+        time.sleep(0.05)
+    with open(port_file, encoding="utf-8") as f:
+        return server, int(f.read())
+
+
 def write_config(work, peer, token_port, port):
     sha = hashlib.sha256(API_KEY.encode()).hexdigest()
     path = os.path.join(work, "bench.yml")
@@ -303,17 +316,9 @@ def main():
     marker = f"bench-{int(time.time())}"
     log(f"work dir {work}, marker {marker}, {RUNS} runs x {SECONDS} s")
 
-    port_file = os.path.join(work, "token.port")
-    token_server = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench/token_server.py"),
-                                     peer_env, port_file], stdin=subprocess.DEVNULL)
+    token_server, token_port = start_token_server(peer_env, work)
     relay = None
     try:
-        for _ in range(100):
-            if os.path.exists(port_file):
-                break
-            time.sleep(0.05)
-        with open(port_file, encoding="utf-8") as f:
-            token_port = int(f.read())
         token_base = f"http://127.0.0.1:{token_port}"
         port = free_port()
         config = write_config(work, peer, token_port, port)

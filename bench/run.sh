@@ -3,6 +3,7 @@
 # Usage: bash bench/run.sh            (BENCH_RUNS=5 BENCH_SECONDS=5 BENCH_CLIENTS=1,8,32,128 BENCH_SPLIT=1)
 #        bash bench/run.sh memory     only the peak RSS for one 25 MB attachment (bench/memory.py)
 #        bash bench/run.sh store      then only the store's cost per mail and 2 replicas vs 1 (bench/store.py)
+#        bash bench/run.sh queue      then only queued against synchronous delivery (bench/queue.py)
 # Runs twice: with everything sharing all cores (bench/results/latest.{md,json}, and a perf profile
 # of the relay in bench/results/profile.txt; BENCH_PROFILE=0 to skip), then with the SMTP server
 # pinned to CPU 0 and the relay and its clients to the others (bench/results/latest-split.*), as in
@@ -24,6 +25,11 @@ python3 bench/memory.py "$peer_env"
 # What the store costs per mail (memory, SQLite, PostgreSQL) and two replicas against one.
 if [ "${1:-}" = store ]; then
     python3 bench/store.py "$peer_env"
+    exit 0
+fi
+# Queued delivery against synchronous, per durable store (accept latency, end-to-end throughput).
+if [ "${1:-}" = queue ]; then
+    python3 bench/queue.py "$peer_env"
     exit 0
 fi
 python3 bench/run.py "$peer_env"

@@ -83,17 +83,9 @@ def main():
                                                            "/tmp/mail-relay-store"), "store.env"))
     work = tempfile.mkdtemp(prefix="mail-relay-bench-store-")
     marker = f"bench-store-{int(time.time())}"
-    port_file = os.path.join(work, "token.port")
-    token_server = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench/token_server.py"),
-                                     peer_env, port_file], stdin=subprocess.DEVNULL)
+    token_server, token_port = bench.start_token_server(peer_env, work)
     relays = {}
     try:
-        for _ in range(100):
-            if os.path.exists(port_file):
-                break
-            time.sleep(0.05)
-        with open(port_file, encoding="utf-8") as f:
-            token_port = int(f.read())
         stores = {
             "memory": "memory",
             "sqlite": f"sqlite:{work}/relay.db",

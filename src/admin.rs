@@ -43,6 +43,7 @@ enum Notice {
     Startup,
     Shutdown,
     Failure,
+    Undelivered,
 }
 
 impl Notice {
@@ -51,6 +52,7 @@ impl Notice {
             Self::Startup => "startup",
             Self::Shutdown => "shutdown",
             Self::Failure => "failure",
+            Self::Undelivered => "undelivered",
         }
     }
 }
@@ -177,6 +179,42 @@ impl AdminNotifier {
         let inner = Arc::clone(inner);
         tokio::spawn(async move { inner.send(Notice::Failure, subject, text).await });
         true
+    }
+}
+
+impl AdminNotifier {
+    /// Mails the administrators that `total` queued mails ended undelivered (`failed`, `expired`
+    /// or `unknown`), naming those of `lines`, and waits for it. The queue calls it at most once an
+    /// hour per replica.
+    pub async fn undelivered(&self, lines: &[String], total: usize) {
+        let Some(inner) = &self.inner else { return };
+        let now = inner.clock.now();
+        let subject = format!(
+            "mail-relay on {}: {total} queued mail(s) not delivered",
+            inner.host
+        );
+        let unnamed = total.saturating_sub(lines.len());
+        let more = if unnamed > 0 {
+            format!(
+                "\n... and {unnamed} more: `mail-relay queue list --state failed` (or expired, unknown) shows them.\n"
+            )
+        } else {
+            String::new()
+        };
+        let text = format!(
+            "mail-relay {version} on {host}, at {at}: these queued mails ended without being \
+             delivered since the last notice.\n\n{list}\n{more}\n\
+             failed: refused for good; the reason says what to fix. expired: not delivered within \
+             mailRelay.delivery.maxAgeSeconds. unknown: the connection was lost after the message \
+             went out; look for its Message-ID in the mailbox or the message trace, and resend it \
+             with `mail-relay queue retry ID` only when it is not there.\n\n\
+             The next notice comes an hour after this one at the earliest.\n",
+            version = env!("CARGO_PKG_VERSION"),
+            host = inner.host,
+            at = httpdate::fmt_http_date(now),
+            list = lines.join("\n"),
+        );
+        inner.send(Notice::Undelivered, subject, text).await;
     }
 }
 

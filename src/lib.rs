@@ -7,6 +7,7 @@ pub mod admin;
 pub mod api;
 pub mod app;
 pub mod caller;
+pub mod causes;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -105,6 +105,11 @@ pub async fn mail_status(
     record.map(MailStatus::from).map(Json).ok_or_else(not_found)
 }
 
+/// The status of `record` as JSON, as `GET /mail/{id}` shows it (for the completion call).
+pub fn describe(record: MailRecord) -> serde_json::Value {
+    serde_json::to_value(MailStatus::from(record)).unwrap_or_default()
+}
+
 impl From<MailRecord> for MailStatus {
     fn from(record: MailRecord) -> Self {
         Self {

@@ -125,6 +125,7 @@ impl AppState {
                 metrics: Arc::clone(&metrics),
                 clock,
                 explain: api::errors::refusal_problem,
+                describe: api::mail_status::describe,
                 send_deadline: settings.relay.smtp.send_deadline,
             },
         );

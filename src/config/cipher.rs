@@ -63,6 +63,7 @@ pub enum CipherError {
 }
 
 /// A 32-byte AES-256-GCM key.
+#[derive(Clone)]
 pub struct EncryptionKey(Aes256Gcm);
 
 impl std::fmt::Debug for EncryptionKey {
@@ -137,6 +138,55 @@ pub fn encrypt(key: &EncryptionKey, plaintext: &str) -> Result<String, CipherErr
     blob.extend_from_slice(&nonce);
     blob.extend_from_slice(&ciphertext);
     Ok(format!("{PREFIX}{}", STANDARD.encode(blob)))
+}
+
+/// Marks bytes [`seal`]ed at rest. A message's bytes never start with NUL.
+const SEALED: &[u8] = b"\0mail-relay-sealed-v1\0";
+
+/// `plaintext` encrypted under `key` with a fresh nonce, bound to `context` (e.g. the mail's
+/// id, so that sealed bytes moved to another row do not open): `SEALED || nonce || ciphertext || tag`.
+pub fn seal(key: &EncryptionKey, plaintext: &[u8], context: &[u8]) -> Result<Vec<u8>, CipherError> {
+    use aes_gcm::aead::Payload;
+    let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
+    let ciphertext = key
+        .0
+        .encrypt(
+            &nonce,
+            Payload {
+                msg: plaintext,
+                aad: context,
+            },
+        )
+        .map_err(|_| CipherError::Encrypt)?;
+    let mut blob = Vec::with_capacity(SEALED.len() + NONCE_LEN + ciphertext.len());
+    blob.extend_from_slice(SEALED);
+    blob.extend_from_slice(&nonce);
+    blob.extend_from_slice(&ciphertext);
+    Ok(blob)
+}
+
+/// Are these bytes [`seal`]ed?
+pub fn is_sealed(bytes: &[u8]) -> bool {
+    bytes.starts_with(SEALED)
+}
+
+/// The plaintext of [`seal`]ed bytes, under the same `key` and `context`.
+pub fn open(key: &EncryptionKey, sealed: &[u8], context: &[u8]) -> Result<Vec<u8>, CipherError> {
+    use aes_gcm::aead::Payload;
+    let blob = sealed.strip_prefix(SEALED).ok_or(CipherError::TooShort)?;
+    if blob.len() < NONCE_LEN + TAG_LEN {
+        return Err(CipherError::TooShort);
+    }
+    let (nonce, ciphertext) = blob.split_at(NONCE_LEN);
+    key.0
+        .decrypt(
+            Nonce::from_slice(nonce),
+            Payload {
+                msg: ciphertext,
+                aad: context,
+            },
+        )
+        .map_err(|_| CipherError::WrongKeyOrDamaged)
 }
 
 /// Decrypt a `{cipher}...` value (the prefix is optional).
@@ -253,6 +303,25 @@ mod tests {
     fn no_key_says_which_variable_to_set() {
         let err = EncryptionKey::from_env(&[]).unwrap_err().to_string();
         assert!(err.contains(ENV_KEY) && err.contains(ENV_KEY_FILE), "{err}");
+    }
+
+    #[test]
+    fn sealed_bytes_open_only_with_their_key_and_context() {
+        let sealed = seal(&key(1), b"Subject: hi\r\n\r\nbody", b"mail-1").unwrap();
+        assert!(is_sealed(&sealed) && !is_sealed(b"Subject: hi"));
+        assert!(!sealed.windows(4).any(|w| w == b"body"));
+        assert_eq!(
+            open(&key(1), &sealed, b"mail-1").unwrap(),
+            b"Subject: hi\r\n\r\nbody"
+        );
+        assert!(matches!(
+            open(&key(2), &sealed, b"mail-1"),
+            Err(CipherError::WrongKeyOrDamaged)
+        ));
+        assert!(matches!(
+            open(&key(1), &sealed, b"mail-2"),
+            Err(CipherError::WrongKeyOrDamaged)
+        ));
     }
 
     #[test]

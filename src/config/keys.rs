@@ -28,6 +28,8 @@ const fn secret(key: &'static str) -> KeySpec {
 }
 
 pub const SERVER: &str = "server";
+/// Whether queued mails are stored encrypted; read while resolving, to load the key.
+pub const ENCRYPT_AT_REST: &str = "mailRelay.delivery.encryptAtRest";
 pub const SEND_EMAIL: &str = "featureSwitches.sendEmail";
 pub const MAIL_RELAY: &str = "mailRelay";
 
@@ -63,6 +65,9 @@ pub const KEYS: &[KeySpec] = &[
     plain("mailRelay.delivery.retryMinSeconds"),
     plain("mailRelay.delivery.retryMaxSeconds"),
     plain("mailRelay.delivery.maxQueuedBytes"),
+    plain("mailRelay.delivery.webhook"),
+    secret("mailRelay.delivery.webhookSecret"),
+    plain(ENCRYPT_AT_REST),
     plain("mailRelay.smtp.maxConnections"),
     plain("mailRelay.smtp.connectTimeoutSeconds"),
     plain("mailRelay.smtp.commandTimeoutSeconds"),

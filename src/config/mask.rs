@@ -4,8 +4,8 @@ use std::fmt::Write as _;
 
 use super::resolve::{Origin, Resolved};
 use super::{
-    ClientCredential, Delivery, Encryption, ForwardedHeader, LogFormat, Settings,
-    SmtpAuthentication,
+    ClientCredential, Delivery, Encryption, ForwardedHeader, LogFormat, QueueMode, QueueSettings,
+    Settings, SmtpAuthentication,
 };
 
 const MASK: &str = "****";
@@ -149,6 +149,7 @@ pub fn render(settings: &Settings, values: &Resolved) -> String {
             );
         }
     }
+    render_queue(&mut out, &r.queue);
     out.section(2, "smtp");
     out.line(
         4,
@@ -249,6 +250,42 @@ pub fn render(settings: &Settings, values: &Resolved) -> String {
     render_callers(&mut out, settings);
     render_rate_limits(&mut out, settings);
     out.text
+}
+
+/// The queue's keys, inside `delivery`.
+fn render_queue(out: &mut Out<'_>, q: &QueueSettings) {
+    let d = |name: &str| format!("mailRelay.delivery.{name}");
+    let mode = match q.mode {
+        QueueMode::Prefer => "prefer",
+        QueueMode::Always => "always",
+        QueueMode::Never => "never",
+    };
+    out.line(4, &d("queue"), Some(mode.into()));
+    out.line(4, &d("workers"), Some(q.workers.to_string()));
+    out.line(4, &d("maxAgeSeconds"), secs(q.max_age));
+    out.line(4, &d("retentionSeconds"), secs(q.retention));
+    out.line(4, &d("retryMinSeconds"), secs(q.retry_min));
+    out.line(4, &d("retryMaxSeconds"), secs(q.retry_max));
+    out.line(
+        4,
+        &d("maxQueuedBytes"),
+        Some(q.max_queued_bytes.to_string()),
+    );
+    out.line(
+        4,
+        &d("encryptAtRest"),
+        Some(q.at_rest.is_some().to_string()),
+    );
+    out.line(
+        4,
+        &d("webhook"),
+        q.webhook.as_ref().map(|w| quote(w.url.as_str())),
+    );
+    out.line(
+        4,
+        &d("webhookSecret"),
+        q.webhook.as_ref().map(|_| quote(MASK)),
+    );
 }
 
 fn render_rate_limits(out: &mut Out<'_>, settings: &Settings) {

@@ -1,14 +1,25 @@
 //! `mailRelay.delivery.queue` and its neighbours: when `POST /mail` queues a mail instead of
 //! sending it at once, and how the delivery workers retry, give up and forget.
 
+use std::fmt;
 use std::time::Duration;
 
+use secrecy::ExposeSecret;
+use url::Url;
+
 use super::StoreUrl;
+use super::cipher::EncryptionKey;
+use super::keys::ENCRYPT_AT_REST;
+use super::send_email::https_url;
 use super::validate::Ctx;
 
 const QUEUE: &str = "mailRelay.delivery.queue";
 const RETRY_MIN: &str = "mailRelay.delivery.retryMinSeconds";
 const RETRY_MAX: &str = "mailRelay.delivery.retryMaxSeconds";
+const WEBHOOK: &str = "mailRelay.delivery.webhook";
+const WEBHOOK_SECRET: &str = "mailRelay.delivery.webhookSecret";
+/// Standard Webhooks' secrets carry 24 to 64 random bytes; fewer than this is guessable.
+const MIN_WEBHOOK_KEY_BYTES: usize = 16;
 
 /// `mailRelay.delivery.queue`: which requests are queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +52,49 @@ pub struct QueueSettings {
     /// get `503 busy` (the sum is read every few seconds, so it may run over by a few seconds'
     /// worth of mail).
     pub max_queued_bytes: u64,
+    /// `encryptAtRest`: the key that seals each stored message (the `{cipher}` key), or none.
+    pub at_rest: Option<EncryptionKey>,
+    /// `webhook` and `webhookSecret`: where a mail that ends `failed`, `expired` or `unknown`
+    /// is reported, signed as Standard Webhooks sign.
+    pub webhook: Option<WebhookSettings>,
+}
+
+/// The completion callback.
+#[derive(Clone)]
+pub struct WebhookSettings {
+    pub url: Url,
+    /// The HMAC-SHA256 key: the base64 after `whsec_` (Standard Webhooks' form), or the
+    /// secret's bytes as written.
+    pub key: SecretBytes,
+}
+
+impl fmt::Debug for WebhookSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookSettings")
+            .field("url", &self.url.as_str())
+            .field("key", &"****")
+            .finish()
+    }
+}
+
+/// Key bytes that never show in `Debug`.
+#[derive(Clone)]
+pub struct SecretBytes(Vec<u8>);
+
+impl SecretBytes {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("****")
+    }
 }
 
 impl Default for QueueSettings {
@@ -53,6 +107,8 @@ impl Default for QueueSettings {
             retry_min: Duration::from_secs(30),
             retry_max: Duration::from_secs(1_800),
             max_queued_bytes: 1 << 30,
+            at_rest: None,
+            webhook: None,
         }
     }
 }
@@ -107,6 +163,8 @@ pub(super) fn queue(ctx: &mut Ctx<'_>, store: &StoreUrl) -> QueueSettings {
             defaults.max_queued_bytes,
             1_048_576..=1 << 40,
         ),
+        at_rest: at_rest(ctx),
+        webhook: webhook(ctx),
     };
     if settings.retry_min > settings.retry_max {
         ctx.error(
@@ -119,6 +177,95 @@ pub(super) fn queue(ctx: &mut Ctx<'_>, store: &StoreUrl) -> QueueSettings {
         );
     }
     settings
+}
+
+fn at_rest(ctx: &mut Ctx<'_>) -> Option<EncryptionKey> {
+    let on = ctx.one_of(
+        ENCRYPT_AT_REST,
+        false,
+        &[("true", true), ("false", false)],
+        "true, false",
+    );
+    if !on {
+        return None;
+    }
+    match ctx.values.at_rest_key.clone() {
+        Some(Ok(key)) => Some(key),
+        other => {
+            let why = other
+                .and_then(Result::err)
+                .unwrap_or_else(|| "no key was loaded".into());
+            ctx.error(
+                ENCRYPT_AT_REST,
+                format!(
+                    "is true, but {why}: the queued messages are sealed with the {{cipher}} key"
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn webhook(ctx: &mut Ctx<'_>) -> Option<WebhookSettings> {
+    let secret = ctx
+        .secret(WEBHOOK_SECRET)
+        .filter(|s| !s.expose_secret().is_empty());
+    let Some(text) = ctx
+        .text(WEBHOOK)
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+    else {
+        if secret.is_some() {
+            ctx.error(
+                WEBHOOK_SECRET,
+                format!("is set but {WEBHOOK} is not: set the URL the relay reports failed mails to, or remove the secret"),
+            );
+        }
+        return None;
+    };
+    let url = https_url(
+        ctx,
+        WEBHOOK,
+        &text,
+        "it carries the failed mails' addresses and reasons",
+    );
+    let Some(secret) = secret else {
+        ctx.error(
+            WEBHOOK_SECRET,
+            format!("is required with {WEBHOOK}: the key that signs each call (e.g. whsec_ and 32 random bytes in base64), so the receiver can tell the relay's calls from forgeries"),
+        );
+        return None;
+    };
+    let key = webhook_key(secret.expose_secret());
+    match key {
+        Some(key) if key.len() >= MIN_WEBHOOK_KEY_BYTES => Some(WebhookSettings {
+            url: url?,
+            key: SecretBytes(key),
+        }),
+        Some(_) => {
+            ctx.error(
+                WEBHOOK_SECRET,
+                format!("is shorter than {MIN_WEBHOOK_KEY_BYTES} bytes of key; use e.g. whsec_ and 32 random bytes in base64"),
+            );
+            None
+        }
+        None => {
+            ctx.error(
+                WEBHOOK_SECRET,
+                "starts with whsec_ but what follows is not base64 (Standard Webhooks' form: whsec_ and the key's bytes in base64)",
+            );
+            None
+        }
+    }
+}
+
+/// The key bytes of a webhook secret: `whsec_<base64>` decoded, anything else as written.
+fn webhook_key(secret: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    match secret.strip_prefix("whsec_") {
+        Some(b64) => base64::engine::general_purpose::STANDARD.decode(b64).ok(),
+        None => Some(secret.as_bytes().to_vec()),
+    }
 }
 
 #[cfg(test)]
@@ -135,5 +282,17 @@ mod tests {
             ..settings
         };
         assert!(!never.available(&StoreUrl::Sqlite("/data/relay.db".into())));
+    }
+
+    #[test]
+    fn a_whsec_secret_is_its_base64_key_and_any_other_its_bytes() {
+        assert_eq!(webhook_key("whsec_AAEC").unwrap(), vec![0, 1, 2]);
+        assert_eq!(webhook_key("plain secret").unwrap(), b"plain secret");
+        assert!(webhook_key("whsec_not base64!").is_none());
+        let settings = WebhookSettings {
+            url: Url::parse("https://app.contoso.com/hook").unwrap(),
+            key: SecretBytes(b"0123456789abcdef".to_vec()),
+        };
+        assert!(!format!("{settings:?}").contains("0123456789abcdef"));
     }
 }

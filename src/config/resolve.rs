@@ -37,6 +37,9 @@ pub struct Resolved {
     pub subtrees: BTreeMap<&'static str, Value>,
     /// Keys whose value could not be had (already reported): validation says no more of them.
     pub failed: BTreeSet<String>,
+    /// The `{cipher}` key, loaded when `mailRelay.delivery.encryptAtRest` is `true` (or why it
+    /// could not be).
+    pub at_rest_key: Option<Result<EncryptionKey, String>>,
 }
 
 impl Resolved {
@@ -236,6 +239,15 @@ pub fn resolve(
                 });
             }
         }
+    }
+    // 5. The same key for the queued mails, when they are to be encrypted at rest.
+    let at_rest = resolved
+        .values
+        .get(keys::ENCRYPT_AT_REST)
+        .is_some_and(|v| v.text.trim().eq_ignore_ascii_case("true"));
+    if at_rest {
+        let key = key.get_or_insert_with(|| EncryptionKey::from_env(env));
+        resolved.at_rest_key = Some(key.as_ref().map(Clone::clone).map_err(ToString::to_string));
     }
     // An undecryptable value must not reach validation, whose messages may quote values.
     let failed = &resolved.failed;

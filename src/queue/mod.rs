@@ -17,6 +17,7 @@
 //! The queue lives behind [`QueueStore`], which `store/` implements in SQL (SQLite and
 //! PostgreSQL); the memory store has no queue, and then mails are sent synchronously.
 
+pub mod notify;
 mod record;
 pub mod retry;
 mod worker;
@@ -86,6 +87,29 @@ pub trait QueueStore: Send + Sync + 'static {
 
     /// Delete a mail that is not `sending` (the operator's `drop`).
     async fn remove(&self, id: &str) -> Result<bool, String>;
+
+    /// Claim up to `limit` mails whose completion call is due (they ended `failed`, `expired`
+    /// or `unknown` after `since`), until `lease_until`: each with the number of calls so far,
+    /// this one included. A claim whose replica dies is due again at its lease's end.
+    async fn claim_webhooks(
+        &self,
+        now: Millis,
+        since: Millis,
+        lease_until: Millis,
+        limit: u32,
+    ) -> Result<Vec<(MailRecord, u32)>, String>;
+
+    /// The completion call for `id` got its 2xx (`None`), or is due again at `next_at`.
+    async fn webhook_done(&self, id: &str, next_at: Option<Millis>) -> Result<(), String>;
+
+    /// Take up to `limit` of the mails that ended `failed`, `expired` or `unknown` after `since`
+    /// and that no administrators' notice named yet, oldest first; no other replica gets them.
+    async fn take_admin_batch(
+        &self,
+        now: Millis,
+        since: Millis,
+        limit: u32,
+    ) -> Result<Vec<MailRecord>, String>;
 
     /// How many mails are in each state, their bytes, and when the oldest queued one came.
     async fn depth(&self) -> Result<Depth, String>;

@@ -41,21 +41,22 @@ pub fn decide(error: &DeliveryError) -> Decision {
 }
 
 /// The pause after `failures` failed attempts (1 for the first): `retryMinSeconds` doubled per
-/// further failure up to `retryMaxSeconds`, times a jitter in 0.8..1.2 (`unit` in 0..1) so that
-/// mails failing together do not come back together; never shorter than `floor`.
+/// further failure up to `retryMaxSeconds`, with jitter ([`doubled`]); never shorter than `floor`.
 pub fn pause(
     settings: &QueueSettings,
     failures: u32,
     floor: Option<Duration>,
     unit: f64,
 ) -> Duration {
+    doubled(settings.retry_min, settings.retry_max, failures, unit).max(floor.unwrap_or_default())
+}
+
+/// `first` doubled per failure after the first, up to `most`, times a jitter in 0.8..1.2 (`unit`
+/// in 0..1) so that what failed together does not come back together.
+pub fn doubled(first: Duration, most: Duration, failures: u32, unit: f64) -> Duration {
     let doublings = failures.saturating_sub(1).min(30);
-    let base = settings
-        .retry_min
-        .saturating_mul(1u32 << doublings)
-        .min(settings.retry_max);
-    let jittered = base.mul_f64(0.8 + 0.4 * unit.clamp(0.0, 1.0));
-    jittered.max(floor.unwrap_or_default())
+    let base = first.saturating_mul(1u32 << doublings).min(most);
+    base.mul_f64(0.8 + 0.4 * unit.clamp(0.0, 1.0))
 }
 
 /// A replica's pause after the server, the network or Entra ID failed (not one mail): its

@@ -12,11 +12,12 @@ use lettre::address::Envelope;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
+use super::notify::{Notifier, Webhook};
 use super::retry::{self, Decision};
 use super::{Attempt, Claimed, Depth, Enqueued, Finish, MailRecord, NewMail, QueueStore};
 use crate::admin::AdminNotifier;
 use crate::clock::{Clock, Millis, duration_ms};
-use crate::config::QueueSettings;
+use crate::config::{QueueSettings, cipher};
 use crate::delivery::{Blame, DeliveryError, FailureKind, MailSender};
 use crate::idempotency::Fingerprint;
 use crate::message::OutgoingMail;
@@ -44,6 +45,8 @@ pub struct QueueDelivery {
     pub clock: Arc<dyn Clock>,
     /// The problem object that the synchronous answer to a refusal would have carried.
     pub explain: fn(Refusal) -> serde_json::Value,
+    /// A mail as `GET /mail/{id}` shows it: the completion call's data.
+    pub describe: fn(MailRecord) -> serde_json::Value,
     /// `mailRelay.smtp.sendDeadlineSeconds`: no send takes longer.
     pub send_deadline: Duration,
 }
@@ -99,6 +102,19 @@ impl Queue {
         delivery: QueueDelivery,
     ) -> Self {
         let (stop, _) = watch::channel(false);
+        let notifier = Notifier {
+            store: Arc::clone(&store),
+            webhook: settings.webhook.clone().and_then(|webhook| {
+                Webhook::new(webhook)
+                    .inspect_err(|error| tracing::error!(%error, "the completion calls' HTTP client could not be built; mailRelay.delivery.webhook is not called"))
+                    .ok()
+            }),
+            admin: delivery.admin.clone(),
+            describe: delivery.describe,
+            clock: Arc::clone(&delivery.clock),
+            metrics: Arc::clone(&delivery.metrics),
+        };
+        let notifying = tokio::spawn(notifier.run(stop.subscribe()));
         let inner = Arc::new(Inner {
             store,
             settings,
@@ -114,6 +130,7 @@ impl Queue {
         });
         let mut tasks = Vec::with_capacity(workers + 1);
         tasks.push(tokio::spawn(housekeeping(Arc::clone(&inner))));
+        tasks.push(notifying);
         for n in 0..workers.max(1) {
             tasks.push(tokio::spawn(work(Arc::clone(&inner), n)));
         }
@@ -143,6 +160,13 @@ impl Queue {
             .from()
             .map(ToString::to_string)
             .unwrap_or_default();
+        let sealed = match &inner.settings.at_rest {
+            Some(key) => Some(
+                cipher::seal(key, &mail.formatted, mail.id.as_bytes())
+                    .map_err(|e| QueueError::Unavailable(e.to_string()))?,
+            ),
+            None => None,
+        };
         let enqueued = inner
             .store
             .enqueue(NewMail {
@@ -151,7 +175,7 @@ impl Queue {
                 message_id: &mail.message_id,
                 from: &from,
                 recipients: &recipients,
-                mime: &mail.formatted,
+                mime: sealed.as_deref().unwrap_or(&mail.formatted),
                 now,
                 expires_at: now + duration_ms(inner.settings.max_age),
                 idempotency: idempotency.map(|(key, print)| (key, &print.as_bytes()[..])),
@@ -273,14 +297,28 @@ async fn work(inner: Arc<Inner>, n: usize) {
 }
 
 /// One attempt at one claimed mail.
-async fn deliver(inner: &Inner, worker: &str, mail: Claimed) {
+async fn deliver(inner: &Inner, worker: &str, mut mail: Claimed) {
     let d = &inner.delivery;
     let now = inner.now();
     if now >= mail.expires_at {
         let attempt = attempt_of(now, "expired", None, expiry_detail(&inner.settings));
         return record(inner, worker, &mail, Finish::Expired, attempt).await;
     }
-    let outgoing = match rebuild(&mail) {
+    if cipher::is_sealed(&mail.mime) {
+        match unseal(&inner.settings, &mail) {
+            Ok(mime) => mail.mime = mime,
+            Err(why) => {
+                // The administrator's to fix, and no attempt: the mail waits (until it expires).
+                tracing::error!(mail_id = %mail.id, %why, "a queued mail cannot be opened; it waits for the right key");
+                let until = now + duration_ms(inner.settings.retry_max);
+                if let Err(e) = inner.store.postpone(&mail.id, worker, until).await {
+                    tracing::warn!(error = %e, "a sealed mail could not be put back; its lease will run out");
+                }
+                return;
+            }
+        }
+    }
+    let outgoing = match rebuild(&mut mail) {
         Ok(outgoing) => outgoing,
         Err(detail) => {
             let attempt = attempt_of(now, "invalid_request", None, detail);
@@ -461,8 +499,16 @@ fn expiry_detail(settings: &QueueSettings) -> String {
     )
 }
 
-/// The mail as the sender takes it, from what the store kept.
-fn rebuild(mail: &Claimed) -> Result<OutgoingMail, String> {
+/// The message of a mail stored sealed (`mailRelay.delivery.encryptAtRest`).
+fn unseal(settings: &QueueSettings, mail: &Claimed) -> Result<Vec<u8>, String> {
+    let key = settings.at_rest.as_ref().ok_or(
+        "it was stored encrypted: set mailRelay.delivery.encryptAtRest to true, with the {cipher} key that sealed it",
+    )?;
+    cipher::open(key, &mail.mime, mail.id.as_bytes()).map_err(|e| e.to_string())
+}
+
+/// The mail as the sender takes it, from what the store kept (the message moves out of `mail`).
+fn rebuild(mail: &mut Claimed) -> Result<OutgoingMail, String> {
     let parse = |a: &str| {
         a.parse::<Address>()
             .map_err(|e| format!("the stored address {a:?} does not parse: {e}"))
@@ -482,7 +528,7 @@ fn rebuild(mail: &Claimed) -> Result<OutgoingMail, String> {
         id: mail.id.clone(),
         message_id: mail.message_id.clone(),
         envelope,
-        formatted: mail.mime.clone(),
+        formatted: std::mem::take(&mut mail.mime),
     })
 }
 

@@ -17,6 +17,9 @@ use sqlx::sqlite::{
 
 use crate::config::{StoreSettings, StoreUrl};
 
+/// A pooled PostgreSQL connection idle longer than this is pinged before it is used.
+const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
+
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("src/store/migrations/postgres");
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("src/store/migrations/sqlite");
 
@@ -101,12 +104,22 @@ impl Db {
                 let pool = PgPoolOptions::new()
                     .max_connections(settings.max_connections)
                     .acquire_timeout(settings.connect_timeout)
-                    // A connection that sat idle may be gone (a failover, a NAT timeout): idle
-                    // ones are closed after 5 minutes. Not pinged before each use, which would
-                    // double the round trips per mail; a dead one fails its query (503) once
-                    // and is dropped.
+                    // A connection that sat idle may be gone (a restart, a failover, a NAT
+                    // timeout): idle ones are closed after 5 minutes, and one idle for more than
+                    // a second is pinged before it is handed out (a dead one is closed and
+                    // another taken), so the first request after the store returns does not
+                    // fail on a connection the server ended. Under load connections are reused
+                    // within milliseconds and never pinged: no extra round trip per mail.
                     .idle_timeout(Duration::from_secs(300))
                     .test_before_acquire(false)
+                    .before_acquire(|connection, meta| {
+                        Box::pin(async move {
+                            if meta.idle_for > PING_WHEN_IDLE_FOR {
+                                sqlx::Connection::ping(connection).await?;
+                            }
+                            Ok(true)
+                        })
+                    })
                     .connect_lazy_with(options);
                 Ok(Some(Self::Postgres(pool)))
             }

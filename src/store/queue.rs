@@ -15,17 +15,37 @@ use crate::queue::{
 };
 
 /// The claim: the queued mail due longest, taken by one worker. PostgreSQL skips rows another
-/// claim holds locked; SQLite has one writer at a time, so the statement is atomic as it is.
+/// claim holds locked ([`for_db`]); SQLite has one writer at a time, so the statement is atomic
+/// as it is.
 const CLAIM: &str = "UPDATE queued_mails SET state = 'sending', claimed_by = $1, claim_until = $2, \
      uploading_at = NULL, attempts = attempts + 1 \
      WHERE id = (SELECT id FROM queued_mails WHERE state = 'queued' AND next_attempt_at <= $3 \
                  ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED) \
      RETURNING id, caller, message_id, mail_from, recipients, mime, attempts, created_at, expires_at, history";
-const CLAIM_SQLITE: &str = "UPDATE queued_mails SET state = 'sending', claimed_by = $1, claim_until = $2, \
-     uploading_at = NULL, attempts = attempts + 1 \
-     WHERE id = (SELECT id FROM queued_mails WHERE state = 'queued' AND next_attempt_at <= $3 \
-                 ORDER BY next_attempt_at LIMIT 1) \
-     RETURNING id, caller, message_id, mail_from, recipients, mime, attempts, created_at, expires_at, history";
+
+/// The completion calls due, finished after `$2`, moved to the claim's lease `$3`.
+const CLAIM_WEBHOOKS: &str = "UPDATE queued_mails SET webhook_due_at = $3, \
+     webhook_attempts = webhook_attempts + 1 \
+     WHERE id IN (SELECT id FROM queued_mails WHERE webhook_due_at <= $1 AND finished_at > $2 \
+                  AND state IN ('failed', 'expired', 'unknown') \
+                  ORDER BY webhook_due_at LIMIT $4 FOR UPDATE SKIP LOCKED) \
+     RETURNING id, webhook_attempts";
+
+/// The administrators' notices due, finished after `$2`, taken (at most `$3`).
+const TAKE_ADMIN_BATCH: &str = "UPDATE queued_mails SET admin_due_at = NULL \
+     WHERE id IN (SELECT id FROM queued_mails WHERE admin_due_at <= $1 AND finished_at > $2 \
+                  AND state IN ('failed', 'expired', 'unknown') \
+                  ORDER BY finished_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
+     RETURNING id";
+
+/// `sql` for this database: SQLite has no row locks to skip (one writer at a time makes the
+/// statement atomic as it is).
+fn for_db(db: &Db, sql: &'static str) -> std::borrow::Cow<'static, str> {
+    match db {
+        Db::Postgres(_) => sql.into(),
+        Db::Sqlite(_) => sql.replace(" FOR UPDATE SKIP LOCKED", "").into(),
+    }
+}
 
 const RECORD_COLUMNS: &str = "id, caller, message_id, state, recipients, bytes, created_at, \
      expires_at, next_attempt_at, attempts, history, accepted, problem, finished_at";
@@ -200,11 +220,8 @@ impl QueueStore for SqlQueue {
         now: Millis,
         lease_until: Millis,
     ) -> Result<Option<Claimed>, String> {
-        let statement = match self.shared.db() {
-            Db::Postgres(_) => CLAIM,
-            Db::Sqlite(_) => CLAIM_SQLITE,
-        };
-        let row: Option<ClaimRow> = sql!(self.shared, |pool| sqlx::query_as(statement)
+        let statement = for_db(self.shared.db(), CLAIM);
+        let row: Option<ClaimRow> = sql!(self.shared, |pool| sqlx::query_as(&statement)
             .bind(worker)
             .bind(to_sql(lease_until))
             .bind(to_sql(now))
@@ -263,6 +280,8 @@ impl QueueStore for SqlQueue {
                 "UPDATE queued_mails SET state = $3, history = $4, accepted = $5, problem = $6, \
                  next_attempt_at = COALESCE($7, next_attempt_at), finished_at = $8, \
                  claimed_by = NULL, claim_until = NULL, \
+                 webhook_due_at = CASE WHEN $3 IN ('failed', 'expired', 'unknown') THEN $8 END, \
+                 admin_due_at = CASE WHEN $3 IN ('failed', 'expired', 'unknown') THEN $8 END, \
                  uploading_at = CASE WHEN $8 IS NULL THEN NULL ELSE uploading_at END \
                  WHERE id = $1 AND claimed_by = $2 AND state = 'sending'",
                 Binds(&[
@@ -315,14 +334,15 @@ impl QueueStore for SqlQueue {
         let unknown = self
             .change(
                 "UPDATE queued_mails SET state = 'unknown', problem = $2, finished_at = $1, \
-                 claimed_by = NULL, claim_until = NULL \
+                 claimed_by = NULL, claim_until = NULL, webhook_due_at = $1, admin_due_at = $1 \
                  WHERE state = 'sending' AND claim_until <= $1 AND uploading_at IS NOT NULL",
                 Binds(&[Bind::Int(now), Bind::Text(DIED_UPLOADING)]),
             )
             .await?;
         let expired = self
             .change(
-                "UPDATE queued_mails SET state = 'expired', finished_at = $1 \
+                "UPDATE queued_mails SET state = 'expired', finished_at = $1, \
+                 webhook_due_at = $1, admin_due_at = $1 \
                  WHERE state = 'queued' AND expires_at <= $1",
                 Binds(&[Bind::Int(now)]),
             )
@@ -378,7 +398,8 @@ impl QueueStore for SqlQueue {
         let changed = self
             .change(
                 "UPDATE queued_mails SET state = 'queued', next_attempt_at = $2, expires_at = $3, \
-                 finished_at = NULL, problem = NULL, uploading_at = NULL \
+                 finished_at = NULL, problem = NULL, uploading_at = NULL, \
+                 webhook_due_at = NULL, webhook_attempts = 0, admin_due_at = NULL \
                  WHERE id = $1 AND state IN ('queued', 'failed', 'expired', 'unknown')",
                 Binds(&[
                     Bind::Text(id),
@@ -398,6 +419,66 @@ impl QueueStore for SqlQueue {
             )
             .await?;
         Ok(changed == 1)
+    }
+
+    async fn claim_webhooks(
+        &self,
+        now: Millis,
+        since: Millis,
+        lease_until: Millis,
+        limit: u32,
+    ) -> Result<Vec<(MailRecord, u32)>, String> {
+        let statement = for_db(self.shared.db(), CLAIM_WEBHOOKS);
+        let claimed: Vec<(String, i32)> = sql!(self.shared, |pool| sqlx::query_as(&statement)
+            .bind(to_sql(now))
+            .bind(to_sql(since))
+            .bind(to_sql(lease_until))
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await)
+        .await?;
+        let mut out = Vec::with_capacity(claimed.len());
+        for (id, calls) in claimed {
+            // Deleted in between (an operator's drop): nothing left to report.
+            if let Some(record) = self.get(&id).await? {
+                out.push((record, u32::try_from(calls).unwrap_or(1)));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn webhook_done(&self, id: &str, next_at: Option<Millis>) -> Result<(), String> {
+        let next = next_at.map_or(Bind::NullInt, |at| Bind::Int(to_sql(at)));
+        self.change(
+            "UPDATE queued_mails SET webhook_due_at = $2 WHERE id = $1",
+            Binds(&[Bind::Text(id), next]),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn take_admin_batch(
+        &self,
+        now: Millis,
+        since: Millis,
+        limit: u32,
+    ) -> Result<Vec<MailRecord>, String> {
+        let statement = for_db(self.shared.db(), TAKE_ADMIN_BATCH);
+        let taken: Vec<String> = sql!(self.shared, |pool| sqlx::query_scalar(&statement)
+            .bind(to_sql(now))
+            .bind(to_sql(since))
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await)
+        .await?;
+        let mut out = Vec::with_capacity(taken.len());
+        for id in taken {
+            if let Some(record) = self.get(&id).await? {
+                out.push(record);
+            }
+        }
+        out.sort_by_key(|r| r.finished_at);
+        Ok(out)
     }
 
     async fn depth(&self) -> Result<Depth, String> {

@@ -46,6 +46,7 @@ pub const QUEUE_OLDEST: &str = "mail_relay_queue_oldest_age_seconds";
 pub const QUEUE_ATTEMPTS: &str = "mail_relay_queue_attempts_total";
 pub const QUEUE_RETRIES: &str = "mail_relay_queue_retries_total";
 pub const QUEUE_SWEPT: &str = "mail_relay_queue_swept_total";
+pub const QUEUE_WEBHOOKS: &str = "mail_relay_queue_webhooks_total";
 
 /// One application's metrics registry.
 pub struct Metrics {
@@ -143,6 +144,12 @@ impl Metrics {
     /// while uploading) or `expired`.
     pub fn queue_swept(&self, outcome: &'static str, n: u64) {
         self.with(|| counter!(QUEUE_SWEPT, "outcome" => outcome).increment(n));
+    }
+
+    /// A completion call ended: `delivered` (2xx), `retry` (to be made again) or `abandoned`
+    /// (no 2xx within a day of the mail's end).
+    pub fn queue_webhook(&self, outcome: &'static str) {
+        self.with(|| counter!(QUEUE_WEBHOOKS, "outcome" => outcome).increment(1));
     }
 
     /// The Prometheus text, with the values read from the token cache and the SMTP pool now.
@@ -307,6 +314,10 @@ fn describe() {
     describe_counter!(
         QUEUE_SWEPT,
         "Mails the sweep moved: requeued (worker died before the upload), unknown (died while uploading), expired"
+    );
+    describe_counter!(
+        QUEUE_WEBHOOKS,
+        "Completion calls (mailRelay.delivery.webhook) by outcome: delivered, retry, abandoned"
     );
 }
 

@@ -82,7 +82,7 @@ impl TokenClient {
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(USER_AGENT)
             .build()
-            .map_err(|e| TokenError::Setup(error_chain(&e)))?;
+            .map_err(|e| TokenError::Setup(crate::causes::line(&e)))?;
         Ok(Self {
             http,
             endpoint: oauth.token_endpoint.clone(),
@@ -154,7 +154,7 @@ impl TokenClient {
         } else {
             TokenError::Network {
                 endpoint,
-                detail: error_chain(e),
+                detail: crate::causes::line(e),
             }
         }
     }
@@ -171,18 +171,6 @@ fn check_endpoint(url: &Url) -> Result<(), TokenError> {
             endpoint: url.to_string(),
         }),
     }
-}
-
-/// The error and its causes on one line (reqwest's own text names only the URL).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[derive(Deserialize)]

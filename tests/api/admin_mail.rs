@@ -128,7 +128,7 @@ fn enabled_without_recipients_or_with_a_bad_one_is_an_error() {
 }
 
 /// Subject, headers as sent and the decoded text body (quoted-printable lines are cut at 76).
-fn read_mail(raw: &[u8]) -> (String, String, String) {
+pub(crate) fn read_mail(raw: &[u8]) -> (String, String, String) {
     let message = mail_parser::MessageParser::default().parse(raw).unwrap();
     let subject = message.subject().unwrap_or_default().to_owned();
     let headers = String::from_utf8_lossy(&raw[..message.root_part().raw_body_offset() as usize])
@@ -138,7 +138,7 @@ fn read_mail(raw: &[u8]) -> (String, String, String) {
 }
 
 /// A recipient no other test uses, so the Maildir search finds only this test's notices.
-fn unique_recipient(what: &str) -> String {
+pub(crate) fn unique_recipient(what: &str) -> String {
     format!(
         "admin-{what}-{}@contoso.test",
         uuid::Uuid::new_v4().simple()
@@ -146,7 +146,7 @@ fn unique_recipient(what: &str) -> String {
 }
 
 /// Waits until the Maildir holds `count` mails containing `needle`; returns them.
-async fn wait_for_count(peer: &Peer, needle: &str, count: usize) -> Vec<Vec<u8>> {
+pub(crate) async fn wait_for_count(peer: &Peer, needle: &str, count: usize) -> Vec<Vec<u8>> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         let found = peer.find_messages(needle);

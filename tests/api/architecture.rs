@@ -88,8 +88,8 @@ fn forbidden(room: &str) -> Vec<&'static str> {
         "queue" => vec![
             "smtp", "token", "store", "api", "app", "cli", "diagnose", "http",
         ],
-        // The catalogue of fixes and the clock are leaves: everyone may use them.
-        "remedy" | "clock" => return every_room_but(room),
+        // The catalogue of fixes, the clock and an error's text are leaves: everyone may use them.
+        "remedy" | "clock" | "causes" => return every_room_but(room),
         _ => return Vec::new(),
     };
     if !matches!(room, "api" | "telemetry" | "queue") {

@@ -1603,3 +1603,81 @@ fn settings_that_break_exchange_or_drain_promises_are_warned_about() {
         "{e}"
     );
 }
+
+#[test]
+fn the_webhook_needs_an_https_url_and_a_key_of_16_bytes_never_shown() {
+    let (url, secret) = (
+        "MAILRELAY_DELIVERY_WEBHOOK",
+        "MAILRELAY_DELIVERY_WEBHOOKSECRET",
+    );
+    let https = "https://app.contoso.com/hooks/mail";
+    let whsec = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let loaded = ok(SEED, &[(url, https), (secret, whsec)]);
+    let webhook = loaded.settings.relay.queue.webhook.as_ref().unwrap();
+    assert_eq!(webhook.url.as_str(), https);
+    assert_eq!(
+        webhook.key.expose().len(),
+        24,
+        "whsec_ is base64 of the key"
+    );
+    assert!(
+        loaded.masked.contains(&format!("webhook: \"{https}\"")),
+        "{}",
+        loaded.masked
+    );
+    assert!(loaded.masked.contains("webhookSecret: \"****\""));
+    for shown in [loaded.masked.clone(), format!("{:?}", loaded.settings)] {
+        assert!(
+            !shown.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+            "{shown}"
+        );
+    }
+
+    let message = error_for(
+        SEED,
+        &[(url, "http://app.contoso.com/hook"), (secret, whsec)],
+        "mailRelay.delivery.webhook",
+    );
+    assert!(message.contains("https"), "{message}");
+    let message = error_for(SEED, &[(url, https)], "mailRelay.delivery.webhookSecret");
+    assert!(message.contains("required"), "{message}");
+    let message = error_for(SEED, &[(secret, whsec)], "mailRelay.delivery.webhookSecret");
+    assert!(message.contains("is set but"), "{message}");
+    let message = error_for(
+        SEED,
+        &[(url, https), (secret, "short-key")],
+        "mailRelay.delivery.webhookSecret",
+    );
+    assert!(
+        message.contains("shorter than 16 bytes") && !message.contains("short-key"),
+        "{message}"
+    );
+    let message = error_for(
+        SEED,
+        &[(url, https), (secret, "whsec_not base64!")],
+        "mailRelay.delivery.webhookSecret",
+    );
+    assert!(message.contains("not base64"), "{message}");
+}
+
+#[test]
+fn encrypt_at_rest_needs_the_cipher_key() {
+    let on = ("MAILRELAY_DELIVERY_ENCRYPTATREST", "true");
+    let message = error_for(SEED, &[on], "mailRelay.delivery.encryptAtRest");
+    assert!(message.contains("MAIL_RELAY_ENCRYPT_KEY"), "{message}");
+    let (name, key) = key_env(9);
+    let loaded = ok(SEED, &[on, (name.as_str(), key.as_str())]);
+    assert!(loaded.settings.relay.queue.at_rest.is_some());
+    assert!(
+        loaded.masked.contains("encryptAtRest: true"),
+        "{}",
+        loaded.masked
+    );
+    assert!(ok(SEED, &[]).settings.relay.queue.at_rest.is_none());
+    let message = error_for(
+        SEED,
+        &[("MAILRELAY_DELIVERY_ENCRYPTATREST", "yes")],
+        "mailRelay.delivery.encryptAtRest",
+    );
+    assert!(message.contains("true, false"), "{message}");
+}

@@ -21,6 +21,7 @@ mod peer_smoke;
 pub mod process;
 mod proxy;
 mod queue;
+mod queue_reports;
 mod server;
 mod smtp;
 mod store;

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use mail_relay::config::{
     Delivery, Encryption, QueueMode, Settings, SmtpAuthentication, StoreSettings, StoreUrl,
+    cipher::{self, EncryptionKey},
 };
 use mail_relay::queue::{Attempt, Enqueued, Finish, MailState, NewMail};
 use serde_json::{Value, json};
@@ -20,7 +21,7 @@ use crate::store_settings::postgres;
 
 /// The stores a test runs on: SQLite in `dir`, and PostgreSQL in a fresh schema (under
 /// `CI=true` PostgreSQL must be there).
-async fn stores(dir: &tempfile::TempDir, test: &str) -> Vec<StoreSettings> {
+pub(crate) async fn stores(dir: &tempfile::TempDir, test: &str) -> Vec<StoreSettings> {
     let mut stores = vec![StoreSettings {
         url: StoreUrl::Sqlite(dir.path().join("queue.db")),
         ..StoreSettings::default()
@@ -61,7 +62,7 @@ async fn own_schema(mut settings: StoreSettings) -> StoreSettings {
 
 /// The relay on `store`, sending to `port` on the peer's host without TLS or login (Postfix's
 /// plain port keeps the Exchange-like refusals after DATA), retrying after 1 to 2 s.
-fn queue_settings(peer: &Peer, port: u16, store: &StoreSettings) -> Settings {
+pub(crate) fn queue_settings(peer: &Peer, port: u16, store: &StoreSettings) -> Settings {
     let mut settings = test_settings(std::env::temp_dir());
     settings.relay.delivery = Delivery::Smtp;
     settings.send_email.smtp_server = peer.host.clone();
@@ -75,7 +76,7 @@ fn queue_settings(peer: &Peer, port: u16, store: &StoreSettings) -> Settings {
     settings
 }
 
-async fn ready(app: &TestApp) {
+pub(crate) async fn ready(app: &TestApp) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while app.get("/health/ready").await.status() != 200 {
         assert!(Instant::now() < deadline, "the relay did not get ready");
@@ -83,7 +84,7 @@ async fn ready(app: &TestApp) {
     }
 }
 
-async fn post_queued(app: &TestApp, body: &Value) -> reqwest::Response {
+pub(crate) async fn post_queued(app: &TestApp, body: &Value) -> reqwest::Response {
     app.client
         .post(app.url("/mail"))
         .header("prefer", "respond-async")
@@ -93,7 +94,7 @@ async fn post_queued(app: &TestApp, body: &Value) -> reqwest::Response {
         .unwrap()
 }
 
-fn mail(from: &str, marker: &str) -> Value {
+pub(crate) fn mail(from: &str, marker: &str) -> Value {
     json!({"from": from, "to": "alice@contoso.test", "subject": marker, "text": "queued"})
 }
 
@@ -104,7 +105,7 @@ async fn status(app: &TestApp, id: &str) -> Value {
 }
 
 /// Poll `GET /mail/{id}` until `done` holds for the status, or panic after `timeout`.
-async fn wait_status(
+pub(crate) async fn wait_status(
     app: &TestApp,
     id: &str,
     timeout: Duration,
@@ -435,6 +436,57 @@ async fn finished_mails_are_forgotten_after_their_retention() {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
+}
+
+/// `encryptAtRest`: the row holds the message sealed (nothing of it readable, bound to the
+/// mail's id), and the worker still delivers it.
+#[tokio::test]
+async fn with_encrypt_at_rest_the_stored_message_is_sealed_and_still_delivered() {
+    let peer = require_peer!();
+    let dir = tempfile::tempdir().unwrap();
+    let store = StoreSettings {
+        url: StoreUrl::Sqlite(dir.path().join("sealed.db")),
+        ..StoreSettings::default()
+    };
+    let mut settings = queue_settings(&peer, peer.plain_port, &store);
+    settings.relay.queue.at_rest = Some(EncryptionKey::from_bytes(&[7; 32]));
+    let app = spawn_built(settings).await;
+    ready(&app).await;
+    let marker = format!("sealed-{}", uuid::Uuid::new_v4());
+    let body: Value = post_queued(&app, &mail("app@contoso.test", &marker))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = body["id"].as_str().unwrap();
+    wait_status(&app, id, Duration::from_secs(15), |s| s["status"] == "sent").await;
+    assert!(
+        peer.wait_for_message(&marker, Duration::from_secs(10))
+            .await
+            .is_some(),
+        "delivered, readable"
+    );
+    let mut db = sqlx::SqliteConnection::connect(&format!(
+        "sqlite:{}",
+        dir.path().join("sealed.db").display()
+    ))
+    .await
+    .unwrap();
+    let (mime,): (Vec<u8>,) = sqlx::query_as("SELECT mime FROM queued_mails WHERE id = $1")
+        .bind(id)
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert!(cipher::is_sealed(&mime));
+    let text = String::from_utf8_lossy(&mime);
+    assert!(
+        !text.contains(&marker) && !text.contains("Subject"),
+        "{text}"
+    );
+    let key = EncryptionKey::from_bytes(&[7; 32]);
+    let opened = cipher::open(&key, &mime, id.as_bytes()).unwrap();
+    assert!(String::from_utf8_lossy(&opened).contains(&marker));
+    assert!(cipher::open(&key, &mime, b"another-mail").is_err());
 }
 
 #[tokio::test]
