@@ -54,14 +54,22 @@ impl SharedSlots {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        let mut session = match spare {
-            Some(session) => session,
-            None => PgConnection::connect_with(&self.options)
-                .await
-                .map_err(|e| describe(&e))?,
-        };
+        if let Some(session) = spare {
+            // The kept session may have been ended by the server since (a restart, a
+            // failover): then it fails its first query, and a fresh one tries once more.
+            if let Ok(found) = self.try_slots(session).await {
+                return Ok(found);
+            }
+        }
+        let session = PgConnection::connect_with(&self.options)
+            .await
+            .map_err(|e| describe(&e))?;
+        self.try_slots(session).await
+    }
+
+    /// Every slot in turn on `session`; on an error the session is dropped.
+    async fn try_slots(&self, mut session: PgConnection) -> Result<Option<SlotLock>, String> {
         for slot in 0..self.max {
-            // On an error the session is dropped: the next try logs in afresh.
             let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
                 .bind(self.mailbox)
                 .bind(slot)
