@@ -294,7 +294,16 @@ async fn a_permanent_refusal_ends_failed_with_its_fix_and_a_432_waits_for_a_late
         })
         .await;
         let attempt = &waiting["attempts"][0];
-        assert_eq!(attempt["kind"], "smtp_thread_limit", "{waiting:#}");
+        // The sender retries a 432 within the send deadline (5 s here); on a slow machine the
+        // deadline may cut its last retry, and the attempt is then `smtp_unavailable` with the
+        // 432 as its reply. Either way the mail waits for a later attempt.
+        assert!(
+            matches!(
+                attempt["kind"].as_str(),
+                Some("smtp_thread_limit" | "smtp_unavailable")
+            ),
+            "{waiting:#}"
+        );
         assert!(attempt["reply"].as_str().unwrap().starts_with("432 4.3.2"));
         let at = time::OffsetDateTime::parse(
             attempt["at"].as_str().unwrap(),
