@@ -1,7 +1,7 @@
 //! mail-relay: an HTTP-to-SMTP relay for Microsoft 365 that authenticates with OAuth2.
 //!
 //! Data flows one way: request -> caller -> policy (send-as, limits, idempotency) -> message ->
-//! delivery -> transport (SMTP) -> token. ARCHITECTURE.md is the map.
+//! delivery -> transport (SMTP or Microsoft Graph) -> token. ARCHITECTURE.md is the map.
 
 pub mod admin;
 pub mod api;
@@ -13,6 +13,7 @@ pub mod clock;
 pub mod config;
 pub mod delivery;
 pub mod diagnose;
+pub mod graph;
 pub mod http;
 pub mod idempotency;
 pub mod message;
@@ -24,3 +25,6 @@ pub mod smtp;
 pub mod store;
 pub mod telemetry;
 pub mod token;
+
+/// What the relay calls itself in outbound HTTP requests (Entra ID, Graph, the completion calls).
+pub const USER_AGENT: &str = concat!("mail-relay/", env!("CARGO_PKG_VERSION"));

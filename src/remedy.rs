@@ -25,6 +25,10 @@ pub enum Cause {
     TooLarge,
     /// The server's certificate was not accepted.
     Certificate,
+    /// Graph refused the app for the mailbox: no `Mail.Send`, or a scope that leaves it out.
+    GraphAccessDenied,
+    /// Graph cannot send from the mailbox: not an Exchange Online mailbox, or no such user.
+    GraphMailboxUnusable,
 }
 
 /// What the caller knows of the set-up, filled into the fix texts.
@@ -101,6 +105,19 @@ impl Cause {
                  a name in the certificate, and a private CA must be given in mailRelay.smtp.caFile"
                     .to_owned()
             }
+            Self::GraphAccessDenied => format!(
+                "Microsoft Graph refused the app {client} for the mailbox {mailbox}: grant the \
+                 application permission Microsoft Graph > Mail.Send with admin consent (the \
+                 token's roles then list Mail.Send), and if Mail.Send is scoped with RBAC for \
+                 Applications (New-ManagementRoleAssignment -App {client} -Role \"Application \
+                 Mail.Send\" -CustomResourceScope <scope>) or an application access policy, make \
+                 sure the scope includes {mailbox}; changes can take an hour to apply"
+            ),
+            Self::GraphMailboxUnusable => format!(
+                "Microsoft Graph cannot send from {mailbox}: {SE}.smtpUsername must be the address \
+                 of an existing, licensed Exchange Online mailbox (not an on-premises, inactive or \
+                 soft-deleted one)"
+            ),
         }
     }
 }

@@ -549,7 +549,8 @@ impl From<DeliveryError> for ApiError {
             | FailureKind::Certificate
             | FailureKind::Setup => Self::SmtpUnavailable {
                 detail,
-                retry_after: None,
+                // Graph's own Retry-After, when it gave one; SMTP gives none.
+                retry_after: e.retry_after().map(|d| d.as_secs().max(1)),
             },
             FailureKind::MailboxFull | FailureKind::Rejected => Self::SmtpRejected(detail),
         }

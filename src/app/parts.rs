@@ -5,26 +5,31 @@ use std::sync::Arc;
 
 use crate::config::{Delivery, Settings, SmtpAuthentication};
 use crate::delivery::{MailSender, Outbox};
+use crate::graph::GraphSender;
 use crate::queue::{Queue, QueueDelivery};
 use crate::rate_limit::mailbox_of;
 use crate::smtp::{ConnectionSlots, SmtpSender};
 use crate::store::Store;
 use crate::token::{TokenCache, TokenProvider};
 
-/// One token cache for the whole process, when mail goes out over SMTP with MS_OAUTH.
+/// One token cache for the whole process, when mail goes out over SMTP with MS_OAUTH (for
+/// Exchange's scope) or through Graph (for `mailRelay.graph.scopes`).
 pub(super) fn token_cache_for(
     settings: &Settings,
 ) -> std::io::Result<Option<Arc<dyn TokenProvider>>> {
-    match (
-        &settings.relay.delivery,
-        &settings.send_email.smtp_authentication,
-    ) {
-        (Delivery::Smtp, SmtpAuthentication::MsOAuth { oauth, .. }) => {
-            let cache = TokenCache::new(oauth).map_err(std::io::Error::other)?;
-            Ok(Some(Arc::new(cache)))
-        }
-        _ => Ok(None),
-    }
+    let SmtpAuthentication::MsOAuth { oauth, .. } = &settings.send_email.smtp_authentication else {
+        return Ok(None);
+    };
+    let oauth = match &settings.relay.delivery {
+        Delivery::Smtp => oauth.clone(),
+        Delivery::Graph => crate::config::OAuthSettings {
+            scopes: settings.relay.graph.scopes.clone(),
+            ..oauth.clone()
+        },
+        Delivery::Outbox { .. } => return Ok(None),
+    };
+    let cache = TokenCache::new(&oauth).map_err(std::io::Error::other)?;
+    Ok(Some(Arc::new(cache)))
 }
 
 pub(super) fn sender_for(
@@ -34,6 +39,16 @@ pub(super) fn sender_for(
 ) -> std::io::Result<Arc<dyn MailSender>> {
     match &settings.relay.delivery {
         Delivery::Outbox { dir } => Ok(Arc::new(Outbox::new(dir.clone()))),
+        Delivery::Graph => {
+            let tokens = tokens.ok_or_else(|| {
+                std::io::Error::other(
+                    "mailRelay.delivery.mode graph needs smtpAuthentication MS_OAUTH",
+                )
+            })?;
+            GraphSender::new(settings, tokens)
+                .map(|sender| Arc::new(sender) as Arc<dyn MailSender>)
+                .map_err(std::io::Error::other)
+        }
         Delivery::Smtp => {
             // With a shared store, the mailbox's connection cap holds across replicas.
             let slots = store

@@ -140,6 +140,7 @@ pub fn render(settings: &Settings, values: &Resolved) -> String {
     out.section(2, "delivery");
     match &r.delivery {
         Delivery::Smtp => out.line(4, "mailRelay.delivery.mode", Some("smtp".into())),
+        Delivery::Graph => out.line(4, "mailRelay.delivery.mode", Some("graph".into())),
         Delivery::Outbox { dir } => {
             out.line(4, "mailRelay.delivery.mode", Some("outbox".into()));
             out.line(
@@ -150,6 +151,29 @@ pub fn render(settings: &Settings, values: &Resolved) -> String {
         }
     }
     render_queue(&mut out, &r.queue);
+    let g = &r.graph;
+    out.section(2, "graph");
+    out.line(
+        4,
+        "mailRelay.graph.baseUrl",
+        Some(quote(g.base_url.as_str())),
+    );
+    out.line(4, "mailRelay.graph.scopes", Some(quote(&g.scopes)));
+    out.line(
+        4,
+        "mailRelay.graph.connectTimeoutSeconds",
+        secs(g.connect_timeout),
+    );
+    out.line(
+        4,
+        "mailRelay.graph.requestTimeoutSeconds",
+        secs(g.request_timeout),
+    );
+    out.line(
+        4,
+        "mailRelay.graph.maxConcurrentRequests",
+        Some(g.max_concurrent_requests.to_string()),
+    );
     out.section(2, "smtp");
     out.line(
         4,

@@ -138,6 +138,8 @@ pub enum ClientCredential {
 pub struct RelaySettings {
     pub delivery: Delivery,
     pub smtp: SmtpTuning,
+    /// `mailRelay.graph.*`: the Microsoft Graph transport (used with `delivery.mode: graph`).
+    pub graph: GraphSettings,
     pub limits: Limits,
     pub auth: AuthSettings,
     pub send_as: SendAsSettings,
@@ -279,6 +281,43 @@ pub enum Delivery {
     Smtp,
     /// Write every mail as an `.eml` file into a folder (the embedded dev default).
     Outbox { dir: PathBuf },
+    /// Hand every mail to Microsoft Graph's `sendMail` for the `smtpUsername` mailbox.
+    Graph,
+}
+
+impl Delivery {
+    /// Mail reaches a real mailbox (SMTP or Graph), so callers must be known and the
+    /// mailbox's credentials are required.
+    pub fn is_remote(&self) -> bool {
+        matches!(self, Self::Smtp | Self::Graph)
+    }
+}
+
+/// `mailRelay.graph.*`: the Microsoft Graph transport.
+#[derive(Debug, Clone)]
+pub struct GraphSettings {
+    /// The API root, e.g. `https://graph.microsoft.com/v1.0` (https; http only on loopback).
+    pub base_url: Url,
+    /// The token scope for Graph, `https://graph.microsoft.com/.default`.
+    pub scopes: String,
+    pub connect_timeout: Duration,
+    /// One HTTP request to Graph at most; the whole send keeps `smtp.sendDeadlineSeconds`.
+    pub request_timeout: Duration,
+    /// Requests in flight for the mailbox at once (Outlook allows 4).
+    pub max_concurrent_requests: usize,
+}
+
+impl Default for GraphSettings {
+    fn default() -> Self {
+        Self {
+            base_url: Url::parse(validate::DEFAULT_GRAPH_URL)
+                .expect("the default Graph URL parses"),
+            scopes: validate::DEFAULT_GRAPH_SCOPES.to_owned(),
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_concurrent_requests: 4,
+        }
+    }
 }
 
 /// `mailRelay.smtp.*`: connection handling for the SMTP side.

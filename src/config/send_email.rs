@@ -12,9 +12,14 @@ use super::validate::{
     Ctx, DEFAULT_SCOPES, DEFAULT_TOKEN_ENDPOINT, OFFICE365_HOST, TENANT_PLACEHOLDER, is_address,
     is_loopback_host, se,
 };
-use super::{ClientCredential, Encryption, OAuthSettings, SendEmailSettings, SmtpAuthentication};
+use super::{
+    ClientCredential, Delivery, Encryption, OAuthSettings, SendEmailSettings, SmtpAuthentication,
+};
 
-pub(super) fn send_email(ctx: &mut Ctx<'_>, smtp: bool) -> SendEmailSettings {
+/// `delivery` decides what is required: the server only for SMTP, the login for SMTP and Graph.
+pub(super) fn send_email(ctx: &mut Ctx<'_>, delivery: &Delivery) -> SendEmailSettings {
+    let smtp = *delivery == Delivery::Smtp;
+    let graph = *delivery == Delivery::Graph;
     let why_smtp =
         "with mailRelay.delivery.mode smtp (the SMTP server's host name, e.g. smtp.office365.com)";
     let server = if smtp {
@@ -91,10 +96,16 @@ pub(super) fn send_email(ctx: &mut Ctx<'_>, smtp: bool) -> SendEmailSettings {
         );
     }
 
+    if graph && mode != Mode::MsOAuth {
+        ctx.error(
+            &se("smtpAuthentication"),
+            "must be MS_OAUTH with mailRelay.delivery.mode graph: Microsoft Graph takes only OAuth2 app-only tokens (the app registration's oAuthClientId, oAuthTenantId and secret or certificate)",
+        );
+    }
     let authentication = match mode {
         Mode::None => Some(SmtpAuthentication::None),
         Mode::Basic => basic(ctx, smtp),
-        Mode::MsOAuth => ms_oauth(ctx, smtp),
+        Mode::MsOAuth => ms_oauth(ctx, smtp || graph),
     };
     SendEmailSettings {
         smtp_server: server.unwrap_or_default(),

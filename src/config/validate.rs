@@ -23,6 +23,8 @@ use super::{callers, proxy};
 pub const DEFAULT_TOKEN_ENDPOINT: &str =
     "https://login.microsoftonline.com/#TenantID#/oauth2/v2.0/token";
 pub const DEFAULT_SCOPES: &str = "https://outlook.office365.com/.default";
+pub const DEFAULT_GRAPH_URL: &str = "https://graph.microsoft.com/v1.0/";
+pub const DEFAULT_GRAPH_SCOPES: &str = "https://graph.microsoft.com/.default";
 pub const TENANT_PLACEHOLDER: &str = "#TenantID#";
 pub(super) const OFFICE365_HOST: &str = "smtp.office365.com";
 
@@ -204,11 +206,10 @@ pub fn validate(values: &Resolved) -> (Result<Settings, Vec<SettingError>>, Vec<
     };
     let server = server(&mut ctx);
     let mut relay = relay(&mut ctx);
-    let send_email = super::send_email::send_email(&mut ctx, relay.delivery == Delivery::Smtp);
+    let send_email = super::send_email::send_email(&mut ctx, &relay.delivery);
     check_timeouts(&mut ctx, &relay);
     check_rate_limits(&mut ctx, &relay, &send_email);
-    let smtp = relay.delivery == Delivery::Smtp;
-    relay.auth = callers::auth(&mut ctx, smtp);
+    relay.auth = callers::auth(&mut ctx, relay.delivery.is_remote());
     relay.send_as = callers::send_as(&mut ctx);
     relay.cors = callers::cors(&mut ctx);
     relay.http = proxy::http(&mut ctx);
@@ -266,18 +267,18 @@ fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
     let mode = ctx.one_of(
         "mailRelay.delivery.mode",
         "smtp",
-        &[("smtp", "smtp"), ("outbox", "outbox")],
-        "smtp, outbox",
+        &[("smtp", "smtp"), ("graph", "graph"), ("outbox", "outbox")],
+        "smtp, graph, outbox",
     );
-    let delivery = if mode == "outbox" {
-        Delivery::Outbox {
+    let delivery = match mode {
+        "outbox" => Delivery::Outbox {
             dir: PathBuf::from(
                 ctx.text("mailRelay.delivery.outboxDir")
                     .unwrap_or("./outbox"),
             ),
-        }
-    } else {
-        Delivery::Smtp
+        },
+        "graph" => Delivery::Graph,
+        _ => Delivery::Smtp,
     };
     let max_connections = ctx.number("mailRelay.smtp.maxConnections", 3usize, 1..=100);
     let connect_timeout = ctx.seconds("mailRelay.smtp.connectTimeoutSeconds", 10);
@@ -328,10 +329,11 @@ fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
             65_536..=68_719_476_736,
         ),
     };
-    let rate_limits = rate_limits(ctx, limits.max_recipients);
+    let rate_limits = rate_limits(ctx, limits.max_recipients, &delivery);
     let store = super::store::store(ctx);
     RelaySettings {
         queue: super::queue::queue(ctx, &store.url),
+        graph: graph(ctx),
         delivery,
         smtp: SmtpTuning {
             max_connections,
@@ -362,15 +364,22 @@ const RATE_LIMITS: &str = "mailRelay.rateLimits";
 /// Exchange Online's own limits per mailbox (EXCHANGE.md section 4).
 const EXCHANGE_MESSAGES_PER_MINUTE: u32 = 30;
 const EXCHANGE_RECIPIENTS_PER_DAY: u32 = 10_000;
+/// Graph's own limit (Outlook service limits: 10,000 requests per 10 minutes per app and
+/// mailbox); the 30 a minute are SMTP client submission's.
+const GRAPH_MESSAGES_PER_MINUTE: u32 = 1_000;
 
-fn rate_limits(ctx: &mut Ctx<'_>, max_recipients: usize) -> RateLimitSettings {
+fn rate_limits(ctx: &mut Ctx<'_>, max_recipients: usize, delivery: &Delivery) -> RateLimitSettings {
     let mut limit = |name: &str, default: Option<NonZeroU32>, max: u32| {
         let default = default.map_or(0, NonZeroU32::get);
         NonZeroU32::new(ctx.number(&format!("{RATE_LIMITS}.{name}"), default, 0..=max))
     };
+    let per_minute = match delivery {
+        Delivery::Graph => GRAPH_MESSAGES_PER_MINUTE,
+        _ => EXCHANGE_MESSAGES_PER_MINUTE,
+    };
     let mailbox_messages_per_minute = limit(
         "mailboxMessagesPerMinute",
-        NonZeroU32::new(EXCHANGE_MESSAGES_PER_MINUTE),
+        NonZeroU32::new(per_minute),
         100_000,
     );
     let mailbox_recipients_per_day = limit(
@@ -562,9 +571,38 @@ pub fn read_ca_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>,
     }
 }
 
+/// `mailRelay.graph.*`, checked whatever the mode, so that a switch to `graph` finds no surprise.
+fn graph(ctx: &mut Ctx<'_>) -> super::GraphSettings {
+    let key = "mailRelay.graph.baseUrl";
+    let text = ctx.text(key).unwrap_or(DEFAULT_GRAPH_URL).to_owned();
+    let base_url =
+        super::send_email::https_url(ctx, key, &text, "the mails and their token travel over it")
+            .map(|mut url| {
+                // `users/...` is joined to it: a missing trailing slash would drop `v1.0`.
+                if !url.path().ends_with('/') {
+                    url.set_path(&format!("{}/", url.path()));
+                }
+                url
+            })
+            .unwrap_or_else(|| super::GraphSettings::default().base_url);
+    super::GraphSettings {
+        base_url,
+        scopes: ctx
+            .text("mailRelay.graph.scopes")
+            .unwrap_or(DEFAULT_GRAPH_SCOPES)
+            .to_owned(),
+        connect_timeout: ctx.seconds("mailRelay.graph.connectTimeoutSeconds", 10),
+        request_timeout: ctx.seconds("mailRelay.graph.requestTimeoutSeconds", 30),
+        max_concurrent_requests: ctx.number(
+            "mailRelay.graph.maxConcurrentRequests",
+            4usize,
+            1..=100,
+        ),
+    }
+}
+
 fn check_timeouts(ctx: &mut Ctx<'_>, relay: &RelaySettings) {
-    if relay.delivery == Delivery::Smtp && relay.smtp.send_deadline >= relay.limits.request_timeout
-    {
+    if relay.delivery.is_remote() && relay.smtp.send_deadline >= relay.limits.request_timeout {
         ctx.warnings.push(format!(
             "mailRelay.smtp.sendDeadlineSeconds ({}) is not below mailRelay.limits.requestTimeoutSeconds ({}): a slow send is cut off by the request timeout before its own deadline",
             relay.smtp.send_deadline.as_secs(),

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use crate::graph::GraphError;
 use crate::remedy::Cause;
 use crate::smtp::SmtpError;
 use crate::token::TokenError;
@@ -16,6 +17,10 @@ pub enum DeliveryError {
     /// are [`DeliveryError::Token`]).
     #[error(transparent)]
     Smtp(SmtpError),
+    /// Microsoft Graph refused, failed or could not be reached (token failures are
+    /// [`DeliveryError::Token`]).
+    #[error(transparent)]
+    Graph(GraphError),
     #[error(transparent)]
     Token(#[from] TokenError),
     #[error("could not write the mail to the outbox {path}: {source}")]
@@ -99,6 +104,7 @@ impl DeliveryError {
     pub fn kind(&self) -> FailureKind {
         match self {
             Self::Smtp(e) => super::smtp::kind(e),
+            Self::Graph(e) => super::graph::kind(e),
             Self::Token(_) => FailureKind::Token,
             Self::Outbox { .. } => FailureKind::Local,
         }
@@ -108,6 +114,7 @@ impl DeliveryError {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Smtp(e) => e.is_transient(),
+            Self::Graph(e) => e.is_transient(),
             Self::Token(e) => e.is_transient(),
             Self::Outbox { .. } => false,
         }
@@ -116,7 +123,11 @@ impl DeliveryError {
     /// The whole message went out but no verdict came back: the server may have the mail, and
     /// sending it again could deliver it twice.
     pub fn outcome_unknown(&self) -> bool {
-        matches!(self, Self::Smtp(e) if e.outcome_unknown())
+        match self {
+            Self::Smtp(e) => e.outcome_unknown(),
+            Self::Graph(e) => e.outcome_unknown(),
+            _ => false,
+        }
     }
 
     /// A failure an administrator must fix: the login refused or switched off, TLS or settings
@@ -125,6 +136,7 @@ impl DeliveryError {
     pub fn needs_administrator(&self) -> bool {
         match self {
             Self::Smtp(e) => super::smtp::needs_administrator(e),
+            Self::Graph(e) => super::graph::needs_administrator(e),
             Self::Token(e) => !e.is_transient(),
             Self::Outbox { .. } => false,
         }
@@ -134,6 +146,7 @@ impl DeliveryError {
     pub fn blame(&self) -> Blame {
         match self {
             Self::Smtp(e) => super::smtp::blame(e),
+            Self::Graph(e) => super::graph::blame(e),
             Self::Token(_) => Blame::Token,
             Self::Outbox { .. } => Blame::Relay,
         }
@@ -143,6 +156,7 @@ impl DeliveryError {
     pub fn cause(&self) -> Option<Cause> {
         match self {
             Self::Smtp(e) => e.cause(),
+            Self::Graph(e) => e.cause(),
             Self::Token(_) | Self::Outbox { .. } => None,
         }
     }
@@ -167,6 +181,7 @@ impl DeliveryError {
     pub fn server_reply(&self) -> Option<String> {
         match self {
             Self::Smtp(e) => e.reply().map(ToString::to_string),
+            Self::Graph(e) => e.reply().map(|r| format!("HTTP {r}")),
             _ => None,
         }
     }
@@ -199,6 +214,7 @@ impl DeliveryError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Token(e) => e.retry_after(),
+            Self::Graph(e) => e.retry_after(),
             _ => None,
         }
     }

@@ -1,9 +1,11 @@
 //! Where accepted mail goes: the [`MailSender`] trait, the transport-neutral failure model, and
-//! the transports behind the trait (the SMTP server, or a local outbox folder for development).
+//! the transports behind the trait (the SMTP server, Microsoft Graph, or a local outbox folder for
+//! development).
 //! Everything above this module asks a [`DeliveryError`] what it means; nothing above it knows a
 //! transport.
 
 mod error;
+mod graph;
 mod outbox;
 mod smtp;
 

@@ -8,6 +8,7 @@
 //! printed: a token appears only as its fingerprint and its non-secret claims.
 
 mod certificate;
+mod graph;
 mod report;
 mod smtp;
 mod store;
@@ -44,6 +45,18 @@ pub fn settings_passed(settings: &Settings) -> Step {
         return Step::pass(
             "settings",
             format!("valid: mailRelay.delivery.mode outbox ({})", dir.display()),
+        );
+    }
+    if let (Delivery::Graph, Some(mailbox)) = (
+        &settings.relay.delivery,
+        email.smtp_authentication.username(),
+    ) {
+        return Step::pass(
+            "settings",
+            format!(
+                "valid: mailRelay.delivery.mode graph ({}) as {mailbox}",
+                settings.relay.graph.base_url
+            ),
         );
     }
     let encryption = match email.smtp_encryption {
@@ -89,6 +102,10 @@ pub async fn run(
         report(&step);
     };
     emit(store::check(&settings.relay.store).await);
+    if settings.relay.delivery == Delivery::Graph {
+        graph::run(settings, send_test, &mut emit).await;
+        return ok;
+    }
     if let Delivery::Outbox { dir } = &settings.relay.delivery {
         let why = format!(
             "mailRelay.delivery.mode is outbox (mails go to {}): no SMTP server or token is used",

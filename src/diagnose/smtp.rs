@@ -282,33 +282,9 @@ pub(super) async fn send_test_mail(
     connection: &mut Connection,
     test: &SendTest,
 ) -> Step {
-    let host = lettre::transport::smtp::extension::ClientId::default().to_string();
-    let request = serde_json::json!({
-        "from": test.from,
-        "to": [test.to],
-        "subject": "mail-relay diagnose: test mail",
-        "text": format!(
-            "This is a test mail sent by `mail-relay diagnose --send-test` on {host} at {}.\n\nIf it arrived, the relay can send as {} through {}.\n",
-            httpdate::fmt_http_date(SystemTime::now()),
-            test.from,
-            server(settings),
-        ),
-    });
-    let mail = match serde_json::from_value::<MailRequest>(request)
-        .map_err(|e| e.to_string())
-        .and_then(|r| {
-            OutgoingMail::from_request(r, &MessageLimits::from(&settings.relay.limits))
-                .map_err(|e| e.to_string())
-        }) {
+    let mail = match test_mail(settings, test, &server(settings)) {
         Ok(mail) => mail,
-        Err(e) => {
-            return Step::fail(
-                "send-test",
-                "the test mail could not be built",
-                e,
-                vec!["give plain addresses: --from sender@contoso.com --to you@contoso.com".into()],
-            );
-        }
+        Err(step) => return step,
     };
     match connection
         .send(&mail, &std::sync::atomic::AtomicBool::new(false), None)
@@ -353,4 +329,37 @@ pub(super) async fn send_test_mail(
             error.cause().map(Cause::fix).into_iter().collect(),
         ),
     }
+}
+
+/// The test mail `--send-test` sends, saying it went `via` (the server, or Graph).
+pub(super) fn test_mail(
+    settings: &Settings,
+    test: &SendTest,
+    via: &str,
+) -> Result<OutgoingMail, Step> {
+    let host = lettre::transport::smtp::extension::ClientId::default().to_string();
+    let request = serde_json::json!({
+        "from": test.from,
+        "to": [test.to],
+        "subject": "mail-relay diagnose: test mail",
+        "text": format!(
+            "This is a test mail sent by `mail-relay diagnose --send-test` on {host} at {}.\n\nIf it arrived, the relay can send as {} through {via}.\n",
+            httpdate::fmt_http_date(SystemTime::now()),
+            test.from,
+        ),
+    });
+    serde_json::from_value::<MailRequest>(request)
+        .map_err(|e| e.to_string())
+        .and_then(|r| {
+            OutgoingMail::from_request(r, &MessageLimits::from(&settings.relay.limits))
+                .map_err(|e| e.to_string())
+        })
+        .map_err(|e| {
+            Step::fail(
+                "send-test",
+                "the test mail could not be built",
+                e,
+                vec!["give plain addresses: --from sender@contoso.com --to you@contoso.com".into()],
+            )
+        })
 }

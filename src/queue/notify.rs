@@ -43,7 +43,6 @@ const REPORT_WITHIN: Millis = 86_400_000;
 /// Mails one administrators' notice takes, and names in full.
 const NOTICE_TAKES: u32 = 1_000;
 const NOTICE_NAMES: usize = 50;
-const USER_AGENT: &str = concat!("mail-relay/", env!("CARGO_PKG_VERSION"));
 
 /// The completion call's endpoint, key and HTTP client.
 pub(super) struct Webhook {
@@ -58,7 +57,7 @@ impl Webhook {
             .timeout(CALL_TIMEOUT)
             // The receiver is configured; a redirect would send the mails' details elsewhere.
             .redirect(reqwest::redirect::Policy::none())
-            .user_agent(USER_AGENT)
+            .user_agent(crate::USER_AGENT)
             .build()
             .map_err(|e| e.to_string())?;
         Ok(Self { settings, http })

@@ -13,8 +13,6 @@ use super::assertion::{ASSERTION_TYPE, CertificateCredential};
 use super::error::{EntraError, TokenError};
 use crate::config::{ClientCredential, OAuthSettings};
 
-const USER_AGENT: &str = concat!("mail-relay/", env!("CARGO_PKG_VERSION"));
-
 /// A token as the endpoint handed it out.
 pub struct Fetched {
     pub access_token: SecretString,
@@ -80,7 +78,7 @@ impl TokenClient {
             .timeout(oauth.request_timeout)
             // A redirect would carry the secret to another host: never follow one.
             .redirect(reqwest::redirect::Policy::none())
-            .user_agent(USER_AGENT)
+            .user_agent(crate::USER_AGENT)
             .build()
             .map_err(|e| TokenError::Setup(crate::causes::line(&e)))?;
         Ok(Self {

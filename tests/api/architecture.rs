@@ -13,7 +13,7 @@ const ABOVE: &[&str] = &["api", "app", "cli", "admin", "diagnose", "http"];
 fn forbidden(room: &str) -> Vec<&'static str> {
     let mut rooms: Vec<&'static str> = match room {
         // The API knows no transport and no credential: it asks `delivery` what a failure means.
-        "api" => vec!["smtp", "token", "diagnose", "cli", "admin"],
+        "api" => vec!["smtp", "graph", "token", "diagnose", "cli", "admin"],
         "http" => vec![
             "api",
             "caller",
@@ -23,6 +23,7 @@ fn forbidden(room: &str) -> Vec<&'static str> {
             "rate_limit",
             "send_as",
             "smtp",
+            "graph",
             "token",
         ],
         "caller" => vec![
@@ -31,16 +32,20 @@ fn forbidden(room: &str) -> Vec<&'static str> {
             "rate_limit",
             "send_as",
             "smtp",
+            "graph",
             "token",
         ],
         // The policy keeps its state behind its own traits; the store implements them.
-        "idempotency" | "rate_limit" | "send_as" => vec!["delivery", "smtp", "token", "store"],
+        "idempotency" | "rate_limit" | "send_as" => {
+            vec!["delivery", "smtp", "graph", "token", "store"]
+        }
         // The store knows the policy's traits and the settings, nothing that runs a mail.
         "store" => vec![
             "caller",
             "delivery",
             "message",
             "smtp",
+            "graph",
             "token",
             "telemetry",
         ],
@@ -51,6 +56,7 @@ fn forbidden(room: &str) -> Vec<&'static str> {
             "rate_limit",
             "send_as",
             "smtp",
+            "graph",
             "token",
             "telemetry",
         ],
@@ -59,9 +65,20 @@ fn forbidden(room: &str) -> Vec<&'static str> {
         "smtp" => vec![
             "caller",
             "delivery",
+            "graph",
             "idempotency",
             "rate_limit",
             "send_as",
+            "telemetry",
+        ],
+        "graph" => vec![
+            "caller",
+            "delivery",
+            "idempotency",
+            "rate_limit",
+            "send_as",
+            "smtp",
+            "store",
             "telemetry",
         ],
         "token" => vec![
@@ -72,6 +89,7 @@ fn forbidden(room: &str) -> Vec<&'static str> {
             "rate_limit",
             "send_as",
             "smtp",
+            "graph",
             "telemetry",
         ],
         "config" => vec![
@@ -81,12 +99,13 @@ fn forbidden(room: &str) -> Vec<&'static str> {
             "rate_limit",
             "send_as",
             "smtp",
+            "graph",
             "telemetry",
         ],
         "telemetry" => vec!["admin", "cli", "diagnose"],
         // Queued delivery sits above `delivery`, beside the API: its rows behind its own trait.
         "queue" => vec![
-            "smtp", "token", "store", "api", "app", "cli", "diagnose", "http",
+            "smtp", "graph", "token", "store", "api", "app", "cli", "diagnose", "http",
         ],
         // The catalogue of fixes, the clock and an error's text are leaves: everyone may use them.
         "remedy" | "clock" | "causes" => return every_room_but(room),
@@ -109,6 +128,7 @@ fn every_room_but(room: &str) -> Vec<&'static str> {
         "config",
         "delivery",
         "diagnose",
+        "graph",
         "http",
         "idempotency",
         "message",

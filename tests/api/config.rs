@@ -1681,3 +1681,63 @@ fn encrypt_at_rest_needs_the_cipher_key() {
     );
     assert!(message.contains("true, false"), "{message}");
 }
+
+// ---- Microsoft Graph -----------------------------------------------------------------------
+
+#[test]
+fn graph_mode_needs_no_smtp_server_and_takes_graphs_defaults() {
+    let yaml =
+        seed_with("mode: smtp", "mode: graph").replace("    smtpServer: smtp.office365.com\n", "");
+    let loaded = ok(&yaml, &[]);
+    let s = &loaded.settings;
+    assert_eq!(s.relay.delivery, mail_relay::config::Delivery::Graph);
+    assert_eq!(
+        s.relay.graph.base_url.as_str(),
+        "https://graph.microsoft.com/v1.0/"
+    );
+    assert_eq!(s.relay.graph.scopes, "https://graph.microsoft.com/.default");
+    assert_eq!(s.relay.graph.max_concurrent_requests, 4);
+    // Exchange's 30 a minute are SMTP submission's; Graph's own limit is 10,000 per 10 minutes.
+    assert_eq!(
+        s.relay
+            .rate_limits
+            .mailbox_messages_per_minute
+            .map(|n| n.get()),
+        Some(1000)
+    );
+    assert_eq!(oauth(&loaded).0, "relay@contoso.com");
+
+    let yaml = format!(
+        "{}  graph:\n    baseUrl: http://127.0.0.1:8443/v1.0\n    requestTimeoutSeconds: 7\n",
+        seed_with("mode: smtp", "mode: graph")
+    );
+    let loaded = ok(&yaml, &[]);
+    assert_eq!(
+        loaded.settings.relay.graph.base_url.as_str(),
+        "http://127.0.0.1:8443/v1.0/"
+    );
+    assert_eq!(
+        loaded.settings.relay.graph.request_timeout,
+        Duration::from_secs(7)
+    );
+}
+
+#[test]
+fn graph_mode_refuses_a_login_other_than_ms_oauth_and_a_plain_http_graph() {
+    let basic = seed_with("mode: smtp", "mode: graph").replace(
+        "smtpAuthentication: MS_OAUTH",
+        "smtpAuthentication: BASIC\n    smtpPassword: pw",
+    );
+    let message = error_for(&basic, &[], "featureSwitches.sendEmail.smtpAuthentication");
+    assert!(
+        message.contains("must be MS_OAUTH with mailRelay.delivery.mode graph"),
+        "{message}"
+    );
+
+    let yaml = format!(
+        "{}  graph:\n    baseUrl: http://graph.contoso.com/v1.0\n",
+        seed_with("mode: smtp", "mode: graph")
+    );
+    let message = error_for(&yaml, &[], "mailRelay.graph.baseUrl");
+    assert!(message.contains("must be an https URL"), "{message}");
+}

@@ -48,6 +48,7 @@ pub fn test_settings(outbox: PathBuf) -> Settings {
                 api_keys: vec![test_api_key()],
                 ..AuthSettings::default()
             },
+            graph: Default::default(),
             send_as: Default::default(),
             cors: Default::default(),
             // Off, so tests that send many mails are not refused; rate-limit tests turn them on.

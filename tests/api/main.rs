@@ -12,6 +12,8 @@ mod diagnose;
 mod drain;
 mod e2e;
 mod entra;
+mod graph;
+mod graph_send;
 mod helpers;
 mod limits;
 mod mail;

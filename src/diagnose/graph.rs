@@ -1,0 +1,141 @@
+//! `diagnose` with `mailRelay.delivery.mode: graph`: the token for Graph's scope and its roles,
+//! then (when asked) a test mail through Graph's `sendMail`. No SMTP step applies.
+
+use std::sync::Arc;
+
+use super::SendTest;
+use super::report::Step;
+use super::smtp::test_mail;
+use super::token::{TokenClaims, fetch_token};
+use crate::config::{OAuthSettings, Settings, SmtpAuthentication};
+use crate::graph::GraphSender;
+use crate::remedy::{Cause, Facts};
+use crate::token::{AccessToken, TokenError, TokenProvider, TokenState};
+
+pub(super) async fn run(
+    settings: &Settings,
+    send_test: Option<&SendTest>,
+    emit: &mut dyn FnMut(Step),
+) {
+    let why =
+        "mailRelay.delivery.mode is graph: mail goes to Microsoft Graph, not to an SMTP server";
+    for name in ["connect", "tls", "ehlo", "auth"] {
+        emit(Step::skip(name, why));
+    }
+    let SmtpAuthentication::MsOAuth { username, oauth } = &settings.send_email.smtp_authentication
+    else {
+        // Refused by the settings check already.
+        return;
+    };
+    let oauth = OAuthSettings {
+        scopes: settings.relay.graph.scopes.clone(),
+        ..oauth.clone()
+    };
+    let (token, claims) = match fetch_token(&oauth).await {
+        Ok((token, claims, step)) => {
+            emit(step);
+            (token, claims)
+        }
+        Err(step) => {
+            emit(step);
+            emit(Step::skip("graph-roles", "no access token (see above)"));
+            emit(Step::skip("send-test", "no access token (see above)"));
+            return;
+        }
+    };
+    emit(roles(&claims, username, &oauth.client_id));
+    let Some(test) = send_test else {
+        emit(Step::skip(
+            "send-test",
+            "not asked for (add --send-test --from ADDRESS --to ADDRESS to send a real mail)",
+        ));
+        return;
+    };
+    let base = settings.relay.graph.base_url.as_str();
+    let mail = match test_mail(settings, test, &format!("Microsoft Graph ({base})")) {
+        Ok(mail) => mail,
+        Err(step) => return emit(step),
+    };
+    let sender = match GraphSender::new(settings, Arc::new(Fixed(token))) {
+        Ok(sender) => sender,
+        Err(e) => {
+            return emit(Step::fail(
+                "send-test",
+                "the Graph client could not be built",
+                e,
+                vec![],
+            ));
+        }
+    };
+    emit(match sender.send(&mail).await {
+        Ok(receipt) => Step::pass(
+            "send-test",
+            format!(
+                "Microsoft Graph took the test mail from {} to {}: {} (Message-ID {})",
+                test.from, test.to, receipt.reply, mail.message_id
+            ),
+        ),
+        Err(error) => {
+            let facts = Facts {
+                mailbox: Some(username),
+                client_id: Some(&oauth.client_id),
+                from: Some(&test.from),
+            };
+            let fixes = error
+                .cause()
+                .map(|c| c.fix_with(&facts))
+                .into_iter()
+                .collect();
+            Step::fail(
+                "send-test",
+                "Microsoft Graph did not take the test mail",
+                error.to_string(),
+                fixes,
+            )
+        }
+    });
+}
+
+/// `Mail.Send` is what `sendMail` needs (application permission, admin consent).
+fn roles(claims: &TokenClaims, mailbox: &str, client: &str) -> Step {
+    if !claims.readable || claims.roles.iter().any(|r| r == "Mail.Send") {
+        let listed = if claims.readable {
+            "the token's roles list Mail.Send"
+        } else {
+            "the token's roles could not be read"
+        };
+        return Step::pass("graph-roles", listed);
+    }
+    let facts = Facts {
+        mailbox: Some(mailbox),
+        client_id: Some(client),
+        from: None,
+    };
+    Step::fail(
+        "graph-roles",
+        "the token has no Mail.Send role: Graph will answer 403 ErrorAccessDenied",
+        format!(
+            "roles: {}",
+            if claims.roles.is_empty() {
+                "(none)".to_owned()
+            } else {
+                claims.roles.join(" ")
+            }
+        ),
+        vec![Cause::GraphAccessDenied.fix_with(&facts)],
+    )
+}
+
+/// The one token diagnose fetched, for the test send.
+struct Fixed(AccessToken);
+
+#[async_trait::async_trait]
+impl TokenProvider for Fixed {
+    async fn token(&self) -> Result<AccessToken, TokenError> {
+        Ok(self.0.clone())
+    }
+    fn invalidate(&self, _: &AccessToken) {}
+    fn state(&self) -> TokenState {
+        TokenState::default()
+    }
+}

@@ -1,0 +1,215 @@
+//! The Microsoft Graph transport: `POST {baseUrl}/users/{mailbox}/sendMail` with the relay's own
+//! MIME message, for tenants where SMTP AUTH is off. It knows nothing of `delivery`; its errors
+//! are turned into `DeliveryError` there. The README says what each behaviour relies on.
+
+mod error;
+mod mime;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
+use tokio::sync::Semaphore;
+use url::Url;
+
+pub use error::{GraphError, GraphErrorKind, GraphReply};
+
+use crate::config::Settings;
+use crate::message::OutgoingMail;
+use crate::token::{AccessToken, TokenProvider};
+
+/// Graph's limit on one request, base64 included (about 4 MB; microsoft-graph-docs #9834).
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// Waits Graph asks for longer than this end the send (the queue, if any, waits instead).
+const LONGEST_WAIT: Duration = Duration::from_secs(30);
+
+/// The answer to a mail Graph took.
+#[derive(Debug, Clone)]
+pub struct GraphReceipt {
+    /// `202 Accepted (request-id ...)`.
+    pub reply: String,
+}
+
+/// Sends mail as the `smtpUsername` mailbox through Graph.
+pub struct GraphSender {
+    http: reqwest::Client,
+    send_url: Url,
+    tokens: Arc<dyn TokenProvider>,
+    /// Outlook allows 4 concurrent requests per mailbox; more get `429 MailboxConcurrency`.
+    in_flight: Semaphore,
+    send_deadline: Duration,
+}
+
+impl std::fmt::Debug for GraphSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GraphSender")
+            .field("send_url", &self.send_url.as_str())
+            .finish_non_exhaustive()
+    }
+}
+
+impl GraphSender {
+    /// The sender for `smtpUsername`, with `tokens` for the Graph scope.
+    pub fn new(settings: &Settings, tokens: Arc<dyn TokenProvider>) -> Result<Self, String> {
+        let graph = &settings.relay.graph;
+        let mailbox =
+            settings.send_email.smtp_authentication.username().ok_or(
+                "mailRelay.delivery.mode graph needs featureSwitches.sendEmail.smtpUsername",
+            )?;
+        let mut send_url = graph.base_url.clone();
+        send_url
+            .path_segments_mut()
+            .map_err(|()| format!("{} cannot be a base URL", graph.base_url))?
+            .pop_if_empty()
+            .extend(["users", mailbox, "sendMail"]);
+        let http = reqwest::Client::builder()
+            .connect_timeout(graph.connect_timeout)
+            .timeout(graph.request_timeout)
+            .tcp_nodelay(true)
+            // Kept alive (HTTP/2 where Graph offers it): a send costs no new TLS handshake.
+            .pool_idle_timeout(Duration::from_secs(90))
+            // A redirect would carry the token elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(crate::USER_AGENT)
+            .build()
+            .map_err(|e| crate::causes::line(&e))?;
+        Ok(Self {
+            http,
+            send_url,
+            tokens,
+            in_flight: Semaphore::new(graph.max_concurrent_requests),
+            send_deadline: settings.relay.smtp.send_deadline,
+        })
+    }
+
+    /// Hand `mail` to Graph: `Ok` only on its `202`. `429` and `503` are retried within the send
+    /// deadline, after the `Retry-After` Graph gave; a token Graph calls invalid is fetched anew
+    /// once. A request that went out without an answer is never sent again.
+    pub async fn send(&self, mail: &OutgoingMail) -> Result<GraphReceipt, GraphError> {
+        let started = Instant::now();
+        let recipients: Vec<String> = mail.envelope.to().iter().map(ToString::to_string).collect();
+        let body = bytes::Bytes::from(mime::request_body(&mail.formatted, &recipients));
+        if body.len() > MAX_REQUEST_BYTES {
+            return Err(GraphError::RequestTooLarge {
+                size: body.len(),
+                limit: MAX_REQUEST_BYTES,
+            });
+        }
+        let _permit = self
+            .in_flight
+            .acquire()
+            .await
+            .map_err(|_| GraphError::Halted("the Graph sender is closed".into()))?;
+        let mut refetched = false;
+        let mut pause = Duration::from_millis(200);
+        loop {
+            let token = self.tokens.token().await.map_err(GraphError::Token)?;
+            let error = match self.post(&token, &mail.id, body.clone()).await {
+                Ok(receipt) => return Ok(receipt),
+                Err(error) => error,
+            };
+            let wait = match &error {
+                GraphError::Refused(reply) if reply.status == 401 && !refetched => {
+                    // Revoked or rotated keys: a fresh token may pass; a second 401 is final.
+                    self.tokens.invalidate(&token);
+                    refetched = true;
+                    Duration::ZERO
+                }
+                GraphError::Refused(reply) if error.is_transient() => {
+                    reply.retry_after.unwrap_or(pause)
+                }
+                GraphError::Unreachable { .. } => pause,
+                _ => return Err(error),
+            };
+            pause = (pause * 2).min(Duration::from_secs(5));
+            if wait > LONGEST_WAIT || started.elapsed() + wait >= self.send_deadline {
+                return Err(GraphError::Deadline {
+                    waited: started.elapsed(),
+                    last: Box::new(error),
+                });
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn post(
+        &self,
+        token: &AccessToken,
+        mail_id: &str,
+        body: bytes::Bytes,
+    ) -> Result<GraphReceipt, GraphError> {
+        let sent = self
+            .http
+            .post(self.send_url.clone())
+            .bearer_auth(token.expose())
+            .header(CONTENT_TYPE, "text/plain")
+            // Graph echoes it, and its support can find the request by it.
+            .header("client-request-id", mail_id)
+            .body(body)
+            .send()
+            .await;
+        let response = match sent {
+            Ok(response) => response,
+            Err(e) if e.is_connect() => {
+                return Err(GraphError::Unreachable {
+                    url: self.send_url.to_string(),
+                    detail: crate::causes::line(&e),
+                });
+            }
+            Err(e) => {
+                return Err(GraphError::NoVerdict {
+                    detail: crate::causes::line(&e),
+                });
+            }
+        };
+        let status = response.status();
+        let headers = response.headers().clone();
+        let request_id = header(&headers, "request-id");
+        if status == StatusCode::ACCEPTED {
+            let id = request_id.map_or_else(String::new, |id| format!(" (request-id {id})"));
+            return Ok(GraphReceipt {
+                reply: format!("202 Accepted{id}"),
+            });
+        }
+        let body = read_capped(response).await;
+        let reply = GraphReply::parse(status.as_u16(), &body, request_id, retry_after(&headers));
+        // A 5xx other than 503 came after Graph had the whole request: it may send the mail
+        // anyway (a 504 has been seen to deliver).
+        if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+            return Err(GraphError::NoVerdict {
+                detail: format!("Microsoft Graph answered {reply}"),
+            });
+        }
+        Err(GraphError::Refused(reply))
+    }
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.chars().take(100).collect())
+}
+
+/// `Retry-After` in seconds (Graph sends seconds, not dates).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    header(headers, RETRY_AFTER.as_str())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
+/// The error body, at most [`error::MAX_ERROR_BODY`] bytes: a misbehaving peer cannot make the
+/// relay hold more.
+async fn read_capped(mut response: reqwest::Response) -> Vec<u8> {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        let room = error::MAX_ERROR_BODY - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= error::MAX_ERROR_BODY {
+            break;
+        }
+    }
+    body
+}

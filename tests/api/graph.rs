@@ -1,0 +1,529 @@
+//! A fake Microsoft Graph `sendMail` (MIME form), answering as Graph does. The README's section
+//! "The fake Microsoft Graph" says what each answer is based on.
+//!
+//! It checks the bearer token (signature, lifetime, audience, tenant, the `Mail.Send` role), the
+//! mailbox, the request (content type, 4 MB, base64, the MIME's From and recipients, the Send As
+//! right), and answers with Graph's JSON error bodies, `innerError.request-id` included. Tests
+//! can script answers ahead of the checks. What it accepts goes into a Maildir, with the Bcc
+//! header removed as Exchange does, and into [`FakeGraph::deliveries`].
+
+#![allow(dead_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use base64::Engine as _;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use url::Url;
+
+use crate::entra::{CLIENT_ID, TENANT_ID};
+
+/// The audience of an app-only Graph token.
+pub const AUDIENCE: &str = "https://graph.microsoft.com";
+pub const SCOPE: &str = "https://graph.microsoft.com/.default";
+/// Graph's limit on one request, base64 included.
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// One mailbox the fake knows.
+#[derive(Clone, Debug, Default)]
+pub struct Mailbox {
+    /// Addresses it has Send As on (besides its own).
+    pub send_as: Vec<String>,
+    /// Not an Exchange Online mailbox (on-premises, inactive, soft-deleted).
+    pub not_enabled: bool,
+    /// Outside the app's RBAC for Applications scope.
+    pub out_of_scope: bool,
+}
+
+/// An answer given ahead of the checks.
+#[derive(Clone, Debug)]
+pub struct Scripted {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: &'static str,
+    pub retry_after: Option<u64>,
+    /// Deliver the mail, then answer with the status anyway (a 504 that delivered).
+    pub deliver: bool,
+    /// Wait this long before answering (after reading the request).
+    pub delay: Duration,
+}
+
+impl Scripted {
+    pub fn error(status: u16, code: &'static str, message: &'static str) -> Self {
+        Self {
+            status,
+            code,
+            message,
+            retry_after: None,
+            deliver: false,
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+/// A mail the fake accepted.
+#[derive(Clone, Debug)]
+pub struct Delivered {
+    pub mailbox: String,
+    /// To, Cc and Bcc of the MIME, as Exchange takes them.
+    pub recipients: Vec<String>,
+    /// The MIME as delivered: without the Bcc header.
+    pub mime: Vec<u8>,
+    /// The MIME exactly as it arrived, base64-decoded.
+    pub received: Vec<u8>,
+}
+
+/// One request, as it arrived.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub path: String,
+    pub client_request_id: Option<String>,
+    pub content_type: Option<String>,
+    pub body_bytes: usize,
+    pub status: u16,
+}
+
+#[derive(Default)]
+struct Inner {
+    mailboxes: HashMap<String, Mailbox>,
+    script: VecDeque<Scripted>,
+    seen: Vec<Seen>,
+    delivered: Vec<Delivered>,
+    sequence: u64,
+}
+
+#[derive(Clone)]
+struct Fake {
+    key: Arc<Vec<u8>>,
+    maildir: Arc<std::path::PathBuf>,
+    max_message_bytes: usize,
+    inner: Arc<Mutex<Inner>>,
+}
+
+pub struct FakeGraph {
+    pub address: SocketAddr,
+    pub maildir: tempfile::TempDir,
+    fake: Fake,
+}
+
+impl FakeGraph {
+    /// A fake on a loopback port that knows `mailbox`.
+    pub async fn start(mailbox: &str, settings: Mailbox) -> Self {
+        let maildir = tempfile::tempdir().unwrap();
+        for sub in ["tmp", "new", "cur"] {
+            std::fs::create_dir_all(maildir.path().join(sub)).unwrap();
+        }
+        let fake = Fake {
+            key: Arc::new(uuid::Uuid::new_v4().as_bytes().to_vec()),
+            maildir: Arc::new(maildir.path().to_path_buf()),
+            // Exchange Online's default message size limit.
+            max_message_bytes: 35 * 1024 * 1024,
+            inner: Arc::default(),
+        };
+        fake.inner
+            .lock()
+            .unwrap()
+            .mailboxes
+            .insert(mailbox.to_ascii_lowercase(), settings);
+        let app = Router::new()
+            .route("/v1.0/users/{user}/sendMail", post(send_mail))
+            // Larger than Graph's limit, so that the fake itself answers 413 as Graph does.
+            .layer(DefaultBodyLimit::max(64 * 1024 * 1024))
+            .with_state(fake.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self {
+            address,
+            maildir,
+            fake,
+        }
+    }
+
+    /// `http://127.0.0.1:<port>/v1.0`, as `mailRelay.graph.baseUrl`.
+    pub fn base_url(&self) -> Url {
+        Url::parse(&format!("http://{}/v1.0/", self.address)).unwrap()
+    }
+
+    /// An app-only Graph token as Entra issues it, with `roles`.
+    pub fn mint_token(&self, roles: &[&str], lifetime: Duration) -> String {
+        let now = unix_now();
+        self.mint(AUDIENCE, roles, now, now + lifetime.as_secs())
+    }
+
+    /// A token for another resource (Exchange's SMTP audience): Graph refuses it.
+    pub fn mint_token_for(&self, audience: &str) -> String {
+        let now = unix_now();
+        self.mint(audience, &["Mail.Send"], now, now + 3600)
+    }
+
+    fn mint(&self, audience: &str, roles: &[&str], iat: u64, exp: u64) -> String {
+        let claims = serde_json::json!({
+            "aud": audience,
+            "iss": format!("https://sts.windows.net/{TENANT_ID}/"),
+            "tid": TENANT_ID,
+            "appid": CLIENT_ID,
+            "idtyp": "app",
+            "roles": roles,
+            "iat": iat, "nbf": iat, "exp": exp,
+        });
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(&self.fake.key),
+        )
+        .unwrap()
+    }
+
+    /// Answer the next request with `answer`, before any check but the token's.
+    pub fn script(&self, answer: Scripted) {
+        self.fake.inner.lock().unwrap().script.push_back(answer);
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.fake.inner.lock().unwrap().seen.clone()
+    }
+
+    pub fn deliveries(&self) -> Vec<Delivered> {
+        self.fake.inner.lock().unwrap().delivered.clone()
+    }
+
+    /// The files in the Maildir's `new/`.
+    pub fn maildir_files(&self) -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(self.maildir.path().join("new"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect()
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Graph's error body and headers.
+fn error(
+    status: u16,
+    code: &str,
+    message: &str,
+    request_id: &str,
+    client_request_id: Option<&str>,
+    retry_after: Option<u64>,
+) -> Response {
+    let date = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let body = serde_json::json!({"error": {
+        "code": code,
+        "message": message,
+        "innerError": {
+            "date": date.trim_end_matches('Z'),
+            "request-id": request_id,
+            "client-request-id": client_request_id.unwrap_or(request_id),
+        }
+    }});
+    let mut response = (
+        StatusCode::from_u16(status).unwrap(),
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response();
+    let headers = response.headers_mut();
+    headers.insert("request-id", request_id.parse().unwrap());
+    if let Some(id) = client_request_id {
+        headers.insert("client-request-id", id.parse().unwrap());
+    }
+    if let Some(seconds) = retry_after {
+        headers.insert("retry-after", seconds.into());
+    }
+    response
+}
+
+#[derive(serde::Deserialize)]
+struct Claims {
+    tid: String,
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+async fn send_mail(
+    State(fake): State<Fake>,
+    Path(user): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let client_request_id = headers
+        .get("client-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let (status, response) = answer(
+        &fake,
+        &user,
+        &headers,
+        &body,
+        &request_id,
+        client_request_id.as_deref(),
+    )
+    .await;
+    fake.inner.lock().unwrap().seen.push(Seen {
+        path: format!("/v1.0/users/{user}/sendMail"),
+        client_request_id,
+        content_type: headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        body_bytes: body.len(),
+        status,
+    });
+    response
+}
+
+async fn answer(
+    fake: &Fake,
+    user: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+    request_id: &str,
+    client_request_id: Option<&str>,
+) -> (u16, Response) {
+    let fail = |status: u16, code: &str, message: &str| {
+        (
+            status,
+            error(status, code, message, request_id, client_request_id, None),
+        )
+    };
+    // The token: signature, lifetime, audience, tenant (Graph's own 401 texts).
+    let Some(token) = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return fail(401, "InvalidAuthenticationToken", "Access token is empty.");
+    };
+    let mut validation = Validation::new(Algorithm::HS256);
+    validation.set_audience(&[AUDIENCE, "00000003-0000-0000-c000-000000000000"]);
+    validation.leeway = 0;
+    let claims = match jsonwebtoken::decode::<Claims>(
+        token,
+        &DecodingKey::from_secret(&fake.key),
+        &validation,
+    ) {
+        Ok(data) => data.claims,
+        Err(e) => {
+            let message = match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
+                    "Lifetime validation failed, the token is expired."
+                }
+                jsonwebtoken::errors::ErrorKind::InvalidAudience => {
+                    "Access token validation failure. Invalid audience."
+                }
+                _ => "IDX14100: JWT is not well formed, there are no dots (.).",
+            };
+            return fail(401, "InvalidAuthenticationToken", message);
+        }
+    };
+    if claims.tid != TENANT_ID {
+        return fail(
+            401,
+            "InvalidAuthenticationToken",
+            "Access token validation failure.",
+        );
+    }
+    let scripted = fake.inner.lock().unwrap().script.pop_front();
+    if let Some(s) = &scripted
+        && !s.deliver
+    {
+        tokio::time::sleep(s.delay).await;
+        return (
+            s.status,
+            error(
+                s.status,
+                s.code,
+                s.message,
+                request_id,
+                client_request_id,
+                s.retry_after,
+            ),
+        );
+    }
+    if !claims.roles.iter().any(|r| r == "Mail.Send") {
+        return fail(
+            403,
+            "ErrorAccessDenied",
+            "Access is denied. Check credentials and try again.",
+        );
+    }
+    let mailbox = fake
+        .inner
+        .lock()
+        .unwrap()
+        .mailboxes
+        .get(&user.to_ascii_lowercase())
+        .cloned();
+    let Some(mailbox) = mailbox else {
+        return fail(
+            404,
+            "ErrorInvalidUser",
+            &format!("The requested user '{user}' is invalid."),
+        );
+    };
+    if mailbox.not_enabled {
+        return fail(
+            404,
+            "MailboxNotEnabledForRESTAPI",
+            "The mailbox is either inactive, soft-deleted, or is hosted on-premise.",
+        );
+    }
+    if mailbox.out_of_scope {
+        return fail(
+            403,
+            "ErrorAccessDenied",
+            "Access is denied. Check credentials and try again.",
+        );
+    }
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !content_type.starts_with("text/plain") {
+        return fail(
+            415,
+            "UnsupportedMediaType",
+            "The fake speaks only the MIME form of sendMail (Content-Type: text/plain).",
+        );
+    }
+    if body.len() > MAX_REQUEST_BYTES {
+        return fail(
+            413,
+            "RequestEntityTooLarge",
+            "The request entity is too large.",
+        );
+    }
+    // Graph's own example wraps the base64 in lines; whitespace is not part of it.
+    let text: Vec<u8> = body
+        .iter()
+        .copied()
+        .filter(|b| !b.is_ascii_whitespace())
+        .collect();
+    let Ok(mime) = base64::engine::general_purpose::STANDARD.decode(&text) else {
+        return fail(
+            400,
+            "ErrorMimeContentInvalidBase64String",
+            "Invalid base64 string for MIME content.",
+        );
+    };
+    if mime.len() > fake.max_message_bytes {
+        return fail(
+            400,
+            "ErrorMessageSizeExceeded",
+            "The message exceeds the maximum supported size., Cannot save changes made to an item to store.",
+        );
+    }
+    let Some(parsed) = mail_parser::MessageParser::default().parse(&mime) else {
+        return fail(
+            400,
+            "ErrorMimeContentInvalid",
+            "MIME content does not contain all required information, malformed formatting, or empty.",
+        );
+    };
+    let from = parsed
+        .from()
+        .and_then(|a| a.first())
+        .and_then(|a| a.address())
+        .map(str::to_ascii_lowercase);
+    let mut recipients = Vec::new();
+    for list in [parsed.to(), parsed.cc(), parsed.bcc()]
+        .into_iter()
+        .flatten()
+    {
+        recipients.extend(list.iter().filter_map(|a| a.address()).map(str::to_owned));
+    }
+    let Some(from) = from.filter(|_| !recipients.is_empty()) else {
+        return fail(
+            400,
+            "ErrorMimeContentInvalid",
+            "MIME content does not contain all required information, malformed formatting, or empty.",
+        );
+    };
+    let may_send_as = from == user.to_ascii_lowercase()
+        || mailbox
+            .send_as
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(&from));
+    if !may_send_as {
+        return fail(
+            403,
+            "ErrorSendAsDenied",
+            "The user account which was used to submit this request does not have the right to send mail on behalf of the specified sending account., Cannot submit message.",
+        );
+    }
+    deliver(fake, user, recipients, mime);
+    if let Some(s) = scripted {
+        tokio::time::sleep(s.delay).await;
+        return (
+            s.status,
+            error(
+                s.status,
+                s.code,
+                s.message,
+                request_id,
+                client_request_id,
+                s.retry_after,
+            ),
+        );
+    }
+    let mut response = StatusCode::ACCEPTED.into_response();
+    response
+        .headers_mut()
+        .insert("request-id", request_id.parse().unwrap());
+    if let Some(id) = client_request_id {
+        response
+            .headers_mut()
+            .insert("client-request-id", id.parse().unwrap());
+    }
+    (202, response)
+}
+
+/// Into the Maildir, without the Bcc header (Exchange strips it before delivery).
+fn deliver(fake: &Fake, user: &str, recipients: Vec<String>, received: Vec<u8>) {
+    let mut mime = Vec::with_capacity(received.len());
+    let head_end = received
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(received.len(), |p| p + 2);
+    let head = String::from_utf8_lossy(&received[..head_end]).into_owned();
+    let mut in_bcc = false;
+    for line in head.split_inclusive("\r\n") {
+        if !line.starts_with([' ', '\t']) {
+            in_bcc = line.to_ascii_lowercase().starts_with("bcc:");
+        }
+        if !in_bcc {
+            mime.extend_from_slice(line.as_bytes());
+        }
+    }
+    mime.extend_from_slice(&received[head_end..]);
+    let mut inner = fake.inner.lock().unwrap();
+    inner.sequence += 1;
+    let name = format!("{}.{}.fake-graph", unix_now(), inner.sequence);
+    let tmp = fake.maildir.join("tmp").join(&name);
+    std::fs::write(&tmp, &mime).unwrap();
+    std::fs::rename(&tmp, fake.maildir.join("new").join(&name)).unwrap();
+    inner.delivered.push(Delivered {
+        mailbox: user.to_owned(),
+        recipients,
+        mime,
+        received,
+    });
+}

@@ -1,0 +1,432 @@
+//! `mailRelay.delivery.mode: graph` against the fake Graph and the fake Entra token endpoint:
+//! the same API and the same message as over SMTP, and every Graph error class answered as the
+//! SMTP path answers the same meaning.
+
+use std::time::{Duration, Instant};
+
+use mail_relay::config::{Delivery, Settings, SmtpAuthentication};
+use mail_relay::diagnose::{SendTest, Status, Step};
+use serde_json::json;
+
+use crate::entra::{FakeEntra, field, form_fields};
+use crate::graph::{FakeGraph, Mailbox, SCOPE, Scripted};
+use crate::helpers::{TestApp, expect_problem, post_mail, spawn_built, test_settings};
+
+const MAILBOX: &str = "relay@contoso.com";
+
+struct Setup {
+    app: TestApp,
+    graph: FakeGraph,
+    entra: FakeEntra,
+}
+
+fn settings(graph: &FakeGraph, entra: &FakeEntra) -> Settings {
+    let mut settings = test_settings(std::env::temp_dir());
+    settings.relay.delivery = Delivery::Graph;
+    settings.relay.graph.base_url = graph.base_url();
+    settings.relay.limits.max_body_bytes = 16 * 1024 * 1024;
+    settings.relay.smtp.send_deadline = Duration::from_secs(10);
+    settings.send_email.smtp_authentication = SmtpAuthentication::MsOAuth {
+        username: MAILBOX.into(),
+        oauth: entra.oauth_settings(),
+    };
+    settings
+}
+
+/// An instance sending through a fake Graph that knows [`MAILBOX`] as `mailbox` says, with
+/// tokens carrying `roles`.
+async fn setup(mailbox: Mailbox, roles: &[&str]) -> Setup {
+    let graph = FakeGraph::start(MAILBOX, mailbox).await;
+    let entra = FakeEntra::start().await;
+    entra
+        .mount_token(&graph.mint_token(roles, Duration::from_secs(3600)), 3599)
+        .await;
+    let app = spawn_built(settings(&graph, &entra)).await;
+    Setup { app, graph, entra }
+}
+
+/// The body of a `202`, failing with the problem otherwise.
+async fn accepted(response: reqwest::Response) -> serde_json::Value {
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(status, 202, "{body:#}");
+    body
+}
+
+fn mail(from: &str) -> serde_json::Value {
+    json!({
+        "from": from,
+        "to": [{"name": "Ann Example", "address": "ann@example.com"}],
+        "cc": "cc@example.com",
+        "bcc": "hidden@example.com",
+        "subject": "Graph test",
+        "text": "Sent through Microsoft Graph.",
+        "attachments": [{"filename": "a.txt", "contentType": "text/plain", "content": "aGVsbG8="}],
+    })
+}
+
+#[tokio::test]
+async fn a_mail_goes_out_through_graph_as_the_relays_own_mime_with_bcc_known_only_to_graph() {
+    let s = setup(Mailbox::default(), &["Mail.Send"]).await;
+    let body = accepted(post_mail(&s.app, &mail(MAILBOX)).await).await;
+
+    let delivered = s.graph.deliveries();
+    assert_eq!(delivered.len(), 1);
+    let d = &delivered[0];
+    assert_eq!(d.mailbox, MAILBOX);
+    assert_eq!(
+        d.recipients,
+        ["ann@example.com", "cc@example.com", "hidden@example.com"]
+    );
+    let text = String::from_utf8(d.mime.clone()).unwrap();
+    let message_id = body["messageId"].as_str().unwrap();
+    assert!(
+        text.contains(&format!("Message-ID: {message_id}")),
+        "{text}"
+    );
+    assert!(text.contains("Subject: Graph test"), "{text}");
+    assert!(
+        !text.contains("hidden@example.com"),
+        "Bcc delivered: {text}"
+    );
+    // Graph received the relay's message with one Bcc line in front, nothing else changed.
+    let received = String::from_utf8(d.received.clone()).unwrap();
+    assert_eq!(
+        received.strip_prefix("Bcc: hidden@example.com\r\n"),
+        Some(text.as_str())
+    );
+    assert_eq!(s.graph.maildir_files().len(), 1);
+
+    let seen = s.graph.seen();
+    assert_eq!(seen[0].content_type.as_deref(), Some("text/plain"));
+    assert_eq!(
+        seen[0].client_request_id.as_deref(),
+        body["id"].as_str(),
+        "the mail's id is Graph's client-request-id"
+    );
+    // The token was asked for Graph's scope, not Exchange's.
+    let requests = s.entra.requests().await;
+    assert_eq!(requests.len(), 1);
+    assert_eq!(field(&form_fields(&requests[0]), "scope"), Some(SCOPE));
+}
+
+#[tokio::test]
+async fn graph_refusals_answer_with_the_smtp_paths_codes_for_the_same_meaning() {
+    // The fake's own checks: Send As, the Mail.Send role, the mailbox.
+    let s = setup(Mailbox::default(), &["Mail.Send"]).await;
+    let body = expect_problem(
+        post_mail(&s.app, &mail("ceo@contoso.com")).await,
+        403,
+        "send_as_denied",
+    )
+    .await;
+    let detail = body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("ErrorSendAsDenied") && detail.contains("request-id"),
+        "{detail}"
+    );
+
+    let s = setup(Mailbox::default(), &["User.Read.All"]).await;
+    let body = expect_problem(
+        post_mail(&s.app, &mail(MAILBOX)).await,
+        502,
+        "smtp_auth_failed",
+    )
+    .await;
+    let text = body.to_string();
+    assert!(
+        text.contains("ErrorAccessDenied") && text.contains("Mail.Send"),
+        "{text}"
+    );
+
+    let scoped_out = Mailbox {
+        out_of_scope: true,
+        ..Mailbox::default()
+    };
+    let s = setup(scoped_out, &["Mail.Send"]).await;
+    let body = expect_problem(
+        post_mail(&s.app, &mail(MAILBOX)).await,
+        502,
+        "smtp_auth_failed",
+    )
+    .await;
+    assert!(body.to_string().contains("CustomResourceScope"), "{body}");
+
+    let on_premises = Mailbox {
+        not_enabled: true,
+        ..Mailbox::default()
+    };
+    let s = setup(on_premises, &["Mail.Send"]).await;
+    let body = expect_problem(
+        post_mail(&s.app, &mail(MAILBOX)).await,
+        503,
+        "smtp_unavailable",
+    )
+    .await;
+    assert!(
+        body.to_string().contains("MailboxNotEnabledForRESTAPI"),
+        "{body}"
+    );
+    // Not one of them was tried twice.
+    assert_eq!(s.graph.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn scripted_graph_errors_map_to_their_answers_and_none_is_sent_twice() {
+    let cases: [(u16, &str, u16, &str); 4] = [
+        (403, "ErrorQuotaExceeded", 429, "rate_limited"),
+        (400, "ErrorMessageSizeExceeded", 413, "payload_too_large"),
+        (
+            400,
+            "ErrorMimeContentInvalidBase64String",
+            502,
+            "smtp_rejected",
+        ),
+        (404, "ResourceNotFound", 503, "smtp_unavailable"),
+    ];
+    for (status, code, want_status, want_code) in cases {
+        let s = setup(Mailbox::default(), &["Mail.Send"]).await;
+        s.graph.script(Scripted::error(status, code, "scripted"));
+        let body = expect_problem(
+            post_mail(&s.app, &mail(MAILBOX)).await,
+            want_status,
+            want_code,
+        )
+        .await;
+        assert!(body["detail"].as_str().unwrap().contains(code), "{body}");
+        assert_eq!(s.graph.seen().len(), 1, "{code} was retried");
+        assert!(s.graph.deliveries().is_empty());
+    }
+}
+
+#[tokio::test]
+async fn a_5xx_after_the_request_went_out_is_outcome_unknown_and_never_resent() {
+    for status in [504u16, 500] {
+        let s = setup(Mailbox::default(), &["Mail.Send"]).await;
+        // Graph has been seen to answer 504 and deliver anyway.
+        s.graph.script(Scripted {
+            deliver: true,
+            ..Scripted::error(status, "UnknownError", "")
+        });
+        let body = expect_problem(
+            post_mail(&s.app, &mail(MAILBOX)).await,
+            502,
+            "smtp_outcome_unknown",
+        )
+        .await;
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("do not send it again"),
+            "{body}"
+        );
+        assert_eq!(s.graph.seen().len(), 1, "{status} was resent");
+        assert_eq!(s.graph.deliveries().len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn a_timeout_after_the_request_went_out_is_outcome_unknown() {
+    let graph = FakeGraph::start(MAILBOX, Mailbox::default()).await;
+    let entra = FakeEntra::start().await;
+    entra
+        .mount_token(
+            &graph.mint_token(&["Mail.Send"], Duration::from_secs(3600)),
+            3599,
+        )
+        .await;
+    let mut settings = settings(&graph, &entra);
+    settings.relay.graph.request_timeout = Duration::from_secs(1);
+    let app = spawn_built(settings).await;
+    graph.script(Scripted {
+        delay: Duration::from_secs(3),
+        ..Scripted::error(503, "ServiceUnavailable", "late")
+    });
+    let started = Instant::now();
+    expect_problem(
+        post_mail(&app, &mail(MAILBOX)).await,
+        502,
+        "smtp_outcome_unknown",
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the request timeout did not cut it"
+    );
+}
+
+#[tokio::test]
+async fn throttling_is_waited_out_within_the_deadline_after_graphs_retry_after() {
+    let s = setup(Mailbox::default(), &["Mail.Send"]).await;
+    for code in ["ApplicationThrottled", "MailboxConcurrency"] {
+        s.graph.script(Scripted {
+            retry_after: Some(1),
+            ..Scripted::error(
+                429,
+                code,
+                "Application is over its MailboxConcurrency limit.",
+            )
+        });
+    }
+    s.graph.script(Scripted {
+        retry_after: Some(1),
+        ..Scripted::error(503, "ServiceUnavailable", "Service unavailable")
+    });
+    let started = Instant::now();
+    accepted(post_mail(&s.app, &mail(MAILBOX)).await).await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "Retry-After not honoured"
+    );
+    assert_eq!(s.graph.seen().len(), 4);
+    assert_eq!(s.graph.deliveries().len(), 1);
+
+    // A wait past the deadline ends the send with Graph's own Retry-After.
+    s.graph.script(Scripted {
+        retry_after: Some(120),
+        ..Scripted::error(429, "ApplicationThrottled", "throttled")
+    });
+    let response = post_mail(&s.app, &mail(MAILBOX)).await;
+    assert_eq!(response.headers()["retry-after"], "120");
+    expect_problem(response, 503, "smtp_unavailable").await;
+}
+
+#[tokio::test]
+async fn a_token_graph_calls_invalid_is_fetched_anew_once() {
+    let s = setup(Mailbox::default(), &["Mail.Send"]).await;
+    s.graph.script(Scripted::error(
+        401,
+        "InvalidAuthenticationToken",
+        "Lifetime validation failed, the token is expired.",
+    ));
+    accepted(post_mail(&s.app, &mail(MAILBOX)).await).await;
+    assert_eq!(s.entra.fetch_count().await, 2, "one refetch");
+    assert_eq!(s.graph.deliveries().len(), 1);
+
+    // Refused again with a fresh token: the login is refused, no third fetch.
+    for _ in 0..2 {
+        s.graph.script(Scripted::error(
+            401,
+            "InvalidAuthenticationToken",
+            "Access token validation failure.",
+        ));
+    }
+    expect_problem(
+        post_mail(&s.app, &mail(MAILBOX)).await,
+        502,
+        "smtp_auth_failed",
+    )
+    .await;
+    assert_eq!(s.entra.fetch_count().await, 3);
+}
+
+#[tokio::test]
+async fn a_token_for_exchange_is_refused_by_the_fakes_audience_check() {
+    let graph = FakeGraph::start(MAILBOX, Mailbox::default()).await;
+    let entra = FakeEntra::start().await;
+    entra
+        .mount_token(&graph.mint_token_for("https://outlook.office365.com"), 3599)
+        .await;
+    let app = spawn_built(settings(&graph, &entra)).await;
+    let body = expect_problem(
+        post_mail(&app, &mail(MAILBOX)).await,
+        502,
+        "smtp_auth_failed",
+    )
+    .await;
+    assert!(body.to_string().contains("Invalid audience"), "{body}");
+}
+
+#[tokio::test]
+async fn a_mail_over_graphs_request_limit_is_refused_before_anything_is_sent() {
+    let s = setup(Mailbox::default(), &["Mail.Send"]).await;
+    // 3.2 MB of attachment is over 4 MB as base64 twice over (the attachment's own base64,
+    // then the whole message's).
+    let content = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        vec![7u8; 3_200_000],
+    );
+    let mut big = mail(MAILBOX);
+    big["attachments"] = json!([{"filename": "big.bin", "contentType": "application/octet-stream", "content": content}]);
+    let body = expect_problem(post_mail(&s.app, &big).await, 413, "payload_too_large").await;
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("one Microsoft Graph request"),
+        "{body}"
+    );
+    assert!(s.graph.seen().is_empty());
+}
+
+/// `diagnose` runs the steps in order and collects them.
+async fn diagnose(settings: &Settings, send_test: Option<&SendTest>) -> Vec<Step> {
+    let mut steps = Vec::new();
+    mail_relay::diagnose::run(settings, send_test, &mut |step: &Step| {
+        steps.push(step.clone())
+    })
+    .await;
+    steps
+}
+
+fn step<'a>(steps: &'a [Step], name: &str) -> &'a Step {
+    steps
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no {name} step in {steps:#?}"))
+}
+
+#[tokio::test]
+async fn diagnose_checks_graphs_token_roles_and_sends_a_test_mail_through_graph() {
+    let graph = FakeGraph::start(MAILBOX, Mailbox::default()).await;
+    let entra = FakeEntra::start().await;
+    entra
+        .mount_token(
+            &graph.mint_token(&["Mail.Send"], Duration::from_secs(3600)),
+            3599,
+        )
+        .await;
+    let first = settings(&graph, &entra);
+    let test = SendTest {
+        from: MAILBOX.into(),
+        to: "ann@example.com".into(),
+    };
+    let steps = diagnose(&first, Some(&test)).await;
+    assert_eq!(step(&steps, "auth").status, Status::Skip);
+    let token = step(&steps, "token");
+    assert_eq!(token.status, Status::Pass, "{token:#?}");
+    assert!(
+        token
+            .summary
+            .contains("audience https://graph.microsoft.com, roles Mail.Send"),
+        "{token:#?}"
+    );
+    assert_eq!(step(&steps, "graph-roles").status, Status::Pass);
+    let sent = step(&steps, "send-test");
+    assert_eq!(sent.status, Status::Pass, "{sent:#?}");
+    assert_eq!(graph.deliveries().len(), 1);
+
+    // Without Mail.Send: the roles step names the permission and RBAC for Applications.
+    let graph = FakeGraph::start(MAILBOX, Mailbox::default()).await;
+    let entra = FakeEntra::start().await;
+    entra
+        .mount_token(
+            &graph.mint_token(&["Mail.ReadBasic.All"], Duration::from_secs(3600)),
+            3599,
+        )
+        .await;
+    let steps = diagnose(&settings(&graph, &entra), Some(&test)).await;
+    let roles = step(&steps, "graph-roles");
+    assert_eq!(roles.status, Status::Fail);
+    assert!(
+        roles.fix[0].contains("Mail.Send") && roles.fix[0].contains("CustomResourceScope"),
+        "{roles:#?}"
+    );
+    let sent = step(&steps, "send-test");
+    assert_eq!(sent.status, Status::Fail);
+    assert!(
+        sent.cause.as_deref().unwrap().contains("ErrorAccessDenied"),
+        "{sent:#?}"
+    );
+}
