@@ -139,6 +139,13 @@ pub struct SmtpComponent {
     /// Mails the server took, and sends that failed, since start (SMTP delivery only).
     pub sent: Option<u64>,
     pub failed: Option<u64>,
+    /// The transport carrying mail now: `smtp`, `graph` or `outbox`.
+    #[schema(example = "smtp")]
+    pub transport: &'static str,
+    /// With `mailRelay.delivery.mode: auto`: since when Microsoft Graph stands in because the
+    /// server refuses SMTP AUTH (RFC 3339); absent while SMTP works.
+    #[schema(example = "2026-12-03T08:15:00Z")]
+    pub graph_fallback_since: Option<String>,
 }
 
 /// Where shared state lives (`mailRelay.store.url`).
@@ -259,6 +266,7 @@ fn store_component(state: &AppState) -> StoreComponent {
 
 fn smtp_component(state: &AppState) -> SmtpComponent {
     let pool = state.sender.smtp_state();
+    let in_use = state.sender.in_use();
     let last = state.sends.last_error();
     SmtpComponent {
         status: if state.sends.failing().is_some() {
@@ -271,6 +279,8 @@ fn smtp_component(state: &AppState) -> SmtpComponent {
         last_error: last.map(|(_, e)| e.into()),
         sent: pool.as_ref().map(|p| p.sent),
         failed: pool.as_ref().map(|p| p.failed),
+        transport: in_use.transport,
+        graph_fallback_since: in_use.fallback_since.map(rfc3339),
     }
 }
 

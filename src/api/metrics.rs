@@ -28,6 +28,7 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     state
         .metrics
         .set_mail_bytes_in_flight(state.budget.in_flight());
+    state.metrics.set_transport(state.sender.in_use().transport);
     let tokens = state.tokens.as_ref().map(|t| t.state());
     let smtp = state.sender.smtp_state();
     (

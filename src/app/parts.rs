@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use crate::config::{Delivery, Settings, SmtpAuthentication};
-use crate::delivery::{MailSender, Outbox};
+use crate::config::{Delivery, OAuthSettings, Settings, SmtpAuthentication};
+use crate::delivery::{Fallback, MailSender, Outbox};
 use crate::graph::GraphSender;
 use crate::queue::{Queue, QueueDelivery};
 use crate::rate_limit::mailbox_of;
@@ -21,15 +21,21 @@ pub(super) fn token_cache_for(
         return Ok(None);
     };
     let oauth = match &settings.relay.delivery {
-        Delivery::Smtp => oauth.clone(),
-        Delivery::Graph => crate::config::OAuthSettings {
-            scopes: settings.relay.graph.scopes.clone(),
-            ..oauth.clone()
-        },
+        // With `auto`, SMTP's cache is the one readiness shows; Graph's is the sender's own.
+        Delivery::Smtp | Delivery::Auto => oauth.clone(),
+        Delivery::Graph => graph_oauth(settings, oauth),
         Delivery::Outbox { .. } => return Ok(None),
     };
     let cache = TokenCache::new(&oauth).map_err(std::io::Error::other)?;
     Ok(Some(Arc::new(cache)))
+}
+
+/// The app's OAuth settings with Graph's scope: a token cache entry of its own.
+fn graph_oauth(settings: &Settings, oauth: &OAuthSettings) -> OAuthSettings {
+    OAuthSettings {
+        scopes: settings.relay.graph.scopes.clone(),
+        ..oauth.clone()
+    }
 }
 
 pub(super) fn sender_for(
@@ -37,28 +43,52 @@ pub(super) fn sender_for(
     tokens: Option<Arc<dyn TokenProvider>>,
     store: &Store,
 ) -> std::io::Result<Arc<dyn MailSender>> {
+    let needs_oauth = |mode: &str| {
+        std::io::Error::other(format!(
+            "mailRelay.delivery.mode {mode} needs smtpAuthentication MS_OAUTH"
+        ))
+    };
     match &settings.relay.delivery {
         Delivery::Outbox { dir } => Ok(Arc::new(Outbox::new(dir.clone()))),
         Delivery::Graph => {
-            let tokens = tokens.ok_or_else(|| {
-                std::io::Error::other(
-                    "mailRelay.delivery.mode graph needs smtpAuthentication MS_OAUTH",
-                )
-            })?;
+            let tokens = tokens.ok_or_else(|| needs_oauth("graph"))?;
             GraphSender::new(settings, tokens)
                 .map(|sender| Arc::new(sender) as Arc<dyn MailSender>)
                 .map_err(std::io::Error::other)
         }
-        Delivery::Smtp => {
-            // With a shared store, the mailbox's connection cap holds across replicas.
-            let slots = store
-                .connection_slots(&mailbox_of(settings), settings.relay.smtp.max_connections)
-                .map(|slots| Arc::new(StoreSlots(slots)) as Arc<dyn ConnectionSlots>);
-            SmtpSender::with_slots(settings, tokens, slots)
-                .map(|sender| Arc::new(sender) as Arc<dyn MailSender>)
-                .map_err(std::io::Error::other)
+        Delivery::Auto => {
+            let SmtpAuthentication::MsOAuth { username, oauth } =
+                &settings.send_email.smtp_authentication
+            else {
+                return Err(needs_oauth("auto"));
+            };
+            let graph_tokens: Arc<dyn TokenProvider> = Arc::new(
+                TokenCache::new(&graph_oauth(settings, oauth)).map_err(std::io::Error::other)?,
+            );
+            let graph = GraphSender::new(settings, graph_tokens).map_err(std::io::Error::other)?;
+            let smtp = smtp_sender(settings, tokens, store)?;
+            Ok(Arc::new(Fallback::new(
+                smtp,
+                Arc::new(graph),
+                username.clone(),
+            )))
         }
+        Delivery::Smtp => smtp_sender(settings, tokens, store),
     }
+}
+
+fn smtp_sender(
+    settings: &Settings,
+    tokens: Option<Arc<dyn TokenProvider>>,
+    store: &Store,
+) -> std::io::Result<Arc<dyn MailSender>> {
+    // With a shared store, the mailbox's connection cap holds across replicas.
+    let slots = store
+        .connection_slots(&mailbox_of(settings), settings.relay.smtp.max_connections)
+        .map(|slots| Arc::new(StoreSlots(slots)) as Arc<dyn ConnectionSlots>);
+    SmtpSender::with_slots(settings, tokens, slots)
+        .map(|sender| Arc::new(sender) as Arc<dyn MailSender>)
+        .map_err(std::io::Error::other)
 }
 
 /// The store's shared connection slots, as the SMTP transport asks for them.

@@ -141,6 +141,7 @@ pub fn render(settings: &Settings, values: &Resolved) -> String {
     match &r.delivery {
         Delivery::Smtp => out.line(4, "mailRelay.delivery.mode", Some("smtp".into())),
         Delivery::Graph => out.line(4, "mailRelay.delivery.mode", Some("graph".into())),
+        Delivery::Auto => out.line(4, "mailRelay.delivery.mode", Some("auto".into())),
         Delivery::Outbox { dir } => {
             out.line(4, "mailRelay.delivery.mode", Some("outbox".into()));
             out.line(

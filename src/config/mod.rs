@@ -283,13 +283,26 @@ pub enum Delivery {
     Outbox { dir: PathBuf },
     /// Hand every mail to Microsoft Graph's `sendMail` for the `smtpUsername` mailbox.
     Graph,
+    /// SMTP first; Graph for the mailbox while the server refuses SMTP AUTH for a reason only
+    /// the setup can fix (`535 5.7.139`, `550 5.7.30`).
+    Auto,
 }
 
 impl Delivery {
     /// Mail reaches a real mailbox (SMTP or Graph), so callers must be known and the
     /// mailbox's credentials are required.
     pub fn is_remote(&self) -> bool {
-        matches!(self, Self::Smtp | Self::Graph)
+        matches!(self, Self::Smtp | Self::Graph | Self::Auto)
+    }
+
+    /// The SMTP server's settings are used (`smtp` and `auto`).
+    pub fn uses_smtp(&self) -> bool {
+        matches!(self, Self::Smtp | Self::Auto)
+    }
+
+    /// Microsoft Graph may be used (`graph` and `auto`), so the login must be MS_OAUTH.
+    pub fn uses_graph(&self) -> bool {
+        matches!(self, Self::Graph | Self::Auto)
     }
 }
 

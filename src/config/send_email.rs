@@ -18,10 +18,9 @@ use super::{
 
 /// `delivery` decides what is required: the server only for SMTP, the login for SMTP and Graph.
 pub(super) fn send_email(ctx: &mut Ctx<'_>, delivery: &Delivery) -> SendEmailSettings {
-    let smtp = *delivery == Delivery::Smtp;
-    let graph = *delivery == Delivery::Graph;
-    let why_smtp =
-        "with mailRelay.delivery.mode smtp (the SMTP server's host name, e.g. smtp.office365.com)";
+    let smtp = delivery.uses_smtp();
+    let graph = delivery.uses_graph();
+    let why_smtp = "with mailRelay.delivery.mode smtp or auto (the SMTP server's host name, e.g. smtp.office365.com)";
     let server = if smtp {
         ctx.required(&se("smtpServer"), why_smtp)
     } else {
@@ -99,7 +98,7 @@ pub(super) fn send_email(ctx: &mut Ctx<'_>, delivery: &Delivery) -> SendEmailSet
     if graph && mode != Mode::MsOAuth {
         ctx.error(
             &se("smtpAuthentication"),
-            "must be MS_OAUTH with mailRelay.delivery.mode graph: Microsoft Graph takes only OAuth2 app-only tokens (the app registration's oAuthClientId, oAuthTenantId and secret or certificate)",
+            "must be MS_OAUTH with mailRelay.delivery.mode graph or auto: Microsoft Graph takes only OAuth2 app-only tokens (the app registration's oAuthClientId, oAuthTenantId and secret or certificate)",
         );
     }
     let authentication = match mode {

@@ -32,7 +32,7 @@ pub(super) const OFFICE365_HOST: &str = "smtp.office365.com";
 /// deadline that cuts off a send accepted during the drain delay.
 fn warn_on_unsafe_limits(ctx: &mut Ctx<'_>, relay: &RelaySettings, send_email: &SendEmailSettings) {
     let max = relay.smtp.max_connections;
-    if relay.delivery == Delivery::Smtp
+    if relay.delivery.uses_smtp()
         && send_email.smtp_server.eq_ignore_ascii_case(OFFICE365_HOST)
         && max > 3
     {
@@ -267,8 +267,13 @@ fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
     let mode = ctx.one_of(
         "mailRelay.delivery.mode",
         "smtp",
-        &[("smtp", "smtp"), ("graph", "graph"), ("outbox", "outbox")],
-        "smtp, graph, outbox",
+        &[
+            ("smtp", "smtp"),
+            ("graph", "graph"),
+            ("auto", "auto"),
+            ("outbox", "outbox"),
+        ],
+        "smtp, graph, auto, outbox",
     );
     let delivery = match mode {
         "outbox" => Delivery::Outbox {
@@ -278,6 +283,7 @@ fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
             ),
         },
         "graph" => Delivery::Graph,
+        "auto" => Delivery::Auto,
         _ => Delivery::Smtp,
     };
     let max_connections = ctx.number("mailRelay.smtp.maxConnections", 3usize, 1..=100);
@@ -453,8 +459,8 @@ fn check_rate_limits(ctx: &mut Ctx<'_>, relay: &RelaySettings, send_email: &Send
             ),
         );
     }
-    let exchange = relay.delivery == Delivery::Smtp
-        && send_email.smtp_server.eq_ignore_ascii_case(OFFICE365_HOST);
+    let exchange =
+        relay.delivery.uses_smtp() && send_email.smtp_server.eq_ignore_ascii_case(OFFICE365_HOST);
     if !exchange {
         return;
     }

@@ -21,6 +21,13 @@ impl MailSender for GraphSender {
             server_reply: receipt.reply,
         })
     }
+
+    fn in_use(&self) -> super::InUse {
+        super::InUse {
+            transport: "graph",
+            fallback_since: None,
+        }
+    }
 }
 
 pub(super) fn kind(e: &GraphError) -> FailureKind {

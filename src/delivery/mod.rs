@@ -5,6 +5,7 @@
 //! transport.
 
 mod error;
+mod fallback;
 mod graph;
 mod outbox;
 mod smtp;
@@ -12,6 +13,7 @@ mod smtp;
 use async_trait::async_trait;
 
 pub use error::{Blame, DeliveryError, FailureKind};
+pub use fallback::{Fallback, RECHECK};
 pub use outbox::Outbox;
 pub use smtp::example_failures;
 
@@ -26,6 +28,15 @@ pub struct Receipt {
     pub accepted: Vec<String>,
     /// The server's reply to the end of DATA (or where the outbox wrote the file).
     pub server_reply: String,
+}
+
+/// Which transport carries mail now, for readiness, metrics and the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InUse {
+    /// `smtp`, `graph` or `outbox`.
+    pub transport: &'static str,
+    /// With `delivery.mode: auto`, since when Graph stands in for an SMTP AUTH refused.
+    pub fallback_since: Option<std::time::SystemTime>,
 }
 
 /// Hands a mail over; success means the receiving side took responsibility for it.
@@ -55,5 +66,13 @@ pub trait MailSender: Send + Sync + 'static {
     /// The SMTP pool's state, for health and metrics; `None` for senders without one.
     fn smtp_state(&self) -> Option<crate::smtp::SmtpState> {
         None
+    }
+
+    /// Which transport carries mail now.
+    fn in_use(&self) -> InUse {
+        InUse {
+            transport: "other",
+            fallback_since: None,
+        }
     }
 }

@@ -29,6 +29,13 @@ impl Outbox {
 
 #[async_trait]
 impl MailSender for Outbox {
+    fn in_use(&self) -> super::InUse {
+        super::InUse {
+            transport: "outbox",
+            fallback_since: None,
+        }
+    }
+
     async fn send(&self, mail: &OutgoingMail) -> Result<Receipt, DeliveryError> {
         tokio::fs::create_dir_all(&self.dir)
             .await

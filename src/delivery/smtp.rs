@@ -39,6 +39,13 @@ impl MailSender for SmtpSender {
     fn smtp_state(&self) -> Option<SmtpState> {
         Some(self.state())
     }
+
+    fn in_use(&self) -> super::InUse {
+        super::InUse {
+            transport: "smtp",
+            fallback_since: None,
+        }
+    }
 }
 
 impl From<SmtpError> for DeliveryError {

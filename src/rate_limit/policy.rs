@@ -346,7 +346,7 @@ pub fn mailbox_of(settings: &Settings) -> String {
     let send_email = &settings.send_email;
     match send_email.smtp_authentication.username() {
         Some(user) => user.to_owned(),
-        None if settings.relay.delivery == crate::config::Delivery::Smtp => {
+        None if settings.relay.delivery.uses_smtp() => {
             format!("smtp:{}", send_email.smtp_server)
         }
         None => "outbox".to_owned(),

@@ -214,6 +214,10 @@ impl MailSender for ObservedSender {
     fn smtp_state(&self) -> Option<SmtpState> {
         self.inner.smtp_state()
     }
+
+    fn in_use(&self) -> crate::delivery::InUse {
+        self.inner.in_use()
+    }
 }
 
 #[cfg(test)]

@@ -33,6 +33,7 @@ pub const TOKEN_FETCHES: &str = "mail_relay_token_fetches_total";
 pub const TOKEN_EXPIRES_IN: &str = "mail_relay_token_expires_in_seconds";
 pub const RATE_LIMITED: &str = "mail_relay_rate_limited_total";
 pub const READY: &str = "mail_relay_ready";
+pub const TRANSPORT: &str = "mail_relay_transport";
 pub const HTTP_CONNECTIONS_OPEN: &str = "mail_relay_http_connections_open";
 pub const HTTP_CONNECTIONS_REFUSED: &str = "mail_relay_http_connections_refused_total";
 pub const MAIL_BYTES_IN_FLIGHT: &str = "mail_relay_mail_bytes_in_flight";
@@ -108,6 +109,17 @@ impl Metrics {
     /// A request answered 429 (counted by the request middleware; see [`rate_limited`]).
     pub(crate) fn count_rate_limited(&self, scope: &'static str) {
         self.with(|| counter!(RATE_LIMITED, "scope" => scope).increment(1));
+    }
+
+    /// The transport carrying mail now (1) and the other one (0); with `delivery.mode: auto`
+    /// a 1 for `graph` means Graph stands in for an SMTP AUTH the server refuses.
+    pub fn set_transport(&self, in_use: &'static str) {
+        self.with(|| {
+            for transport in ["smtp", "graph"] {
+                let value = if transport == in_use { 1.0 } else { 0.0 };
+                gauge!(TRANSPORT, "transport" => transport).set(value);
+            }
+        });
     }
 
     /// Whether `/health/ready` would answer 200 now (1) or 503 (0).
@@ -239,6 +251,10 @@ fn describe() {
         SMTP_SEND_DURATION,
         ::metrics::Unit::Seconds,
         "Time of one send to the SMTP server (retries included), by outcome"
+    );
+    describe_gauge!(
+        TRANSPORT,
+        "The transport carrying mail now (1) and the other (0): smtp or graph"
     );
     describe_gauge!(SMTP_OPEN, "Open SMTP connections, in use or idle");
     describe_gauge!(SMTP_IDLE, "Idle SMTP connections in the pool");

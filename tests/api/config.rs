@@ -1741,3 +1741,32 @@ fn graph_mode_refuses_a_login_other_than_ms_oauth_and_a_plain_http_graph() {
     let message = error_for(&yaml, &[], "mailRelay.graph.baseUrl");
     assert!(message.contains("must be an https URL"), "{message}");
 }
+
+#[test]
+fn auto_mode_needs_the_smtp_server_and_ms_oauth_for_its_graph_fallback() {
+    let loaded = ok(&seed_with("mode: smtp", "mode: auto"), &[]);
+    assert_eq!(
+        loaded.settings.relay.delivery,
+        mail_relay::config::Delivery::Auto
+    );
+    // SMTP first: Exchange's SMTP limit is the default.
+    assert_eq!(
+        loaded
+            .settings
+            .relay
+            .rate_limits
+            .mailbox_messages_per_minute
+            .map(|n| n.get()),
+        Some(30)
+    );
+    let no_server =
+        seed_with("mode: smtp", "mode: auto").replace("    smtpServer: smtp.office365.com\n", "");
+    let message = error_for(&no_server, &[], "featureSwitches.sendEmail.smtpServer");
+    assert!(message.contains("smtp or auto"), "{message}");
+    let basic = seed_with("mode: smtp", "mode: auto").replace(
+        "smtpAuthentication: MS_OAUTH",
+        "smtpAuthentication: BASIC\n    smtpPassword: pw",
+    );
+    let message = error_for(&basic, &[], "featureSwitches.sendEmail.smtpAuthentication");
+    assert!(message.contains("graph or auto"), "{message}");
+}

@@ -430,3 +430,79 @@ async fn diagnose_checks_graphs_token_roles_and_sends_a_test_mail_through_graph(
         "{sent:#?}"
     );
 }
+
+#[tokio::test]
+async fn auto_mode_sends_through_graph_once_the_server_refuses_smtp_auth_and_says_so_once() {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    use crate::smtp::exchange_replies::{Script, serve};
+
+    let script = Arc::new(Script::default());
+    script.auth.lock().unwrap().push_back(vec![
+        "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.",
+    ]);
+    let port = serve(Arc::clone(&script)).await;
+    let graph = FakeGraph::start(MAILBOX, Mailbox::default()).await;
+    let entra = FakeEntra::start().await;
+    // The fake SMTP server takes any token; the fake Graph checks its own.
+    entra
+        .mount_token(
+            &graph.mint_token(&["Mail.Send"], Duration::from_secs(3600)),
+            3599,
+        )
+        .await;
+    let mut settings = settings(&graph, &entra);
+    settings.relay.delivery = Delivery::Auto;
+    settings.send_email.smtp_server = "127.0.0.1".into();
+    settings.send_email.smtp_port = port;
+    let app = spawn_built(settings).await;
+
+    let ready: serde_json::Value = app.get("/health/ready").await.json().await.unwrap();
+    assert_eq!(
+        ready["components"]["smtp"]["transport"], "smtp",
+        "{ready:#}"
+    );
+
+    // The login is refused before any mail is named: the mail goes through Graph at once.
+    let first = accepted(post_mail(&app, &mail(MAILBOX)).await).await;
+    assert_eq!(graph.deliveries().len(), 1);
+    assert_eq!(script.delivered.load(Ordering::SeqCst), 0);
+    let delivered = String::from_utf8(graph.deliveries()[0].mime.clone()).unwrap();
+    assert!(delivered.contains(first["messageId"].as_str().unwrap()));
+
+    // The next mail goes straight to Graph: no SMTP login, no refused AUTH per mail.
+    accepted(post_mail(&app, &mail(MAILBOX)).await).await;
+    assert_eq!(graph.deliveries().len(), 2);
+    assert_eq!(script.connections.load(Ordering::SeqCst), 1);
+
+    let ready: serde_json::Value = app.get("/health/ready").await.json().await.unwrap();
+    let smtp = &ready["components"]["smtp"];
+    assert_eq!(smtp["transport"], "graph", "{ready:#}");
+    assert!(smtp["graphFallbackSince"].is_string(), "{ready:#}");
+    assert_eq!(
+        ready["status"], "ready",
+        "Graph works: the instance stays ready"
+    );
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("mail_relay_transport{transport=\"graph\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("mail_relay_transport{transport=\"smtp\"} 0"),
+        "{metrics}"
+    );
+    // Both scopes were asked for: Exchange's for SMTP, Graph's for the fallback.
+    let scopes: Vec<String> = entra
+        .requests()
+        .await
+        .iter()
+        .filter_map(|r| field(&form_fields(r), "scope").map(str::to_owned))
+        .collect();
+    assert!(scopes.iter().any(|s| s == SCOPE), "{scopes:?}");
+    assert!(
+        scopes.iter().any(|s| s == crate::entra::SCOPE),
+        "{scopes:?}"
+    );
+}

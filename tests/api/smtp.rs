@@ -647,7 +647,7 @@ async fn token_errors_reach_the_caller_as_token_errors() {
 }
 
 /// Replies the peer cannot give (Exchange's own), from a scripted fake server on loopback.
-mod exchange_replies {
+pub(crate) mod exchange_replies {
     use std::collections::VecDeque;
 
     use base64::Engine as _;
@@ -659,17 +659,17 @@ mod exchange_replies {
     /// What the fake server answers; each AUTH entry is a list of replies, the ones after
     /// the first sent after reading one more client line (a challenge's answer).
     #[derive(Default)]
-    struct Script {
-        auth: Mutex<VecDeque<Vec<&'static str>>>,
+    pub(crate) struct Script {
+        pub(crate) auth: Mutex<VecDeque<Vec<&'static str>>>,
         mail_from: Mutex<VecDeque<&'static str>>,
         rcpt_to: Mutex<VecDeque<&'static str>>,
         /// Replies to the end of the message, before the default 250.
         end_of_data: Mutex<VecDeque<&'static str>>,
         /// MAIL FROM commands that arrived with their RCPT TO already behind them (pipelined).
         pipelined: AtomicUsize,
-        connections: AtomicUsize,
+        pub(crate) connections: AtomicUsize,
         mail_commands: AtomicUsize,
-        delivered: AtomicUsize,
+        pub(crate) delivered: AtomicUsize,
         /// Every line the client sent, as received.
         lines: Mutex<Vec<String>>,
     }
@@ -684,7 +684,7 @@ mod exchange_replies {
         }
     }
 
-    async fn serve(script: Arc<Script>) -> u16 {
+    pub(crate) async fn serve(script: Arc<Script>) -> u16 {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         tokio::spawn(async move {
