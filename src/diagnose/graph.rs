@@ -98,13 +98,20 @@ pub(super) async fn run(
 
 /// `Mail.Send` is what `sendMail` needs (application permission, admin consent).
 fn roles(claims: &TokenClaims, mailbox: &str, client: &str) -> Step {
-    if !claims.readable || claims.roles.iter().any(|r| r == "Mail.Send") {
-        let listed = if claims.readable {
-            "the token's roles list Mail.Send"
+    let has = |role: &str| claims.roles.iter().any(|r| r == role);
+    if !claims.readable {
+        return Step::pass("graph-roles", "the token's roles could not be read");
+    }
+    if has("Mail.Send") {
+        let large = if has("Mail.ReadWrite") {
+            "and Mail.ReadWrite: mails over Graph's 4 MB request limit go as drafts with upload sessions"
         } else {
-            "the token's roles could not be read"
+            "but not Mail.ReadWrite: mails over Graph's 4 MB request limit will be refused with 403 ErrorAccessDenied until it is granted (with admin consent)"
         };
-        return Step::pass("graph-roles", listed);
+        return Step::pass(
+            "graph-roles",
+            format!("the token's roles list Mail.Send, {large}"),
+        );
     }
     let facts = Facts {
         mailbox: Some(mailbox),

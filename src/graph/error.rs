@@ -150,9 +150,13 @@ pub enum GraphError {
     /// other than `503`): Graph may have sent the mail.
     #[error("no verdict from Microsoft Graph after the mail was sent: {detail}")]
     NoVerdict { detail: String },
+    /// A request before the send (the draft, an attachment) got no answer: Graph holds at
+    /// most a draft, which is not a sent mail.
+    #[error("Microsoft Graph did not answer while the mail was being prepared: {detail}")]
+    Interrupted { detail: String },
     /// The MIME message, base64-encoded, is larger than one Graph request may be.
     #[error(
-        "the message is {size} bytes as base64, more than the {limit} bytes one Microsoft Graph request may carry; send smaller attachments, or use mailRelay.delivery.mode smtp"
+        "the message is {size} bytes as base64, more than the {limit} bytes one Microsoft Graph request may carry, and no attachment can be taken out to send it in parts; send a shorter body, or use mailRelay.delivery.mode smtp"
     )]
     RequestTooLarge { size: usize, limit: usize },
     /// No token for Graph.
@@ -204,6 +208,7 @@ impl GraphError {
             Self::RequestTooLarge { .. } => GraphErrorKind::TooLarge,
             Self::Deadline { last, .. } => last.kind(),
             Self::Unreachable { .. }
+            | Self::Interrupted { .. }
             | Self::NoVerdict { .. }
             | Self::Token(_)
             | Self::Halted(_) => GraphErrorKind::Unavailable,
@@ -214,7 +219,7 @@ impl GraphError {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Token(e) => e.is_transient(),
-            Self::Halted(_) | Self::Unreachable { .. } => true,
+            Self::Halted(_) | Self::Unreachable { .. } | Self::Interrupted { .. } => true,
             Self::NoVerdict { .. } | Self::RequestTooLarge { .. } => false,
             Self::Deadline { last, .. } => last.is_transient(),
             Self::Refused(reply) => matches!(

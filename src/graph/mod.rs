@@ -3,6 +3,7 @@
 //! are turned into `DeliveryError` there. The README says what each behaviour relies on.
 
 mod error;
+mod large;
 mod mime;
 
 use std::sync::Arc;
@@ -17,7 +18,7 @@ pub use error::{GraphError, GraphErrorKind, GraphReply};
 
 use crate::config::Settings;
 use crate::message::OutgoingMail;
-use crate::token::{AccessToken, TokenProvider};
+use crate::token::TokenProvider;
 
 /// Graph's limit on one request, base64 included (about 4 MB; microsoft-graph-docs #9834).
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
@@ -35,6 +36,8 @@ pub struct GraphReceipt {
 /// Sends mail as the `smtpUsername` mailbox through Graph.
 pub struct GraphSender {
     http: reqwest::Client,
+    /// `{baseUrl}/users/{mailbox}`.
+    users_url: Url,
     send_url: Url,
     tokens: Arc<dyn TokenProvider>,
     /// Outlook allows 4 concurrent requests per mailbox; more get `429 MailboxConcurrency`.
@@ -58,12 +61,16 @@ impl GraphSender {
             settings.send_email.smtp_authentication.username().ok_or(
                 "mailRelay.delivery.mode graph needs featureSwitches.sendEmail.smtpUsername",
             )?;
-        let mut send_url = graph.base_url.clone();
-        send_url
+        let mut users_url = graph.base_url.clone();
+        users_url
             .path_segments_mut()
             .map_err(|()| format!("{} cannot be a base URL", graph.base_url))?
             .pop_if_empty()
-            .extend(["users", mailbox, "sendMail"]);
+            .extend(["users", mailbox]);
+        let mut send_url = users_url.clone();
+        if let Ok(mut path) = send_url.path_segments_mut() {
+            path.push("sendMail");
+        }
         let http = reqwest::Client::builder()
             .connect_timeout(graph.connect_timeout)
             .timeout(graph.request_timeout)
@@ -77,6 +84,7 @@ impl GraphSender {
             .map_err(|e| crate::causes::line(&e))?;
         Ok(Self {
             http,
+            users_url,
             send_url,
             tokens,
             in_flight: Semaphore::new(graph.max_concurrent_requests),
@@ -86,45 +94,83 @@ impl GraphSender {
 
     /// Hand `mail` to Graph: `Ok` only on its `202`. `429` and `503` are retried within the send
     /// deadline, after the `Retry-After` Graph gave; a token Graph calls invalid is fetched anew
-    /// once. A request that went out without an answer is never sent again.
+    /// once. A request that went out without an answer is never sent again. A mail over Graph's
+    /// request limit goes as a draft with its large attachments added one by one.
     pub async fn send(&self, mail: &OutgoingMail) -> Result<GraphReceipt, GraphError> {
-        let started = Instant::now();
+        let deadline = Instant::now() + self.send_deadline;
         let recipients: Vec<String> = mail.envelope.to().iter().map(ToString::to_string).collect();
         let body = bytes::Bytes::from(mime::request_body(&mail.formatted, &recipients));
-        if body.len() > MAX_REQUEST_BYTES {
-            return Err(GraphError::RequestTooLarge {
-                size: body.len(),
-                limit: MAX_REQUEST_BYTES,
-            });
-        }
         let _permit = self
             .in_flight
             .acquire()
             .await
             .map_err(|_| GraphError::Halted("the Graph sender is closed".into()))?;
+        if body.len() > MAX_REQUEST_BYTES {
+            drop(body);
+            return self.send_large(mail, &recipients, deadline).await;
+        }
+        let response = self
+            .call(deadline, Step::Send, &mail.id, |http| {
+                http.post(self.send_url.clone())
+                    .header(CONTENT_TYPE, "text/plain")
+                    .body(body.clone())
+            })
+            .await?;
+        Ok(GraphReceipt {
+            reply: accepted(&response),
+        })
+    }
+
+    /// `{baseUrl}/users/{mailbox}/` and `segments`.
+    fn user_url(&self, segments: &[&str]) -> Url {
+        let mut url = self.users_url.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.extend(segments);
+        }
+        url
+    }
+
+    /// One request, with a fresh bearer token, retried as [`GraphSender::send`] says; `Ok` is a
+    /// `2xx`. Only for [`Step::Send`] is a lost answer *outcome unknown*: before it, Graph holds
+    /// at most a draft.
+    async fn call(
+        &self,
+        deadline: Instant,
+        step: Step,
+        mail_id: &str,
+        request: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, GraphError> {
+        let started = Instant::now();
         let mut refetched = false;
         let mut pause = Duration::from_millis(200);
         loop {
-            let token = self.tokens.token().await.map_err(GraphError::Token)?;
-            let error = match self.post(&token, &mail.id, body.clone()).await {
-                Ok(receipt) => return Ok(receipt),
+            let token = match step {
+                Step::Upload => None,
+                _ => Some(self.tokens.token().await.map_err(GraphError::Token)?),
+            };
+            let mut builder = request(&self.http).header("client-request-id", mail_id);
+            if let Some(token) = &token {
+                builder = builder.bearer_auth(token.expose());
+            }
+            let error = match attempt(builder, step).await {
+                Ok(response) => return Ok(response),
                 Err(error) => error,
             };
-            let wait = match &error {
-                GraphError::Refused(reply) if reply.status == 401 && !refetched => {
+            let wait = match (&error, &token) {
+                (GraphError::Refused(reply), Some(token)) if reply.status == 401 && !refetched => {
                     // Revoked or rotated keys: a fresh token may pass; a second 401 is final.
-                    self.tokens.invalidate(&token);
+                    self.tokens.invalidate(token);
                     refetched = true;
                     Duration::ZERO
                 }
-                GraphError::Refused(reply) if error.is_transient() => {
+                (GraphError::Refused(reply), _) if error.is_transient() => {
                     reply.retry_after.unwrap_or(pause)
                 }
-                GraphError::Unreachable { .. } => pause,
+                (GraphError::Unreachable { .. }, _) => pause,
                 _ => return Err(error),
             };
             pause = (pause * 2).min(Duration::from_secs(5));
-            if wait > LONGEST_WAIT || started.elapsed() + wait >= self.send_deadline {
+            if wait > LONGEST_WAIT || Instant::now() + wait >= deadline {
                 return Err(GraphError::Deadline {
                     waited: started.elapsed(),
                     last: Box::new(error),
@@ -133,57 +179,66 @@ impl GraphSender {
             tokio::time::sleep(wait).await;
         }
     }
+}
 
-    async fn post(
-        &self,
-        token: &AccessToken,
-        mail_id: &str,
-        body: bytes::Bytes,
-    ) -> Result<GraphReceipt, GraphError> {
-        let sent = self
-            .http
-            .post(self.send_url.clone())
-            .bearer_auth(token.expose())
-            .header(CONTENT_TYPE, "text/plain")
-            // Graph echoes it, and its support can find the request by it.
-            .header("client-request-id", mail_id)
-            .body(body)
-            .send()
-            .await;
-        let response = match sent {
-            Ok(response) => response,
-            Err(e) if e.is_connect() => {
-                return Err(GraphError::Unreachable {
-                    url: self.send_url.to_string(),
-                    detail: crate::causes::line(&e),
-                });
-            }
-            Err(e) => {
-                return Err(GraphError::NoVerdict {
-                    detail: crate::causes::line(&e),
-                });
-            }
-        };
-        let status = response.status();
-        let headers = response.headers().clone();
-        let request_id = header(&headers, "request-id");
-        if status == StatusCode::ACCEPTED {
-            let id = request_id.map_or_else(String::new, |id| format!(" (request-id {id})"));
-            return Ok(GraphReceipt {
-                reply: format!("202 Accepted{id}"),
+/// Which request of a send: only the one that sends can leave the outcome unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// `sendMail`, or a draft's `send`.
+    Send,
+    /// Creating the draft or adding an attachment to it.
+    Draft,
+    /// A byte range to an upload session's pre-authorised URL (no bearer token: Graph refuses
+    /// one there).
+    Upload,
+}
+
+/// `202 Accepted (request-id ...)`.
+fn accepted(response: &reqwest::Response) -> String {
+    let id = header(response.headers(), "request-id")
+        .map_or_else(String::new, |id| format!(" (request-id {id})"));
+    format!("{} Accepted{id}", response.status().as_u16())
+}
+
+/// One request: a `2xx`, or why not.
+async fn attempt(
+    builder: reqwest::RequestBuilder,
+    step: Step,
+) -> Result<reqwest::Response, GraphError> {
+    let lost = |detail: String| match step {
+        Step::Send => GraphError::NoVerdict { detail },
+        Step::Draft | Step::Upload => GraphError::Interrupted { detail },
+    };
+    let response = match builder.send().await {
+        Ok(response) => response,
+        Err(e) if e.is_connect() => {
+            return Err(GraphError::Unreachable {
+                url: e.url().map_or_else(String::new, |u| {
+                    format!("{}://{}", u.scheme(), u.authority())
+                }),
+                detail: crate::causes::line(&e),
             });
         }
-        let body = read_capped(response).await;
-        let reply = GraphReply::parse(status.as_u16(), &body, request_id, retry_after(&headers));
-        // A 5xx other than 503 came after Graph had the whole request: it may send the mail
-        // anyway (a 504 has been seen to deliver).
-        if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
-            return Err(GraphError::NoVerdict {
-                detail: format!("Microsoft Graph answered {reply}"),
-            });
-        }
-        Err(GraphError::Refused(reply))
+        Err(e) => return Err(lost(crate::causes::line(&e))),
+    };
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
     }
+    let headers = response.headers().clone();
+    let body = read_capped(response).await;
+    let reply = GraphReply::parse(
+        status.as_u16(),
+        &body,
+        header(&headers, "request-id"),
+        retry_after(&headers),
+    );
+    // A 5xx other than 503 came after Graph had the whole request: it may send the mail
+    // anyway (a 504 has been seen to deliver).
+    if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+        return Err(lost(format!("Microsoft Graph answered {reply}")));
+    }
+    Err(GraphError::Refused(reply))
 }
 
 fn header(headers: &HeaderMap, name: &str) -> Option<String> {

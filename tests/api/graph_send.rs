@@ -338,18 +338,145 @@ async fn a_token_for_exchange_is_refused_by_the_fakes_audience_check() {
     assert!(body.to_string().contains("Invalid audience"), "{body}");
 }
 
+fn attachment_b64(bytes: &[u8]) -> String {
+    base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes)
+}
+
+/// An instance for mails up to 64 MiB, the fake's tenant limit raised to 150 MB.
+async fn large_setup(roles: &[&str]) -> Setup {
+    let graph = FakeGraph::start(MAILBOX, Mailbox::default()).await;
+    graph.set_max_message_bytes(150 * 1024 * 1024);
+    let entra = FakeEntra::start().await;
+    entra
+        .mount_token(&graph.mint_token(roles, Duration::from_secs(3600)), 3599)
+        .await;
+    let mut settings = settings(&graph, &entra);
+    settings.relay.limits.max_body_bytes = 64 << 20;
+    settings.relay.limits.max_message_bytes = 64 << 20;
+    settings.relay.smtp.send_deadline = Duration::from_secs(25);
+    let app = spawn_built(settings).await;
+    Setup { app, graph, entra }
+}
+
 #[tokio::test]
-async fn a_mail_over_graphs_request_limit_is_refused_before_anything_is_sent() {
-    let s = setup(Mailbox::default(), &["Mail.Send"]).await;
-    // 3.2 MB of attachment is over 4 MB as base64 twice over (the attachment's own base64,
-    // then the whole message's).
-    let content = base64::Engine::encode(
-        &base64::engine::general_purpose::STANDARD,
-        vec![7u8; 3_200_000],
+async fn a_30_mb_attachment_goes_through_a_draft_and_an_upload_session_in_ranges_under_4_mb() {
+    let s = large_setup(&["Mail.Send", "Mail.ReadWrite"]).await;
+    let big: Vec<u8> = (0..30_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let small = vec![42u8; 300_000];
+    let mut request = mail(MAILBOX);
+    request["attachments"] = json!([
+        {"filename": "report.pdf", "contentType": "application/pdf", "content": attachment_b64(&big)},
+        {"filename": "small.bin", "contentType": "application/octet-stream", "content": attachment_b64(&small)},
+    ]);
+    let body = accepted(post_mail(&s.app, &request).await).await;
+
+    let delivered = s.graph.deliveries();
+    assert_eq!(delivered.len(), 1);
+    let d = &delivered[0];
+    assert_eq!(
+        d.recipients,
+        ["ann@example.com", "cc@example.com", "hidden@example.com"]
     );
-    let mut big = mail(MAILBOX);
-    big["attachments"] = json!([{"filename": "big.bin", "contentType": "application/octet-stream", "content": content}]);
-    let body = expect_problem(post_mail(&s.app, &big).await, 413, "payload_too_large").await;
+    let parsed = mail_parser::MessageParser::default()
+        .parse(&d.mime)
+        .unwrap();
+    assert_eq!(
+        parsed.message_id().map(|id| format!("<{id}>")).as_deref(),
+        body["messageId"].as_str()
+    );
+    assert_eq!(parsed.subject(), Some("Graph test"));
+    assert_eq!(
+        parsed.body_text(0).as_deref(),
+        Some("Sent through Microsoft Graph.")
+    );
+    let mut attachments: Vec<(String, Vec<u8>)> = parsed
+        .attachments()
+        .map(|a| {
+            (
+                mail_parser::MimeHeaders::attachment_name(a)
+                    .unwrap_or("")
+                    .to_owned(),
+                a.contents().to_vec(),
+            )
+        })
+        .collect();
+    attachments.sort();
+    let names: Vec<&str> = attachments.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["report.pdf", "small.bin"]);
+    assert_eq!(attachments[0].1, big, "the 30 MB attachment arrived intact");
+    assert_eq!(attachments[1].1, small);
+
+    let seen = s.graph.seen();
+    assert!(
+        seen.iter()
+            .all(|r| r.body_bytes <= crate::graph::MAX_REQUEST_BYTES),
+        "a request over 4 MB"
+    );
+    let count = |p: &str| seen.iter().filter(|r| r.path.ends_with(p)).count();
+    assert_eq!(count("/messages"), 1, "{seen:#?}");
+    assert_eq!(count("/createUploadSession"), 1);
+    assert_eq!(
+        count("PUT /upload"),
+        30_000_000usize.div_ceil(10 * 320 * 1024)
+    );
+    assert_eq!(count("/send"), 1);
+    assert!(
+        seen.iter()
+            .all(|r| r.client_request_id.as_deref() == body["id"].as_str())
+    );
+    assert!(s.graph.drafts().is_empty());
+}
+
+#[tokio::test]
+async fn the_draft_path_names_mail_readwrite_and_leaves_no_draft_when_a_step_fails() {
+    let big = attachment_b64(&vec![7u8; 3_500_000]);
+    let mut request = mail(MAILBOX);
+    request["attachments"] =
+        json!([{"filename": "big.bin", "contentType": "application/octet-stream", "content": big}]);
+
+    let s = large_setup(&["Mail.Send"]).await;
+    let problem = expect_problem(post_mail(&s.app, &request).await, 502, "smtp_auth_failed").await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Mail.ReadWrite"),
+        "{problem}"
+    );
+    assert!(s.graph.deliveries().is_empty());
+
+    // The draft exists when creating the upload session fails: it is deleted again.
+    let s = large_setup(&["Mail.Send", "Mail.ReadWrite"]).await;
+    s.graph.script_for(
+        "createUploadSession",
+        Scripted::error(
+            400,
+            "ErrorInvalidRequest",
+            "The attachment item is not valid.",
+        ),
+    );
+    let problem = expect_problem(post_mail(&s.app, &request).await, 502, "smtp_rejected").await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("ErrorInvalidRequest"),
+        "{problem}"
+    );
+    assert!(s.graph.deliveries().is_empty());
+    assert!(s.graph.drafts().is_empty(), "the draft was left behind");
+    assert!(s.graph.seen().iter().any(|r| r.path.starts_with("DELETE ")));
+}
+
+#[tokio::test]
+async fn a_body_over_the_request_limit_without_attachments_is_refused_before_anything_is_sent() {
+    let s = large_setup(&["Mail.Send", "Mail.ReadWrite"]).await;
+    let mut request = mail(MAILBOX);
+    request["attachments"] = json!([]);
+    request["text"] = json!("x".repeat(3_300_000));
+    let body = expect_problem(post_mail(&s.app, &request).await, 413, "payload_too_large").await;
     assert!(
         body["detail"]
             .as_str()
@@ -402,7 +529,9 @@ async fn diagnose_checks_graphs_token_roles_and_sends_a_test_mail_through_graph(
             .contains("audience https://graph.microsoft.com, roles Mail.Send"),
         "{token:#?}"
     );
-    assert_eq!(step(&steps, "graph-roles").status, Status::Pass);
+    let roles = step(&steps, "graph-roles");
+    assert_eq!(roles.status, Status::Pass);
+    assert!(roles.summary.contains("not Mail.ReadWrite"), "{roles:#?}");
     let sent = step(&steps, "send-test");
     assert_eq!(sent.status, Status::Pass, "{sent:#?}");
     assert_eq!(graph.deliveries().len(), 1);
