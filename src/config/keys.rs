@@ -52,6 +52,7 @@ pub const KEYS: &[KeySpec] = &[
         from_file: true,
     },
     secret("featureSwitches.sendEmail.oAuthPrivateKey"),
+    plain("featureSwitches.sendEmail.oAuthFederatedTokenFile"),
     plain("featureSwitches.sendEmail.oAuthTenantId"),
     plain("featureSwitches.sendEmail.oAuthTokenEndpoint"),
     plain("featureSwitches.sendEmail.oAuthScopes"),

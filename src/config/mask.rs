@@ -117,6 +117,10 @@ pub fn render(settings: &Settings, values: &Resolved) -> String {
                 ClientCredential::Secret(_) => {
                     out.line(4, &k("oAuthClientSecret"), Some(quote(MASK)));
                 }
+                ClientCredential::FederatedTokenFile(path) => {
+                    let path = path.display().to_string();
+                    out.line(4, &k("oAuthFederatedTokenFile"), Some(quote(&path)));
+                }
                 ClientCredential::Certificate {
                     certificate_pem, ..
                 } => {

@@ -121,10 +121,14 @@ pub struct OAuthSettings {
     pub request_timeout: Duration,
 }
 
-/// How the relay proves itself to Entra ID: exactly one of a secret and a certificate.
+/// How the relay proves itself to Entra ID: exactly one of a secret, a certificate and a
+/// federated token file.
 #[derive(Debug, Clone)]
 pub enum ClientCredential {
     Secret(SecretString),
+    /// Workload identity federation: a token another issuer (Kubernetes) wrote to this file,
+    /// read again for every token request because it is rotated; sent as the client assertion.
+    FederatedTokenFile(PathBuf),
     Certificate {
         /// PEM of the certificate uploaded to the app registration.
         certificate_pem: String,

@@ -40,6 +40,9 @@ pub struct Resolved {
     /// The `{cipher}` key, loaded when `mailRelay.delivery.encryptAtRest` is `true` (or why it
     /// could not be).
     pub at_rest_key: Option<Result<EncryptionKey, String>>,
+    /// `AZURE_FEDERATED_TOKEN_FILE`, where Azure Workload Identity mounts the pod's token: the
+    /// federated credential's file when no other credential is set.
+    pub azure_federated_token_file: Option<String>,
 }
 
 impl Resolved {
@@ -61,6 +64,10 @@ pub fn resolve(
     let settable: Vec<String> = keys::settable().collect();
     let mut resolved = Resolved {
         failed: raw.failed,
+        azure_federated_token_file: env
+            .iter()
+            .find(|(name, value)| name == "AZURE_FEDERATED_TOKEN_FILE" && !value.trim().is_empty())
+            .map(|(_, value)| value.trim().to_owned()),
         ..Resolved::default()
     };
 

@@ -258,6 +258,25 @@ fn credential(ctx: &mut Ctx<'_>, smtp: bool) -> Option<ClientCredential> {
     let secret = ctx.secret(&secret_key);
     let certificate = ctx.text(&cert_key).map(str::to_owned);
     let private_key = ctx.secret(&pkey_key);
+    let federated_key = se("oAuthFederatedTokenFile");
+    let federated = ctx.text(&federated_key).map(str::to_owned);
+    if let Some(path) = federated {
+        if secret.is_some() || certificate.is_some() {
+            ctx.error(
+                &federated_key,
+                "MS_OAUTH takes exactly one of oAuthClientSecret, oAuthCertificate and oAuthFederatedTokenFile; more than one is set: remove the others",
+            );
+            return None;
+        }
+        return federated_file(ctx, &federated_key, path);
+    }
+    // Azure Workload Identity names the pod's token file in this variable.
+    if secret.is_none()
+        && certificate.is_none()
+        && let Some(path) = ctx.values.azure_federated_token_file.clone()
+    {
+        return federated_file(ctx, "AZURE_FEDERATED_TOKEN_FILE", path);
+    }
     match (secret, certificate, private_key) {
         (Some(_), Some(_), _) => {
             ctx.error(
@@ -317,9 +336,27 @@ fn credential(ctx: &mut Ctx<'_>, smtp: bool) -> Option<ClientCredential> {
             if smtp {
                 ctx.error(
                     &secret_key,
-                    "MS_OAUTH takes exactly one of oAuthClientSecret and oAuthCertificate (with oAuthPrivateKey); neither is set",
+                    "MS_OAUTH takes exactly one of oAuthClientSecret, oAuthCertificate (with oAuthPrivateKey) and oAuthFederatedTokenFile (or AZURE_FEDERATED_TOKEN_FILE in the environment, as Azure Workload Identity sets it); none is set",
                 );
             }
+            None
+        }
+    }
+}
+
+/// A federated token file: it must exist and be readable now; it is read again for every token
+/// request, because Kubernetes rotates it.
+fn federated_file(ctx: &mut Ctx<'_>, key: &str, path: String) -> Option<ClientCredential> {
+    match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => {
+            Some(ClientCredential::FederatedTokenFile(path.into()))
+        }
+        Ok(_) => {
+            ctx.error(key, format!("{path:?} is empty: it must hold the federated token (a JWT) Kubernetes or the identity provider writes there"));
+            None
+        }
+        Err(e) => {
+            ctx.error(key, format!("{path:?} cannot be read ({e}): give the file the federated token is mounted at (Azure Workload Identity: /var/run/secrets/azure/tokens/azure-identity-token)"));
             None
         }
     }

@@ -30,6 +30,7 @@ impl fmt::Debug for Fetched {
 
 enum Credential {
     Secret(SecretString),
+    FederatedTokenFile(std::path::PathBuf),
     Certificate(CertificateCredential),
 }
 
@@ -48,6 +49,7 @@ impl fmt::Debug for TokenClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let credential = match &self.credential {
             Credential::Secret(_) => "secret",
+            Credential::FederatedTokenFile(_) => "federated token file",
             Credential::Certificate(_) => "certificate",
         };
         f.debug_struct("TokenClient")
@@ -65,6 +67,9 @@ impl TokenClient {
         check_endpoint(&oauth.token_endpoint)?;
         let credential = match &oauth.credential {
             ClientCredential::Secret(secret) => Credential::Secret(secret.clone()),
+            ClientCredential::FederatedTokenFile(path) => {
+                Credential::FederatedTokenFile(path.clone())
+            }
             ClientCredential::Certificate {
                 certificate_pem,
                 private_key_pem,
@@ -109,6 +114,18 @@ impl TokenClient {
             Credential::Secret(secret) => form.push(("client_secret", secret.expose_secret())),
             Credential::Certificate(cert) => {
                 assertion = cert.sign(&self.client_id, self.endpoint.as_str(), now)?;
+                form.push(("client_assertion_type", ASSERTION_TYPE));
+                form.push(("client_assertion", &assertion));
+            }
+            Credential::FederatedTokenFile(path) => {
+                // Read every time: Kubernetes rotates the projected token (hourly by default).
+                let text = tokio::fs::read_to_string(path).await.map_err(|e| {
+                    TokenError::Setup(format!(
+                        "the federated token file {} cannot be read: {e}",
+                        path.display()
+                    ))
+                })?;
+                assertion = text.trim().to_owned();
                 form.push(("client_assertion_type", ASSERTION_TYPE));
                 form.push(("client_assertion", &assertion));
             }

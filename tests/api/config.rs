@@ -647,10 +647,12 @@ fn ms_oauth_needs_exactly_one_of_secret_and_certificate() {
         "featureSwitches.sendEmail.oAuthClientSecret",
     );
     assert!(
-        message.contains("exactly one of oAuthClientSecret and oAuthCertificate"),
+        message.contains(
+            "exactly one of oAuthClientSecret, oAuthCertificate (with oAuthPrivateKey) and oAuthFederatedTokenFile"
+        ),
         "{message}"
     );
-    assert!(message.contains("neither is set"), "{message}");
+    assert!(message.contains("none is set"), "{message}");
     let cert = fixture("oauth-cert.pem");
     let message = error_for(
         SEED,
@@ -1769,4 +1771,55 @@ fn auto_mode_needs_the_smtp_server_and_ms_oauth_for_its_graph_fallback() {
     );
     let message = error_for(&basic, &[], "featureSwitches.sendEmail.smtpAuthentication");
     assert!(message.contains("graph or auto"), "{message}");
+}
+
+#[test]
+fn a_federated_token_file_is_a_credential_of_its_own_and_azure_workload_identity_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "eyJ.projected.token").unwrap();
+    let path = file.display().to_string();
+    let federated = seed_with(
+        "oAuthClientSecret:",
+        &format!("oAuthFederatedTokenFile: {path}"),
+    );
+    let loaded = ok(&federated, &[]);
+    assert!(
+        matches!(&oauth(&loaded).1.credential, mail_relay::config::ClientCredential::FederatedTokenFile(p) if *p == file)
+    );
+
+    // Azure Workload Identity's variable, when no credential is configured.
+    let bare = seed_without("oAuthClientSecret:");
+    let loaded = ok(&bare, &[("AZURE_FEDERATED_TOKEN_FILE", &path)]);
+    assert!(matches!(
+        &oauth(&loaded).1.credential,
+        mail_relay::config::ClientCredential::FederatedTokenFile(_)
+    ));
+    // A configured secret wins over the variable.
+    let loaded = ok(SEED, &[("AZURE_FEDERATED_TOKEN_FILE", &path)]);
+    assert!(matches!(
+        &oauth(&loaded).1.credential,
+        mail_relay::config::ClientCredential::Secret(_)
+    ));
+
+    let both = seed_with(
+        "oAuthClientSecret:",
+        &format!("oAuthClientSecret: x\n    oAuthFederatedTokenFile: {path}"),
+    );
+    let message = error_for(
+        &both,
+        &[],
+        "featureSwitches.sendEmail.oAuthFederatedTokenFile",
+    );
+    assert!(message.contains("exactly one of"), "{message}");
+    let missing = seed_with(
+        "oAuthClientSecret:",
+        "oAuthFederatedTokenFile: /nonexistent/token",
+    );
+    let message = error_for(
+        &missing,
+        &[],
+        "featureSwitches.sendEmail.oAuthFederatedTokenFile",
+    );
+    assert!(message.contains("cannot be read"), "{message}");
 }

@@ -786,3 +786,64 @@ fn no_log_line_or_debug_output_contains_a_secret_or_token() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_federated_token_file_is_read_again_for_every_token_request() {
+    use mail_relay::config::ClientCredential;
+    use mail_relay::token::{ASSERTION_TYPE, TokenClient};
+
+    let entra = crate::entra::FakeEntra::start().await;
+    entra.mount_token("graph-or-exchange-token", 3599).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("azure-identity-token");
+    std::fs::write(&file, "eyJhbGciOiJSUzI1NiJ9.first-projected-token.sig\n").unwrap();
+    let client = TokenClient::new(
+        &entra.oauth_settings_with(ClientCredential::FederatedTokenFile(file.clone())),
+    )
+    .unwrap();
+
+    client.fetch(std::time::SystemTime::now()).await.unwrap();
+    // Kubernetes rotates the projected token in place.
+    std::fs::write(&file, "eyJhbGciOiJSUzI1NiJ9.rotated-projected-token.sig").unwrap();
+    client.fetch(std::time::SystemTime::now()).await.unwrap();
+
+    let requests = entra.requests().await;
+    let sent: Vec<(Option<String>, Option<String>, Option<String>)> = requests
+        .iter()
+        .map(|r| {
+            let f = crate::entra::form_fields(r);
+            let get = |k| crate::entra::field(&f, k).map(str::to_owned);
+            (
+                get("client_assertion_type"),
+                get("client_assertion"),
+                get("client_secret"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        sent,
+        [
+            (
+                Some(ASSERTION_TYPE.to_owned()),
+                Some("eyJhbGciOiJSUzI1NiJ9.first-projected-token.sig".to_owned()),
+                None
+            ),
+            (
+                Some(ASSERTION_TYPE.to_owned()),
+                Some("eyJhbGciOiJSUzI1NiJ9.rotated-projected-token.sig".to_owned()),
+                None
+            ),
+        ]
+    );
+
+    // A file gone is a token failure naming it, not a crash.
+    std::fs::remove_file(&file).unwrap();
+    let error = client
+        .fetch(std::time::SystemTime::now())
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("azure-identity-token"),
+        "{error}"
+    );
+}
