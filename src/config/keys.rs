@@ -57,6 +57,7 @@ pub const KEYS: &[KeySpec] = &[
     plain("featureSwitches.sendEmail.oAuthTokenEndpoint"),
     plain("featureSwitches.sendEmail.oAuthScopes"),
     plain("featureSwitches.sendEmail.oAuthTokenGraceTimeInSeconds"),
+    plain("mailRelay.cloud"),
     plain("mailRelay.delivery.mode"),
     plain("mailRelay.delivery.outboxDir"),
     plain("mailRelay.delivery.queue"),

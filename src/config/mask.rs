@@ -141,6 +141,7 @@ pub fn render(settings: &Settings, values: &Resolved) -> String {
 
     let r = &settings.relay;
     out.section(0, "mailRelay");
+    out.line(2, "mailRelay.cloud", Some(r.cloud.name().into()));
     out.section(2, "delivery");
     match &r.delivery {
         Delivery::Smtp => out.line(4, "mailRelay.delivery.mode", Some("smtp".into())),

@@ -6,6 +6,7 @@
 
 mod callers;
 pub mod cipher;
+mod cloud;
 mod keys;
 mod load;
 mod mask;
@@ -24,6 +25,7 @@ use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use cloud::Cloud;
 use secrecy::SecretString;
 use url::Url;
 
@@ -140,6 +142,8 @@ pub enum ClientCredential {
 /// `mailRelay.*`: everything the relay adds to the seed's settings.
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
+    /// `mailRelay.cloud`: which Microsoft cloud the endpoints' defaults come from.
+    pub cloud: Cloud,
     pub delivery: Delivery,
     pub smtp: SmtpTuning,
     /// `mailRelay.graph.*`: the Microsoft Graph transport (used with `delivery.mode: graph`).
@@ -327,9 +331,8 @@ pub struct GraphSettings {
 impl Default for GraphSettings {
     fn default() -> Self {
         Self {
-            base_url: Url::parse(validate::DEFAULT_GRAPH_URL)
-                .expect("the default Graph URL parses"),
-            scopes: validate::DEFAULT_GRAPH_SCOPES.to_owned(),
+            base_url: Url::parse(&Cloud::Global.graph_url()).expect("the default Graph URL parses"),
+            scopes: Cloud::Global.graph_scope(),
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             max_concurrent_requests: 4,

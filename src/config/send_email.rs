@@ -8,20 +8,26 @@ use url::Url;
 
 use crate::token::CertificateCredential;
 
-use super::validate::{
-    Ctx, DEFAULT_SCOPES, DEFAULT_TOKEN_ENDPOINT, OFFICE365_HOST, TENANT_PLACEHOLDER, is_address,
-    is_loopback_host, se,
-};
+use super::validate::{Ctx, OFFICE365_HOST, TENANT_PLACEHOLDER, is_address, is_loopback_host, se};
 use super::{
-    ClientCredential, Delivery, Encryption, OAuthSettings, SendEmailSettings, SmtpAuthentication,
+    ClientCredential, Cloud, Delivery, Encryption, OAuthSettings, SendEmailSettings,
+    SmtpAuthentication,
 };
 
 /// `delivery` decides what is required: the server only for SMTP, the login for SMTP and Graph.
-pub(super) fn send_email(ctx: &mut Ctx<'_>, delivery: &Delivery) -> SendEmailSettings {
+pub(super) fn send_email(
+    ctx: &mut Ctx<'_>,
+    delivery: &Delivery,
+    cloud: Cloud,
+) -> SendEmailSettings {
     let smtp = delivery.uses_smtp();
     let graph = delivery.uses_graph();
+    // With `mailRelay.cloud` set, the cloud's SMTP host is the default server.
+    let cloud_set = ctx.text("mailRelay.cloud").is_some();
     let why_smtp = "with mailRelay.delivery.mode smtp or auto (the SMTP server's host name, e.g. smtp.office365.com)";
-    let server = if smtp {
+    let server = if smtp && cloud_set && ctx.text(&se("smtpServer")).is_none() {
+        Some(cloud.smtp_host().to_owned())
+    } else if smtp {
         ctx.required(&se("smtpServer"), why_smtp)
     } else {
         ctx.text(&se("smtpServer")).map(str::to_owned)
@@ -104,7 +110,7 @@ pub(super) fn send_email(ctx: &mut Ctx<'_>, delivery: &Delivery) -> SendEmailSet
     let authentication = match mode {
         Mode::None => Some(SmtpAuthentication::None),
         Mode::Basic => basic(ctx, smtp),
-        Mode::MsOAuth => ms_oauth(ctx, smtp || graph),
+        Mode::MsOAuth => ms_oauth(ctx, smtp || graph, cloud),
     };
     SendEmailSettings {
         smtp_server: server.unwrap_or_default(),
@@ -139,7 +145,7 @@ fn basic(ctx: &mut Ctx<'_>, smtp: bool) -> Option<SmtpAuthentication> {
     })
 }
 
-fn ms_oauth(ctx: &mut Ctx<'_>, smtp: bool) -> Option<SmtpAuthentication> {
+fn ms_oauth(ctx: &mut Ctx<'_>, smtp: bool, cloud: Cloud) -> Option<SmtpAuthentication> {
     let why = "with smtpAuthentication MS_OAUTH";
     let get = |ctx: &mut Ctx<'_>, name: &str, what: &str| {
         if smtp {
@@ -186,8 +192,7 @@ fn ms_oauth(ctx: &mut Ctx<'_>, smtp: bool) -> Option<SmtpAuthentication> {
     let endpoint_key = se("oAuthTokenEndpoint");
     let template = ctx
         .text(&endpoint_key)
-        .unwrap_or(DEFAULT_TOKEN_ENDPOINT)
-        .to_owned();
+        .map_or_else(|| cloud.token_endpoint(), str::to_owned);
     // Without a tenant id (already reported) the template itself is checked, so that every
     // error comes at once.
     let text = match &tenant_id {
@@ -203,7 +208,7 @@ fn ms_oauth(ctx: &mut Ctx<'_>, smtp: bool) -> Option<SmtpAuthentication> {
     .filter(|_| tenant_id.is_some() || !template.contains(TENANT_PLACEHOLDER));
     let scopes = ctx
         .text(&se("oAuthScopes"))
-        .unwrap_or(DEFAULT_SCOPES)
+        .unwrap_or(cloud.smtp_scope())
         .to_owned();
     let grace =
         Duration::from_secs(ctx.number(&se("oAuthTokenGraceTimeInSeconds"), 300u64, 0..=3000));

@@ -20,11 +20,6 @@ use super::{
 };
 use super::{callers, proxy};
 
-pub const DEFAULT_TOKEN_ENDPOINT: &str =
-    "https://login.microsoftonline.com/#TenantID#/oauth2/v2.0/token";
-pub const DEFAULT_SCOPES: &str = "https://outlook.office365.com/.default";
-pub const DEFAULT_GRAPH_URL: &str = "https://graph.microsoft.com/v1.0/";
-pub const DEFAULT_GRAPH_SCOPES: &str = "https://graph.microsoft.com/.default";
 pub const TENANT_PLACEHOLDER: &str = "#TenantID#";
 pub(super) const OFFICE365_HOST: &str = "smtp.office365.com";
 
@@ -206,7 +201,7 @@ pub fn validate(values: &Resolved) -> (Result<Settings, Vec<SettingError>>, Vec<
     };
     let server = server(&mut ctx);
     let mut relay = relay(&mut ctx);
-    let send_email = super::send_email::send_email(&mut ctx, &relay.delivery);
+    let send_email = super::send_email::send_email(&mut ctx, &relay.delivery, relay.cloud);
     check_timeouts(&mut ctx, &relay);
     check_rate_limits(&mut ctx, &relay, &send_email);
     relay.auth = callers::auth(&mut ctx, relay.delivery.is_remote());
@@ -264,6 +259,12 @@ fn server(ctx: &mut Ctx<'_>) -> ServerSettings {
 }
 
 fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
+    let cloud = ctx.one_of(
+        "mailRelay.cloud",
+        super::Cloud::Global,
+        super::Cloud::CHOICES,
+        "global, usGovHigh, usGovDoD, china",
+    );
     let mode = ctx.one_of(
         "mailRelay.delivery.mode",
         "smtp",
@@ -339,7 +340,8 @@ fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
     let store = super::store::store(ctx);
     RelaySettings {
         queue: super::queue::queue(ctx, &store.url),
-        graph: graph(ctx),
+        graph: graph(ctx, cloud),
+        cloud,
         delivery,
         smtp: SmtpTuning {
             max_connections,
@@ -578,9 +580,11 @@ pub fn read_ca_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>,
 }
 
 /// `mailRelay.graph.*`, checked whatever the mode, so that a switch to `graph` finds no surprise.
-fn graph(ctx: &mut Ctx<'_>) -> super::GraphSettings {
+fn graph(ctx: &mut Ctx<'_>, cloud: super::Cloud) -> super::GraphSettings {
     let key = "mailRelay.graph.baseUrl";
-    let text = ctx.text(key).unwrap_or(DEFAULT_GRAPH_URL).to_owned();
+    let text = ctx
+        .text(key)
+        .map_or_else(|| cloud.graph_url(), str::to_owned);
     let base_url =
         super::send_email::https_url(ctx, key, &text, "the mails and their token travel over it")
             .map(|mut url| {
@@ -595,8 +599,7 @@ fn graph(ctx: &mut Ctx<'_>) -> super::GraphSettings {
         base_url,
         scopes: ctx
             .text("mailRelay.graph.scopes")
-            .unwrap_or(DEFAULT_GRAPH_SCOPES)
-            .to_owned(),
+            .map_or_else(|| cloud.graph_scope(), str::to_owned),
         connect_timeout: ctx.seconds("mailRelay.graph.connectTimeoutSeconds", 10),
         request_timeout: ctx.seconds("mailRelay.graph.requestTimeoutSeconds", 30),
         max_concurrent_requests: ctx.number(

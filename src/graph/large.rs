@@ -240,9 +240,7 @@ impl super::GraphSender {
                     .header(reqwest::header::CONTENT_LENGTH, "0")
             })
             .await?;
-        Ok(super::GraphReceipt {
-            reply: super::accepted(&response),
-        })
+        super::accepted(&response)
     }
 
     /// One attachment through an upload session, in byte ranges of [`CHUNK`].

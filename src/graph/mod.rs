@@ -116,9 +116,7 @@ impl GraphSender {
                     .body(body.clone())
             })
             .await?;
-        Ok(GraphReceipt {
-            reply: accepted(&response),
-        })
+        accepted(&response)
     }
 
     /// `{baseUrl}/users/{mailbox}/` and `segments`.
@@ -193,11 +191,21 @@ enum Step {
     Upload,
 }
 
-/// `202 Accepted (request-id ...)`.
-fn accepted(response: &reqwest::Response) -> String {
+/// The mail is Graph's only on `202 Accepted`. Another `2xx` to a send is not success: Graph
+/// has been seen to answer `200` to a MIME send it did not take (microsoft-graph-docs-contrib
+/// #3079), so the outcome is unknown and the mail is not sent again.
+fn accepted(response: &reqwest::Response) -> Result<GraphReceipt, GraphError> {
     let id = header(response.headers(), "request-id")
         .map_or_else(String::new, |id| format!(" (request-id {id})"));
-    format!("{} Accepted{id}", response.status().as_u16())
+    let status = response.status();
+    if status != StatusCode::ACCEPTED {
+        return Err(GraphError::NoVerdict {
+            detail: format!("Microsoft Graph answered {status}{id} to the send, not 202 Accepted"),
+        });
+    }
+    Ok(GraphReceipt {
+        reply: format!("202 Accepted{id}"),
+    })
 }
 
 /// One request: a `2xx`, or why not.

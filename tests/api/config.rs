@@ -1823,3 +1823,50 @@ fn a_federated_token_file_is_a_credential_of_its_own_and_azure_workload_identity
     );
     assert!(message.contains("cannot be read"), "{message}");
 }
+
+#[test]
+fn the_cloud_sets_login_graph_smtp_and_scopes_together_and_explicit_settings_win() {
+    let yaml = seed_without("smtpServer:")
+        .replace("    oAuthTokenEndpoint: https://login.microsoftonline.com/#TenantID#/oauth2/v2.0/token\n", "")
+        .replace("    oAuthScopes: https://outlook.office365.com/.default\n", "")
+        .replace("mailRelay:\n", "mailRelay:\n  cloud: usGovHigh\n");
+    let loaded = ok(&yaml, &[]);
+    let s = &loaded.settings;
+    assert_eq!(s.send_email.smtp_server, "smtp.office365.us");
+    let (_, app) = oauth(&loaded);
+    assert_eq!(
+        app.token_endpoint.as_str(),
+        "https://login.microsoftonline.us/contoso.onmicrosoft.com/oauth2/v2.0/token"
+    );
+    assert_eq!(app.scopes, "https://outlook.office365.us/.default");
+    assert_eq!(
+        s.relay.graph.base_url.as_str(),
+        "https://graph.microsoft.us/v1.0/"
+    );
+    assert_eq!(s.relay.graph.scopes, "https://graph.microsoft.us/.default");
+
+    // The seed's explicit endpoint and scope win over the cloud's.
+    let loaded = ok(
+        &SEED.replace("mailRelay:\n", "mailRelay:\n  cloud: china\n"),
+        &[],
+    );
+    assert_eq!(loaded.settings.send_email.smtp_server, "smtp.office365.com");
+    assert_eq!(
+        oauth(&loaded).1.scopes,
+        "https://outlook.office365.com/.default"
+    );
+    assert_eq!(
+        loaded.settings.relay.graph.base_url.as_str(),
+        "https://microsoftgraph.chinacloudapi.cn/v1.0/"
+    );
+
+    let message = error_for(
+        &SEED.replace("mailRelay:\n", "mailRelay:\n  cloud: azure\n"),
+        &[],
+        "mailRelay.cloud",
+    );
+    assert!(
+        message.contains("global, usGovHigh, usGovDoD, china"),
+        "{message}"
+    );
+}

@@ -227,6 +227,27 @@ async fn a_5xx_after_the_request_went_out_is_outcome_unknown_and_never_resent() 
 }
 
 #[tokio::test]
+async fn only_202_is_success_and_a_200_to_a_send_is_outcome_unknown() {
+    let s = setup(Mailbox::default(), &["Mail.Send"]).await;
+    // Graph has been seen to answer 200 to a MIME send it did not take.
+    s.graph.script(Scripted::error(200, "", ""));
+    let body = expect_problem(
+        post_mail(&s.app, &mail(MAILBOX)).await,
+        502,
+        "smtp_outcome_unknown",
+    )
+    .await;
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not 202 Accepted"),
+        "{body}"
+    );
+    assert_eq!(s.graph.seen().len(), 1, "resent after a 200");
+}
+
+#[tokio::test]
 async fn a_timeout_after_the_request_went_out_is_outcome_unknown() {
     let graph = FakeGraph::start(MAILBOX, Mailbox::default()).await;
     let entra = FakeEntra::start().await;

@@ -27,6 +27,7 @@ pub fn test_settings(outbox: PathBuf) -> Settings {
             smtp_authentication: SmtpAuthentication::None,
         },
         relay: RelaySettings {
+            cloud: Default::default(),
             delivery: Delivery::Outbox { dir: outbox },
             smtp: SmtpTuning {
                 max_connections: 3,
