@@ -13,7 +13,7 @@ pub(super) struct Attachment {
     pub content_type: String,
     pub content_id: Option<String>,
     pub inline: bool,
-    pub bytes: Vec<u8>,
+    pub bytes: bytes::Bytes,
 }
 
 /// The message, split so that the draft fits in one request.
@@ -67,7 +67,7 @@ pub(super) fn split(mime: &[u8], fits: usize) -> Option<Split> {
             content_type,
             content_id: part.content_id().map(str::to_owned),
             inline: part.content_disposition().is_some_and(|d| d.is_inline()),
-            bytes: part.contents().to_vec(),
+            bytes: bytes::Bytes::copy_from_slice(part.contents()),
         });
     }
     draft.extend_from_slice(&mime[at..]);
@@ -269,12 +269,10 @@ impl super::GraphSender {
             .map_err(needs_read_write)?;
         let session: Session = json(response).await?;
         // The upload URL carries its own authorisation; it must be as safe as the API root.
-        let loopback = session.upload_url.host_str().is_some_and(|h| {
-            h == "localhost"
-                || h.parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback())
-                || h == "[::1]"
-        });
+        let loopback = session
+            .upload_url
+            .host_str()
+            .is_some_and(crate::config::is_loopback_host);
         if session.upload_url.scheme() != "https" && !loopback {
             return Err(GraphError::Interrupted {
                 detail: format!(
@@ -286,7 +284,8 @@ impl super::GraphSender {
         let mut next = first_expected(&session.next_expected_ranges).unwrap_or(0);
         while next < total {
             let end = (next + CHUNK).min(total);
-            let chunk = bytes::Bytes::copy_from_slice(&attachment.bytes[next..end]);
+            // A view into the attachment, not a copy.
+            let chunk = attachment.bytes.slice(next..end);
             let range = format!("bytes {next}-{}/{total}", end - 1);
             let response = self
                 .call(deadline, Step::Upload, &mail.id, |http| {

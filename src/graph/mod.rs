@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
-use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
+use reqwest::header::{CONTENT_TYPE, HeaderMap};
 use tokio::sync::Semaphore;
 use url::Url;
 
@@ -18,7 +18,7 @@ pub use error::{GraphError, GraphErrorKind, GraphReply};
 
 use crate::config::Settings;
 use crate::message::OutgoingMail;
-use crate::token::TokenProvider;
+use crate::token::{TokenProvider, retry_after};
 
 /// Graph's limit on one request, base64 included (about 4 MB; microsoft-graph-docs #9834).
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
@@ -99,14 +99,18 @@ impl GraphSender {
     pub async fn send(&self, mail: &OutgoingMail) -> Result<GraphReceipt, GraphError> {
         let deadline = Instant::now() + self.send_deadline;
         let recipients: Vec<String> = mail.envelope.to().iter().map(ToString::to_string).collect();
-        let body = bytes::Bytes::from(mime::request_body(&mail.formatted, &recipients));
         let _permit = self
             .in_flight
             .acquire()
             .await
             .map_err(|_| GraphError::Halted("the Graph sender is closed".into()))?;
+        // Known from the length alone: a large mail is not base64-encoded whole for nothing.
+        if mail.formatted.len().div_ceil(3) * 4 > MAX_REQUEST_BYTES {
+            return self.send_large(mail, &recipients, deadline).await;
+        }
+        let body = bytes::Bytes::from(mime::request_body(&mail.formatted, &recipients));
         if body.len() > MAX_REQUEST_BYTES {
-            drop(body);
+            // Only the Bcc header pushed it over.
             return self.send_large(mail, &recipients, deadline).await;
         }
         let response = self
@@ -254,13 +258,6 @@ fn header(headers: &HeaderMap, name: &str) -> Option<String> {
         .get(name)
         .and_then(|v| v.to_str().ok())
         .map(|v| v.chars().take(100).collect())
-}
-
-/// `Retry-After` in seconds (Graph sends seconds, not dates).
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    header(headers, RETRY_AFTER.as_str())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs)
 }
 
 /// The error body, at most [`error::MAX_ERROR_BODY`] bytes: a misbehaving peer cannot make the

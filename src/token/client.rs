@@ -326,8 +326,8 @@ fn describe(headers: &HeaderMap, body: &[u8]) -> String {
     format!("{content_type}, {} bytes", body.len())
 }
 
-/// `Retry-After` as seconds or as an HTTP date.
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+/// `Retry-After` as seconds or as an HTTP date (Entra ID and Graph both send it).
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
     if let Ok(seconds) = value.parse::<u64>() {
         return Some(Duration::from_secs(seconds));

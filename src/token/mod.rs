@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 
 pub use assertion::{ASSERTION_TYPE, AssertionClaims, CertificateCredential};
 pub use cache::{CacheKey, CacheOptions, RetryPolicy, TokenCache};
-pub use client::{Fetched, TokenClient};
+pub use client::{Fetched, TokenClient, retry_after};
 pub use error::{EntraError, TokenError};
 
 /// An access token. `Debug` shows only its fingerprint and expiry.

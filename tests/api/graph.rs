@@ -523,36 +523,16 @@ async fn answer(
             "MIME content does not contain all required information, malformed formatting, or empty.",
         );
     };
-    let from = parsed
-        .from()
-        .and_then(|a| a.first())
-        .and_then(|a| a.address())
-        .map(str::to_ascii_lowercase);
-    let mut recipients = Vec::new();
-    for list in [parsed.to(), parsed.cc(), parsed.bcc()]
-        .into_iter()
-        .flatten()
-    {
-        recipients.extend(list.iter().filter_map(|a| a.address()).map(str::to_owned));
-    }
-    let Some(from) = from.filter(|_| !recipients.is_empty()) else {
+    let (from, recipients) = addresses(&parsed);
+    if from.is_empty() || recipients.is_empty() {
         return fail(
             400,
             "ErrorMimeContentInvalid",
             "MIME content does not contain all required information, malformed formatting, or empty.",
         );
-    };
-    let may_send_as = from == user.to_ascii_lowercase()
-        || mailbox
-            .send_as
-            .iter()
-            .any(|a| a.eq_ignore_ascii_case(&from));
-    if !may_send_as {
-        return fail(
-            403,
-            "ErrorSendAsDenied",
-            "The user account which was used to submit this request does not have the right to send mail on behalf of the specified sending account., Cannot submit message.",
-        );
+    }
+    if !may_send_as(&mailbox, user, &from) {
+        return fail(403, "ErrorSendAsDenied", SEND_AS_DENIED);
     }
     deliver(fake, user, recipients, mime);
     if let Some(s) = scripted {
@@ -579,6 +559,30 @@ async fn answer(
             .insert("client-request-id", id.parse().unwrap());
     }
     (202, response)
+}
+
+/// Graph's text for a From the mailbox may not send as.
+const SEND_AS_DENIED: &str = "The user account which was used to submit this request does not have the right to send mail on behalf of the specified sending account., Cannot submit message.";
+
+/// The MIME's From (lower case, empty when absent) and its To, Cc and Bcc, as Exchange reads them.
+fn addresses(parsed: &mail_parser::Message<'_>) -> (String, Vec<String>) {
+    let from = parsed
+        .from()
+        .and_then(|a| a.first())
+        .and_then(|a| a.address())
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default();
+    let recipients = [parsed.to(), parsed.cc(), parsed.bcc()]
+        .into_iter()
+        .flatten()
+        .flat_map(|list| list.iter().filter_map(|a| a.address()).map(str::to_owned))
+        .collect();
+    (from, recipients)
+}
+
+/// Its own address, or one it has Send As on.
+fn may_send_as(mailbox: &Mailbox, user: &str, from: &str) -> bool {
+    from.eq_ignore_ascii_case(user) || mailbox.send_as.iter().any(|a| a.eq_ignore_ascii_case(from))
 }
 
 /// Into the Maildir, without the Bcc header (Exchange strips it before delivery).
@@ -1044,13 +1048,9 @@ async fn send_draft(
             return Err(fail(400, "ErrorMessageSizeExceeded", "The message exceeds the maximum supported size., Cannot save changes made to an item to store."));
         }
         let parsed = mail_parser::MessageParser::default().parse(&mime).unwrap();
-        let from = parsed.from().and_then(|a| a.first()).and_then(|a| a.address()).map(str::to_ascii_lowercase).unwrap_or_default();
-        if from != user.to_ascii_lowercase() && !mailbox.send_as.iter().any(|a| a.eq_ignore_ascii_case(&from)) {
-            return Err(fail(403, "ErrorSendAsDenied", "The user account which was used to submit this request does not have the right to send mail on behalf of the specified sending account., Cannot submit message."));
-        }
-        let mut recipients = Vec::new();
-        for list in [parsed.to(), parsed.cc(), parsed.bcc()].into_iter().flatten() {
-            recipients.extend(list.iter().filter_map(|a| a.address()).map(str::to_owned));
+        let (from, recipients) = addresses(&parsed);
+        if !may_send_as(&mailbox, &user, &from) {
+            return Err(fail(403, "ErrorSendAsDenied", SEND_AS_DENIED));
         }
         drop(parsed);
         deliver(&fake, &user, recipients, mime);

@@ -33,14 +33,21 @@ fn settings(graph: &FakeGraph, entra: &FakeEntra) -> Settings {
     settings
 }
 
-/// An instance sending through a fake Graph that knows [`MAILBOX`] as `mailbox` says, with
-/// tokens carrying `roles`.
-async fn setup(mailbox: Mailbox, roles: &[&str]) -> Setup {
+/// A fake Graph that knows [`MAILBOX`] as `mailbox` says, and a fake Entra handing out its
+/// tokens with `roles`.
+async fn fakes(mailbox: Mailbox, roles: &[&str]) -> (FakeGraph, FakeEntra) {
     let graph = FakeGraph::start(MAILBOX, mailbox).await;
     let entra = FakeEntra::start().await;
     entra
         .mount_token(&graph.mint_token(roles, Duration::from_secs(3600)), 3599)
         .await;
+    (graph, entra)
+}
+
+/// An instance sending through a fake Graph that knows [`MAILBOX`] as `mailbox` says, with
+/// tokens carrying `roles`.
+async fn setup(mailbox: Mailbox, roles: &[&str]) -> Setup {
+    let (graph, entra) = fakes(mailbox, roles).await;
     let app = spawn_built(settings(&graph, &entra)).await;
     Setup { app, graph, entra }
 }
@@ -249,14 +256,7 @@ async fn only_202_is_success_and_a_200_to_a_send_is_outcome_unknown() {
 
 #[tokio::test]
 async fn a_timeout_after_the_request_went_out_is_outcome_unknown() {
-    let graph = FakeGraph::start(MAILBOX, Mailbox::default()).await;
-    let entra = FakeEntra::start().await;
-    entra
-        .mount_token(
-            &graph.mint_token(&["Mail.Send"], Duration::from_secs(3600)),
-            3599,
-        )
-        .await;
+    let (graph, entra) = fakes(Mailbox::default(), &["Mail.Send"]).await;
     let mut settings = settings(&graph, &entra);
     settings.relay.graph.request_timeout = Duration::from_secs(1);
     let app = spawn_built(settings).await;
@@ -365,12 +365,8 @@ fn attachment_b64(bytes: &[u8]) -> String {
 
 /// An instance for mails up to 64 MiB, the fake's tenant limit raised to 150 MB.
 async fn large_setup(roles: &[&str]) -> Setup {
-    let graph = FakeGraph::start(MAILBOX, Mailbox::default()).await;
+    let (graph, entra) = fakes(Mailbox::default(), roles).await;
     graph.set_max_message_bytes(150 * 1024 * 1024);
-    let entra = FakeEntra::start().await;
-    entra
-        .mount_token(&graph.mint_token(roles, Duration::from_secs(3600)), 3599)
-        .await;
     let mut settings = settings(&graph, &entra);
     settings.relay.limits.max_body_bytes = 64 << 20;
     settings.relay.limits.max_message_bytes = 64 << 20;
@@ -527,14 +523,7 @@ fn step<'a>(steps: &'a [Step], name: &str) -> &'a Step {
 
 #[tokio::test]
 async fn diagnose_checks_graphs_token_roles_and_sends_a_test_mail_through_graph() {
-    let graph = FakeGraph::start(MAILBOX, Mailbox::default()).await;
-    let entra = FakeEntra::start().await;
-    entra
-        .mount_token(
-            &graph.mint_token(&["Mail.Send"], Duration::from_secs(3600)),
-            3599,
-        )
-        .await;
+    let (graph, entra) = fakes(Mailbox::default(), &["Mail.Send"]).await;
     let first = settings(&graph, &entra);
     let test = SendTest {
         from: MAILBOX.into(),
@@ -558,14 +547,7 @@ async fn diagnose_checks_graphs_token_roles_and_sends_a_test_mail_through_graph(
     assert_eq!(graph.deliveries().len(), 1);
 
     // Without Mail.Send: the roles step names the permission and RBAC for Applications.
-    let graph = FakeGraph::start(MAILBOX, Mailbox::default()).await;
-    let entra = FakeEntra::start().await;
-    entra
-        .mount_token(
-            &graph.mint_token(&["Mail.ReadBasic.All"], Duration::from_secs(3600)),
-            3599,
-        )
-        .await;
+    let (graph, entra) = fakes(Mailbox::default(), &["Mail.ReadBasic.All"]).await;
     let steps = diagnose(&settings(&graph, &entra), Some(&test)).await;
     let roles = step(&steps, "graph-roles");
     assert_eq!(roles.status, Status::Fail);
@@ -593,15 +575,8 @@ async fn auto_mode_sends_through_graph_once_the_server_refuses_smtp_auth_and_say
         "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.",
     ]);
     let port = serve(Arc::clone(&script)).await;
-    let graph = FakeGraph::start(MAILBOX, Mailbox::default()).await;
-    let entra = FakeEntra::start().await;
     // The fake SMTP server takes any token; the fake Graph checks its own.
-    entra
-        .mount_token(
-            &graph.mint_token(&["Mail.Send"], Duration::from_secs(3600)),
-            3599,
-        )
-        .await;
+    let (graph, entra) = fakes(Mailbox::default(), &["Mail.Send"]).await;
     let mut settings = settings(&graph, &entra);
     settings.relay.delivery = Delivery::Auto;
     settings.send_email.smtp_server = "127.0.0.1".into();
