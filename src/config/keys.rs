@@ -53,6 +53,7 @@ pub const KEYS: &[KeySpec] = &[
     },
     secret("featureSwitches.sendEmail.oAuthPrivateKey"),
     plain("featureSwitches.sendEmail.oAuthFederatedTokenFile"),
+    plain("featureSwitches.sendEmail.oAuthManagedIdentity"),
     plain("featureSwitches.sendEmail.oAuthTenantId"),
     plain("featureSwitches.sendEmail.oAuthTokenEndpoint"),
     plain("featureSwitches.sendEmail.oAuthScopes"),

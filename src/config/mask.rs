@@ -4,8 +4,8 @@ use std::fmt::Write as _;
 
 use super::resolve::{Origin, Resolved};
 use super::{
-    ClientCredential, Delivery, Encryption, ForwardedHeader, LogFormat, QueueMode, QueueSettings,
-    Settings, SmtpAuthentication,
+    ClientCredential, Delivery, Encryption, ForwardedHeader, LogFormat, ManagedIdentity, QueueMode,
+    QueueSettings, Settings, SmtpAuthentication,
 };
 
 const MASK: &str = "****";
@@ -127,6 +127,13 @@ pub fn render(settings: &Settings, values: &Resolved) -> String {
                     let summary = format!("(PEM certificate, {} bytes)", certificate_pem.len());
                     out.line(4, &k("oAuthCertificate"), Some(quote(&summary)));
                     out.line(4, &k("oAuthPrivateKey"), Some(quote(MASK)));
+                }
+                ClientCredential::ManagedIdentity(kind) => {
+                    let kind = match kind {
+                        ManagedIdentity::Imds => "imds",
+                        ManagedIdentity::AppService { .. } => "appService",
+                    };
+                    out.line(4, &k("oAuthManagedIdentity"), Some(quote(kind)));
                 }
             }
             out.line(

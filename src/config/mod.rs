@@ -33,7 +33,7 @@ pub use keys::env_name;
 pub use load::{ConfigError, LoadOptions, Loaded, SettingError, listener, load, load_str};
 pub use queue::{QueueMode, QueueSettings, SecretBytes, WebhookSettings};
 pub use store::{StoreSettings, StoreUrl};
-pub use validate::{is_loopback_host, read_ca_certificates};
+pub use validate::{is_host_local, is_loopback_host, read_ca_certificates};
 
 /// The embedded dev settings (`config/dev.yml`): outbox delivery, no Microsoft 365 needed.
 pub const DEV_DEFAULT: &str = include_str!("../../config/dev.yml");
@@ -123,8 +123,8 @@ pub struct OAuthSettings {
     pub request_timeout: Duration,
 }
 
-/// How the relay proves itself to Entra ID: exactly one of a secret, a certificate and a
-/// federated token file.
+/// How the relay proves itself to Entra ID: exactly one of a secret, a certificate, a
+/// federated token file and a managed identity.
 #[derive(Debug, Clone)]
 pub enum ClientCredential {
     Secret(SecretString),
@@ -137,6 +137,20 @@ pub enum ClientCredential {
         /// PEM of its private key (PKCS#8 or PKCS#1 RSA).
         private_key_pem: SecretString,
     },
+    /// No credential of ours: the platform's identity endpoint (`OAuthSettings::token_endpoint`)
+    /// issues the tokens. `OAuthSettings::client_id` names a user-assigned identity; empty means
+    /// the system-assigned one.
+    ManagedIdentity(ManagedIdentity),
+}
+
+/// Which managed identity endpoint the platform offers (`oAuthManagedIdentity`).
+#[derive(Debug, Clone)]
+pub enum ManagedIdentity {
+    /// Azure's Instance Metadata Service (VMs, scale sets, AKS nodes without workload identity).
+    Imds,
+    /// App Service, Azure Functions and Container Apps: `IDENTITY_ENDPOINT`, answering only
+    /// requests that carry `IDENTITY_HEADER`.
+    AppService { identity_header: SecretString },
 }
 
 /// `mailRelay.*`: everything the relay adds to the seed's settings.

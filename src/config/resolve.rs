@@ -43,6 +43,10 @@ pub struct Resolved {
     /// `AZURE_FEDERATED_TOKEN_FILE`, where Azure Workload Identity mounts the pod's token: the
     /// federated credential's file when no other credential is set.
     pub azure_federated_token_file: Option<String>,
+    /// `IDENTITY_ENDPOINT` and `IDENTITY_HEADER`, which App Service, Functions and Container
+    /// Apps set for the managed identity: the defaults of `oAuthManagedIdentity: appService`.
+    pub identity_endpoint: Option<String>,
+    pub identity_header: Option<secrecy::SecretString>,
 }
 
 impl Resolved {
@@ -55,6 +59,13 @@ impl Resolved {
 /// worth a warning. (`SERVER_*` is too common to judge.)
 const OWN_ENV_PREFIXES: &[&str] = &["MAILRELAY_", "FEATURESWITCHES_SENDEMAIL_"];
 
+/// A variable the hosting platform sets (not a relay setting), when it is set and not blank.
+fn platform_variable(env: &[(String, String)], wanted: &str) -> Option<String> {
+    env.iter()
+        .find(|(name, value)| name == wanted && !value.trim().is_empty())
+        .map(|(_, value)| value.trim().to_owned())
+}
+
 pub fn resolve(
     raw: RawFile,
     env: &[(String, String)],
@@ -64,10 +75,9 @@ pub fn resolve(
     let settable: Vec<String> = keys::settable().collect();
     let mut resolved = Resolved {
         failed: raw.failed,
-        azure_federated_token_file: env
-            .iter()
-            .find(|(name, value)| name == "AZURE_FEDERATED_TOKEN_FILE" && !value.trim().is_empty())
-            .map(|(_, value)| value.trim().to_owned()),
+        azure_federated_token_file: platform_variable(env, "AZURE_FEDERATED_TOKEN_FILE"),
+        identity_endpoint: platform_variable(env, "IDENTITY_ENDPOINT"),
+        identity_header: platform_variable(env, "IDENTITY_HEADER").map(Into::into),
         ..Resolved::default()
     };
 

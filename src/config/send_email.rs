@@ -8,10 +8,12 @@ use url::Url;
 
 use crate::token::CertificateCredential;
 
-use super::validate::{Ctx, OFFICE365_HOST, TENANT_PLACEHOLDER, is_address, is_loopback_host, se};
+use super::validate::{
+    Ctx, OFFICE365_HOST, TENANT_PLACEHOLDER, is_address, is_host_local, is_loopback_host, se,
+};
 use super::{
-    ClientCredential, Cloud, Delivery, Encryption, OAuthSettings, SendEmailSettings,
-    SmtpAuthentication,
+    ClientCredential, Cloud, Delivery, Encryption, ManagedIdentity, OAuthSettings,
+    SendEmailSettings, SmtpAuthentication,
 };
 
 /// `delivery` decides what is required: the server only for SMTP, the login for SMTP and Graph.
@@ -147,8 +149,12 @@ fn basic(ctx: &mut Ctx<'_>, smtp: bool) -> Option<SmtpAuthentication> {
 
 fn ms_oauth(ctx: &mut Ctx<'_>, smtp: bool, cloud: Cloud) -> Option<SmtpAuthentication> {
     let why = "with smtpAuthentication MS_OAUTH";
-    let get = |ctx: &mut Ctx<'_>, name: &str, what: &str| {
-        if smtp {
+    let managed = managed_identity(ctx);
+    // A managed identity needs neither: its tenant is its own, and the client id names a
+    // user-assigned identity only.
+    let app = smtp && managed.is_none();
+    let get = |ctx: &mut Ctx<'_>, name: &str, what: &str, required: bool| {
+        if required {
             ctx.required(&se(name), &format!("{why} ({what})"))
         } else {
             ctx.text(&se(name)).map(str::to_owned)
@@ -158,16 +164,19 @@ fn ms_oauth(ctx: &mut Ctx<'_>, smtp: bool, cloud: Cloud) -> Option<SmtpAuthentic
         ctx,
         "smtpUsername",
         "the mailbox the relay logs in as, e.g. relay@contoso.com",
+        smtp,
     );
     let tenant_id = get(
         ctx,
         "oAuthTenantId",
         "the Directory (tenant) ID of the app registration",
+        app,
     );
     let client_id = get(
         ctx,
         "oAuthClientId",
         "the Application (client) ID of the app registration",
+        app,
     );
     if let Some(user) = &username
         && !is_address(user)
@@ -187,33 +196,42 @@ fn ms_oauth(ctx: &mut Ctx<'_>, smtp: bool, cloud: Cloud) -> Option<SmtpAuthentic
             format!("{tenant:?} is not a tenant id; use the Directory (tenant) ID (a GUID) or the tenant's domain, e.g. contoso.onmicrosoft.com"),
         );
     }
-    let credential = credential(ctx, smtp);
-
-    let endpoint_key = se("oAuthTokenEndpoint");
-    let template = ctx
-        .text(&endpoint_key)
-        .map_or_else(|| cloud.token_endpoint(), str::to_owned);
-    // Without a tenant id (already reported) the template itself is checked, so that every
-    // error comes at once.
-    let text = match &tenant_id {
-        Some(tenant) => template.replace(TENANT_PLACEHOLDER, tenant),
-        None => template.clone(),
-    };
-    let token_endpoint = https_url(
-        ctx,
-        &endpoint_key,
-        &text,
-        "the client secret travels over it",
-    )
-    .filter(|_| tenant_id.is_some() || !template.contains(TENANT_PLACEHOLDER));
     let scopes = ctx
         .text(&se("oAuthScopes"))
         .unwrap_or(cloud.smtp_scope())
         .to_owned();
+    let (credential, token_endpoint) = match managed {
+        Some(kind) => {
+            if scopes.split_whitespace().count() != 1 {
+                ctx.error(
+                    &se("oAuthScopes"),
+                    format!("{scopes:?}: a managed identity is issued a token for one resource; give one scope, e.g. {}", cloud.smtp_scope()),
+                );
+            }
+            if smtp {
+                ctx.warnings.push(format!(
+                    "{}: Exchange documents only client secrets and certificates for SMTP.SendAsApp; a managed identity is documented for Microsoft Graph's Mail.Send (mailRelay.delivery.mode: graph)",
+                    se("oAuthManagedIdentity")
+                ));
+            }
+            managed_credential(ctx, kind)
+        }
+        None => (
+            credential(ctx, smtp),
+            token_endpoint(ctx, cloud, tenant_id.as_deref()),
+        ),
+    };
     let grace =
         Duration::from_secs(ctx.number(&se("oAuthTokenGraceTimeInSeconds"), 300u64, 0..=3000));
     let connect_timeout = ctx.seconds("mailRelay.token.connectTimeoutSeconds", 5);
     let request_timeout = ctx.seconds("mailRelay.token.requestTimeoutSeconds", 15);
+    let (tenant_id, client_id) = match managed {
+        Some(_) => (
+            Some(tenant_id.unwrap_or_default()),
+            Some(client_id.unwrap_or_default()),
+        ),
+        None => (tenant_id, client_id),
+    };
     Some(SmtpAuthentication::MsOAuth {
         username: username?,
         oauth: OAuthSettings {
@@ -227,6 +245,126 @@ fn ms_oauth(ctx: &mut Ctx<'_>, smtp: bool, cloud: Cloud) -> Option<SmtpAuthentic
             request_timeout,
         },
     })
+}
+
+/// `oAuthTokenEndpoint` for an app registration: Entra ID's, `#TenantID#` replaced.
+fn token_endpoint(ctx: &mut Ctx<'_>, cloud: Cloud, tenant_id: Option<&str>) -> Option<Url> {
+    let endpoint_key = se("oAuthTokenEndpoint");
+    let template = ctx
+        .text(&endpoint_key)
+        .map_or_else(|| cloud.token_endpoint(), str::to_owned);
+    // Without a tenant id (already reported) the template itself is checked, so that every
+    // error comes at once.
+    let text = match tenant_id {
+        Some(tenant) => template.replace(TENANT_PLACEHOLDER, tenant),
+        None => template.clone(),
+    };
+    https_url(
+        ctx,
+        &endpoint_key,
+        &text,
+        "the client secret travels over it",
+    )
+    .filter(|_| tenant_id.is_some() || !template.contains(TENANT_PLACEHOLDER))
+}
+
+#[derive(Clone, Copy)]
+enum ManagedKind {
+    Imds,
+    AppService,
+}
+
+/// Azure's Instance Metadata Service, the same address on every Azure VM.
+pub const IMDS_TOKEN_ENDPOINT: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
+
+fn managed_identity(ctx: &mut Ctx<'_>) -> Option<ManagedKind> {
+    let key = se("oAuthManagedIdentity");
+    ctx.text(&key)?;
+    Some(ctx.one_of(
+        &key,
+        ManagedKind::Imds,
+        &[
+            ("imds", ManagedKind::Imds),
+            ("appService", ManagedKind::AppService),
+        ],
+        "imds (Azure VMs and scale sets), appService (App Service, Functions, Container Apps)",
+    ))
+}
+
+/// The managed identity and its endpoint: `oAuthTokenEndpoint` when set, else the platform's.
+fn managed_credential(
+    ctx: &mut Ctx<'_>,
+    kind: ManagedKind,
+) -> (Option<ClientCredential>, Option<Url>) {
+    let key = se("oAuthManagedIdentity");
+    let others: Vec<String> = [
+        "oAuthClientSecret",
+        "oAuthCertificate",
+        "oAuthFederatedTokenFile",
+    ]
+    .into_iter()
+    .filter(|name| ctx.text(&se(name)).is_some())
+    .map(str::to_owned)
+    .collect();
+    if !others.is_empty() {
+        ctx.error(
+            &key,
+            format!(
+                "a managed identity takes no credential of the relay's, but {} is set too: remove it, or remove oAuthManagedIdentity",
+                others.join(" and ")
+            ),
+        );
+    }
+    let endpoint_key = se("oAuthTokenEndpoint");
+    let (credential, default) = match kind {
+        ManagedKind::Imds => (
+            Some(ManagedIdentity::Imds),
+            Some(IMDS_TOKEN_ENDPOINT.to_owned()),
+        ),
+        ManagedKind::AppService => {
+            let header = ctx.values.identity_header.clone();
+            if header.is_none() {
+                ctx.error(
+                    "IDENTITY_HEADER",
+                    "is not set: with oAuthManagedIdentity appService the platform's identity endpoint answers only requests carrying it (App Service, Functions and Container Apps set it once the identity is turned on)",
+                );
+            }
+            (
+                header.map(|identity_header| ManagedIdentity::AppService { identity_header }),
+                ctx.values.identity_endpoint.clone(),
+            )
+        }
+    };
+    let text = match ctx.text(&endpoint_key).map(str::to_owned).or(default) {
+        Some(text) => text,
+        None => {
+            ctx.error(
+                &endpoint_key,
+                "is required with oAuthManagedIdentity appService when IDENTITY_ENDPOINT is not set (App Service, Functions and Container Apps set it once the identity is turned on)",
+            );
+            return (None, None);
+        }
+    };
+    let endpoint = match Url::parse(&text) {
+        Err(e) => {
+            ctx.error(&endpoint_key, format!("{text:?} is not a URL ({e})"));
+            None
+        }
+        Ok(url)
+            if url.scheme() == "https"
+                || (url.scheme() == "http" && url.host_str().is_some_and(is_host_local)) =>
+        {
+            Some(url)
+        }
+        Ok(_) => {
+            ctx.error(
+                &endpoint_key,
+                format!("{text:?} must be an https URL, or http on this host or its link-local network, where the platform's identity endpoint listens"),
+            );
+            None
+        }
+    };
+    (credential.map(ClientCredential::ManagedIdentity), endpoint)
 }
 
 /// An https URL (http only on a loopback host, for tests and local fakes); `why` says what
@@ -341,7 +479,7 @@ fn credential(ctx: &mut Ctx<'_>, smtp: bool) -> Option<ClientCredential> {
             if smtp {
                 ctx.error(
                     &secret_key,
-                    "MS_OAUTH takes exactly one of oAuthClientSecret, oAuthCertificate (with oAuthPrivateKey) and oAuthFederatedTokenFile (or AZURE_FEDERATED_TOKEN_FILE in the environment, as Azure Workload Identity sets it); none is set",
+                    "MS_OAUTH takes exactly one of oAuthClientSecret, oAuthCertificate (with oAuthPrivateKey) and oAuthFederatedTokenFile (or AZURE_FEDERATED_TOKEN_FILE in the environment, as Azure Workload Identity sets it), or oAuthManagedIdentity; none is set",
                 );
             }
             None

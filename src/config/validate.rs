@@ -177,6 +177,18 @@ pub fn is_loopback_host(host: &str) -> bool {
     host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+/// Is `host` this machine or its link-local network (169.254.0.0/16, fe80::/10), where the
+/// platform's managed identity endpoints live and answer plain http?
+pub fn is_host_local(host: &str) -> bool {
+    let bare = host.trim().trim_start_matches('[').trim_end_matches(']');
+    is_loopback_host(host)
+        || match bare.parse::<IpAddr>() {
+            Ok(IpAddr::V4(ip)) => ip.is_link_local(),
+            Ok(IpAddr::V6(ip)) => ip.is_unicast_link_local(),
+            Err(_) => false,
+        }
+}
+
 /// A plausible mailbox address: `local@domain.tld`, no spaces.
 pub(super) fn is_address(text: &str) -> bool {
     match text.rsplit_once('@') {

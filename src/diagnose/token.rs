@@ -7,7 +7,7 @@ use secrecy::ExposeSecret;
 
 use super::SE;
 use super::report::Step;
-use crate::config::OAuthSettings;
+use crate::config::{ClientCredential, OAuthSettings};
 use crate::token::{AccessToken, TokenClient, TokenError};
 
 /// The non-secret claims of an access token that explain an AUTH refusal.
@@ -133,7 +133,12 @@ pub fn token_failed(oauth: &OAuthSettings, error: &TokenError) -> Step {
             ),
         };
     }
+    let managed = matches!(oauth.credential, ClientCredential::ManagedIdentity(_));
     let fix = match error {
+        TokenError::Network { .. } | TokenError::Timeout { .. } if managed => vec![format!(
+            "nothing answers at {}: the managed identity endpoint exists only where the platform runs it (IMDS on Azure VMs, IDENTITY_ENDPOINT on App Service and Container Apps) once the identity is turned on; check {SE}.oAuthManagedIdentity and oAuthTokenEndpoint",
+            oauth.token_endpoint
+        )],
         TokenError::Network { .. } => vec![format!(
             "check {SE}.oAuthTokenEndpoint, and that this host can reach login.microsoftonline.com on port 443 (proxy, firewall, DNS)"
         )],
@@ -154,7 +159,10 @@ pub fn token_failed(oauth: &OAuthSettings, error: &TokenError) -> Step {
         TokenError::InsecureEndpoint { .. } => {
             vec![format!("use an https URL in {SE}.oAuthTokenEndpoint")]
         }
-        TokenError::Setup(_) | TokenError::Rejected(_) => Vec::new(),
+        // The text says the fix already.
+        TokenError::Setup(_)
+        | TokenError::Rejected(_)
+        | TokenError::ManagedIdentityRefused { .. } => Vec::new(),
     };
     Step::fail("token", summary, error.to_string(), fix)
 }

@@ -11,6 +11,7 @@ use url::Url;
 
 use super::assertion::{ASSERTION_TYPE, CertificateCredential};
 use super::error::{EntraError, TokenError};
+use super::managed::{self, ManagedRequest};
 use crate::config::{ClientCredential, OAuthSettings};
 
 /// A token as the endpoint handed it out.
@@ -32,6 +33,7 @@ enum Credential {
     Secret(SecretString),
     FederatedTokenFile(std::path::PathBuf),
     Certificate(CertificateCredential),
+    Managed(ManagedRequest),
 }
 
 /// Asks Entra ID (or whatever `token_endpoint` names) for app-only tokens.
@@ -51,6 +53,7 @@ impl fmt::Debug for TokenClient {
             Credential::Secret(_) => "secret",
             Credential::FederatedTokenFile(_) => "federated token file",
             Credential::Certificate(_) => "certificate",
+            Credential::Managed(m) => m.kind(),
         };
         f.debug_struct("TokenClient")
             .field("endpoint", &self.endpoint.as_str())
@@ -64,8 +67,12 @@ impl fmt::Debug for TokenClient {
 impl TokenClient {
     /// Builds the HTTP client and parses the credential; fails on a plain-http remote endpoint.
     pub fn new(oauth: &OAuthSettings) -> Result<Self, TokenError> {
-        check_endpoint(&oauth.token_endpoint)?;
+        let managed = matches!(oauth.credential, ClientCredential::ManagedIdentity(_));
+        check_endpoint(&oauth.token_endpoint, managed)?;
         let credential = match &oauth.credential {
+            ClientCredential::ManagedIdentity(identity) => Credential::Managed(
+                ManagedRequest::new(identity, &oauth.scopes, &oauth.client_id)?,
+            ),
             ClientCredential::Secret(secret) => Credential::Secret(secret.clone()),
             ClientCredential::FederatedTokenFile(path) => {
                 Credential::FederatedTokenFile(path.clone())
@@ -78,12 +85,18 @@ impl TokenClient {
                 private_key_pem,
             )?),
         };
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .connect_timeout(oauth.connect_timeout)
             .timeout(oauth.request_timeout)
             // A redirect would carry the secret to another host: never follow one.
             .redirect(reqwest::redirect::Policy::none())
-            .user_agent(crate::USER_AGENT)
+            .user_agent(crate::USER_AGENT);
+        if managed {
+            // The identity endpoint is on this host or its link-local network; IMDS refuses
+            // proxied requests, and a proxy must never see the identity header.
+            http = http.no_proxy();
+        }
+        let http = http
             .build()
             .map_err(|e| TokenError::Setup(crate::causes::line(&e)))?;
         Ok(Self {
@@ -104,6 +117,28 @@ impl TokenClient {
     /// One request, no retries; `now` stamps the certificate assertion.
     #[tracing::instrument(name = "token.fetch", skip_all, fields(endpoint = %self.endpoint, client_id = %self.client_id))]
     pub async fn fetch(&self, now: SystemTime) -> Result<Fetched, TokenError> {
+        let request = match &self.credential {
+            Credential::Managed(managed) => managed.request(&self.http, &self.endpoint),
+            _ => self.client_credentials(now).await?,
+        };
+        let response = request.send().await.map_err(|e| self.transport_error(&e))?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| self.transport_error(&e))?;
+        match self.credential {
+            Credential::Managed(_) => managed::interpret(status, &headers, &body),
+            _ => interpret(status, &headers, &body),
+        }
+    }
+
+    /// The client-credentials `POST` to Entra ID, with the secret or the client assertion.
+    async fn client_credentials(
+        &self,
+        now: SystemTime,
+    ) -> Result<reqwest::RequestBuilder, TokenError> {
         let assertion;
         let mut form: Vec<(&str, &str)> = vec![
             ("grant_type", "client_credentials"),
@@ -129,22 +164,13 @@ impl TokenClient {
                 form.push(("client_assertion_type", ASSERTION_TYPE));
                 form.push(("client_assertion", &assertion));
             }
+            Credential::Managed(_) => unreachable!("a managed identity sends no form"),
         }
-        let response = self
+        Ok(self
             .http
             .post(self.endpoint.clone())
             .header(reqwest::header::ACCEPT, "application/json")
-            .form(&form)
-            .send()
-            .await
-            .map_err(|e| self.transport_error(&e))?;
-        let status = response.status();
-        let headers = response.headers().clone();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| self.transport_error(&e))?;
-        interpret(status, &headers, &body)
+            .form(&form))
     }
 
     fn transport_error(&self, e: &reqwest::Error) -> TokenError {
@@ -176,12 +202,19 @@ impl TokenClient {
 }
 
 /// Plain http only to loopback (tests, a local proxy): the request carries the client secret.
-fn check_endpoint(url: &Url) -> Result<(), TokenError> {
+/// A managed identity's endpoint may also be link-local (IMDS): it is the platform's own.
+fn check_endpoint(url: &Url, managed: bool) -> Result<(), TokenError> {
     // The same rule as the settings check, so an endpoint that passed it works here too.
-    let loopback = url.host_str().is_some_and(crate::config::is_loopback_host);
+    let local = url.host_str().is_some_and(|host| {
+        if managed {
+            crate::config::is_host_local(host)
+        } else {
+            crate::config::is_loopback_host(host)
+        }
+    });
     match url.scheme() {
         "https" => Ok(()),
-        "http" if loopback => Ok(()),
+        "http" if local => Ok(()),
         _ => Err(TokenError::InsecureEndpoint {
             endpoint: url.to_string(),
         }),
@@ -192,8 +225,10 @@ fn check_endpoint(url: &Url) -> Result<(), TokenError> {
 struct SuccessBody {
     access_token: Option<String>,
     token_type: Option<String>,
-    /// A number, or (seen in the wild) a string of digits.
+    /// A number, or (seen in the wild, and always from IMDS) a string of digits.
     expires_in: Option<serde_json::Value>,
+    /// Seconds since the epoch: all App Service's identity endpoint gives.
+    expires_on: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -271,7 +306,11 @@ pub(crate) fn interpret(
     }
 }
 
-fn parse_success(code: u16, headers: &HeaderMap, body: &[u8]) -> Result<Fetched, TokenError> {
+pub(super) fn parse_success(
+    code: u16,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Fetched, TokenError> {
     let invalid = |detail: String, transient| TokenError::InvalidResponse {
         status: code,
         detail,
@@ -301,24 +340,30 @@ fn parse_success(code: u16, headers: &HeaderMap, body: &[u8]) -> Result<Fetched,
             false,
         ));
     }
-    let seconds = match &parsed.expires_in {
+    let number = |value: &Option<serde_json::Value>| match value {
         Some(serde_json::Value::Number(n)) => n.as_u64(),
         Some(serde_json::Value::String(s)) => s.trim().parse::<u64>().ok(),
         _ => None,
     };
+    let seconds = number(&parsed.expires_in).or_else(|| {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(number(&parsed.expires_on)?);
+        at.duration_since(SystemTime::now())
+            .ok()
+            .map(|left| left.as_secs())
+    });
     match seconds {
         Some(s) if s > 0 => Ok(Fetched {
             access_token,
             lifetime: Duration::from_secs(s),
         }),
         _ => Err(invalid(
-            "JSON without a positive expires_in (seconds, as a number or a string)".into(),
+            "JSON without a positive expires_in (seconds, as a number or a string) or a future expires_on".into(),
             false,
         )),
     }
 }
 
-fn describe(headers: &HeaderMap, body: &[u8]) -> String {
+pub(super) fn describe(headers: &HeaderMap, body: &[u8]) -> String {
     let content_type = headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -414,10 +459,22 @@ mod tests {
             "http://localhost/token",
             "http://[::1]:9/token",
         ] {
-            assert!(check_endpoint(&Url::parse(ok).unwrap()).is_ok(), "{ok}");
+            assert!(
+                check_endpoint(&Url::parse(ok).unwrap(), false).is_ok(),
+                "{ok}"
+            );
         }
-        let e =
-            check_endpoint(&Url::parse("http://login.microsoftonline.com/t").unwrap()).unwrap_err();
+        let e = check_endpoint(
+            &Url::parse("http://login.microsoftonline.com/t").unwrap(),
+            false,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("must use https"));
+        // IMDS is link-local: fine for a managed identity, never for a secret.
+        let imds = Url::parse("http://169.254.169.254/metadata/identity/oauth2/token").unwrap();
+        assert!(check_endpoint(&imds, true).is_ok());
+        assert!(check_endpoint(&imds, false).is_err());
+        let remote = Url::parse("http://10.0.0.1/msi/token").unwrap();
+        assert!(check_endpoint(&remote, true).is_err());
     }
 }

@@ -59,6 +59,15 @@ pub enum TokenError {
         "oAuthTokenEndpoint {endpoint} must use https (plain http is allowed only for loopback hosts, in tests)"
     )]
     InsecureEndpoint { endpoint: String },
+    /// The managed identity endpoint refused (a 4xx other than 404, 410 and 429): no identity
+    /// matches, or the request is not what it takes. Not retried.
+    #[error("the managed identity endpoint refused the token request (HTTP {status}): {description}; fix: {}", managed_fix(*.no_identity))]
+    ManagedIdentityRefused {
+        status: u16,
+        description: String,
+        /// No managed identity matches (none turned on, or not the `client_id` asked for).
+        no_identity: bool,
+    },
     /// The HTTP client could not be built (TLS set-up).
     #[error("the HTTP client for the token endpoint could not be built: {0}")]
     Setup(String),
@@ -76,6 +85,7 @@ impl TokenError {
             Self::Rejected(_)
             | Self::Credential(_)
             | Self::InsecureEndpoint { .. }
+            | Self::ManagedIdentityRefused { .. }
             | Self::Setup(_) => false,
         }
     }
@@ -99,7 +109,25 @@ impl TokenError {
             Self::InvalidResponse { .. } => "token_invalid_response",
             Self::Credential(_) => "token_certificate_unusable",
             Self::InsecureEndpoint { .. } => "token_endpoint_insecure",
+            Self::ManagedIdentityRefused {
+                no_identity: true, ..
+            } => "token_managed_identity_not_found",
+            Self::ManagedIdentityRefused { .. } => "token_managed_identity_refused",
             Self::Setup(_) => "token_client_setup",
+        }
+    }
+
+    /// The identity endpoint's refusal, its text first-line only.
+    pub fn managed_identity_refused(status: u16, description: String) -> Self {
+        // IMDS says "Identity not found"; App Service "Unable to load the proper Managed Identity".
+        let lower = description.to_ascii_lowercase();
+        let no_identity = lower.contains("identity not found")
+            || lower.contains("proper managed identity")
+            || lower.contains("no managed identity");
+        Self::ManagedIdentityRefused {
+            status,
+            description,
+            no_identity,
         }
     }
 
@@ -167,6 +195,14 @@ impl fmt::Display for EntraError {
             "{}",
             Ids(self.trace_id.as_deref(), self.correlation_id.as_deref())
         )
+    }
+}
+
+fn managed_fix(no_identity: bool) -> &'static str {
+    if no_identity {
+        "turn on the system-assigned managed identity of this VM, app or container app, or assign the user-assigned one and set featureSwitches.sendEmail.oAuthClientId to its client id (leave it empty for the system-assigned identity)"
+    } else {
+        "check featureSwitches.sendEmail.oAuthManagedIdentity (imds or appService), oAuthTokenEndpoint and oAuthClientId"
     }
 }
 

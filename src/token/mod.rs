@@ -6,6 +6,7 @@ mod assertion;
 mod cache;
 mod client;
 mod error;
+mod managed;
 
 use std::fmt;
 use std::sync::Arc;

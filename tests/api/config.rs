@@ -1870,3 +1870,108 @@ fn the_cloud_sets_login_graph_smtp_and_scopes_together_and_explicit_settings_win
         "{message}"
     );
 }
+
+/// The seed with its app registration's credential, tenant, client and endpoint replaced by
+/// `oAuthManagedIdentity: <kind>` and `extra` lines.
+fn managed_seed(kind: &str, extra: &str) -> String {
+    SEED.lines()
+        .filter(|l| {
+            let l = l.trim_start();
+            !(l.starts_with("oAuthClientId:")
+                || l.starts_with("oAuthTenantId:")
+                || l.starts_with("oAuthTokenEndpoint:"))
+        })
+        .map(|l| {
+            if l.trim_start().starts_with("oAuthClientSecret:") {
+                format!("    oAuthManagedIdentity: {kind}\n{extra}")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn a_managed_identity_needs_no_tenant_client_or_secret_and_defaults_to_the_platforms_endpoint() {
+    use mail_relay::config::{ClientCredential, ManagedIdentity};
+
+    // IMDS's address is only the default here: nothing is sent to it.
+    let loaded = ok(&managed_seed("imds", ""), &[]);
+    let (_, settings) = oauth(&loaded);
+    assert!(matches!(
+        settings.credential,
+        ClientCredential::ManagedIdentity(ManagedIdentity::Imds)
+    ));
+    assert_eq!(
+        settings.token_endpoint.as_str(),
+        "http://169.254.169.254/metadata/identity/oauth2/token"
+    );
+    assert_eq!(settings.client_id, "");
+    // SMTP with a managed identity is not what Exchange documents: said once, not refused.
+    assert!(
+        loaded
+            .warnings
+            .iter()
+            .any(|w| w.contains("oAuthManagedIdentity") && w.contains("SMTP.SendAsApp")),
+        "{:?}",
+        loaded.warnings
+    );
+
+    // App Service: the platform's variables, the header kept secret.
+    let platform = [
+        ("IDENTITY_ENDPOINT", "http://localhost:42356/msi/token"),
+        ("IDENTITY_HEADER", "a1b2c3-identity-header"),
+    ];
+    let loaded = ok(
+        &managed_seed(
+            "appService",
+            "    oAuthClientId: 7d3e9b1a-2c4f-4e8d-9a6b-5f0c1e2d3a4b\n",
+        ),
+        &platform,
+    );
+    let (_, settings) = oauth(&loaded);
+    assert_eq!(
+        settings.token_endpoint.as_str(),
+        "http://localhost:42356/msi/token"
+    );
+    assert_eq!(settings.client_id, "7d3e9b1a-2c4f-4e8d-9a6b-5f0c1e2d3a4b");
+    assert!(matches!(
+        settings.credential,
+        ClientCredential::ManagedIdentity(ManagedIdentity::AppService { .. })
+    ));
+    assert!(!format!("{:?}", loaded.settings).contains("a1b2c3-identity-header"));
+}
+
+#[test]
+fn a_managed_identity_set_up_wrongly_names_the_field() {
+    let message = error_for(
+        &managed_seed("appService", ""),
+        &[("IDENTITY_ENDPOINT", "http://localhost:42356/msi/token")],
+        "IDENTITY_HEADER",
+    );
+    assert!(message.contains("appService"), "{message}");
+    let message = error_for(
+        &managed_seed("appService", ""),
+        &[("IDENTITY_HEADER", "h")],
+        "featureSwitches.sendEmail.oAuthTokenEndpoint",
+    );
+    assert!(message.contains("IDENTITY_ENDPOINT"), "{message}");
+    let message = error_for(
+        &managed_seed("imds", "    oAuthClientSecret: also-a-secret\n"),
+        &[],
+        "featureSwitches.sendEmail.oAuthManagedIdentity",
+    );
+    assert!(message.contains("oAuthClientSecret"), "{message}");
+    let message = error_for(
+        &managed_seed("vm", ""),
+        &[],
+        "featureSwitches.sendEmail.oAuthManagedIdentity",
+    );
+    assert!(message.contains("imds"), "{message}");
+    let message = error_for(
+        &managed_seed("imds", "    oAuthTokenEndpoint: http://10.1.2.3/token\n"),
+        &[],
+        "featureSwitches.sendEmail.oAuthTokenEndpoint",
+    );
+    assert!(message.contains("link-local"), "{message}");
+}

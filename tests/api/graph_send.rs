@@ -631,3 +631,37 @@ async fn auto_mode_sends_through_graph_once_the_server_refuses_smtp_auth_and_say
         "{scopes:?}"
     );
 }
+
+#[tokio::test]
+async fn a_managed_identity_sends_through_graph_with_no_secret_configured() {
+    use crate::managed_identity::FakeIdentity;
+    use mail_relay::config::ManagedIdentity;
+
+    let graph = FakeGraph::start(MAILBOX, Mailbox::default()).await;
+    let identity =
+        FakeIdentity::start(&graph.mint_token(&["Mail.Send"], Duration::from_secs(3600))).await;
+    let entra = FakeEntra::start().await;
+    let mut settings = settings(&graph, &entra);
+    settings.send_email.smtp_authentication = SmtpAuthentication::MsOAuth {
+        username: MAILBOX.into(),
+        oauth: FakeIdentity::oauth(
+            identity.imds_url(),
+            ManagedIdentity::Imds,
+            "",
+            crate::entra::SCOPE,
+        ),
+    };
+    let app = spawn_built(settings).await;
+
+    let body = accepted(post_mail(&app, &mail(MAILBOX)).await).await;
+
+    let delivered = graph.deliveries();
+    assert_eq!(delivered.len(), 1);
+    let text = String::from_utf8(delivered[0].mime.clone()).unwrap();
+    assert!(text.contains(body["messageId"].as_str().unwrap()), "{text}");
+    // The Graph token came from the identity endpoint, for Graph's resource; Entra saw nothing.
+    let seen = identity.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].query["resource"], "https://graph.microsoft.com");
+    assert!(entra.requests().await.is_empty());
+}

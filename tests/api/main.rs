@@ -17,6 +17,7 @@ mod graph_send;
 mod helpers;
 mod limits;
 mod mail;
+mod managed_identity;
 mod observe;
 pub mod peer;
 mod peer_smoke;
