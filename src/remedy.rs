@@ -186,7 +186,7 @@ pub const KNOWN_ENTRA_CODES: &[KnownCode] = &[
         number: 70011,
         code: "token_invalid_scope",
         meaning: "the scope is not valid",
-        fix: "set oAuthScopes to https://outlook.office365.com/.default",
+        fix: "set oAuthScopes to https://outlook.office365.com/.default for SMTP, and mailRelay.graph.scopes to https://graph.microsoft.com/.default for Graph (a national cloud's hosts there: see mailRelay.cloud)",
     },
     KnownCode {
         number: 700027,
@@ -203,8 +203,8 @@ pub const KNOWN_ENTRA_CODES: &[KnownCode] = &[
     KnownCode {
         number: 500011,
         code: "token_resource_principal_not_found",
-        meaning: "Office 365 Exchange Online is not present in the tenant (resource principal not found)",
-        fix: "check oAuthScopes, and that the tenant has Exchange Online and admin consent was granted for SMTP.SendAsApp",
+        meaning: "the resource asked for (Office 365 Exchange Online for SMTP, Microsoft Graph for Graph) is not present in the tenant (resource principal not found)",
+        fix: "check oAuthScopes (SMTP) and mailRelay.graph.scopes (Graph), and that the tenant has Exchange Online and admin consent was granted for SMTP.SendAsApp or Mail.Send",
     },
     KnownCode {
         number: 53003,

@@ -76,6 +76,7 @@ pub const KEYS: &[KeySpec] = &[
     plain("mailRelay.graph.connectTimeoutSeconds"),
     plain("mailRelay.graph.requestTimeoutSeconds"),
     plain("mailRelay.graph.maxConcurrentRequests"),
+    plain("mailRelay.graph.sentItemsLookupSeconds"),
     plain("mailRelay.smtp.maxConnections"),
     plain("mailRelay.smtp.connectTimeoutSeconds"),
     plain("mailRelay.smtp.commandTimeoutSeconds"),

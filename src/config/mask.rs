@@ -187,6 +187,11 @@ pub fn render(settings: &Settings, values: &Resolved) -> String {
         "mailRelay.graph.maxConcurrentRequests",
         Some(g.max_concurrent_requests.to_string()),
     );
+    out.line(
+        4,
+        "mailRelay.graph.sentItemsLookupSeconds",
+        Some(g.sent_items_lookup.as_secs().to_string()),
+    );
     out.section(2, "smtp");
     out.line(
         4,

@@ -340,6 +340,9 @@ pub struct GraphSettings {
     pub request_timeout: Duration,
     /// Requests in flight for the mailbox at once (Outlook allows 4).
     pub max_concurrent_requests: usize,
+    /// After a send whose answer was lost, how long to look for it in Sent Items (with
+    /// `Mail.Read`) before sending it once more; zero never looks, and never resends.
+    pub sent_items_lookup: Duration,
 }
 
 impl Default for GraphSettings {
@@ -350,6 +353,7 @@ impl Default for GraphSettings {
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             max_concurrent_requests: 4,
+            sent_items_lookup: Duration::from_secs(10),
         }
     }
 }

@@ -619,6 +619,11 @@ fn graph(ctx: &mut Ctx<'_>, cloud: super::Cloud) -> super::GraphSettings {
             4usize,
             1..=100,
         ),
+        sent_items_lookup: Duration::from_secs(ctx.number(
+            "mailRelay.graph.sentItemsLookupSeconds",
+            10u64,
+            0..=120,
+        )),
     }
 }
 

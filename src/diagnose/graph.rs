@@ -1,15 +1,17 @@
 //! `diagnose` with `mailRelay.delivery.mode: graph`: the token for Graph's scope and its roles,
-//! then (when asked) a test mail through Graph's `sendMail`. No SMTP step applies.
+//! then (when asked) a test mail through Graph's `sendMail`. No SMTP step applies. With `auto`
+//! the same checks follow the SMTP steps, since Graph stands in when SMTP AUTH is refused.
 
 use std::sync::Arc;
 
 use super::SendTest;
 use super::report::Step;
 use super::smtp::test_mail;
-use super::token::{TokenClaims, fetch_token};
+use super::token::fetch_token;
 use crate::config::{OAuthSettings, Settings, SmtpAuthentication};
 use crate::graph::GraphSender;
 use crate::remedy::{Cause, Facts};
+use crate::token::TokenClaims;
 use crate::token::{AccessToken, TokenError, TokenProvider, TokenState};
 
 pub(super) async fn run(
@@ -22,33 +24,63 @@ pub(super) async fn run(
     for name in ["connect", "tls", "ehlo", "auth"] {
         emit(Step::skip(name, why));
     }
+    let Some(token) = checks(settings, "token", emit).await else {
+        return emit(Step::skip("send-test", "no access token (see above)"));
+    };
+    match send_test {
+        Some(test) => send(settings, token, test, emit).await,
+        None => emit(Step::skip(
+            "send-test",
+            "not asked for (add --send-test --from ADDRESS --to ADDRESS to send a real mail)",
+        )),
+    }
+}
+
+/// The token for Graph's scope (the step named `token_step`) and its roles; the token when
+/// one came.
+pub(super) async fn checks(
+    settings: &Settings,
+    token_step: &'static str,
+    emit: &mut dyn FnMut(Step),
+) -> Option<AccessToken> {
     let SmtpAuthentication::MsOAuth { username, oauth } = &settings.send_email.smtp_authentication
     else {
         // Refused by the settings check already.
-        return;
+        return None;
     };
-    let oauth = OAuthSettings {
-        scopes: settings.relay.graph.scopes.clone(),
-        ..oauth.clone()
-    };
-    let (token, claims) = match fetch_token(&oauth).await {
-        Ok((token, claims, step)) => {
+    let oauth = graph_oauth(settings, oauth);
+    match fetch_token(&oauth).await {
+        Ok((token, claims, mut step)) => {
+            step.name = token_step;
             emit(step);
-            (token, claims)
+            emit(roles(&claims, username, &oauth.client_id));
+            Some(token)
         }
-        Err(step) => {
+        Err(mut step) => {
+            step.name = token_step;
             emit(step);
             emit(Step::skip("graph-roles", "no access token (see above)"));
-            emit(Step::skip("send-test", "no access token (see above)"));
-            return;
+            None
         }
-    };
-    emit(roles(&claims, username, &oauth.client_id));
-    let Some(test) = send_test else {
-        emit(Step::skip(
-            "send-test",
-            "not asked for (add --send-test --from ADDRESS --to ADDRESS to send a real mail)",
-        ));
+    }
+}
+
+fn graph_oauth(settings: &Settings, oauth: &OAuthSettings) -> OAuthSettings {
+    OAuthSettings {
+        scopes: settings.relay.graph.scopes.clone(),
+        ..oauth.clone()
+    }
+}
+
+/// A test mail through Graph's `sendMail`, with the token [`checks`] got.
+pub(super) async fn send(
+    settings: &Settings,
+    token: AccessToken,
+    test: &SendTest,
+    emit: &mut dyn FnMut(Step),
+) {
+    let SmtpAuthentication::MsOAuth { username, oauth } = &settings.send_email.smtp_authentication
+    else {
         return;
     };
     let base = settings.relay.graph.base_url.as_str();
@@ -108,9 +140,14 @@ fn roles(claims: &TokenClaims, mailbox: &str, client: &str) -> Step {
         } else {
             "but not Mail.ReadWrite: mails over Graph's 4 MB request limit will be refused with 403 ErrorAccessDenied until it is granted (with admin consent)"
         };
+        let lost = if has("Mail.Read") || has("Mail.ReadWrite") {
+            "a send whose answer is lost is looked up in Sent Items before it is sent again"
+        } else {
+            "without Mail.Read a send whose answer is lost stays outcome_unknown and is never sent again (grant Mail.Read to settle it in Sent Items)"
+        };
         return Step::pass(
             "graph-roles",
-            format!("the token's roles list Mail.Send, {large}"),
+            format!("the token's roles list Mail.Send, {large}; {lost}"),
         );
     }
     let facts = Facts {

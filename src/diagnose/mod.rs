@@ -22,12 +22,13 @@ pub use certificate::CertificateSummary;
 use crate::config::{Delivery, Encryption, Settings, SmtpAuthentication};
 use crate::smtp::Connector;
 
+pub use crate::token::TokenClaims;
 pub use report::{Status, Step};
 pub use smtp::setup_checklist;
 use smtp::{auth_failed, auth_passed, connect, connection_abort, offer, send_test_mail, server};
 use tls::secure;
 use token::fetch_token;
-pub use token::{TokenClaims, token_failed};
+pub use token::token_failed;
 
 const SE: &str = "featureSwitches.sendEmail";
 
@@ -129,6 +130,7 @@ pub async fn run(
         }
     };
     let email = &settings.send_email;
+    let auto = settings.relay.delivery == Delivery::Auto;
 
     // DNS and TCP.
     let session = match connect(settings, &connector).await {
@@ -202,6 +204,7 @@ pub async fn run(
         email.smtp_authentication,
         SmtpAuthentication::MsOAuth { .. }
     );
+    let mut smtp_auth_off = false;
     let logged_in = match session {
         None => {
             emit(Step::skip("auth", "no SMTP session (see above)"));
@@ -219,12 +222,29 @@ pub async fn run(
                     emit(auth_passed(settings, started.elapsed()));
                     Some(connection)
                 }
+                Err(error) if auto && error.kind().is_smtp_auth_off() => {
+                    smtp_auth_off = true;
+                    emit(Step::skip(
+                        "auth",
+                        format!(
+                            "the server refuses SMTP AUTH ({error}): with mailRelay.delivery.mode auto mail goes through Microsoft Graph instead (checked below)"
+                        ),
+                    ));
+                    None
+                }
                 Err(error) => {
                     emit(auth_failed(settings, claims.as_ref(), &error));
                     None
                 }
             }
         }
+    };
+
+    // With auto, Graph stands in whenever SMTP AUTH is refused: it must work too.
+    let graph_token = if auto {
+        graph::checks(settings, "graph-token", &mut emit).await
+    } else {
+        None
     };
 
     // The test mail.
@@ -238,7 +258,11 @@ pub async fn run(
                 "not asked for (add --send-test --from ADDRESS --to ADDRESS to send a real mail)",
             ));
         }
-        (Some(_), None) => emit(Step::skip("send-test", "not logged in (see above)")),
+        (Some(test), None) => match graph_token {
+            // The relay itself would send it through Graph now.
+            Some(token) if smtp_auth_off => graph::send(settings, token, test, &mut emit).await,
+            _ => emit(Step::skip("send-test", "not logged in (see above)")),
+        },
         (Some(test), Some(mut connection)) => {
             let step = send_test_mail(settings, &mut connection, test).await;
             connection.quit().await;

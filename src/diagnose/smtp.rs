@@ -7,12 +7,12 @@ use lettre::transport::smtp::authentication::Mechanism;
 use lettre::transport::smtp::client::AsyncSmtpConnection;
 
 use super::report::Step;
-use super::token::TokenClaims;
 use super::{SE, SendTest};
 use crate::config::{Encryption, OAuthSettings, Settings, SmtpAuthentication};
 use crate::message::{MailRequest, MessageLimits, OutgoingMail};
 use crate::remedy::{self, Cause, Facts};
 use crate::smtp::{Connection, Connector, SmtpError, SmtpErrorKind};
+use crate::token::TokenClaims;
 
 pub(super) async fn connection_abort(mut connection: AsyncSmtpConnection) {
     connection.abort().await;

@@ -5,6 +5,7 @@
 mod error;
 mod large;
 mod mime;
+mod sent_items;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,6 +44,8 @@ pub struct GraphSender {
     /// Outlook allows 4 concurrent requests per mailbox; more get `429 MailboxConcurrency`.
     in_flight: Semaphore,
     send_deadline: Duration,
+    /// `mailRelay.graph.sentItemsLookupSeconds`.
+    sent_items_lookup: Duration,
 }
 
 impl std::fmt::Debug for GraphSender {
@@ -89,13 +92,15 @@ impl GraphSender {
             tokens,
             in_flight: Semaphore::new(graph.max_concurrent_requests),
             send_deadline: settings.relay.smtp.send_deadline,
+            sent_items_lookup: graph.sent_items_lookup,
         })
     }
 
     /// Hand `mail` to Graph: `Ok` only on its `202`. `429` and `503` are retried within the send
     /// deadline, after the `Retry-After` Graph gave; a token Graph calls invalid is fetched anew
-    /// once. A request that went out without an answer is never sent again. A mail over Graph's
-    /// request limit goes as a draft with its large attachments added one by one.
+    /// once. A request that went out without an answer is sent again only when Sent Items, read
+    /// with `Mail.Read`, shows it was not sent. A mail over Graph's request limit goes as a
+    /// draft with its large attachments added one by one.
     pub async fn send(&self, mail: &OutgoingMail) -> Result<GraphReceipt, GraphError> {
         let deadline = Instant::now() + self.send_deadline;
         let recipients: Vec<String> = mail.envelope.to().iter().map(ToString::to_string).collect();
@@ -104,14 +109,28 @@ impl GraphSender {
             .acquire()
             .await
             .map_err(|_| GraphError::Halted("the Graph sender is closed".into()))?;
+        match self.send_once(mail, &recipients, deadline).await {
+            Err(GraphError::NoVerdict { detail }) => {
+                self.settle(mail, &recipients, detail, deadline).await
+            }
+            other => other,
+        }
+    }
+
+    async fn send_once(
+        &self,
+        mail: &OutgoingMail,
+        recipients: &[String],
+        deadline: Instant,
+    ) -> Result<GraphReceipt, GraphError> {
         // Known from the length alone: a large mail is not base64-encoded whole for nothing.
         if mail.formatted.len().div_ceil(3) * 4 > MAX_REQUEST_BYTES {
-            return self.send_large(mail, &recipients, deadline).await;
+            return self.send_large(mail, recipients, deadline).await;
         }
-        let body = bytes::Bytes::from(mime::request_body(&mail.formatted, &recipients));
+        let body = bytes::Bytes::from(mime::request_body(&mail.formatted, recipients));
         if body.len() > MAX_REQUEST_BYTES {
             // Only the Bcc header pushed it over.
-            return self.send_large(mail, &recipients, deadline).await;
+            return self.send_large(mail, recipients, deadline).await;
         }
         let response = self
             .call(deadline, Step::Send, &mail.id, |http| {
@@ -193,6 +212,8 @@ enum Step {
     /// A byte range to an upload session's pre-authorised URL (no bearer token: Graph refuses
     /// one there).
     Upload,
+    /// Reading Sent Items after a send whose answer was lost.
+    Lookup,
 }
 
 /// The mail is Graph's only on `202 Accepted`. Another `2xx` to a send is not success: Graph
@@ -219,7 +240,7 @@ async fn attempt(
 ) -> Result<reqwest::Response, GraphError> {
     let lost = |detail: String| match step {
         Step::Send => GraphError::NoVerdict { detail },
-        Step::Draft | Step::Upload => GraphError::Interrupted { detail },
+        Step::Draft | Step::Upload | Step::Lookup => GraphError::Interrupted { detail },
     };
     let response = match builder.send().await {
         Ok(response) => response,
@@ -262,7 +283,7 @@ fn header(headers: &HeaderMap, name: &str) -> Option<String> {
 
 /// The error body, at most [`error::MAX_ERROR_BODY`] bytes: a misbehaving peer cannot make the
 /// relay hold more.
-async fn read_capped(mut response: reqwest::Response) -> Vec<u8> {
+pub(super) async fn read_capped(mut response: reqwest::Response) -> Vec<u8> {
     let mut body = Vec::new();
     while let Ok(Some(chunk)) = response.chunk().await {
         let room = error::MAX_ERROR_BODY - body.len();

@@ -91,6 +91,12 @@ pub enum SmtpErrorKind {
 }
 
 impl SmtpErrorKind {
+    /// The server refuses SMTP AUTH itself (`535 5.7.139`, `550 5.7.30`): only the setup can
+    /// fix it, and Microsoft Graph may work where SMTP does not.
+    pub fn is_smtp_auth_off(self) -> bool {
+        matches!(self, Self::SmtpAuthDisabled | Self::BasicAuthRefused)
+    }
+
     /// A stable machine-readable name, for logs, metrics and API error codes.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -4,6 +4,7 @@
 
 mod assertion;
 mod cache;
+mod claims;
 mod client;
 mod error;
 mod managed;
@@ -18,6 +19,7 @@ use sha2::{Digest, Sha256};
 
 pub use assertion::{ASSERTION_TYPE, AssertionClaims, CertificateCredential};
 pub use cache::{CacheKey, CacheOptions, RetryPolicy, TokenCache};
+pub use claims::TokenClaims;
 pub use client::{Fetched, TokenClient, retry_after};
 pub use error::{EntraError, TokenError};
 

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -176,6 +176,10 @@ impl FakeGraph {
                 post(create_upload_session),
             )
             .route("/v1.0/users/{user}/messages/{id}/send", post(send_draft))
+            .route(
+                "/v1.0/users/{user}/mailFolders/sentitems/messages",
+                axum::routing::get(list_sent_items),
+            )
             .route("/upload/{session}", axum::routing::put(upload_range))
             // Larger than Graph's limit, so that the fake itself answers 413 as Graph does.
             .layer(DefaultBodyLimit::max(64 * 1024 * 1024))
@@ -617,6 +621,79 @@ fn deliver(fake: &Fake, user: &str, recipients: Vec<String>, received: Vec<u8>) 
     });
 }
 
+// ---- Sent Items: where a send whose answer was lost is looked for ---------------------------
+
+/// `GET /users/{user}/mailFolders/sentitems/messages?$filter=internetMessageId eq '<...>'`: the
+/// mails the fake delivered from `user` with that Message-ID (Graph's `internetMessageId` keeps
+/// the angle brackets).
+async fn list_sent_items(
+    State(fake): State<Fake>,
+    Path(user): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let (rid, cid) = ids(&headers);
+    let answer = match authorize(
+        &fake,
+        &user,
+        &headers,
+        "Mail.Read",
+        (&rid, cid.as_deref()),
+        "sentitems",
+    ) {
+        Err(e) => e,
+        Ok(_) => {
+            let wanted = query
+                .get("$filter")
+                .and_then(|f| f.strip_prefix("internetMessageId eq '"))
+                .and_then(|rest| rest.strip_suffix('\''))
+                .map(|id| id.replace("''", "'"));
+            match wanted {
+                None => (
+                    400,
+                    error(
+                        400,
+                        "BadRequest",
+                        "Invalid filter clause",
+                        &rid,
+                        cid.as_deref(),
+                        None,
+                    ),
+                ),
+                Some(wanted) => {
+                    let value: Vec<serde_json::Value> = fake
+                        .inner
+                        .lock()
+                        .unwrap()
+                        .delivered
+                        .iter()
+                        .filter(|d| d.mailbox.eq_ignore_ascii_case(&user))
+                        .filter_map(|d| {
+                            let parsed = mail_parser::MessageParser::default().parse(&d.mime)?;
+                            let id = format!("<{}>", parsed.message_id()?);
+                            (id == wanted).then(|| serde_json::json!({"id": uuid::Uuid::new_v4().to_string(), "internetMessageId": id}))
+                        })
+                        .collect();
+                    json_answer(
+                        200,
+                        serde_json::json!({
+                            "@odata.context": format!("https://graph.microsoft.com/v1.0/$metadata#users('{user}')/mailFolders('sentitems')/messages(internetMessageId)"),
+                            "value": value,
+                        }),
+                    )
+                }
+            }
+        }
+    };
+    record(
+        &fake,
+        format!("GET /v1.0/users/{user}/mailFolders/sentitems/messages"),
+        &headers,
+        0,
+        answer,
+    )
+}
+
 // ---- the draft path: a mail over 4 MB -------------------------------------------------------
 
 /// What every draft request checks first: the token, a role, the mailbox.
@@ -656,7 +733,9 @@ fn authorize(
             ),
         ));
     }
-    if !claims.roles.iter().any(|r| r == role) {
+    // Mail.ReadWrite includes reading.
+    let granted = |r: &String| r == role || (role == "Mail.Read" && r == "Mail.ReadWrite");
+    if !claims.roles.iter().any(granted) {
         return Err(fail(
             403,
             "ErrorAccessDenied",

@@ -665,3 +665,133 @@ async fn a_managed_identity_sends_through_graph_with_no_secret_configured() {
     assert_eq!(seen[0].query["resource"], "https://graph.microsoft.com");
     assert!(entra.requests().await.is_empty());
 }
+
+#[tokio::test]
+async fn with_mail_read_a_lost_answer_is_settled_in_sent_items_and_never_sent_twice() {
+    let s = setup(Mailbox::default(), &["Mail.Send", "Mail.Read"]).await;
+    // A 504 that delivered: Sent Items holds the mail, so it is sent, and only once.
+    s.graph.script(Scripted {
+        deliver: true,
+        ..Scripted::error(504, "UnknownError", "")
+    });
+
+    accepted(post_mail(&s.app, &mail(MAILBOX)).await).await;
+
+    assert_eq!(s.graph.deliveries().len(), 1);
+    let paths: Vec<String> = s.graph.seen().into_iter().map(|r| r.path).collect();
+    assert_eq!(
+        paths,
+        [
+            format!("/v1.0/users/{MAILBOX}/sendMail"),
+            format!("GET /v1.0/users/{MAILBOX}/mailFolders/sentitems/messages"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn with_mail_read_a_lost_answer_not_in_sent_items_is_sent_once_more() {
+    let (graph, entra) = fakes(Mailbox::default(), &["Mail.Send", "Mail.ReadWrite"]).await;
+    let mut settings = settings(&graph, &entra);
+    settings.relay.graph.sent_items_lookup = Duration::from_secs(2);
+    let app = spawn_built(settings).await;
+    // A 500 that did not deliver.
+    graph.script(Scripted::error(500, "UnknownError", ""));
+
+    let started = Instant::now();
+    accepted(post_mail(&app, &mail(MAILBOX)).await).await;
+
+    assert_eq!(graph.deliveries().len(), 1);
+    let seen = graph.seen();
+    let sends = seen
+        .iter()
+        .filter(|r| r.path.ends_with("/sendMail"))
+        .count();
+    let lookups = seen.iter().filter(|r| r.path.contains("sentitems")).count();
+    assert_eq!((sends, lookups), (2, 2), "{seen:?}");
+    // Looked after 1 s and again at the end of the 2 s lookup time, not longer.
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_sent_items_lookup_that_fails_leaves_the_outcome_unknown() {
+    let s = setup(Mailbox::default(), &["Mail.Send", "Mail.Read"]).await;
+    s.graph.script(Scripted::error(504, "UnknownError", ""));
+    s.graph.script_for(
+        "sentitems",
+        Scripted::error(500, "UnknownError", "lookup failed"),
+    );
+
+    let body = expect_problem(
+        post_mail(&s.app, &mail(MAILBOX)).await,
+        502,
+        "smtp_outcome_unknown",
+    )
+    .await;
+
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Sent Items could not be searched"),
+        "{body}"
+    );
+    let sends = s
+        .graph
+        .seen()
+        .iter()
+        .filter(|r| r.path.ends_with("/sendMail"))
+        .count();
+    assert_eq!(sends, 1, "resent without knowing");
+}
+
+#[tokio::test]
+async fn diagnose_in_auto_mode_checks_graph_too_and_sends_the_test_through_it_when_smtp_auth_is_off()
+ {
+    use std::sync::Arc;
+
+    use crate::smtp::exchange_replies::{Script, serve};
+
+    let script = Arc::new(Script::default());
+    script.auth.lock().unwrap().push_back(vec![
+        "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.",
+    ]);
+    let port = serve(Arc::clone(&script)).await;
+    let (graph, entra) = fakes(Mailbox::default(), &["Mail.Send", "Mail.Read"]).await;
+    let mut settings = settings(&graph, &entra);
+    settings.relay.delivery = Delivery::Auto;
+    settings.send_email.smtp_server = "127.0.0.1".into();
+    settings.send_email.smtp_port = port;
+    let test = SendTest {
+        from: MAILBOX.into(),
+        to: "ann@example.com".into(),
+    };
+
+    let steps = diagnose(&settings, Some(&test)).await;
+
+    assert_eq!(step(&steps, "connect").status, Status::Pass);
+    // SMTP AUTH off is what auto is for: not a failure, Graph stands in.
+    let auth = step(&steps, "auth");
+    assert_eq!(auth.status, Status::Skip, "{auth:#?}");
+    assert!(auth.summary.contains("5.7.139"), "{auth:#?}");
+    let token = step(&steps, "graph-token");
+    assert_eq!(token.status, Status::Pass, "{token:#?}");
+    assert!(
+        token
+            .summary
+            .contains("audience https://graph.microsoft.com")
+    );
+    let roles = step(&steps, "graph-roles");
+    assert!(
+        roles.summary.contains("looked up in Sent Items"),
+        "{roles:#?}"
+    );
+    let sent = step(&steps, "send-test");
+    assert_eq!(sent.status, Status::Pass, "{sent:#?}");
+    assert!(sent.summary.contains("Microsoft Graph took the test mail"));
+    assert_eq!(graph.deliveries().len(), 1);
+    assert!(steps.iter().all(|s| s.status != Status::Fail), "{steps:#?}");
+}
