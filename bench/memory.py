@@ -98,13 +98,8 @@ def main():
                      f"| {r['rss_before_mib']:.1f} MiB | {r['peak_rss_mib']:.1f} MiB "
                      f"| {r['peak_rss_mib'] / message_mib:.2f} |")
     table = "\n".join(lines) + "\n"
-    os.makedirs(os.path.join(run.ROOT, "bench/results"), exist_ok=True)
-    name = os.environ.get("BENCH_MEMORY_RESULTS", "memory")
-    with open(os.path.join(run.ROOT, f"bench/results/{name}.json"), "w", encoding="utf-8") as f:
-        json.dump({"relay": run.RELAY, "results": results}, f, indent=2)
-    with open(os.path.join(run.ROOT, f"bench/results/{name}.md"), "w", encoding="utf-8") as f:
-        f.write(table)
-    print(table)
+    run.write_results(os.environ.get("BENCH_MEMORY_RESULTS", "memory"),
+                      {"relay": run.RELAY, "results": results}, table)
 
 
 if __name__ == "__main__":

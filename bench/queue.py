@@ -15,7 +15,6 @@ A ratio divides the queued end-to-end throughput by the synchronous rate of the 
 Writes bench/results/queue.{md,json}.
 """
 
-import json
 import os
 import re
 import subprocess
@@ -158,12 +157,7 @@ def main():
             f"({min(ratios):.2f}-{max(ratios):.2f}) | {med([q['cpu_ms_per_mail'] for q in queued_runs]):.3f} | "
             f"{sum(q['non2xx'] for q in queued_runs)} |")
     table = "\n".join(lines) + "\n"
-    os.makedirs(os.path.join(ROOT, "bench/results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench/results/queue.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(ROOT, "bench/results/queue.md"), "w", encoding="utf-8") as f:
-        f.write(table)
-    print(table)
+    bench.write_results("queue", summary, table)
 
 
 if __name__ == "__main__":

@@ -407,11 +407,15 @@ def main():
         "rss_after_load_mib": rss_after_load,
         "rss_25mb_peak_mib": peak_big, "big_status": status, "big_seconds": big_seconds,
     }
-    table = render(summary)
+    write_results(RESULTS, summary, render(summary))
+
+
+def write_results(name, summary, table):
+    """bench/results/NAME.json (the raw figures) and NAME.md (the table), and the table printed."""
     os.makedirs(os.path.join(ROOT, "bench/results"), exist_ok=True)
-    with open(os.path.join(ROOT, f"bench/results/{RESULTS}.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(ROOT, f"bench/results/{name}.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
-    with open(os.path.join(ROOT, f"bench/results/{RESULTS}.md"), "w", encoding="utf-8") as f:
+    with open(os.path.join(ROOT, f"bench/results/{name}.md"), "w", encoding="utf-8") as f:
         f.write(table)
     print(table)
 

@@ -4,6 +4,7 @@
 #        bash bench/run.sh memory     only the peak RSS for one 25 MB attachment (bench/memory.py)
 #        bash bench/run.sh store      then only the store's cost per mail and 2 replicas vs 1 (bench/store.py)
 #        bash bench/run.sh queue      then only queued against synchronous delivery (bench/queue.py)
+#        bash bench/run.sh graph      then only the Graph transport's cost against a fake (bench/graph.py)
 # Runs twice: with everything sharing all cores (bench/results/latest.{md,json}, and a perf profile
 # of the relay in bench/results/profile.txt; BENCH_PROFILE=0 to skip), then with the SMTP server
 # pinned to CPU 0 and the relay and its clients to the others (bench/results/latest-split.*), as in
@@ -18,13 +19,18 @@ bash tests/peer/start.sh
 peer_env="${MAIL_RELAY_PEER_DIR:-/tmp/mail-relay-peer}/peer.env"
 
 # Symbols kept (not stripped) so that perf can name the relay's functions; the code is the same.
-CARGO_PROFILE_RELEASE_STRIP=none cargo build --release --locked --bin mail-relay --example smtp_direct
+CARGO_PROFILE_RELEASE_STRIP=none cargo build --release --locked --bin mail-relay --example smtp_direct --example graph_fake
 # Peak RSS for one 25 MB attachment, as JSON and as form data (fresh relays; under a minute).
 python3 bench/memory.py "$peer_env"
 [ "${1:-}" = memory ] && exit 0
 # What the store costs per mail (memory, SQLite, PostgreSQL) and two replicas against one.
 if [ "${1:-}" = store ]; then
     python3 bench/store.py "$peer_env"
+    exit 0
+fi
+# The Graph transport's own cost per mail, against a fake Graph.
+if [ "${1:-}" = graph ]; then
+    python3 bench/graph.py "$peer_env"
     exit 0
 fi
 # Queued delivery against synchronous, per durable store (accept latency, end-to-end throughput).

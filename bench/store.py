@@ -12,7 +12,6 @@ one PostgreSQL (one cap of 3 SMTP connections between them) take the load togeth
 replica alone with the same number of clients. Writes bench/results/store.{md,json}.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -181,12 +180,7 @@ def main():
               f"(ratio {bench.median([p['ratio'] for p in pairs]):.2f}, "
               f"non-2xx {sum(p['non2xx'] for p in pairs)}) |", ""]
     table = "\n".join(lines)
-    os.makedirs(os.path.join(ROOT, "bench/results"), exist_ok=True)
-    with open(os.path.join(ROOT, f"bench/results/{RESULTS}.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(ROOT, f"bench/results/{RESULTS}.md"), "w", encoding="utf-8") as f:
-        f.write(table)
-    print(table)
+    bench.write_results(RESULTS, summary, table)
 
 
 if __name__ == "__main__":
