@@ -54,12 +54,14 @@ pub(super) async fn checks(
             step.name = token_step;
             emit(step);
             emit(roles(&claims, username, &oauth.client_id));
+            emit(mailbox(settings, &token, &claims, username, &oauth.client_id).await);
             Some(token)
         }
         Err(mut step) => {
             step.name = token_step;
             emit(step);
             emit(Step::skip("graph-roles", "no access token (see above)"));
+            emit(Step::skip("graph-mailbox", "no access token (see above)"));
             None
         }
     }
@@ -168,6 +170,58 @@ fn roles(claims: &TokenClaims, mailbox: &str, client: &str) -> Step {
         ),
         vec![Cause::GraphAccessDenied.fix_with(&facts)],
     )
+}
+
+/// The mailbox as Graph sees it, read without sending (Sent Items, with `Mail.Read`).
+async fn mailbox(
+    settings: &Settings,
+    token: &AccessToken,
+    claims: &TokenClaims,
+    mailbox: &str,
+    client: &str,
+) -> Step {
+    if !(claims.has("Mail.Read") || claims.has("Mail.ReadWrite")) {
+        return Step::skip(
+            "graph-mailbox",
+            "looking at the mailbox without sending needs Mail.Read (or Mail.ReadWrite); --send-test checks it by sending",
+        );
+    }
+    let sender = match GraphSender::new(settings, Arc::new(Fixed(token.clone()))) {
+        Ok(sender) => sender,
+        Err(e) => {
+            return Step::fail(
+                "graph-mailbox",
+                "the Graph client could not be built",
+                e,
+                vec![],
+            );
+        }
+    };
+    match sender.reach_mailbox().await {
+        Ok(()) => Step::pass(
+            "graph-mailbox",
+            format!(
+                "Graph reads {mailbox}'s Sent Items: an Exchange Online mailbox within the app's scope"
+            ),
+        ),
+        Err(error) => {
+            let facts = Facts {
+                mailbox: Some(mailbox),
+                client_id: Some(client),
+                from: None,
+            };
+            Step::fail(
+                "graph-mailbox",
+                format!("Graph does not reach the mailbox {mailbox}"),
+                error.to_string(),
+                error
+                    .cause()
+                    .map(|c| c.fix_with(&facts))
+                    .into_iter()
+                    .collect(),
+            )
+        }
+    }
 }
 
 /// The one token diagnose fetched, for the test send.

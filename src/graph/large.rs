@@ -261,46 +261,66 @@ impl super::GraphSender {
             "isInline": attachment.inline,
             "contentId": attachment.content_id,
         }});
-        let response = self
-            .call(deadline, Step::Draft, &mail.id, |http| {
-                http.post(url.clone()).json(&item)
-            })
-            .await
-            .map_err(needs_read_write)?;
-        let session: Session = json(response).await?;
-        // The upload URL carries its own authorisation; it must be as safe as the API root.
-        let loopback = session
-            .upload_url
-            .host_str()
-            .is_some_and(crate::config::is_loopback_host);
-        if session.upload_url.scheme() != "https" && !loopback {
-            return Err(GraphError::Interrupted {
-                detail: format!(
-                    "Graph gave an upload URL that is not https: {}",
-                    session.upload_url.origin().ascii_serialization()
-                ),
-            });
-        }
-        let mut next = first_expected(&session.next_expected_ranges).unwrap_or(0);
-        while next < total {
-            let end = (next + CHUNK).min(total);
-            // A view into the attachment, not a copy.
-            let chunk = attachment.bytes.slice(next..end);
-            let range = format!("bytes {next}-{}/{total}", end - 1);
+        // An expired session (404 on its URL) is started afresh once: nothing was sent yet.
+        let mut restarted = false;
+        'session: loop {
             let response = self
-                .call(deadline, Step::Upload, &mail.id, |http| {
-                    http.put(session.upload_url.clone())
-                        .header(reqwest::header::CONTENT_RANGE, range.as_str())
-                        .body(chunk.clone())
+                .call(deadline, Step::Draft, &mail.id, |http| {
+                    http.post(url.clone()).json(&item)
                 })
-                .await?;
-            if response.status() == reqwest::StatusCode::CREATED {
-                return Ok(());
+                .await
+                .map_err(needs_read_write)?;
+            let session: Session = json(response).await?;
+            // The upload URL carries its own authorisation; it must be as safe as the API root.
+            let loopback = session
+                .upload_url
+                .host_str()
+                .is_some_and(crate::config::is_loopback_host);
+            if session.upload_url.scheme() != "https" && !loopback {
+                return Err(GraphError::Interrupted {
+                    detail: format!(
+                        "Graph gave an upload URL that is not https: {}",
+                        session.upload_url.origin().ascii_serialization()
+                    ),
+                });
             }
-            let progress: Progress = json(response).await?;
-            next = first_expected(&progress.next_expected_ranges).unwrap_or(end);
+            let mut next = first_expected(&session.next_expected_ranges).unwrap_or(0);
+            while next < total {
+                let end = (next + CHUNK).min(total);
+                // A view into the attachment, not a copy.
+                let chunk = attachment.bytes.slice(next..end);
+                let range = format!("bytes {next}-{}/{total}", end - 1);
+                let answer = self
+                    .call(deadline, Step::Upload, &mail.id, |http| {
+                        http.put(session.upload_url.clone())
+                            .header(reqwest::header::CONTENT_RANGE, range.as_str())
+                            .body(chunk.clone())
+                    })
+                    .await;
+                let response = match answer {
+                    Err(GraphError::Refused(reply)) if reply.status == 404 && !restarted => {
+                        tracing::info!(mail_id = %mail.id, attachment = %attachment.name, "the upload session expired: starting a new one");
+                        restarted = true;
+                        continue 'session;
+                    }
+                    Err(GraphError::Refused(reply)) if reply.status == 404 => {
+                        return Err(GraphError::Interrupted {
+                            detail: format!(
+                                "the upload session for {:?} expired twice ({reply})",
+                                attachment.name
+                            ),
+                        });
+                    }
+                    other => other?,
+                };
+                if response.status() == reqwest::StatusCode::CREATED {
+                    return Ok(());
+                }
+                let progress: Progress = json(response).await?;
+                next = first_expected(&progress.next_expected_ranges).unwrap_or(end);
+            }
+            return Ok(());
         }
-        Ok(())
     }
 }
 

@@ -76,6 +76,20 @@ impl GraphSender {
         }
     }
 
+    /// Reads the mailbox's Sent Items folder: Graph answers for the mailbox as it would for a
+    /// send (not an Exchange Online mailbox, outside the app's RBAC scope), without sending.
+    /// Needs `Mail.Read` or `Mail.ReadWrite`.
+    pub async fn reach_mailbox(&self) -> Result<(), GraphError> {
+        let deadline = Instant::now() + self.send_deadline;
+        let mut url = self.user_url(&["mailFolders", "sentitems"]);
+        url.query_pairs_mut().append_pair("$select", "id");
+        self.call(deadline, Step::Lookup, "diagnose", |http| {
+            http.get(url.clone())
+        })
+        .await
+        .map(drop)
+    }
+
     /// Only a token with `Mail.Read` or `Mail.ReadWrite` may list Sent Items.
     async fn may_read_sent_items(&self) -> bool {
         if self.sent_items_lookup.is_zero() {

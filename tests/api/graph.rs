@@ -111,6 +111,8 @@ struct Upload {
     content_type: String,
     size: usize,
     bytes: Vec<u8>,
+    /// Graph's `expirationDateTime`: after it the session URL answers 404.
+    expires_at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -121,6 +123,8 @@ struct Inner {
     script: VecDeque<Scripted>,
     /// Answers for one draft-path route only (`createUploadSession`, `send`, ...).
     route_script: HashMap<&'static str, VecDeque<Scripted>>,
+    /// Upload sessions still to be created already expired.
+    expired_sessions: usize,
     seen: Vec<Seen>,
     delivered: Vec<Delivered>,
     sequence: u64,
@@ -176,6 +180,10 @@ impl FakeGraph {
                 post(create_upload_session),
             )
             .route("/v1.0/users/{user}/messages/{id}/send", post(send_draft))
+            .route(
+                "/v1.0/users/{user}/mailFolders/sentitems",
+                axum::routing::get(sent_items_folder),
+            )
             .route(
                 "/v1.0/users/{user}/mailFolders/sentitems/messages",
                 axum::routing::get(list_sent_items),
@@ -256,6 +264,11 @@ impl FakeGraph {
         self.fake
             .max_message_bytes
             .store(bytes, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The next `count` upload sessions expire as soon as they are created.
+    pub fn expire_upload_sessions(&self, count: usize) {
+        self.fake.inner.lock().unwrap().expired_sessions = count;
     }
 
     /// Drafts still in the mailbox (not sent, not deleted).
@@ -623,6 +636,39 @@ fn deliver(fake: &Fake, user: &str, recipients: Vec<String>, received: Vec<u8>) 
 
 // ---- Sent Items: where a send whose answer was lost is looked for ---------------------------
 
+/// `GET /users/{user}/mailFolders/sentitems`: the folder itself, as `diagnose` reads it.
+async fn sent_items_folder(
+    State(fake): State<Fake>,
+    Path(user): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let (rid, cid) = ids(&headers);
+    let answer = match authorize(
+        &fake,
+        &user,
+        &headers,
+        "Mail.Read",
+        (&rid, cid.as_deref()),
+        "sentitems",
+    ) {
+        Err(e) => e,
+        Ok(_) => json_answer(
+            200,
+            serde_json::json!({
+                "@odata.context": format!("https://graph.microsoft.com/v1.0/$metadata#users('{user}')/mailFolders(id)/$entity"),
+                "id": "AAMkAGVmMDEzMTM4LTZmYWUtNDdkNC1hMDZiLTU1OGY5OTZhYmY4OAAuAAAAAAAiQ8W967B7TKBjgx9rVEURAQAiIsqMbYjsT5e-T7KzowPTAAAAAAEJAAA=",
+            }),
+        ),
+    };
+    record(
+        &fake,
+        format!("GET /v1.0/users/{user}/mailFolders/sentitems"),
+        &headers,
+        0,
+        answer,
+    )
+}
+
 /// `GET /users/{user}/mailFolders/sentitems/messages?$filter=internetMessageId eq '<...>'`: the
 /// mails the fake delivered from `user` with that Message-ID (Graph's `internetMessageId` keeps
 /// the angle brackets).
@@ -756,6 +802,13 @@ fn authorize(
             &format!("The requested user '{user}' is invalid."),
         ));
     };
+    if mailbox.not_enabled {
+        return Err(fail(
+            404,
+            "MailboxNotEnabledForRESTAPI",
+            "The mailbox is either inactive, soft-deleted, or is hosted on-premise.",
+        ));
+    }
     if mailbox.out_of_scope {
         return Err(fail(
             403,
@@ -999,7 +1052,14 @@ async fn create_upload_session(
             return Err(fail(404, "ErrorItemNotFound", "The specified object was not found in the store."));
         }
         let session = uuid::Uuid::new_v4().simple().to_string();
+        let lifetime = if inner.expired_sessions > 0 {
+            inner.expired_sessions -= 1;
+            Duration::ZERO
+        } else {
+            Duration::from_secs(15 * 60)
+        };
         inner.uploads.insert(session.clone(), Upload {
+            expires_at: std::time::Instant::now() + lifetime,
             draft: id.clone(),
             name: item["name"].as_str().unwrap_or("").to_owned(),
             content_type: item["contentType"].as_str().unwrap_or("").to_owned(),
@@ -1069,6 +1129,13 @@ async fn upload_range(
             ))
         });
         let mut inner = fake.inner.lock().unwrap();
+        if inner
+            .uploads
+            .get(&session)
+            .is_some_and(|u| u.expires_at <= std::time::Instant::now())
+        {
+            inner.uploads.remove(&session);
+        }
         let upload = inner.uploads.get_mut(&session).ok_or_else(|| {
             fail(
                 404,

@@ -447,6 +447,47 @@ async fn a_30_mb_attachment_goes_through_a_draft_and_an_upload_session_in_ranges
 }
 
 #[tokio::test]
+async fn an_expired_upload_session_is_started_afresh_once() {
+    let big = vec![9u8; 7_000_000];
+    let mut request = mail(MAILBOX);
+    request["attachments"] = json!([{"filename": "big.bin", "contentType": "application/octet-stream", "content": attachment_b64(&big)}]);
+    let sessions = |s: &Setup| {
+        s.graph
+            .seen()
+            .iter()
+            .filter(|r| r.path.ends_with("/createUploadSession"))
+            .count()
+    };
+
+    // The first session is gone by its first range: a new one carries the attachment.
+    let s = large_setup(&["Mail.Send", "Mail.ReadWrite"]).await;
+    s.graph.expire_upload_sessions(1);
+    accepted(post_mail(&s.app, &request).await).await;
+    assert_eq!(sessions(&s), 2);
+    let delivered = s.graph.deliveries();
+    let parsed = mail_parser::MessageParser::default()
+        .parse(&delivered[0].mime)
+        .unwrap();
+    assert_eq!(parsed.attachments().next().unwrap().contents(), &big[..]);
+
+    // Twice: nothing was sent, the draft is deleted, and the answer says so (not a mailbox
+    // problem, which a 404 would otherwise mean).
+    let s = large_setup(&["Mail.Send", "Mail.ReadWrite"]).await;
+    s.graph.expire_upload_sessions(2);
+    let problem = expect_problem(post_mail(&s.app, &request).await, 503, "smtp_unavailable").await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("expired twice"),
+        "{problem}"
+    );
+    assert_eq!(sessions(&s), 2);
+    assert!(s.graph.deliveries().is_empty());
+    assert!(s.graph.drafts().is_empty(), "the draft was left behind");
+}
+
+#[tokio::test]
 async fn the_draft_path_names_mail_readwrite_and_leaves_no_draft_when_a_step_fails() {
     let big = attachment_b64(&vec![7u8; 3_500_000]);
     let mut request = mail(MAILBOX);
@@ -794,4 +835,44 @@ async fn diagnose_in_auto_mode_checks_graph_too_and_sends_the_test_through_it_wh
     assert!(sent.summary.contains("Microsoft Graph took the test mail"));
     assert_eq!(graph.deliveries().len(), 1);
     assert!(steps.iter().all(|s| s.status != Status::Fail), "{steps:#?}");
+}
+
+#[tokio::test]
+async fn diagnose_reads_the_mailbox_without_sending_when_the_token_may_read_it() {
+    // Without Mail.Read: skipped, saying what would check it.
+    let (graph, entra) = fakes(Mailbox::default(), &["Mail.Send"]).await;
+    let steps = diagnose(&settings(&graph, &entra), None).await;
+    let mailbox = step(&steps, "graph-mailbox");
+    assert_eq!(mailbox.status, Status::Skip, "{mailbox:#?}");
+    assert!(mailbox.summary.contains("Mail.Read"), "{mailbox:#?}");
+
+    let (graph, entra) = fakes(Mailbox::default(), &["Mail.Send", "Mail.Read"]).await;
+    let steps = diagnose(&settings(&graph, &entra), None).await;
+    assert_eq!(step(&steps, "graph-mailbox").status, Status::Pass);
+    assert!(graph.deliveries().is_empty(), "diagnose sent a mail");
+
+    // Not an Exchange Online mailbox, or outside the app's RBAC scope: named, with the fix.
+    for (mailbox, code) in [
+        (
+            Mailbox {
+                not_enabled: true,
+                ..Mailbox::default()
+            },
+            "MailboxNotEnabledForRESTAPI",
+        ),
+        (
+            Mailbox {
+                out_of_scope: true,
+                ..Mailbox::default()
+            },
+            "ErrorAccessDenied",
+        ),
+    ] {
+        let (graph, entra) = fakes(mailbox, &["Mail.Send", "Mail.Read"]).await;
+        let steps = diagnose(&settings(&graph, &entra), None).await;
+        let step = step(&steps, "graph-mailbox");
+        assert_eq!(step.status, Status::Fail, "{step:#?}");
+        assert!(step.cause.as_deref().unwrap().contains(code), "{step:#?}");
+        assert!(!step.fix.is_empty(), "{step:#?}");
+    }
 }
