@@ -16,6 +16,7 @@ pub mod diagnose;
 pub mod graph;
 pub mod http;
 pub mod idempotency;
+pub mod identity;
 pub mod message;
 pub mod queue;
 pub mod rate_limit;

@@ -403,6 +403,14 @@ impl From<crate::send_as::SendAsRefusal> for ApiError {
     }
 }
 
+impl From<crate::identity::NoIdentity> for ApiError {
+    fn from(no_identity: crate::identity::NoIdentity) -> Self {
+        Self::SendAsDenied(format!(
+            "{no_identity}: add the address (or its domain) to an identity's from, or send from an address one of them serves"
+        ))
+    }
+}
+
 impl From<IdempotencyError> for ApiError {
     fn from(e: IdempotencyError) -> Self {
         let detail = e.to_string();

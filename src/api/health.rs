@@ -91,8 +91,32 @@ impl ErrorSummary {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Components {
     pub token: TokenComponent,
+    /// The default identity's transport.
     pub smtp: SmtpComponent,
     pub store: StoreComponent,
+    /// Every sending identity, the default first (`mailRelay.identities`).
+    pub identities: Vec<IdentityComponent>,
+}
+
+/// One sending identity: its mailbox, transport and recent sends. One failing identity does
+/// not make the instance unready while another still sends.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentityComponent {
+    #[schema(example = "default")]
+    pub name: String,
+    /// The mailbox it sends as (`smtpUsername`).
+    #[schema(example = "noreply@contoso.com")]
+    pub mailbox: String,
+    /// `failing` as for `smtp`, for this identity's sends alone.
+    pub status: ComponentStatus,
+    /// `smtp`, `graph` or `outbox`.
+    #[schema(example = "smtp")]
+    pub transport: &'static str,
+    /// Open SMTP connections of its pool; absent without SMTP delivery.
+    pub open_connections: Option<usize>,
+    /// Its last relay-side send error, however old.
+    pub last_error: Option<ErrorSummary>,
 }
 
 /// `ok`, `failing`, or `unused` (the settings do not need this part).
@@ -187,12 +211,25 @@ pub fn check(state: &AppState) -> Ready {
                 .map_or("the last fetch failed", |e| e.kind)
         ))
     } else {
-        state.sends.failing().map(|error| {
-            format!(
-                "smtp: the last {FAILING_AFTER} sends failed within {}s: {error}",
-                FAILING_FOR.as_secs()
-            )
-        })
+        // Ready while any identity still sends: the failing ones say so in their component.
+        let failing: Option<Vec<_>> = state
+            .identities
+            .iter()
+            .map(|identity| identity.sends.failing())
+            .collect();
+        failing
+            .and_then(|errors| errors.into_iter().next())
+            .map(|error| {
+                let whose = if state.identities.several() {
+                    "every identity's"
+                } else {
+                    "the"
+                };
+                format!(
+                    "smtp: {whose} last {FAILING_AFTER} sends failed within {}s: {error}",
+                    FAILING_FOR.as_secs()
+                )
+            })
     };
     Ready {
         status: if reason.is_none() {
@@ -202,7 +239,12 @@ pub fn check(state: &AppState) -> Ready {
         },
         reason,
         draining,
-        components: Components { token, smtp, store },
+        components: Components {
+            token,
+            smtp,
+            store,
+            identities: identity_components(state),
+        },
     }
 }
 
@@ -282,6 +324,25 @@ fn smtp_component(state: &AppState) -> SmtpComponent {
         transport: in_use.transport,
         graph_fallback_since: in_use.fallback_since.map(rfc3339),
     }
+}
+
+fn identity_components(state: &AppState) -> Vec<IdentityComponent> {
+    state
+        .identities
+        .iter()
+        .map(|identity| IdentityComponent {
+            name: identity.name.to_string(),
+            mailbox: identity.mailbox.clone(),
+            status: if identity.sends.failing().is_some() {
+                ComponentStatus::Failing
+            } else {
+                ComponentStatus::Ok
+            },
+            transport: identity.sender.in_use().transport,
+            open_connections: identity.sender.smtp_state().map(|p| p.open_connections),
+            last_error: identity.sends.last_error().map(|(_, e)| e.into()),
+        })
+        .collect()
 }
 
 fn rfc3339(at: SystemTime) -> String {

@@ -17,6 +17,7 @@ use crate::caller::Caller;
 use crate::config::QueueMode;
 use crate::delivery::{DeliveryError, FailureKind};
 use crate::idempotency::{Fingerprint, IDEMPOTENT_REPLAYED, IdempotencyError, IdempotencyKey};
+use crate::identity::Identity;
 use crate::message::{Mail, MailRequest, MessageLimits, OutgoingMail, UploadedFile};
 use crate::queue::{Enqueued, Queue};
 use crate::rate_limit::{LimitError, Reservation, caller_id};
@@ -175,14 +176,17 @@ async fn deliver(
         .validate_with_files(&limits, submission.files)?;
     let from = mail.from.address.clone();
     request_log::note_from(from.as_str());
-    state.send_as.check(caller, from.as_str()).await?;
+    let identity = state.identities.route(from.as_str())?;
+    request_log::note_identity(&identity.name);
+    may_use(state, caller, identity, from.as_str())?;
+    identity.send_as.check(caller, from.as_str()).await?;
     let outgoing = build(mail, limits).await?;
     if let (Some(queue), Some(queued)) = (&state.queue, queued) {
         let idempotency = queued.key.as_ref().map(|key| (key.as_str(), &fingerprint));
-        let committed = enqueue(state, queue, caller, outgoing, idempotency).await?;
+        let committed = enqueue(identity, queue, caller, outgoing, idempotency).await?;
         return Ok(queued_answer(state, committed, queued.preferred));
     }
-    let quota = state
+    let quota = identity
         .rate_limits
         .reserve(caller, outgoing.envelope.to().len())
         .await
@@ -196,7 +200,7 @@ async fn deliver(
             quota.keep();
             receipt
         }
-        Err(e) => return Err(refused(state, e, quota, caller, from.as_str()).await),
+        Err(e) => return Err(refused(state, identity, e, quota, caller, from.as_str()).await),
     };
     // The request's one log line carries these, with the caller and the From domain.
     request_log::note_mail(
@@ -216,23 +220,53 @@ async fn deliver(
         .into_response())
 }
 
+/// An API key restricted to some identities (`apiKeys[].identities`) may use only those.
+fn may_use(
+    state: &AppState,
+    caller: &Caller,
+    identity: &Identity,
+    from: &str,
+) -> Result<(), ApiError> {
+    let Caller::ApiKey { name, .. } = caller else {
+        return Ok(());
+    };
+    let Some(key) = state
+        .settings
+        .relay
+        .auth
+        .api_keys
+        .iter()
+        .find(|k| k.name == *name)
+    else {
+        return Ok(());
+    };
+    if key.identities.is_empty() || key.identities.iter().any(|i| **i == *identity.name) {
+        return Ok(());
+    }
+    Err(ApiError::SendAsDenied(format!(
+        "API key '{name}' may send only through the identities {}; {from} is sent by the identity {}. An administrator can add it to this key's identities in mailRelay.auth.apiKeys",
+        key.identities.join(", "),
+        identity.name
+    )))
+}
+
 /// Commit the mail to the queue, or find the one its Idempotency-Key committed before (a retry
 /// whose first request's replica died before storing the answer). The caller's own limits are
 /// taken now; the mailbox's when a worker sends it (a mail that could never fit the mailbox's
 /// day is refused here).
 async fn enqueue(
-    state: &AppState,
+    identity: &Identity,
     queue: &Queue,
     caller: &Caller,
     outgoing: OutgoingMail,
     idempotency: Option<(&str, &Fingerprint)>,
 ) -> Result<Committed, ApiError> {
     let recipients = outgoing.envelope.to().len();
-    state
+    identity
         .rate_limits
         .mailbox_fits(recipients)
         .map_err(|limited| ApiError::from(LimitError::Limited(limited)))?;
-    let quota = state
+    let quota = identity
         .rate_limits
         .reserve_caller(caller, recipients)
         .await
@@ -258,7 +292,7 @@ async fn enqueue(
             message_id,
             same_request,
         }) => {
-            state.rate_limits.refund(quota).await;
+            identity.rate_limits.refund(quota).await;
             if !same_request {
                 return Err(IdempotencyError::KeyReused.into());
             }
@@ -269,7 +303,7 @@ async fn enqueue(
             }
         }
         Err(e) => {
-            state.rate_limits.refund(quota).await;
+            identity.rate_limits.refund(quota).await;
             return Err(e.into());
         }
     };
@@ -333,6 +367,7 @@ enum MailAnswer {
 /// the mail, Exchange's quota and send-as refusals remembered.
 async fn refused(
     state: &AppState,
+    identity: &Identity,
     error: DeliveryError,
     quota: Reservation,
     caller: &Caller,
@@ -343,13 +378,13 @@ async fn refused(
     if error.outcome_unknown() {
         quota.keep();
     } else {
-        state.rate_limits.refund(quota).await;
+        identity.rate_limits.refund(quota).await;
     }
     match error.kind() {
-        FailureKind::QuotaExceeded => state.rate_limits.mailbox_quota_exceeded().await,
+        FailureKind::QuotaExceeded => identity.rate_limits.mailbox_quota_exceeded().await,
         FailureKind::SendAsDenied => {
             let reply = error.server_reply().unwrap_or_else(|| error.to_string());
-            return state
+            return identity
                 .send_as
                 .remember_exchange_denial(caller, from, &reply)
                 .await

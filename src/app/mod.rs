@@ -34,11 +34,10 @@ use crate::http::drain::{self, InFlight};
 use crate::http::forwarded::{self, ClientAddr, TrustedProxies};
 use crate::http::serve::{ConnectionLimits, Connections, METRICS_MAX_CONNECTIONS};
 use crate::idempotency::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, Idempotency};
+use crate::identity::{Identities, Routed};
 use crate::queue::{Queue, QueueDelivery};
-use crate::rate_limit::{RateLimits, mailbox_of};
-use crate::send_as::SendAsPolicy;
 use crate::store::Store;
-use crate::telemetry::delivery::{ObservedSender, SendHistory};
+use crate::telemetry::delivery::SendHistory;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::request_log::{self, REQUEST_ID};
 use crate::token::TokenProvider;
@@ -51,10 +50,11 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub sender: Arc<dyn MailSender>,
     pub authenticator: Arc<Authenticator>,
-    pub send_as: Arc<SendAsPolicy>,
-    /// The shared token cache, when the SMTP login uses MS_OAUTH.
+    /// The sending identities, each with its own sender, mailbox limits and Send As checks;
+    /// `sender` routes to them by From.
+    pub identities: Arc<Identities>,
+    /// The default identity's token cache, when its login uses MS_OAUTH.
     pub tokens: Option<Arc<dyn TokenProvider>>,
-    pub rate_limits: RateLimits,
     pub idempotency: Idempotency,
     /// Where the state replicas share lives (`mailRelay.store.url`).
     pub store: Store,
@@ -90,27 +90,29 @@ impl AppState {
         sender: Arc<dyn MailSender>,
         store: Store,
     ) -> std::io::Result<Self> {
+        Self::with_parts(settings, sender, store, &mut parts::TokenCaches::default())
+    }
+
+    /// `sender` is the default identity's; the others' are built here, sharing `caches`.
+    fn with_parts(
+        settings: Arc<Settings>,
+        sender: Arc<dyn MailSender>,
+        store: Store,
+        caches: &mut parts::TokenCaches,
+    ) -> std::io::Result<Self> {
         let authenticator = Authenticator::new(&settings.relay.auth)
             .map_err(std::io::Error::other)?
             .with_allowed_origins(&settings.relay.cors.allowed_origins);
 
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let send_as = Arc::new(SendAsPolicy::with_memory(
-            settings.relay.send_as.clone(),
-            settings.send_email.smtp_authentication.username(),
-            store.denial_memory(),
-        ));
-        let rate_limits = RateLimits::new(
-            settings.relay.rate_limits,
-            &mailbox_of(&settings),
-            store.rate_limiter(),
-            Arc::clone(&clock),
-        );
-        let idempotency = Idempotency::new(store.idempotency(&settings), Arc::clone(&clock));
         let metrics = Arc::new(Metrics::new());
-        let sends = Arc::new(SendHistory::default());
-        let sender: Arc<dyn MailSender> =
-            Arc::new(ObservedSender::new(sender, metrics.clone(), sends.clone()));
+        let identities = Arc::new(parts::identities_for(
+            &settings, sender, &store, caches, &clock, &metrics,
+        )?);
+        // Each identity's sender is observed on its own (metrics, readiness); this one routes.
+        let sender: Arc<dyn MailSender> = Arc::new(Routed(Arc::clone(&identities)));
+        let sends = Arc::clone(&identities.default_identity().sends);
+        let idempotency = Idempotency::new(store.idempotency(&settings), Arc::clone(&clock));
         let openapi = serde_json::to_vec(&api::openapi::document_for(&settings.relay.http))
             .map_err(std::io::Error::other)?;
         let admin = AdminNotifier::new(&settings, Arc::clone(&sender));
@@ -119,8 +121,7 @@ impl AppState {
             &store,
             QueueDelivery {
                 sender: Arc::clone(&sender),
-                rate_limits: rate_limits.clone(),
-                send_as: Arc::clone(&send_as),
+                identities: Arc::clone(&identities),
                 admin: admin.clone(),
                 metrics: Arc::clone(&metrics),
                 clock,
@@ -136,9 +137,8 @@ impl AppState {
             queue,
             sender,
             authenticator: Arc::new(authenticator),
-            send_as,
+            identities,
             tokens: None,
-            rate_limits,
             idempotency,
             store,
             metrics,
@@ -195,9 +195,10 @@ impl Application {
     pub async fn build(settings: Settings) -> std::io::Result<Self> {
         let settings = Arc::new(settings);
         let store = Store::open(&settings.relay.store).map_err(std::io::Error::other)?;
-        let tokens = parts::token_cache_for(&settings)?;
-        let sender = parts::sender_for(&settings, tokens.clone(), &store)?;
-        Self::assemble(settings, sender, tokens, store).await
+        let mut caches = parts::TokenCaches::default();
+        let tokens = parts::token_cache_for(&settings, &mut caches)?;
+        let sender = parts::sender_for(&settings, tokens.clone(), &store, &mut caches)?;
+        Self::assemble(settings, sender, tokens, store, caches).await
     }
 
     /// As [`Application::build`], with the mail sender chosen by the caller.
@@ -206,7 +207,7 @@ impl Application {
         sender: Arc<dyn MailSender>,
     ) -> std::io::Result<Self> {
         let store = Store::open(&settings.relay.store).map_err(std::io::Error::other)?;
-        Self::assemble(settings, sender, None, store).await
+        Self::assemble(settings, sender, None, store, parts::TokenCaches::default()).await
     }
 
     async fn assemble(
@@ -214,9 +215,10 @@ impl Application {
         sender: Arc<dyn MailSender>,
         tokens: Option<Arc<dyn TokenProvider>>,
         store: Store,
+        mut caches: parts::TokenCaches,
     ) -> std::io::Result<Self> {
         let listener = bind(settings.server.socket_addr(), "server.address/server.port").await?;
-        let mut state = AppState::with_store(settings, sender, store)?;
+        let mut state = AppState::with_parts(settings, sender, store, &mut caches)?;
         state.tokens = tokens;
         let metrics = match state.settings.relay.metrics.listen {
             Some(address) => Some((

@@ -1,21 +1,109 @@
 //! The parts the application is built from, as the settings choose them: the token cache, the
 //! mail sender (with the store's shared connection slots) and the queue's workers.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::config::{Delivery, OAuthSettings, Settings, SmtpAuthentication};
+use crate::clock::Clock;
+use crate::config::{Delivery, IdentitySettings, OAuthSettings, Settings, SmtpAuthentication};
 use crate::delivery::{Fallback, MailSender, Outbox};
 use crate::graph::GraphSender;
+use crate::identity::{Identities, Identity};
 use crate::queue::{Queue, QueueDelivery};
-use crate::rate_limit::mailbox_of;
+use crate::rate_limit::{RateLimits, mailbox_of};
+use crate::send_as::SendAsPolicy;
 use crate::smtp::{ConnectionSlots, SmtpSender};
 use crate::store::Store;
-use crate::token::{TokenCache, TokenProvider};
+use crate::telemetry::delivery::{ObservedSender, SendHistory};
+use crate::telemetry::metrics::Metrics;
+use crate::token::{CacheKey, TokenCache, TokenProvider};
 
-/// One token cache for the whole process, when mail goes out over SMTP with MS_OAUTH (for
+/// The process's token caches, one per app registration and scope: identities that share an
+/// app share its tokens.
+#[derive(Default)]
+pub(super) struct TokenCaches(HashMap<CacheKey, Arc<dyn TokenProvider>>);
+
+impl TokenCaches {
+    fn get(&mut self, oauth: &OAuthSettings) -> std::io::Result<Arc<dyn TokenProvider>> {
+        let key = CacheKey::of(oauth);
+        if let Some(cache) = self.0.get(&key) {
+            return Ok(Arc::clone(cache));
+        }
+        let cache: Arc<dyn TokenProvider> =
+            Arc::new(TokenCache::new(oauth).map_err(std::io::Error::other)?);
+        self.0.insert(key, Arc::clone(&cache));
+        Ok(cache)
+    }
+}
+
+/// Every identity: the default with `sender`, the others with senders of their own.
+pub(super) fn identities_for(
+    settings: &Settings,
+    sender: Arc<dyn MailSender>,
+    store: &Store,
+    caches: &mut TokenCaches,
+    clock: &Arc<dyn Clock>,
+    metrics: &Arc<Metrics>,
+) -> std::io::Result<Identities> {
+    // One limiter and one denial memory for all: the caller's limits count across identities.
+    let limiter = store.rate_limiter();
+    let denials = store.denial_memory();
+    let identity = |view: &Settings, name: &str, from, sender| {
+        let sends = Arc::new(SendHistory::default());
+        Identity {
+            name: name.into(),
+            from,
+            mailbox: mailbox_of(view),
+            sender: Arc::new(ObservedSender::new(
+                sender,
+                Arc::clone(metrics),
+                Arc::clone(&sends),
+            )),
+            sends,
+            rate_limits: RateLimits::new(
+                view.relay.rate_limits,
+                &mailbox_of(view),
+                Arc::clone(&limiter),
+                Arc::clone(clock),
+            ),
+            send_as: Arc::new(SendAsPolicy::with_memory(
+                view.relay.send_as.clone(),
+                view.send_email.smtp_authentication.username(),
+                Arc::clone(&denials),
+            )),
+        }
+    };
+    let all = &settings.relay.identities;
+    let default = identity(
+        settings,
+        &all.default_name,
+        all.default_from.clone(),
+        sender,
+    );
+    let mut others = Vec::new();
+    for entry in &all.others {
+        let view = identity_view(settings, entry);
+        let tokens = token_cache_for(&view, caches)?;
+        let sender = sender_for(&view, tokens, store, caches)?;
+        others.push(identity(&view, &entry.name, entry.from.clone(), sender));
+    }
+    Ok(Identities::new(default, others))
+}
+
+/// The settings as one identity sees them: its `sendEmail`, transport and mailbox limits.
+pub(super) fn identity_view(settings: &Settings, identity: &IdentitySettings) -> Settings {
+    let mut view = settings.clone();
+    view.send_email = identity.send_email.clone();
+    view.relay.delivery = identity.delivery.clone();
+    view.relay.rate_limits = identity.rate_limits;
+    view
+}
+
+/// The token cache mail goes out with, when it goes out over SMTP with MS_OAUTH (for
 /// Exchange's scope) or through Graph (for `mailRelay.graph.scopes`).
 pub(super) fn token_cache_for(
     settings: &Settings,
+    caches: &mut TokenCaches,
 ) -> std::io::Result<Option<Arc<dyn TokenProvider>>> {
     let SmtpAuthentication::MsOAuth { oauth, .. } = &settings.send_email.smtp_authentication else {
         return Ok(None);
@@ -26,8 +114,7 @@ pub(super) fn token_cache_for(
         Delivery::Graph => graph_oauth(settings, oauth),
         Delivery::Outbox { .. } => return Ok(None),
     };
-    let cache = TokenCache::new(&oauth).map_err(std::io::Error::other)?;
-    Ok(Some(Arc::new(cache)))
+    caches.get(&oauth).map(Some)
 }
 
 /// The app's OAuth settings with Graph's scope: a token cache entry of its own.
@@ -42,6 +129,7 @@ pub(super) fn sender_for(
     settings: &Settings,
     tokens: Option<Arc<dyn TokenProvider>>,
     store: &Store,
+    caches: &mut TokenCaches,
 ) -> std::io::Result<Arc<dyn MailSender>> {
     let needs_oauth = |mode: &str| {
         std::io::Error::other(format!(
@@ -62,9 +150,7 @@ pub(super) fn sender_for(
             else {
                 return Err(needs_oauth("auto"));
             };
-            let graph_tokens: Arc<dyn TokenProvider> = Arc::new(
-                TokenCache::new(&graph_oauth(settings, oauth)).map_err(std::io::Error::other)?,
-            );
+            let graph_tokens = caches.get(&graph_oauth(settings, oauth))?;
             let graph = GraphSender::new(settings, graph_tokens).map_err(std::io::Error::other)?;
             let smtp = smtp_sender(settings, tokens, store)?;
             Ok(Arc::new(Fallback::new(

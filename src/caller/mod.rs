@@ -216,6 +216,7 @@ mod tests {
                 name: "billing".into(),
                 sha256: Sha256::digest(key.as_bytes()).into(),
                 allowed_from: vec![AddressPattern::parse("*@contoso.com").unwrap()],
+                identities: Vec::new(),
             }],
             ..AuthSettings::default()
         }

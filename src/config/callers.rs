@@ -99,7 +99,7 @@ pub(super) fn string_list(ctx: &mut Ctx<'_>, key: &str, value: &Value) -> Vec<St
     }
 }
 
-fn patterns(ctx: &mut Ctx<'_>, key: &str, value: &Value) -> Vec<AddressPattern> {
+pub(super) fn patterns(ctx: &mut Ctx<'_>, key: &str, value: &Value) -> Vec<AddressPattern> {
     string_list(ctx, key, value)
         .into_iter()
         .filter_map(|text| {
@@ -200,11 +200,11 @@ fn api_keys(ctx: &mut Ctx<'_>) -> Vec<ApiKeySettings> {
         };
         for unknown in map
             .keys()
-            .filter(|k| !["name", "sha256", "allowedFrom"].contains(&k.as_str()))
+            .filter(|k| !["name", "sha256", "allowedFrom", "identities"].contains(&k.as_str()))
         {
             ctx.error(
                 &format!("{at}.{unknown}"),
-                "unknown key; an API key takes name, sha256 and allowedFrom",
+                "unknown key; an API key takes name, sha256, allowedFrom and identities",
             );
         }
         let name = map.get("name").and_then(scalar_text).unwrap_or_default();
@@ -257,6 +257,11 @@ fn api_keys(ctx: &mut Ctx<'_>) -> Vec<ApiKeySettings> {
                 "is required: the From addresses or domains (\"*@contoso.com\") this key may send as",
             );
         }
+        let identities = string_list(
+            ctx,
+            &format!("{at}.identities"),
+            map.get("identities").unwrap_or(&Value::Null),
+        );
         if let Some(sha256) = sha256
             && !name.is_empty()
         {
@@ -264,6 +269,7 @@ fn api_keys(ctx: &mut Ctx<'_>) -> Vec<ApiKeySettings> {
                 name,
                 sha256,
                 allowed_from,
+                identities,
             });
         }
     }

@@ -59,6 +59,7 @@ pub const KEYS: &[KeySpec] = &[
     plain("featureSwitches.sendEmail.oAuthScopes"),
     plain("featureSwitches.sendEmail.oAuthTokenGraceTimeInSeconds"),
     plain("mailRelay.cloud"),
+    plain("mailRelay.defaultIdentity.name"),
     plain("mailRelay.delivery.mode"),
     plain("mailRelay.delivery.outboxDir"),
     plain("mailRelay.delivery.queue"),
@@ -141,6 +142,8 @@ pub const SUBTREES: &[&str] = &[
     "mailRelay.cors.allowedOrigins",
     "mailRelay.http.trustedProxies",
     "mailRelay.adminMail.recipients",
+    "mailRelay.identities",
+    "mailRelay.defaultIdentity.from",
 ];
 
 /// Suffix of the sibling key that names a file holding the value (`oAuthClientSecretFile`).

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use super::resolve::{Origin, Resolved};
 use super::{
     ClientCredential, Delivery, Encryption, ForwardedHeader, LogFormat, ManagedIdentity, QueueMode,
-    QueueSettings, Settings, SmtpAuthentication,
+    QueueSettings, SendEmailSettings, Settings, SmtpAuthentication,
 };
 
 const MASK: &str = "****";
@@ -13,6 +13,8 @@ const MASK: &str = "****";
 struct Out<'a> {
     text: String,
     values: &'a Resolved,
+    /// Say where each value came from (off for keys the environment cannot set).
+    origins: bool,
 }
 
 impl Out<'_> {
@@ -30,6 +32,7 @@ impl Out<'_> {
             None => "null".into(),
         };
         let origin = match effective.map(|e| &e.origin) {
+            _ if !self.origins => String::new(),
             None => " # default".to_owned(),
             Some(Origin::File) => String::new(),
             Some(Origin::Env(var)) => format!(" # from env {var}"),
@@ -70,6 +73,7 @@ pub fn render(settings: &Settings, values: &Resolved) -> String {
     let mut out = Out {
         text: String::from("# mail-relay effective settings; secrets shown as ****\n"),
         values,
+        origins: true,
     };
     let se = "featureSwitches.sendEmail";
     out.section(0, "server");
@@ -88,63 +92,7 @@ pub fn render(settings: &Settings, values: &Resolved) -> String {
             "    # unused: mailRelay.delivery.mode is outbox (present values are still checked)\n",
         );
     }
-    let k = |name: &str| format!("{se}.{name}");
-    out.line(
-        4,
-        &k("smtpServer"),
-        (!s.smtp_server.is_empty()).then(|| quote(&s.smtp_server)),
-    );
-    out.line(4, &k("smtpPort"), Some(s.smtp_port.to_string()));
-    let encryption = match s.smtp_encryption {
-        Encryption::None => "NONE",
-        Encryption::Ssl => "SSL",
-        Encryption::Tls => "TLS",
-    };
-    out.line(4, &k("smtpEncryption"), Some(encryption.into()));
-    match &s.smtp_authentication {
-        SmtpAuthentication::None => out.line(4, &k("smtpAuthentication"), Some("NONE".into())),
-        SmtpAuthentication::Basic { username, .. } => {
-            out.line(4, &k("smtpAuthentication"), Some("BASIC".into()));
-            out.line(4, &k("smtpUsername"), Some(quote(username)));
-            out.line(4, &k("smtpPassword"), Some(quote(MASK)));
-        }
-        SmtpAuthentication::MsOAuth { username, oauth } => {
-            out.line(4, &k("smtpAuthentication"), Some("MS_OAUTH".into()));
-            out.line(4, &k("smtpUsername"), Some(quote(username)));
-            out.line(4, &k("oAuthTenantId"), Some(quote(&oauth.tenant_id)));
-            out.line(4, &k("oAuthClientId"), Some(quote(&oauth.client_id)));
-            match &oauth.credential {
-                ClientCredential::Secret(_) => {
-                    out.line(4, &k("oAuthClientSecret"), Some(quote(MASK)));
-                }
-                ClientCredential::FederatedTokenFile(path) => {
-                    let path = path.display().to_string();
-                    out.line(4, &k("oAuthFederatedTokenFile"), Some(quote(&path)));
-                }
-                ClientCredential::Certificate {
-                    certificate_pem, ..
-                } => {
-                    let summary = format!("(PEM certificate, {} bytes)", certificate_pem.len());
-                    out.line(4, &k("oAuthCertificate"), Some(quote(&summary)));
-                    out.line(4, &k("oAuthPrivateKey"), Some(quote(MASK)));
-                }
-                ClientCredential::ManagedIdentity(kind) => {
-                    let kind = match kind {
-                        ManagedIdentity::Imds => "imds",
-                        ManagedIdentity::AppService { .. } => "appService",
-                    };
-                    out.line(4, &k("oAuthManagedIdentity"), Some(quote(kind)));
-                }
-            }
-            out.line(
-                4,
-                &k("oAuthTokenEndpoint"),
-                Some(quote(oauth.token_endpoint.as_str())),
-            );
-            out.line(4, &k("oAuthScopes"), Some(quote(&oauth.scopes)));
-            out.line(4, &k("oAuthTokenGraceTimeInSeconds"), secs(oauth.grace));
-        }
-    }
+    render_send_email(&mut out, 4, se, s);
 
     let r = &settings.relay;
     out.section(0, "mailRelay");
@@ -291,10 +239,133 @@ pub fn render(settings: &Settings, values: &Resolved) -> String {
     out.line(4, "mailRelay.log.level", Some(quote(&r.log.filter)));
     render_callers(&mut out, settings);
     render_rate_limits(&mut out, settings);
+    render_identities(&mut out, settings);
     out.text
 }
 
+/// `mailRelay.defaultIdentity` and every `mailRelay.identities` entry in full, inherited keys
+/// included: what each identity will use, its secrets masked as everywhere.
+fn render_identities(out: &mut Out<'_>, settings: &Settings) {
+    let all = &settings.relay.identities;
+    let list = |patterns: &[super::AddressPattern]| {
+        let items: Vec<String> = patterns.iter().map(|p| quote(&p.to_string())).collect();
+        format!("[{}]", items.join(", "))
+    };
+    out.section(2, "defaultIdentity");
+    out.line(
+        4,
+        "mailRelay.defaultIdentity.name",
+        Some(quote(&all.default_name)),
+    );
+    let from = if all.default_from.is_empty() {
+        "[] # every From: there are no other identities".to_owned()
+    } else {
+        list(&all.default_from)
+    };
+    let _ = writeln!(out.text, "    from: {from}");
+    if all.others.is_empty() {
+        return;
+    }
+    out.section(2, "identities");
+    // The entries' keys are not the environment's: no origin comments.
+    out.origins = false;
+    for (i, identity) in all.others.iter().enumerate() {
+        let _ = writeln!(out.text, "    - name: {}", quote(&identity.name));
+        let _ = writeln!(out.text, "      from: {}", list(&identity.from));
+        let transport = match identity.delivery {
+            Delivery::Smtp => "smtp",
+            Delivery::Graph => "graph",
+            Delivery::Auto => "auto",
+            Delivery::Outbox { .. } => "outbox",
+        };
+        let _ = writeln!(out.text, "      transport: {transport}");
+        let limit = |l: Option<std::num::NonZeroU32>| l.map_or(0, std::num::NonZeroU32::get);
+        let _ = writeln!(
+            out.text,
+            "      mailboxMessagesPerMinute: {}",
+            limit(identity.rate_limits.mailbox_messages_per_minute)
+        );
+        let _ = writeln!(
+            out.text,
+            "      mailboxRecipientsPerDay: {}",
+            limit(identity.rate_limits.mailbox_recipients_per_day)
+        );
+        render_send_email(
+            out,
+            6,
+            &format!("mailRelay.identities[{i}]"),
+            &identity.send_email,
+        );
+    }
+    out.origins = true;
+}
+
 /// The queue's keys, inside `delivery`.
+/// `featureSwitches.sendEmail`'s keys (or an identity's, under `prefix`) at `indent`.
+fn render_send_email(out: &mut Out<'_>, indent: usize, prefix: &str, s: &SendEmailSettings) {
+    let k = |name: &str| format!("{prefix}.{name}");
+    out.line(
+        indent,
+        &k("smtpServer"),
+        (!s.smtp_server.is_empty()).then(|| quote(&s.smtp_server)),
+    );
+    out.line(indent, &k("smtpPort"), Some(s.smtp_port.to_string()));
+    let encryption = match s.smtp_encryption {
+        Encryption::None => "NONE",
+        Encryption::Ssl => "SSL",
+        Encryption::Tls => "TLS",
+    };
+    out.line(indent, &k("smtpEncryption"), Some(encryption.into()));
+    match &s.smtp_authentication {
+        SmtpAuthentication::None => out.line(indent, &k("smtpAuthentication"), Some("NONE".into())),
+        SmtpAuthentication::Basic { username, .. } => {
+            out.line(indent, &k("smtpAuthentication"), Some("BASIC".into()));
+            out.line(indent, &k("smtpUsername"), Some(quote(username)));
+            out.line(indent, &k("smtpPassword"), Some(quote(MASK)));
+        }
+        SmtpAuthentication::MsOAuth { username, oauth } => {
+            out.line(indent, &k("smtpAuthentication"), Some("MS_OAUTH".into()));
+            out.line(indent, &k("smtpUsername"), Some(quote(username)));
+            out.line(indent, &k("oAuthTenantId"), Some(quote(&oauth.tenant_id)));
+            out.line(indent, &k("oAuthClientId"), Some(quote(&oauth.client_id)));
+            match &oauth.credential {
+                ClientCredential::Secret(_) => {
+                    out.line(indent, &k("oAuthClientSecret"), Some(quote(MASK)));
+                }
+                ClientCredential::FederatedTokenFile(path) => {
+                    let path = path.display().to_string();
+                    out.line(indent, &k("oAuthFederatedTokenFile"), Some(quote(&path)));
+                }
+                ClientCredential::Certificate {
+                    certificate_pem, ..
+                } => {
+                    let summary = format!("(PEM certificate, {} bytes)", certificate_pem.len());
+                    out.line(indent, &k("oAuthCertificate"), Some(quote(&summary)));
+                    out.line(indent, &k("oAuthPrivateKey"), Some(quote(MASK)));
+                }
+                ClientCredential::ManagedIdentity(kind) => {
+                    let kind = match kind {
+                        ManagedIdentity::Imds => "imds",
+                        ManagedIdentity::AppService { .. } => "appService",
+                    };
+                    out.line(indent, &k("oAuthManagedIdentity"), Some(quote(kind)));
+                }
+            }
+            out.line(
+                indent,
+                &k("oAuthTokenEndpoint"),
+                Some(quote(oauth.token_endpoint.as_str())),
+            );
+            out.line(indent, &k("oAuthScopes"), Some(quote(&oauth.scopes)));
+            out.line(
+                indent,
+                &k("oAuthTokenGraceTimeInSeconds"),
+                secs(oauth.grace),
+            );
+        }
+    }
+}
+
 fn render_queue(out: &mut Out<'_>, q: &QueueSettings) {
     let d = |name: &str| format!("mailRelay.delivery.{name}");
     let mode = match q.mode {

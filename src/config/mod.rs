@@ -7,6 +7,7 @@
 mod callers;
 pub mod cipher;
 mod cloud;
+mod identities;
 mod keys;
 mod load;
 mod mask;
@@ -178,6 +179,43 @@ pub struct RelaySettings {
     pub admin_mail: Option<AdminMailSettings>,
     pub metrics: MetricsSettings,
     pub log: LogSettings,
+    /// `mailRelay.identities` and `mailRelay.defaultIdentity`: which mailbox sends which From.
+    pub identities: IdentitiesSettings,
+}
+
+/// The sending identities: `featureSwitches.sendEmail` (the default) and `mailRelay.identities`.
+#[derive(Debug, Clone)]
+pub struct IdentitiesSettings {
+    /// `mailRelay.defaultIdentity.name` (`default`): what `featureSwitches.sendEmail` is called.
+    pub default_name: String,
+    /// `mailRelay.defaultIdentity.from`: the From addresses the default serves. Empty: every
+    /// From, which only happens without other identities.
+    pub default_from: Vec<AddressPattern>,
+    pub others: Vec<IdentitySettings>,
+}
+
+impl Default for IdentitiesSettings {
+    /// The default identity alone, serving every From.
+    fn default() -> Self {
+        Self {
+            default_name: "default".into(),
+            default_from: Vec::new(),
+            others: Vec::new(),
+        }
+    }
+}
+
+/// One entry of `mailRelay.identities`, its missing keys taken from `featureSwitches.sendEmail`.
+#[derive(Debug, Clone)]
+pub struct IdentitySettings {
+    pub name: String,
+    /// The From addresses and domains it sends as.
+    pub from: Vec<AddressPattern>,
+    pub send_email: SendEmailSettings,
+    /// `transport`, else `mailRelay.delivery.mode`.
+    pub delivery: Delivery,
+    /// `mailRelay.rateLimits`, its mailbox limits replaced by the entry's own.
+    pub rate_limits: RateLimitSettings,
 }
 
 /// `mailRelay.http.*`: how the relay sits behind a reverse proxy, and what one connection may hold.
@@ -410,6 +448,8 @@ pub struct ApiKeySettings {
     pub name: String,
     pub sha256: [u8; 32],
     pub allowed_from: Vec<AddressPattern>,
+    /// The sending identities this key may use (`identities`); empty: any.
+    pub identities: Vec<String>,
 }
 
 /// A reverse proxy that has already logged the user in and names them in a header.

@@ -22,6 +22,7 @@ pub enum Origin {
 }
 
 /// A setting's effective text. Not `Debug`: it may be a secret.
+#[derive(Clone)]
 pub struct Effective {
     pub text: String,
     pub origin: Origin,
@@ -52,6 +53,19 @@ pub struct Resolved {
 impl Resolved {
     pub fn get(&self, key: &str) -> Option<&Effective> {
         self.values.get(key)
+    }
+
+    /// The same environment with other values: an identity's keys over the default's.
+    pub(super) fn with_values(&self, values: BTreeMap<String, Effective>) -> Self {
+        Self {
+            values,
+            subtrees: self.subtrees.clone(),
+            failed: self.failed.clone(),
+            at_rest_key: None,
+            azure_federated_token_file: self.azure_federated_token_file.clone(),
+            identity_endpoint: self.identity_endpoint.clone(),
+            identity_header: self.identity_header.clone(),
+        }
     }
 }
 

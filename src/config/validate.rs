@@ -216,7 +216,15 @@ pub fn validate(values: &Resolved) -> (Result<Settings, Vec<SettingError>>, Vec<
     let send_email = super::send_email::send_email(&mut ctx, &relay.delivery, relay.cloud);
     check_timeouts(&mut ctx, &relay);
     check_rate_limits(&mut ctx, &relay, &send_email);
+    relay.identities = super::identities::identities(
+        &mut ctx,
+        &send_email,
+        &relay.delivery,
+        relay.cloud,
+        relay.rate_limits,
+    );
     relay.auth = callers::auth(&mut ctx, relay.delivery.is_remote());
+    check_key_identities(&mut ctx, &relay);
     relay.send_as = callers::send_as(&mut ctx);
     relay.cors = callers::cors(&mut ctx);
     relay.http = proxy::http(&mut ctx);
@@ -377,6 +385,7 @@ fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
         admin_mail: None,
         metrics: Default::default(),
         log: Default::default(),
+        identities: Default::default(),
     }
 }
 
@@ -624,6 +633,26 @@ fn graph(ctx: &mut Ctx<'_>, cloud: super::Cloud) -> super::GraphSettings {
             10u64,
             0..=120,
         )),
+    }
+}
+
+/// An API key restricted to identities names ones that exist.
+fn check_key_identities(ctx: &mut Ctx<'_>, relay: &RelaySettings) {
+    let all = &relay.identities;
+    let exists = |name: &str| name == all.default_name || all.others.iter().any(|i| i.name == name);
+    for (i, key) in relay.auth.api_keys.iter().enumerate() {
+        for name in key.identities.iter().filter(|n| !exists(n)) {
+            let known: Vec<&str> = std::iter::once(all.default_name.as_str())
+                .chain(all.others.iter().map(|i| i.name.as_str()))
+                .collect();
+            ctx.error(
+                &format!("mailRelay.auth.apiKeys[{i}].identities"),
+                format!(
+                    "{name:?} is not an identity; the identities are {}",
+                    known.join(", ")
+                ),
+            );
+        }
     }
 }
 

@@ -23,6 +23,9 @@ pub enum DeliveryError {
     Graph(GraphError),
     #[error(transparent)]
     Token(#[from] TokenError),
+    /// No identity serves the mail's From any more (the settings changed after it was queued).
+    #[error(transparent)]
+    NoIdentity(crate::identity::NoIdentity),
     #[error("could not write the mail to the outbox {path}: {source}")]
     Outbox {
         path: String,
@@ -106,6 +109,7 @@ impl DeliveryError {
             Self::Smtp(e) => super::smtp::kind(e),
             Self::Graph(e) => super::graph::kind(e),
             Self::Token(_) => FailureKind::Token,
+            Self::NoIdentity(_) => FailureKind::SendAsDenied,
             Self::Outbox { .. } => FailureKind::Local,
         }
     }
@@ -116,7 +120,7 @@ impl DeliveryError {
             Self::Smtp(e) => e.is_transient(),
             Self::Graph(e) => e.is_transient(),
             Self::Token(e) => e.is_transient(),
-            Self::Outbox { .. } => false,
+            Self::NoIdentity(_) | Self::Outbox { .. } => false,
         }
     }
 
@@ -138,6 +142,7 @@ impl DeliveryError {
             Self::Smtp(e) => super::smtp::needs_administrator(e),
             Self::Graph(e) => super::graph::needs_administrator(e),
             Self::Token(e) => !e.is_transient(),
+            Self::NoIdentity(_) => true,
             Self::Outbox { .. } => false,
         }
     }
@@ -148,6 +153,7 @@ impl DeliveryError {
             Self::Smtp(e) => super::smtp::blame(e),
             Self::Graph(e) => super::graph::blame(e),
             Self::Token(_) => Blame::Token,
+            Self::NoIdentity(_) => Blame::Mail,
             Self::Outbox { .. } => Blame::Relay,
         }
     }
@@ -157,7 +163,7 @@ impl DeliveryError {
         match self {
             Self::Smtp(e) => e.cause(),
             Self::Graph(e) => e.cause(),
-            Self::Token(_) | Self::Outbox { .. } => None,
+            Self::Token(_) | Self::NoIdentity(_) | Self::Outbox { .. } => None,
         }
     }
 

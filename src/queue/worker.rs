@@ -20,9 +20,9 @@ use crate::clock::{Clock, Millis, duration_ms};
 use crate::config::{QueueSettings, cipher};
 use crate::delivery::{Blame, DeliveryError, FailureKind, MailSender};
 use crate::idempotency::Fingerprint;
+use crate::identity::Identities;
 use crate::message::OutgoingMail;
-use crate::rate_limit::{LimitError, RateLimited, RateLimits};
-use crate::send_as::SendAsPolicy;
+use crate::rate_limit::{LimitError, RateLimited};
 use crate::telemetry::metrics::Metrics;
 
 /// How long an idle worker waits before it asks the store again (mails accepted by this replica
@@ -37,9 +37,10 @@ const LEASE_MARGIN: Duration = Duration::from_secs(10);
 
 /// What the workers need of the rest of the relay; `app.rs` wires it.
 pub struct QueueDelivery {
+    /// Routes each mail to its identity's sender.
     pub sender: Arc<dyn MailSender>,
-    pub rate_limits: RateLimits,
-    pub send_as: Arc<SendAsPolicy>,
+    /// Each mail's mailbox limits and Send As memory are its identity's.
+    pub identities: Arc<Identities>,
     pub admin: AdminNotifier,
     pub metrics: Arc<Metrics>,
     pub clock: Arc<dyn Clock>,
@@ -328,7 +329,22 @@ async fn deliver(inner: &Inner, worker: &str, mut mail: Claimed) {
             return record(inner, worker, &mail, end, attempt).await;
         }
     };
-    let quota = match d.rate_limits.reserve_mailbox(mail.recipients.len()).await {
+    // The identity that serves the From now: the settings may have changed since it was queued.
+    let identity = match d.identities.route(&mail.from) {
+        Ok(identity) => identity,
+        Err(no_identity) => {
+            let attempt = attempt_of(now, "send_as_denied", None, no_identity.to_string());
+            let end = Finish::Failed {
+                problem: serde_json::json!({"code": "send_as_denied", "detail": attempt.detail}),
+            };
+            return record(inner, worker, &mail, end, attempt).await;
+        }
+    };
+    let quota = match identity
+        .rate_limits
+        .reserve_mailbox(mail.recipients.len())
+        .await
+    {
         Ok(quota) => quota,
         Err(LimitError::Limited(limited)) if limited.never_fits() => {
             let attempt = attempt_of(now, "rate_limited", None, limited.to_string());
@@ -395,7 +411,7 @@ async fn deliver(inner: &Inner, worker: &str, mut mail: Claimed) {
                 quota.keep();
                 Finish::Unknown
             } else {
-                d.rate_limits.refund(quota).await;
+                identity.rate_limits.refund(quota).await;
                 retry_end(inner, &mail, None, now)
             };
             let attempt = attempt_of(now, "timeout", None, detail);
@@ -406,12 +422,12 @@ async fn deliver(inner: &Inner, worker: &str, mut mail: Claimed) {
     if error.outcome_unknown() {
         quota.keep();
     } else {
-        d.rate_limits.refund(quota).await;
+        identity.rate_limits.refund(quota).await;
     }
     match error.kind() {
-        FailureKind::QuotaExceeded => d.rate_limits.mailbox_quota_exceeded().await,
+        FailureKind::QuotaExceeded => identity.rate_limits.mailbox_quota_exceeded().await,
         FailureKind::SendAsDenied => {
-            d.send_as.remember_denied(&mail.from).await;
+            identity.send_as.remember_denied(&mail.from).await;
         }
         _ => {}
     }

@@ -43,6 +43,8 @@ struct Notes {
     handed_over: bool,
     /// The limit that refused the request (`telemetry::metrics::rate_limited`).
     rate_limit: Option<&'static str>,
+    /// The sending identity the From chose.
+    identity: Option<std::sync::Arc<str>>,
 }
 
 /// The error answer a response carries, attached by `ApiError::into_response`.
@@ -93,6 +95,11 @@ pub fn note_caller(caller: &Caller) {
 /// The mail's From address (logged as its domain, in full only at debug level).
 pub fn note_from(address: &str) {
     with_notes(|n| n.from = Some(address.to_owned()));
+}
+
+/// The sending identity that serves the mail's From.
+pub fn note_identity(name: &std::sync::Arc<str>) {
+    with_notes(|n| n.identity = Some(std::sync::Arc::clone(name)));
 }
 
 /// The rate limit that refuses this request.
@@ -267,6 +274,7 @@ impl Line<'_> {
                     caller_name,
                     from_domain,
                     from,
+                    identity = n.identity.as_deref(),
                     smtp_reply = n.smtp_reply,
                     rate_limit = n.rate_limit,
                     mail_id = n.mail_id.as_deref(),

@@ -62,6 +62,7 @@ pub fn test_settings(outbox: PathBuf) -> Settings {
             admin_mail: None,
             metrics: Default::default(),
             log: Default::default(),
+            identities: Default::default(),
         },
     }
 }
@@ -101,6 +102,7 @@ pub fn test_api_key() -> ApiKeySettings {
             .iter()
             .map(|p| AddressPattern::parse(p).unwrap())
             .collect(),
+        identities: Vec::new(),
     }
 }
 

@@ -15,6 +15,7 @@ mod entra;
 mod graph;
 mod graph_send;
 mod helpers;
+mod identities;
 mod limits;
 mod mail;
 mod managed_identity;

@@ -220,6 +220,7 @@ async fn another_caller_cannot_see_a_queued_mail() {
             allowed_from: vec![
                 mail_relay::config::AddressPattern::parse("*@contoso.test").unwrap(),
             ],
+            identities: Vec::new(),
         });
     let app = spawn_built(settings).await;
     ready(&app).await;
