@@ -5,6 +5,7 @@
 #        bash bench/run.sh store      then only the store's cost per mail and 2 replicas vs 1 (bench/store.py)
 #        bash bench/run.sh queue      then only queued against synchronous delivery (bench/queue.py)
 #        bash bench/run.sh graph      then only the Graph transport's cost against a fake (bench/graph.py)
+#        bash bench/run.sh identities then only two sending identities against one (bench/identities.py)
 # Runs twice: with everything sharing all cores (bench/results/latest.{md,json}, and a perf profile
 # of the relay in bench/results/profile.txt; BENCH_PROFILE=0 to skip), then with the SMTP server
 # pinned to CPU 0 and the relay and its clients to the others (bench/results/latest-split.*), as in
@@ -26,6 +27,11 @@ python3 bench/memory.py "$peer_env"
 # What the store costs per mail (memory, SQLite, PostgreSQL) and two replicas against one.
 if [ "${1:-}" = store ]; then
     python3 bench/store.py "$peer_env"
+    exit 0
+fi
+# Two sending identities on the peer's two mailboxes against one.
+if [ "${1:-}" = identities ]; then
+    python3 bench/identities.py "$peer_env"
     exit 0
 fi
 # The Graph transport's own cost per mail, against a fake Graph.

@@ -32,7 +32,8 @@ struct Inner {
     host: String,
     clock: Arc<dyn Clock>,
     /// When the last failure notice was started.
-    last_failure_notice: Mutex<Option<SystemTime>>,
+    /// Per sending identity: one broken mailbox does not silence another's notice.
+    last_failure_notice: Mutex<std::collections::HashMap<String, SystemTime>>,
     /// Longest the shutdown notice may hold up the exit.
     shutdown_wait: Duration,
 }
@@ -80,7 +81,7 @@ impl AdminNotifier {
                 limits: MessageLimits::from(&settings.relay.limits),
                 host,
                 clock,
-                last_failure_notice: Mutex::new(None),
+                last_failure_notice: Mutex::default(),
                 shutdown_wait: settings.relay.smtp.send_deadline,
             })),
         }
@@ -134,7 +135,7 @@ impl AdminNotifier {
     /// For the mail handler after a failed send: when `error` is one an administrator must
     /// fix ([`DeliveryError::needs_administrator`]) and no failure notice went out in the last hour, mails
     /// one in the background. Returns at once; true when a notice was started.
-    pub fn send_failure(&self, error: &DeliveryError) -> bool {
+    pub fn send_failure(&self, error: &DeliveryError, identity: &str) -> bool {
         let Some(inner) = &self.inner else {
             return false;
         };
@@ -147,29 +148,33 @@ impl AdminNotifier {
                 .last_failure_notice
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let recent = last.is_some_and(|at| {
+            let recent = last.get(identity).is_some_and(|&at| {
                 now.duration_since(at)
                     .is_ok_and(|since| since < FAILURE_NOTICE_INTERVAL)
                     // A clock set back counts as recent: no burst of notices.
                     || now < at
             });
             if recent {
-                tracing::debug!("failure notice already sent within the hour; not mailing again");
+                tracing::debug!(
+                    identity,
+                    "failure notice already sent within the hour; not mailing again"
+                );
                 return false;
             }
-            *last = Some(now);
+            last.insert(identity.to_owned(), now);
         }
         let subject = format!(
-            "mail-relay on {}: sending fails ({})",
+            "mail-relay on {}: sending as {identity} fails ({})",
             inner.host,
             error.code()
         );
         let fix = error.remedy();
         let text = format!(
-            "mail-relay {version} on {host} could not send a mail at {at}, for a reason an \
-             administrator must fix:\n\n{error}\n\n{fix}\
-             Run `mail-relay diagnose --config <settings file>` on the host for a step-by-step check.\n\n\
-             Further failures are not mailed until {next}; the log has every one.\n",
+            "mail-relay {version} on {host} could not send a mail as the identity {identity} at {at}, \
+             for a reason an administrator must fix:\n\n{error}\n\n{fix}\
+             Run `mail-relay diagnose --config <settings file> --identity {identity}` on the host for a \
+             step-by-step check.\n\n\
+             Further failures of this identity are not mailed until {next}; the log has every one.\n",
             version = env!("CARGO_PKG_VERSION"),
             host = inner.host,
             at = httpdate::fmt_http_date(now),
@@ -273,6 +278,6 @@ mod tests {
             correlation_id: None,
             timestamp: None,
         })));
-        assert!(!notifier.send_failure(&entra));
+        assert!(!notifier.send_failure(&entra, "default"));
     }
 }

@@ -374,7 +374,7 @@ async fn refused(
     from: &str,
 ) -> ApiError {
     // Failures an administrator must fix (login, TLS, token) are mailed to them, at most hourly.
-    state.admin.send_failure(&error);
+    state.admin.send_failure(&error, &identity.name);
     if error.outcome_unknown() {
         quota.keep();
     } else {

@@ -29,6 +29,11 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         .metrics
         .set_mail_bytes_in_flight(state.budget.in_flight());
     state.metrics.set_transport(state.sender.in_use().transport);
+    for identity in state.identities.iter() {
+        state
+            .metrics
+            .set_identity_up(&identity.name, identity.sends.failing().is_none());
+    }
     let tokens = state.tokens.as_ref().map(|t| t.state());
     let smtp = state.sender.smtp_state();
     (

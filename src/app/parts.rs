@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::clock::Clock;
-use crate::config::{Delivery, IdentitySettings, OAuthSettings, Settings, SmtpAuthentication};
+use crate::config::{Delivery, OAuthSettings, Settings, SmtpAuthentication};
 use crate::delivery::{Fallback, MailSender, Outbox};
 use crate::graph::GraphSender;
 use crate::identity::{Identities, Identity};
@@ -50,14 +50,16 @@ pub(super) fn identities_for(
     let denials = store.denial_memory();
     let identity = |view: &Settings, name: &str, from, sender| {
         let sends = Arc::new(SendHistory::default());
+        let name: Arc<str> = name.into();
         Identity {
-            name: name.into(),
+            name: Arc::clone(&name),
             from,
             mailbox: mailbox_of(view),
             sender: Arc::new(ObservedSender::new(
                 sender,
                 Arc::clone(metrics),
                 Arc::clone(&sends),
+                name,
             )),
             sends,
             rate_limits: RateLimits::new(
@@ -82,21 +84,14 @@ pub(super) fn identities_for(
     );
     let mut others = Vec::new();
     for entry in &all.others {
-        let view = identity_view(settings, entry);
+        let view = settings
+            .for_identity(&entry.name)
+            .expect("an identity of these settings");
         let tokens = token_cache_for(&view, caches)?;
         let sender = sender_for(&view, tokens, store, caches)?;
         others.push(identity(&view, &entry.name, entry.from.clone(), sender));
     }
     Ok(Identities::new(default, others))
-}
-
-/// The settings as one identity sees them: its `sendEmail`, transport and mailbox limits.
-pub(super) fn identity_view(settings: &Settings, identity: &IdentitySettings) -> Settings {
-    let mut view = settings.clone();
-    view.send_email = identity.send_email.clone();
-    view.relay.delivery = identity.delivery.clone();
-    view.relay.rate_limits = identity.rate_limits;
-    view
 }
 
 /// The token cache mail goes out with, when it goes out over SMTP with MS_OAUTH (for

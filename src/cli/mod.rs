@@ -72,6 +72,10 @@ pub enum Command {
         /// Recipient of the test mail.
         #[arg(long, requires = "send_test")]
         to: Option<String>,
+        /// Check only this sending identity (mailRelay.identities; the default is `default`
+        /// unless mailRelay.defaultIdentity.name says otherwise); without it, each in turn.
+        #[arg(long)]
+        identity: Option<String>,
     },
     /// Look at and act on queued mails (in the store of mailRelay.store.url): list, show ID,
     /// retry ID, drop ID.
@@ -114,6 +118,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             send_test,
             ref from,
             ref to,
+            ref identity,
         } => {
             let test = match (send_test, from, to) {
                 (true, Some(from), Some(to)) => Some(crate::diagnose::SendTest {
@@ -122,7 +127,7 @@ pub async fn run(cli: Cli) -> ExitCode {
                 }),
                 _ => None,
             };
-            diagnose(&cli.config, test.as_ref()).await
+            diagnose(&cli.config, test.as_ref(), identity.as_deref()).await
         }
         Command::Queue { ref command } => {
             match config::load(&LoadOptions::from_process(cli.config.clone())) {
@@ -136,7 +141,11 @@ pub async fn run(cli: Cli) -> ExitCode {
     }
 }
 
-async fn diagnose(path: &std::path::Path, test: Option<&crate::diagnose::SendTest>) -> ExitCode {
+async fn diagnose(
+    path: &std::path::Path,
+    test: Option<&crate::diagnose::SendTest>,
+    only: Option<&str>,
+) -> ExitCode {
     use crate::diagnose;
 
     println!(
@@ -155,7 +164,34 @@ async fn diagnose(path: &std::path::Path, test: Option<&crate::diagnose::SendTes
     for warning in &loaded.warnings {
         println!("     warning: {warning}");
     }
-    let ok = diagnose::run(&loaded.settings, test, &mut |step| println!("{step}")).await;
+    let settings = &loaded.settings;
+    let names = settings.identity_names();
+    let chosen: Vec<&str> = match only {
+        Some(name) if names.contains(&name) => vec![name],
+        Some(name) => {
+            println!(
+                "FAIL identity     no identity is named {name:?}; the identities are {}",
+                names.join(", ")
+            );
+            return ExitCode::from(EXIT_INVALID);
+        }
+        None => names.clone(),
+    };
+    let mut ok = true;
+    for name in chosen {
+        let Some(view) = settings.for_identity(name) else {
+            continue;
+        };
+        if names.len() > 1 {
+            let mailbox = view
+                .send_email
+                .smtp_authentication
+                .username()
+                .unwrap_or("-");
+            println!("\nidentity {name} ({mailbox})");
+        }
+        ok &= diagnose::run(&view, test, &mut |step| println!("{step}")).await;
+    }
     if ok {
         println!("all checks passed");
         ExitCode::SUCCESS

@@ -50,6 +50,35 @@ pub struct Settings {
     pub relay: RelaySettings,
 }
 
+impl Settings {
+    /// The names of the sending identities, the default first.
+    pub fn identity_names(&self) -> Vec<&str> {
+        let all = &self.relay.identities;
+        std::iter::once(all.default_name.as_str())
+            .chain(all.others.iter().map(|i| i.name.as_str()))
+            .collect()
+    }
+
+    /// The settings as the identity `name` sees them: its `sendEmail`, transport and mailbox
+    /// limits in place of the default's; `None` when no identity has that name.
+    pub fn for_identity(&self, name: &str) -> Option<Settings> {
+        if name == self.relay.identities.default_name {
+            return Some(self.clone());
+        }
+        let identity = self
+            .relay
+            .identities
+            .others
+            .iter()
+            .find(|i| i.name == name)?;
+        let mut view = self.clone();
+        view.send_email = identity.send_email.clone();
+        view.relay.delivery = identity.delivery.clone();
+        view.relay.rate_limits = identity.rate_limits;
+        Some(view)
+    }
+}
+
 /// Where the HTTP listener binds.
 #[derive(Debug, Clone)]
 pub struct ServerSettings {

@@ -418,7 +418,7 @@ async fn deliver(inner: &Inner, worker: &str, mut mail: Claimed) {
             return record(inner, worker, &mail, end, attempt).await;
         }
     };
-    d.admin.send_failure(&error);
+    d.admin.send_failure(&error, &identity.name);
     if error.outcome_unknown() {
         quota.keep();
     } else {

@@ -147,6 +147,8 @@ pub struct ObservedSender {
     inner: Arc<dyn MailSender>,
     metrics: Arc<Metrics>,
     history: Arc<SendHistory>,
+    /// The sending identity it serves, as metrics and logs name it.
+    identity: Arc<str>,
 }
 
 impl ObservedSender {
@@ -154,11 +156,13 @@ impl ObservedSender {
         inner: Arc<dyn MailSender>,
         metrics: Arc<Metrics>,
         history: Arc<SendHistory>,
+        identity: Arc<str>,
     ) -> Self {
         Self {
             inner,
             metrics,
             history,
+            identity,
         }
     }
 }
@@ -176,7 +180,8 @@ impl MailSender for ObservedSender {
     ) -> Result<Receipt, DeliveryError> {
         let start = Instant::now();
         let result = self.inner.send_marked(mail, before_upload).await;
-        self.metrics.smtp_send(start.elapsed(), result.is_ok());
+        self.metrics
+            .smtp_send(&self.identity, start.elapsed(), result.is_ok());
         match &result {
             Ok(receipt) => {
                 self.history.record_ok();
@@ -193,6 +198,7 @@ impl MailSender for ObservedSender {
                         if !was_failing && self.history.failing().is_some() {
                             // The probe shows only the kind; the text is for the operator.
                             tracing::warn!(
+                                identity = %self.identity,
                                 kind = summary.kind,
                                 error = %error,
                                 "the last {FAILING_AFTER} sends failed on the relay's side: /health/ready answers 503"

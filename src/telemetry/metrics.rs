@@ -34,6 +34,7 @@ pub const TOKEN_EXPIRES_IN: &str = "mail_relay_token_expires_in_seconds";
 pub const RATE_LIMITED: &str = "mail_relay_rate_limited_total";
 pub const READY: &str = "mail_relay_ready";
 pub const TRANSPORT: &str = "mail_relay_transport";
+pub const IDENTITY_UP: &str = "mail_relay_identity_up";
 pub const HTTP_CONNECTIONS_OPEN: &str = "mail_relay_http_connections_open";
 pub const HTTP_CONNECTIONS_REFUSED: &str = "mail_relay_http_connections_refused_total";
 pub const MAIL_BYTES_IN_FLIGHT: &str = "mail_relay_mail_bytes_in_flight";
@@ -98,11 +99,19 @@ impl Metrics {
         self.with(|| counter!(MAILS, "outcome" => outcome, "code" => code).increment(1));
     }
 
-    /// One hand-over to the sender (the SMTP server, or the outbox in development).
-    pub fn smtp_send(&self, latency: Duration, ok: bool) {
+    /// One hand-over to `identity`'s sender (the SMTP server, Graph, or the development outbox).
+    pub fn smtp_send(&self, identity: &str, latency: Duration, ok: bool) {
         let outcome = if ok { "ok" } else { "error" };
         self.with(|| {
-            histogram!(SMTP_SEND_DURATION, "outcome" => outcome).record(latency.as_secs_f64());
+            histogram!(SMTP_SEND_DURATION, "outcome" => outcome, "identity" => identity.to_owned())
+                .record(latency.as_secs_f64());
+        });
+    }
+
+    /// Whether `identity` sends (1) or its last sends all failed on the relay's side (0).
+    pub fn set_identity_up(&self, identity: &str, up: bool) {
+        self.with(|| {
+            gauge!(IDENTITY_UP, "identity" => identity.to_owned()).set(if up { 1.0 } else { 0.0 });
         });
     }
 
@@ -250,7 +259,11 @@ fn describe() {
     describe_histogram!(
         SMTP_SEND_DURATION,
         ::metrics::Unit::Seconds,
-        "Time of one send to the SMTP server (retries included), by outcome"
+        "Time of one send to the SMTP server or Graph (retries included), by outcome and sending identity"
+    );
+    describe_gauge!(
+        IDENTITY_UP,
+        "1 while the sending identity sends, 0 when its last sends all failed on the relay's side (mailRelay.identities)"
     );
     describe_gauge!(
         TRANSPORT,
@@ -409,7 +422,7 @@ mod tests {
     fn latencies_land_in_histogram_buckets() {
         let metrics = Metrics::new();
         metrics.http_request("/mail", "POST", 202, Duration::from_millis(30));
-        metrics.smtp_send(Duration::from_millis(300), true);
+        metrics.smtp_send("default", Duration::from_millis(300), true);
         let text = metrics.render(None, None, None, None);
         assert_eq!(
             value(
@@ -422,7 +435,7 @@ mod tests {
         assert_eq!(
             value(
                 &text,
-                "mail_relay_smtp_send_duration_seconds_bucket{outcome=\"ok\",le=\"0.25\"}"
+                "mail_relay_smtp_send_duration_seconds_bucket{outcome=\"ok\",identity=\"default\",le=\"0.25\"}"
             ),
             Some(0.0),
             "{text}"
@@ -430,7 +443,7 @@ mod tests {
         assert_eq!(
             value(
                 &text,
-                "mail_relay_smtp_send_duration_seconds_bucket{outcome=\"ok\",le=\"0.5\"}"
+                "mail_relay_smtp_send_duration_seconds_bucket{outcome=\"ok\",identity=\"default\",le=\"0.5\"}"
             ),
             Some(1.0)
         );

@@ -303,18 +303,18 @@ async fn a_failure_notice_goes_out_at_most_once_an_hour() {
     let transient = DeliveryError::Smtp(SmtpError::rejected(Stage::Data, 451, "4.3.0 later"));
 
     assert!(
-        !notifier.send_failure(&transient),
+        !notifier.send_failure(&transient, "default"),
         "a transient failure is not mailed"
     );
     assert!(
-        notifier.send_failure(&refused()),
+        notifier.send_failure(&refused(), "default"),
         "the first failure is mailed"
     );
     let first = wait_for_count(&peer, &admin, 1).await;
     assert_eq!(first.len(), 1);
     let (subject, _, text) = read_mail(&first[0]);
     assert!(
-        subject.ends_with("sending fails (smtp_auth_failed)"),
+        subject.ends_with("sending as default fails (smtp_auth_failed)"),
         "{subject}"
     );
     assert!(
@@ -325,17 +325,21 @@ async fn a_failure_notice_goes_out_at_most_once_an_hour() {
     assert!(text.contains("mail-relay diagnose"), "{text}");
 
     assert!(
-        !notifier.send_failure(&refused()),
+        !notifier.send_failure(&refused(), "default"),
         "again at once: not mailed"
+    );
+    assert!(
+        notifier.send_failure(&refused(), "billing"),
+        "another identity's failure within the hour: mailed, naming it"
     );
     clock.advance(Duration::from_secs(59 * 60));
     assert!(
-        !notifier.send_failure(&refused()),
+        !notifier.send_failure(&refused(), "default"),
         "59 minutes later: not mailed"
     );
     clock.advance(Duration::from_secs(2 * 60));
     assert!(
-        !notifier.send_failure(&transient),
+        !notifier.send_failure(&transient, "default"),
         "still not for a transient failure"
     );
     let tenant = DeliveryError::Token(mail_relay::token::TokenError::Rejected(Box::new(
@@ -350,19 +354,27 @@ async fn a_failure_notice_goes_out_at_most_once_an_hour() {
         },
     )));
     assert!(
-        notifier.send_failure(&tenant),
+        notifier.send_failure(&tenant, "default"),
         "61 minutes later: mailed again"
     );
 
-    let both = wait_for_count(&peer, &admin, 2).await;
-    assert_eq!(both.len(), 2);
-    let (_, _, tenant_text) = both
+    let all = wait_for_count(&peer, &admin, 3).await;
+    assert_eq!(all.len(), 3);
+    assert!(
+        all.iter().any(|m| read_mail(m)
+            .0
+            .ends_with("sending as billing fails (smtp_auth_failed)")),
+        "a notice for billing"
+    );
+    let (_, _, tenant_text) = all
         .iter()
         .map(|m| read_mail(m))
-        .find(|(subject, _, _)| subject.ends_with("sending fails (token_tenant_not_found)"))
+        .find(|(subject, _, _)| {
+            subject.ends_with("sending as default fails (token_tenant_not_found)")
+        })
         .expect("a notice for the unknown tenant");
     assert!(tenant_text.contains("check oAuthTenantId"), "{tenant_text}");
     // Nothing more arrives: the calls that returned false sent nothing.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(peer.find_messages(&admin).len(), 2);
+    assert_eq!(peer.find_messages(&admin).len(), 3);
 }

@@ -725,3 +725,55 @@ async fn a_silent_server_fails_at_the_greeting_with_the_implicit_tls_hint() {
         "{tls}"
     );
 }
+
+#[tokio::test]
+async fn each_identity_is_checked_in_turn_or_one_alone_against_the_peers_two_mailboxes() {
+    let peer = require_peer!();
+    let entra = FakeEntra::start().await;
+    entra
+        .mount_token(
+            &peer.mint_token(&peer.oauth_user, Duration::from_secs(3600)),
+            3599,
+        )
+        .await;
+    // The default logs in with XOAUTH2 as the OAuth mailbox; `basic` as the peer's other
+    // mailbox, with a password.
+    let yaml = format!(
+        "{}  identities:\n    - name: basic\n      from: [\"{}\"]\n      smtpAuthentication: BASIC\n      smtpUsername: {}\n      smtpPassword: \"{}\"\n",
+        yaml(&peer, &entra, peer.submission_port, "TLS"),
+        peer.basic_user,
+        peer.basic_user,
+        peer.basic_password,
+    );
+    let dir = tempfile::tempdir().unwrap();
+
+    let all = diagnose(dir.path(), &yaml, &[]).await;
+    assert_eq!(all.code, 0, "{}", all.stdout);
+    assert!(
+        all.stdout
+            .contains(&format!("identity default ({})", peer.oauth_user)),
+        "{}",
+        all.stdout
+    );
+    assert!(
+        all.stdout
+            .contains(&format!("identity basic ({})", peer.basic_user)),
+        "{}",
+        all.stdout
+    );
+    assert_eq!(all.stdout.matches("PASS auth").count(), 2, "{}", all.stdout);
+
+    let one = diagnose(dir.path(), &yaml, &["--identity", "basic"]).await;
+    assert_eq!(one.code, 0, "{}", one.stdout);
+    assert!(!one.stdout.contains("identity default"), "{}", one.stdout);
+    assert_eq!(one.stdout.matches("PASS auth").count(), 1, "{}", one.stdout);
+    assert!(!one.stdout.contains(&peer.basic_password), "{}", one.stdout);
+
+    let none = diagnose(dir.path(), &yaml, &["--identity", "nowhere"]).await;
+    assert_eq!(none.code, 2, "{}", none.stdout);
+    assert!(
+        none.stdout.contains("the identities are default, basic"),
+        "{}",
+        none.stdout
+    );
+}

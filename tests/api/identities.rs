@@ -222,14 +222,20 @@ async fn each_mailbox_keeps_to_its_own_connection_cap() {
 #[tokio::test]
 async fn a_token_is_shared_only_where_the_app_is_the_same() {
     let mut two = two_identities().await;
-    // Billing belongs to another app registration (a second tenant's, say).
+    // Billing belongs to another tenant's app registration, with an Entra ID of its own.
+    let fabrikam = FakeEntra::start().await;
+    fabrikam.mount_token("another-tenants-token", 3599).await;
     let SmtpAuthentication::MsOAuth { oauth, .. } = &mut two.settings.relay.identities.others[0]
         .send_email
         .smtp_authentication
     else {
         unreachable!()
     };
-    oauth.client_id = "0b1e7a52-0000-4000-8000-00000000b111".into();
+    *oauth = OAuthSettings {
+        tenant_id: "fabrikam.onmicrosoft.com".into(),
+        client_id: "0b1e7a52-0000-4000-8000-00000000b111".into(),
+        ..fabrikam.oauth_settings()
+    };
     let app = spawn_built(two.settings.clone()).await;
 
     for from in [
@@ -240,21 +246,20 @@ async fn a_token_is_shared_only_where_the_app_is_the_same() {
     ] {
         assert_eq!(post_mail(&app, &mail(from)).await.status(), 202);
     }
-    let mut clients: Vec<String> = two
-        .entra
-        .requests()
-        .await
-        .iter()
-        .filter_map(|r| field(&form_fields(r), "client_id").map(str::to_owned))
-        .collect();
-    clients.sort();
+    // Each tenant's endpoint was asked once, for its own app: one token per app.
+    let clients = |requests: Vec<wiremock::Request>| -> Vec<String> {
+        requests
+            .iter()
+            .filter_map(|r| field(&form_fields(r), "client_id").map(str::to_owned))
+            .collect()
+    };
     assert_eq!(
-        clients,
-        [
-            "0b1e7a52-0000-4000-8000-00000000b111",
-            crate::entra::CLIENT_ID
-        ],
-        "one token per app, each fetched once"
+        clients(two.entra.requests().await),
+        [crate::entra::CLIENT_ID]
+    );
+    assert_eq!(
+        clients(fabrikam.requests().await),
+        ["0b1e7a52-0000-4000-8000-00000000b111"]
     );
 }
 
@@ -487,4 +492,61 @@ fn an_api_key_names_only_identities_that_exist() {
         found[0].message.contains("\"nowhere\" is not an identity"),
         "{error}"
     );
+}
+
+#[tokio::test]
+async fn against_the_peer_each_mailbox_logs_in_as_itself_and_its_mail_says_so() {
+    let peer = crate::require_peer!();
+    let entra = FakeEntra::serving_peer_tokens(&peer).await;
+    let mut settings = test_settings(std::env::temp_dir());
+    settings.relay.delivery = Delivery::Smtp;
+    settings.relay.smtp.ca_file = Some(peer.ca_path().to_path_buf());
+    let peer_server = |authentication| SendEmailSettings {
+        smtp_server: peer.host.clone(),
+        smtp_port: peer.submission_port,
+        smtp_encryption: Encryption::Tls,
+        smtp_authentication: authentication,
+    };
+    settings.send_email = peer_server(SmtpAuthentication::MsOAuth {
+        username: peer.oauth_user.clone(),
+        oauth: entra.oauth_settings(),
+    });
+    settings.relay.identities = IdentitiesSettings {
+        default_name: "default".into(),
+        default_from: patterns(&[&peer.oauth_user]),
+        others: vec![IdentitySettings {
+            name: "basic".into(),
+            from: patterns(&[&peer.basic_user]),
+            send_email: peer_server(SmtpAuthentication::Basic {
+                username: peer.basic_user.clone(),
+                password: peer.basic_password.clone().into(),
+            }),
+            delivery: Delivery::Smtp,
+            rate_limits: RateLimitSettings::OFF,
+        }],
+    };
+    let app = spawn_built(settings).await;
+    let marker = format!("identities-{}", uuid::Uuid::new_v4().simple());
+
+    for user in [&peer.oauth_user, &peer.basic_user] {
+        let mut body = mail(user);
+        body["to"] = json!("alice@contoso.test");
+        body["subject"] = json!(format!("{marker} {user}"));
+        let response = post_mail(&app, &body).await;
+        assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+    }
+    for user in [&peer.oauth_user, &peer.basic_user] {
+        let message = peer
+            .wait_for_message(
+                &format!("{marker} {user}"),
+                std::time::Duration::from_secs(10),
+            )
+            .await
+            .unwrap_or_else(|| panic!("{user}'s mail not delivered"));
+        let text = String::from_utf8_lossy(&message);
+        assert!(
+            text.contains(&format!("(Authenticated sender: {user})")),
+            "{user}: {text}"
+        );
+    }
 }

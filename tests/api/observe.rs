@@ -102,7 +102,7 @@ async fn metrics_count_requests_and_mails_without_addresses_or_secrets() {
     );
     assert!(!text.contains(r#"code="invalid_request""#), "{text}");
     assert_eq!(
-        get(r#"mail_relay_smtp_send_duration_seconds_count{outcome="ok"}"#),
+        get(r#"mail_relay_smtp_send_duration_seconds_count{outcome="ok",identity="default"}"#),
         Some(2.0)
     );
     for line in text.lines().filter(|l| !l.starts_with('#')) {
