@@ -215,12 +215,10 @@ async fn serve(
     };
     // The command line and its environment variables win over the settings file.
     let log = &loaded.settings.relay.log;
-    // Held to the end of `serve`: dropping it flushes the last lines.
-    let (writer, _log_guard) = telemetry::stdout_writer();
     telemetry::init(
         format.unwrap_or(log.format),
         filter.unwrap_or(&log.filter),
-        writer,
+        std::io::stdout,
     );
     for warning in &loaded.warnings {
         tracing::warn!(config = %path.display(), "{warning}");

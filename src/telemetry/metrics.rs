@@ -35,7 +35,6 @@ pub const RATE_LIMITED: &str = "mail_relay_rate_limited_total";
 pub const READY: &str = "mail_relay_ready";
 pub const TRANSPORT: &str = "mail_relay_transport";
 pub const IDENTITY_UP: &str = "mail_relay_identity_up";
-pub const LOG_LINES_DROPPED: &str = "mail_relay_log_lines_dropped_total";
 pub const HTTP_CONNECTIONS_OPEN: &str = "mail_relay_http_connections_open";
 pub const HTTP_CONNECTIONS_REFUSED: &str = "mail_relay_http_connections_refused_total";
 pub const MAIL_BYTES_IN_FLIGHT: &str = "mail_relay_mail_bytes_in_flight";
@@ -214,7 +213,6 @@ impl Metrics {
                 gauge!(SMTP_OPEN).set(smtp.open_connections as f64);
                 gauge!(SMTP_IDLE).set(smtp.idle_connections as f64);
             }
-            counter!(LOG_LINES_DROPPED).absolute(super::dropped_log_lines());
             if let Some(tokens) = tokens {
                 let failures = tokens.failed_fetches.min(tokens.fetch_count);
                 counter!(TOKEN_FETCHES, "outcome" => "success")
@@ -262,10 +260,6 @@ fn describe() {
         SMTP_SEND_DURATION,
         ::metrics::Unit::Seconds,
         "Time of one send to the SMTP server or Graph (retries included), by outcome and sending identity"
-    );
-    describe_counter!(
-        LOG_LINES_DROPPED,
-        "Log lines dropped because stdout did not take them fast enough (the writer's buffer of 16384 lines was full)"
     );
     describe_gauge!(
         IDENTITY_UP,
