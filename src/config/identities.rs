@@ -77,14 +77,18 @@ pub(super) fn identities(
         None => Vec::new(),
     };
     // With other identities, the default serves only what it names: never a silent catch-all.
-    if default_from.is_empty()
-        && !others.is_empty()
-        && let Some(own) = default
+    if default_from.is_empty() && !entries.is_empty() {
+        match default
             .smtp_authentication
             .username()
             .and_then(AddressPattern::parse)
-    {
-        default_from.push(own);
+        {
+            Some(own) => default_from.push(own),
+            None => ctx.error(
+                DEFAULT_FROM,
+                "is required with mailRelay.identities when featureSwitches.sendEmail has no smtpUsername: name the From addresses the default identity serves (it never serves every From beside other identities)",
+            ),
+        }
     }
     check_unique(ctx, &default_name, &default_from, &others);
     IdentitiesSettings {

@@ -550,3 +550,19 @@ async fn against_the_peer_each_mailbox_logs_in_as_itself_and_its_mail_says_so() 
         );
     }
 }
+
+#[test]
+fn beside_other_identities_a_default_without_a_mailbox_must_name_its_from() {
+    let yaml = "featureSwitches:\n  sendEmail:\n    smtpServer: localhost\n    smtpEncryption: NONE\n    smtpAuthentication: NONE\nmailRelay:\n  auth:\n    allowAnonymous: true\n  delivery:\n    mode: outbox\n  identities:\n    - name: billing\n      from: [billing@contoso.com]\n";
+    let error = mail_relay::config::load_str(yaml, "test.yml", &[]).unwrap_err();
+    let found: Vec<_> = error
+        .errors
+        .iter()
+        .filter(|e| e.key == "mailRelay.defaultIdentity.from")
+        .collect();
+    assert_eq!(found.len(), 1, "{error}");
+    assert!(
+        found[0].message.contains("never serves every From"),
+        "{error}"
+    );
+}
