@@ -20,6 +20,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
@@ -37,6 +38,8 @@ SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
 RUNS = int(os.environ.get("BENCH_RUNS", "5"))
 CLIENTS = [int(c) for c in os.environ.get("BENCH_CLIENTS", "1,8,32,128").split(",")]
 CONNECTIONS = 3
+# Flame graphs after the measured rounds (BENCH_PROFILE=1): one unmeasured run at each.
+FLAME_CLIENTS = [int(c) for c in os.environ.get("BENCH_FLAME_CLIENTS", "1,8,32").split(",") if c]
 # `shared`: everything on all cores. `split` (bench/run.sh sets it): the SMTP server on CPU 0,
 # the relay and its clients on the others, as in production, where Exchange is elsewhere.
 LAYOUT = os.environ.get("BENCH_LAYOUT", "shared")
@@ -266,6 +269,35 @@ def profile(relay, script, work):
                 "== by shared object ==\n" + reports[0] + "\n\n== by symbol ==\n"
                 + reports[1] + "\n")
     log("profile written to bench/results/profile.txt")
+    for clients in FLAME_CLIENTS:
+        flame_graph(relay, script, work, clients)
+
+
+def flame_graph(relay, script, work, clients):
+    """bench/results/flame-<clients>.svg from one unmeasured run under `perf record`, drawn with
+    inferno (`cargo install inferno`); skipped when inferno is not installed."""
+    collapse, draw = shutil.which("inferno-collapse-perf"), shutil.which("inferno-flamegraph")
+    if not (collapse and draw):
+        log("inferno not installed (cargo install inferno): no flame graphs")
+        return
+    data = os.path.join(work, f"perf-{clients}.data")
+    perf = subprocess.Popen(["perf", "record", "-q", "-F", "999", "-g", "-o", data,
+                             "-p", str(relay.proc.pid)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    time.sleep(0.3)
+    run_wrk(relay, script, clients)
+    perf.send_signal(2)
+    perf.wait(timeout=60)
+    stacks = subprocess.run(["perf", "script", "-i", data], capture_output=True, check=False).stdout
+    folded = subprocess.run([collapse], input=stacks, capture_output=True, check=True).stdout
+    svg = subprocess.run([draw, "--title", f"mail-relay, POST /mail at {clients} clients "
+                          "(perf -F 999, relay process)"],
+                         input=folded, capture_output=True, check=True).stdout
+    path = os.path.join(ROOT, f"bench/results/flame-{clients}.svg")
+    with open(path, "wb") as f:
+        f.write(svg)
+    log(f"flame graph written to {path}")
 
 
 def run_direct(peer, token, marker):
