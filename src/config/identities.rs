@@ -170,7 +170,14 @@ fn identity(
         }
     };
     let name = text("name").unwrap_or_default();
-    check_name(ctx, &format!("{at}.name"), &name);
+    if name.is_empty() {
+        ctx.error(
+            &format!("{at}.name"),
+            "is required: the identity's name in logs, metrics, health and errors (letters, digits, - and _)",
+        );
+    } else {
+        check_name(ctx, &format!("{at}.name"), &name);
+    }
     let from = patterns(
         ctx,
         &format!("{at}.from"),

@@ -33,6 +33,7 @@ use url::Url;
 pub use keys::env_name;
 pub use load::{ConfigError, LoadOptions, Loaded, SettingError, listener, load, load_str};
 pub use queue::{QueueMode, QueueSettings, SecretBytes, WebhookSettings};
+pub use send_email::IMDS_TOKEN_ENDPOINT;
 pub use store::{StoreSettings, StoreUrl};
 pub use validate::{is_host_local, is_loopback_host, read_ca_certificates};
 

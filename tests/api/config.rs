@@ -1895,7 +1895,7 @@ fn managed_seed(kind: &str, extra: &str) -> String {
 fn a_managed_identity_needs_no_tenant_client_or_secret_and_defaults_to_the_platforms_endpoint() {
     use mail_relay::config::{ClientCredential, ManagedIdentity};
 
-    // IMDS's address is only the default here: nothing is sent to it.
+    // IMDS's link-local address is only the default here: nothing is sent to it.
     let loaded = ok(&managed_seed("imds", ""), &[]);
     let (_, settings) = oauth(&loaded);
     assert!(matches!(
@@ -1904,7 +1904,16 @@ fn a_managed_identity_needs_no_tenant_client_or_secret_and_defaults_to_the_platf
     ));
     assert_eq!(
         settings.token_endpoint.as_str(),
-        "http://169.254.169.254/metadata/identity/oauth2/token"
+        mail_relay::config::IMDS_TOKEN_ENDPOINT
+    );
+    assert!(
+        matches!(settings.token_endpoint.host(), Some(url::Host::Ipv4(ip)) if ip.is_link_local()),
+        "{}",
+        settings.token_endpoint
+    );
+    assert_eq!(
+        settings.token_endpoint.path(),
+        "/metadata/identity/oauth2/token"
     );
     assert_eq!(settings.client_id, "");
     // SMTP with a managed identity is not what Exchange documents: said once, not refused.
@@ -1969,7 +1978,7 @@ fn a_managed_identity_set_up_wrongly_names_the_field() {
     );
     assert!(message.contains("imds"), "{message}");
     let message = error_for(
-        &managed_seed("imds", "    oAuthTokenEndpoint: http://10.1.2.3/token\n"),
+        &managed_seed("imds", "    oAuthTokenEndpoint: http://203.0.113.7/token\n"),
         &[],
         "featureSwitches.sendEmail.oAuthTokenEndpoint",
     );

@@ -566,3 +566,12 @@ fn beside_other_identities_a_default_without_a_mailbox_must_name_its_from() {
         "{error}"
     );
 }
+
+#[test]
+fn an_identity_without_a_name_is_told_it_needs_one() {
+    let message = error_for(
+        "    - from: [a@contoso.com]\n",
+        "mailRelay.identities[0].name",
+    );
+    assert!(message.contains("is required"), "{message}");
+}

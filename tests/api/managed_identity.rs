@@ -1,5 +1,6 @@
 //! A fake of the two managed identity endpoints on loopback, and the relay's managed identity
-//! credential against it. Tests never reach the real IMDS address, 169.254.169.254.
+//! credential against it. Tests never reach the real IMDS address (link-local, the setting's
+//! default): every endpoint here is 127.0.0.1.
 //!
 //! What the fake answers, and what that is based on:
 //! - IMDS, `GET /metadata/identity/oauth2/token` (Microsoft's "How to use managed identities on
