@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use super::read::Ctx;
 use super::send_email::https_url;
-use super::validate::{Ctx, is_address};
+use super::validate::is_address;
 use super::{
     AddressPattern, ApiKeySettings, AuthSettings, CorsSettings, OidcSettings, ProxySecret,
     SendAsSettings, TrustedProxySettings,

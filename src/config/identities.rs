@@ -9,8 +9,9 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 use super::callers::patterns;
+use super::read::Ctx;
 use super::resolve::{Effective, Origin};
-use super::validate::{Ctx, se};
+use super::validate::se;
 use super::{
     AddressPattern, Cloud, Delivery, IdentitiesSettings, IdentitySettings, RateLimitSettings,
     SendEmailSettings, keys,

@@ -16,9 +16,11 @@ mod placeholders;
 mod proxy;
 mod queue;
 mod raw;
+mod read;
 mod resolve;
 mod send_email;
 mod store;
+mod trust;
 mod validate;
 
 use std::net::{IpAddr, SocketAddr};
@@ -35,7 +37,7 @@ pub use load::{ConfigError, LoadOptions, Loaded, SettingError, listener, load, l
 pub use queue::{QueueMode, QueueSettings, SecretBytes, WebhookSettings};
 pub use send_email::IMDS_TOKEN_ENDPOINT;
 pub use store::{StoreSettings, StoreUrl};
-pub use validate::{is_host_local, is_loopback_host, read_ca_certificates};
+pub use trust::{is_host_local, is_loopback_host, read_ca_certificates};
 
 /// The embedded dev settings (`config/dev.yml`): outbox delivery, no Microsoft 365 needed.
 pub const DEV_DEFAULT: &str = include_str!("../../config/dev.yml");

@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use tracing_subscriber::EnvFilter;
 
-use super::validate::Ctx;
+use super::read::Ctx;
 use super::{LogFormat, LogSettings, MetricsSettings};
 
 const ADDRESS: &str = "mailRelay.metrics.address";

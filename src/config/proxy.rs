@@ -1,7 +1,7 @@
 //! `mailRelay.http` and `mailRelay.shutdown`: the relay behind a reverse proxy, and its drain.
 
 use super::callers;
-use super::validate::Ctx;
+use super::read::Ctx;
 use super::{ForwardedHeader, HttpSettings, ShutdownSettings};
 
 const BASE_PATH: &str = "mailRelay.http.basePath";

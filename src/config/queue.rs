@@ -10,8 +10,8 @@ use url::Url;
 use super::StoreUrl;
 use super::cipher::EncryptionKey;
 use super::keys::ENCRYPT_AT_REST;
+use super::read::Ctx;
 use super::send_email::https_url;
-use super::validate::Ctx;
 
 const QUEUE: &str = "mailRelay.delivery.queue";
 const RETRY_MIN: &str = "mailRelay.delivery.retryMinSeconds";

@@ -8,9 +8,9 @@ use url::Url;
 
 use crate::token::CertificateCredential;
 
-use super::validate::{
-    Ctx, OFFICE365_HOST, TENANT_PLACEHOLDER, is_address, is_host_local, is_loopback_host, se,
-};
+use super::read::Ctx;
+use super::trust::{is_host_local, is_loopback_host};
+use super::validate::{OFFICE365_HOST, TENANT_PLACEHOLDER, is_address, se};
 use super::{
     ClientCredential, Cloud, Delivery, Encryption, ManagedIdentity, OAuthSettings,
     SendEmailSettings, SmtpAuthentication,

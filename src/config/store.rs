@@ -8,7 +8,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 use url::Url;
 
-use super::validate::Ctx;
+use super::read::Ctx;
 
 const URL: &str = "mailRelay.store.url";
 const PASSWORD: &str = "mailRelay.store.password";

@@ -1,22 +1,17 @@
 //! Effective text -> typed [`Settings`], collecting every problem at once.
 
-use std::fmt::Display;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
-use secrecy::SecretString;
-
 use super::observe;
+use super::read::Ctx;
 use super::resolve::Resolved;
+use super::trust::read_ca_certificates;
 use super::{
     AdminMailSettings, Delivery, IdempotencySettings, Limits, RateLimitSettings, RelaySettings,
-    SendEmailSettings, ServerSettings, SettingError, Settings, SmtpTuning, keys,
+    SendEmailSettings, ServerSettings, SettingError, Settings, SmtpTuning,
 };
 use super::{callers, proxy};
 
@@ -50,143 +45,6 @@ const SE: &str = "featureSwitches.sendEmail";
 
 pub(super) fn se(name: &str) -> String {
     format!("{SE}.{name}")
-}
-
-pub(super) struct Ctx<'a> {
-    pub(super) values: &'a Resolved,
-    pub(super) errors: Vec<SettingError>,
-    pub(super) warnings: Vec<String>,
-}
-
-impl Ctx<'_> {
-    pub(super) fn error(&mut self, key: &str, message: impl Into<String>) {
-        // Its value could not be read at all; that error is already reported.
-        if self.values.failed.contains(key) {
-            return;
-        }
-        let mut message = message.into();
-        // Checks quote values as `{value:?}`: for a secret or `{cipher}` value, whichever check
-        // wrote the message, that quote becomes `****` (`shown` does the same up front).
-        if let Some(value) = self.values.get(key).filter(|_| self.masked(key)) {
-            for form in [value.text.as_str(), value.text.trim()] {
-                message = message.replace(&format!("{form:?}"), "****");
-            }
-        }
-        self.errors.push(SettingError {
-            key: key.to_owned(),
-            message,
-        });
-    }
-
-    fn masked(&self, key: &str) -> bool {
-        keys::spec(key).is_some_and(|s| s.secret)
-            || self.values.get(key).is_some_and(|v| v.encrypted)
-    }
-
-    /// The effective text of a non-secret key, trimmed.
-    pub(super) fn text(&self, key: &str) -> Option<&str> {
-        self.values.get(key).map(|v| v.text.trim())
-    }
-
-    /// The effective text of a secret key, untouched (spaces may belong to a password).
-    pub(super) fn secret(&self, key: &str) -> Option<SecretString> {
-        self.values
-            .get(key)
-            .map(|v| SecretString::from(v.text.clone()))
-    }
-
-    /// The value as it may appear in a message: masked for secrets and `{cipher}` values.
-    pub(super) fn shown(&self, key: &str, value: &str) -> String {
-        if self.masked(key) {
-            "****".into()
-        } else {
-            format!("{value:?}")
-        }
-    }
-
-    pub(super) fn required(&mut self, key: &str, why: &str) -> Option<String> {
-        match self.text(key) {
-            Some(v) => Some(v.to_owned()),
-            None => {
-                self.error(key, format!("is required {why}"));
-                None
-            }
-        }
-    }
-
-    pub(super) fn number<T>(&mut self, key: &str, default: T, allowed: RangeInclusive<T>) -> T
-    where
-        T: FromStr + PartialOrd + Display + Copy,
-    {
-        let Some(text) = self.text(key).map(str::to_owned) else {
-            return default;
-        };
-        let range = format!("{}..={}", allowed.start(), allowed.end());
-        let shown = self.shown(key, &text);
-        // A whole number too large for the type is out of range, not "not a number".
-        if text.parse::<i128>().is_err() {
-            self.error(
-                key,
-                format!("{shown} is not a whole number; allowed {range}"),
-            );
-            return default;
-        }
-        match text.parse::<T>() {
-            Ok(n) if allowed.contains(&n) => n,
-            _ => {
-                self.error(key, format!("{shown} is out of range; allowed {range}"));
-                default
-            }
-        }
-    }
-
-    pub(super) fn seconds(&mut self, key: &str, default: u64) -> Duration {
-        Duration::from_secs(self.number(key, default, 1..=86_400))
-    }
-
-    pub(super) fn one_of<T: Copy>(
-        &mut self,
-        key: &str,
-        default: T,
-        choices: &[(&str, T)],
-        allowed: &str,
-    ) -> T {
-        let Some(text) = self.text(key).map(str::to_owned) else {
-            return default;
-        };
-        match choices
-            .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case(&text))
-        {
-            Some((_, v)) => *v,
-            None => {
-                let shown = self.shown(key, &text);
-                self.error(key, format!("{shown} is not one of {allowed}"));
-                default
-            }
-        }
-    }
-}
-
-/// Is `host` this machine: `localhost`, 127.0.0.0/8 or ::1?
-pub fn is_loopback_host(host: &str) -> bool {
-    let host = host.trim().trim_start_matches('[').trim_end_matches(']');
-    if host.eq_ignore_ascii_case("localhost") || host.eq_ignore_ascii_case("localhost.") {
-        return true;
-    }
-    host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
-
-/// Is `host` this machine or its link-local network (169.254.0.0/16, fe80::/10), where the
-/// platform's managed identity endpoints live and answer plain http?
-pub fn is_host_local(host: &str) -> bool {
-    let bare = host.trim().trim_start_matches('[').trim_end_matches(']');
-    is_loopback_host(host)
-        || match bare.parse::<IpAddr>() {
-            Ok(IpAddr::V4(ip)) => ip.is_link_local(),
-            Ok(IpAddr::V6(ip)) => ip.is_unicast_link_local(),
-            Err(_) => false,
-        }
 }
 
 /// A plausible mailbox address: `local@domain.tld`, no spaces.
@@ -582,24 +440,6 @@ fn check_ca_file(ctx: &mut Ctx<'_>, path: &Path) {
     }
 }
 
-/// The CA certificates in the PEM file `path` (`mailRelay.smtp.caFile`); the error says what to
-/// give instead. The settings check and the SMTP side's TLS set-up read it the same way.
-pub fn read_ca_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem = std::fs::read(path).map_err(|e| {
-        format!(
-            "cannot read {}: {e}; give the path of a PEM file of CA certificates",
-            path.display()
-        )
-    })?;
-    match CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>() {
-        Ok(certs) if !certs.is_empty() => Ok(certs),
-        _ => Err(format!(
-            "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----): give a PEM file with the CA certificate(s)",
-            path.display()
-        )),
-    }
-}
-
 /// `mailRelay.graph.*`, checked whatever the mode, so that a switch to `graph` finds no surprise.
 fn graph(ctx: &mut Ctx<'_>, cloud: super::Cloud) -> super::GraphSettings {
     let key = "mailRelay.graph.baseUrl";
@@ -663,32 +503,5 @@ fn check_timeouts(ctx: &mut Ctx<'_>, relay: &RelaySettings) {
             relay.smtp.send_deadline.as_secs(),
             relay.limits.request_timeout.as_secs()
         ));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn loopback_hosts() {
-        for host in [
-            "localhost",
-            "LOCALHOST.",
-            "127.0.0.1",
-            "127.0.0.2",
-            "[::1]",
-            "::1",
-        ] {
-            assert!(is_loopback_host(host), "{host}");
-        }
-        for host in [
-            "smtp.office365.com",
-            "10.0.0.1",
-            "localhost.example",
-            "[::2]",
-        ] {
-            assert!(!is_loopback_host(host), "{host}");
-        }
     }
 }
