@@ -17,6 +17,7 @@
 //! The queue lives behind [`QueueStore`], which `store/` implements in SQL (SQLite and
 //! PostgreSQL); the memory store has no queue, and then mails are sent synchronously.
 
+mod attempt;
 pub mod notify;
 mod record;
 pub mod retry;
