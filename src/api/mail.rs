@@ -375,22 +375,14 @@ async fn refused(
 ) -> ApiError {
     // Failures an administrator must fix (login, TLS, token) are mailed to them, at most hourly.
     state.admin.send_failure(&error, &identity.name);
-    if error.outcome_unknown() {
-        quota.keep();
-    } else {
-        identity.rate_limits.refund(quota).await;
-    }
-    match error.kind() {
-        FailureKind::QuotaExceeded => identity.rate_limits.mailbox_quota_exceeded().await,
-        FailureKind::SendAsDenied => {
-            let reply = error.server_reply().unwrap_or_else(|| error.to_string());
-            return identity
-                .send_as
-                .remember_exchange_denial(caller, from, &reply)
-                .await
-                .into();
-        }
-        _ => {}
+    identity.settle_failed_send(&error, quota).await;
+    if error.kind() == FailureKind::SendAsDenied {
+        let reply = error.server_reply().unwrap_or_else(|| error.to_string());
+        return identity
+            .send_as
+            .remember_exchange_denial(caller, from, &reply)
+            .await
+            .into();
     }
     error.into()
 }

@@ -11,8 +11,8 @@ use std::sync::Arc;
 pub use router::Routed;
 
 use crate::config::AddressPattern;
-use crate::delivery::MailSender;
-use crate::rate_limit::RateLimits;
+use crate::delivery::{DeliveryError, FailureKind, MailSender};
+use crate::rate_limit::{RateLimits, Reservation};
 use crate::send_as::SendAsPolicy;
 use crate::telemetry::delivery::SendHistory;
 
@@ -54,6 +54,20 @@ impl Identity {
                 AddressPattern::Domain(_) => 1,
             })
             .max()
+    }
+
+    /// What a failed send means for its mailbox limits, whether a request or a queue worker
+    /// sent it: the quota back unless the server may have the mail, and Exchange's quota
+    /// refusal remembered as the mailbox's block.
+    pub async fn settle_failed_send(&self, error: &DeliveryError, quota: Reservation) {
+        if error.outcome_unknown() {
+            quota.keep();
+        } else {
+            self.rate_limits.refund(quota).await;
+        }
+        if error.kind() == FailureKind::QuotaExceeded {
+            self.rate_limits.mailbox_quota_exceeded().await;
+        }
     }
 }
 

@@ -140,17 +140,9 @@ pub(super) async fn deliver(inner: &Inner, worker: &str, mut mail: Claimed) {
         }
     };
     d.admin.send_failure(&error, &identity.name);
-    if error.outcome_unknown() {
-        quota.keep();
-    } else {
-        identity.rate_limits.refund(quota).await;
-    }
-    match error.kind() {
-        FailureKind::QuotaExceeded => identity.rate_limits.mailbox_quota_exceeded().await,
-        FailureKind::SendAsDenied => {
-            identity.send_as.remember_denied(&mail.from).await;
-        }
-        _ => {}
+    identity.settle_failed_send(&error, quota).await;
+    if error.kind() == FailureKind::SendAsDenied {
+        identity.send_as.remember_denied(&mail.from).await;
     }
     let attempt = attempt_of(now, error.code(), error.server_reply(), error.to_string());
     let end = match retry::decide(&error) {
