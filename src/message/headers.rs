@@ -80,17 +80,14 @@ impl Priority {
     }
 }
 
-/// The headers a caller may set besides the ones the relay writes.
-const ALLOWED: &[&str] = &[
-    "In-Reply-To",
-    "References",
-    "List-Id",
-    "List-Unsubscribe",
-    "List-Unsubscribe-Post",
-    "Auto-Submitted",
-    "Keywords",
-    "Comments",
-];
+/// The headers a caller may set besides the ones the relay writes: the structured ones, then
+/// these of free text.
+const FREE_TEXT: &[&str] = &["Keywords", "Comments"];
+
+/// Every allowed header name, in the order error messages list them.
+fn allowed() -> impl Iterator<Item = &'static str> {
+    STRUCTURED.iter().chain(FREE_TEXT).copied()
+}
 
 /// `X-` headers that Exchange, spam filters or the relay itself give meaning to. Letting a
 /// caller set them would let it steer transport rules or spam verdicts (`X-MS-Exchange-
@@ -111,7 +108,7 @@ const DENIED_X_PREFIXES: &[&str] = &[
 pub fn allowed_header_names() -> String {
     format!(
         "{}, and X-* headers except those starting with {}",
-        ALLOWED.join(", "),
+        allowed().collect::<Vec<_>>().join(", "),
         DENIED_X_PREFIXES.join(", ")
     )
 }
@@ -171,8 +168,8 @@ const STRUCTURED: &[&str] = &[
 ];
 
 fn canonical_name(name: &str) -> Result<String, String> {
-    if let Some(known) = ALLOWED.iter().find(|a| a.eq_ignore_ascii_case(name)) {
-        return Ok((*known).to_owned());
+    if let Some(known) = allowed().find(|a| a.eq_ignore_ascii_case(name)) {
+        return Ok(known.to_owned());
     }
     let lower = name.to_ascii_lowercase();
     let is_x = lower.len() > 2
