@@ -273,6 +273,32 @@ mod tests {
         }
     }
 
+    /// A first request under `k` that ran and was answered `response`.
+    async fn answered(
+        idem: &Idempotency,
+        caller: &Caller,
+        k: &str,
+        body: &[u8],
+        response: StoredResponse,
+    ) {
+        new_guard(idem, caller, k, body)
+            .await
+            .complete(response)
+            .await;
+    }
+
+    /// The refusal a request under `k` gets.
+    async fn refused(
+        idem: &Idempotency,
+        caller: &Caller,
+        k: &str,
+        body: &[u8],
+    ) -> IdempotencyError {
+        idem.begin(caller, key(k), Fingerprint::of(body))
+            .await
+            .unwrap_err()
+    }
+
     #[tokio::test]
     async fn a_retry_gets_the_stored_response() {
         let (idem, _, clock) = setup(86_400, 100);
@@ -295,16 +321,10 @@ mod tests {
         let caller = api_key("billing");
         let guard = new_guard(&idem, &caller, "k-1", b"first").await;
         // Also while the first is in flight: a different body is a different request.
-        let err = idem
-            .begin(&caller, key("k-1"), Fingerprint::of(b"second"))
-            .await
-            .unwrap_err();
+        let err = refused(&idem, &caller, "k-1", b"second").await;
         assert_eq!(err, IdempotencyError::KeyReused);
         guard.complete(accepted("m-1")).await;
-        let err = idem
-            .begin(&caller, key("k-1"), Fingerprint::of(b"second"))
-            .await
-            .unwrap_err();
+        let err = refused(&idem, &caller, "k-1", b"second").await;
         assert_eq!(err, IdempotencyError::KeyReused);
     }
 
@@ -313,10 +333,7 @@ mod tests {
         let (idem, _, _) = setup(86_400, 100);
         let caller = api_key("billing");
         let guard = new_guard(&idem, &caller, "k-1", b"body").await;
-        let err = idem
-            .begin(&caller, key("k-1"), Fingerprint::of(b"body"))
-            .await
-            .unwrap_err();
+        let err = refused(&idem, &caller, "k-1", b"body").await;
         assert_eq!(err, IdempotencyError::InProgress);
         guard.complete(accepted("m-1")).await;
         replay(&idem, &caller, "k-1", b"body").await;
@@ -392,10 +409,7 @@ mod tests {
     async fn records_expire_after_the_ttl() {
         let (idem, store, clock) = setup(60, 100);
         let caller = api_key("billing");
-        new_guard(&idem, &caller, "k-1", b"body")
-            .await
-            .complete(accepted("m-1"))
-            .await;
+        answered(&idem, &caller, "k-1", b"body", accepted("m-1")).await;
         clock.advance(Duration::from_millis(59_999));
         replay(&idem, &caller, "k-1", b"body").await;
         clock.advance(Duration::from_millis(1));
@@ -414,19 +428,10 @@ mod tests {
             address: "alice@contoso.com".into(),
             via: UserSource::Oidc,
         };
-        new_guard(&idem, &api_key("billing"), "k-1", b"body")
-            .await
-            .complete(accepted("m-1"))
-            .await;
+        answered(&idem, &api_key("billing"), "k-1", b"body", accepted("m-1")).await;
         // Same key and body, other callers: their own first requests.
-        new_guard(&idem, &api_key("crm"), "k-1", b"body")
-            .await
-            .complete(accepted("m-2"))
-            .await;
-        new_guard(&idem, &user, "k-1", b"body")
-            .await
-            .complete(accepted("m-3"))
-            .await;
+        answered(&idem, &api_key("crm"), "k-1", b"body", accepted("m-2")).await;
+        answered(&idem, &user, "k-1", b"body", accepted("m-3")).await;
         assert_eq!(
             replay(&idem, &api_key("crm"), "k-1", b"body").await,
             accepted("m-2")
@@ -439,10 +444,7 @@ mod tests {
         let (idem, store, clock) = setup(86_400, 3);
         let caller = api_key("billing");
         for k in ["a", "b", "c", "d"] {
-            new_guard(&idem, &caller, k, b"body")
-                .await
-                .complete(accepted(k))
-                .await;
+            answered(&idem, &caller, k, b"body", accepted(k)).await;
             clock.advance(Duration::from_secs(1));
         }
         assert_eq!(store.len(), 3);
@@ -457,18 +459,12 @@ mod tests {
         let (idem, store, clock) = setup(86_400, 5);
         let (quiet, noisy) = (api_key("billing"), api_key("newsletter"));
         for k in ["q-1", "q-2"] {
-            new_guard(&idem, &quiet, k, b"body")
-                .await
-                .complete(accepted(k))
-                .await;
+            answered(&idem, &quiet, k, b"body", accepted(k)).await;
         }
         for n in 0..20 {
             clock.advance(Duration::from_secs(1));
             let k = format!("n-{n}");
-            new_guard(&idem, &noisy, &k, b"body")
-                .await
-                .complete(accepted(&k))
-                .await;
+            answered(&idem, &noisy, &k, b"body", accepted(&k)).await;
         }
         assert_eq!(store.len(), 5);
         // The quiet caller's older records stay; the noisy one keeps its newest three.
@@ -496,19 +492,13 @@ mod tests {
         let (idem, store, clock) = setup_bytes(86_400, 100_000, MAX_BYTES);
         let (quiet, noisy) = (api_key("billing"), api_key("newsletter"));
         for k in ["q-1", "q-2"] {
-            new_guard(&idem, &quiet, k, b"body")
-                .await
-                .complete(accepted(k))
-                .await;
+            answered(&idem, &quiet, k, b"body", accepted(k)).await;
         }
         // 200 refusals of 60 KiB: 12 MiB unbounded, far over the count bound's reach.
         for n in 0..200 {
             clock.advance(Duration::from_secs(1));
             let k = format!("n-{n}");
-            new_guard(&idem, &noisy, &k, b"body")
-                .await
-                .complete(large_refusal())
-                .await;
+            answered(&idem, &noisy, &k, b"body", large_refusal()).await;
             assert!(
                 store.bytes() <= MAX_BYTES,
                 "{} bytes after {n}",
@@ -538,16 +528,15 @@ mod tests {
         for k in ["a-1", "a-2", "a-3"] {
             running.push(new_guard(&idem, &a, k, b"x").await);
         }
-        new_guard(&idem, &b, "b-1", b"x")
-            .await
-            .complete(accepted("b-1"))
-            .await;
+        answered(&idem, &b, "b-1", b"x", accepted("b-1")).await;
         running.push(new_guard(&idem, &b, "b-2", b"x").await);
         // `a` holds the most, but its claims are running: `b`'s answered record went instead.
         assert_eq!(store.len(), 4);
         for k in ["a-1", "a-2", "a-3"] {
-            let err = idem.begin(&a, key(k), Fingerprint::of(b"x")).await;
-            assert_eq!(err.unwrap_err(), IdempotencyError::InProgress);
+            assert_eq!(
+                refused(&idem, &a, k, b"x").await,
+                IdempotencyError::InProgress
+            );
         }
         drop(new_guard(&idem, &b, "b-1", b"x").await);
         drop(running);
@@ -562,10 +551,7 @@ mod tests {
         clock.advance(Duration::from_secs(61));
         // Neither the TTL nor another claim beyond `maxEntries` pushes it out.
         let other = new_guard(&idem, &caller, "k-2", b"other").await;
-        let err = idem
-            .begin(&caller, key("k-1"), Fingerprint::of(b"body"))
-            .await
-            .unwrap_err();
+        let err = refused(&idem, &caller, "k-1", b"body").await;
         assert_eq!(err, IdempotencyError::InProgress);
         drop(other);
         // Its answer, however late, is kept for the TTL from then.

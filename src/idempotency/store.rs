@@ -35,9 +35,9 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         now: Millis,
     ) -> Result<Slot, IdempotencyError>;
 
-    /// Store the result of the claim `token`; nothing when the claim is gone (expired, evicted).
-    /// Store the answer for the claim `token`; it is kept for the TTL from `now`, the answer's
-    /// time, since its request may have run longer than the TTL.
+    /// Store the answer for the claim `token`; nothing when the claim is gone (expired, evicted).
+    /// It is kept for the TTL from `now`, the answer's time, since its request may have run
+    /// longer than the TTL.
     async fn complete(
         &self,
         scope: &str,
