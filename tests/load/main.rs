@@ -11,6 +11,8 @@ mod entra;
 mod helpers;
 #[path = "../api/peer.rs"]
 pub mod peer;
+#[path = "../api/process.rs"]
+mod process;
 
 mod faults;
 mod harness;

@@ -1,24 +1,22 @@
 //! SIGTERM under load, against the real binary: no accepted request is lost.
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-
 use crate::entra::{CLIENT_SECRET, FakeEntra};
 use crate::harness::{Outcome, assert_exactly_once, marker, wait_for_deliveries};
-use crate::helpers::{TEST_API_KEY, TestApp, authenticated_client};
-use crate::peer::{Peer, closed_port};
+use crate::helpers::{TestApp, authenticated_client};
+use crate::peer::Peer;
+use crate::process::{RelayProcess, test_key_sha256};
 use crate::require_peer;
 
 const CLIENTS: usize = 32;
 
-fn config(peer: &Peer, port: u16, token_url: &str, client_id: &str, tenant: &str) -> String {
-    let sha = hex::encode(Sha256::digest(TEST_API_KEY.as_bytes()));
+fn config(peer: &Peer, token_url: &str, client_id: &str, tenant: &str) -> String {
+    let sha = test_key_sha256();
     format!(
-        "server:\n  address: 127.0.0.1\n  port: {port}\n\
+        "server:\n  address: 127.0.0.1\n  port: 0\n\
          featureSwitches:\n  sendEmail:\n    smtpServer: {host}\n    smtpPort: {smtp_port}\n\
          \x20   smtpEncryption: TLS\n    smtpAuthentication: MS_OAUTH\n    smtpUsername: {user}\n\
          \x20   oAuthClientId: {client_id}\n    oAuthClientSecret: {CLIENT_SECRET}\n\
@@ -39,32 +37,17 @@ async fn sigterm_under_load_loses_no_accepted_mail() {
     let peer = require_peer!();
     let _turn = crate::exclusive().await;
     let entra = FakeEntra::serving_peer_tokens(&peer).await;
-    let dir = tempfile::tempdir().unwrap();
-    let port = closed_port();
     let oauth = entra.oauth_settings();
-    let path = dir.path().join("relay.yml");
-    std::fs::write(
-        &path,
-        config(
-            &peer,
-            port,
-            entra.token_url().as_str(),
-            &oauth.client_id,
-            &oauth.tenant_id,
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mail-relay"))
-        .args(["--config", path.to_str().unwrap(), "--log", "warn", "serve"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let mut relay = RelayProcess::start(&config(
+        &peer,
+        entra.token_url().as_str(),
+        &oauth.client_id,
+        &oauth.tenant_id,
+    ));
     let app = TestApp {
-        address: ([127, 0, 0, 1], port).into(),
+        address: relay.address,
         client: authenticated_client(),
-        outbox: dir,
+        outbox: tempfile::tempdir().unwrap(),
     };
     let started = Instant::now();
     loop {
@@ -103,22 +86,11 @@ async fn sigterm_under_load_loses_no_accepted_mail() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let term = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    let exit_deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < exit_deadline,
-            "the relay did not exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    relay.sigterm();
+    let status = relay
+        .wait_exit(Duration::from_secs(60))
+        .await
+        .expect("the relay did not exit after SIGTERM");
     stop.store(true, Ordering::Relaxed);
     let mut outcomes = Vec::new();
     for client in clients {
