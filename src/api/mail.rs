@@ -13,14 +13,14 @@ use super::errors::Problem;
 use super::form::{self, MailForm};
 use super::json;
 use crate::app::AppState;
-use crate::caller::Caller;
+use crate::caller::{Caller, caller_id};
 use crate::config::QueueMode;
 use crate::delivery::{DeliveryError, FailureKind};
 use crate::idempotency::{Fingerprint, IDEMPOTENT_REPLAYED, IdempotencyError, IdempotencyKey};
 use crate::identity::Identity;
 use crate::message::{Mail, MailRequest, MessageLimits, OutgoingMail, UploadedFile};
 use crate::queue::{Enqueued, Queue};
-use crate::rate_limit::{LimitError, Reservation, caller_id};
+use crate::rate_limit::{LimitError, Reservation};
 use crate::telemetry::{metrics, request_log};
 
 /// Mails whose attachments are larger than this are encoded on the blocking pool, so that

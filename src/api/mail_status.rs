@@ -10,10 +10,9 @@ use utoipa::ToSchema;
 use super::ApiError;
 use super::errors::Problem;
 use crate::app::AppState;
-use crate::caller::Caller;
+use crate::caller::{Caller, caller_id};
 use crate::clock::Millis;
 use crate::queue::{Attempt, MailRecord};
-use crate::rate_limit::caller_id;
 use crate::telemetry::request_log;
 
 /// A queued mail's delivery status.

@@ -68,6 +68,17 @@ impl Caller {
     }
 }
 
+/// The caller's id for per-caller limits and idempotency scopes: `key:<API key name>`,
+/// `user:<address>` or `anonymous`. The prefix keeps an API key named like an address apart
+/// from that user.
+pub fn caller_id(caller: &Caller) -> String {
+    match caller {
+        Caller::ApiKey { name, .. } => format!("key:{name}"),
+        Caller::User { address, .. } => format!("user:{}", address.to_ascii_lowercase()),
+        Caller::Anonymous => "anonymous".to_owned(),
+    }
+}
+
 /// Why a request is not authenticated. The message is safe to show: it never repeats a credential.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
@@ -356,5 +367,22 @@ mod tests {
             ("x-proxy-secret", "s3cret"),
         ]);
         assert!(auth.authenticate(&right, from).await.is_ok());
+    }
+
+    #[test]
+    fn caller_ids_keep_keys_and_users_apart() {
+        let user = Caller::User {
+            address: "Alice@Contoso.com".into(),
+            via: UserSource::TrustedProxy,
+        };
+        assert_eq!(caller_id(&user), "user:alice@contoso.com");
+        assert_eq!(
+            caller_id(&Caller::ApiKey {
+                name: "alice@contoso.com".into(),
+                allowed_from: Arc::from(Vec::new()),
+            }),
+            "key:alice@contoso.com"
+        );
+        assert_eq!(caller_id(&Caller::Anonymous), "anonymous");
     }
 }

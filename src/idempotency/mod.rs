@@ -38,10 +38,9 @@ use axum::response::{IntoResponse, Response};
 pub use self::key::{Fingerprint, IDEMPOTENCY_KEY, IdempotencyKey, MAX_KEY_LEN};
 pub use self::replay::{IDEMPOTENT_REPLAYED, MAX_STORED_FIELD_ERRORS, Replay, StoredResponse};
 pub use self::store::{IdempotencyStore, InMemoryStore, Slot};
-use crate::caller::Caller;
+use crate::caller::{Caller, caller_id};
 use crate::clock::{Clock, SystemClock};
 use crate::config::IdempotencySettings;
-use crate::rate_limit::caller_id;
 
 /// Why a request with an `Idempotency-Key` is not processed. Messages are safe to show.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

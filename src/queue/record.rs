@@ -76,7 +76,7 @@ pub struct Attempt {
 #[derive(Debug, Clone, Copy)]
 pub struct NewMail<'a> {
     pub id: &'a str,
-    /// The caller that sent it (`rate_limit::caller_id`): only it may read its status.
+    /// The caller that sent it (`caller::caller_id`): only it may read its status.
     pub caller: &'a str,
     pub message_id: &'a str,
     /// The envelope sender and recipients.

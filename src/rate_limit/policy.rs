@@ -4,8 +4,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Ask, InMemoryRateLimiter, LimitKey, RateLimiter, Reservation, caller_id};
-use crate::caller::Caller;
+use super::{Ask, InMemoryRateLimiter, LimitKey, RateLimiter, Reservation};
+use crate::caller::{Caller, caller_id};
 use crate::clock::{Clock, Millis, SystemClock, duration_ms};
 use crate::config::{RateLimitSettings, Settings};
 

@@ -17,7 +17,7 @@ const SWEEP_EVERY: u64 = 4_096;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct LimitKey {
     pub kind: LimitKind,
-    /// The mailbox address (lower case) or the caller's id ([`caller_id`](super::caller_id)).
+    /// The mailbox address (lower case) or the caller's id ([`caller_id`](crate::caller::caller_id)).
     pub subject: String,
 }
 
