@@ -213,6 +213,94 @@ mod tests {
 
     use super::*;
 
+    /// What the README's keys table (`### Keys`) names in its first column: the keys (`…` is
+    /// `featureSwitches.sendEmail.`, `.x` a sibling of the key before it), the sections it
+    /// points elsewhere for (`a.*`), and the keys marked as readable from a file (`(…File)`).
+    struct ReadmeTable {
+        keys: Vec<String>,
+        sections: Vec<String>,
+        from_file: Vec<String>,
+    }
+
+    fn readme_table() -> ReadmeTable {
+        let readme = include_str!("../../README.md");
+        let (_, table) = readme
+            .split_once("\n### Keys\n")
+            .expect("the README has a Keys section");
+        let mut named = ReadmeTable {
+            keys: Vec::new(),
+            sections: Vec::new(),
+            from_file: Vec::new(),
+        };
+        let rows = table
+            .lines()
+            .skip_while(|line| !line.starts_with('|'))
+            .take_while(|line| line.starts_with('|'));
+        for row in rows {
+            let first = row.split('|').nth(1).unwrap_or_default();
+            let mut last = String::new();
+            for token in first.split('`').skip(1).step_by(2) {
+                if token == "…File" {
+                    named.from_file.push(last.clone());
+                } else if let Some(section) = token.strip_suffix('*') {
+                    named.sections.push(section.to_owned());
+                } else {
+                    last = if let Some(name) = token.strip_prefix('…') {
+                        format!("{SEND_EMAIL}.{name}")
+                    } else if let Some(sibling) = token.strip_prefix('.') {
+                        let parent = last.rsplit_once('.').map_or("", |(parent, _)| parent);
+                        format!("{parent}.{sibling}")
+                    } else {
+                        token.to_owned()
+                    };
+                    named.keys.push(last.clone());
+                }
+            }
+        }
+        named
+    }
+
+    #[test]
+    fn the_readme_keys_table_names_every_key_and_only_known_ones() {
+        let table = readme_table();
+        assert!(table.keys.len() > 40, "read only {:?}", table.keys);
+        let known: Vec<&str> = KEYS
+            .iter()
+            .map(|k| k.key)
+            .chain(SUBTREES.iter().copied())
+            .collect();
+        for key in &table.keys {
+            assert!(
+                known.contains(&key.as_str()),
+                "the README's keys table names {key}, which is no key"
+            );
+        }
+        for section in &table.sections {
+            assert!(
+                known.iter().any(|k| k.starts_with(section.as_str())),
+                "the README's keys table points to {section}*, which holds no key"
+            );
+        }
+        for key in known {
+            assert!(
+                table.keys.iter().any(|k| k == key)
+                    || table.sections.iter().any(|s| key.starts_with(s.as_str())),
+                "{key} is missing from the README's keys table"
+            );
+        }
+        for spec in KEYS
+            .iter()
+            .filter(|k| table.keys.iter().any(|t| t == k.key))
+        {
+            assert_eq!(
+                table.from_file.iter().any(|k| k == spec.key),
+                spec.from_file,
+                "{}: the README's (…File) mark and the key's declaration disagree",
+                spec.key
+            );
+        }
+    }
+
     #[test]
     fn env_names_follow_spring_relaxed_binding() {
         assert_eq!(
