@@ -442,8 +442,11 @@ pub(super) fn send_as(ctx: &mut Ctx<'_>) -> SendAsSettings {
         .cloned()
         .filter(|v| !v.is_null())
         .map(|tree| patterns(ctx, GRANTS, &tree));
-    let denial_memory =
-        Duration::from_secs(ctx.number("mailRelay.sendAs.denialMemorySeconds", 300u64, 0..=86_400));
+    let denial_memory = Duration::from_secs(ctx.number(
+        "mailRelay.sendAs.denialMemorySeconds",
+        SendAsSettings::default().denial_memory.as_secs(),
+        0..=86_400,
+    ));
     SendAsSettings {
         delegates,
         groups,

@@ -483,6 +483,10 @@ pub struct RateLimitSettings {
 }
 
 impl RateLimitSettings {
+    /// Exchange Online's own limits per mailbox (EXCHANGE.md section 4).
+    pub const EXCHANGE_MESSAGES_PER_MINUTE: u32 = 30;
+    pub const EXCHANGE_RECIPIENTS_PER_DAY: u32 = 10_000;
+
     /// Every limit off (tests and benchmarks against a local server).
     pub const OFF: Self = Self {
         mailbox_messages_per_minute: None,
@@ -502,8 +506,8 @@ impl RateLimitSettings {
 impl Default for RateLimitSettings {
     /// Exchange Online's limits for the mailbox; a quarter of them for each caller.
     fn default() -> Self {
-        let mailbox_messages_per_minute = NonZeroU32::new(30);
-        let mailbox_recipients_per_day = NonZeroU32::new(10_000);
+        let mailbox_messages_per_minute = NonZeroU32::new(Self::EXCHANGE_MESSAGES_PER_MINUTE);
+        let mailbox_recipients_per_day = NonZeroU32::new(Self::EXCHANGE_RECIPIENTS_PER_DAY);
         Self {
             mailbox_messages_per_minute,
             mailbox_recipients_per_day,
@@ -525,6 +529,8 @@ pub struct IdempotencySettings {
 }
 
 impl Default for IdempotencySettings {
+    /// A day, 100,000 keys and 32 MiB: an eighth of the 256 MiB container, and days of the
+    /// 10,000 mails a day one mailbox may send.
     fn default() -> Self {
         Self {
             ttl: Duration::from_secs(86_400),

@@ -248,9 +248,8 @@ fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
 }
 
 const RATE_LIMITS: &str = "mailRelay.rateLimits";
-/// Exchange Online's own limits per mailbox (EXCHANGE.md section 4).
-const EXCHANGE_MESSAGES_PER_MINUTE: u32 = 30;
-const EXCHANGE_RECIPIENTS_PER_DAY: u32 = 10_000;
+const EXCHANGE_MESSAGES_PER_MINUTE: u32 = RateLimitSettings::EXCHANGE_MESSAGES_PER_MINUTE;
+const EXCHANGE_RECIPIENTS_PER_DAY: u32 = RateLimitSettings::EXCHANGE_RECIPIENTS_PER_DAY;
 /// Graph's own limit (Outlook service limits: 10,000 requests per 10 minutes per app and
 /// mailbox); the 30 a minute are SMTP client submission's.
 const GRAPH_MESSAGES_PER_MINUTE: u32 = 1_000;
@@ -295,23 +294,23 @@ fn rate_limits(ctx: &mut Ctx<'_>, max_recipients: usize, delivery: &Delivery) ->
 }
 
 fn idempotency(ctx: &mut Ctx<'_>) -> IdempotencySettings {
+    let defaults = IdempotencySettings::default();
     IdempotencySettings {
         // Up to a week: clients retrying after a long outage still get the first result.
         ttl: Duration::from_secs(ctx.number(
             "mailRelay.idempotency.ttlSeconds",
-            86_400,
+            defaults.ttl.as_secs(),
             1..=604_800,
         )),
         max_entries: ctx.number(
             "mailRelay.idempotency.maxEntries",
-            100_000usize,
+            defaults.max_entries,
             1..=10_000_000,
         ),
-        // 32 MiB: an eighth of the 256 MiB container, and days of the 10,000 mails a day one
-        // mailbox may send. At least 1 MiB, so the largest success answer always fits.
+        // At least 1 MiB, so the largest success answer always fits.
         max_bytes: ctx.number(
             "mailRelay.idempotency.maxBytes",
-            32 * 1024 * 1024usize,
+            defaults.max_bytes,
             1024 * 1024..=1024 * 1024 * 1024,
         ),
     }
@@ -456,21 +455,28 @@ fn graph(ctx: &mut Ctx<'_>, cloud: super::Cloud) -> super::GraphSettings {
                 url
             })
             .unwrap_or_else(|| super::GraphSettings::default().base_url);
+    let defaults = super::GraphSettings::default();
     super::GraphSettings {
         base_url,
         scopes: ctx
             .text("mailRelay.graph.scopes")
             .map_or_else(|| cloud.graph_scope(), str::to_owned),
-        connect_timeout: ctx.seconds("mailRelay.graph.connectTimeoutSeconds", 10),
-        request_timeout: ctx.seconds("mailRelay.graph.requestTimeoutSeconds", 30),
+        connect_timeout: ctx.seconds(
+            "mailRelay.graph.connectTimeoutSeconds",
+            defaults.connect_timeout.as_secs(),
+        ),
+        request_timeout: ctx.seconds(
+            "mailRelay.graph.requestTimeoutSeconds",
+            defaults.request_timeout.as_secs(),
+        ),
         max_concurrent_requests: ctx.number(
             "mailRelay.graph.maxConcurrentRequests",
-            4usize,
+            defaults.max_concurrent_requests,
             1..=100,
         ),
         sent_items_lookup: Duration::from_secs(ctx.number(
             "mailRelay.graph.sentItemsLookupSeconds",
-            10u64,
+            defaults.sent_items_lookup.as_secs(),
             0..=120,
         )),
     }
