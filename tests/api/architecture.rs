@@ -210,6 +210,35 @@ fn no_room_imports_what_the_architecture_forbids() {
     );
 }
 
+/// About 600 lines of code outside its tests at most: a file past it holds more than one concern
+/// (issue 14), and is split along a seam, not trimmed.
+const MAX_PRODUCTION_LINES: usize = 600;
+
+#[test]
+fn no_source_file_is_over_the_size_bound() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    source_files(&src, &mut files);
+    let mut over: Vec<String> = files
+        .iter()
+        .filter_map(|file| {
+            let text = std::fs::read_to_string(file).unwrap();
+            let production = text.split("#[cfg(test)]").next().unwrap_or_default();
+            let lines = production.lines().count();
+            (lines > MAX_PRODUCTION_LINES).then(|| {
+                let relative = file.strip_prefix(&src).unwrap().display();
+                format!("{relative}: {lines} lines before its tests")
+            })
+        })
+        .collect();
+    over.sort();
+    assert!(
+        over.is_empty(),
+        "over {MAX_PRODUCTION_LINES} lines of code outside tests; split along a seam:\n{}",
+        over.join("\n")
+    );
+}
+
 #[test]
 fn the_check_sees_an_import_and_ignores_tests_and_comments() {
     let text = "use crate::smtp::SmtpError;\n// crate::token in a comment\n#[cfg(test)]\nuse crate::api;\n";
