@@ -96,6 +96,23 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
 
+def context_switches(pid):
+    """Voluntary and involuntary context switches of all the process's threads so far.
+
+    /proc/PID/status counts the main thread only; a thread that exits takes its count along, which
+    the runtime's long-lived workers do not."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/status", encoding="utf-8") as f:
+                for line in f:
+                    if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                        total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
 def start_token_server(peer_env, work):
     """bench/token_server.py on a port of its own; returns the process and the port."""
     port_file = os.path.join(work, "token.port")
@@ -203,6 +220,7 @@ def parse_ms(value, unit):
 def run_wrk(relay, script, clients):
     threads = min(clients, 2)
     before_cpu = cpu_seconds(relay.proc.pid)
+    before_switches = context_switches(relay.proc.pid)
     rss = []
     done = threading.Event()
 
@@ -225,6 +243,7 @@ def run_wrk(relay, script, clients):
         done.set()
         sampler.join()
     cpu = cpu_seconds(relay.proc.pid) - before_cpu
+    switches = context_switches(relay.proc.pid) - before_switches
     requests = int(re.search(r"(\d+) requests in ([\d.]+)(\w+)", out).group(1))
     duration_m = re.search(r"\d+ requests in ([\d.]+)(\w+)", out)
     duration = parse_ms(duration_m.group(1), duration_m.group(2)) / 1000.0
@@ -238,6 +257,7 @@ def run_wrk(relay, script, clients):
     return {"clients": clients, "mails": ok, "non2xx": failed, "socket_errors": socket_errors,
             "rate": ok / duration, "p50_ms": pct.get("50"), "p99_ms": pct.get("99"),
             "cpu_ms_per_mail": 1000.0 * cpu / ok if ok else None,
+            "switches_per_mail": switches / ok if ok else None,
             "rss_max_mib": max(rss) if rss else None}
 
 
@@ -309,7 +329,9 @@ def run_direct(peer, token, marker):
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = json.loads(out.strip().splitlines()[-1])
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    switches = (after.ru_nvcsw - before.ru_nvcsw) + (after.ru_nivcsw - before.ru_nivcsw)
     result["cpu_ms_per_mail"] = 1000.0 * cpu / result["mails"] if result["mails"] else None
+    result["switches_per_mail"] = switches / result["mails"] if result["mails"] else None
     return result
 
 
@@ -422,6 +444,10 @@ def main():
                      "p50_ms": median([r["p50_ms"] for r in runs]),
                      "p99_ms": median([r["p99_ms"] for r in runs]),
                      "cpu_ms_per_mail": median([r["cpu_ms_per_mail"] for r in runs]),
+                     "cpu_ratio": median([r["cpu_ms_per_mail"] / d["cpu_ms_per_mail"]
+                                          for r, d in zip(runs, direct)
+                                          if r["cpu_ms_per_mail"] and d["cpu_ms_per_mail"]]),
+                     "switches_per_mail": median([r["switches_per_mail"] for r in runs]),
                      "non2xx": sum(r["non2xx"] for r in runs),
                      "socket_errors": sum(r["socket_errors"] for r in runs)})
     total_mails = sum(r["mails"] for runs in relay_runs.values() for r in runs) + 1
@@ -430,7 +456,8 @@ def main():
         "direct": {"rate": limit, "rate_min": min(d["rate"] for d in direct),
                    "rate_max": max(d["rate"] for d in direct), "p50_ms": median([d["p50_ms"] for d in direct]),
                    "p99_ms": median([d["p99_ms"] for d in direct]),
-                   "cpu_ms_per_mail": median([d["cpu_ms_per_mail"] for d in direct]), "runs": direct},
+                   "cpu_ms_per_mail": median([d["cpu_ms_per_mail"] for d in direct]),
+                   "switches_per_mail": median([d["switches_per_mail"] for d in direct]), "runs": direct},
         "relay": rows, "relay_runs": relay_runs,
         "token_calls": token_calls, "relay_mails": total_mails,
         "startup_ms": 1000 * median(startups), "startups_ms": [1000 * s for s in startups],
@@ -440,6 +467,24 @@ def main():
         "rss_25mb_peak_mib": peak_big, "big_status": status, "big_seconds": big_seconds,
     }
     write_results(RESULTS, summary, render(summary))
+    guard_cpu_ratio(rows)
+
+
+def guard_cpu_ratio(rows):
+    """Prints the relay's CPU per mail over the bare client's at 8 clients and more; exits 1 when
+    BENCH_MAX_CPU_RATIO (bench/run.sh --max-cpu-ratio R) is set and a median exceeds it."""
+    limit = os.environ.get("BENCH_MAX_CPU_RATIO")
+    over = []
+    for row in rows:
+        if row["clients"] < 8 or row["cpu_ratio"] is None:
+            continue
+        log(f"CPU per mail, relay over direct, {row['clients']} clients: {row['cpu_ratio']:.2f}"
+            + (f" (limit {float(limit):.2f})" if limit else ""))
+        if limit and row["cpu_ratio"] > float(limit):
+            over.append(row["clients"])
+    if over:
+        log(f"FAIL: the CPU ratio exceeds {limit} at {over} clients")
+        sys.exit(1)
 
 
 def write_results(name, summary, table):
@@ -464,20 +509,25 @@ def render(s):
         "the relay at each client count; medians, with the lowest and highest round in brackets; a "
         "ratio divides a relay run by the direct run of the same round. Small mails (about 1 KB), "
         f"{CONNECTIONS} SMTP connections, STARTTLS + XOAUTH2. CPU ms/mail: user + system time of the "
-        "relay process (of the direct client in the first row) divided by the mails it sent.",
+        "relay process (of the direct client in the first row) divided by the mails it sent; CPU ratio: "
+        "that of a relay run over that of the direct run of its round; switches/mail: the process's "
+        "context switches (all threads) per mail.",
         "",
-        "| path | clients | mails/s | ratio to direct | p50 ms | p99 ms | CPU ms/mail | non-2xx |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| path | clients | mails/s | ratio to direct | p50 ms | p99 ms | CPU ms/mail | CPU ratio "
+        "| switches/mail | non-2xx |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| direct SMTP (the limit) | {CONNECTIONS} conns | {fmt(d['rate'])} "
         f"({fmt(d['rate_min'], 0)}–{fmt(d['rate_max'], 0)}) | 1.00 | "
-        f"{fmt(d['p50_ms'], 2)} | {fmt(d['p99_ms'], 2)} | {fmt(d['cpu_ms_per_mail'], 3)} (client) | – |",
+        f"{fmt(d['p50_ms'], 2)} | {fmt(d['p99_ms'], 2)} | {fmt(d['cpu_ms_per_mail'], 3)} (client) | 1.00 | "
+        f"{fmt(d['switches_per_mail'], 1)} | – |",
     ]
     for r in s["relay"]:
         lines.append(f"| relay, POST /mail (wrk) | {r['clients']} | {fmt(r['rate'])} "
                      f"({fmt(r['rate_min'], 0)}–{fmt(r['rate_max'], 0)}) | "
                      f"{fmt(r['ratio'], 2)} ({fmt(r['ratio_min'], 2)}–{fmt(r['ratio_max'], 2)}) | "
                      f"{fmt(r['p50_ms'], 2)} | {fmt(r['p99_ms'], 2)} | "
-                     f"{fmt(r['cpu_ms_per_mail'], 3)} | {r['non2xx'] + r['socket_errors']} |")
+                     f"{fmt(r['cpu_ms_per_mail'], 3)} | {fmt(r['cpu_ratio'], 2)} | "
+                     f"{fmt(r['switches_per_mail'], 1)} | {r['non2xx'] + r['socket_errors']} |")
     lines += [
         "",
         "| measure | value |",
