@@ -16,7 +16,8 @@ trap 'bash tests/store/stop.sh; bash tests/proxy/stop.sh; bash tests/peer/stop.s
 export CI="${CI:-true}"
 cargo test --locked "$@"
 
-# Real-browser tests (headless Chromium): CORS, uploads and the /docs page, against the built binary.
+# Real-browser tests (headless Chromium): CORS, uploads, the /docs page and a real Prometheus's view
+# of the relay and its alert rules, against the built binary.
 cargo build --locked --quiet
 bash tests/browser/run.sh
 # The TypeScript client generated from openapi/openapi.json, type-checked and run against the relay.
