@@ -2,54 +2,20 @@
 //! sender that holds each mail until the test lets it go keeps requests in flight.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use base64::Engine;
-use mail_relay::delivery::{DeliveryError, MailSender, Outbox, Receipt};
-use mail_relay::message::OutgoingMail;
-use mail_relay::smtp::{SmtpError, Stage};
 use serde_json::{Value, json};
-use tokio::sync::Semaphore;
 
+use crate::fakes::{Answer, FakeSender, try_later};
 use crate::helpers::{TestApp, expect_problem, post_mail, spawn_app_with_sender};
 
 const SETTING: &str = "mailRelay.limits.maxInFlightBytes";
 const BUDGET: usize = 300_000;
 
-/// Sends through the outbox once the test adds a permit; fails while `fail` is set.
-struct Gate {
-    outbox: Outbox,
-    open: Semaphore,
-    entered: AtomicUsize,
-    fail: std::sync::atomic::AtomicBool,
-}
-
-#[async_trait]
-impl MailSender for Gate {
-    async fn send(&self, mail: &OutgoingMail) -> Result<Receipt, DeliveryError> {
-        self.entered.fetch_add(1, Ordering::SeqCst);
-        self.open.acquire().await.unwrap().forget();
-        if self.fail.load(Ordering::SeqCst) {
-            return Err(DeliveryError::Smtp(SmtpError::rejected(
-                Stage::MailFrom("x".into()),
-                451,
-                "4.3.0 try later",
-            )));
-        }
-        self.outbox.send(mail).await
-    }
-}
-
-async fn app_with_gate() -> (TestApp, Arc<Gate>) {
-    let outbox = tempfile::tempdir().unwrap();
-    let gate = Arc::new(Gate {
-        outbox: Outbox::new(outbox.path().to_path_buf()),
-        open: Semaphore::new(0),
-        entered: AtomicUsize::new(0),
-        fail: false.into(),
-    });
+/// Accepts each mail once the test opens the gate for it.
+async fn app_with_gate() -> (TestApp, Arc<FakeSender>) {
+    let gate = Arc::new(FakeSender::accepting().gated());
     let app = spawn_app_with_sender(
         |s| {
             s.relay.limits.max_in_flight_bytes = BUDGET;
@@ -58,8 +24,6 @@ async fn app_with_gate() -> (TestApp, Arc<Gate>) {
         Some(gate.clone()),
     )
     .await;
-    // The outbox folder must outlive the app.
-    std::mem::forget(outbox);
     (app, gate)
 }
 
@@ -78,16 +42,6 @@ async fn in_flight(app: &TestApp) -> f64 {
         .unwrap_or_else(|| panic!("no gauge in {text}"))
         .parse()
         .unwrap()
-}
-
-async fn until_entered(gate: &Gate, count: usize) {
-    for _ in 0..500 {
-        if gate.entered.load(Ordering::SeqCst) >= count {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("the sender was not reached {count} times");
 }
 
 /// The gauge goes back to 0 a moment after the last request ended (its send task ends last).
@@ -110,7 +64,7 @@ async fn requests_past_the_budget_wait_then_get_503_busy_and_the_budget_comes_ba
         let app = app.clone();
         async move { post_mail(&app, &mail_with(150_000, "first")).await }
     });
-    until_entered(&gate, 1).await;
+    gate.until_called(1).await;
     let held = in_flight(&app).await;
     assert!((200_000.0..=BUDGET as f64).contains(&held), "{held}");
 
@@ -122,11 +76,11 @@ async fn requests_past_the_budget_wait_then_get_503_busy_and_the_budget_comes_ba
     let detail = problem["detail"].as_str().unwrap();
     assert!(detail.contains(SETTING), "{detail}");
 
-    gate.open.add_permits(1);
+    gate.open(1);
     assert_eq!(first.await.unwrap().status(), 202);
     until_empty(&app).await;
     // With the first one done, the next one fits again.
-    gate.open.add_permits(1);
+    gate.open(1);
     let next = post_mail(&app, &mail_with(150_000, "next")).await;
     assert_eq!(next.status(), 202);
     until_empty(&app).await;
@@ -140,13 +94,13 @@ async fn a_waiting_request_gets_in_when_the_one_ahead_finishes_within_the_wait()
         let app = app.clone();
         async move { post_mail(&app, &mail_with(150_000, "first")).await }
     });
-    until_entered(&gate, 1).await;
+    gate.until_called(1).await;
     let second = tokio::spawn({
         let app = app.clone();
         async move { post_mail(&app, &mail_with(150_000, "second")).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    gate.open.add_permits(2);
+    gate.open(2);
     assert_eq!(first.await.unwrap().status(), 202);
     assert_eq!(second.await.unwrap().status(), 202);
     until_empty(&app).await;
@@ -164,7 +118,7 @@ async fn a_body_larger_than_the_whole_budget_is_413_naming_the_setting() {
         began.elapsed() < Duration::from_secs(1),
         "no waiting for it"
     );
-    assert_eq!(gate.entered.load(Ordering::SeqCst), 0);
+    assert_eq!(gate.calls(), 0);
     until_empty(&app).await;
 }
 
@@ -179,8 +133,8 @@ async fn the_charge_is_given_back_after_errors_and_a_client_that_went_away() {
     until_empty(&app).await;
 
     // Refused by the server.
-    gate.fail.store(true, Ordering::SeqCst);
-    gate.open.add_permits(1);
+    gate.answer_next(Answer::Fail(try_later));
+    gate.open(1);
     expect_problem(
         post_mail(&app, &mail_with(150_000, "server says later")).await,
         503,
@@ -188,22 +142,21 @@ async fn the_charge_is_given_back_after_errors_and_a_client_that_went_away() {
     )
     .await;
     until_empty(&app).await;
-    gate.fail.store(false, Ordering::SeqCst);
 
     // The client goes away while the send runs: the charge stays until the send is over.
-    let entered = gate.entered.load(Ordering::SeqCst);
+    let entered = gate.calls();
     let gone = tokio::spawn({
         let app = app.clone();
         async move { post_mail(&app, &mail_with(150_000, "client gone")).await }
     });
-    until_entered(&gate, entered + 1).await;
+    gate.until_called(entered + 1).await;
     gone.abort();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(
         in_flight(&app).await > 0.0,
         "the send still holds its bytes"
     );
-    gate.open.add_permits(1);
+    gate.open(1);
     until_empty(&app).await;
 }
 
@@ -242,7 +195,7 @@ async fn post_chunked(app: &TestApp, body: &[u8]) -> (u16, String) {
 #[tokio::test]
 async fn a_body_without_content_length_is_charged_as_it_is_read() {
     let (app, gate) = app_with_gate().await;
-    gate.open.add_permits(1);
+    gate.open(1);
     let fits = serde_json::to_vec(&mail_with(150_000, "chunked")).unwrap();
     let (status, answer) = post_chunked(&app, &fits).await;
     assert_eq!(status, 202, "{answer}");
@@ -252,6 +205,6 @@ async fn a_body_without_content_length_is_charged_as_it_is_read() {
     let (status, answer) = post_chunked(&app, &too_big).await;
     assert_eq!(status, 413, "{answer}");
     assert!(answer.contains(SETTING), "{answer}");
-    assert_eq!(gate.entered.load(Ordering::SeqCst), 1);
+    assert_eq!(gate.calls(), 1);
     until_empty(&app).await;
 }

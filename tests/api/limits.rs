@@ -4,15 +4,13 @@
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use async_trait::async_trait;
 use mail_relay::config::RateLimitSettings;
-use mail_relay::delivery::{DeliveryError, MailSender, Outbox, Receipt};
-use mail_relay::message::OutgoingMail;
+use mail_relay::delivery::DeliveryError;
 use mail_relay::smtp::{SmtpError, Stage};
 use serde_json::{Value, json};
 
+use crate::fakes::{Answer, FakeSender, try_later};
 use crate::helpers::{
     TestApp, expect_problem, outbox_files, post_mail, spawn_app_with, spawn_app_with_sender,
 };
@@ -134,37 +132,14 @@ async fn an_idempotent_retry_sends_once_and_replays_the_first_answer() {
     assert_eq!(outbox_files(&app).len(), 1);
 }
 
-/// Fails every send while `down` is set, before any server accepted anything.
-struct Flaky {
-    inner: Outbox,
-    down: Arc<AtomicBool>,
-}
-
-#[async_trait]
-impl MailSender for Flaky {
-    async fn send(&self, mail: &OutgoingMail) -> Result<Receipt, DeliveryError> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(DeliveryError::Smtp(SmtpError::rejected(
-                Stage::MailFrom("x".into()),
-                451,
-                "4.3.0 try later",
-            )));
-        }
-        self.inner.send(mail).await
-    }
-}
-
 #[tokio::test]
 async fn a_failed_send_gives_back_its_quota_and_its_key() {
     let outbox = tempfile::tempdir().unwrap();
-    let down = Arc::new(AtomicBool::new(true));
-    let sender = Arc::new(Flaky {
-        inner: Outbox::new(outbox.path().to_path_buf()),
-        down: down.clone(),
-    });
+    // Down: every send fails before any server accepted anything.
+    let sender = Arc::new(FakeSender::failing(try_later).writing_to(outbox.path()));
     let app = spawn_app_with_sender(
         |s| s.relay.rate_limits = mailbox_per_minute(1),
-        Some(sender),
+        Some(sender.clone()),
     )
     .await;
 
@@ -174,7 +149,7 @@ async fn a_failed_send_gives_back_its_quota_and_its_key() {
         "smtp_unavailable",
     )
     .await;
-    down.store(false, Ordering::SeqCst);
+    sender.answer_always(Answer::Accept);
     // Neither the minute's only slot nor the key was used up by the failure.
     let retried = post_with_key(&app, "k-1", &mail("retry me")).await;
     assert_eq!(retried.status(), 202);
@@ -212,25 +187,19 @@ async fn concurrent_retries_with_one_key_send_once() {
     assert_eq!(outbox_files(&app).len(), 1);
 }
 
-/// Loses the server's reply to the end of DATA: the server may have the mail.
-struct LostReply(std::sync::atomic::AtomicUsize);
-
-#[async_trait]
-impl MailSender for LostReply {
-    async fn send(&self, _mail: &OutgoingMail) -> Result<Receipt, DeliveryError> {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        Err(DeliveryError::Smtp(SmtpError::Connection {
-            kind: mail_relay::smtp::SmtpErrorKind::Transient,
-            stage: Stage::EndOfData,
-            server: "smtp.test:587".into(),
-            detail: "connection reset".into(),
-        }))
-    }
+/// The server's reply to the end of DATA was lost: the server may have the mail.
+fn lost_reply() -> DeliveryError {
+    DeliveryError::Smtp(SmtpError::Connection {
+        kind: mail_relay::smtp::SmtpErrorKind::Transient,
+        stage: Stage::EndOfData,
+        server: "smtp.test:587".into(),
+        detail: "connection reset".into(),
+    })
 }
 
 #[tokio::test]
 async fn an_unknown_outcome_is_502_and_a_retry_with_the_key_does_not_send_again() {
-    let sender = Arc::new(LostReply(Default::default()));
+    let sender = Arc::new(FakeSender::failing(lost_reply));
     let app = spawn_app_with_sender(|_| {}, Some(sender.clone())).await;
     let first = post_with_key(&app, "k-lost", &mail("lost reply")).await;
     assert!(
@@ -247,7 +216,7 @@ async fn an_unknown_outcome_is_502_and_a_retry_with_the_key_does_not_send_again(
     let again = post_with_key(&app, "k-lost", &mail("lost reply")).await;
     assert_eq!(again.headers()["idempotent-replayed"], "true");
     expect_problem(again, 502, "smtp_outcome_unknown").await;
-    assert_eq!(sender.0.load(Ordering::SeqCst), 1, "handed over once");
+    assert_eq!(sender.calls(), 1, "handed over once");
 }
 
 #[tokio::test]

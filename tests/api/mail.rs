@@ -4,12 +4,13 @@ use std::sync::Arc;
 
 use base64::Engine;
 use mail_parser::{MessageParser, MimeHeaders};
-use mail_relay::delivery::{DeliveryError, MailSender, Outbox, Receipt};
+use mail_relay::delivery::{DeliveryError, MailSender, Outbox};
 use mail_relay::message::OutgoingMail;
 use mail_relay::smtp::{SmtpError, Stage};
 use mail_relay::token::TokenError;
 use serde_json::{Value, json};
 
+use crate::fakes::FakeSender;
 use crate::helpers::{
     TestApp, expect_problem, outbox_files, post_mail, spawn_app, spawn_app_with,
     spawn_app_with_sender,
@@ -379,23 +380,13 @@ async fn a_text_only_mail_is_a_single_part() {
     assert_eq!(message.body_text(0).unwrap().trim_end(), "hello");
 }
 
-/// A sender that always fails the same way, to see the failure's answer over HTTP.
-struct FailingSender(fn() -> DeliveryError);
-
-#[async_trait::async_trait]
-impl MailSender for FailingSender {
-    async fn send(&self, _mail: &OutgoingMail) -> Result<Receipt, DeliveryError> {
-        Err((self.0)())
-    }
-}
-
 async fn spawn_with_sender(sender: Arc<dyn MailSender>) -> TestApp {
     spawn_app_with_sender(|_| {}, Some(sender)).await
 }
 
 #[tokio::test]
 async fn a_transient_smtp_failure_is_503_with_retry_after() {
-    let app = spawn_with_sender(Arc::new(FailingSender(|| {
+    let app = spawn_with_sender(Arc::new(FakeSender::failing(|| {
         DeliveryError::Smtp(SmtpError::rejected(
             Stage::MailFrom("sender@contoso.com".into()),
             421,
@@ -410,7 +401,7 @@ async fn a_transient_smtp_failure_is_503_with_retry_after() {
 
 #[tokio::test]
 async fn a_token_failure_is_503_token_unavailable() {
-    let app = spawn_with_sender(Arc::new(FailingSender(|| {
+    let app = spawn_with_sender(Arc::new(FakeSender::failing(|| {
         DeliveryError::Token(TokenError::Timeout {
             endpoint: "https://login.example.test/token".into(),
             timeout: std::time::Duration::from_secs(15),
@@ -621,17 +612,11 @@ async fn json_with_a_charset_parameter_is_accepted() {
     assert_eq!(response.status(), 202);
 }
 
-/// Takes longer than any test's request timeout.
-struct SlowSender;
-
-#[async_trait::async_trait]
-impl MailSender for SlowSender {
-    async fn send(&self, _mail: &OutgoingMail) -> Result<Receipt, DeliveryError> {
-        tokio::time::sleep(std::time::Duration::from_secs(10)).await;
-        Err(DeliveryError::Outbox {
-            path: "unreachable".into(),
-            source: std::io::Error::other("too late"),
-        })
+/// Fails, but only after longer than any test's request timeout.
+fn too_late() -> DeliveryError {
+    DeliveryError::Outbox {
+        path: "unreachable".into(),
+        source: std::io::Error::other("too late"),
     }
 }
 
@@ -639,7 +624,9 @@ impl MailSender for SlowSender {
 async fn a_request_over_its_time_limit_is_503_timeout_naming_the_setting() {
     let app = spawn_app_with_sender(
         |s| s.relay.limits.request_timeout = std::time::Duration::from_millis(200),
-        Some(Arc::new(SlowSender)),
+        Some(Arc::new(
+            FakeSender::failing(too_late).delayed(std::time::Duration::from_secs(10)),
+        )),
     )
     .await;
     let response = post_mail(&app, &minimal()).await;
@@ -652,43 +639,31 @@ async fn a_request_over_its_time_limit_is_503_timeout_naming_the_setting() {
     );
 }
 
-/// Accepts every mail and notes what no mail may carry: a header line over RFC 5322's 998
-/// octets, or a CR or LF that is not part of a CRLF.
-#[derive(Default)]
-struct CheckingSender {
-    faults: std::sync::Mutex<Vec<String>>,
-}
-
-#[async_trait::async_trait]
-impl MailSender for CheckingSender {
-    async fn send(&self, mail: &OutgoingMail) -> Result<Receipt, DeliveryError> {
-        let bytes = &mail.formatted;
-        let mut faults = Vec::new();
-        let head_end = bytes
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .unwrap_or(bytes.len());
-        let longest = bytes[..head_end]
-            .split(|&b| b == b'\n')
-            .map(|line| line.strip_suffix(b"\r").unwrap_or(line).len())
-            .max()
-            .unwrap_or_default();
-        if longest > 998 {
-            faults.push(format!("{}: a header line of {longest} octets", mail.id));
-        }
-        let lone = bytes.iter().enumerate().any(|(i, &b)| {
-            (b == b'\r' && bytes.get(i + 1) != Some(&b'\n'))
-                || (b == b'\n' && (i == 0 || bytes[i - 1] != b'\r'))
-        });
-        if lone {
-            faults.push(format!("{}: a lone CR or LF", mail.id));
-        }
-        self.faults.lock().unwrap().extend(faults);
-        Ok(Receipt {
-            accepted: mail.envelope.to().iter().map(ToString::to_string).collect(),
-            server_reply: "250 2.0.0 OK".into(),
-        })
+/// What no mail may carry: a header line over RFC 5322's 998 octets, or a CR or LF that is
+/// not part of a CRLF.
+fn faults_of(mail: &OutgoingMail) -> Vec<String> {
+    let bytes = &mail.formatted;
+    let mut faults = Vec::new();
+    let head_end = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(bytes.len());
+    let longest = bytes[..head_end]
+        .split(|&b| b == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line).len())
+        .max()
+        .unwrap_or_default();
+    if longest > 998 {
+        faults.push(format!("{}: a header line of {longest} octets", mail.id));
     }
+    let lone = bytes.iter().enumerate().any(|(i, &b)| {
+        (b == b'\r' && bytes.get(i + 1) != Some(&b'\n'))
+            || (b == b'\n' && (i == 0 || bytes[i - 1] != b'\r'))
+    });
+    if lone {
+        faults.push(format!("{}: a lone CR or LF", mail.id));
+    }
+    faults
 }
 
 /// A generated corpus of requests, valid and not: quoted local parts, IDN domains, comments,
@@ -860,7 +835,7 @@ async fn no_request_of_a_generated_corpus_gets_a_5xx() {
     // test's debug-level capture then missed it (observe::a_users_address_is_logged_only_at_debug_level).
     // A subscriber here that takes everything keeps every interest at least "sometimes".
     let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry());
-    let sender = Arc::new(CheckingSender::default());
+    let sender = Arc::new(FakeSender::accepting());
     let app = spawn_with_sender(sender.clone()).await;
     let strategy = corpus::request();
     let mut runner = TestRunner::deterministic();
@@ -885,7 +860,7 @@ async fn no_request_of_a_generated_corpus_gets_a_5xx() {
         accepted >= 20 && refused >= 20,
         "{accepted} accepted, {refused} refused"
     );
-    let faults = sender.faults.lock().unwrap();
+    let faults: Vec<String> = sender.mails().iter().flat_map(faults_of).collect();
     assert!(faults.is_empty(), "{faults:#?}");
 }
 

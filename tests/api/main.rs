@@ -12,6 +12,7 @@ mod diagnose;
 mod drain;
 mod e2e;
 mod entra;
+mod fakes;
 mod graph;
 mod graph_send;
 mod helpers;

@@ -5,18 +5,17 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use mail_relay::app::Application;
 use mail_relay::config::{
     ConfigError, Delivery, Encryption, Loaded, Settings, SmtpAuthentication, load_str,
 };
-use mail_relay::delivery::{DeliveryError, MailSender, Receipt};
-use mail_relay::message::OutgoingMail;
+use mail_relay::delivery::{DeliveryError, MailSender};
 use mail_relay::smtp::{SmtpError, Stage};
 use mail_relay::telemetry::{self, LogFormat};
 use serde_json::{Value, json};
 
 use crate::entra::{CLIENT_SECRET, FakeEntra};
+use crate::fakes::{Answer, FakeSender};
 use crate::helpers::{
     TEST_API_KEY, TestApp, authenticated_client, post_mail, spawn_app, spawn_app_with,
     spawn_app_with_sender, spawn_built, test_settings,
@@ -281,35 +280,9 @@ async fn at_debug_level_the_full_from_address_is_logged() {
     assert!(!logs.text().contains(TEST_API_KEY));
 }
 
-/// A sender that fails as told, then succeeds.
-struct Switchable {
-    failure: Mutex<Option<fn() -> DeliveryError>>,
-}
-
-impl Switchable {
-    fn failing(make: fn() -> DeliveryError) -> Arc<Self> {
-        Arc::new(Self {
-            failure: Mutex::new(Some(make)),
-        })
-    }
-
-    fn heal(&self) {
-        *self.failure.lock().unwrap() = None;
-    }
-}
-
-#[async_trait]
-impl MailSender for Switchable {
-    async fn send(&self, _mail: &OutgoingMail) -> Result<Receipt, DeliveryError> {
-        let failure = *self.failure.lock().unwrap();
-        match failure {
-            Some(make) => Err(make()),
-            None => Ok(Receipt {
-                accepted: vec!["bob@example.com".into()],
-                server_reply: "250 2.0.0 OK queued".into(),
-            }),
-        }
-    }
+/// A sender that fails as `make` says (until told otherwise).
+fn failing(make: fn() -> DeliveryError) -> Arc<FakeSender> {
+    Arc::new(FakeSender::failing(make))
 }
 
 fn disk_full() -> DeliveryError {
@@ -338,7 +311,7 @@ fn unknown_recipient() -> DeliveryError {
 #[tokio::test]
 async fn a_failed_send_is_logged_once_with_its_cause_chain() {
     let (logs, _guard) = Captured::start("info");
-    let sender = Switchable::failing(disk_full);
+    let sender = failing(disk_full);
     let app = spawn_app_with_sender(|_| {}, Some(sender as Arc<dyn MailSender>)).await;
     let response = post_mail(&app, &mail()).await;
     assert_eq!(response.status(), 500);
@@ -364,7 +337,7 @@ async fn a_failed_send_is_logged_once_with_its_cause_chain() {
 #[tokio::test]
 async fn an_smtp_reply_code_is_in_the_line_and_the_failure_in_the_metrics() {
     let (logs, _guard) = Captured::start("info");
-    let sender = Switchable::failing(unknown_recipient);
+    let sender = failing(unknown_recipient);
     let app = spawn_app_with_sender(|_| {}, Some(sender as Arc<dyn MailSender>)).await;
     assert_eq!(post_mail(&app, &mail()).await.status(), 502);
     let line = logs
@@ -405,7 +378,7 @@ async fn readiness_shows_each_component() {
 #[tokio::test]
 async fn smtp_sends_failing_make_readiness_503_until_one_succeeds() {
     let (logs, _guard) = Captured::start("info");
-    let sender = Switchable::failing(server_down);
+    let sender = failing(server_down);
     let app = spawn_app_with_sender(|_| {}, Some(sender.clone() as Arc<dyn MailSender>)).await;
     // A refused recipient says nothing about the server; a refused connection does.
     for attempt in 1..=3 {
@@ -441,7 +414,7 @@ async fn smtp_sends_failing_make_readiness_503_until_one_succeeds() {
     );
     assert!(lines.iter().all(|l| l["route"] != "/health/ready"));
 
-    sender.heal();
+    sender.answer_always(Answer::Accept);
     assert_eq!(post_mail(&app, &mail()).await.status(), 202);
     let (status, body) = ready(&app).await;
     assert_eq!(status, 200, "{body:#}");
@@ -463,7 +436,7 @@ fn refused_naming_addresses() -> DeliveryError {
 #[tokio::test]
 async fn the_public_readiness_body_shows_kinds_and_codes_but_no_address_or_server_text() {
     let (logs, _guard) = Captured::start("info");
-    let sender = Switchable::failing(refused_naming_addresses);
+    let sender = failing(refused_naming_addresses);
     let app = spawn_app_with_sender(|_| {}, Some(sender as Arc<dyn MailSender>)).await;
     for _ in 0..3 {
         assert_eq!(post_mail(&app, &mail()).await.status(), 503);
@@ -506,7 +479,7 @@ async fn the_public_readiness_body_shows_kinds_and_codes_but_no_address_or_serve
 
 #[tokio::test]
 async fn refusals_of_single_mails_keep_the_instance_ready() {
-    let sender = Switchable::failing(unknown_recipient);
+    let sender = failing(unknown_recipient);
     let app = spawn_app_with_sender(|_| {}, Some(sender as Arc<dyn MailSender>)).await;
     for _ in 0..4 {
         assert_eq!(post_mail(&app, &mail()).await.status(), 502);
@@ -761,19 +734,14 @@ fn invalid_observe_settings_name_the_key_and_the_fix() {
     }
 }
 
-struct Panicking;
-
-#[async_trait]
-impl MailSender for Panicking {
-    async fn send(&self, _mail: &OutgoingMail) -> Result<Receipt, DeliveryError> {
-        panic!("the sender fell over");
-    }
+fn fall_over() -> DeliveryError {
+    panic!("the sender fell over");
 }
 
 #[tokio::test]
 async fn a_panic_is_one_error_line_naming_it() {
     let (logs, _guard) = Captured::start("info");
-    let app = spawn_app_with_sender(|_| {}, Some(Arc::new(Panicking) as Arc<dyn MailSender>)).await;
+    let app = spawn_app_with_sender(|_| {}, Some(failing(fall_over) as Arc<dyn MailSender>)).await;
     let response = post_mail(&app, &mail()).await;
     assert_eq!(response.status(), 500);
     assert!(!response.text().await.unwrap().contains("fell over"));
@@ -859,23 +827,15 @@ fn quota_used_up() -> DeliveryError {
 }
 
 /// Stands in for the rate-limit wiring: names its limit inside the request, then refuses.
-struct NamedLimit;
-
-#[async_trait]
-impl MailSender for NamedLimit {
-    async fn send(&self, _mail: &OutgoingMail) -> Result<Receipt, DeliveryError> {
-        telemetry::metrics::rate_limited("mailbox_minute");
-        Err(quota_used_up())
-    }
+fn named_limit() -> DeliveryError {
+    telemetry::metrics::rate_limited("mailbox_minute");
+    quota_used_up()
 }
 
 #[tokio::test]
 async fn every_429_counts_as_a_rate_limit_rejection_by_scope() {
-    let exchange = spawn_app_with_sender(
-        |_| {},
-        Some(Switchable::failing(quota_used_up) as Arc<dyn MailSender>),
-    )
-    .await;
+    let exchange =
+        spawn_app_with_sender(|_| {}, Some(failing(quota_used_up) as Arc<dyn MailSender>)).await;
     assert_eq!(post_mail(&exchange, &mail()).await.status(), 429);
     let (text, samples) = scrape(&exchange).await;
     assert_eq!(
@@ -885,7 +845,7 @@ async fn every_429_counts_as_a_rate_limit_rejection_by_scope() {
     );
 
     let named =
-        spawn_app_with_sender(|_| {}, Some(Arc::new(NamedLimit) as Arc<dyn MailSender>)).await;
+        spawn_app_with_sender(|_| {}, Some(failing(named_limit) as Arc<dyn MailSender>)).await;
     assert_eq!(post_mail(&named, &mail()).await.status(), 429);
     assert_eq!(post_mail(&named, &mail()).await.status(), 429);
     let (text, samples) = scrape(&named).await;
