@@ -1,15 +1,18 @@
-//! The scripted fakes the tests swap in for a real part: the mail transport ([`FakeSender`]).
+//! The scripted fakes the tests swap in for the two parts a test must replace: the mail
+//! transport ([`FakeSender`]) and the token source ([`FakeTokens`]).
 
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use mail_relay::delivery::{DeliveryError, MailSender, Outbox, Receipt};
 use mail_relay::message::OutgoingMail;
 use mail_relay::smtp::{SmtpError, Stage};
+use mail_relay::token::{AccessToken, TokenError, TokenProvider, TokenState};
+use secrecy::SecretString;
 use tokio::sync::Semaphore;
 
 /// What the fake sender answers to one mail.
@@ -149,4 +152,99 @@ pub fn try_later() -> DeliveryError {
         451,
         "4.3.0 try later",
     ))
+}
+
+type Mint = Box<dyn Fn(usize) -> Result<String, TokenError> + Send + Sync>;
+
+/// A [`TokenProvider`] that hands out what its `mint` makes for the n-th fetch (from 1), valid
+/// for a given lifetime. Like the real cache it keeps the token until it is invalidated (or
+/// [`FakeTokens::rotate`]d); it counts fetches and invalidations.
+pub struct FakeTokens {
+    mint: Mint,
+    lifetime: Duration,
+    cached: bool,
+    current: Mutex<Option<AccessToken>>,
+    fetches: AtomicUsize,
+    invalidated: AtomicUsize,
+}
+
+impl FakeTokens {
+    /// Tokens from `mint`, each valid for `lifetime`.
+    pub fn new(
+        lifetime: Duration,
+        mint: impl Fn(usize) -> Result<String, TokenError> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            mint: Box::new(mint),
+            lifetime,
+            cached: true,
+            current: Mutex::new(None),
+            fetches: AtomicUsize::new(0),
+            invalidated: AtomicUsize::new(0),
+        }
+    }
+
+    /// `token-1`, `token-2`, ..., valid for an hour.
+    pub fn numbered() -> Self {
+        Self::new(Duration::from_secs(3600), |n| Ok(format!("token-{n}")))
+    }
+
+    /// Every fetch fails with the error `make` builds.
+    pub fn failing(make: fn() -> TokenError) -> Self {
+        Self::new(Duration::from_secs(3600), move |_| Err(make()))
+    }
+
+    /// Keeps nothing: every call fetches a new token, and invalidating does nothing.
+    pub fn uncached(mut self) -> Self {
+        self.cached = false;
+        self
+    }
+
+    pub fn fetches(&self) -> usize {
+        self.fetches.load(Ordering::SeqCst)
+    }
+
+    pub fn invalidated(&self) -> usize {
+        self.invalidated.load(Ordering::SeqCst)
+    }
+
+    /// Replaces the cached token with a new one, as the real cache does before expiry.
+    pub fn rotate(&self) {
+        *self.current.lock().unwrap() = None;
+    }
+}
+
+#[async_trait]
+impl TokenProvider for FakeTokens {
+    async fn token(&self) -> Result<AccessToken, TokenError> {
+        let mut current = self.current.lock().unwrap();
+        if let Some(token) = current.as_ref() {
+            return Ok(token.clone());
+        }
+        let n = self.fetches.fetch_add(1, Ordering::SeqCst) + 1;
+        let secret = (self.mint)(n)?;
+        let token = AccessToken::new(
+            SecretString::from(secret),
+            SystemTime::now() + self.lifetime,
+        );
+        if self.cached {
+            *current = Some(token.clone());
+        }
+        Ok(token)
+    }
+
+    fn invalidate(&self, token: &AccessToken) {
+        let mut current = self.current.lock().unwrap();
+        if current.as_ref().is_some_and(|c| c.same_as(token)) {
+            *current = None;
+            self.invalidated.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn state(&self) -> TokenState {
+        TokenState {
+            fetch_count: self.fetches() as u64,
+            ..TokenState::default()
+        }
+    }
 }

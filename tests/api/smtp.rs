@@ -5,100 +5,49 @@
 //! before and after, so earlier runs do not matter.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use lettre::Message;
 use lettre::message::header::ContentType;
 use mail_relay::config::{Delivery, Encryption, Settings, SmtpAuthentication};
 use mail_relay::delivery::{DeliveryError, MailSender};
 use mail_relay::message::OutgoingMail;
 use mail_relay::smtp::{EnhancedCode, SmtpError, SmtpErrorKind, SmtpSender};
-use mail_relay::token::{AccessToken, TokenError, TokenProvider, TokenState};
+use mail_relay::token::{TokenError, TokenProvider};
 use secrecy::SecretString;
 
+use crate::fakes::FakeTokens;
 use crate::helpers::test_settings;
 use crate::peer::Peer;
 
-/// Mints peer-valid JWTs, caches one, counts fetches; can hand out a bad one first.
-struct PeerTokens {
-    peer: Peer,
-    current: Mutex<Option<AccessToken>>,
-    fetches: AtomicUsize,
-    invalidated: AtomicUsize,
-    bad_next: AtomicBool,
-    lifetime: Duration,
+/// Peer-valid JWTs for the OAuth user, valid for an hour.
+fn peer_tokens(peer: &Peer) -> Arc<FakeTokens> {
+    peer_tokens_for(peer, Duration::from_secs(3600))
 }
 
-impl PeerTokens {
-    fn new(peer: &Peer) -> Arc<Self> {
-        Self::with_lifetime(peer, Duration::from_secs(3600))
-    }
-
-    fn with_lifetime(peer: &Peer, lifetime: Duration) -> Arc<Self> {
-        Arc::new(Self {
-            peer: peer.clone(),
-            current: Mutex::new(None),
-            fetches: AtomicUsize::new(0),
-            invalidated: AtomicUsize::new(0),
-            bad_next: AtomicBool::new(false),
-            lifetime,
-        })
-    }
-
-    /// The next fetch returns a token signed with a key the peer does not trust.
-    fn with_bad_first(peer: &Peer) -> Arc<Self> {
-        let tokens = Self::new(peer);
-        tokens.bad_next.store(true, Ordering::SeqCst);
-        tokens
-    }
-
-    fn fetches(&self) -> usize {
-        self.fetches.load(Ordering::SeqCst)
-    }
-
-    /// Replaces the cached token with a new one, as the real cache does before expiry.
-    fn rotate(&self) {
-        *self.current.lock().unwrap() = None;
-    }
+/// Peer-valid JWTs for the OAuth user, each valid for `lifetime`.
+fn peer_tokens_for(peer: &Peer, lifetime: Duration) -> Arc<FakeTokens> {
+    let peer = peer.clone();
+    Arc::new(FakeTokens::new(lifetime, move |_| {
+        Ok(peer.mint_token(&peer.oauth_user, lifetime))
+    }))
 }
 
-#[async_trait]
-impl TokenProvider for PeerTokens {
-    async fn token(&self) -> Result<AccessToken, TokenError> {
-        let mut current = self.current.lock().unwrap();
-        if let Some(token) = current.as_ref() {
-            return Ok(token.clone());
-        }
-        self.fetches.fetch_add(1, Ordering::SeqCst);
-        let lifetime = self.lifetime;
-        let user = &self.peer.oauth_user;
-        let jwt = if self.bad_next.swap(false, Ordering::SeqCst) {
-            self.peer.mint_token_wrong_key(user, lifetime)
+/// As [`peer_tokens`], but the first fetch returns a token signed with a key the peer does not
+/// trust.
+fn peer_tokens_bad_first(peer: &Peer) -> Arc<FakeTokens> {
+    let peer = peer.clone();
+    let lifetime = Duration::from_secs(3600);
+    Arc::new(FakeTokens::new(lifetime, move |n| {
+        let user = &peer.oauth_user;
+        Ok(if n == 1 {
+            peer.mint_token_wrong_key(user, lifetime)
         } else {
-            self.peer.mint_token(user, lifetime)
-        };
-        let token = AccessToken::new(SecretString::from(jwt), SystemTime::now() + lifetime);
-        *current = Some(token.clone());
-        Ok(token)
-    }
-
-    fn invalidate(&self, token: &AccessToken) {
-        let mut current = self.current.lock().unwrap();
-        if current.as_ref().is_some_and(|c| c.same_as(token)) {
-            *current = None;
-            self.invalidated.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    fn state(&self) -> TokenState {
-        TokenState {
-            fetch_count: self.fetches() as u64,
-            ..TokenState::default()
-        }
-    }
+            peer.mint_token(user, lifetime)
+        })
+    }))
 }
 
 /// Settings for SMTP delivery to the peer with the given mode and port.
@@ -145,7 +94,7 @@ fn oauth_as(username: &str) -> SmtpAuthentication {
 
 fn oauth_sender(
     peer: &Peer,
-    tokens: &Arc<PeerTokens>,
+    tokens: &Arc<FakeTokens>,
     adjust: impl FnOnce(&mut Settings),
 ) -> SmtpSender {
     let mut settings = peer_settings(peer, Encryption::Tls, peer.submission_port, oauth(peer));
@@ -235,7 +184,7 @@ const TO: &str = "rcpt@contoso.test";
 #[tokio::test]
 async fn xoauth2_over_starttls_delivers() {
     let peer = crate::require_peer!();
-    let tokens = PeerTokens::new(&peer);
+    let tokens = peer_tokens(&peer);
     let sender = oauth_sender(&peer, &tokens, |_| {});
     let marker = marker("starttls");
 
@@ -254,7 +203,7 @@ async fn xoauth2_over_starttls_delivers() {
 #[tokio::test]
 async fn implicit_tls_delivers() {
     let peer = crate::require_peer!();
-    let tokens = PeerTokens::new(&peer);
+    let tokens = peer_tokens(&peer);
     let sender = oauth_sender(&peer, &tokens, |s| {
         s.send_email.smtp_encryption = Encryption::Ssl;
         s.send_email.smtp_port = peer.smtps_port;
@@ -339,43 +288,32 @@ async fn no_encryption_no_auth_on_the_plain_port_delivers() {
 #[tokio::test]
 async fn a_refused_token_is_invalidated_and_replaced_once() {
     let peer = crate::require_peer!();
-    let tokens = PeerTokens::with_bad_first(&peer);
+    let tokens = peer_tokens_bad_first(&peer);
     let sender = oauth_sender(&peer, &tokens, |_| {});
     let marker = marker("bad-token");
 
     sender.send(&mail(FROM, TO, &marker)).await.unwrap();
 
     assert_eq!(tokens.fetches(), 2, "one refused token, one good one");
-    assert_eq!(tokens.invalidated.load(Ordering::SeqCst), 1);
+    assert_eq!(tokens.invalidated(), 1);
     assert_delivered(&peer, &marker, FROM, TO).await;
 }
 
 #[tokio::test]
 async fn a_token_refused_twice_is_reported_with_the_setup_steps() {
     let peer = crate::require_peer!();
-    // A token for another mailbox than the login: the peer refuses it every time.
-    struct WrongUser(Arc<PeerTokens>);
-    #[async_trait]
-    impl TokenProvider for WrongUser {
-        async fn token(&self) -> Result<AccessToken, TokenError> {
-            self.0.fetches.fetch_add(1, Ordering::SeqCst);
-            let jwt = self
-                .0
-                .peer
-                .mint_token("someone-else@contoso.test", Duration::from_secs(600));
-            Ok(AccessToken::new(
-                SecretString::from(jwt),
-                SystemTime::now() + Duration::from_secs(600),
-            ))
-        }
-        fn invalidate(&self, _token: &AccessToken) {}
-        fn state(&self) -> TokenState {
-            TokenState::default()
-        }
-    }
-    let counter = PeerTokens::new(&peer);
+    // A token for another mailbox than the login: the peer refuses it every time. A new one at
+    // every call, none kept.
+    let lifetime = Duration::from_secs(600);
+    let minter = peer.clone();
+    let counter = Arc::new(
+        FakeTokens::new(lifetime, move |_| {
+            Ok(minter.mint_token("someone-else@contoso.test", lifetime))
+        })
+        .uncached(),
+    );
     let settings = peer_settings(&peer, Encryption::Tls, peer.submission_port, oauth(&peer));
-    let provider: Arc<dyn TokenProvider> = Arc::new(WrongUser(counter.clone()));
+    let provider: Arc<dyn TokenProvider> = counter.clone();
     let sender = SmtpSender::new(&settings, Some(provider)).unwrap();
 
     let error = refused(&sender, "refused").await;
@@ -391,7 +329,7 @@ async fn send_as_denied_after_data_is_classified_and_not_retried() {
     let peer = crate::require_peer!();
     let source = Ipv4Addr::new(127, 0, 42, 1);
     let before = peer.count_connections_from(source);
-    let tokens = PeerTokens::new(&peer);
+    let tokens = peer_tokens(&peer);
     let sender = oauth_sender(&peer, &tokens, |s| {
         s.relay.smtp.source_address = Some(IpAddr::V4(source));
     });
@@ -436,7 +374,7 @@ async fn fifty_concurrent_mails_use_at_most_three_connections() {
     let peer = crate::require_peer!();
     let source = Ipv4Addr::new(127, 0, 42, 2);
     let before = peer.count_connections_from(source);
-    let tokens = PeerTokens::new(&peer);
+    let tokens = peer_tokens(&peer);
     let sender = oauth_sender(&peer, &tokens, |s| {
         s.relay.smtp.source_address = Some(IpAddr::V4(source));
         s.relay.smtp.max_connections = 3;
@@ -470,7 +408,7 @@ async fn a_token_change_retires_old_connections() {
     let peer = crate::require_peer!();
     let source = Ipv4Addr::new(127, 0, 42, 3);
     let before = peer.count_connections_from(source);
-    let tokens = PeerTokens::new(&peer);
+    let tokens = peer_tokens(&peer);
     let sender = oauth_sender(&peer, &tokens, |s| {
         s.relay.smtp.source_address = Some(IpAddr::V4(source));
     });
@@ -513,7 +451,7 @@ async fn a_connection_whose_token_expires_soon_is_not_reused() {
     let source = Ipv4Addr::new(127, 0, 42, 4);
     let before = peer.count_connections_from(source);
     // Still valid, but within the sender's one-minute margin.
-    let tokens = PeerTokens::with_lifetime(&peer, Duration::from_secs(30));
+    let tokens = peer_tokens_for(&peer, Duration::from_secs(30));
     let sender = oauth_sender(&peer, &tokens, |s| {
         s.relay.smtp.source_address = Some(IpAddr::V4(source));
     });
@@ -557,7 +495,7 @@ async fn server_down_is_transient_within_the_deadline() {
 #[tokio::test]
 async fn an_untrusted_certificate_is_refused() {
     let peer = crate::require_peer!();
-    let tokens = PeerTokens::new(&peer);
+    let tokens = peer_tokens(&peer);
     let sender = oauth_sender(&peer, &tokens, |s| s.relay.smtp.ca_file = None);
 
     let error = refused(&sender, "untrusted").await;
@@ -573,7 +511,7 @@ async fn an_untrusted_certificate_is_refused() {
 #[tokio::test]
 async fn close_quits_idle_connections() {
     let peer = crate::require_peer!();
-    let tokens = PeerTokens::new(&peer);
+    let tokens = peer_tokens(&peer);
     let sender = oauth_sender(&peer, &tokens, |_| {});
     sender
         .send(&mail(FROM, TO, &marker("close")))
@@ -619,24 +557,14 @@ async fn settings_that_cannot_work_are_refused_with_the_key() {
 
 #[tokio::test]
 async fn token_errors_reach_the_caller_as_token_errors() {
-    struct NoToken;
-    #[async_trait]
-    impl TokenProvider for NoToken {
-        async fn token(&self) -> Result<AccessToken, TokenError> {
-            Err(TokenError::Network {
-                endpoint: "https://login.example.test/token".into(),
-                detail: "connection refused".into(),
-            })
-        }
-        fn invalidate(&self, _token: &AccessToken) {}
-        fn state(&self) -> TokenState {
-            TokenState::default()
-        }
-    }
+    let no_token = FakeTokens::failing(|| TokenError::Network {
+        endpoint: "https://login.example.test/token".into(),
+        detail: "connection refused".into(),
+    });
     let mut settings = test_settings(std::env::temp_dir());
     settings.send_email.smtp_encryption = Encryption::Tls;
     settings.send_email.smtp_authentication = oauth_as("relay@contoso.test");
-    let sender = SmtpSender::new(&settings, Some(Arc::new(NoToken))).unwrap();
+    let sender = SmtpSender::new(&settings, Some(Arc::new(no_token))).unwrap();
 
     let error = sender
         .send(&mail(FROM, TO, &marker("no-token")))
@@ -772,42 +700,7 @@ pub(crate) mod exchange_replies {
         }
     }
 
-    /// Hands out `token-1`, `token-2`, ... and counts fetches and invalidations.
-    #[derive(Default)]
-    struct CountingTokens {
-        current: Mutex<Option<AccessToken>>,
-        fetches: AtomicUsize,
-        invalidated: AtomicUsize,
-    }
-
-    #[async_trait]
-    impl TokenProvider for CountingTokens {
-        async fn token(&self) -> Result<AccessToken, TokenError> {
-            let mut current = self.current.lock().unwrap();
-            if let Some(token) = current.as_ref() {
-                return Ok(token.clone());
-            }
-            let n = self.fetches.fetch_add(1, Ordering::SeqCst) + 1;
-            let token = AccessToken::new(
-                SecretString::from(format!("token-{n}")),
-                SystemTime::now() + Duration::from_secs(3600),
-            );
-            *current = Some(token.clone());
-            Ok(token)
-        }
-        fn invalidate(&self, token: &AccessToken) {
-            let mut current = self.current.lock().unwrap();
-            if current.as_ref().is_some_and(|c| c.same_as(token)) {
-                *current = None;
-                self.invalidated.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-        fn state(&self) -> TokenState {
-            TokenState::default()
-        }
-    }
-
-    async fn fake_exchange(script: &Arc<Script>) -> (SmtpSender, Arc<CountingTokens>) {
+    async fn fake_exchange(script: &Arc<Script>) -> (SmtpSender, Arc<FakeTokens>) {
         let port = serve(Arc::clone(script)).await;
         let mut settings = test_settings(std::env::temp_dir());
         settings.relay.delivery = Delivery::Smtp;
@@ -815,7 +708,8 @@ pub(crate) mod exchange_replies {
         // Plain text is allowed on loopback: the fake has no TLS.
         settings.send_email.smtp_authentication = oauth_as("relay@contoso.test");
         settings.relay.smtp.send_deadline = Duration::from_secs(10);
-        let tokens = Arc::new(CountingTokens::default());
+        // Hands out `token-1`, `token-2`, ...
+        let tokens = Arc::new(FakeTokens::numbered());
         let provider: Arc<dyn TokenProvider> = tokens.clone();
         (SmtpSender::new(&settings, Some(provider)).unwrap(), tokens)
     }
@@ -856,8 +750,8 @@ pub(crate) mod exchange_replies {
 
         sender.send(&mail(FROM, TO, &marker("535"))).await.unwrap();
 
-        assert_eq!(tokens.fetches.load(Ordering::SeqCst), 2);
-        assert_eq!(tokens.invalidated.load(Ordering::SeqCst), 1);
+        assert_eq!(tokens.fetches(), 2);
+        assert_eq!(tokens.invalidated(), 1);
         assert_eq!(script.delivered.load(Ordering::SeqCst), 1);
     }
 
@@ -876,13 +770,9 @@ pub(crate) mod exchange_replies {
         let error = refused(&sender, "334").await;
 
         assert_eq!(error.kind(), SmtpErrorKind::AuthFailed, "{error}");
-        assert_eq!(
-            tokens.fetches.load(Ordering::SeqCst),
-            2,
-            "one retry with a new token"
-        );
+        assert_eq!(tokens.fetches(), 2, "one retry with a new token");
         // The fresh token, refused too, stays cached: no token fetch per failing mail.
-        assert_eq!(tokens.invalidated.load(Ordering::SeqCst), 1);
+        assert_eq!(tokens.invalidated(), 1);
         let lines = script.lines.lock().unwrap().clone();
         assert_eq!(lines.iter().filter(|l| l.as_str() == "\r\n").count(), 2);
         assert_eq!(script.delivered.load(Ordering::SeqCst), 0);
@@ -911,7 +801,7 @@ pub(crate) mod exchange_replies {
             assert!(again.to_string().contains("SMTP.SendAsApp"), "{again}");
         }
         assert_eq!(script.connections.load(Ordering::SeqCst), 2);
-        assert_eq!(tokens.fetches.load(Ordering::SeqCst), 2);
+        assert_eq!(tokens.fetches(), 2);
 
         // A new token (the cache refreshed it) gets the usual login, and retry, at once.
         let current = tokens.token().await.unwrap();
@@ -919,7 +809,7 @@ pub(crate) mod exchange_replies {
         let retried = refused(&sender, "new-token").await;
         assert_eq!(retried.kind(), SmtpErrorKind::AuthFailed, "{retried}");
         assert_eq!(script.connections.load(Ordering::SeqCst), 4);
-        assert_eq!(tokens.fetches.load(Ordering::SeqCst), 4);
+        assert_eq!(tokens.fetches(), 4);
     }
 
     #[tokio::test]
@@ -984,7 +874,7 @@ pub(crate) mod exchange_replies {
 
         assert_eq!(error.kind(), SmtpErrorKind::SmtpAuthDisabled, "{error}");
         assert_eq!(error.enhanced_code(), Some(EnhancedCode::new(5, 7, 139)));
-        assert_eq!(tokens.fetches.load(Ordering::SeqCst), 1);
+        assert_eq!(tokens.fetches(), 1);
         assert_eq!(script.connections.load(Ordering::SeqCst), 1);
         assert!(error.to_string().contains("Authenticated SMTP"), "{error}");
 
@@ -1036,7 +926,7 @@ pub(crate) mod exchange_replies {
 #[tokio::test]
 async fn a_server_without_starttls_is_refused_for_tls() {
     let peer = crate::require_peer!();
-    let tokens = PeerTokens::new(&peer);
+    let tokens = peer_tokens(&peer);
     let sender = oauth_sender(&peer, &tokens, |s| s.send_email.smtp_port = peer.plain_port);
 
     let error = refused(&sender, "no-starttls").await;
@@ -1051,7 +941,7 @@ async fn a_lost_reply_to_the_end_of_data_is_not_retried() {
     let peer = crate::require_peer!();
     let source = Ipv4Addr::new(127, 0, 42, 5);
     let before = peer.count_connections_from(source);
-    let tokens = PeerTokens::new(&peer);
+    let tokens = peer_tokens(&peer);
     // The slow listener answers the end of DATA only after `slow_delay`.
     let sender = oauth_sender(&peer, &tokens, |s| {
         s.send_email.smtp_port = peer.slow_port;
