@@ -8,15 +8,13 @@ use std::time::{Duration, SystemTime};
 
 use mail_relay::admin::AdminNotifier;
 use mail_relay::clock::ManualClock;
-use mail_relay::config::{
-    AdminMailSettings, Delivery, Encryption, Settings, SmtpAuthentication, load_str,
-};
+use mail_relay::config::{AdminMailSettings, Settings, SmtpAuthentication, load_str};
 use mail_relay::delivery::{DeliveryError, MailSender};
 use mail_relay::smtp::{SmtpError, SmtpSender, Stage};
 use mail_relay::token::{TokenCache, TokenProvider};
 
 use crate::entra::{CLIENT_ID, CLIENT_SECRET, FakeEntra, TENANT_ID};
-use crate::helpers::test_settings;
+use crate::helpers::peer_oauth_settings;
 use crate::peer::Peer;
 use crate::require_peer;
 
@@ -262,16 +260,8 @@ mailRelay:
 
 /// MS_OAUTH to the peer with tokens from `entra`, admin mail to `admin`.
 fn relay_settings(peer: &Peer, entra: &FakeEntra, admin: &str) -> Settings {
-    let mut settings = test_settings(std::env::temp_dir());
-    settings.relay.delivery = Delivery::Smtp;
+    let mut settings = peer_oauth_settings(peer, entra.oauth_settings());
     settings.send_email.smtp_server = "localhost".into();
-    settings.send_email.smtp_port = peer.submission_port;
-    settings.send_email.smtp_encryption = Encryption::Tls;
-    settings.send_email.smtp_authentication = SmtpAuthentication::MsOAuth {
-        username: peer.oauth_user.clone(),
-        oauth: entra.oauth_settings(),
-    };
-    settings.relay.smtp.ca_file = Some(peer.ca_path().to_path_buf());
     settings.relay.admin_mail = Some(AdminMailSettings {
         from: peer.oauth_user.clone(),
         recipients: vec![admin.to_owned()],

@@ -8,11 +8,11 @@ use std::num::NonZeroU32;
 use std::path::Path;
 use std::time::Duration;
 
-use mail_relay::config::{Delivery, Encryption, RateLimitSettings, SmtpAuthentication, StoreUrl};
+use mail_relay::config::{RateLimitSettings, StoreUrl};
 use serde_json::{Value, json};
 
 use crate::entra::FakeEntra;
-use crate::helpers::{post_mail, spawn_built, test_settings};
+use crate::helpers::{peer_oauth_settings, post_mail, spawn_built};
 
 /// Every `mail_relay_*` name in a PromQL expression.
 fn metric_names(expr: &str) -> BTreeSet<String> {
@@ -97,16 +97,7 @@ async fn the_dashboard_and_the_alert_rules_use_only_exported_series() {
     let entra = FakeEntra::start().await;
     let token = peer.mint_token(&peer.oauth_user, Duration::from_secs(3600));
     entra.mount_token(&token, 3599).await;
-    let mut settings = test_settings(std::env::temp_dir());
-    settings.relay.delivery = Delivery::Smtp;
-    settings.send_email.smtp_server = peer.host.clone();
-    settings.send_email.smtp_port = peer.submission_port;
-    settings.send_email.smtp_encryption = Encryption::Tls;
-    settings.send_email.smtp_authentication = SmtpAuthentication::MsOAuth {
-        username: peer.oauth_user.clone(),
-        oauth: entra.oauth_settings(),
-    };
-    settings.relay.smtp.ca_file = Some(peer.ca_path().to_path_buf());
+    let mut settings = peer_oauth_settings(&peer, entra.oauth_settings());
     settings.relay.smtp.send_deadline = Duration::from_secs(20);
     settings.relay.rate_limits = RateLimitSettings {
         mailbox_messages_per_minute: NonZeroU32::new(1),

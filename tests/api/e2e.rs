@@ -5,26 +5,17 @@ use std::time::Duration;
 
 use base64::Engine;
 use mail_parser::{MessageParser, MimeHeaders};
-use mail_relay::config::{Delivery, Encryption, Settings, SmtpAuthentication};
+use mail_relay::config::Settings;
 use serde_json::{Value, json};
 
 use crate::entra::FakeEntra;
-use crate::helpers::{TestApp, expect_problem, post_mail, spawn_built, test_settings};
+use crate::helpers::{TestApp, expect_problem, peer_oauth_settings, post_mail, spawn_built};
 use crate::peer::Peer;
 use crate::require_peer;
 
 /// Settings for the real thing: MS_OAUTH to the peer's STARTTLS port, tokens from `entra`.
 fn relay_settings(peer: &Peer, entra: &FakeEntra) -> Settings {
-    let mut settings = test_settings(std::env::temp_dir());
-    settings.relay.delivery = Delivery::Smtp;
-    settings.send_email.smtp_server = peer.host.clone();
-    settings.send_email.smtp_port = peer.submission_port;
-    settings.send_email.smtp_encryption = Encryption::Tls;
-    settings.send_email.smtp_authentication = SmtpAuthentication::MsOAuth {
-        username: peer.oauth_user.clone(),
-        oauth: entra.oauth_settings(),
-    };
-    settings.relay.smtp.ca_file = Some(peer.ca_path().to_path_buf());
+    let mut settings = peer_oauth_settings(peer, entra.oauth_settings());
     settings.relay.smtp.send_deadline = Duration::from_secs(20);
     settings.relay.limits.max_body_bytes = 4 * 1024 * 1024;
     settings

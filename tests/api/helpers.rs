@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use mail_relay::app::Application;
 use mail_relay::config::{
-    AddressPattern, ApiKeySettings, AuthSettings, Delivery, Encryption, Limits, RateLimitSettings,
-    RelaySettings, SendEmailSettings, ServerSettings, Settings, SmtpAuthentication, SmtpTuning,
+    AddressPattern, ApiKeySettings, AuthSettings, Delivery, Encryption, Limits, OAuthSettings,
+    RateLimitSettings, RelaySettings, SendEmailSettings, ServerSettings, Settings,
+    SmtpAuthentication, SmtpTuning,
 };
 use mail_relay::delivery::{MailSender, Outbox};
 use sha2::{Digest, Sha256};
@@ -65,6 +66,25 @@ pub fn test_settings(outbox: PathBuf) -> Settings {
             identities: Default::default(),
         },
     }
+}
+
+/// The test settings sending to the real SMTP peer: MS_OAUTH as the peer's OAuth user over
+/// STARTTLS to its submission port, trusting its CA, with `oauth` for the token (usually
+/// `FakeEntra::oauth_settings`). Tests add their own overrides on top.
+pub fn peer_oauth_settings(peer: &crate::peer::Peer, oauth: OAuthSettings) -> Settings {
+    let mut settings = test_settings(std::env::temp_dir());
+    settings.relay.delivery = Delivery::Smtp;
+    settings.send_email = SendEmailSettings {
+        smtp_server: peer.host.clone(),
+        smtp_port: peer.submission_port,
+        smtp_encryption: Encryption::Tls,
+        smtp_authentication: SmtpAuthentication::MsOAuth {
+            username: peer.oauth_user.clone(),
+            oauth,
+        },
+    };
+    settings.relay.smtp.ca_file = Some(peer.ca_path().to_path_buf());
+    settings
 }
 
 /// A running instance and a client for it.

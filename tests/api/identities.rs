@@ -13,7 +13,7 @@ use mail_relay::config::{
 use serde_json::json;
 
 use crate::entra::{FakeEntra, field, form_fields};
-use crate::helpers::{expect_problem, post_mail, spawn_built, test_settings};
+use crate::helpers::{expect_problem, peer_oauth_settings, post_mail, spawn_built, test_settings};
 use crate::smtp::exchange_replies::{Script, serve};
 
 const DEFAULT_MAILBOX: &str = "noreply@contoso.com";
@@ -498,19 +498,11 @@ fn an_api_key_names_only_identities_that_exist() {
 async fn against_the_peer_each_mailbox_logs_in_as_itself_and_its_mail_says_so() {
     let peer = crate::require_peer!();
     let entra = FakeEntra::serving_peer_tokens(&peer).await;
-    let mut settings = test_settings(std::env::temp_dir());
-    settings.relay.delivery = Delivery::Smtp;
-    settings.relay.smtp.ca_file = Some(peer.ca_path().to_path_buf());
+    let mut settings = peer_oauth_settings(&peer, entra.oauth_settings());
     let peer_server = |authentication| SendEmailSettings {
-        smtp_server: peer.host.clone(),
-        smtp_port: peer.submission_port,
-        smtp_encryption: Encryption::Tls,
         smtp_authentication: authentication,
+        ..settings.send_email.clone()
     };
-    settings.send_email = peer_server(SmtpAuthentication::MsOAuth {
-        username: peer.oauth_user.clone(),
-        oauth: entra.oauth_settings(),
-    });
     settings.relay.identities = IdentitiesSettings {
         default_name: "default".into(),
         default_from: patterns(&[&peer.oauth_user]),

@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 use crate::entra::{CLIENT_SECRET, FakeEntra};
 use crate::fakes::{Answer, FakeSender};
 use crate::helpers::{
-    TEST_API_KEY, TestApp, authenticated_client, post_mail, spawn_app, spawn_app_with,
-    spawn_app_with_sender, spawn_built, test_settings,
+    TEST_API_KEY, TestApp, authenticated_client, peer_oauth_settings, post_mail, spawn_app,
+    spawn_app_with, spawn_app_with_sender, spawn_built, test_settings,
 };
 
 fn mail() -> Value {
@@ -765,16 +765,7 @@ async fn a_real_send_shows_in_the_log_line_the_metrics_and_readiness() {
     let entra = FakeEntra::start().await;
     let token = peer.mint_token(&peer.oauth_user, Duration::from_secs(3600));
     entra.mount_token(&token, 3599).await;
-    let mut settings = test_settings(std::env::temp_dir());
-    settings.relay.delivery = Delivery::Smtp;
-    settings.send_email.smtp_server = peer.host.clone();
-    settings.send_email.smtp_port = peer.submission_port;
-    settings.send_email.smtp_encryption = Encryption::Tls;
-    settings.send_email.smtp_authentication = SmtpAuthentication::MsOAuth {
-        username: peer.oauth_user.clone(),
-        oauth: entra.oauth_settings(),
-    };
-    settings.relay.smtp.ca_file = Some(peer.ca_path().to_path_buf());
+    let mut settings = peer_oauth_settings(&peer, entra.oauth_settings());
     settings.relay.smtp.send_deadline = Duration::from_secs(20);
 
     let (logs, _guard) = Captured::start("info");

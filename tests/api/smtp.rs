@@ -19,7 +19,7 @@ use mail_relay::token::{TokenError, TokenProvider};
 use secrecy::SecretString;
 
 use crate::fakes::FakeTokens;
-use crate::helpers::test_settings;
+use crate::helpers::{peer_oauth_settings, test_settings};
 use crate::peer::Peer;
 
 /// Peer-valid JWTs for the OAuth user, valid for an hour.
@@ -57,13 +57,10 @@ fn peer_settings(
     port: u16,
     auth: SmtpAuthentication,
 ) -> Settings {
-    let mut settings = test_settings(std::env::temp_dir());
-    settings.relay.delivery = Delivery::Smtp;
-    settings.send_email.smtp_server = peer.host.clone();
+    let mut settings = peer_oauth_settings(peer, unused_oauth());
     settings.send_email.smtp_port = port;
     settings.send_email.smtp_encryption = encryption;
     settings.send_email.smtp_authentication = auth;
-    settings.relay.smtp.ca_file = Some(peer.ca_path().to_path_buf());
     settings.relay.smtp.hello_name = Some("relay.test".into());
     settings
 }
@@ -77,18 +74,23 @@ fn oauth(peer: &Peer) -> SmtpAuthentication {
 fn oauth_as(username: &str) -> SmtpAuthentication {
     SmtpAuthentication::MsOAuth {
         username: username.to_string(),
-        oauth: mail_relay::config::OAuthSettings {
-            tenant_id: "contoso".into(),
-            client_id: "11111111-2222-4333-8444-555555555555".into(),
-            credential: mail_relay::config::ClientCredential::Secret(SecretString::from(
-                "unused".to_string(),
-            )),
-            token_endpoint: "http://127.0.0.1:9/token".parse().unwrap(),
-            scopes: "https://outlook.office365.com/.default".into(),
-            grace: Duration::from_secs(300),
-            connect_timeout: Duration::from_secs(5),
-            request_timeout: Duration::from_secs(10),
-        },
+        oauth: unused_oauth(),
+    }
+}
+
+/// OAuth settings no test fetches a token with.
+fn unused_oauth() -> mail_relay::config::OAuthSettings {
+    mail_relay::config::OAuthSettings {
+        tenant_id: "contoso".into(),
+        client_id: "11111111-2222-4333-8444-555555555555".into(),
+        credential: mail_relay::config::ClientCredential::Secret(SecretString::from(
+            "unused".to_string(),
+        )),
+        token_endpoint: "http://127.0.0.1:9/token".parse().unwrap(),
+        scopes: "https://outlook.office365.com/.default".into(),
+        grace: Duration::from_secs(300),
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(10),
     }
 }
 

@@ -7,29 +7,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mail_relay::app::Application;
-use mail_relay::config::{Delivery, Encryption, Settings, SmtpAuthentication};
+use mail_relay::config::Settings;
 use mail_relay::delivery::MailSender;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 
 use crate::entra::FakeEntra;
-use crate::helpers::{TestApp, authenticated_client, test_settings};
+use crate::helpers::{TestApp, authenticated_client, peer_oauth_settings};
 use crate::peer::Peer;
 
 /// MS_OAUTH over STARTTLS to `port` on the peer's host, tokens from `entra`, rate limits off
 /// (`test_settings` switches them off), a body limit for the big tests.
 pub fn relay_settings(peer: &Peer, entra: &FakeEntra, port: u16) -> Settings {
-    let mut settings = test_settings(std::env::temp_dir());
-    settings.relay.delivery = Delivery::Smtp;
-    settings.send_email.smtp_server = peer.host.clone();
+    let mut settings = peer_oauth_settings(peer, entra.oauth_settings());
     settings.send_email.smtp_port = port;
-    settings.send_email.smtp_encryption = Encryption::Tls;
-    settings.send_email.smtp_authentication = SmtpAuthentication::MsOAuth {
-        username: peer.oauth_user.clone(),
-        oauth: entra.oauth_settings(),
-    };
-    settings.relay.smtp.ca_file = Some(peer.ca_path().to_path_buf());
     settings.relay.limits.max_body_bytes = 1024 * 1024;
     settings
 }
