@@ -16,6 +16,7 @@ pub enum Cloud {
 }
 
 impl Cloud {
+    /// Every spelling `mailRelay.cloud` accepts, any case.
     pub const CHOICES: &[(&str, Cloud)] = &[
         ("global", Cloud::Global),
         ("usGovHigh", Cloud::UsGovHigh),
@@ -23,11 +24,9 @@ impl Cloud {
         ("china", Cloud::China),
     ];
 
+    /// The spelling `check-config` prints.
     pub fn name(self) -> &'static str {
-        Self::CHOICES
-            .iter()
-            .find(|(_, c)| *c == self)
-            .map_or("global", |(name, _)| name)
+        super::read::name_in(Self::CHOICES, &self)
     }
 
     fn login_host(self) -> &'static str {

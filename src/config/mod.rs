@@ -117,6 +117,23 @@ pub enum Encryption {
     Tls,
 }
 
+impl Encryption {
+    /// Every spelling `smtpEncryption` accepts, any case; the first of each is its name.
+    pub const CHOICES: &[(&str, Encryption)] = &[
+        ("NONE", Encryption::None),
+        ("SSL", Encryption::Ssl),
+        ("TLS", Encryption::Tls),
+        ("0", Encryption::None),
+        ("1", Encryption::Ssl),
+        ("2", Encryption::Tls),
+    ];
+
+    /// The spelling `check-config` prints.
+    pub fn name(self) -> &'static str {
+        read::name_in(Self::CHOICES, &self)
+    }
+}
+
 /// `smtpAuthentication` with the values each mode needs.
 // Built once at start-up: the size difference between variants does not matter.
 #[allow(clippy::large_enum_variant)]
@@ -134,7 +151,38 @@ pub enum SmtpAuthentication {
     },
 }
 
+/// `smtpAuthentication`'s spellings: the modes without the values each needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    None,
+    Basic,
+    MsOAuth,
+}
+
+impl AuthMode {
+    /// Every spelling `smtpAuthentication` accepts, any case.
+    pub const CHOICES: &[(&str, AuthMode)] = &[
+        ("NONE", AuthMode::None),
+        ("BASIC", AuthMode::Basic),
+        ("MS_OAUTH", AuthMode::MsOAuth),
+    ];
+
+    /// The spelling `check-config` prints.
+    pub fn name(self) -> &'static str {
+        read::name_in(Self::CHOICES, &self)
+    }
+}
+
 impl SmtpAuthentication {
+    /// The mode, whose name `smtpAuthentication` is.
+    pub fn mode(&self) -> AuthMode {
+        match self {
+            Self::None => AuthMode::None,
+            Self::Basic { .. } => AuthMode::Basic,
+            Self::MsOAuth { .. } => AuthMode::MsOAuth,
+        }
+    }
+
     /// The SMTP login name, when there is one.
     pub fn username(&self) -> Option<&str> {
         match self {

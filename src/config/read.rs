@@ -114,16 +114,81 @@ impl Ctx<'_> {
         let Some(text) = self.text(key).map(str::to_owned) else {
             return default;
         };
-        match choices
-            .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case(&text))
-        {
-            Some((_, v)) => *v,
+        match find(choices, &text) {
+            Some(v) => v,
             None => {
                 let shown = self.shown(key, &text);
                 self.error(key, format!("{shown} is not one of {allowed}"));
                 default
             }
         }
+    }
+}
+
+// An enum setting's spellings live in one `CHOICES` table, `(spelling, value)`, beside the enum:
+// the first spelling of a value is its name, the one `check-config` prints; later ones are
+// aliases. Parsing, the "allowed" list of an error and the printer all read that table.
+
+/// The value `text` spells in `choices`, ignoring ASCII case.
+pub(super) fn find<T: Copy>(choices: &[(&str, T)], text: &str) -> Option<T> {
+    choices
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(text))
+        .map(|(_, value)| *value)
+}
+
+/// The name of `value`: its first spelling in `choices`.
+pub(super) fn name_in<T: PartialEq>(choices: &[(&'static str, T)], value: &T) -> &'static str {
+    choices
+        .iter()
+        .find(|(_, v)| v == value)
+        .map_or("", |(name, _)| name)
+}
+
+/// The allowed spellings as an error lists them: the names, then the aliases, as in
+/// `NONE, SSL, TLS (or 0, 1, 2)`.
+pub(super) fn listed<T: PartialEq>(choices: &[(&str, T)]) -> String {
+    let mut names = Vec::new();
+    let mut aliases = Vec::new();
+    for (i, (spelling, value)) in choices.iter().enumerate() {
+        if choices[..i].iter().any(|(_, v)| v == value) {
+            aliases.push(*spelling);
+        } else {
+            names.push(*spelling);
+        }
+    }
+    if aliases.is_empty() {
+        names.join(", ")
+    } else {
+        format!("{} (or {})", names.join(", "), aliases.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{AuthMode, Cloud, Encryption};
+    use super::*;
+
+    /// Each spelling parses to its value, and a value's name parses back to it.
+    fn round_trip<T: Copy + PartialEq + std::fmt::Debug>(choices: &[(&'static str, T)]) {
+        for (spelling, value) in choices {
+            assert_eq!(find(choices, spelling), Some(*value));
+            assert_eq!(find(choices, &spelling.to_lowercase()), Some(*value));
+            assert_eq!(find(choices, name_in(choices, value)), Some(*value));
+        }
+        assert_eq!(find(choices, "no such spelling"), None);
+    }
+
+    #[test]
+    fn every_table_lists_its_names_then_its_aliases() {
+        round_trip(Encryption::CHOICES);
+        round_trip(AuthMode::CHOICES);
+        round_trip(Cloud::CHOICES);
+        assert_eq!(listed(Encryption::CHOICES), "NONE, SSL, TLS (or 0, 1, 2)");
+        assert_eq!(Encryption::None.name(), "NONE");
+        assert_eq!(Encryption::Tls.name(), "TLS");
+        assert_eq!(listed(AuthMode::CHOICES), "NONE, BASIC, MS_OAUTH");
+        assert_eq!(AuthMode::MsOAuth.name(), "MS_OAUTH");
+        assert_eq!(listed(Cloud::CHOICES), "global, usGovHigh, usGovDoD, china");
     }
 }

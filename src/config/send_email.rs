@@ -8,11 +8,11 @@ use url::Url;
 
 use crate::token::CertificateCredential;
 
-use super::read::Ctx;
+use super::read::{Ctx, listed};
 use super::trust::{is_host_local, is_loopback_host};
 use super::validate::{OFFICE365_HOST, TENANT_PLACEHOLDER, is_address, se};
 use super::{
-    ClientCredential, Cloud, Delivery, Encryption, ManagedIdentity, OAuthSettings,
+    AuthMode, ClientCredential, Cloud, Delivery, Encryption, ManagedIdentity, OAuthSettings,
     SendEmailSettings, SmtpAuthentication,
 };
 
@@ -46,31 +46,14 @@ pub(super) fn send_email(
     let encryption = ctx.one_of(
         &se("smtpEncryption"),
         Encryption::Tls,
-        &[
-            ("NONE", Encryption::None),
-            ("SSL", Encryption::Ssl),
-            ("TLS", Encryption::Tls),
-            ("0", Encryption::None),
-            ("1", Encryption::Ssl),
-            ("2", Encryption::Tls),
-        ],
-        "NONE, SSL, TLS (or 0, 1, 2)",
+        Encryption::CHOICES,
+        &listed(Encryption::CHOICES),
     );
-    #[derive(Clone, Copy, PartialEq)]
-    enum Mode {
-        None,
-        Basic,
-        MsOAuth,
-    }
     let mode = ctx.one_of(
         &se("smtpAuthentication"),
-        Mode::MsOAuth,
-        &[
-            ("NONE", Mode::None),
-            ("BASIC", Mode::Basic),
-            ("MS_OAUTH", Mode::MsOAuth),
-        ],
-        "NONE, BASIC, MS_OAUTH",
+        AuthMode::MsOAuth,
+        AuthMode::CHOICES,
+        &listed(AuthMode::CHOICES),
     );
 
     let host = server.clone().unwrap_or_default();
@@ -91,7 +74,7 @@ pub(super) fn send_email(
         ));
     }
     if encryption == Encryption::None
-        && mode != Mode::None
+        && mode != AuthMode::None
         && server.is_some()
         && !is_loopback_host(&host)
     {
@@ -103,16 +86,16 @@ pub(super) fn send_email(
         );
     }
 
-    if graph && mode != Mode::MsOAuth {
+    if graph && mode != AuthMode::MsOAuth {
         ctx.error(
             &se("smtpAuthentication"),
             "must be MS_OAUTH with mailRelay.delivery.mode graph or auto: Microsoft Graph takes only OAuth2 app-only tokens (the app registration's oAuthClientId, oAuthTenantId and secret or certificate)",
         );
     }
     let authentication = match mode {
-        Mode::None => Some(SmtpAuthentication::None),
-        Mode::Basic => basic(ctx, smtp),
-        Mode::MsOAuth => ms_oauth(ctx, smtp || graph, cloud),
+        AuthMode::None => Some(SmtpAuthentication::None),
+        AuthMode::Basic => basic(ctx, smtp),
+        AuthMode::MsOAuth => ms_oauth(ctx, smtp || graph, cloud),
     };
     SendEmailSettings {
         smtp_server: server.unwrap_or_default(),

@@ -141,7 +141,7 @@ fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
         "mailRelay.cloud",
         super::Cloud::Global,
         super::Cloud::CHOICES,
-        "global, usGovHigh, usGovDoD, china",
+        &super::read::listed(super::Cloud::CHOICES),
     );
     let mode = ctx.one_of(
         "mailRelay.delivery.mode",

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use super::resolve::{Origin, Resolved};
 use super::{
-    ClientCredential, Delivery, Encryption, LogFormat, ManagedIdentity, QueueMode, QueueSettings,
+    ClientCredential, Delivery, LogFormat, ManagedIdentity, QueueMode, QueueSettings,
     SendEmailSettings, Settings, SmtpAuthentication,
 };
 
@@ -312,21 +312,20 @@ fn render_send_email(out: &mut Out<'_>, indent: usize, prefix: &str, s: &SendEma
         (!s.smtp_server.is_empty()).then(|| quote(&s.smtp_server)),
     );
     out.line(indent, &k("smtpPort"), Some(s.smtp_port.to_string()));
-    let encryption = match s.smtp_encryption {
-        Encryption::None => "NONE",
-        Encryption::Ssl => "SSL",
-        Encryption::Tls => "TLS",
-    };
-    out.line(indent, &k("smtpEncryption"), Some(encryption.into()));
+    out.line(
+        indent,
+        &k("smtpEncryption"),
+        Some(s.smtp_encryption.name().into()),
+    );
+    let mode = s.smtp_authentication.mode().name();
+    out.line(indent, &k("smtpAuthentication"), Some(mode.into()));
     match &s.smtp_authentication {
-        SmtpAuthentication::None => out.line(indent, &k("smtpAuthentication"), Some("NONE".into())),
+        SmtpAuthentication::None => {}
         SmtpAuthentication::Basic { username, .. } => {
-            out.line(indent, &k("smtpAuthentication"), Some("BASIC".into()));
             out.line(indent, &k("smtpUsername"), Some(quote(username)));
             out.line(indent, &k("smtpPassword"), Some(quote(MASK)));
         }
         SmtpAuthentication::MsOAuth { username, oauth } => {
-            out.line(indent, &k("smtpAuthentication"), Some("MS_OAUTH".into()));
             out.line(indent, &k("smtpUsername"), Some(quote(username)));
             out.line(indent, &k("oAuthTenantId"), Some(quote(&oauth.tenant_id)));
             out.line(indent, &k("oAuthClientId"), Some(quote(&oauth.client_id)));
