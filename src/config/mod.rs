@@ -39,6 +39,8 @@ pub use access::{
 pub use cloud::Cloud;
 pub use keys::env_name;
 pub use load::{ConfigError, LoadOptions, Loaded, SettingError, listener, load, load_str};
+pub use observe::{LogFormat, LogSettings, MetricsSettings};
+pub use proxy::{ForwardedHeader, HttpSettings, ShutdownSettings};
 pub use queue::{QueueMode, QueueSettings, SecretBytes, WebhookSettings};
 pub use send_email::IMDS_TOKEN_ENDPOINT;
 pub use store::{StoreSettings, StoreUrl};
@@ -303,103 +305,6 @@ pub struct IdentitySettings {
     pub rate_limits: RateLimitSettings,
 }
 
-/// `mailRelay.http.*`: how the relay sits behind a reverse proxy, and what one connection may hold.
-#[derive(Debug, Clone)]
-pub struct HttpSettings {
-    /// Path prefix every route is served under (`/osweb/mail`); empty for the root.
-    /// Starts with `/`, has no trailing `/` and no `..`.
-    pub base_path: String,
-    /// Proxies whose forwarding header is believed (CIDRs); none by default.
-    pub trusted_proxies: Vec<ipnet::IpNet>,
-    /// Which header those proxies report the client in.
-    pub forwarded_header: ForwardedHeader,
-    /// `headerReadTimeoutSeconds`: how long a connection may go without a request in progress:
-    /// from accepting it (before its protocol is known) to a complete request head, and between
-    /// requests on a kept-alive HTTP/1 or HTTP/2 connection.
-    pub header_read_timeout: Duration,
-    /// `maxConnections`: open connections at most; one more is closed at once.
-    pub max_connections: usize,
-    /// `maxHeaderBytes`: the request head (HTTP/1) or header list (HTTP/2) at most; more is `431`.
-    pub max_header_bytes: usize,
-    /// Whether `GET /docs` serves the API reference page (on by default).
-    pub docs: bool,
-}
-
-impl Default for HttpSettings {
-    /// 75 s for a head: above nginx's 60 s upstream keep-alive, so nginx never reuses a
-    /// connection the relay is closing. 1024 connections, each one file descriptor. 16 KiB of head.
-    fn default() -> Self {
-        Self {
-            base_path: String::new(),
-            trusted_proxies: Vec::new(),
-            forwarded_header: ForwardedHeader::default(),
-            header_read_timeout: Duration::from_secs(75),
-            max_connections: 1024,
-            max_header_bytes: 16 * 1024,
-            docs: true,
-        }
-    }
-}
-
-/// `mailRelay.http.forwardedHeader`: the one header the trusted proxies maintain.
-///
-/// Only one is read: a proxy that appends to one passes the other through untouched, so a
-/// client could put any address into it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum ForwardedHeader {
-    /// `X-Forwarded-For: client, proxy1` (nginx's `$proxy_add_x_forwarded_for`).
-    #[default]
-    XForwardedFor,
-    /// RFC 7239 `Forwarded: for=client;proto=https, for=proxy1`.
-    Forwarded,
-}
-
-/// `mailRelay.shutdown.*`: graceful drain on SIGTERM.
-#[derive(Debug, Clone)]
-pub struct ShutdownSettings {
-    /// How long requests are still accepted after SIGTERM, while readiness already says 503.
-    pub drain_delay: Duration,
-    /// From SIGTERM to exit at the latest; what still runs then is abandoned and the exit is non-zero.
-    pub deadline: Duration,
-}
-
-impl Default for ShutdownSettings {
-    /// 5 s of drain delay; a 70 s deadline, so a send accepted at the end of the delay still
-    /// has the default `sendDeadlineSeconds` (60) to finish.
-    fn default() -> Self {
-        Self {
-            drain_delay: Duration::from_secs(5),
-            deadline: Duration::from_secs(70),
-        }
-    }
-}
-
-/// `mailRelay.metrics`: where `GET /metrics` is served.
-#[derive(Debug, Clone, Default)]
-pub struct MetricsSettings {
-    /// A listener of its own (`address` and `port`), the only place `/metrics` is served then;
-    /// `None` serves it on the main listener.
-    pub listen: Option<SocketAddr>,
-}
-
-/// `mailRelay.log`: how log lines look and which are written.
-#[derive(Debug, Clone)]
-pub struct LogSettings {
-    pub format: LogFormat,
-    /// A `RUST_LOG`-style filter, e.g. `info` or `info,mail_relay=debug`.
-    pub filter: String,
-}
-
-impl Default for LogSettings {
-    /// JSON lines at `info`: what log collectors in containers expect.
-    fn default() -> Self {
-        Self {
-            format: LogFormat::Json,
-            filter: "info".to_string(),
-        }
-    }
-}
-
 /// `mailRelay.adminMail`: who gets the relay's notices (start, stop, sends failing for a
 /// configuration reason), and from which address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -408,15 +313,6 @@ pub struct AdminMailSettings {
     pub from: String,
     /// At least one address.
     pub recipients: Vec<String>,
-}
-
-/// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// One JSON object a line.
-    Json,
-    /// Human-readable lines.
-    Text,
 }
 
 /// `mailRelay.delivery`: where accepted mail goes.

@@ -4,8 +4,53 @@ use std::net::{IpAddr, SocketAddr};
 
 use tracing_subscriber::EnvFilter;
 
-use super::read::Ctx;
-use super::{LogFormat, LogSettings, MetricsSettings};
+use super::read::{Ctx, listed};
+
+/// `mailRelay.metrics`: where `GET /metrics` is served.
+#[derive(Debug, Clone, Default)]
+pub struct MetricsSettings {
+    /// A listener of its own (`address` and `port`), the only place `/metrics` is served then;
+    /// `None` serves it on the main listener.
+    pub listen: Option<SocketAddr>,
+}
+
+/// `mailRelay.log`: how log lines look and which are written.
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A `RUST_LOG`-style filter, e.g. `info` or `info,mail_relay=debug`.
+    pub filter: String,
+}
+
+impl Default for LogSettings {
+    /// JSON lines at `info`: what log collectors in containers expect.
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Json,
+            filter: "info".to_string(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object a line.
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+impl LogFormat {
+    /// Every spelling `mailRelay.log.format` accepts, any case.
+    pub const CHOICES: &[(&str, LogFormat)] =
+        &[("json", LogFormat::Json), ("text", LogFormat::Text)];
+
+    /// The spelling `check-config` prints.
+    pub fn name(self) -> &'static str {
+        super::read::name_in(Self::CHOICES, &self)
+    }
+}
 
 const ADDRESS: &str = "mailRelay.metrics.address";
 const PORT: &str = "mailRelay.metrics.port";
@@ -52,8 +97,8 @@ pub(super) fn log(ctx: &mut Ctx<'_>) -> LogSettings {
     let format = ctx.one_of(
         "mailRelay.log.format",
         defaults.format,
-        &[("json", LogFormat::Json), ("text", LogFormat::Text)],
-        "json, text",
+        LogFormat::CHOICES,
+        &listed(LogFormat::CHOICES),
     );
     let key = "mailRelay.log.level";
     let filter = match ctx.text(key).map(str::to_owned) {

@@ -1,8 +1,9 @@
 //! `mailRelay.http` and `mailRelay.shutdown`: the relay behind a reverse proxy, and its drain.
 
+use std::time::Duration;
+
 use super::callers;
-use super::read::Ctx;
-use super::{ForwardedHeader, HttpSettings, ShutdownSettings};
+use super::read::{Ctx, listed};
 
 const BASE_PATH: &str = "mailRelay.http.basePath";
 const TRUSTED_PROXIES: &str = "mailRelay.http.trustedProxies";
@@ -15,6 +16,90 @@ const MIN_HEADER_BYTES: usize = 8 * 1024;
 const DOCS: &str = "mailRelay.http.docs";
 const DRAIN_DELAY: &str = "mailRelay.shutdown.drainDelaySeconds";
 const DEADLINE: &str = "mailRelay.shutdown.deadlineSeconds";
+
+/// `mailRelay.http.*`: how the relay sits behind a reverse proxy, and what one connection may hold.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// Path prefix every route is served under (`/osweb/mail`); empty for the root.
+    /// Starts with `/`, has no trailing `/` and no `..`.
+    pub base_path: String,
+    /// Proxies whose forwarding header is believed (CIDRs); none by default.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Which header those proxies report the client in.
+    pub forwarded_header: ForwardedHeader,
+    /// `headerReadTimeoutSeconds`: how long a connection may go without a request in progress:
+    /// from accepting it (before its protocol is known) to a complete request head, and between
+    /// requests on a kept-alive HTTP/1 or HTTP/2 connection.
+    pub header_read_timeout: Duration,
+    /// `maxConnections`: open connections at most; one more is closed at once.
+    pub max_connections: usize,
+    /// `maxHeaderBytes`: the request head (HTTP/1) or header list (HTTP/2) at most; more is `431`.
+    pub max_header_bytes: usize,
+    /// Whether `GET /docs` serves the API reference page (on by default).
+    pub docs: bool,
+}
+
+impl Default for HttpSettings {
+    /// 75 s for a head: above nginx's 60 s upstream keep-alive, so nginx never reuses a
+    /// connection the relay is closing. 1024 connections, each one file descriptor. 16 KiB of head.
+    fn default() -> Self {
+        Self {
+            base_path: String::new(),
+            trusted_proxies: Vec::new(),
+            forwarded_header: ForwardedHeader::default(),
+            header_read_timeout: Duration::from_secs(75),
+            max_connections: 1024,
+            max_header_bytes: 16 * 1024,
+            docs: true,
+        }
+    }
+}
+
+/// `mailRelay.http.forwardedHeader`: the one header the trusted proxies maintain.
+///
+/// Only one is read: a proxy that appends to one passes the other through untouched, so a
+/// client could put any address into it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For: client, proxy1` (nginx's `$proxy_add_x_forwarded_for`).
+    #[default]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded: for=client;proto=https, for=proxy1`.
+    Forwarded,
+}
+
+impl ForwardedHeader {
+    /// Every spelling `forwardedHeader` accepts, any case: the header's name.
+    pub const CHOICES: &[(&str, ForwardedHeader)] = &[
+        ("X-Forwarded-For", ForwardedHeader::XForwardedFor),
+        ("Forwarded", ForwardedHeader::Forwarded),
+    ];
+
+    /// The spelling `check-config` prints.
+    pub fn name(self) -> &'static str {
+        super::read::name_in(Self::CHOICES, &self)
+    }
+}
+
+/// `mailRelay.shutdown.*`: graceful drain on SIGTERM.
+#[derive(Debug, Clone)]
+pub struct ShutdownSettings {
+    /// How long requests are still accepted after SIGTERM, while readiness already says 503.
+    pub drain_delay: Duration,
+    /// From SIGTERM to exit at the latest; what still runs then is abandoned and the exit is non-zero.
+    pub deadline: Duration,
+}
+
+impl Default for ShutdownSettings {
+    /// 5 s of drain delay; a 70 s deadline, so a send accepted at the end of the delay still
+    /// has the default `sendDeadlineSeconds` (60) to finish.
+    fn default() -> Self {
+        Self {
+            drain_delay: Duration::from_secs(5),
+            deadline: Duration::from_secs(70),
+        }
+    }
+}
 
 pub(super) fn http(ctx: &mut Ctx<'_>) -> HttpSettings {
     let base_path = ctx
@@ -35,14 +120,14 @@ pub(super) fn http(ctx: &mut Ctx<'_>) -> HttpSettings {
     let forwarded_header = ctx.one_of(
         FORWARDED_HEADER,
         ForwardedHeader::XForwardedFor,
-        &[
-            ("X-Forwarded-For", ForwardedHeader::XForwardedFor),
-            ("Forwarded", ForwardedHeader::Forwarded),
-        ],
-        "X-Forwarded-For, Forwarded (the header your proxy appends the client to)",
+        ForwardedHeader::CHOICES,
+        &format!(
+            "{} (the header your proxy appends the client to)",
+            listed(ForwardedHeader::CHOICES)
+        ),
     );
     let defaults = HttpSettings::default();
-    let header_read_timeout = std::time::Duration::from_secs(ctx.number(
+    let header_read_timeout = Duration::from_secs(ctx.number(
         HEADER_READ_TIMEOUT,
         defaults.header_read_timeout.as_secs(),
         1..=3_600,
@@ -102,11 +187,8 @@ fn base_path_problem(path: &str) -> Option<&'static str> {
 
 pub(super) fn shutdown(ctx: &mut Ctx<'_>) -> ShutdownSettings {
     let defaults = ShutdownSettings::default();
-    let drain_delay = std::time::Duration::from_secs(ctx.number(
-        DRAIN_DELAY,
-        defaults.drain_delay.as_secs(),
-        0..=3_600,
-    ));
+    let drain_delay =
+        Duration::from_secs(ctx.number(DRAIN_DELAY, defaults.drain_delay.as_secs(), 0..=3_600));
     let deadline = ctx.seconds(DEADLINE, defaults.deadline.as_secs());
     if drain_delay >= deadline {
         ctx.error(

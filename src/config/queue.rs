@@ -32,6 +32,20 @@ pub enum QueueMode {
     Never,
 }
 
+impl QueueMode {
+    /// Every spelling `mailRelay.delivery.queue` accepts, any case.
+    pub const CHOICES: &[(&str, QueueMode)] = &[
+        ("prefer", QueueMode::Prefer),
+        ("always", QueueMode::Always),
+        ("never", QueueMode::Never),
+    ];
+
+    /// The spelling `check-config` prints.
+    pub fn name(self) -> &'static str {
+        super::read::name_in(Self::CHOICES, &self)
+    }
+}
+
 /// The queued-delivery settings.
 #[derive(Debug, Clone)]
 pub struct QueueSettings {
@@ -125,12 +139,8 @@ pub(super) fn queue(ctx: &mut Ctx<'_>, store: &StoreUrl) -> QueueSettings {
     let mode = ctx.one_of(
         QUEUE,
         defaults.mode,
-        &[
-            ("prefer", QueueMode::Prefer),
-            ("always", QueueMode::Always),
-            ("never", QueueMode::Never),
-        ],
-        "prefer, always, never",
+        QueueMode::CHOICES,
+        &super::read::listed(QueueMode::CHOICES),
     );
     if mode == QueueMode::Always && *store == StoreUrl::Memory {
         ctx.error(

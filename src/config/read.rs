@@ -166,7 +166,7 @@ pub(super) fn listed<T: PartialEq>(choices: &[(&str, T)]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{AuthMode, Cloud, Encryption};
+    use super::super::{AuthMode, Cloud, Encryption, ForwardedHeader, LogFormat, QueueMode};
     use super::*;
 
     /// Each spelling parses to its value, and a value's name parses back to it.
@@ -190,5 +190,16 @@ mod tests {
         assert_eq!(listed(AuthMode::CHOICES), "NONE, BASIC, MS_OAUTH");
         assert_eq!(AuthMode::MsOAuth.name(), "MS_OAUTH");
         assert_eq!(listed(Cloud::CHOICES), "global, usGovHigh, usGovDoD, china");
+        round_trip(QueueMode::CHOICES);
+        round_trip(LogFormat::CHOICES);
+        round_trip(ForwardedHeader::CHOICES);
+        assert_eq!(listed(QueueMode::CHOICES), "prefer, always, never");
+        assert_eq!(QueueMode::Never.name(), "never");
+        assert_eq!(listed(LogFormat::CHOICES), "json, text");
+        assert_eq!(
+            listed(ForwardedHeader::CHOICES),
+            "X-Forwarded-For, Forwarded"
+        );
+        assert_eq!(ForwardedHeader::XForwardedFor.name(), "X-Forwarded-For");
     }
 }

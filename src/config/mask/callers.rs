@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use super::{MASK, Out, flow_list, quote, secs};
-use crate::config::{ForwardedHeader, Settings};
+use crate::config::Settings;
 
 pub(super) fn render_callers(out: &mut Out<'_>, settings: &Settings) {
     let auth = &settings.relay.auth;
@@ -116,10 +116,7 @@ pub(super) fn render_callers(out: &mut Out<'_>, settings: &Settings) {
         .map(ToString::to_string)
         .collect();
     out.plain(4, "trustedProxies", &flow_list(proxies));
-    let header = match http.forwarded_header {
-        ForwardedHeader::XForwardedFor => "X-Forwarded-For",
-        ForwardedHeader::Forwarded => "Forwarded",
-    };
+    let header = http.forwarded_header.name();
     out.line(4, "mailRelay.http.forwardedHeader", Some(quote(header)));
     out.line(4, "mailRelay.http.docs", Some(http.docs.to_string()));
     let shutdown = &settings.relay.shutdown;

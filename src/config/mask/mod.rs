@@ -6,8 +6,8 @@ use std::fmt::Write as _;
 
 use super::resolve::{Origin, Resolved};
 use super::{
-    ClientCredential, Delivery, LogFormat, ManagedIdentity, QueueMode, QueueSettings,
-    SendEmailSettings, Settings, SmtpAuthentication,
+    ClientCredential, Delivery, ManagedIdentity, QueueSettings, SendEmailSettings, Settings,
+    SmtpAuthentication,
 };
 
 const MASK: &str = "****";
@@ -233,11 +233,7 @@ pub fn render(settings: &Settings, values: &Resolved) -> String {
         listen.map(|l| l.port().to_string()),
     );
     out.section(2, "log");
-    let format = match r.log.format {
-        LogFormat::Json => "json",
-        LogFormat::Text => "text",
-    };
-    out.line(4, "mailRelay.log.format", Some(format.to_string()));
+    out.line(4, "mailRelay.log.format", Some(r.log.format.name().into()));
     out.line(4, "mailRelay.log.level", Some(quote(&r.log.filter)));
     callers::render_callers(&mut out, settings);
     render_rate_limits(&mut out, settings);
@@ -369,12 +365,7 @@ fn render_send_email(out: &mut Out<'_>, indent: usize, prefix: &str, s: &SendEma
 
 fn render_queue(out: &mut Out<'_>, q: &QueueSettings) {
     let d = |name: &str| format!("mailRelay.delivery.{name}");
-    let mode = match q.mode {
-        QueueMode::Prefer => "prefer",
-        QueueMode::Always => "always",
-        QueueMode::Never => "never",
-    };
-    out.line(4, &d("queue"), Some(mode.into()));
+    out.line(4, &d("queue"), Some(q.mode.name().into()));
     out.line(4, &d("workers"), Some(q.workers.to_string()));
     out.line(4, &d("maxAgeSeconds"), secs(q.max_age));
     out.line(4, &d("retentionSeconds"), secs(q.retention));
