@@ -9,12 +9,12 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 use super::callers::patterns;
-use super::read::Ctx;
+use super::read::{Ctx, find, listed};
 use super::resolve::{Effective, Origin};
 use super::validate::se;
 use super::{
-    AddressPattern, Cloud, Delivery, IdentitiesSettings, IdentitySettings, RateLimitSettings,
-    SendEmailSettings, keys,
+    AddressPattern, Cloud, Delivery, DeliveryMode, IdentitiesSettings, IdentitySettings,
+    RateLimitSettings, SendEmailSettings, keys,
 };
 
 const IDENTITIES: &str = "mailRelay.identities";
@@ -190,19 +190,25 @@ fn identity(
             "is required: the From addresses (noreply@contoso.com) or domains (\"*@contoso.com\") this identity sends as",
         );
     }
+    // The development outbox takes every identity's mail alike; an identity's own transport
+    // is a remote one.
+    let transports: Vec<_> = DeliveryMode::CHOICES
+        .iter()
+        .copied()
+        .filter(|(_, mode)| mode.remote().is_some())
+        .collect();
     let delivery = match (delivery, text("transport").as_deref()) {
-        // The development outbox takes every identity's mail alike.
         (Delivery::Outbox { .. }, _) | (_, None) => delivery.clone(),
-        (_, Some(t)) if t.eq_ignore_ascii_case("smtp") => Delivery::Smtp,
-        (_, Some(t)) if t.eq_ignore_ascii_case("graph") => Delivery::Graph,
-        (_, Some(t)) if t.eq_ignore_ascii_case("auto") => Delivery::Auto,
-        (_, Some(t)) => {
-            ctx.error(
-                &format!("{at}.transport"),
-                format!("{t:?} is not one of smtp, graph, auto"),
-            );
-            delivery.clone()
-        }
+        (_, Some(t)) => match find(&transports, t).and_then(DeliveryMode::remote) {
+            Some(chosen) => chosen,
+            None => {
+                ctx.error(
+                    &format!("{at}.transport"),
+                    format!("{t:?} is not one of {}", listed(&transports)),
+                );
+                delivery.clone()
+            }
+        },
     };
     let limit = |ctx: &mut Ctx<'_>, key: &str, inherited: Option<NonZeroU32>| match fields.get(key)
     {

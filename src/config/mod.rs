@@ -329,7 +329,53 @@ pub enum Delivery {
     Auto,
 }
 
+/// `mailRelay.delivery.mode`'s spellings (an identity's `transport` takes the remote ones):
+/// the deliveries without the outbox's folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryMode {
+    Smtp,
+    Graph,
+    Auto,
+    Outbox,
+}
+
+impl DeliveryMode {
+    /// Every spelling `mailRelay.delivery.mode` accepts, any case.
+    pub const CHOICES: &[(&str, DeliveryMode)] = &[
+        ("smtp", DeliveryMode::Smtp),
+        ("graph", DeliveryMode::Graph),
+        ("auto", DeliveryMode::Auto),
+        ("outbox", DeliveryMode::Outbox),
+    ];
+
+    /// The spelling `check-config` prints.
+    pub fn name(self) -> &'static str {
+        read::name_in(Self::CHOICES, &self)
+    }
+
+    /// The delivery to a real mailbox this mode names; `None` for the outbox, which needs its
+    /// folder.
+    pub fn remote(self) -> Option<Delivery> {
+        match self {
+            Self::Smtp => Some(Delivery::Smtp),
+            Self::Graph => Some(Delivery::Graph),
+            Self::Auto => Some(Delivery::Auto),
+            Self::Outbox => None,
+        }
+    }
+}
+
 impl Delivery {
+    /// The mode, whose name `mailRelay.delivery.mode` is.
+    pub fn mode(&self) -> DeliveryMode {
+        match self {
+            Self::Smtp => DeliveryMode::Smtp,
+            Self::Graph => DeliveryMode::Graph,
+            Self::Auto => DeliveryMode::Auto,
+            Self::Outbox { .. } => DeliveryMode::Outbox,
+        }
+    }
+
     /// Mail reaches a real mailbox (SMTP or Graph), so callers must be known and the
     /// mailbox's credentials are required.
     pub fn is_remote(&self) -> bool {

@@ -166,7 +166,9 @@ pub(super) fn listed<T: PartialEq>(choices: &[(&str, T)]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{AuthMode, Cloud, Encryption, ForwardedHeader, LogFormat, QueueMode};
+    use super::super::{
+        AuthMode, Cloud, DeliveryMode, Encryption, ForwardedHeader, LogFormat, QueueMode,
+    };
     use super::*;
 
     /// Each spelling parses to its value, and a value's name parses back to it.
@@ -201,5 +203,14 @@ mod tests {
             "X-Forwarded-For, Forwarded"
         );
         assert_eq!(ForwardedHeader::XForwardedFor.name(), "X-Forwarded-For");
+        round_trip(DeliveryMode::CHOICES);
+        assert_eq!(listed(DeliveryMode::CHOICES), "smtp, graph, auto, outbox");
+        for (name, mode) in DeliveryMode::CHOICES {
+            let delivery = mode.remote();
+            assert_eq!(
+                delivery.map(|d| d.mode()),
+                (*name != "outbox").then_some(*mode)
+            );
+        }
     }
 }

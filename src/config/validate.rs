@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::observe;
-use super::read::Ctx;
+use super::read::{Ctx, listed};
 use super::resolve::Resolved;
 use super::trust::read_ca_certificates;
 use super::{
-    AdminMailSettings, Delivery, IdempotencySettings, Limits, RateLimitSettings, RelaySettings,
-    SendEmailSettings, ServerSettings, SettingError, Settings, SmtpTuning,
+    AdminMailSettings, Delivery, DeliveryMode, IdempotencySettings, Limits, RateLimitSettings,
+    RelaySettings, SendEmailSettings, ServerSettings, SettingError, Settings, SmtpTuning,
 };
 use super::{callers, proxy};
 
@@ -141,30 +141,20 @@ fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
         "mailRelay.cloud",
         super::Cloud::Global,
         super::Cloud::CHOICES,
-        &super::read::listed(super::Cloud::CHOICES),
+        &listed(super::Cloud::CHOICES),
     );
     let mode = ctx.one_of(
         "mailRelay.delivery.mode",
-        "smtp",
-        &[
-            ("smtp", "smtp"),
-            ("graph", "graph"),
-            ("auto", "auto"),
-            ("outbox", "outbox"),
-        ],
-        "smtp, graph, auto, outbox",
+        DeliveryMode::Smtp,
+        DeliveryMode::CHOICES,
+        &listed(DeliveryMode::CHOICES),
     );
-    let delivery = match mode {
-        "outbox" => Delivery::Outbox {
-            dir: PathBuf::from(
-                ctx.text("mailRelay.delivery.outboxDir")
-                    .unwrap_or("./outbox"),
-            ),
-        },
-        "graph" => Delivery::Graph,
-        "auto" => Delivery::Auto,
-        _ => Delivery::Smtp,
-    };
+    let delivery = mode.remote().unwrap_or_else(|| Delivery::Outbox {
+        dir: PathBuf::from(
+            ctx.text("mailRelay.delivery.outboxDir")
+                .unwrap_or("./outbox"),
+        ),
+    });
     let max_connections = ctx.number("mailRelay.smtp.maxConnections", 3usize, 1..=100);
     let connect_timeout = ctx.seconds("mailRelay.smtp.connectTimeoutSeconds", 10);
     let command_timeout = ctx.seconds("mailRelay.smtp.commandTimeoutSeconds", 30);

@@ -100,18 +100,14 @@ pub fn render(settings: &Settings, values: &Resolved) -> String {
     out.section(0, "mailRelay");
     out.line(2, "mailRelay.cloud", Some(r.cloud.name().into()));
     out.section(2, "delivery");
-    match &r.delivery {
-        Delivery::Smtp => out.line(4, "mailRelay.delivery.mode", Some("smtp".into())),
-        Delivery::Graph => out.line(4, "mailRelay.delivery.mode", Some("graph".into())),
-        Delivery::Auto => out.line(4, "mailRelay.delivery.mode", Some("auto".into())),
-        Delivery::Outbox { dir } => {
-            out.line(4, "mailRelay.delivery.mode", Some("outbox".into()));
-            out.line(
-                4,
-                "mailRelay.delivery.outboxDir",
-                Some(quote(&dir.display().to_string())),
-            );
-        }
+    let mode = r.delivery.mode().name();
+    out.line(4, "mailRelay.delivery.mode", Some(mode.into()));
+    if let Delivery::Outbox { dir } = &r.delivery {
+        out.line(
+            4,
+            "mailRelay.delivery.outboxDir",
+            Some(quote(&dir.display().to_string())),
+        );
     }
     render_queue(&mut out, &r.queue);
     let g = &r.graph;
@@ -270,12 +266,7 @@ fn render_identities(out: &mut Out<'_>, settings: &Settings) {
     for (i, identity) in all.others.iter().enumerate() {
         let _ = writeln!(out.text, "    - name: {}", quote(&identity.name));
         let _ = writeln!(out.text, "      from: {}", list(&identity.from));
-        let transport = match identity.delivery {
-            Delivery::Smtp => "smtp",
-            Delivery::Graph => "graph",
-            Delivery::Auto => "auto",
-            Delivery::Outbox { .. } => "outbox",
-        };
+        let transport = identity.delivery.mode().name();
         let _ = writeln!(out.text, "      transport: {transport}");
         let limit = |l: Option<std::num::NonZeroU32>| l.map_or(0, std::num::NonZeroU32::get);
         let _ = writeln!(
