@@ -241,6 +241,36 @@ pub enum ManagedIdentity {
     AppService { identity_header: SecretString },
 }
 
+impl ManagedIdentity {
+    /// The kind, whose name `oAuthManagedIdentity` is.
+    pub fn kind(&self) -> ManagedKind {
+        match self {
+            Self::Imds => ManagedKind::Imds,
+            Self::AppService { .. } => ManagedKind::AppService,
+        }
+    }
+}
+
+/// `oAuthManagedIdentity`'s spellings: the endpoints without the header App Service needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ManagedKind {
+    Imds,
+    AppService,
+}
+
+impl ManagedKind {
+    /// Every spelling `oAuthManagedIdentity` accepts, any case.
+    pub const CHOICES: &[(&str, ManagedKind)] = &[
+        ("imds", ManagedKind::Imds),
+        ("appService", ManagedKind::AppService),
+    ];
+
+    /// The spelling `check-config` prints.
+    pub fn name(self) -> &'static str {
+        read::name_in(Self::CHOICES, &self)
+    }
+}
+
 /// `mailRelay.*`: everything the relay adds to the seed's settings.
 #[derive(Debug, Clone)]
 pub struct RelaySettings {

@@ -167,7 +167,8 @@ pub(super) fn listed<T: PartialEq>(choices: &[(&str, T)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::super::{
-        AuthMode, Cloud, DeliveryMode, Encryption, ForwardedHeader, LogFormat, QueueMode,
+        AuthMode, Cloud, DeliveryMode, Encryption, ForwardedHeader, LogFormat, ManagedKind,
+        QueueMode,
     };
     use super::*;
 
@@ -203,6 +204,8 @@ mod tests {
             "X-Forwarded-For, Forwarded"
         );
         assert_eq!(ForwardedHeader::XForwardedFor.name(), "X-Forwarded-For");
+        round_trip(ManagedKind::CHOICES);
+        assert_eq!(ManagedKind::AppService.name(), "appService");
         round_trip(DeliveryMode::CHOICES);
         assert_eq!(listed(DeliveryMode::CHOICES), "smtp, graph, auto, outbox");
         for (name, mode) in DeliveryMode::CHOICES {

@@ -12,8 +12,8 @@ use super::read::{Ctx, listed};
 use super::trust::{is_host_local, is_loopback_host};
 use super::validate::{OFFICE365_HOST, TENANT_PLACEHOLDER, is_address, se};
 use super::{
-    AuthMode, ClientCredential, Cloud, Delivery, Encryption, ManagedIdentity, OAuthSettings,
-    SendEmailSettings, SmtpAuthentication,
+    AuthMode, ClientCredential, Cloud, Delivery, Encryption, ManagedIdentity, ManagedKind,
+    OAuthSettings, SendEmailSettings, SmtpAuthentication,
 };
 
 /// `delivery` decides what is required: the server only for SMTP, the login for SMTP and Graph.
@@ -251,12 +251,6 @@ fn token_endpoint(ctx: &mut Ctx<'_>, cloud: Cloud, tenant_id: Option<&str>) -> O
     .filter(|_| tenant_id.is_some() || !template.contains(TENANT_PLACEHOLDER))
 }
 
-#[derive(Clone, Copy)]
-enum ManagedKind {
-    Imds,
-    AppService,
-}
-
 /// Azure's Instance Metadata Service, the same address on every Azure VM.
 pub const IMDS_TOKEN_ENDPOINT: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
 
@@ -266,11 +260,12 @@ fn managed_identity(ctx: &mut Ctx<'_>) -> Option<ManagedKind> {
     Some(ctx.one_of(
         &key,
         ManagedKind::Imds,
-        &[
-            ("imds", ManagedKind::Imds),
-            ("appService", ManagedKind::AppService),
-        ],
-        "imds (Azure VMs and scale sets), appService (App Service, Functions, Container Apps)",
+        ManagedKind::CHOICES,
+        &format!(
+            "{} (Azure VMs and scale sets), {} (App Service, Functions, Container Apps)",
+            ManagedKind::Imds.name(),
+            ManagedKind::AppService.name()
+        ),
     ))
 }
 

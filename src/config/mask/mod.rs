@@ -6,8 +6,7 @@ use std::fmt::Write as _;
 
 use super::resolve::{Origin, Resolved};
 use super::{
-    ClientCredential, Delivery, ManagedIdentity, QueueSettings, SendEmailSettings, Settings,
-    SmtpAuthentication,
+    ClientCredential, Delivery, QueueSettings, SendEmailSettings, Settings, SmtpAuthentication,
 };
 
 const MASK: &str = "****";
@@ -331,11 +330,8 @@ fn render_send_email(out: &mut Out<'_>, indent: usize, prefix: &str, s: &SendEma
                     out.line(indent, &k("oAuthCertificate"), Some(quote(&summary)));
                     out.line(indent, &k("oAuthPrivateKey"), Some(quote(MASK)));
                 }
-                ClientCredential::ManagedIdentity(kind) => {
-                    let kind = match kind {
-                        ManagedIdentity::Imds => "imds",
-                        ManagedIdentity::AppService { .. } => "appService",
-                    };
+                ClientCredential::ManagedIdentity(managed) => {
+                    let kind = managed.kind().name();
                     out.line(indent, &k("oAuthManagedIdentity"), Some(quote(kind)));
                 }
             }
