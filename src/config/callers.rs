@@ -130,12 +130,7 @@ fn has_any(ctx: &Ctx<'_>, prefix: &str) -> bool {
 
 pub(super) fn auth(ctx: &mut Ctx<'_>, smtp: bool) -> AuthSettings {
     let key = "mailRelay.auth.allowAnonymous";
-    let allow_anonymous = ctx.one_of(
-        key,
-        false,
-        &[("true", true), ("false", false)],
-        "true, false",
-    );
+    let allow_anonymous = ctx.flag(key, false);
     if allow_anonymous && smtp {
         ctx.error(
             key,

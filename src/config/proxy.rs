@@ -138,12 +138,7 @@ pub(super) fn http(ctx: &mut Ctx<'_>) -> HttpSettings {
         defaults.max_header_bytes,
         MIN_HEADER_BYTES..=1024 * 1024,
     );
-    let docs = ctx.one_of(
-        DOCS,
-        true,
-        &[("true", true), ("false", false)],
-        "true, false",
-    );
+    let docs = ctx.flag(DOCS, true);
     HttpSettings {
         base_path,
         trusted_proxies,

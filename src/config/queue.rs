@@ -190,12 +190,7 @@ pub(super) fn queue(ctx: &mut Ctx<'_>, store: &StoreUrl) -> QueueSettings {
 }
 
 fn at_rest(ctx: &mut Ctx<'_>) -> Option<EncryptionKey> {
-    let on = ctx.one_of(
-        ENCRYPT_AT_REST,
-        false,
-        &[("true", true), ("false", false)],
-        "true, false",
-    );
+    let on = ctx.flag(ENCRYPT_AT_REST, false);
     if !on {
         return None;
     }

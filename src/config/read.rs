@@ -104,6 +104,11 @@ impl Ctx<'_> {
         Duration::from_secs(self.number(key, default, 1..=86_400))
     }
 
+    /// A `true`/`false` setting, any case.
+    pub(super) fn flag(&mut self, key: &str, default: bool) -> bool {
+        self.one_of(key, default, FLAG, &listed(FLAG))
+    }
+
     pub(super) fn one_of<T: Copy>(
         &mut self,
         key: &str,
@@ -128,6 +133,9 @@ impl Ctx<'_> {
 // An enum setting's spellings live in one `CHOICES` table, `(spelling, value)`, beside the enum:
 // the first spelling of a value is its name, the one `check-config` prints; later ones are
 // aliases. Parsing, the "allowed" list of an error and the printer all read that table.
+
+/// A boolean setting's spellings.
+pub(super) const FLAG: &[(&str, bool)] = &[("true", true), ("false", false)];
 
 /// The value `text` spells in `choices`, ignoring ASCII case.
 pub(super) fn find<T: Copy>(choices: &[(&str, T)], text: &str) -> Option<T> {
@@ -204,6 +212,8 @@ mod tests {
             "X-Forwarded-For, Forwarded"
         );
         assert_eq!(ForwardedHeader::XForwardedFor.name(), "X-Forwarded-For");
+        round_trip(FLAG);
+        assert_eq!(listed(FLAG), "true, false");
         round_trip(ManagedKind::CHOICES);
         assert_eq!(ManagedKind::AppService.name(), "appService");
         round_trip(DeliveryMode::CHOICES);

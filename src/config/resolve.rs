@@ -9,8 +9,8 @@ use serde_json::Value;
 use super::SettingError;
 use super::cipher::{self, CipherError, EncryptionKey};
 use super::keys::{self, FILE_SUFFIX, KEYS};
-use super::placeholders;
 use super::raw::RawFile;
+use super::{placeholders, read};
 
 /// Where a setting's effective value came from (shown by `check-config`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -275,7 +275,7 @@ pub fn resolve(
     let at_rest = resolved
         .values
         .get(keys::ENCRYPT_AT_REST)
-        .is_some_and(|v| v.text.trim().eq_ignore_ascii_case("true"));
+        .is_some_and(|v| read::find(read::FLAG, v.text.trim()) == Some(true));
     if at_rest {
         let key = key.get_or_insert_with(|| EncryptionKey::from_env(env));
         resolved.at_rest_key = Some(key.as_ref().map(Clone::clone).map_err(ToString::to_string));

@@ -359,12 +359,7 @@ const ADMIN_RECIPIENTS: &str = "mailRelay.adminMail.recipients";
 
 /// `mailRelay.adminMail`; present values are checked even when it is off.
 fn admin_mail(ctx: &mut Ctx<'_>, send_email: &SendEmailSettings) -> Option<AdminMailSettings> {
-    let enabled = ctx.one_of(
-        ADMIN_ENABLED,
-        false,
-        &[("true", true), ("false", false)],
-        "true, false",
-    );
+    let enabled = ctx.flag(ADMIN_ENABLED, false);
     let recipients: Vec<String> = callers::list_at(ctx, ADMIN_RECIPIENTS)
         .into_iter()
         .filter(|address| {
