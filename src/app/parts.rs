@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::clock::Clock;
-use crate::config::{Delivery, OAuthSettings, Settings, SmtpAuthentication};
+use crate::config::{AuthMode, Delivery, OAuthSettings, Settings, SmtpAuthentication};
 use crate::delivery::{Fallback, MailSender, Outbox};
 use crate::graph::GraphSender;
 use crate::identity::{Identities, Identity};
@@ -126,15 +126,17 @@ pub(super) fn sender_for(
     store: &Store,
     caches: &mut TokenCaches,
 ) -> std::io::Result<Arc<dyn MailSender>> {
-    let needs_oauth = |mode: &str| {
+    let needs_oauth = || {
         std::io::Error::other(format!(
-            "mailRelay.delivery.mode {mode} needs smtpAuthentication MS_OAUTH"
+            "mailRelay.delivery.mode {} needs smtpAuthentication {}",
+            settings.relay.delivery.mode().name(),
+            AuthMode::MsOAuth.name()
         ))
     };
     match &settings.relay.delivery {
         Delivery::Outbox { dir } => Ok(Arc::new(Outbox::new(dir.clone()))),
         Delivery::Graph => {
-            let tokens = tokens.ok_or_else(|| needs_oauth("graph"))?;
+            let tokens = tokens.ok_or_else(needs_oauth)?;
             GraphSender::new(settings, tokens)
                 .map(|sender| Arc::new(sender) as Arc<dyn MailSender>)
                 .map_err(std::io::Error::other)
@@ -143,7 +145,7 @@ pub(super) fn sender_for(
             let SmtpAuthentication::MsOAuth { username, oauth } =
                 &settings.send_email.smtp_authentication
             else {
-                return Err(needs_oauth("auto"));
+                return Err(needs_oauth());
             };
             let graph_tokens = caches.get(&graph_oauth(settings, oauth))?;
             let graph = GraphSender::new(settings, graph_tokens).map_err(std::io::Error::other)?;
