@@ -32,7 +32,8 @@ import urllib.error
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RELAY = os.path.join(ROOT, "target/release/mail-relay")
+# BENCH_RELAY: another build of the relay, to compare two builds under the same conditions.
+RELAY = os.environ.get("BENCH_RELAY") or os.path.join(ROOT, "target/release/mail-relay")
 DIRECT = os.path.join(ROOT, "target/release/examples/smtp_direct")
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
 RUNS = int(os.environ.get("BENCH_RUNS", "5"))
@@ -43,6 +44,7 @@ FLAME_CLIENTS = [int(c) for c in os.environ.get("BENCH_FLAME_CLIENTS", "1,8,32")
 # `shared`: everything on all cores. `split` (bench/run.sh sets it): the SMTP server on CPU 0,
 # the relay and its clients on the others, as in production, where Exchange is elsewhere.
 LAYOUT = os.environ.get("BENCH_LAYOUT", "shared")
+CALLGRAPH = os.environ.get("BENCH_CALLGRAPH", "fp")
 RESULTS = "latest" if LAYOUT == "shared" else f"latest-{LAYOUT}"
 API_KEY = "mr_bench-key-not-secret"
 TENANT = "9188040d-6c67-4c5b-b112-36a304b66dad"
@@ -301,7 +303,10 @@ def flame_graph(relay, script, work, clients):
         log("inferno not installed (cargo install inferno): no flame graphs")
         return
     data = os.path.join(work, f"perf-{clients}.data")
-    perf = subprocess.Popen(["perf", "record", "-q", "-F", "999", "-g", "-o", data,
+    # BENCH_CALLGRAPH=dwarf unwinds with DWARF instead of frame pointers, which the release build
+    # and std lack: far fewer [unknown] frames, at the cost of a much larger perf.data.
+    callgraph = ["--call-graph", "dwarf,16384", "-F", "299"] if CALLGRAPH == "dwarf" else ["-F", "999", "-g"]
+    perf = subprocess.Popen(["perf", "record", "-q", *callgraph, "-o", data,
                              "-p", str(relay.proc.pid)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -314,7 +319,8 @@ def flame_graph(relay, script, work, clients):
     svg = subprocess.run([draw, "--title", f"mail-relay, POST /mail at {clients} clients "
                           "(perf -F 999, relay process)"],
                          input=folded, capture_output=True, check=True).stdout
-    path = os.path.join(ROOT, f"bench/results/flame-{clients}.svg")
+    suffix = "-dwarf" if CALLGRAPH == "dwarf" else ""
+    path = os.path.join(ROOT, f"bench/results/flame-{clients}{suffix}.svg")
     with open(path, "wb") as f:
         f.write(svg)
     log(f"flame graph written to {path}")

@@ -188,7 +188,10 @@ async fn record(inner: &Inner, worker: &str, mail: &Claimed, end: Finish, attemp
             Ok(true) => {
                 inner.delivery.metrics.queue_attempt(outcome);
                 match &end {
-                    Finish::Sent { .. } | Finish::Retry { .. } => {}
+                    Finish::Sent { reply, .. } => {
+                        tracing::info!(mail_id = %mail.id, message_id = %mail.message_id, smtp_reply = %reply, "queued mail sent")
+                    }
+                    Finish::Retry { .. } => {}
                     _ => {
                         tracing::warn!(mail_id = %mail.id, outcome, "queued mail ended undelivered")
                     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
+use tracing::Instrument as _;
 
 use super::attempt::deliver;
 use super::notify::{Notifier, Webhook};
@@ -275,7 +276,9 @@ async fn work(inner: Arc<Inner>, n: usize) {
         let pause = match claimed {
             Ok(Some(mail)) => {
                 failures = 0;
-                deliver(&inner, &worker, mail).await;
+                // What the sender logs while it tries (a retry, a warning) names the mail.
+                let span = tracing::info_span!("queued_mail", mail_id = %mail.id);
+                deliver(&inner, &worker, mail).instrument(span).await;
                 continue;
             }
             Ok(None) => POLL,

@@ -784,7 +784,16 @@ async fn a_real_send_shows_in_the_log_line_the_metrics_and_readiness() {
     assert_eq!(line["smtp_reply"], 250);
     assert_eq!(line["code"], "ok");
     assert_eq!(line["message_id"], accepted["messageId"]);
+    // At info the request's line is the mail's only line: the SMTP sender's reply line and
+    // span are debug detail.
+    let about_mail: Vec<Value> = logs
+        .lines()
+        .into_iter()
+        .filter(|l| l.to_string().contains(accepted["id"].as_str().unwrap()))
+        .collect();
+    assert_eq!(about_mail.len(), 1, "{about_mail:#?}");
     let text = logs.text();
+    assert!(!text.contains("SMTP server took the mail"), "{text}");
     assert!(!text.contains(&token), "the access token is never logged");
     assert!(!text.contains(CLIENT_SECRET));
 
