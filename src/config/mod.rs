@@ -6,6 +6,7 @@
 
 mod access;
 mod callers;
+mod certificate;
 pub mod cipher;
 mod cloud;
 mod identities;
@@ -36,6 +37,7 @@ pub use access::{
     AddressPattern, ApiKeySettings, AuthSettings, CorsSettings, OidcSettings, ProxySecret,
     SendAsSettings, TrustedProxySettings,
 };
+pub use certificate::{Certificate, CertificateCredential, CertificateError, PrivateKey};
 pub use cloud::Cloud;
 pub use keys::env_name;
 pub use load::{ConfigError, LoadOptions, Loaded, SettingError, listener, load, load_str};
@@ -219,12 +221,9 @@ pub enum ClientCredential {
     /// Workload identity federation: a token another issuer (Kubernetes) wrote to this file,
     /// read again for every token request because it is rotated; sent as the client assertion.
     FederatedTokenFile(PathBuf),
-    Certificate {
-        /// PEM of the certificate uploaded to the app registration.
-        certificate_pem: String,
-        /// PEM of its private key (PKCS#8 or PKCS#1 RSA).
-        private_key_pem: SecretString,
-    },
+    /// The certificate uploaded to the app registration and its RSA private key, parsed and
+    /// checked to belong together.
+    Certificate(CertificateCredential),
     /// No credential of ours: the platform's identity endpoint (`OAuthSettings::token_endpoint`)
     /// issues the tokens. `OAuthSettings::client_id` names a user-assigned identity; empty means
     /// the system-assigned one.

@@ -2,12 +2,9 @@
 
 use std::time::Duration;
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use url::Url;
 
-use crate::token::CertificateCredential;
-
+use super::certificate::{Certificate, CertificateCredential, PrivateKey};
 use super::read::{Ctx, listed};
 use super::trust::{is_host_local, is_loopback_host};
 use super::validate::{OFFICE365_HOST, TENANT_PLACEHOLDER, is_address, se};
@@ -415,8 +412,8 @@ fn credential(ctx: &mut Ctx<'_>, smtp: bool) -> Option<ClientCredential> {
         }
         (Some(secret), None, None) => Some(ClientCredential::Secret(secret)),
         (None, Some(certificate), private_key) => {
-            let cert_ok = CertificateDer::from_pem_slice(certificate.as_bytes()).is_ok();
-            if !cert_ok {
+            let certificate = Certificate::from_pem(&certificate);
+            if certificate.is_err() {
                 ctx.error(
                     &cert_key,
                     "is not a PEM certificate (-----BEGIN CERTIFICATE-----); give the certificate uploaded to the app registration",
@@ -429,29 +426,28 @@ fn credential(ctx: &mut Ctx<'_>, smtp: bool) -> Option<ClientCredential> {
                 );
                 return None;
             };
-            use secrecy::ExposeSecret;
-            let pem = private_key.expose_secret().as_bytes();
-            let key_ok = PrivateKeyDer::from_pem_slice(pem).is_ok()
-                && jsonwebtoken::EncodingKey::from_rsa_pem(pem).is_ok();
-            if !key_ok {
+            let key = PrivateKey::from_pem(&private_key);
+            if key.is_err() {
                 ctx.error(
                     &pkey_key,
                     "**** is not a PEM RSA private key (-----BEGIN PRIVATE KEY----- or -----BEGIN RSA PRIVATE KEY-----)",
                 );
             }
-            if !(cert_ok && key_ok) {
+            let (Ok(certificate), Ok(key)) = (certificate, key) else {
                 return None;
+            };
+            // A key from another certificate is a settings error here, not Entra's
+            // AADSTS700027 on the first mail.
+            match CertificateCredential::pair(certificate, key) {
+                Ok(credential) => Some(ClientCredential::Certificate(credential)),
+                Err(e) => {
+                    ctx.error(
+                        &pkey_key,
+                        format!("the client certificate cannot be used: {e}"),
+                    );
+                    None
+                }
             }
-            // The pair check signs and verifies a probe: a key from another certificate is a
-            // settings error here, not Entra's AADSTS700027 on the first mail.
-            if let Err(e) = CertificateCredential::from_pem(&certificate, &private_key) {
-                ctx.error(&pkey_key, e.to_string());
-                return None;
-            }
-            Some(ClientCredential::Certificate {
-                certificate_pem: certificate,
-                private_key_pem: private_key,
-            })
         }
         (None, None, _) => {
             if smtp {

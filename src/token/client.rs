@@ -9,10 +9,10 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use url::Url;
 
-use super::assertion::{ASSERTION_TYPE, CertificateCredential};
+use super::assertion::{ASSERTION_TYPE, sign_assertion};
 use super::error::{EntraError, TokenError};
 use super::managed::{self, ManagedRequest};
-use crate::config::{ClientCredential, OAuthSettings};
+use crate::config::{CertificateCredential, ClientCredential, OAuthSettings};
 
 /// A token as the endpoint handed it out.
 pub struct Fetched {
@@ -65,7 +65,7 @@ impl fmt::Debug for TokenClient {
 }
 
 impl TokenClient {
-    /// Builds the HTTP client and parses the credential; fails on a plain-http remote endpoint.
+    /// Builds the HTTP client around the settings' credential; fails on a plain-http remote endpoint.
     pub fn new(oauth: &OAuthSettings) -> Result<Self, TokenError> {
         let managed = matches!(oauth.credential, ClientCredential::ManagedIdentity(_));
         check_endpoint(&oauth.token_endpoint, managed)?;
@@ -77,13 +77,9 @@ impl TokenClient {
             ClientCredential::FederatedTokenFile(path) => {
                 Credential::FederatedTokenFile(path.clone())
             }
-            ClientCredential::Certificate {
-                certificate_pem,
-                private_key_pem,
-            } => Credential::Certificate(CertificateCredential::from_pem(
-                certificate_pem,
-                private_key_pem,
-            )?),
+            ClientCredential::Certificate(certificate) => {
+                Credential::Certificate(certificate.clone())
+            }
         };
         let mut http = reqwest::Client::builder()
             .connect_timeout(oauth.connect_timeout)
@@ -148,7 +144,7 @@ impl TokenClient {
         match &self.credential {
             Credential::Secret(secret) => form.push(("client_secret", secret.expose_secret())),
             Credential::Certificate(cert) => {
-                assertion = cert.sign(&self.client_id, self.endpoint.as_str(), now)?;
+                assertion = sign_assertion(cert, &self.client_id, self.endpoint.as_str(), now)?;
                 form.push(("client_assertion_type", ASSERTION_TYPE));
                 form.push(("client_assertion", &assertion));
             }

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
-pub use assertion::{ASSERTION_TYPE, AssertionClaims, CertificateCredential};
+pub use assertion::{ASSERTION_TYPE, AssertionClaims};
 pub use cache::{CacheKey, CacheOptions, RetryPolicy, TokenCache};
 pub use claims::TokenClaims;
 pub use client::{Fetched, TokenClient, retry_after};

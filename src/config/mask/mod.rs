@@ -323,10 +323,11 @@ fn render_send_email(out: &mut Out<'_>, indent: usize, prefix: &str, s: &SendEma
                     let path = path.display().to_string();
                     out.line(indent, &k("oAuthFederatedTokenFile"), Some(quote(&path)));
                 }
-                ClientCredential::Certificate {
-                    certificate_pem, ..
-                } => {
-                    let summary = format!("(PEM certificate, {} bytes)", certificate_pem.len());
+                ClientCredential::Certificate(certificate) => {
+                    let summary = format!(
+                        "(PEM certificate, {} bytes)",
+                        certificate.certificate_pem().len()
+                    );
                     out.line(indent, &k("oAuthCertificate"), Some(quote(&summary)));
                     out.line(indent, &k("oAuthPrivateKey"), Some(quote(MASK)));
                 }

@@ -129,16 +129,14 @@ fn certificate_and_key_from_files_parse() {
     );
     let loaded = ok(&yaml, &[]);
     match &oauth(&loaded).1.credential {
-        ClientCredential::Certificate {
-            certificate_pem,
-            private_key_pem,
-        } => {
-            assert!(certificate_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        ClientCredential::Certificate(certificate) => {
             assert!(
-                private_key_pem
-                    .expose_secret()
-                    .starts_with("-----BEGIN PRIVATE KEY-----")
+                certificate
+                    .certificate_pem()
+                    .starts_with("-----BEGIN CERTIFICATE-----")
             );
+            // base64url SHA-256, unpadded: the key was parsed and belongs to the certificate.
+            assert_eq!(certificate.thumbprint().len(), 43);
         }
         other => panic!("{other:?}"),
     }
