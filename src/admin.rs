@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{AdminMailSettings, Settings};
 use crate::delivery::{DeliveryError, MailSender};
-use crate::message::{MailRequest, MessageLimits, OutgoingMail};
+use crate::message::{EmailAddress, MailRequest, MessageLimits, OutgoingMail};
 
 /// At most one failure notice per this interval.
 pub const FAILURE_NOTICE_INTERVAL: Duration = Duration::from_secs(3600);
@@ -226,8 +226,8 @@ impl AdminNotifier {
 impl Inner {
     async fn send(&self, notice: Notice, subject: String, text: String) {
         let request = serde_json::json!({
-            "from": self.settings.from,
-            "to": self.settings.recipients,
+            "from": self.settings.from.as_str(),
+            "to": self.settings.recipients.iter().map(EmailAddress::as_str).collect::<Vec<_>>(),
             "subject": subject,
             "text": text,
             // RFC 3834: auto-responders must not answer it.

@@ -7,7 +7,8 @@ use async_trait::async_trait;
 
 use crate::caller::Caller;
 use crate::clock::{Clock, Millis, SystemClock, duration_ms};
-use crate::config::{AddressPattern, SendAsSettings};
+use crate::config::{AddressPattern, Delegate, SendAsSettings};
+use crate::message::EmailAddress;
 
 /// Where Exchange's recent SendAsDenied answers are remembered: this process, or the store that
 /// replicas share, so that one replica's denial spares the others the upload.
@@ -136,9 +137,9 @@ impl SendAsPolicy {
         }
     }
 
-    /// Check `from` (an already parsed address) for `caller`.
-    pub async fn check(&self, caller: &Caller, from: &str) -> Result<(), SendAsRefusal> {
-        let from = from.to_ascii_lowercase();
+    /// Check `from` for `caller`.
+    pub async fn check(&self, caller: &Caller, from: &EmailAddress) -> Result<(), SendAsRefusal> {
+        let from = from.as_str().to_ascii_lowercase();
         self.caller_may_use(caller, &from)?;
         if let Some(grants) = &self.settings.exchange_grants
             && !grants.iter().any(|g| g.matches(&from))
@@ -216,11 +217,11 @@ impl SendAsPolicy {
         self.settings
             .delegates
             .iter()
-            .filter(|(m, _)| m.eq_ignore_ascii_case(mailbox))
+            .filter(|(m, _)| m.as_str().eq_ignore_ascii_case(mailbox))
             .flat_map(|(_, members)| members)
-            .any(|member| match member.strip_prefix("group:") {
-                Some(group) => self.group_has(group, user),
-                None => member.eq_ignore_ascii_case(user),
+            .any(|member| match member {
+                Delegate::Group(group) => self.group_has(group, user),
+                Delegate::User(address) => address.as_str().eq_ignore_ascii_case(user),
             })
     }
 
@@ -230,7 +231,7 @@ impl SendAsPolicy {
             .iter()
             .filter(|(name, _)| name == group)
             .flat_map(|(_, members)| members)
-            .any(|m| m.eq_ignore_ascii_case(user))
+            .any(|m| m.as_str().eq_ignore_ascii_case(user))
     }
 
     async fn recently_denied(&self, from: &str) -> Result<bool, SendAsRefusal> {
@@ -276,6 +277,10 @@ mod tests {
         }
     }
 
+    fn addr(text: &str) -> EmailAddress {
+        EmailAddress::parse(text).unwrap()
+    }
+
     fn user(address: &str) -> Caller {
         Caller::User {
             address: address.into(),
@@ -287,10 +292,13 @@ mod tests {
         SendAsPolicy::new(
             SendAsSettings {
                 delegates: vec![(
-                    "team@contoso.com".into(),
-                    vec!["bob@contoso.com".into(), "group:sales".into()],
+                    addr("team@contoso.com"),
+                    vec![
+                        Delegate::User(addr("bob@contoso.com")),
+                        Delegate::Group("sales".into()),
+                    ],
                 )],
-                groups: vec![("sales".into(), vec!["carol@contoso.com".into()])],
+                groups: vec![("sales".into(), vec![addr("carol@contoso.com")])],
                 exchange_grants: None,
                 denial_memory: Duration::from_secs(60),
             },
@@ -302,9 +310,16 @@ mod tests {
     async fn an_api_key_may_use_its_listed_addresses_and_domains() {
         let p = policy();
         let caller = key(&["noreply@contoso.com", "*@billing.contoso.com"]);
-        assert!(p.check(&caller, "NoReply@contoso.com").await.is_ok());
-        assert!(p.check(&caller, "x@billing.contoso.com").await.is_ok());
-        let refused = p.check(&caller, "ceo@contoso.com").await.unwrap_err();
+        assert!(p.check(&caller, &addr("NoReply@contoso.com")).await.is_ok());
+        assert!(
+            p.check(&caller, &addr("x@billing.contoso.com"))
+                .await
+                .is_ok()
+        );
+        let refused = p
+            .check(&caller, &addr("ceo@contoso.com"))
+            .await
+            .unwrap_err();
         let detail = refused.to_string();
         assert!(
             detail.contains("API key 'billing'") && detail.contains("ceo@contoso.com"),
@@ -317,31 +332,31 @@ mod tests {
     async fn a_domain_pattern_does_not_match_subdomains_or_lookalikes() {
         let p = policy();
         let caller = key(&["*@contoso.com"]);
-        assert!(p.check(&caller, "a@sub.contoso.com").await.is_err());
-        assert!(p.check(&caller, "a@evilcontoso.com").await.is_err());
+        assert!(p.check(&caller, &addr("a@sub.contoso.com")).await.is_err());
+        assert!(p.check(&caller, &addr("a@evilcontoso.com")).await.is_err());
     }
 
     #[tokio::test]
     async fn a_user_may_send_as_self_and_as_mailboxes_that_list_them() {
         let p = policy();
         assert!(
-            p.check(&user("alice@contoso.com"), "alice@contoso.com")
+            p.check(&user("alice@contoso.com"), &addr("alice@contoso.com"))
                 .await
                 .is_ok()
         );
         assert!(
-            p.check(&user("bob@contoso.com"), "team@contoso.com")
+            p.check(&user("bob@contoso.com"), &addr("team@contoso.com"))
                 .await
                 .is_ok()
         );
         assert!(
-            p.check(&user("carol@contoso.com"), "team@contoso.com")
+            p.check(&user("carol@contoso.com"), &addr("team@contoso.com"))
                 .await
                 .is_ok(),
             "through group:sales"
         );
         let refused = p
-            .check(&user("alice@contoso.com"), "team@contoso.com")
+            .check(&user("alice@contoso.com"), &addr("team@contoso.com"))
             .await
             .unwrap_err();
         assert!(matches!(refused, SendAsRefusal::NotADelegate { .. }));
@@ -352,13 +367,17 @@ mod tests {
     async fn exchange_grants_refuse_unlisted_mailboxes_at_once() {
         let mut p = policy();
         p.settings.exchange_grants = Some(vec![AddressPattern::parse("*@contoso.com").unwrap()]);
-        assert!(p.check(&Caller::Anonymous, "x@contoso.com").await.is_ok());
+        assert!(
+            p.check(&Caller::Anonymous, &addr("x@contoso.com"))
+                .await
+                .is_ok()
+        );
         let key = Caller::ApiKey {
             name: "billing".into(),
             allowed_from: Arc::from(vec![AddressPattern::parse("*@fabrikam.com").unwrap()]),
         };
         let refused = p
-            .check(&key, "x@fabrikam.com")
+            .check(&key, &addr("x@fabrikam.com"))
             .await
             .unwrap_err()
             .to_string();
@@ -386,12 +405,12 @@ mod tests {
             "{detail}"
         );
         assert!(matches!(
-            p.check(&caller, "alice@contoso.com").await,
+            p.check(&caller, &addr("alice@contoso.com")).await,
             Err(SendAsRefusal::RecentlyDeniedByExchange { .. })
         ));
         p.settings.denial_memory = Duration::ZERO;
         assert!(
-            p.check(&caller, "alice@contoso.com").await.is_ok(),
+            p.check(&caller, &addr("alice@contoso.com")).await.is_ok(),
             "forgotten after the memory time"
         );
     }

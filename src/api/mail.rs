@@ -179,7 +179,7 @@ async fn deliver(
     let identity = state.identities.route(from.as_str())?;
     request_log::note_identity(&identity.name);
     may_use(state, caller, identity, from.as_str())?;
-    identity.send_as.check(caller, from.as_str()).await?;
+    identity.send_as.check(caller, &from).await?;
     let outgoing = build(mail, limits).await?;
     if let (Some(queue), Some(queued)) = (&state.queue, queued) {
         let idempotency = queued.key.as_ref().map(|key| (key.as_str(), &fingerprint));

@@ -153,7 +153,7 @@ pub(super) fn sender_for(
             Ok(Arc::new(Fallback::new(
                 smtp,
                 Arc::new(graph),
-                username.clone(),
+                username.to_string(),
             )))
         }
         Delivery::Smtp => smtp_sender(settings, tokens, store),

@@ -7,6 +7,8 @@ use std::time::Duration;
 use secrecy::SecretString;
 use url::Url;
 
+use crate::message::EmailAddress;
+
 /// `mailRelay.auth`: who may call `POST /mail`.
 #[derive(Debug, Clone, Default)]
 pub struct AuthSettings {
@@ -60,9 +62,9 @@ pub struct OidcSettings {
 #[derive(Debug, Clone)]
 pub struct SendAsSettings {
     /// Mailbox -> the users (or `group:NAME`) that may send as it, e.g. a shared team mailbox.
-    pub delegates: Vec<(String, Vec<String>)>,
+    pub delegates: Vec<(EmailAddress, Vec<Delegate>)>,
     /// Named groups of user addresses for `delegates`.
-    pub groups: Vec<(String, Vec<String>)>,
+    pub groups: Vec<(String, Vec<EmailAddress>)>,
     /// Mailboxes known to have granted Send As to `smtpUsername` in Exchange; `None` = not checked here.
     pub exchange_grants: Option<Vec<AddressPattern>>,
     /// How long an Exchange SendAsDenied for a From address is remembered.
@@ -77,6 +79,23 @@ impl Default for SendAsSettings {
             groups: Vec::new(),
             exchange_grants: None,
             denial_memory: Duration::from_secs(300),
+        }
+    }
+}
+
+/// One of the users that may send as a mailbox under `mailRelay.sendAs.delegates`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delegate {
+    User(EmailAddress),
+    /// `group:NAME`: the members of `mailRelay.sendAs.groups.NAME`, a group that exists.
+    Group(String),
+}
+
+impl std::fmt::Display for Delegate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::User(address) => address.fmt(f),
+            Self::Group(name) => write!(f, "group:{name}"),
         }
     }
 }

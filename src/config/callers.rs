@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::message::EmailAddress;
+
 use super::read::Ctx;
 use super::send_email::https_url;
-use super::validate::is_address;
 use super::{
-    AddressPattern, ApiKeySettings, AuthSettings, CorsSettings, OidcSettings, ProxySecret,
-    SendAsSettings, TrustedProxySettings,
+    AddressPattern, ApiKeySettings, AuthSettings, CorsSettings, Delegate, OidcSettings,
+    ProxySecret, SendAsSettings, TrustedProxySettings,
 };
 
 const API_KEYS: &str = "mailRelay.auth.apiKeys";
@@ -395,19 +396,30 @@ fn named_lists(ctx: &mut Ctx<'_>, key: &str) -> Vec<(String, Vec<String>)> {
 }
 
 pub(super) fn send_as(ctx: &mut Ctx<'_>) -> SendAsSettings {
-    let groups = named_lists(ctx, GROUPS);
-    for (name, members) in &groups {
-        for member in members.iter().filter(|m| !is_address(m)) {
-            ctx.error(
-                &format!("{GROUPS}.{name}"),
-                format!("{member:?} is not an e-mail address; list the group's members as alice@contoso.com"),
-            );
-        }
-    }
-    let delegates = named_lists(ctx, DELEGATES);
-    for (mailbox, members) in &delegates {
+    let groups: Vec<(String, Vec<EmailAddress>)> = named_lists(ctx, GROUPS)
+        .into_iter()
+        .map(|(name, members)| {
+            let members = members
+                .iter()
+                .filter_map(|member| match EmailAddress::parse(member) {
+                    Ok(address) => Some(address),
+                    Err(_) => {
+                        ctx.error(
+                            &format!("{GROUPS}.{name}"),
+                            format!("{member:?} is not an e-mail address; list the group's members as alice@contoso.com"),
+                        );
+                        None
+                    }
+                })
+                .collect();
+            (name, members)
+        })
+        .collect();
+    let mut delegates = Vec::new();
+    for (mailbox, members) in named_lists(ctx, DELEGATES) {
         let at = format!("{DELEGATES}.{mailbox}");
-        if !is_address(mailbox) {
+        let parsed = EmailAddress::parse(&mailbox);
+        if parsed.is_err() {
             ctx.error(
                 &at,
                 format!(
@@ -415,19 +427,33 @@ pub(super) fn send_as(ctx: &mut Ctx<'_>) -> SendAsSettings {
                 ),
             );
         }
-        for member in members {
-            match member.strip_prefix("group:") {
-                Some(group) if groups.iter().any(|(g, _)| g == group) => {}
-                Some(group) => ctx.error(
-                    &at,
-                    format!("group {group:?} is not defined under {GROUPS}"),
-                ),
-                None if is_address(member) => {}
-                None => ctx.error(
-                    &at,
-                    format!("{member:?} is neither a user's address nor group:NAME"),
-                ),
-            }
+        let members: Vec<Delegate> = members
+            .iter()
+            .filter_map(|member| match member.strip_prefix("group:") {
+                Some(group) if groups.iter().any(|(g, _)| g == group) => {
+                    Some(Delegate::Group(group.to_owned()))
+                }
+                Some(group) => {
+                    ctx.error(
+                        &at,
+                        format!("group {group:?} is not defined under {GROUPS}"),
+                    );
+                    None
+                }
+                None => match EmailAddress::parse(member) {
+                    Ok(address) => Some(Delegate::User(address)),
+                    Err(_) => {
+                        ctx.error(
+                            &at,
+                            format!("{member:?} is neither a user's address nor group:NAME"),
+                        );
+                        None
+                    }
+                },
+            })
+            .collect();
+        if let Ok(mailbox) = parsed {
+            delegates.push((mailbox, members));
         }
     }
     let exchange_grants = ctx

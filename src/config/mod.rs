@@ -33,9 +33,11 @@ use std::time::Duration;
 use secrecy::SecretString;
 use url::Url;
 
+use crate::message::EmailAddress;
+
 pub use access::{
-    AddressPattern, ApiKeySettings, AuthSettings, CorsSettings, OidcSettings, ProxySecret,
-    SendAsSettings, TrustedProxySettings,
+    AddressPattern, ApiKeySettings, AuthSettings, CorsSettings, Delegate, OidcSettings,
+    ProxySecret, SendAsSettings, TrustedProxySettings,
 };
 pub use certificate::{Certificate, CertificateCredential, CertificateError, PrivateKey};
 pub use cloud::Cloud;
@@ -149,8 +151,8 @@ pub enum SmtpAuthentication {
         password: SecretString,
     },
     MsOAuth {
-        /// The mailbox the relay logs in as (`smtpUsername`), an address.
-        username: String,
+        /// The mailbox the relay logs in as (`smtpUsername`): under MS_OAUTH always an address.
+        username: EmailAddress,
         oauth: OAuthSettings,
     },
 }
@@ -191,7 +193,8 @@ impl SmtpAuthentication {
     pub fn username(&self) -> Option<&str> {
         match self {
             Self::None => None,
-            Self::Basic { username, .. } | Self::MsOAuth { username, .. } => Some(username),
+            Self::Basic { username, .. } => Some(username),
+            Self::MsOAuth { username, .. } => Some(username.as_str()),
         }
     }
 }
@@ -339,9 +342,9 @@ pub struct IdentitySettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminMailSettings {
     /// The sender: `smtpUsername` itself, the one address the SMTP mailbox may always use.
-    pub from: String,
+    pub from: EmailAddress,
     /// At least one address.
-    pub recipients: Vec<String>,
+    pub recipients: Vec<EmailAddress>,
 }
 
 /// `mailRelay.delivery`: where accepted mail goes.

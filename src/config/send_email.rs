@@ -4,10 +4,12 @@ use std::time::Duration;
 
 use url::Url;
 
+use crate::message::EmailAddress;
+
 use super::certificate::{Certificate, CertificateCredential, PrivateKey};
 use super::read::{Ctx, listed};
 use super::trust::{is_host_local, is_loopback_host};
-use super::validate::{OFFICE365_HOST, TENANT_PLACEHOLDER, is_address, se};
+use super::validate::{OFFICE365_HOST, TENANT_PLACEHOLDER, se};
 use super::{
     AuthMode, ClientCredential, Cloud, Delivery, Encryption, ManagedIdentity, ManagedKind,
     OAuthSettings, SendEmailSettings, SmtpAuthentication,
@@ -158,14 +160,16 @@ fn ms_oauth(ctx: &mut Ctx<'_>, smtp: bool, cloud: Cloud) -> Option<SmtpAuthentic
         "the Application (client) ID of the app registration",
         app,
     );
-    if let Some(user) = &username
-        && !is_address(user)
-    {
-        ctx.error(
-            &se("smtpUsername"),
-            format!("{user:?} is not an e-mail address; MS_OAUTH logs in as a mailbox, e.g. relay@contoso.com"),
-        );
-    }
+    let username = username.and_then(|user| match EmailAddress::parse(&user) {
+        Ok(address) => Some(address),
+        Err(_) => {
+            ctx.error(
+                &se("smtpUsername"),
+                format!("{user:?} is not an e-mail address; MS_OAUTH logs in as a mailbox, e.g. relay@contoso.com"),
+            );
+            None
+        }
+    });
     if let Some(tenant) = &tenant_id
         && !tenant
             .chars()

@@ -5,6 +5,8 @@ use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::message::EmailAddress;
+
 use super::observe;
 use super::read::{Ctx, listed};
 use super::resolve::Resolved;
@@ -45,22 +47,6 @@ const SE: &str = "featureSwitches.sendEmail";
 
 pub(super) fn se(name: &str) -> String {
     format!("{SE}.{name}")
-}
-
-/// A plausible mailbox address: `local@domain.tld`, no spaces.
-pub(super) fn is_address(text: &str) -> bool {
-    match text.rsplit_once('@') {
-        Some((local, domain)) => {
-            !local.is_empty()
-                && !domain.is_empty()
-                && domain.contains('.')
-                && !domain.starts_with('.')
-                && !domain.ends_with('.')
-                && !text.contains(char::is_whitespace)
-                && !domain.contains('@')
-        }
-        None => false,
-    }
 }
 
 pub fn validate(values: &Resolved) -> (Result<Settings, Vec<SettingError>>, Vec<String>) {
@@ -360,17 +346,17 @@ const ADMIN_RECIPIENTS: &str = "mailRelay.adminMail.recipients";
 /// `mailRelay.adminMail`; present values are checked even when it is off.
 fn admin_mail(ctx: &mut Ctx<'_>, send_email: &SendEmailSettings) -> Option<AdminMailSettings> {
     let enabled = ctx.flag(ADMIN_ENABLED, false);
-    let recipients: Vec<String> = callers::list_at(ctx, ADMIN_RECIPIENTS)
+    let recipients: Vec<EmailAddress> = callers::list_at(ctx, ADMIN_RECIPIENTS)
         .into_iter()
-        .filter(|address| {
-            let ok = is_address(address);
-            if !ok {
+        .filter_map(|address| match EmailAddress::parse(&address) {
+            Ok(parsed) => Some(parsed),
+            Err(_) => {
                 ctx.error(
                     ADMIN_RECIPIENTS,
                     format!("{address:?} is not an e-mail address; list addresses such as ops@contoso.com"),
                 );
+                None
             }
-            ok
         })
         .collect();
     let username = send_email.smtp_authentication.username().map(str::to_owned);
@@ -397,16 +383,18 @@ fn admin_mail(ctx: &mut Ctx<'_>, send_email: &SendEmailSettings) -> Option<Admin
         );
     }
     let from = match from.or(username) {
-        Some(from) if is_address(&from) => from,
-        Some(from) => {
-            ctx.error(
-                ADMIN_FROM,
-                format!(
-                    "{from:?} is not an e-mail address; {ADMIN_FROM} must equal {SE}.smtpUsername"
-                ),
-            );
-            return None;
-        }
+        Some(text) => match EmailAddress::parse(&text) {
+            Ok(from) => from,
+            Err(_) => {
+                ctx.error(
+                    ADMIN_FROM,
+                    format!(
+                        "{text:?} is not an e-mail address; {ADMIN_FROM} must equal {SE}.smtpUsername"
+                    ),
+                );
+                return None;
+            }
+        },
         None => {
             ctx.error(
                 ADMIN_FROM,

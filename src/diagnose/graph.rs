@@ -53,8 +53,17 @@ pub(super) async fn checks(
         Ok((token, claims, mut step)) => {
             step.name = token_step;
             emit(step);
-            emit(roles(&claims, username, &oauth.client_id));
-            emit(mailbox(settings, &token, &claims, username, &oauth.client_id).await);
+            emit(roles(&claims, username.as_str(), &oauth.client_id));
+            emit(
+                mailbox(
+                    settings,
+                    &token,
+                    &claims,
+                    username.as_str(),
+                    &oauth.client_id,
+                )
+                .await,
+            );
             Some(token)
         }
         Err(mut step) => {
@@ -111,7 +120,7 @@ pub(super) async fn send(
         ),
         Err(error) => {
             let facts = Facts {
-                mailbox: Some(username),
+                mailbox: Some(username.as_str()),
                 client_id: Some(&oauth.client_id),
                 from: Some(&test.from),
             };

@@ -374,7 +374,7 @@ mod tests {
             .unwrap()
             .settings;
         settings.send_email.smtp_authentication = SmtpAuthentication::MsOAuth {
-            username: "relay@contoso.com".into(),
+            username: "relay@contoso.com".parse().unwrap(),
             oauth: oauth(),
         };
         let error = SmtpError::rejected(Stage::Auth, 535, "5.7.3 Authentication unsuccessful");

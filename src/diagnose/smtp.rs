@@ -261,7 +261,7 @@ pub(super) fn auth_failed(
                 "the server refused the token (Exchange answers 535 5.7.3 without saying why; Dovecot and Gmail answer a 334 challenge and then 535). Check:"
                     .to_owned(),
             );
-            fix.extend(setup_checklist(username, oauth));
+            fix.extend(setup_checklist(username.as_str(), oauth));
             fix
         }
         (SmtpErrorKind::SmtpAuthDisabled, _) => vec![Cause::SmtpAuthDisabled.fix_with(&Facts {

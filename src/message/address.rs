@@ -121,6 +121,12 @@ impl fmt::Display for EmailAddress {
     }
 }
 
+impl AsRef<str> for EmailAddress {
+    fn as_ref(&self) -> &str {
+        &self.text
+    }
+}
+
 impl std::str::FromStr for EmailAddress {
     type Err = AddressError;
 

@@ -742,7 +742,8 @@ mod tests {
                 .settings
         };
         let oauth = "featureSwitches:\n  sendEmail:\n    smtpServer: smtp.office365.com\n    smtpUsername: Relay@Contoso.com\n    oAuthClientId: c\n    oAuthClientSecret: s\n    oAuthTenantId: t\nmailRelay:\n  auth:\n    allowAnonymous: false\n";
-        assert_eq!(mailbox_of(&load(oauth)), "Relay@Contoso.com");
+        // The login as parsed: its local part as given, its domain in lower case.
+        assert_eq!(mailbox_of(&load(oauth)), "Relay@contoso.com");
         let plain = "featureSwitches:\n  sendEmail:\n    smtpServer: localhost\n    smtpEncryption: NONE\n    smtpAuthentication: NONE\n";
         assert_eq!(mailbox_of(&load(plain)), "smtp:localhost");
         let outbox = "mailRelay:\n  delivery:\n    mode: outbox\n";

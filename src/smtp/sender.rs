@@ -418,7 +418,7 @@ impl Connector {
                     });
                 }
                 Login::XOAuth2 {
-                    username: username.clone(),
+                    username: username.to_string(),
                 }
             }
         };

@@ -61,8 +61,11 @@ fn enabled_admin_mail_sends_from_smtp_username_by_default() {
     assert_eq!(
         loaded.settings.relay.admin_mail,
         Some(AdminMailSettings {
-            from: "relay@contoso.com".into(),
-            recipients: vec!["ops@contoso.com".into(), "it@contoso.com".into()],
+            from: "relay@contoso.com".parse().unwrap(),
+            recipients: vec![
+                "ops@contoso.com".parse().unwrap(),
+                "it@contoso.com".parse().unwrap()
+            ],
         })
     );
     assert!(
@@ -90,7 +93,8 @@ fn admin_mail_from_the_environment() {
     .unwrap();
     let admin = loaded.settings.relay.admin_mail.unwrap();
     assert_eq!(admin.recipients.len(), 2);
-    assert_eq!(admin.from, "Relay@Contoso.com");
+    // Parsed as every address is: the local part as given, the domain in lower case.
+    assert_eq!(admin.from.as_str(), "Relay@contoso.com");
 }
 
 #[test]
@@ -263,8 +267,8 @@ fn relay_settings(peer: &Peer, entra: &FakeEntra, admin: &str) -> Settings {
     let mut settings = peer_oauth_settings(peer, entra.oauth_settings());
     settings.send_email.smtp_server = "localhost".into();
     settings.relay.admin_mail = Some(AdminMailSettings {
-        from: peer.oauth_user.clone(),
-        recipients: vec![admin.to_owned()],
+        from: peer.oauth_user.parse().unwrap(),
+        recipients: vec![admin.parse().unwrap()],
     });
     settings
 }

@@ -121,8 +121,12 @@ async fn a_user_named_by_a_trusted_proxy_may_send_as_self_but_not_as_others() {
 async fn a_user_may_send_as_a_shared_mailbox_that_lists_them_as_delegate() {
     let app = spawn_app_with(|s| {
         trusting_loopback(s, "127.0.0.1/32");
-        s.relay.send_as.delegates =
-            vec![("team@contoso.com".into(), vec!["bob@contoso.com".into()])];
+        s.relay.send_as.delegates = vec![(
+            "team@contoso.com".parse().unwrap(),
+            vec![mail_relay::config::Delegate::User(
+                "bob@contoso.com".parse().unwrap(),
+            )],
+        )];
     })
     .await;
     let bob = [("x-forwarded-email", "bob@contoso.com")];

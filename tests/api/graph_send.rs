@@ -27,7 +27,7 @@ fn settings(graph: &FakeGraph, entra: &FakeEntra) -> Settings {
     settings.relay.limits.max_body_bytes = 16 * 1024 * 1024;
     settings.relay.smtp.send_deadline = Duration::from_secs(10);
     settings.send_email.smtp_authentication = SmtpAuthentication::MsOAuth {
-        username: MAILBOX.into(),
+        username: MAILBOX.parse().unwrap(),
         oauth: entra.oauth_settings(),
     };
     settings
@@ -684,7 +684,7 @@ async fn a_managed_identity_sends_through_graph_with_no_secret_configured() {
     let entra = FakeEntra::start().await;
     let mut settings = settings(&graph, &entra);
     settings.send_email.smtp_authentication = SmtpAuthentication::MsOAuth {
-        username: MAILBOX.into(),
+        username: MAILBOX.parse().unwrap(),
         oauth: FakeIdentity::oauth(
             identity.imds_url(),
             ManagedIdentity::Imds,

@@ -79,7 +79,7 @@ pub fn peer_oauth_settings(peer: &crate::peer::Peer, oauth: OAuthSettings) -> Se
         smtp_port: peer.submission_port,
         smtp_encryption: Encryption::Tls,
         smtp_authentication: SmtpAuthentication::MsOAuth {
-            username: peer.oauth_user.clone(),
+            username: peer.oauth_user.parse().unwrap(),
             oauth,
         },
     };

@@ -29,7 +29,7 @@ fn server(port: u16, mailbox: &str, oauth: OAuthSettings) -> SendEmailSettings {
         smtp_port: port,
         smtp_encryption: Encryption::None,
         smtp_authentication: SmtpAuthentication::MsOAuth {
-            username: mailbox.into(),
+            username: mailbox.parse().unwrap(),
             oauth,
         },
     }
@@ -332,7 +332,7 @@ fn an_identity_takes_the_default_identitys_keys_it_leaves_out() {
     else {
         panic!("MS_OAUTH inherited");
     };
-    assert_eq!(username, "billing@contoso.com");
+    assert_eq!(username.as_str(), "billing@contoso.com");
     assert_eq!(oauth.client_id, "11111111-2222-3333-4444-555555555555");
     assert_eq!(
         oauth.token_endpoint.as_str(),

@@ -496,7 +496,7 @@ fn oauth_settings_to_closed_port(entra: &FakeEntra) -> Settings {
     settings.send_email.smtp_port = crate::peer::closed_port();
     settings.send_email.smtp_encryption = Encryption::None;
     settings.send_email.smtp_authentication = SmtpAuthentication::MsOAuth {
-        username: "relay@contoso.com".into(),
+        username: "relay@contoso.com".parse().unwrap(),
         oauth: entra.oauth_settings(),
     };
     settings.relay.smtp.connect_timeout = Duration::from_secs(1);

@@ -134,8 +134,8 @@ async fn undelivered_mails_reach_the_administrators_in_one_mail_not_one_each() {
     let admin = unique_recipient("undelivered");
     let mut settings = queue_settings(&peer, peer.plain_port, store);
     settings.relay.admin_mail = Some(AdminMailSettings {
-        from: "app@contoso.test".into(),
-        recipients: vec![admin.clone()],
+        from: "app@contoso.test".parse().unwrap(),
+        recipients: vec![admin.parse().unwrap()],
     });
     let app = spawn_built(settings).await;
     ready(&app).await;

@@ -73,7 +73,7 @@ fn oauth(peer: &Peer) -> SmtpAuthentication {
 /// own provider); the SMTP side needs only the username.
 fn oauth_as(username: &str) -> SmtpAuthentication {
     SmtpAuthentication::MsOAuth {
-        username: username.to_string(),
+        username: username.parse().unwrap(),
         oauth: unused_oauth(),
     }
 }
@@ -542,7 +542,7 @@ async fn settings_that_cannot_work_are_refused_with_the_key() {
     let mut settings = test_settings(std::env::temp_dir());
     settings.send_email.smtp_encryption = Encryption::Tls;
     settings.send_email.smtp_authentication = SmtpAuthentication::MsOAuth {
-        username: "relay@contoso.test".into(),
+        username: "relay@contoso.test".parse().unwrap(),
         oauth: match oauth_as("relay@contoso.test") {
             SmtpAuthentication::MsOAuth { oauth, .. } => oauth,
             _ => unreachable!(),

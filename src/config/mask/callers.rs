@@ -69,10 +69,17 @@ pub(super) fn render_callers(out: &mut Out<'_>, settings: &Settings) {
     }
     let send_as = &settings.relay.send_as;
     out.section(2, "sendAs");
-    for (name, lists) in [
-        ("delegates", &send_as.delegates),
-        ("groups", &send_as.groups),
-    ] {
+    let delegates: Vec<(String, Vec<String>)> = send_as
+        .delegates
+        .iter()
+        .map(|(mailbox, members)| (mailbox.to_string(), strings(members)))
+        .collect();
+    let groups: Vec<(String, Vec<String>)> = send_as
+        .groups
+        .iter()
+        .map(|(name, members)| (name.clone(), strings(members)))
+        .collect();
+    for (name, lists) in [("delegates", &delegates), ("groups", &groups)] {
         if lists.is_empty() {
             out.plain(4, name, "{}");
         } else {
@@ -136,8 +143,16 @@ pub(super) fn render_callers(out: &mut Out<'_>, settings: &Settings) {
         None => out.line(4, "mailRelay.adminMail.enabled", Some("false".into())),
         Some(admin) => {
             out.line(4, "mailRelay.adminMail.enabled", Some("true".into()));
-            out.line(4, "mailRelay.adminMail.from", Some(quote(&admin.from)));
+            out.line(
+                4,
+                "mailRelay.adminMail.from",
+                Some(quote(admin.from.as_str())),
+            );
             out.plain(4, "recipients", &flow_list(&admin.recipients));
         }
     }
+}
+
+fn strings<T: ToString>(items: &[T]) -> Vec<String> {
+    items.iter().map(ToString::to_string).collect()
 }

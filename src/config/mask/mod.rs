@@ -308,11 +308,11 @@ fn render_send_email(out: &mut Out<'_>, indent: usize, prefix: &str, s: &SendEma
     match &s.smtp_authentication {
         SmtpAuthentication::None => {}
         SmtpAuthentication::Basic { username, .. } => {
-            out.line(indent, &k("smtpUsername"), Some(quote(username)));
+            out.line(indent, &k("smtpUsername"), Some(quote(username.as_str())));
             out.line(indent, &k("smtpPassword"), Some(quote(MASK)));
         }
         SmtpAuthentication::MsOAuth { username, oauth } => {
-            out.line(indent, &k("smtpUsername"), Some(quote(username)));
+            out.line(indent, &k("smtpUsername"), Some(quote(username.as_str())));
             out.line(indent, &k("oAuthTenantId"), Some(quote(&oauth.tenant_id)));
             out.line(indent, &k("oAuthClientId"), Some(quote(&oauth.client_id)));
             match &oauth.credential {

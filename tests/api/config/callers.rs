@@ -1,6 +1,7 @@
 //! `mailRelay.auth`, `sendAs` and `cors`.
 
 use super::*;
+use mail_relay::config::Delegate;
 
 #[test]
 fn api_keys_are_parsed() {
@@ -240,13 +241,19 @@ fn send_as_delegates_groups_and_grants() {
     assert_eq!(
         send_as.delegates,
         vec![(
-            "team@contoso.com".to_owned(),
-            vec!["alice@contoso.com".to_owned(), "group:support".to_owned()]
+            "team@contoso.com".parse().unwrap(),
+            vec![
+                Delegate::User("alice@contoso.com".parse().unwrap()),
+                Delegate::Group("support".to_owned())
+            ]
         )]
     );
     assert_eq!(
         send_as.groups,
-        vec![("support".to_owned(), vec!["bob@contoso.com".to_owned()])]
+        vec![(
+            "support".to_owned(),
+            vec!["bob@contoso.com".parse().unwrap()]
+        )]
     );
     let grants: Vec<String> = send_as
         .exchange_grants

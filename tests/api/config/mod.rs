@@ -128,7 +128,7 @@ fn fixture(name: &str) -> PathBuf {
 
 fn oauth(loaded: &Loaded) -> (&str, &mail_relay::config::OAuthSettings) {
     match &loaded.settings.send_email.smtp_authentication {
-        SmtpAuthentication::MsOAuth { username, oauth } => (username, oauth),
+        SmtpAuthentication::MsOAuth { username, oauth } => (username.as_str(), oauth),
         other => panic!("expected MS_OAUTH, got {other:?}"),
     }
 }
