@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::helpers::{TestApp, expect_problem, outbox_files, post_mail, spawn_app, spawn_app_with};
+use crate::helpers::{TestApp, expect_problem, outbox_files, spawn_app, spawn_app_with};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 
@@ -67,7 +67,7 @@ async fn a_wrong_api_key_is_401_invalid_token_and_is_not_echoed() {
 async fn an_api_key_sending_as_an_address_outside_its_list_is_403_and_nothing_is_sent() {
     let app = spawn_app().await;
     let problem = expect_problem(
-        post_mail(&app, &mail_from("ceo@fabrikam.com")).await,
+        app.post_mail(&mail_from("ceo@fabrikam.com")).await,
         403,
         "send_as_denied",
     )
@@ -167,13 +167,13 @@ async fn a_from_outside_the_exchange_grants_is_refused_before_sending() {
     })
     .await;
     assert_eq!(
-        post_mail(&app, &mail_from("noreply@contoso.com"))
+        app.post_mail(&mail_from("noreply@contoso.com"))
             .await
             .status(),
         202
     );
     let problem = expect_problem(
-        post_mail(&app, &mail_from("sales@contoso.com")).await,
+        app.post_mail(&mail_from("sales@contoso.com")).await,
         403,
         "send_as_denied",
     )
@@ -396,7 +396,7 @@ async fn an_idn_domain_in_allowed_from_matches_the_from_address_in_either_form()
     .await;
     for from in ["info@bücher.de", "info@xn--bcher-kva.de"] {
         let body = json!({"from": from, "to": "alice@example.com", "subject": "s", "text": "t"});
-        let response = post_mail(&app, &body).await;
+        let response = app.post_mail(&body).await;
         assert_eq!(
             response.status(),
             202,
@@ -406,5 +406,5 @@ async fn an_idn_domain_in_allowed_from_matches_the_from_address_in_either_form()
     }
     let body =
         json!({"from": "info@buecher.de", "to": "alice@example.com", "subject": "s", "text": "t"});
-    expect_problem(post_mail(&app, &body).await, 403, "send_as_denied").await;
+    expect_problem(app.post_mail(&body).await, 403, "send_as_denied").await;
 }

@@ -8,7 +8,7 @@ use base64::Engine;
 use serde_json::{Value, json};
 
 use crate::fakes::{Answer, FakeSender, try_later};
-use crate::helpers::{TestApp, expect_problem, post_mail, spawn_app_with_sender};
+use crate::helpers::{TestApp, expect_problem, spawn_app_with_sender};
 
 const SETTING: &str = "mailRelay.limits.maxInFlightBytes";
 const BUDGET: usize = 300_000;
@@ -62,14 +62,14 @@ async fn requests_past_the_budget_wait_then_get_503_busy_and_the_budget_comes_ba
     // About 200 kB of JSON: one fits the 300 kB budget, two do not.
     let first = tokio::spawn({
         let app = app.clone();
-        async move { post_mail(&app, &mail_with(150_000, "first")).await }
+        async move { app.post_mail(&mail_with(150_000, "first")).await }
     });
     gate.until_called(1).await;
     let held = in_flight(&app).await;
     assert!((200_000.0..=BUDGET as f64).contains(&held), "{held}");
 
     let began = std::time::Instant::now();
-    let refused = post_mail(&app, &mail_with(150_000, "second")).await;
+    let refused = app.post_mail(&mail_with(150_000, "second")).await;
     assert!(began.elapsed() >= Duration::from_secs(1), "it waited first");
     assert_eq!(refused.headers()["retry-after"], "2");
     let problem = expect_problem(refused, 503, "busy").await;
@@ -81,7 +81,7 @@ async fn requests_past_the_budget_wait_then_get_503_busy_and_the_budget_comes_ba
     until_empty(&app).await;
     // With the first one done, the next one fits again.
     gate.open(1);
-    let next = post_mail(&app, &mail_with(150_000, "next")).await;
+    let next = app.post_mail(&mail_with(150_000, "next")).await;
     assert_eq!(next.status(), 202);
     until_empty(&app).await;
 }
@@ -92,12 +92,12 @@ async fn a_waiting_request_gets_in_when_the_one_ahead_finishes_within_the_wait()
     let app = Arc::new(app);
     let first = tokio::spawn({
         let app = app.clone();
-        async move { post_mail(&app, &mail_with(150_000, "first")).await }
+        async move { app.post_mail(&mail_with(150_000, "first")).await }
     });
     gate.until_called(1).await;
     let second = tokio::spawn({
         let app = app.clone();
-        async move { post_mail(&app, &mail_with(150_000, "second")).await }
+        async move { app.post_mail(&mail_with(150_000, "second")).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     gate.open(2);
@@ -110,7 +110,7 @@ async fn a_waiting_request_gets_in_when_the_one_ahead_finishes_within_the_wait()
 async fn a_body_larger_than_the_whole_budget_is_413_naming_the_setting() {
     let (app, gate) = app_with_gate().await;
     let began = std::time::Instant::now();
-    let response = post_mail(&app, &mail_with(240_000, "too big")).await;
+    let response = app.post_mail(&mail_with(240_000, "too big")).await;
     let problem = expect_problem(response, 413, "payload_too_large").await;
     let detail = problem["detail"].as_str().unwrap();
     assert!(detail.contains(SETTING), "{detail}");
@@ -129,14 +129,15 @@ async fn the_charge_is_given_back_after_errors_and_a_client_that_went_away() {
     // Refused before the send: invalid base64.
     let mut invalid = mail_with(150_000, "invalid");
     invalid["attachments"][0]["content"] = json!("!".repeat(200_000));
-    expect_problem(post_mail(&app, &invalid).await, 400, "invalid_request").await;
+    expect_problem(app.post_mail(&invalid).await, 400, "invalid_request").await;
     until_empty(&app).await;
 
     // Refused by the server.
     gate.answer_next(Answer::Fail(try_later));
     gate.open(1);
     expect_problem(
-        post_mail(&app, &mail_with(150_000, "server says later")).await,
+        app.post_mail(&mail_with(150_000, "server says later"))
+            .await,
         503,
         "smtp_unavailable",
     )
@@ -147,7 +148,7 @@ async fn the_charge_is_given_back_after_errors_and_a_client_that_went_away() {
     let entered = gate.calls();
     let gone = tokio::spawn({
         let app = app.clone();
-        async move { post_mail(&app, &mail_with(150_000, "client gone")).await }
+        async move { app.post_mail(&mail_with(150_000, "client gone")).await }
     });
     gate.until_called(entered + 1).await;
     gone.abort();

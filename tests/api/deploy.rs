@@ -12,7 +12,7 @@ use mail_relay::config::{RateLimitSettings, StoreUrl};
 use serde_json::{Value, json};
 
 use crate::entra::FakeEntra;
-use crate::helpers::{peer_oauth_settings, post_mail, spawn_built};
+use crate::helpers::{peer_oauth_settings, spawn_built};
 
 /// Every `mail_relay_*` name in a PromQL expression.
 fn metric_names(expr: &str) -> BTreeSet<String> {
@@ -115,8 +115,8 @@ async fn the_dashboard_and_the_alert_rules_use_only_exported_series() {
     }
 
     let body = json!({"from": "noreply@contoso.test", "to": "alice@contoso.test", "text": "hi"});
-    assert_eq!(post_mail(&app, &body).await.status(), 202);
-    assert_eq!(post_mail(&app, &body).await.status(), 429);
+    assert_eq!(app.post_mail(&body).await.status(), 202);
+    assert_eq!(app.post_mail(&body).await.status(), 429);
     assert_eq!(app.get("/health/ready").await.status(), 200);
     let text = app.get("/metrics").await.text().await.unwrap();
     let (samples, families) = exported(&text);

@@ -9,7 +9,7 @@ use mail_relay::config::Settings;
 use serde_json::{Value, json};
 
 use crate::entra::FakeEntra;
-use crate::helpers::{TestApp, expect_problem, peer_oauth_settings, post_mail, spawn_built};
+use crate::helpers::{TestApp, expect_problem, peer_oauth_settings, spawn_built};
 use crate::peer::Peer;
 use crate::require_peer;
 
@@ -63,7 +63,7 @@ async fn a_mail_posted_to_the_relay_arrives_intact_over_xoauth2() {
             {"filename": "logo.png", "contentType": "image/png", "content": b64(&logo), "contentId": "logo"}
         ]
     });
-    let response = post_mail(&app, &body).await;
+    let response = app.post_mail(&body).await;
     assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
     let accepted: Value = response.json().await.unwrap();
     assert_eq!(accepted["acceptedRecipients"].as_array().unwrap().len(), 3);
@@ -137,7 +137,7 @@ async fn many_mails_share_one_token() {
         let body = json!({"from": "noreply@contoso.test", "to": "alice@contoso.test",
                           "subject": format!("shared token {i}"), "text": "hi"});
         let app = &app;
-        async move { post_mail(app, &body).await.status() }
+        async move { app.post_mail(&body).await.status() }
     });
     let statuses = futures_util::future::join_all(sends).await;
     assert!(statuses.iter().all(|s| *s == 202), "{statuses:?}");
@@ -158,7 +158,7 @@ async fn a_token_the_server_refuses_is_replaced_and_the_mail_still_arrives() {
     let app = spawn_built(relay_settings(&peer, &entra)).await;
     let body = json!({"from": "noreply@contoso.test", "to": "alice@contoso.test",
                       "subject": "after a refused token", "text": "hi"});
-    let response = post_mail(&app, &body).await;
+    let response = app.post_mail(&body).await;
     assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
     let message_id: Value = response.json().await.unwrap();
     delivered(
@@ -183,7 +183,7 @@ async fn exchange_send_as_denied_is_403_and_remembered() {
     let marker = format!("sendas-{}", uuid::Uuid::new_v4());
     let body = json!({"from": peer.sendas_denied, "to": "alice@contoso.test", "subject": marker, "text": "hi"});
 
-    let first = expect_problem(post_mail(&app, &body).await, 403, "send_as_denied").await;
+    let first = expect_problem(app.post_mail(&body).await, 403, "send_as_denied").await;
     let detail = first["detail"].as_str().unwrap();
     assert!(
         detail.contains("5.2.252") && detail.contains("Add-RecipientPermission"),
@@ -195,7 +195,7 @@ async fn exchange_send_as_denied_is_403_and_remembered() {
     );
 
     // The second attempt fails fast, without uploading the message again.
-    let second = expect_problem(post_mail(&app, &body).await, 403, "send_as_denied").await;
+    let second = expect_problem(app.post_mail(&body).await, 403, "send_as_denied").await;
     assert!(
         second["detail"].as_str().unwrap().contains("moments ago"),
         "{second:#}"
@@ -210,7 +210,7 @@ async fn a_wrong_client_secret_is_503_token_unavailable_naming_the_fix() {
     entra.mount_error(7000215).await;
     let app = spawn_built(relay_settings(&peer, &entra)).await;
     let body = json!({"from": "noreply@contoso.test", "to": "alice@contoso.test", "subject": "no token", "text": "hi"});
-    let problem = expect_problem(post_mail(&app, &body).await, 503, "token_unavailable").await;
+    let problem = expect_problem(app.post_mail(&body).await, 503, "token_unavailable").await;
     let detail = problem["detail"].as_str().unwrap();
     assert!(
         detail.contains("7000215") && detail.contains("value"),
@@ -230,7 +230,7 @@ async fn the_smtp_server_down_is_a_prompt_503_with_retry_after() {
     let app = spawn_built(settings).await;
     let body = json!({"from": "noreply@contoso.test", "to": "alice@contoso.test", "subject": "down", "text": "hi"});
     let started = std::time::Instant::now();
-    let response = post_mail(&app, &body).await;
+    let response = app.post_mail(&body).await;
     assert!(response.headers().contains_key("retry-after"));
     expect_problem(response, 503, "smtp_unavailable").await;
     assert!(
@@ -246,7 +246,7 @@ async fn a_from_outside_the_keys_list_never_reaches_the_server() {
     let marker = format!("outside-{}", uuid::Uuid::new_v4());
     // The test key may send as *@contoso.test, *@contoso.com and *@example.com only.
     let body = json!({"from": "ceo@fabrikam.test", "to": "alice@contoso.test", "subject": marker, "text": "hi"});
-    expect_problem(post_mail(&app, &body).await, 403, "send_as_denied").await;
+    expect_problem(app.post_mail(&body).await, 403, "send_as_denied").await;
     assert!(peer.find_messages(&marker).is_empty());
     let log = std::fs::read_to_string(&peer.log).unwrap_or_default();
     assert!(
@@ -297,8 +297,8 @@ async fn a_rate_limited_request_never_reaches_the_server() {
     let first = format!("limited-first-{}", uuid::Uuid::new_v4());
     let second = format!("limited-second-{}", uuid::Uuid::new_v4());
     let mail = |subject: &str| json!({"from": "noreply@contoso.test", "to": "alice@contoso.test", "subject": subject, "text": "hi"});
-    let accepted: Value = post_mail(&app, &mail(&first)).await.json().await.unwrap();
-    let response = post_mail(&app, &mail(&second)).await;
+    let accepted: Value = app.post_mail(&mail(&first)).await.json().await.unwrap();
+    let response = app.post_mail(&mail(&second)).await;
     assert!(response.headers().contains_key("retry-after"));
     expect_problem(response, 429, "rate_limited").await;
     delivered(
@@ -335,7 +335,7 @@ async fn a_6_mb_json_attachment_and_a_text_of_dotted_lines_arrive_intact_through
         ]
     });
 
-    let response = post_mail(&app, &body).await;
+    let response = app.post_mail(&body).await;
 
     assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
     let accepted: Value = response.json().await.unwrap();

@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::entra::{FakeEntra, field, form_fields};
 use crate::graph::{FakeGraph, Mailbox, SCOPE, Scripted};
-use crate::helpers::{TestApp, expect_problem, post_mail, spawn_built, test_settings};
+use crate::helpers::{TestApp, expect_problem, spawn_built, test_settings};
 
 const MAILBOX: &str = "relay@contoso.com";
 
@@ -75,7 +75,7 @@ fn mail(from: &str) -> serde_json::Value {
 #[tokio::test]
 async fn a_mail_goes_out_through_graph_as_the_relays_own_mime_with_bcc_known_only_to_graph() {
     let s = setup(Mailbox::default(), &["Mail.Send"]).await;
-    let body = accepted(post_mail(&s.app, &mail(MAILBOX)).await).await;
+    let body = accepted(s.app.post_mail(&mail(MAILBOX)).await).await;
 
     let delivered = s.graph.deliveries();
     assert_eq!(delivered.len(), 1);
@@ -122,7 +122,7 @@ async fn graph_refusals_answer_with_the_smtp_paths_codes_for_the_same_meaning() 
     // The fake's own checks: Send As, the Mail.Send role, the mailbox.
     let s = setup(Mailbox::default(), &["Mail.Send"]).await;
     let body = expect_problem(
-        post_mail(&s.app, &mail("ceo@contoso.com")).await,
+        s.app.post_mail(&mail("ceo@contoso.com")).await,
         403,
         "send_as_denied",
     )
@@ -135,7 +135,7 @@ async fn graph_refusals_answer_with_the_smtp_paths_codes_for_the_same_meaning() 
 
     let s = setup(Mailbox::default(), &["User.Read.All"]).await;
     let body = expect_problem(
-        post_mail(&s.app, &mail(MAILBOX)).await,
+        s.app.post_mail(&mail(MAILBOX)).await,
         502,
         "smtp_auth_failed",
     )
@@ -152,7 +152,7 @@ async fn graph_refusals_answer_with_the_smtp_paths_codes_for_the_same_meaning() 
     };
     let s = setup(scoped_out, &["Mail.Send"]).await;
     let body = expect_problem(
-        post_mail(&s.app, &mail(MAILBOX)).await,
+        s.app.post_mail(&mail(MAILBOX)).await,
         502,
         "smtp_auth_failed",
     )
@@ -165,7 +165,7 @@ async fn graph_refusals_answer_with_the_smtp_paths_codes_for_the_same_meaning() 
     };
     let s = setup(on_premises, &["Mail.Send"]).await;
     let body = expect_problem(
-        post_mail(&s.app, &mail(MAILBOX)).await,
+        s.app.post_mail(&mail(MAILBOX)).await,
         503,
         "smtp_unavailable",
     )
@@ -195,7 +195,7 @@ async fn scripted_graph_errors_map_to_their_answers_and_none_is_sent_twice() {
         let s = setup(Mailbox::default(), &["Mail.Send"]).await;
         s.graph.script(Scripted::error(status, code, "scripted"));
         let body = expect_problem(
-            post_mail(&s.app, &mail(MAILBOX)).await,
+            s.app.post_mail(&mail(MAILBOX)).await,
             want_status,
             want_code,
         )
@@ -216,7 +216,7 @@ async fn a_5xx_after_the_request_went_out_is_outcome_unknown_and_never_resent() 
             ..Scripted::error(status, "UnknownError", "")
         });
         let body = expect_problem(
-            post_mail(&s.app, &mail(MAILBOX)).await,
+            s.app.post_mail(&mail(MAILBOX)).await,
             502,
             "smtp_outcome_unknown",
         )
@@ -239,7 +239,7 @@ async fn only_202_is_success_and_a_200_to_a_send_is_outcome_unknown() {
     // Graph has been seen to answer 200 to a MIME send it did not take.
     s.graph.script(Scripted::error(200, "", ""));
     let body = expect_problem(
-        post_mail(&s.app, &mail(MAILBOX)).await,
+        s.app.post_mail(&mail(MAILBOX)).await,
         502,
         "smtp_outcome_unknown",
     )
@@ -266,7 +266,7 @@ async fn a_timeout_after_the_request_went_out_is_outcome_unknown() {
     });
     let started = Instant::now();
     expect_problem(
-        post_mail(&app, &mail(MAILBOX)).await,
+        app.post_mail(&mail(MAILBOX)).await,
         502,
         "smtp_outcome_unknown",
     )
@@ -295,7 +295,7 @@ async fn throttling_is_waited_out_within_the_deadline_after_graphs_retry_after()
         ..Scripted::error(503, "ServiceUnavailable", "Service unavailable")
     });
     let started = Instant::now();
-    accepted(post_mail(&s.app, &mail(MAILBOX)).await).await;
+    accepted(s.app.post_mail(&mail(MAILBOX)).await).await;
     assert!(
         started.elapsed() >= Duration::from_secs(3),
         "Retry-After not honoured"
@@ -308,7 +308,7 @@ async fn throttling_is_waited_out_within_the_deadline_after_graphs_retry_after()
         retry_after: Some(120),
         ..Scripted::error(429, "ApplicationThrottled", "throttled")
     });
-    let response = post_mail(&s.app, &mail(MAILBOX)).await;
+    let response = s.app.post_mail(&mail(MAILBOX)).await;
     assert_eq!(response.headers()["retry-after"], "120");
     expect_problem(response, 503, "smtp_unavailable").await;
 }
@@ -321,7 +321,7 @@ async fn a_token_graph_calls_invalid_is_fetched_anew_once() {
         "InvalidAuthenticationToken",
         "Lifetime validation failed, the token is expired.",
     ));
-    accepted(post_mail(&s.app, &mail(MAILBOX)).await).await;
+    accepted(s.app.post_mail(&mail(MAILBOX)).await).await;
     assert_eq!(s.entra.fetch_count().await, 2, "one refetch");
     assert_eq!(s.graph.deliveries().len(), 1);
 
@@ -334,7 +334,7 @@ async fn a_token_graph_calls_invalid_is_fetched_anew_once() {
         ));
     }
     expect_problem(
-        post_mail(&s.app, &mail(MAILBOX)).await,
+        s.app.post_mail(&mail(MAILBOX)).await,
         502,
         "smtp_auth_failed",
     )
@@ -350,12 +350,7 @@ async fn a_token_for_exchange_is_refused_by_the_fakes_audience_check() {
         .mount_token(&graph.mint_token_for("https://outlook.office365.com"), 3599)
         .await;
     let app = spawn_built(settings(&graph, &entra)).await;
-    let body = expect_problem(
-        post_mail(&app, &mail(MAILBOX)).await,
-        502,
-        "smtp_auth_failed",
-    )
-    .await;
+    let body = expect_problem(app.post_mail(&mail(MAILBOX)).await, 502, "smtp_auth_failed").await;
     assert!(body.to_string().contains("Invalid audience"), "{body}");
 }
 
@@ -387,7 +382,7 @@ async fn a_30_mb_attachment_goes_through_a_draft_and_an_upload_session_in_ranges
         {"filename": "report.pdf", "contentType": "application/pdf", "content": attachment_b64(&big)},
         {"filename": "small.bin", "contentType": "application/octet-stream", "content": attachment_b64(&small)},
     ]);
-    let body = accepted(post_mail(&s.app, &request).await).await;
+    let body = accepted(s.app.post_mail(&request).await).await;
 
     let delivered = s.graph.deliveries();
     assert_eq!(delivered.len(), 1);
@@ -462,7 +457,7 @@ async fn an_expired_upload_session_is_started_afresh_once() {
     // The first session is gone by its first range: a new one carries the attachment.
     let s = large_setup(&["Mail.Send", "Mail.ReadWrite"]).await;
     s.graph.expire_upload_sessions(1);
-    accepted(post_mail(&s.app, &request).await).await;
+    accepted(s.app.post_mail(&request).await).await;
     assert_eq!(sessions(&s), 2);
     let delivered = s.graph.deliveries();
     let parsed = mail_parser::MessageParser::default()
@@ -474,7 +469,7 @@ async fn an_expired_upload_session_is_started_afresh_once() {
     // problem, which a 404 would otherwise mean).
     let s = large_setup(&["Mail.Send", "Mail.ReadWrite"]).await;
     s.graph.expire_upload_sessions(2);
-    let problem = expect_problem(post_mail(&s.app, &request).await, 503, "smtp_unavailable").await;
+    let problem = expect_problem(s.app.post_mail(&request).await, 503, "smtp_unavailable").await;
     assert!(
         problem["detail"]
             .as_str()
@@ -495,7 +490,7 @@ async fn the_draft_path_names_mail_readwrite_and_leaves_no_draft_when_a_step_fai
         json!([{"filename": "big.bin", "contentType": "application/octet-stream", "content": big}]);
 
     let s = large_setup(&["Mail.Send"]).await;
-    let problem = expect_problem(post_mail(&s.app, &request).await, 502, "smtp_auth_failed").await;
+    let problem = expect_problem(s.app.post_mail(&request).await, 502, "smtp_auth_failed").await;
     assert!(
         problem["detail"]
             .as_str()
@@ -515,7 +510,7 @@ async fn the_draft_path_names_mail_readwrite_and_leaves_no_draft_when_a_step_fai
             "The attachment item is not valid.",
         ),
     );
-    let problem = expect_problem(post_mail(&s.app, &request).await, 502, "smtp_rejected").await;
+    let problem = expect_problem(s.app.post_mail(&request).await, 502, "smtp_rejected").await;
     assert!(
         problem["detail"]
             .as_str()
@@ -534,7 +529,7 @@ async fn a_body_over_the_request_limit_without_attachments_is_refused_before_any
     let mut request = mail(MAILBOX);
     request["attachments"] = json!([]);
     request["text"] = json!("x".repeat(3_300_000));
-    let body = expect_problem(post_mail(&s.app, &request).await, 413, "payload_too_large").await;
+    let body = expect_problem(s.app.post_mail(&request).await, 413, "payload_too_large").await;
     assert!(
         body["detail"]
             .as_str()
@@ -631,14 +626,14 @@ async fn auto_mode_sends_through_graph_once_the_server_refuses_smtp_auth_and_say
     );
 
     // The login is refused before any mail is named: the mail goes through Graph at once.
-    let first = accepted(post_mail(&app, &mail(MAILBOX)).await).await;
+    let first = accepted(app.post_mail(&mail(MAILBOX)).await).await;
     assert_eq!(graph.deliveries().len(), 1);
     assert_eq!(script.delivered.load(Ordering::SeqCst), 0);
     let delivered = String::from_utf8(graph.deliveries()[0].mime.clone()).unwrap();
     assert!(delivered.contains(first["messageId"].as_str().unwrap()));
 
     // The next mail goes straight to Graph: no SMTP login, no refused AUTH per mail.
-    accepted(post_mail(&app, &mail(MAILBOX)).await).await;
+    accepted(app.post_mail(&mail(MAILBOX)).await).await;
     assert_eq!(graph.deliveries().len(), 2);
     assert_eq!(script.connections.load(Ordering::SeqCst), 1);
 
@@ -694,7 +689,7 @@ async fn a_managed_identity_sends_through_graph_with_no_secret_configured() {
     };
     let app = spawn_built(settings).await;
 
-    let body = accepted(post_mail(&app, &mail(MAILBOX)).await).await;
+    let body = accepted(app.post_mail(&mail(MAILBOX)).await).await;
 
     let delivered = graph.deliveries();
     assert_eq!(delivered.len(), 1);
@@ -716,7 +711,7 @@ async fn with_mail_read_a_lost_answer_is_settled_in_sent_items_and_never_sent_tw
         ..Scripted::error(504, "UnknownError", "")
     });
 
-    accepted(post_mail(&s.app, &mail(MAILBOX)).await).await;
+    accepted(s.app.post_mail(&mail(MAILBOX)).await).await;
 
     assert_eq!(s.graph.deliveries().len(), 1);
     let paths: Vec<String> = s.graph.seen().into_iter().map(|r| r.path).collect();
@@ -739,7 +734,7 @@ async fn with_mail_read_a_lost_answer_not_in_sent_items_is_sent_once_more() {
     graph.script(Scripted::error(500, "UnknownError", ""));
 
     let started = Instant::now();
-    accepted(post_mail(&app, &mail(MAILBOX)).await).await;
+    accepted(app.post_mail(&mail(MAILBOX)).await).await;
 
     assert_eq!(graph.deliveries().len(), 1);
     let seen = graph.seen();
@@ -767,7 +762,7 @@ async fn a_sent_items_lookup_that_fails_leaves_the_outcome_unknown() {
     );
 
     let body = expect_problem(
-        post_mail(&s.app, &mail(MAILBOX)).await,
+        s.app.post_mail(&mail(MAILBOX)).await,
         502,
         "smtp_outcome_unknown",
     )

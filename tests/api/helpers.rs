@@ -108,6 +108,20 @@ impl TestApp {
             .await
             .expect("request failed")
     }
+
+    /// `POST /mail` with the test key, for a test to finish: headers, a raw body, `send`.
+    pub fn mail_request(&self) -> reqwest::RequestBuilder {
+        self.client.post(self.url("/mail"))
+    }
+
+    /// `POST /mail` with `body` as JSON.
+    pub async fn post_mail(&self, body: &serde_json::Value) -> reqwest::Response {
+        self.mail_request()
+            .json(body)
+            .send()
+            .await
+            .expect("request failed")
+    }
 }
 
 /// The API key the test client sends; `test_settings` holds its hash.
@@ -183,15 +197,6 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
 
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
-}
-
-pub async fn post_mail(app: &TestApp, body: &serde_json::Value) -> reqwest::Response {
-    app.client
-        .post(app.url("/mail"))
-        .json(body)
-        .send()
-        .await
-        .expect("request failed")
 }
 
 /// The problem body, after checking the status, the media type and the code.

@@ -13,7 +13,7 @@ use mail_relay::config::{
 use serde_json::json;
 
 use crate::entra::{FakeEntra, field, form_fields};
-use crate::helpers::{expect_problem, peer_oauth_settings, post_mail, spawn_built, test_settings};
+use crate::helpers::{expect_problem, peer_oauth_settings, spawn_built, test_settings};
 use crate::smtp::exchange_replies::{Script, serve};
 
 const DEFAULT_MAILBOX: &str = "noreply@contoso.com";
@@ -92,7 +92,7 @@ async fn each_from_goes_to_the_mailbox_that_serves_it_most_specifically() {
         ("news@contoso.com", 1, 2),
         (DEFAULT_MAILBOX, 2, 2),
     ] {
-        let response = post_mail(&app, &mail(from)).await;
+        let response = app.post_mail(&mail(from)).await;
         assert_eq!(
             response.status(),
             202,
@@ -111,7 +111,7 @@ async fn each_from_goes_to_the_mailbox_that_serves_it_most_specifically() {
 
     // A From no identity serves is refused, naming the identities; nothing is sent.
     let problem = expect_problem(
-        post_mail(&app, &mail("someone@example.com")).await,
+        app.post_mail(&mail("someone@example.com")).await,
         403,
         "send_as_denied",
     )
@@ -141,13 +141,13 @@ async fn one_identitys_refused_login_leaves_the_other_sending_and_the_instance_r
     // Enough refusals in a row to call billing failing.
     for _ in 0..3 {
         expect_problem(
-            post_mail(&app, &mail(BILLING_MAILBOX)).await,
+            app.post_mail(&mail(BILLING_MAILBOX)).await,
             502,
             "smtp_auth_failed",
         )
         .await;
     }
-    let response = post_mail(&app, &mail(DEFAULT_MAILBOX)).await;
+    let response = app.post_mail(&mail(DEFAULT_MAILBOX)).await;
     assert_eq!(response.status(), 202);
     assert_eq!(two.default.delivered.load(Ordering::SeqCst), 1);
     assert_eq!(two.billing.delivered.load(Ordering::SeqCst), 0);
@@ -185,11 +185,11 @@ async fn mailbox_limits_are_counted_per_identity() {
     let app = spawn_built(two.settings.clone()).await;
 
     for from in [DEFAULT_MAILBOX, BILLING_MAILBOX] {
-        assert_eq!(post_mail(&app, &mail(from)).await.status(), 202, "{from}");
+        assert_eq!(app.post_mail(&mail(from)).await.status(), 202, "{from}");
     }
     // Each mailbox's minute is used up by its own mail, not by the other's.
     for from in [DEFAULT_MAILBOX, BILLING_MAILBOX] {
-        expect_problem(post_mail(&app, &mail(from)).await, 429, "rate_limited").await;
+        expect_problem(app.post_mail(&mail(from)).await, 429, "rate_limited").await;
     }
     assert_eq!(two.default.delivered.load(Ordering::SeqCst), 1);
     assert_eq!(two.billing.delivered.load(Ordering::SeqCst), 1);
@@ -207,7 +207,7 @@ async fn each_mailbox_keeps_to_its_own_connection_cap() {
         } else {
             BILLING_MAILBOX
         };
-        tokio::spawn(async move { post_mail(&app, &mail(from)).await.status() })
+        tokio::spawn(async move { app.post_mail(&mail(from)).await.status() })
     });
     for send in sends {
         assert_eq!(send.await.unwrap(), 202);
@@ -244,7 +244,7 @@ async fn a_token_is_shared_only_where_the_app_is_the_same() {
         DEFAULT_MAILBOX,
         BILLING_MAILBOX,
     ] {
-        assert_eq!(post_mail(&app, &mail(from)).await.status(), 202);
+        assert_eq!(app.post_mail(&mail(from)).await.status(), 202);
     }
     // Each tenant's endpoint was asked once, for its own app: one token per app.
     let clients = |requests: Vec<wiremock::Request>| -> Vec<String> {
@@ -460,9 +460,9 @@ async fn an_api_key_restricted_to_identities_uses_only_those() {
     two.settings.relay.auth.api_keys[0].identities = vec!["billing".into()];
     let app = spawn_built(two.settings.clone()).await;
 
-    assert_eq!(post_mail(&app, &mail(BILLING_MAILBOX)).await.status(), 202);
+    assert_eq!(app.post_mail(&mail(BILLING_MAILBOX)).await.status(), 202);
     let problem = expect_problem(
-        post_mail(&app, &mail(DEFAULT_MAILBOX)).await,
+        app.post_mail(&mail(DEFAULT_MAILBOX)).await,
         403,
         "send_as_denied",
     )
@@ -524,7 +524,7 @@ async fn against_the_peer_each_mailbox_logs_in_as_itself_and_its_mail_says_so() 
         let mut body = mail(user);
         body["to"] = json!("alice@contoso.test");
         body["subject"] = json!(format!("{marker} {user}"));
-        let response = post_mail(&app, &body).await;
+        let response = app.post_mail(&body).await;
         assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
     }
     for user in [&peer.oauth_user, &peer.basic_user] {

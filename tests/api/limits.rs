@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use crate::fakes::{Answer, FakeSender, try_later};
 use crate::helpers::{
-    TestApp, expect_problem, outbox_files, post_mail, spawn_app_with, spawn_app_with_sender,
+    TestApp, expect_problem, outbox_files, spawn_app_with, spawn_app_with_sender,
 };
 
 fn mail(subject: &str) -> Value {
@@ -40,9 +40,9 @@ async fn post_with_key(app: &TestApp, key: &str, body: &Value) -> reqwest::Respo
 async fn excess_mail_gets_429_with_retry_after_and_nothing_is_sent() {
     let app = spawn_app_with(|s| s.relay.rate_limits = mailbox_per_minute(3)).await;
     for i in 0..3 {
-        assert_eq!(post_mail(&app, &mail(&format!("m{i}"))).await.status(), 202);
+        assert_eq!(app.post_mail(&mail(&format!("m{i}"))).await.status(), 202);
     }
-    let response = post_mail(&app, &mail("one too many")).await;
+    let response = app.post_mail(&mail("one too many")).await;
     let retry_after: u64 = response.headers()["retry-after"]
         .to_str()
         .unwrap()
@@ -80,8 +80,8 @@ async fn one_caller_at_its_limit_does_not_stop_another() {
         });
     })
     .await;
-    assert_eq!(post_mail(&app, &mail("key 1")).await.status(), 202);
-    expect_problem(post_mail(&app, &mail("key 2")).await, 429, "rate_limited").await;
+    assert_eq!(app.post_mail(&mail("key 1")).await.status(), 202);
+    expect_problem(app.post_mail(&mail("key 2")).await, 429, "rate_limited").await;
     // A user through the proxy is another caller with its own allowance.
     let user = reqwest::Client::new()
         .post(app.url("/mail"))
@@ -231,7 +231,7 @@ async fn a_mail_with_more_recipients_than_a_whole_day_allows_is_400_not_429() {
     let body = json!({"from": "noreply@contoso.com",
                       "to": ["a@example.com", "b@example.com", "c@example.com"],
                       "subject": "s", "text": "t"});
-    let response = post_mail(&app, &body).await;
+    let response = app.post_mail(&body).await;
     assert!(response.headers().get("retry-after").is_none());
     let problem = expect_problem(response, 400, "too_many_recipients").await;
     let detail = problem["detail"].as_str().unwrap();
@@ -310,9 +310,9 @@ async fn one_caller_using_up_its_share_of_the_day_gets_429_while_another_still_s
     let body =
         json!({"from": "billing@contoso.com", "to": to, "subject": "newsletter", "text": "hi"});
     for _ in 0..5 {
-        assert_eq!(post_mail(&app, &body).await.status(), 202);
+        assert_eq!(app.post_mail(&body).await.status(), 202);
     }
-    let problem = expect_problem(post_mail(&app, &body).await, 429, "rate_limited").await;
+    let problem = expect_problem(app.post_mail(&body).await, 429, "rate_limited").await;
     let detail = problem["detail"].as_str().unwrap();
     assert!(
         detail.contains("mailRelay.rateLimits.callerRecipientsPerDay"),

@@ -12,8 +12,7 @@ use serde_json::{Value, json};
 
 use crate::fakes::FakeSender;
 use crate::helpers::{
-    TestApp, expect_problem, outbox_files, post_mail, spawn_app, spawn_app_with,
-    spawn_app_with_sender,
+    TestApp, expect_problem, outbox_files, spawn_app, spawn_app_with, spawn_app_with_sender,
 };
 
 fn b64(bytes: &[u8]) -> String {
@@ -59,7 +58,7 @@ async fn a_full_mail_is_written_and_parses_back_intact() {
         "headers": {"X-Ticket-Id": "4711", "In-Reply-To": "<ticket-4711@contoso.com>"},
         "priority": "high",
     });
-    let response = post_mail(&app, &body).await;
+    let response = app.post_mail(&body).await;
     assert_eq!(response.status(), 202);
     let accepted: Value = response.json().await.unwrap();
 
@@ -159,7 +158,7 @@ async fn an_idn_domain_is_sent_as_punycode() {
     let app = spawn_app().await;
     let mut body = minimal();
     body["to"] = json!("jörg@bücher.example".replace("jö", "jo"));
-    let response = post_mail(&app, &body).await;
+    let response = app.post_mail(&body).await;
     assert_eq!(response.status(), 202);
     let accepted: Value = response.json().await.unwrap();
     assert_eq!(
@@ -173,7 +172,7 @@ async fn a_bad_address_is_named_by_its_index() {
     let app = spawn_app().await;
     let mut body = minimal();
     body["to"] = json!(["a@example.com", "b@example.com", "not-an-address"]);
-    let response = post_mail(&app, &body).await;
+    let response = app.post_mail(&body).await;
     let problem = expect_problem(response, 400, "invalid_request").await;
     assert_eq!(fields(&problem), ["to[2]"]);
     assert!(
@@ -191,7 +190,7 @@ async fn crlf_in_the_subject_is_refused_not_stripped() {
     let app = spawn_app().await;
     let mut body = minimal();
     body["subject"] = json!("Hello\r\nBcc: victim@example.com");
-    let problem = expect_problem(post_mail(&app, &body).await, 400, "invalid_request").await;
+    let problem = expect_problem(app.post_mail(&body).await, 400, "invalid_request").await;
     assert_eq!(fields(&problem), ["subject"]);
     assert!(outbox_files(&app).is_empty());
 }
@@ -206,7 +205,7 @@ async fn line_breaks_in_names_filenames_and_headers_are_refused() {
         "attachments": [{"filename": "a\r\n.txt", "contentType": "text/plain", "content": ""}],
         "headers": {"X-Note": "a\nb"},
     });
-    let problem = expect_problem(post_mail(&app, &body).await, 400, "invalid_request").await;
+    let problem = expect_problem(app.post_mail(&body).await, 400, "invalid_request").await;
     assert_eq!(
         fields(&problem),
         ["from.name", "attachments[0].filename", "headers.X-Note"]
@@ -221,7 +220,7 @@ async fn more_recipients_than_the_limit_is_too_many_recipients() {
     let mut body = minimal();
     body["to"] = json!(to);
     body["bcc"] = json!(bcc);
-    let problem = expect_problem(post_mail(&app, &body).await, 400, "too_many_recipients").await;
+    let problem = expect_problem(app.post_mail(&body).await, 400, "too_many_recipients").await;
     assert!(problem["detail"].as_str().unwrap().contains("501"));
     assert_eq!(problem["errors"][0]["field"], "to");
     assert!(
@@ -238,14 +237,14 @@ async fn exactly_the_limit_is_accepted() {
     let mut body = minimal();
     body["to"] = json!(["a@example.com", "b@example.com"]);
     body["cc"] = json!("c@example.com");
-    assert_eq!(post_mail(&app, &body).await.status(), 202);
+    assert_eq!(app.post_mail(&body).await.status(), 202);
 }
 
 #[tokio::test]
 async fn no_recipient_is_invalid() {
     let app = spawn_app().await;
     let body = json!({"from": "sender@contoso.com", "text": "hello"});
-    let problem = expect_problem(post_mail(&app, &body).await, 400, "invalid_request").await;
+    let problem = expect_problem(app.post_mail(&body).await, 400, "invalid_request").await;
     assert_eq!(fields(&problem), ["to"]);
 }
 
@@ -276,12 +275,12 @@ async fn an_unknown_field_is_named() {
     let mut body = minimal();
     body["attachments"] =
         json!([{"filename": "a", "contentType": "text/plain", "content": "", "size": 3}]);
-    let problem = expect_problem(post_mail(&app, &body).await, 400, "invalid_request").await;
+    let problem = expect_problem(app.post_mail(&body).await, 400, "invalid_request").await;
     assert_eq!(fields(&problem), ["attachments[0].size"]);
 
     let mut body = minimal();
     body["too"] = json!("x@example.com");
-    let problem = expect_problem(post_mail(&app, &body).await, 400, "invalid_request").await;
+    let problem = expect_problem(app.post_mail(&body).await, 400, "invalid_request").await;
     assert_eq!(fields(&problem), ["too"]);
 }
 
@@ -290,7 +289,7 @@ async fn a_wrong_type_is_named() {
     let app = spawn_app().await;
     let mut body = minimal();
     body["to"] = json!(["a@example.com", 42]);
-    let problem = expect_problem(post_mail(&app, &body).await, 400, "invalid_request").await;
+    let problem = expect_problem(app.post_mail(&body).await, 400, "invalid_request").await;
     assert_eq!(fields(&problem), ["to[1]"]);
 }
 
@@ -326,7 +325,7 @@ async fn invalid_base64_is_named() {
         {"filename": "ok.txt", "contentType": "text/plain", "content": "aGk="},
         {"filename": "bad.txt", "contentType": "text/plain", "content": "not base64!"},
     ]);
-    let problem = expect_problem(post_mail(&app, &body).await, 400, "invalid_request").await;
+    let problem = expect_problem(app.post_mail(&body).await, 400, "invalid_request").await;
     assert_eq!(fields(&problem), ["attachments[1].content"]);
 }
 
@@ -335,7 +334,7 @@ async fn a_header_outside_the_allow_list_is_named() {
     let app = spawn_app().await;
     let mut body = minimal();
     body["headers"] = json!({"X-MS-Exchange-Organization-SCL": "-1", "Sender": "x@example.com"});
-    let problem = expect_problem(post_mail(&app, &body).await, 400, "invalid_request").await;
+    let problem = expect_problem(app.post_mail(&body).await, 400, "invalid_request").await;
     assert_eq!(
         fields(&problem),
         ["headers.Sender", "headers.X-MS-Exchange-Organization-SCL"]
@@ -357,7 +356,7 @@ async fn a_mail_over_the_message_size_limit_is_413() {
             "filename": "big.bin", "contentType": "application/octet-stream",
             "content": b64(&vec![7u8; size]),
         }]);
-        let problem = expect_problem(post_mail(&app, &body).await, 413, "payload_too_large").await;
+        let problem = expect_problem(app.post_mail(&body).await, 413, "payload_too_large").await;
         assert!(problem["detail"].as_str().unwrap().contains("20000"));
     }
     assert!(outbox_files(&app).is_empty());
@@ -366,7 +365,7 @@ async fn a_mail_over_the_message_size_limit_is_413() {
 #[tokio::test]
 async fn a_text_only_mail_is_a_single_part() {
     let app = spawn_app().await;
-    let response = post_mail(&app, &minimal()).await;
+    let response = app.post_mail(&minimal()).await;
     assert_eq!(response.status(), 202);
     let accepted: Value = response.json().await.unwrap();
     let raw = std::fs::read(
@@ -394,7 +393,7 @@ async fn a_transient_smtp_failure_is_503_with_retry_after() {
         ))
     })))
     .await;
-    let response = post_mail(&app, &minimal()).await;
+    let response = app.post_mail(&minimal()).await;
     assert_eq!(response.headers()["retry-after"], "5");
     expect_problem(response, 503, "smtp_unavailable").await;
 }
@@ -409,7 +408,7 @@ async fn a_token_failure_is_503_token_unavailable() {
         })
     })))
     .await;
-    let response = post_mail(&app, &minimal()).await;
+    let response = app.post_mail(&minimal()).await;
     assert!(response.headers().contains_key("retry-after"));
     let problem = expect_problem(response, 503, "token_unavailable").await;
     assert!(problem["detail"].as_str().unwrap().contains("access token"));
@@ -421,7 +420,7 @@ async fn an_outbox_write_failure_is_500_without_the_path() {
     // A directory below a regular file cannot be created.
     let dir = blocker.path().join("outbox");
     let app = spawn_with_sender(Arc::new(Outbox::new(dir.clone()))).await;
-    let response = post_mail(&app, &minimal()).await;
+    let response = app.post_mail(&minimal()).await;
     let problem = expect_problem(response, 500, "internal_error").await;
     assert!(!problem.to_string().contains(dir.to_str().unwrap()));
 }
@@ -629,7 +628,7 @@ async fn a_request_over_its_time_limit_is_503_timeout_naming_the_setting() {
         )),
     )
     .await;
-    let response = post_mail(&app, &minimal()).await;
+    let response = app.post_mail(&minimal()).await;
     assert!(response.headers().contains_key("retry-after"));
     let problem = expect_problem(response, 503, "timeout").await;
     let detail = problem["detail"].as_str().unwrap();
@@ -842,7 +841,7 @@ async fn no_request_of_a_generated_corpus_gets_a_5xx() {
     let (mut accepted, mut refused) = (0, 0);
     for _ in 0..400 {
         let body = strategy.new_tree(&mut runner).unwrap().current();
-        let response = post_mail(&app, &body).await;
+        let response = app.post_mail(&body).await;
         let status = response.status();
         assert!(
             !status.is_server_error(),
@@ -875,7 +874,7 @@ async fn a_quoted_local_part_that_needs_its_quotes_is_400_naming_the_field() {
         ),
     ] {
         let body = json!({"from": from, "to": "alice@example.com", "text": "hi"});
-        let problem = expect_problem(post_mail(&app, &body).await, 400, "invalid_request").await;
+        let problem = expect_problem(app.post_mail(&body).await, 400, "invalid_request").await;
         assert_eq!(fields(&problem), [field], "{problem:#}");
     }
     assert!(outbox_files(&app).is_empty());

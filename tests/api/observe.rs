@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 use crate::entra::{CLIENT_SECRET, FakeEntra};
 use crate::fakes::{Answer, FakeSender};
 use crate::helpers::{
-    TEST_API_KEY, TestApp, authenticated_client, peer_oauth_settings, post_mail, spawn_app,
-    spawn_app_with, spawn_app_with_sender, spawn_built, test_settings,
+    TEST_API_KEY, TestApp, authenticated_client, peer_oauth_settings, spawn_app, spawn_app_with,
+    spawn_app_with_sender, spawn_built, test_settings,
 };
 
 fn mail() -> Value {
@@ -57,10 +57,10 @@ async fn scrape(app: &TestApp) -> (String, HashMap<String, f64>) {
 async fn metrics_count_requests_and_mails_without_addresses_or_secrets() {
     let app = spawn_app().await;
     for _ in 0..2 {
-        assert_eq!(post_mail(&app, &mail()).await.status(), 202);
+        assert_eq!(app.post_mail(&mail()).await.status(), 202);
     }
     let invalid = json!({"from": "alice@contoso.com", "to": "not-an-address", "text": "x"});
-    assert_eq!(post_mail(&app, &invalid).await.status(), 400);
+    assert_eq!(app.post_mail(&invalid).await.status(), 400);
     let anonymous = reqwest::Client::new()
         .post(app.url("/mail"))
         .json(&mail())
@@ -122,7 +122,7 @@ async fn metrics_count_requests_and_mails_without_addresses_or_secrets() {
 async fn two_apps_in_one_process_count_apart() {
     let a = spawn_app().await;
     let b = spawn_app().await;
-    assert_eq!(post_mail(&a, &mail()).await.status(), 202);
+    assert_eq!(a.post_mail(&mail()).await.status(), 202);
     let (_, a_samples) = scrape(&a).await;
     let (_, b_samples) = scrape(&b).await;
     let sent = r#"mail_relay_mails_total{outcome="sent",code="ok"}"#;
@@ -220,7 +220,7 @@ async fn each_request_is_one_json_line_with_its_id_and_no_secret() {
     let (logs, _guard) = Captured::start("info");
     let app = spawn_app().await;
 
-    let response = post_mail(&app, &mail()).await;
+    let response = app.post_mail(&mail()).await;
     assert_eq!(response.status(), 202);
     let request_id = response.headers()["x-request-id"]
         .to_str()
@@ -270,7 +270,7 @@ async fn each_request_is_one_json_line_with_its_id_and_no_secret() {
 async fn at_debug_level_the_full_from_address_is_logged() {
     let (logs, _guard) = Captured::start("info,mail_relay=debug");
     let app = spawn_app().await;
-    assert_eq!(post_mail(&app, &mail()).await.status(), 202);
+    assert_eq!(app.post_mail(&mail()).await.status(), 202);
     let requests = logs.requests();
     let sent = requests
         .iter()
@@ -313,7 +313,7 @@ async fn a_failed_send_is_logged_once_with_its_cause_chain() {
     let (logs, _guard) = Captured::start("info");
     let sender = failing(disk_full);
     let app = spawn_app_with_sender(|_| {}, Some(sender as Arc<dyn MailSender>)).await;
-    let response = post_mail(&app, &mail()).await;
+    let response = app.post_mail(&mail()).await;
     assert_eq!(response.status(), 500);
     let body: Value = response.json().await.unwrap();
     assert!(!body.to_string().contains("No space left"), "{body}");
@@ -339,7 +339,7 @@ async fn an_smtp_reply_code_is_in_the_line_and_the_failure_in_the_metrics() {
     let (logs, _guard) = Captured::start("info");
     let sender = failing(unknown_recipient);
     let app = spawn_app_with_sender(|_| {}, Some(sender as Arc<dyn MailSender>)).await;
-    assert_eq!(post_mail(&app, &mail()).await.status(), 502);
+    assert_eq!(app.post_mail(&mail()).await.status(), 502);
     let line = logs
         .requests()
         .into_iter()
@@ -382,7 +382,7 @@ async fn smtp_sends_failing_make_readiness_503_until_one_succeeds() {
     let app = spawn_app_with_sender(|_| {}, Some(sender.clone() as Arc<dyn MailSender>)).await;
     // A refused recipient says nothing about the server; a refused connection does.
     for attempt in 1..=3 {
-        assert_eq!(post_mail(&app, &mail()).await.status(), 503);
+        assert_eq!(app.post_mail(&mail()).await.status(), 503);
         let (status, body) = ready(&app).await;
         let expected = if attempt < 3 { 200 } else { 503 };
         assert_eq!(status, expected, "after {attempt} failures: {body:#}");
@@ -415,7 +415,7 @@ async fn smtp_sends_failing_make_readiness_503_until_one_succeeds() {
     assert!(lines.iter().all(|l| l["route"] != "/health/ready"));
 
     sender.answer_always(Answer::Accept);
-    assert_eq!(post_mail(&app, &mail()).await.status(), 202);
+    assert_eq!(app.post_mail(&mail()).await.status(), 202);
     let (status, body) = ready(&app).await;
     assert_eq!(status, 200, "{body:#}");
     assert_eq!(body["components"]["smtp"]["status"], "ok");
@@ -439,7 +439,7 @@ async fn the_public_readiness_body_shows_kinds_and_codes_but_no_address_or_serve
     let sender = failing(refused_naming_addresses);
     let app = spawn_app_with_sender(|_| {}, Some(sender as Arc<dyn MailSender>)).await;
     for _ in 0..3 {
-        assert_eq!(post_mail(&app, &mail()).await.status(), 503);
+        assert_eq!(app.post_mail(&mail()).await.status(), 503);
     }
     let response = app.get("/health/ready").await;
     assert_eq!(response.status(), 503);
@@ -482,7 +482,7 @@ async fn refusals_of_single_mails_keep_the_instance_ready() {
     let sender = failing(unknown_recipient);
     let app = spawn_app_with_sender(|_| {}, Some(sender as Arc<dyn MailSender>)).await;
     for _ in 0..4 {
-        assert_eq!(post_mail(&app, &mail()).await.status(), 502);
+        assert_eq!(app.post_mail(&mail()).await.status(), 502);
     }
     let (status, body) = ready(&app).await;
     assert_eq!(status, 200, "{body:#}");
@@ -516,7 +516,7 @@ async fn readiness_turns_503_when_no_token_can_be_had_and_back_when_entra_recove
     assert_eq!(body["components"]["token"]["status"], "ok");
     assert_eq!(body["components"]["token"]["fetchCount"], 0);
 
-    assert_eq!(post_mail(&app, &mail()).await.status(), 503);
+    assert_eq!(app.post_mail(&mail()).await.status(), 503);
     let (status, body) = ready(&app).await;
     assert_eq!(status, 503, "{body:#}");
     let token = &body["components"]["token"];
@@ -575,7 +575,7 @@ async fn a_closed_smtp_port_makes_readiness_503_with_the_smtp_error() {
     settings.relay.smtp.send_deadline = Duration::from_secs(1);
     let app = spawn_built(settings).await;
     for _ in 0..3 {
-        assert_eq!(post_mail(&app, &mail()).await.status(), 503);
+        assert_eq!(app.post_mail(&mail()).await.status(), 503);
     }
     let (status, body) = ready(&app).await;
     assert_eq!(status, 503, "{body:#}");
@@ -742,7 +742,7 @@ fn fall_over() -> DeliveryError {
 async fn a_panic_is_one_error_line_naming_it() {
     let (logs, _guard) = Captured::start("info");
     let app = spawn_app_with_sender(|_| {}, Some(failing(fall_over) as Arc<dyn MailSender>)).await;
-    let response = post_mail(&app, &mail()).await;
+    let response = app.post_mail(&mail()).await;
     assert_eq!(response.status(), 500);
     assert!(!response.text().await.unwrap().contains("fell over"));
     let errors: Vec<Value> = logs
@@ -772,7 +772,7 @@ async fn a_real_send_shows_in_the_log_line_the_metrics_and_readiness() {
     let app = spawn_built(settings).await;
     // The peer delivers to contoso.test.
     let body = json!({"from": "noreply@contoso.test", "to": "alice@contoso.test", "text": "hi"});
-    let response = post_mail(&app, &body).await;
+    let response = app.post_mail(&body).await;
     assert_eq!(response.status(), 202);
     let accepted: Value = response.json().await.unwrap();
 
@@ -836,7 +836,7 @@ fn named_limit() -> DeliveryError {
 async fn every_429_counts_as_a_rate_limit_rejection_by_scope() {
     let exchange =
         spawn_app_with_sender(|_| {}, Some(failing(quota_used_up) as Arc<dyn MailSender>)).await;
-    assert_eq!(post_mail(&exchange, &mail()).await.status(), 429);
+    assert_eq!(exchange.post_mail(&mail()).await.status(), 429);
     let (text, samples) = scrape(&exchange).await;
     assert_eq!(
         samples.get(r#"mail_relay_rate_limited_total{scope="exchange_quota"}"#),
@@ -846,8 +846,8 @@ async fn every_429_counts_as_a_rate_limit_rejection_by_scope() {
 
     let named =
         spawn_app_with_sender(|_| {}, Some(failing(named_limit) as Arc<dyn MailSender>)).await;
-    assert_eq!(post_mail(&named, &mail()).await.status(), 429);
-    assert_eq!(post_mail(&named, &mail()).await.status(), 429);
+    assert_eq!(named.post_mail(&mail()).await.status(), 429);
+    assert_eq!(named.post_mail(&mail()).await.status(), 429);
     let (text, samples) = scrape(&named).await;
     assert_eq!(
         samples.get(r#"mail_relay_rate_limited_total{scope="mailbox_minute"}"#),

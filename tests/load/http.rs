@@ -7,7 +7,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::{outbox_files, post_mail, spawn_app, spawn_app_with};
+use crate::helpers::{outbox_files, spawn_app, spawn_app_with};
 
 const SLOW_CLIENTS: usize = 200;
 
@@ -88,7 +88,7 @@ async fn slowloris_and_oversized_headers_do_not_keep_others_from_being_served() 
         assert_eq!(live.status(), 200);
         let body = json!({"from": "a@contoso.test", "to": "b@contoso.test",
                           "subject": format!("still served {n}"), "text": "hi"});
-        let response = post_mail(&app, &body).await;
+        let response = app.post_mail(&body).await;
         assert_eq!(response.status(), 202);
         assert!(
             started.elapsed() < Duration::from_secs(2),
