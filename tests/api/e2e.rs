@@ -265,14 +265,7 @@ async fn an_idempotent_retry_reaches_the_server_once() {
     let key = uuid::Uuid::new_v4().to_string();
     let mut answers = Vec::new();
     for _ in 0..3 {
-        let response = app
-            .client
-            .post(app.url("/mail"))
-            .header("idempotency-key", &key)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let response = app.post_mail_with_key(&key, &body).await;
         assert_eq!(response.status(), 202);
         answers.push(response.json::<Value>().await.unwrap());
     }

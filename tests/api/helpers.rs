@@ -122,6 +122,54 @@ impl TestApp {
             .await
             .expect("request failed")
     }
+
+    /// `POST /mail` with `body` as JSON and an `Idempotency-Key`.
+    pub async fn post_mail_with_key(
+        &self,
+        key: &str,
+        body: &serde_json::Value,
+    ) -> reqwest::Response {
+        self.mail_request()
+            .header("idempotency-key", key)
+            .json(body)
+            .send()
+            .await
+            .expect("request failed")
+    }
+
+    /// `POST /mail` with `body` as JSON and `Prefer: respond-async`.
+    pub async fn post_queued(&self, body: &serde_json::Value) -> reqwest::Response {
+        self.mail_request()
+            .header("prefer", "respond-async")
+            .json(body)
+            .send()
+            .await
+            .expect("request failed")
+    }
+
+    /// `GET /mail/{id}`: a queued mail's status.
+    pub async fn get_status(&self, id: &str) -> reqwest::Response {
+        self.get(&format!("/mail/{id}")).await
+    }
+
+    /// `GET /health/ready`: the status code and the body.
+    pub async fn get_ready(&self) -> (u16, serde_json::Value) {
+        let response = self.get("/health/ready").await;
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("a JSON body"))
+    }
+
+    /// Poll `GET /health/ready` until it answers 200, or panic after 20 seconds.
+    pub async fn wait_ready(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while self.get("/health/ready").await.status() != 200 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the relay did not get ready"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 /// The API key the test client sends; `test_settings` holds its hash.

@@ -152,9 +152,8 @@ async fn one_identitys_refused_login_leaves_the_other_sending_and_the_instance_r
     assert_eq!(two.default.delivered.load(Ordering::SeqCst), 1);
     assert_eq!(two.billing.delivered.load(Ordering::SeqCst), 0);
 
-    let ready = app.get("/health/ready").await;
-    assert_eq!(ready.status(), 200);
-    let ready: serde_json::Value = ready.json().await.unwrap();
+    let (status, ready) = app.get_ready().await;
+    assert_eq!(status, 200);
     assert_eq!(ready["status"], "ready", "{ready:#}");
     let identities = ready["components"]["identities"].as_array().unwrap();
     let state = |name: &str| {
@@ -426,18 +425,18 @@ fn a_wrong_identity_names_its_entry_and_key() {
 
 #[tokio::test]
 async fn a_queued_mail_is_delivered_by_the_identity_that_serves_its_from() {
-    use crate::queue::{post_queued, ready, wait_status};
+    use crate::queue::wait_status;
 
     let mut two = two_identities().await;
     let dir = tempfile::tempdir().unwrap();
     two.settings.relay.store.url =
         mail_relay::config::StoreUrl::Sqlite(dir.path().join("relay.db"));
     let app = spawn_built(two.settings.clone()).await;
-    ready(&app).await;
+    app.wait_ready().await;
 
     let mut ids = Vec::new();
     for from in [BILLING_MAILBOX, DEFAULT_MAILBOX, "invoices@contoso.test"] {
-        let response = post_queued(&app, &mail(from)).await;
+        let response = app.post_queued(&mail(from)).await;
         let status = response.status();
         let body: serde_json::Value = response.json().await.unwrap();
         assert_eq!(status, 202, "{body}");

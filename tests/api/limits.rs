@@ -11,9 +11,7 @@ use mail_relay::smtp::{SmtpError, Stage};
 use serde_json::{Value, json};
 
 use crate::fakes::{Answer, FakeSender, try_later};
-use crate::helpers::{
-    TestApp, expect_problem, outbox_files, spawn_app_with, spawn_app_with_sender,
-};
+use crate::helpers::{expect_problem, outbox_files, spawn_app_with, spawn_app_with_sender};
 
 fn mail(subject: &str) -> Value {
     json!({"from": "billing@contoso.com", "to": "a@contoso.com", "subject": subject, "text": "hi"})
@@ -24,16 +22,6 @@ fn mailbox_per_minute(n: u32) -> RateLimitSettings {
         mailbox_messages_per_minute: NonZeroU32::new(n),
         ..RateLimitSettings::OFF
     }
-}
-
-async fn post_with_key(app: &TestApp, key: &str, body: &Value) -> reqwest::Response {
-    app.client
-        .post(app.url("/mail"))
-        .header("idempotency-key", key)
-        .json(body)
-        .send()
-        .await
-        .unwrap()
 }
 
 #[tokio::test]
@@ -98,12 +86,12 @@ async fn one_caller_at_its_limit_does_not_stop_another() {
 async fn an_idempotent_retry_sends_once_and_replays_the_first_answer() {
     let app = spawn_app_with(|_| {}).await;
     let key = "8e03978e-40d5-43e8-bc93-6894a57f9324";
-    let first = post_with_key(&app, key, &mail("once")).await;
+    let first = app.post_mail_with_key(key, &mail("once")).await;
     assert_eq!(first.status(), 202);
     assert!(first.headers().get("idempotent-replayed").is_none());
     let first: Value = first.json().await.unwrap();
 
-    let again = post_with_key(&app, key, &mail("once")).await;
+    let again = app.post_mail_with_key(key, &mail("once")).await;
     assert_eq!(again.status(), 202);
     assert_eq!(again.headers()["idempotent-replayed"], "true");
     assert_eq!(
@@ -115,7 +103,7 @@ async fn an_idempotent_retry_sends_once_and_replays_the_first_answer() {
 
     // The same key for another mail is a client bug.
     let problem = expect_problem(
-        post_with_key(&app, key, &mail("other")).await,
+        app.post_mail_with_key(key, &mail("other")).await,
         422,
         "idempotency_key_reused",
     )
@@ -123,7 +111,7 @@ async fn an_idempotent_retry_sends_once_and_replays_the_first_answer() {
     assert!(problem["detail"].as_str().unwrap().contains("new key"));
     // A malformed key is refused before anything happens.
     let problem = expect_problem(
-        post_with_key(&app, "has space", &mail("x")).await,
+        app.post_mail_with_key("has space", &mail("x")).await,
         400,
         "invalid_request",
     )
@@ -144,14 +132,14 @@ async fn a_failed_send_gives_back_its_quota_and_its_key() {
     .await;
 
     expect_problem(
-        post_with_key(&app, "k-1", &mail("retry me")).await,
+        app.post_mail_with_key("k-1", &mail("retry me")).await,
         503,
         "smtp_unavailable",
     )
     .await;
     sender.answer_always(Answer::Accept);
     // Neither the minute's only slot nor the key was used up by the failure.
-    let retried = post_with_key(&app, "k-1", &mail("retry me")).await;
+    let retried = app.post_mail_with_key("k-1", &mail("retry me")).await;
     assert_eq!(retried.status(), 202);
     assert!(
         retried.headers().get("idempotent-replayed").is_none(),
@@ -167,7 +155,7 @@ async fn concurrent_retries_with_one_key_send_once() {
         .map(|_| {
             let app = app.clone();
             tokio::spawn(async move {
-                post_with_key(&app, "k-3", &mail("concurrent"))
+                app.post_mail_with_key("k-3", &mail("concurrent"))
                     .await
                     .status()
                     .as_u16()
@@ -201,7 +189,7 @@ fn lost_reply() -> DeliveryError {
 async fn an_unknown_outcome_is_502_and_a_retry_with_the_key_does_not_send_again() {
     let sender = Arc::new(FakeSender::failing(lost_reply));
     let app = spawn_app_with_sender(|_| {}, Some(sender.clone())).await;
-    let first = post_with_key(&app, "k-lost", &mail("lost reply")).await;
+    let first = app.post_mail_with_key("k-lost", &mail("lost reply")).await;
     assert!(
         first.headers().get("retry-after").is_none(),
         "not an invitation to retry"
@@ -213,7 +201,7 @@ async fn an_unknown_outcome_is_502_and_a_retry_with_the_key_does_not_send_again(
             .unwrap()
             .contains("may or may not")
     );
-    let again = post_with_key(&app, "k-lost", &mail("lost reply")).await;
+    let again = app.post_mail_with_key("k-lost", &mail("lost reply")).await;
     assert_eq!(again.headers()["idempotent-replayed"], "true");
     expect_problem(again, 502, "smtp_outcome_unknown").await;
     assert_eq!(sender.calls(), 1, "handed over once");
@@ -253,13 +241,13 @@ async fn a_problem_with_500_field_errors_is_a_400_listing_20_and_the_count() {
         .collect();
     let mut body = mail("many bad headers");
     body["headers"] = Value::Object(headers);
-    let first = post_with_key(&app, "k-headers", &body).await;
+    let first = app.post_mail_with_key("k-headers", &body).await;
     let problem = expect_problem(first, 400, "invalid_request").await;
     assert_eq!(problem["errors"].as_array().unwrap().len(), 20, "{problem}");
     assert_eq!(problem["errorsOmitted"], 480);
     assert!(problem["requestId"].is_string());
     // Its replay lists the same.
-    let again = post_with_key(&app, "k-headers", &body).await;
+    let again = app.post_mail_with_key("k-headers", &body).await;
     assert_eq!(again.headers()["idempotent-replayed"], "true");
     let replayed = expect_problem(again, 400, "invalid_request").await;
     assert_eq!(replayed["errors"], problem["errors"]);
@@ -276,11 +264,11 @@ async fn a_202_over_64_kib_is_replayed_and_not_sent_again() {
         .collect();
     let body =
         json!({"from": "billing@contoso.com", "to": to, "subject": "big answer", "text": "hi"});
-    let first = post_with_key(&app, "k-big", &body).await;
+    let first = app.post_mail_with_key("k-big", &body).await;
     assert_eq!(first.status(), 202);
     let first = first.bytes().await.unwrap();
     assert!(first.len() > 64 * 1024, "{} bytes", first.len());
-    let again = post_with_key(&app, "k-big", &body).await;
+    let again = app.post_mail_with_key("k-big", &body).await;
     assert_eq!(again.status(), 202);
     assert_eq!(again.headers()["idempotent-replayed"], "true");
     assert_eq!(again.bytes().await.unwrap(), first);

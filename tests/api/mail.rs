@@ -252,8 +252,7 @@ async fn no_recipient_is_invalid() {
 async fn malformed_json_is_invalid_request() {
     let app = spawn_app().await;
     let response = app
-        .client
-        .post(app.url("/mail"))
+        .mail_request()
         .header("content-type", "application/json")
         .body(r#"{"from": "a@example.com", "to": "#)
         .send()
@@ -297,8 +296,7 @@ async fn a_wrong_type_is_named() {
 async fn a_wrong_content_type_is_415() {
     let app = spawn_app().await;
     let response = app
-        .client
-        .post(app.url("/mail"))
+        .mail_request()
         .header("content-type", "text/plain")
         .body(minimal().to_string())
         .send()
@@ -308,8 +306,7 @@ async fn a_wrong_content_type_is_415() {
     assert!(problem["detail"].as_str().unwrap().contains("text/plain"));
 
     let response = app
-        .client
-        .post(app.url("/mail"))
+        .mail_request()
         .body(minimal().to_string())
         .send()
         .await
@@ -492,8 +489,7 @@ fn form_body(parts: &[FormPart<'_>]) -> Vec<u8> {
 }
 
 pub(crate) async fn post_form(app: &TestApp, parts: &[FormPart<'_>]) -> reqwest::Response {
-    app.client
-        .post(app.url("/mail"))
+    app.mail_request()
         .header(
             "content-type",
             format!("multipart/form-data; boundary={BOUNDARY}"),
@@ -601,8 +597,7 @@ async fn a_form_upload_over_the_message_limit_is_413() {
 async fn json_with_a_charset_parameter_is_accepted() {
     let app = spawn_app().await;
     let response = app
-        .client
-        .post(app.url("/mail"))
+        .mail_request()
         .header("content-type", "application/json; charset=utf-8")
         .body(minimal().to_string())
         .send()

@@ -356,16 +356,10 @@ async fn an_smtp_reply_code_is_in_the_line_and_the_failure_in_the_metrics() {
     );
 }
 
-async fn ready(app: &TestApp) -> (u16, Value) {
-    let response = app.get("/health/ready").await;
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
-}
-
 #[tokio::test]
 async fn readiness_shows_each_component() {
     let app = spawn_app().await;
-    let (status, body) = ready(&app).await;
+    let (status, body) = app.get_ready().await;
     assert_eq!(status, 200, "{body:#}");
     assert_eq!(body["status"], "ready");
     assert_eq!(body["draining"], false);
@@ -383,11 +377,11 @@ async fn smtp_sends_failing_make_readiness_503_until_one_succeeds() {
     // A refused recipient says nothing about the server; a refused connection does.
     for attempt in 1..=3 {
         assert_eq!(app.post_mail(&mail()).await.status(), 503);
-        let (status, body) = ready(&app).await;
+        let (status, body) = app.get_ready().await;
         let expected = if attempt < 3 { 200 } else { 503 };
         assert_eq!(status, expected, "after {attempt} failures: {body:#}");
     }
-    let (_, body) = ready(&app).await;
+    let (_, body) = app.get_ready().await;
     assert_eq!(body["status"], "not_ready");
     assert_eq!(body["components"]["smtp"]["status"], "failing");
     let last_error = &body["components"]["smtp"]["lastError"];
@@ -416,7 +410,7 @@ async fn smtp_sends_failing_make_readiness_503_until_one_succeeds() {
 
     sender.answer_always(Answer::Accept);
     assert_eq!(app.post_mail(&mail()).await.status(), 202);
-    let (status, body) = ready(&app).await;
+    let (status, body) = app.get_ready().await;
     assert_eq!(status, 200, "{body:#}");
     assert_eq!(body["components"]["smtp"]["status"], "ok");
     assert_eq!(
@@ -484,7 +478,7 @@ async fn refusals_of_single_mails_keep_the_instance_ready() {
     for _ in 0..4 {
         assert_eq!(app.post_mail(&mail()).await.status(), 502);
     }
-    let (status, body) = ready(&app).await;
+    let (status, body) = app.get_ready().await;
     assert_eq!(status, 200, "{body:#}");
 }
 
@@ -511,13 +505,13 @@ async fn readiness_turns_503_when_no_token_can_be_had_and_back_when_entra_recove
     let app = spawn_built(oauth_settings_to_closed_port(&entra)).await;
 
     // No token needed yet: ready.
-    let (status, body) = ready(&app).await;
+    let (status, body) = app.get_ready().await;
     assert_eq!(status, 200, "{body:#}");
     assert_eq!(body["components"]["token"]["status"], "ok");
     assert_eq!(body["components"]["token"]["fetchCount"], 0);
 
     assert_eq!(app.post_mail(&mail()).await.status(), 503);
-    let (status, body) = ready(&app).await;
+    let (status, body) = app.get_ready().await;
     assert_eq!(status, 503, "{body:#}");
     let token = &body["components"]["token"];
     assert_eq!(token["status"], "failing");
@@ -542,7 +536,7 @@ async fn readiness_turns_503_when_no_token_can_be_had_and_back_when_entra_recove
     entra.mount_token("tok-recovered", 3600).await;
     let mut last = (0, Value::Null);
     for _ in 0..50 {
-        last = ready(&app).await;
+        last = app.get_ready().await;
         if last.0 == 200 {
             break;
         }
@@ -577,7 +571,7 @@ async fn a_closed_smtp_port_makes_readiness_503_with_the_smtp_error() {
     for _ in 0..3 {
         assert_eq!(app.post_mail(&mail()).await.status(), 503);
     }
-    let (status, body) = ready(&app).await;
+    let (status, body) = app.get_ready().await;
     assert_eq!(status, 503, "{body:#}");
     let smtp = &body["components"]["smtp"];
     assert_eq!(smtp["status"], "failing");
@@ -809,7 +803,7 @@ async fn a_real_send_shows_in_the_log_line_the_metrics_and_readiness() {
     assert!(samples["mail_relay_token_expires_in_seconds"] > 3000.0);
     assert!(!metrics.contains(&token));
 
-    let (status, body) = ready(&app).await;
+    let (status, body) = app.get_ready().await;
     assert_eq!(status, 200, "{body:#}");
     assert_eq!(body["components"]["smtp"]["openConnections"], 1);
     assert_eq!(body["components"]["smtp"]["sent"], 1);

@@ -44,12 +44,8 @@ async fn every_route_is_served_under_the_base_path_and_not_at_the_root() {
         .unwrap();
     assert_eq!(sent.status(), 202, "{}", sent.text().await.unwrap());
     let at_root = app
-        .client
-        .post(app.url("/mail"))
-        .json(&mail("noreply@contoso.com", "at the root"))
-        .send()
-        .await
-        .unwrap();
+        .post_mail(&mail("noreply@contoso.com", "at the root"))
+        .await;
     expect_problem(at_root, 404, "not_found").await;
     // The prefix alone and a look-alike prefix are not routes.
     expect_problem(app.get(BASE).await, 404, "not_found").await;

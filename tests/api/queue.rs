@@ -76,30 +76,12 @@ pub(crate) fn queue_settings(peer: &Peer, port: u16, store: &StoreSettings) -> S
     settings
 }
 
-pub(crate) async fn ready(app: &TestApp) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while app.get("/health/ready").await.status() != 200 {
-        assert!(Instant::now() < deadline, "the relay did not get ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-pub(crate) async fn post_queued(app: &TestApp, body: &Value) -> reqwest::Response {
-    app.client
-        .post(app.url("/mail"))
-        .header("prefer", "respond-async")
-        .json(body)
-        .send()
-        .await
-        .unwrap()
-}
-
 pub(crate) fn mail(from: &str, marker: &str) -> Value {
     json!({"from": from, "to": "alice@contoso.test", "subject": marker, "text": "queued"})
 }
 
 async fn status(app: &TestApp, id: &str) -> Value {
-    let response = app.get(&format!("/mail/{id}")).await;
+    let response = app.get_status(id).await;
     assert_eq!(response.status(), 200);
     response.json().await.unwrap()
 }
@@ -136,10 +118,10 @@ async fn a_queued_mail_is_committed_delivered_once_and_its_status_shown_only_to_
     let dir = tempfile::tempdir().unwrap();
     for store in stores(&dir, "a_queued_mail_is_committed_delivered_once").await {
         let app = spawn_built(queue_settings(&peer, peer.plain_port, &store)).await;
-        ready(&app).await;
+        app.wait_ready().await;
         let marker = format!("queued-{}", uuid::Uuid::new_v4());
 
-        let response = post_queued(&app, &mail("app@contoso.test", &marker)).await;
+        let response = app.post_queued(&mail("app@contoso.test", &marker)).await;
         assert_eq!(response.status(), 202, "{:?}", store.url);
         assert_eq!(response.headers()["preference-applied"], "respond-async");
         let location = response.headers()["location"].to_str().unwrap().to_owned();
@@ -181,19 +163,14 @@ async fn a_queued_mail_is_committed_delivered_once_and_its_status_shown_only_to_
 
         // Without the preference the same relay still answers after the server took the mail.
         let sync = app
-            .client
-            .post(app.url("/mail"))
-            .json(&mail("app@contoso.test", &format!("{marker}-sync")))
-            .send()
-            .await
-            .unwrap();
+            .post_mail(&mail("app@contoso.test", &format!("{marker}-sync")))
+            .await;
         assert_eq!(sync.status(), 202);
         assert!(sync.headers().get("preference-applied").is_none());
         let sync: Value = sync.json().await.unwrap();
         assert_eq!(sync["acceptedRecipients"], json!(["alice@contoso.test"]));
         crate::helpers::expect_problem(
-            app.get(&format!("/mail/{}", sync["id"].as_str().unwrap()))
-                .await,
+            app.get_status(sync["id"].as_str().unwrap()).await,
             404,
             "not_found",
         )
@@ -223,8 +200,9 @@ async fn another_caller_cannot_see_a_queued_mail() {
             identities: Vec::new(),
         });
     let app = spawn_built(settings).await;
-    ready(&app).await;
-    let body: Value = post_queued(&app, &mail("app@contoso.test", "scoped"))
+    app.wait_ready().await;
+    let body: Value = app
+        .post_queued(&mail("app@contoso.test", "scoped"))
         .await
         .json()
         .await
@@ -253,9 +231,10 @@ async fn a_permanent_refusal_ends_failed_with_its_fix_and_a_432_waits_for_a_late
         settings.relay.queue.retry_min = Duration::from_secs(3);
         settings.relay.queue.retry_max = Duration::from_secs(3);
         let app = spawn_built(settings).await;
-        ready(&app).await;
+        app.wait_ready().await;
 
-        let denied: Value = post_queued(&app, &mail(&peer.sendas_denied, "denied"))
+        let denied: Value = app
+            .post_queued(&mail(&peer.sendas_denied, "denied"))
             .await
             .json()
             .await
@@ -284,7 +263,8 @@ async fn a_permanent_refusal_ends_failed_with_its_fix_and_a_432_waits_for_a_late
                 .starts_with("554 5.2.252")
         );
 
-        let throttled: Value = post_queued(&app, &mail(&peer.sender_throttled, "throttled"))
+        let throttled: Value = app
+            .post_queued(&mail(&peer.sender_throttled, "throttled"))
             .await
             .json()
             .await
@@ -359,10 +339,11 @@ async fn mails_queued_while_the_server_is_away_are_delivered_once_when_it_return
     for store in stores(&dir, "mails_queued_while_the_server_is_away").await {
         let port = crate::peer::closed_port();
         let app = spawn_built(queue_settings(&peer, port, &store)).await;
-        ready(&app).await;
+        app.wait_ready().await;
         let mut queued = Vec::new();
         for i in 0..20 {
-            let body: Value = post_queued(&app, &mail("app@contoso.test", &format!("away-{i}")))
+            let body: Value = app
+                .post_queued(&mail("app@contoso.test", &format!("away-{i}")))
                 .await
                 .json()
                 .await
@@ -422,15 +403,9 @@ async fn finished_mails_are_forgotten_after_their_retention() {
         settings.relay.queue.retention = Duration::from_secs(1);
         settings.relay.queue.mode = QueueMode::Always;
         let app = spawn_built(settings).await;
-        ready(&app).await;
+        app.wait_ready().await;
         // `always`: no preference needed, and none claimed as applied.
-        let response = app
-            .client
-            .post(app.url("/mail"))
-            .json(&mail("app@contoso.test", "retained"))
-            .send()
-            .await
-            .unwrap();
+        let response = app.post_mail(&mail("app@contoso.test", "retained")).await;
         assert!(response.headers().get("preference-applied").is_none());
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["status"], "queued");
@@ -438,7 +413,7 @@ async fn finished_mails_are_forgotten_after_their_retention() {
         wait_status(&app, id, Duration::from_secs(15), |s| s["status"] == "sent").await;
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let response = app.get(&format!("/mail/{id}")).await;
+            let response = app.get_status(id).await;
             if response.status() == 404 {
                 break;
             }
@@ -461,9 +436,10 @@ async fn with_encrypt_at_rest_the_stored_message_is_sealed_and_still_delivered()
     let mut settings = queue_settings(&peer, peer.plain_port, &store);
     settings.relay.queue.at_rest = Some(EncryptionKey::from_bytes(&[7; 32]));
     let app = spawn_built(settings).await;
-    ready(&app).await;
+    app.wait_ready().await;
     let marker = format!("sealed-{}", uuid::Uuid::new_v4());
-    let body: Value = post_queued(&app, &mail("app@contoso.test", &marker))
+    let body: Value = app
+        .post_queued(&mail("app@contoso.test", &marker))
         .await
         .json()
         .await
@@ -508,7 +484,7 @@ async fn with_the_memory_store_a_preference_for_async_is_ignored() {
         &StoreSettings::default(),
     ))
     .await;
-    let response = post_queued(&app, &mail("app@contoso.test", "memory")).await;
+    let response = app.post_queued(&mail("app@contoso.test", "memory")).await;
     assert_eq!(response.status(), 202);
     assert!(response.headers().get("preference-applied").is_none());
     let body: Value = response.json().await.unwrap();

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::admin_mail::{read_mail, unique_recipient, wait_for_count};
 use crate::helpers::spawn_built;
-use crate::queue::{mail, post_queued, queue_settings, ready, stores, wait_status};
+use crate::queue::{mail, queue_settings, stores, wait_status};
 use crate::require_peer;
 
 const KEY: &[u8] = b"a webhook key of more than 16 bytes";
@@ -79,9 +79,10 @@ async fn a_failed_mail_is_reported_to_the_webhook_signed_and_again_until_a_2xx()
             key: SecretBytes::new(KEY.to_vec()),
         });
         let app = spawn_built(settings).await;
-        ready(&app).await;
+        app.wait_ready().await;
 
-        let denied: Value = post_queued(&app, &mail(&peer.sendas_denied, "webhook"))
+        let denied: Value = app
+            .post_queued(&mail(&peer.sendas_denied, "webhook"))
             .await
             .json()
             .await
@@ -138,14 +139,14 @@ async fn undelivered_mails_reach_the_administrators_in_one_mail_not_one_each() {
         recipients: vec![admin.parse().unwrap()],
     });
     let app = spawn_built(settings).await;
-    ready(&app).await;
+    app.wait_ready().await;
 
     let mut ids = Vec::new();
     for n in 0..5 {
         // The peer accepts only recipients @contoso.test: `554 5.7.1 Relay access denied`.
         let mut refused = mail("app@contoso.test", &format!("admin {n}"));
         refused["to"] = format!("someone-{n}@elsewhere.test").into();
-        let denied: Value = post_queued(&app, &refused).await.json().await.unwrap();
+        let denied: Value = app.post_queued(&refused).await.json().await.unwrap();
         let id = denied["id"].as_str();
         ids.push(id.unwrap_or_else(|| panic!("{denied}")).to_owned());
     }

@@ -23,9 +23,8 @@ async fn live_answers_200_with_json() {
 #[tokio::test]
 async fn ready_answers_200_when_settings_are_loaded() {
     let app = spawn_app().await;
-    let response = app.get("/health/ready").await;
-    assert_eq!(response.status(), 200);
-    let body: Value = response.json().await.unwrap();
+    let (status, body) = app.get_ready().await;
+    assert_eq!(status, 200);
     assert_eq!(body["status"], "ready");
 }
 
@@ -74,8 +73,7 @@ async fn unknown_route_is_404_problem_json_with_request_id() {
 async fn body_over_the_limit_is_413_problem_json() {
     let app = spawn_app_with(|s| s.relay.limits.max_body_bytes = 1024).await;
     let response = app
-        .client
-        .post(app.url("/mail"))
+        .mail_request()
         .header("content-type", "application/json")
         .body(vec![b' '; 4096])
         .send()

@@ -396,14 +396,8 @@ async fn app_with_store(store: StoreSettings) -> TestApp {
 #[tokio::test]
 async fn without_its_store_the_relay_sends_nothing_and_says_why() {
     let app = app_with_store(unreachable_store()).await;
-    let ready = app
-        .client
-        .get(app.url("/health/ready"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 503);
-    let body: serde_json::Value = ready.json().await.unwrap();
+    let (status, body) = app.get_ready().await;
+    assert_eq!(status, 503);
     assert_eq!(body["components"]["store"]["kind"], "postgres", "{body}");
     assert_eq!(body["components"]["store"]["status"], "failing", "{body}");
     assert!(
@@ -413,7 +407,7 @@ async fn without_its_store_the_relay_sends_nothing_and_says_why() {
     assert!(!body.to_string().contains("not-shown-anywhere"));
 
     for key in [Some("order-1"), None] {
-        let mut request = app.client.post(app.url("/mail")).json(&serde_json::json!({
+        let mut request = app.mail_request().json(&serde_json::json!({
             "from": "app@contoso.test", "to": "a@contoso.test", "subject": "s", "text": "t"
         }));
         if let Some(key) = key {
@@ -448,15 +442,7 @@ async fn without_its_store_the_relay_sends_nothing_and_says_why() {
 #[tokio::test]
 async fn with_a_memory_store_readiness_shows_it_and_sql_metrics_are_absent() {
     let app = spawn_app().await;
-    let body: serde_json::Value = app
-        .client
-        .get(app.url("/health/ready"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, body) = app.get_ready().await;
     assert_eq!(body["components"]["store"]["kind"], "memory", "{body}");
     assert_eq!(body["components"]["store"]["status"], "ok", "{body}");
 }

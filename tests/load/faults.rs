@@ -332,8 +332,7 @@ async fn a_connection_cut_in_the_middle_of_data_never_delivers_a_mail_twice_or_r
     for n in 0..6 {
         let started = Instant::now();
         let response = app
-            .client
-            .post(app.url("/mail"))
+            .mail_request()
             .header("idempotency-key", format!("{marker}-{n}"))
             .json(&large_mail(&marker, n, 300_000))
             .send()
@@ -367,13 +366,11 @@ async fn a_connection_cut_in_the_middle_of_data_never_delivers_a_mail_twice_or_r
     // Retries with the same keys: a 202 is replayed, an unknown outcome too; nothing is resent.
     for o in &outcomes {
         let response = app
-            .client
-            .post(app.url("/mail"))
-            .header("idempotency-key", format!("{marker}-{}", o.n))
-            .json(&large_mail(&marker, o.n, 300_000))
-            .send()
-            .await
-            .unwrap();
+            .post_mail_with_key(
+                &format!("{marker}-{}", o.n),
+                &large_mail(&marker, o.n, 300_000),
+            )
+            .await;
         if o.status == 202 || o.status == 502 {
             assert_eq!(response.status().as_u16(), o.status, "mail #{}", o.n);
             assert_eq!(

@@ -80,12 +80,7 @@ pub struct Outcome {
 /// POSTs mail `n` and reads the answer; a transport error is status 0.
 pub async fn send(app: &TestApp, marker: &str, n: usize) -> Outcome {
     let started = Instant::now();
-    let response = app
-        .client
-        .post(app.url("/mail"))
-        .json(&small_mail(marker, n))
-        .send()
-        .await;
+    let response = app.mail_request().json(&small_mail(marker, n)).send().await;
     outcome(n, started, response).await
 }
 
