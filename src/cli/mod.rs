@@ -59,6 +59,12 @@ pub enum Command {
     HashKey,
     /// Print the OpenAPI document (as committed in `openapi/openapi.json`).
     Openapi,
+    /// Print the settings keys, their defaults and what they allow, as the README's Markdown
+    /// tables: every key, or those under the sections named (e.g. `mailRelay.store`).
+    Keys {
+        /// Sections to list, e.g. `mailRelay.rateLimits mailRelay.idempotency`.
+        sections: Vec<String>,
+    },
     /// Check each step to Microsoft 365 with these settings (DNS, TCP, TLS, EHLO, token, AUTH)
     /// and print PASS/FAIL/SKIP with cause and fix; exit 0 when all pass, 1 on a failure,
     /// 2 for invalid settings.
@@ -108,6 +114,11 @@ pub async fn run(cli: Cli) -> ExitCode {
             let (key, hash) = crate::caller::new_api_key();
             println!("key:    {key}\nsha256: {hash}");
             eprintln!("Give the key to the client once; put only the sha256 in the settings.");
+            ExitCode::SUCCESS
+        }
+        Command::Keys { ref sections } => {
+            let sections: Vec<&str> = sections.iter().map(String::as_str).collect();
+            print!("{}", config::key_table(&sections));
             ExitCode::SUCCESS
         }
         Command::Openapi => {

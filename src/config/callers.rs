@@ -3,7 +3,6 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::time::Duration;
 
 use serde_json::Value;
 
@@ -24,7 +23,7 @@ const GROUPS: &str = "mailRelay.sendAs.groups";
 const GRANTS: &str = "mailRelay.sendAs.exchangeGrants";
 const ORIGINS: &str = "mailRelay.cors.allowedOrigins";
 
-const USER_CLAIMS: &[&str] = &["preferred_username", "upn", "email"];
+pub(super) const USER_CLAIMS: &[&str] = &["preferred_username", "upn", "email"];
 
 fn describe(value: &Value) -> &'static str {
     match value {
@@ -131,7 +130,7 @@ fn has_any(ctx: &Ctx<'_>, prefix: &str) -> bool {
 
 pub(super) fn auth(ctx: &mut Ctx<'_>, smtp: bool) -> AuthSettings {
     let key = "mailRelay.auth.allowAnonymous";
-    let allow_anonymous = ctx.flag(key, false);
+    let allow_anonymous = ctx.flag(key);
     if allow_anonymous && smtp {
         ctx.error(
             key,
@@ -360,8 +359,7 @@ fn oidc(ctx: &mut Ctx<'_>) -> Option<OidcSettings> {
             "preferred_username".to_owned()
         }
     };
-    let clock_skew =
-        Duration::from_secs(ctx.number(&format!("{OIDC}.clockSkewSeconds"), 60u64, 0..=300));
+    let clock_skew = ctx.seconds(&format!("{OIDC}.clockSkewSeconds"));
     Some(OidcSettings {
         issuer: issuer?,
         audience: audience?,
@@ -463,11 +461,7 @@ pub(super) fn send_as(ctx: &mut Ctx<'_>) -> SendAsSettings {
         .cloned()
         .filter(|v| !v.is_null())
         .map(|tree| patterns(ctx, GRANTS, &tree));
-    let denial_memory = Duration::from_secs(ctx.number(
-        "mailRelay.sendAs.denialMemorySeconds",
-        SendAsSettings::default().denial_memory.as_secs(),
-        0..=86_400,
-    ));
+    let denial_memory = ctx.seconds("mailRelay.sendAs.denialMemorySeconds");
     SendAsSettings {
         delegates,
         groups,

@@ -42,6 +42,7 @@ pub use access::{
 pub use certificate::{Certificate, CertificateCredential, CertificateError, PrivateKey};
 pub use cloud::Cloud;
 pub use keys::env_name;
+pub use keys::table::markdown as key_table;
 pub use load::{ConfigError, LoadOptions, Loaded, SettingError, listener, load, load_str};
 pub use observe::{LogFormat, LogSettings, MetricsSettings};
 pub use proxy::{ForwardedHeader, HttpSettings, ShutdownSettings};

@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use tracing_subscriber::EnvFilter;
 
-use super::read::{Ctx, listed};
+use super::read::Ctx;
 
 /// `mailRelay.metrics`: where `GET /metrics` is served.
 #[derive(Debug, Clone, Default)]
@@ -80,7 +80,7 @@ pub(super) fn metrics(ctx: &mut Ctx<'_>, server: SocketAddr) -> MetricsSettings 
         return MetricsSettings::default();
     }
     // 0 picks a free port, as for server.port.
-    let port = ctx.number(PORT, 9090u16, 0..=65535);
+    let port = ctx.whole_or(PORT, 9090u16);
     if port != 0 && port == server.port() && address.is_none_or(|a| a == server_address) {
         ctx.error(
             PORT,
@@ -93,16 +93,11 @@ pub(super) fn metrics(ctx: &mut Ctx<'_>, server: SocketAddr) -> MetricsSettings 
 }
 
 pub(super) fn log(ctx: &mut Ctx<'_>) -> LogSettings {
-    let defaults = LogSettings::default();
-    let format = ctx.one_of(
-        "mailRelay.log.format",
-        defaults.format,
-        LogFormat::CHOICES,
-        &listed(LogFormat::CHOICES),
-    );
+    let format = ctx.choice("mailRelay.log.format", LogFormat::CHOICES);
     let key = "mailRelay.log.level";
+    let preset = ctx.preset(key).to_owned();
     let filter = match ctx.text(key).map(str::to_owned) {
-        None => defaults.filter,
+        None => preset,
         Some(text) => match EnvFilter::try_new(&text) {
             Ok(_) => text,
             Err(e) => {
@@ -110,7 +105,7 @@ pub(super) fn log(ctx: &mut Ctx<'_>) -> LogSettings {
                     key,
                     format!("{text:?} is not a RUST_LOG-style filter ({e}); use e.g. info, or info,mail_relay=debug"),
                 );
-                defaults.filter
+                preset
             }
         },
     };

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::callers;
-use super::read::{Ctx, listed};
+use super::read::Ctx;
 
 const BASE_PATH: &str = "mailRelay.http.basePath";
 const TRUSTED_PROXIES: &str = "mailRelay.http.trustedProxies";
@@ -11,8 +11,6 @@ const FORWARDED_HEADER: &str = "mailRelay.http.forwardedHeader";
 const HEADER_READ_TIMEOUT: &str = "mailRelay.http.headerReadTimeoutSeconds";
 const MAX_CONNECTIONS: &str = "mailRelay.http.maxConnections";
 const MAX_HEADER_BYTES: &str = "mailRelay.http.maxHeaderBytes";
-/// hyper's smallest read buffer for HTTP/1: a smaller head limit cannot be set.
-const MIN_HEADER_BYTES: usize = 8 * 1024;
 const DOCS: &str = "mailRelay.http.docs";
 const DRAIN_DELAY: &str = "mailRelay.shutdown.drainDelaySeconds";
 const DEADLINE: &str = "mailRelay.shutdown.deadlineSeconds";
@@ -117,28 +115,11 @@ pub(super) fn http(ctx: &mut Ctx<'_>) -> HttpSettings {
         })
         .unwrap_or_default();
     let trusted_proxies = callers::ip_nets_at(ctx, TRUSTED_PROXIES);
-    let forwarded_header = ctx.one_of(
-        FORWARDED_HEADER,
-        ForwardedHeader::XForwardedFor,
-        ForwardedHeader::CHOICES,
-        &format!(
-            "{} (the header your proxy appends the client to)",
-            listed(ForwardedHeader::CHOICES)
-        ),
-    );
-    let defaults = HttpSettings::default();
-    let header_read_timeout = Duration::from_secs(ctx.number(
-        HEADER_READ_TIMEOUT,
-        defaults.header_read_timeout.as_secs(),
-        1..=3_600,
-    ));
-    let max_connections = ctx.number(MAX_CONNECTIONS, defaults.max_connections, 1..=1_000_000);
-    let max_header_bytes = ctx.number(
-        MAX_HEADER_BYTES,
-        defaults.max_header_bytes,
-        MIN_HEADER_BYTES..=1024 * 1024,
-    );
-    let docs = ctx.flag(DOCS, true);
+    let forwarded_header = ctx.choice(FORWARDED_HEADER, ForwardedHeader::CHOICES);
+    let header_read_timeout = ctx.seconds(HEADER_READ_TIMEOUT);
+    let max_connections = ctx.whole(MAX_CONNECTIONS);
+    let max_header_bytes = ctx.whole(MAX_HEADER_BYTES);
+    let docs = ctx.flag(DOCS);
     HttpSettings {
         base_path,
         trusted_proxies,
@@ -181,10 +162,8 @@ fn base_path_problem(path: &str) -> Option<&'static str> {
 }
 
 pub(super) fn shutdown(ctx: &mut Ctx<'_>) -> ShutdownSettings {
-    let defaults = ShutdownSettings::default();
-    let drain_delay =
-        Duration::from_secs(ctx.number(DRAIN_DELAY, defaults.drain_delay.as_secs(), 0..=3_600));
-    let deadline = ctx.seconds(DEADLINE, defaults.deadline.as_secs());
+    let drain_delay = ctx.seconds(DRAIN_DELAY);
+    let deadline = ctx.seconds(DEADLINE);
     if drain_delay >= deadline {
         ctx.error(
             DEADLINE,

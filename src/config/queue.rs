@@ -135,44 +135,21 @@ impl QueueSettings {
 }
 
 pub(super) fn queue(ctx: &mut Ctx<'_>, store: &StoreUrl) -> QueueSettings {
-    let defaults = QueueSettings::default();
-    let mode = ctx.one_of(
-        QUEUE,
-        defaults.mode,
-        QueueMode::CHOICES,
-        &super::read::listed(QueueMode::CHOICES),
-    );
+    let mode = ctx.choice(QUEUE, QueueMode::CHOICES);
     if mode == QueueMode::Always && *store == StoreUrl::Memory {
         ctx.error(
             QUEUE,
             "always needs a durable store: set mailRelay.store.url to sqlite:/path/file.db or postgres://… (with the memory store a queued mail would die with the process)",
         );
     }
-    let seconds = |ctx: &mut Ctx<'_>, key: &str, default: Duration, max: u64| {
-        Duration::from_secs(ctx.number(key, default.as_secs(), 1..=max))
-    };
     let settings = QueueSettings {
         mode,
-        workers: ctx.number("mailRelay.delivery.workers", defaults.workers, 0..=100),
-        max_age: seconds(
-            ctx,
-            "mailRelay.delivery.maxAgeSeconds",
-            defaults.max_age,
-            30 * 86_400,
-        ),
-        retention: seconds(
-            ctx,
-            "mailRelay.delivery.retentionSeconds",
-            defaults.retention,
-            365 * 86_400,
-        ),
-        retry_min: seconds(ctx, RETRY_MIN, defaults.retry_min, 86_400),
-        retry_max: seconds(ctx, RETRY_MAX, defaults.retry_max, 86_400),
-        max_queued_bytes: ctx.number(
-            "mailRelay.delivery.maxQueuedBytes",
-            defaults.max_queued_bytes,
-            1_048_576..=1 << 40,
-        ),
+        workers: ctx.whole("mailRelay.delivery.workers"),
+        max_age: ctx.seconds("mailRelay.delivery.maxAgeSeconds"),
+        retention: ctx.seconds("mailRelay.delivery.retentionSeconds"),
+        retry_min: ctx.seconds(RETRY_MIN),
+        retry_max: ctx.seconds(RETRY_MAX),
+        max_queued_bytes: ctx.whole("mailRelay.delivery.maxQueuedBytes"),
         at_rest: at_rest(ctx),
         webhook: webhook(ctx),
     };
@@ -190,7 +167,7 @@ pub(super) fn queue(ctx: &mut Ctx<'_>, store: &StoreUrl) -> QueueSettings {
 }
 
 fn at_rest(ctx: &mut Ctx<'_>) -> Option<EncryptionKey> {
-    let on = ctx.flag(ENCRYPT_AT_REST, false);
+    let on = ctx.flag(ENCRYPT_AT_REST);
     if !on {
         return None;
     }

@@ -73,9 +73,8 @@ fn flatten(
     out: &mut Vec<(String, Leaf)>,
     subtrees: &mut BTreeMap<&'static str, Value>,
 ) {
-    if let Some(subtree) = keys::SUBTREES
-        .iter()
-        .find(|s| keys::canonical(s) == keys::canonical(&prefix))
+    if let Some(subtree) =
+        keys::subtree_names().find(|s| keys::canonical(s) == keys::canonical(&prefix))
     {
         subtrees.insert(subtree, value.clone());
         return;
@@ -117,7 +116,7 @@ impl RawFile {
         };
         let canonical = keys::canonical(&path);
         if let Some(key) = known.iter().find(|k| keys::canonical(k) == canonical) {
-            let secret = keys::spec(key).is_some_and(|s| s.secret);
+            let secret = keys::is_secret(key);
             if matches!(leaf, Leaf::List) || (secret && matches!(leaf, Leaf::Typed(_))) {
                 self.failed.insert(key.clone());
             }
@@ -144,10 +143,7 @@ impl RawFile {
         if section == MAIL_RELAY {
             let hint = keys::nearest(
                 &path,
-                in_section
-                    .iter()
-                    .copied()
-                    .chain(keys::SUBTREES.iter().copied()),
+                in_section.iter().copied().chain(keys::subtree_names()),
             )
             .map(|k| format!("; did you mean {k}?"))
             .unwrap_or_default();

@@ -3,12 +3,12 @@
 //! every one is reported at once.
 
 use std::fmt::Display;
-use std::ops::RangeInclusive;
 use std::str::FromStr;
 use std::time::Duration;
 
 use secrecy::SecretString;
 
+use super::keys::{Allowed, KeySpec};
 use super::resolve::Resolved;
 use super::{SettingError, keys};
 
@@ -39,8 +39,7 @@ impl Ctx<'_> {
     }
 
     fn masked(&self, key: &str) -> bool {
-        keys::spec(key).is_some_and(|s| s.secret)
-            || self.values.get(key).is_some_and(|v| v.encrypted)
+        keys::is_secret(key) || self.values.get(key).is_some_and(|v| v.encrypted)
     }
 
     /// The effective text of a non-secret key, trimmed.
@@ -74,14 +73,36 @@ impl Ctx<'_> {
         }
     }
 
-    pub(super) fn number<T>(&mut self, key: &str, default: T, allowed: RangeInclusive<T>) -> T
+    /// A whole-number key: its range and default come from its declaration.
+    pub(super) fn whole<T>(&mut self, key: &str) -> T
     where
-        T: FromStr + PartialOrd + Display + Copy,
+        T: FromStr + TryFrom<u64> + PartialOrd + Display + Copy,
     {
+        let default = declared(key)
+            .preset_text()
+            .and_then(|text| text.parse().ok())
+            .unwrap_or_else(|| panic!("{key}: declared without a whole-number default"));
+        self.whole_or(key, default)
+    }
+
+    /// A whole-number key whose default is derived from other settings.
+    pub(super) fn whole_or<T>(&mut self, key: &str, default: T) -> T
+    where
+        T: FromStr + TryFrom<u64> + PartialOrd + Display + Copy,
+    {
+        let Allowed::Whole { min, max } = declared(key).allowed else {
+            panic!("{key}: not declared as a whole number");
+        };
+        let bound = |n: u64| {
+            T::try_from(n)
+                .ok()
+                .unwrap_or_else(|| panic!("{key}: {n} does not fit its type"))
+        };
+        let allowed = bound(min)..=bound(max);
         let Some(text) = self.text(key).map(str::to_owned) else {
             return default;
         };
-        let range = format!("{}..={}", allowed.start(), allowed.end());
+        let range = format!("{min}..={max}");
         let shown = self.shown(key, &text);
         // A whole number too large for the type is out of range, not "not a number".
         if text.parse::<i128>().is_err() {
@@ -100,21 +121,31 @@ impl Ctx<'_> {
         }
     }
 
-    pub(super) fn seconds(&mut self, key: &str, default: u64) -> Duration {
-        Duration::from_secs(self.number(key, default, 1..=86_400))
+    /// A key in seconds, as declared.
+    pub(super) fn seconds(&mut self, key: &str) -> Duration {
+        Duration::from_secs(self.whole(key))
     }
 
-    /// A `true`/`false` setting, any case.
-    pub(super) fn flag(&mut self, key: &str, default: bool) -> bool {
-        self.one_of(key, default, FLAG, &listed(FLAG))
+    /// A `true`/`false` key, any case, defaulting as declared.
+    pub(super) fn flag(&mut self, key: &str) -> bool {
+        self.choice(key, FLAG)
     }
 
-    pub(super) fn one_of<T: Copy>(
+    /// One of `choices`, defaulting as declared.
+    pub(super) fn choice<T: Copy + PartialEq>(&mut self, key: &str, choices: &[(&str, T)]) -> T {
+        let default = declared(key)
+            .preset_text()
+            .and_then(|text| find(choices, text))
+            .unwrap_or_else(|| panic!("{key}: declared without a default among its choices"));
+        self.choice_or(key, default, choices)
+    }
+
+    /// One of `choices`, with a default of the caller's; the error lists them as declared.
+    pub(super) fn choice_or<T: Copy + PartialEq>(
         &mut self,
         key: &str,
         default: T,
         choices: &[(&str, T)],
-        allowed: &str,
     ) -> T {
         let Some(text) = self.text(key).map(str::to_owned) else {
             return default;
@@ -122,12 +153,32 @@ impl Ctx<'_> {
         match find(choices, &text) {
             Some(v) => v,
             None => {
+                let allowed = match declared(key).allowed {
+                    Allowed::Choice(listing) => listing(),
+                    Allowed::Flag => listed(FLAG),
+                    _ => listed(choices),
+                };
                 let shown = self.shown(key, &text);
                 self.error(key, format!("{shown} is not one of {allowed}"));
                 default
             }
         }
     }
+
+    /// The effective text of a key, or its declared default.
+    pub(super) fn text_or_preset(&self, key: &str) -> &str {
+        self.text(key).unwrap_or_else(|| self.preset(key))
+    }
+
+    /// A key's declared default as written ("" when it has none or it is derived).
+    pub(super) fn preset(&self, key: &str) -> &'static str {
+        declared(key).preset_text().unwrap_or_default()
+    }
+}
+
+/// The declaration of `key`; reading an undeclared key is the relay's own bug.
+fn declared(key: &str) -> &'static KeySpec {
+    keys::spec(key).unwrap_or_else(|| panic!("{key} is read but not declared in config/keys"))
 }
 
 // An enum setting's spellings live in one `CHOICES` table, `(spelling, value)`, beside the enum:

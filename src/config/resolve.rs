@@ -104,7 +104,7 @@ pub fn resolve(
     let mut subtree_env: BTreeMap<&'static str, (String, String)> = BTreeMap::new();
     // An empty variable counts as unset (Kubernetes sets optional secrets' variables empty).
     for (name, value) in env.iter().filter(|(_, v)| !v.trim().is_empty()) {
-        if let Some(subtree) = keys::key_for_env(name, keys::SUBTREES.iter().copied()) {
+        if let Some(subtree) = keys::key_for_env(name, keys::subtree_names()) {
             subtree_env.insert(subtree, (name.clone(), value.clone()));
             continue;
         }
@@ -117,7 +117,7 @@ pub fn resolve(
                 let names: Vec<String> = settable
                     .iter()
                     .map(String::as_str)
-                    .chain(keys::SUBTREES.iter().copied())
+                    .chain(keys::subtree_names())
                     .map(keys::env_name)
                     .collect();
                 let hint = keys::nearest(name, names.iter().map(String::as_str))

@@ -1,13 +1,11 @@
 //! `featureSwitches.sendEmail.*`: the SMTP server, its login, and the Entra ID credential.
 
-use std::time::Duration;
-
 use url::Url;
 
 use crate::message::EmailAddress;
 
 use super::certificate::{Certificate, CertificateCredential, PrivateKey};
-use super::read::{Ctx, listed};
+use super::read::Ctx;
 use super::trust::{is_host_local, is_loopback_host};
 use super::validate::{OFFICE365_HOST, TENANT_PLACEHOLDER, se};
 use super::{
@@ -41,19 +39,9 @@ pub(super) fn send_email(
             format!("{host:?} is not a host name; give the bare host, e.g. smtp.office365.com"),
         );
     }
-    let port = ctx.number(&se("smtpPort"), 587u16, 1..=65535);
-    let encryption = ctx.one_of(
-        &se("smtpEncryption"),
-        Encryption::Tls,
-        Encryption::CHOICES,
-        &listed(Encryption::CHOICES),
-    );
-    let mode = ctx.one_of(
-        &se("smtpAuthentication"),
-        AuthMode::MsOAuth,
-        AuthMode::CHOICES,
-        &listed(AuthMode::CHOICES),
-    );
+    let port = ctx.whole(&se("smtpPort"));
+    let encryption = ctx.choice(&se("smtpEncryption"), Encryption::CHOICES);
+    let mode = ctx.choice(&se("smtpAuthentication"), AuthMode::CHOICES);
 
     let host = server.clone().unwrap_or_default();
     if encryption == Encryption::Ssl && host.eq_ignore_ascii_case(OFFICE365_HOST) {
@@ -205,10 +193,9 @@ fn ms_oauth(ctx: &mut Ctx<'_>, smtp: bool, cloud: Cloud) -> Option<SmtpAuthentic
             token_endpoint(ctx, cloud, tenant_id.as_deref()),
         ),
     };
-    let grace =
-        Duration::from_secs(ctx.number(&se("oAuthTokenGraceTimeInSeconds"), 300u64, 0..=3000));
-    let connect_timeout = ctx.seconds("mailRelay.token.connectTimeoutSeconds", 5);
-    let request_timeout = ctx.seconds("mailRelay.token.requestTimeoutSeconds", 15);
+    let grace = ctx.seconds(&se("oAuthTokenGraceTimeInSeconds"));
+    let connect_timeout = ctx.seconds("mailRelay.token.connectTimeoutSeconds");
+    let request_timeout = ctx.seconds("mailRelay.token.requestTimeoutSeconds");
     let (tenant_id, client_id) = match managed {
         Some(_) => (
             Some(tenant_id.unwrap_or_default()),
@@ -258,16 +245,7 @@ pub const IMDS_TOKEN_ENDPOINT: &str = "http://169.254.169.254/metadata/identity/
 fn managed_identity(ctx: &mut Ctx<'_>) -> Option<ManagedKind> {
     let key = se("oAuthManagedIdentity");
     ctx.text(&key)?;
-    Some(ctx.one_of(
-        &key,
-        ManagedKind::Imds,
-        ManagedKind::CHOICES,
-        &format!(
-            "{} (Azure VMs and scale sets), {} (App Service, Functions, Container Apps)",
-            ManagedKind::Imds.name(),
-            ManagedKind::AppService.name()
-        ),
-    ))
+    Some(ctx.choice_or(&key, ManagedKind::Imds, ManagedKind::CHOICES))
 }
 
 /// The managed identity and its endpoint: `oAuthTokenEndpoint` when set, else the platform's.

@@ -80,7 +80,6 @@ impl fmt::Debug for StoreUrl {
 }
 
 pub(super) fn store(ctx: &mut Ctx<'_>) -> StoreSettings {
-    let defaults = StoreSettings::default();
     let url = ctx
         .text(URL)
         .map(str::to_owned)
@@ -102,16 +101,8 @@ pub(super) fn store(ctx: &mut Ctx<'_>) -> StoreSettings {
     StoreSettings {
         url,
         password,
-        max_connections: ctx.number(
-            "mailRelay.store.maxConnections",
-            defaults.max_connections,
-            1..=1000,
-        ),
-        connect_timeout: Duration::from_secs(ctx.number(
-            "mailRelay.store.connectTimeoutSeconds",
-            defaults.connect_timeout.as_secs(),
-            1..=120,
-        )),
+        max_connections: ctx.whole("mailRelay.store.maxConnections"),
+        connect_timeout: ctx.seconds("mailRelay.store.connectTimeoutSeconds"),
     }
 }
 

@@ -3,12 +3,11 @@
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use crate::message::EmailAddress;
 
 use super::observe;
-use super::read::{Ctx, listed};
+use super::read::Ctx;
 use super::resolve::Resolved;
 use super::trust::read_ca_certificates;
 use super::{
@@ -56,27 +55,44 @@ pub fn validate(values: &Resolved) -> (Result<Settings, Vec<SettingError>>, Vec<
         warnings: Vec::new(),
     };
     let server = server(&mut ctx);
-    let mut relay = relay(&mut ctx);
-    let send_email = super::send_email::send_email(&mut ctx, &relay.delivery, relay.cloud);
+    let cloud = ctx.choice("mailRelay.cloud", super::Cloud::CHOICES);
+    let delivery = delivery(&mut ctx);
+    let smtp = smtp_tuning(&mut ctx);
+    let limits = limits(&mut ctx);
+    let rate_limits = rate_limits(&mut ctx, limits.max_recipients, &delivery);
+    let store = super::store::store(&mut ctx);
+    let queue = super::queue::queue(&mut ctx, &store.url);
+    let graph = graph(&mut ctx, cloud);
+    let idempotency = idempotency(&mut ctx);
+    let send_email = super::send_email::send_email(&mut ctx, &delivery, cloud);
+    let identities =
+        super::identities::identities(&mut ctx, &send_email, &delivery, cloud, rate_limits);
+    let auth = callers::auth(&mut ctx, delivery.is_remote());
+    let relay = RelaySettings {
+        send_as: callers::send_as(&mut ctx),
+        cors: callers::cors(&mut ctx),
+        http: proxy::http(&mut ctx),
+        shutdown: proxy::shutdown(&mut ctx),
+        admin_mail: admin_mail(&mut ctx, &send_email),
+        metrics: observe::metrics(&mut ctx, server.socket_addr()),
+        log: observe::log(&mut ctx),
+        cloud,
+        delivery,
+        smtp,
+        limits,
+        auth,
+        rate_limits,
+        idempotency,
+        store,
+        queue,
+        graph,
+        identities,
+    };
+    // Checks across sections, once every section is read.
     check_timeouts(&mut ctx, &relay);
     check_rate_limits(&mut ctx, &relay, &send_email);
-    relay.identities = super::identities::identities(
-        &mut ctx,
-        &send_email,
-        &relay.delivery,
-        relay.cloud,
-        relay.rate_limits,
-    );
-    relay.auth = callers::auth(&mut ctx, relay.delivery.is_remote());
     check_key_identities(&mut ctx, &relay);
-    relay.send_as = callers::send_as(&mut ctx);
-    relay.cors = callers::cors(&mut ctx);
-    relay.http = proxy::http(&mut ctx);
-    relay.shutdown = proxy::shutdown(&mut ctx);
     warn_on_unsafe_limits(&mut ctx, &relay, &send_email);
-    relay.admin_mail = admin_mail(&mut ctx, &send_email);
-    relay.metrics = observe::metrics(&mut ctx, server.socket_addr());
-    relay.log = observe::log(&mut ctx);
     let settings = Settings {
         server,
         send_email,
@@ -118,33 +134,22 @@ fn server(ctx: &mut Ctx<'_>) -> ServerSettings {
         }),
     };
     // 0 picks a free port, as in Spring Boot.
-    let port = ctx.number("server.port", 8080u16, 0..=65535);
+    let port = ctx.whole("server.port");
     ServerSettings { address, port }
 }
 
-fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
-    let cloud = ctx.one_of(
-        "mailRelay.cloud",
-        super::Cloud::Global,
-        super::Cloud::CHOICES,
-        &listed(super::Cloud::CHOICES),
-    );
-    let mode = ctx.one_of(
-        "mailRelay.delivery.mode",
-        DeliveryMode::Smtp,
-        DeliveryMode::CHOICES,
-        &listed(DeliveryMode::CHOICES),
-    );
-    let delivery = mode.remote().unwrap_or_else(|| Delivery::Outbox {
-        dir: PathBuf::from(
-            ctx.text("mailRelay.delivery.outboxDir")
-                .unwrap_or("./outbox"),
-        ),
-    });
-    let max_connections = ctx.number("mailRelay.smtp.maxConnections", 3usize, 1..=100);
-    let connect_timeout = ctx.seconds("mailRelay.smtp.connectTimeoutSeconds", 10);
-    let command_timeout = ctx.seconds("mailRelay.smtp.commandTimeoutSeconds", 30);
-    let send_deadline = ctx.seconds("mailRelay.smtp.sendDeadlineSeconds", 60);
+fn delivery(ctx: &mut Ctx<'_>) -> Delivery {
+    let mode = ctx.choice("mailRelay.delivery.mode", DeliveryMode::CHOICES);
+    mode.remote().unwrap_or_else(|| Delivery::Outbox {
+        dir: PathBuf::from(ctx.text_or_preset("mailRelay.delivery.outboxDir")),
+    })
+}
+
+fn smtp_tuning(ctx: &mut Ctx<'_>) -> SmtpTuning {
+    let max_connections = ctx.whole("mailRelay.smtp.maxConnections");
+    let connect_timeout = ctx.seconds("mailRelay.smtp.connectTimeoutSeconds");
+    let command_timeout = ctx.seconds("mailRelay.smtp.commandTimeoutSeconds");
+    let send_deadline = ctx.seconds("mailRelay.smtp.sendDeadlineSeconds");
     let ca_file = ctx.text("mailRelay.smtp.caFile").map(PathBuf::from);
     if let Some(path) = &ca_file {
         check_ca_file(ctx, path);
@@ -171,55 +176,24 @@ fn relay(ctx: &mut Ctx<'_>) -> RelaySettings {
         }
         parsed
     });
-    let limits = Limits {
-        max_body_bytes: ctx.number(
-            "mailRelay.limits.maxBodyBytes",
-            52_428_800usize,
-            1024..=1_073_741_824,
-        ),
-        max_message_bytes: ctx.number(
-            "mailRelay.limits.maxMessageBytes",
-            36_700_160usize,
-            1024..=1_073_741_824,
-        ),
-        max_recipients: ctx.number("mailRelay.limits.maxRecipients", 500usize, 1..=100_000),
-        request_timeout: ctx.seconds("mailRelay.limits.requestTimeoutSeconds", 120),
-        max_in_flight_bytes: ctx.number(
-            "mailRelay.limits.maxInFlightBytes",
-            104_857_600usize,
-            65_536..=68_719_476_736,
-        ),
-    };
-    let rate_limits = rate_limits(ctx, limits.max_recipients, &delivery);
-    let store = super::store::store(ctx);
-    RelaySettings {
-        queue: super::queue::queue(ctx, &store.url),
-        graph: graph(ctx, cloud),
-        cloud,
-        delivery,
-        smtp: SmtpTuning {
-            max_connections,
-            connect_timeout,
-            command_timeout,
-            send_deadline,
-            ca_file,
-            hello_name,
-            source_address,
-        },
-        limits,
-        // Filled by `callers` once the delivery mode is known.
-        auth: Default::default(),
-        send_as: Default::default(),
-        cors: Default::default(),
-        rate_limits,
-        idempotency: idempotency(ctx),
-        store,
-        http: Default::default(),
-        shutdown: Default::default(),
-        admin_mail: None,
-        metrics: Default::default(),
-        log: Default::default(),
-        identities: Default::default(),
+    SmtpTuning {
+        max_connections,
+        connect_timeout,
+        command_timeout,
+        send_deadline,
+        ca_file,
+        hello_name,
+        source_address,
+    }
+}
+
+fn limits(ctx: &mut Ctx<'_>) -> Limits {
+    Limits {
+        max_body_bytes: ctx.whole("mailRelay.limits.maxBodyBytes"),
+        max_message_bytes: ctx.whole("mailRelay.limits.maxMessageBytes"),
+        max_recipients: ctx.whole("mailRelay.limits.maxRecipients"),
+        request_timeout: ctx.seconds("mailRelay.limits.requestTimeoutSeconds"),
+        max_in_flight_bytes: ctx.whole("mailRelay.limits.maxInFlightBytes"),
     }
 }
 
@@ -231,23 +205,19 @@ const EXCHANGE_RECIPIENTS_PER_DAY: u32 = RateLimitSettings::EXCHANGE_RECIPIENTS_
 const GRAPH_MESSAGES_PER_MINUTE: u32 = 1_000;
 
 fn rate_limits(ctx: &mut Ctx<'_>, max_recipients: usize, delivery: &Delivery) -> RateLimitSettings {
-    let mut limit = |name: &str, default: Option<NonZeroU32>, max: u32| {
+    let mut limit = |name: &str, default: Option<NonZeroU32>| {
         let default = default.map_or(0, NonZeroU32::get);
-        NonZeroU32::new(ctx.number(&format!("{RATE_LIMITS}.{name}"), default, 0..=max))
+        NonZeroU32::new(ctx.whole_or(&format!("{RATE_LIMITS}.{name}"), default))
     };
     let per_minute = match delivery {
         Delivery::Graph => GRAPH_MESSAGES_PER_MINUTE,
         _ => EXCHANGE_MESSAGES_PER_MINUTE,
     };
-    let mailbox_messages_per_minute = limit(
-        "mailboxMessagesPerMinute",
-        NonZeroU32::new(per_minute),
-        100_000,
-    );
+    let mailbox_messages_per_minute =
+        limit("mailboxMessagesPerMinute", NonZeroU32::new(per_minute));
     let mailbox_recipients_per_day = limit(
         "mailboxRecipientsPerDay",
         NonZeroU32::new(EXCHANGE_RECIPIENTS_PER_DAY),
-        10_000_000,
     );
     // The per-caller defaults follow the mailbox's; the daily one never below what one mail
     // may carry (nor above the mailbox's own), so that the default alone refuses no mail.
@@ -263,32 +233,17 @@ fn rate_limits(ctx: &mut Ctx<'_>, max_recipients: usize, delivery: &Delivery) ->
         caller_messages_per_minute: limit(
             "callerMessagesPerMinute",
             share(mailbox_messages_per_minute),
-            100_000,
         ),
-        caller_recipients_per_day: limit("callerRecipientsPerDay", recipients_default, 10_000_000),
+        caller_recipients_per_day: limit("callerRecipientsPerDay", recipients_default),
     }
 }
 
 fn idempotency(ctx: &mut Ctx<'_>) -> IdempotencySettings {
-    let defaults = IdempotencySettings::default();
     IdempotencySettings {
         // Up to a week: clients retrying after a long outage still get the first result.
-        ttl: Duration::from_secs(ctx.number(
-            "mailRelay.idempotency.ttlSeconds",
-            defaults.ttl.as_secs(),
-            1..=604_800,
-        )),
-        max_entries: ctx.number(
-            "mailRelay.idempotency.maxEntries",
-            defaults.max_entries,
-            1..=10_000_000,
-        ),
-        // At least 1 MiB, so the largest success answer always fits.
-        max_bytes: ctx.number(
-            "mailRelay.idempotency.maxBytes",
-            defaults.max_bytes,
-            1024 * 1024..=1024 * 1024 * 1024,
-        ),
+        ttl: ctx.seconds("mailRelay.idempotency.ttlSeconds"),
+        max_entries: ctx.whole("mailRelay.idempotency.maxEntries"),
+        max_bytes: ctx.whole("mailRelay.idempotency.maxBytes"),
     }
 }
 
@@ -345,7 +300,7 @@ const ADMIN_RECIPIENTS: &str = "mailRelay.adminMail.recipients";
 
 /// `mailRelay.adminMail`; present values are checked even when it is off.
 fn admin_mail(ctx: &mut Ctx<'_>, send_email: &SendEmailSettings) -> Option<AdminMailSettings> {
-    let enabled = ctx.flag(ADMIN_ENABLED, false);
+    let enabled = ctx.flag(ADMIN_ENABLED);
     let recipients: Vec<EmailAddress> = callers::list_at(ctx, ADMIN_RECIPIENTS)
         .into_iter()
         .filter_map(|address| match EmailAddress::parse(&address) {
@@ -428,30 +383,15 @@ fn graph(ctx: &mut Ctx<'_>, cloud: super::Cloud) -> super::GraphSettings {
                 url
             })
             .unwrap_or_else(|| super::GraphSettings::default().base_url);
-    let defaults = super::GraphSettings::default();
     super::GraphSettings {
         base_url,
         scopes: ctx
             .text("mailRelay.graph.scopes")
             .map_or_else(|| cloud.graph_scope(), str::to_owned),
-        connect_timeout: ctx.seconds(
-            "mailRelay.graph.connectTimeoutSeconds",
-            defaults.connect_timeout.as_secs(),
-        ),
-        request_timeout: ctx.seconds(
-            "mailRelay.graph.requestTimeoutSeconds",
-            defaults.request_timeout.as_secs(),
-        ),
-        max_concurrent_requests: ctx.number(
-            "mailRelay.graph.maxConcurrentRequests",
-            defaults.max_concurrent_requests,
-            1..=100,
-        ),
-        sent_items_lookup: Duration::from_secs(ctx.number(
-            "mailRelay.graph.sentItemsLookupSeconds",
-            defaults.sent_items_lookup.as_secs(),
-            0..=120,
-        )),
+        connect_timeout: ctx.seconds("mailRelay.graph.connectTimeoutSeconds"),
+        request_timeout: ctx.seconds("mailRelay.graph.requestTimeoutSeconds"),
+        max_concurrent_requests: ctx.whole("mailRelay.graph.maxConcurrentRequests"),
+        sent_items_lookup: ctx.seconds("mailRelay.graph.sentItemsLookupSeconds"),
     }
 }
 

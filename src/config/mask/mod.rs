@@ -4,6 +4,7 @@ mod callers;
 
 use std::fmt::Write as _;
 
+use super::keys;
 use super::resolve::{Origin, Resolved};
 use super::{
     ClientCredential, Delivery, QueueSettings, SendEmailSettings, Settings, SmtpAuthentication,
@@ -28,7 +29,10 @@ impl Out<'_> {
         let name = key.rsplit('.').next().unwrap_or(key);
         let effective = self.values.get(key);
         let value = match value {
-            Some(_) if effective.is_some_and(|e| e.encrypted) => quote(MASK),
+            // A secret is masked here whatever the caller passed, so none can slip through.
+            Some(_) if effective.is_some_and(|e| e.encrypted) || keys::is_secret(key) => {
+                quote(MASK)
+            }
             Some(v) => v,
             None => "null".into(),
         };
