@@ -7,66 +7,54 @@ use std::time::Duration;
 
 use mail_relay::app::Application;
 use mail_relay::config::{
-    AddressPattern, ApiKeySettings, AuthSettings, Delivery, Encryption, Limits, OAuthSettings,
-    RateLimitSettings, RelaySettings, SendEmailSettings, ServerSettings, Settings,
-    SmtpAuthentication, SmtpTuning,
+    Delivery, Encryption, OAuthSettings, SendEmailSettings, Settings, SmtpAuthentication,
 };
 use mail_relay::delivery::{MailSender, Outbox};
 use sha2::{Digest, Sha256};
 
-/// Settings for a test instance: loopback, port 0, outbox delivery into `outbox`.
+/// Settings for a test instance: the embedded dev default (`config/dev.yml`, as `serve`
+/// loads it) with these overrides, given as the environment would give them: port 0, outbox
+/// delivery into `outbox`, the test API key instead of anonymous callers, short timeouts, a
+/// 64 KiB body limit and no rate limits (rate-limit tests turn them on).
 pub fn test_settings(outbox: PathBuf) -> Settings {
-    Settings {
-        server: ServerSettings {
-            address: [127, 0, 0, 1].into(),
-            port: 0,
-        },
-        send_email: SendEmailSettings {
-            smtp_server: "127.0.0.1".into(),
-            smtp_port: 25,
-            smtp_encryption: Encryption::None,
-            smtp_authentication: SmtpAuthentication::None,
-        },
-        relay: RelaySettings {
-            cloud: Default::default(),
-            delivery: Delivery::Outbox { dir: outbox },
-            smtp: SmtpTuning {
-                max_connections: 3,
-                connect_timeout: Duration::from_secs(5),
-                command_timeout: Duration::from_secs(10),
-                send_deadline: Duration::from_secs(30),
-                ca_file: None,
-                hello_name: None,
-                source_address: None,
-            },
-            limits: Limits {
-                max_body_bytes: 64 * 1024,
-                max_recipients: 500,
-                max_message_bytes: 35 * 1024 * 1024,
-                request_timeout: Duration::from_secs(30),
-                max_in_flight_bytes: 100 * 1024 * 1024,
-            },
-            auth: AuthSettings {
-                api_keys: vec![test_api_key()],
-                ..AuthSettings::default()
-            },
-            graph: Default::default(),
-            send_as: Default::default(),
-            cors: Default::default(),
-            // Off, so tests that send many mails are not refused; rate-limit tests turn them on.
-            rate_limits: RateLimitSettings::OFF,
-            idempotency: Default::default(),
-            store: Default::default(),
-            queue: Default::default(),
-            http: Default::default(),
-            shutdown: Default::default(),
-            admin_mail: None,
-            metrics: Default::default(),
-            log: Default::default(),
-            identities: Default::default(),
-        },
+    let key = hex::encode(Sha256::digest(TEST_API_KEY.as_bytes()));
+    let overrides = [
+        ("SERVER_PORT", "0".to_owned()),
+        ("MAILRELAY_DELIVERY_OUTBOXDIR", outbox.display().to_string()),
+        ("MAILRELAY_AUTH_ALLOWANONYMOUS", "false".into()),
+        (
+            "MAILRELAY_AUTH_APIKEYS",
+            format!("[{{name: tests, sha256: {key}, allowedFrom: {TEST_KEY_FROM:?}}}]"),
+        ),
+        ("FEATURESWITCHES_SENDEMAIL_SMTPSERVER", "127.0.0.1".into()),
+        ("FEATURESWITCHES_SENDEMAIL_SMTPPORT", "25".into()),
+        ("FEATURESWITCHES_SENDEMAIL_SMTPENCRYPTION", "NONE".into()),
+        (
+            "FEATURESWITCHES_SENDEMAIL_SMTPAUTHENTICATION",
+            "NONE".into(),
+        ),
+        ("MAILRELAY_SMTP_CONNECTTIMEOUTSECONDS", "5".into()),
+        ("MAILRELAY_SMTP_COMMANDTIMEOUTSECONDS", "10".into()),
+        ("MAILRELAY_SMTP_SENDDEADLINESECONDS", "30".into()),
+        ("MAILRELAY_LIMITS_MAXBODYBYTES", "65536".into()),
+        ("MAILRELAY_LIMITS_REQUESTTIMEOUTSECONDS", "30".into()),
+        ("MAILRELAY_RATELIMITS_MAILBOXMESSAGESPERMINUTE", "0".into()),
+        ("MAILRELAY_RATELIMITS_MAILBOXRECIPIENTSPERDAY", "0".into()),
+        // The production default, not the dev one (0): the drain tests need the delay.
+        ("MAILRELAY_SHUTDOWN_DRAINDELAYSECONDS", "5".into()),
+    ];
+    let env: Vec<(String, String)> = overrides
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value))
+        .collect();
+    match mail_relay::config::load_str(mail_relay::config::DEV_DEFAULT, "config/dev.yml", &env) {
+        Ok(loaded) => loaded.settings,
+        Err(e) => panic!("the test settings do not load: {e}"),
     }
 }
+
+/// What the test API key may send as.
+const TEST_KEY_FROM: [&str; 3] = ["*@contoso.com", "*@contoso.test", "*@example.com"];
 
 /// The test settings sending to the real SMTP peer: MS_OAUTH as the peer's OAuth user over
 /// STARTTLS to its submission port, trusting its CA, with `oauth` for the token (usually
@@ -174,19 +162,6 @@ impl TestApp {
 
 /// The API key the test client sends; `test_settings` holds its hash.
 pub const TEST_API_KEY: &str = "mr_integration-tests-key";
-
-/// The test key's settings: it may send as anyone at the test domains.
-pub fn test_api_key() -> ApiKeySettings {
-    ApiKeySettings {
-        name: "tests".into(),
-        sha256: Sha256::digest(TEST_API_KEY.as_bytes()).into(),
-        allowed_from: ["*@contoso.com", "*@contoso.test", "*@example.com"]
-            .iter()
-            .map(|p| AddressPattern::parse(p).unwrap())
-            .collect(),
-        identities: Vec::new(),
-    }
-}
 
 /// A client that authenticates with [`TEST_API_KEY`] on every request.
 pub fn authenticated_client() -> reqwest::Client {
