@@ -20,6 +20,7 @@ use std::time::Instant;
 pub use certificate::CertificateSummary;
 
 use crate::config::{Delivery, Encryption, Settings, SmtpAuthentication};
+use crate::remedy::Setup;
 use crate::smtp::Connector;
 
 pub use crate::token::TokenClaims;
@@ -29,8 +30,6 @@ use smtp::{auth_failed, auth_passed, connect, connection_abort, offer, send_test
 use tls::secure;
 use token::fetch_token;
 pub use token::token_failed;
-
-const SE: &str = "featureSwitches.sendEmail";
 
 /// A real mail to send at the end (`--send-test --from X --to Y`).
 #[derive(Debug, Clone)]
@@ -83,10 +82,12 @@ pub fn settings_failed(path: &std::path::Path, error: &crate::config::ConfigErro
         "settings",
         format!("{} is not valid", path.display()),
         causes.join("\n            "),
-        vec![format!(
-            "correct each setting named above (mail-relay check-config --config {} lists them)",
-            path.display()
-        )],
+        vec![
+            Setup::InvalidSettings {
+                path: &path.display().to_string(),
+            }
+            .fix(),
+        ],
     )
 }
 
@@ -124,7 +125,7 @@ pub async fn run(
                 "smtp",
                 "the SMTP settings cannot be used",
                 error.to_string(),
-                vec!["correct the setting named above".into()],
+                vec![Setup::SettingNamedAbove.fix()],
             ));
             return ok;
         }

@@ -6,11 +6,11 @@ use std::time::{Duration, Instant, SystemTime};
 use lettre::transport::smtp::authentication::Mechanism;
 use lettre::transport::smtp::client::AsyncSmtpConnection;
 
+use super::SendTest;
 use super::report::Step;
-use super::{SE, SendTest};
 use crate::config::{Encryption, OAuthSettings, Settings, SmtpAuthentication};
 use crate::message::{MailRequest, MessageLimits, OutgoingMail};
-use crate::remedy::{self, Cause, Facts};
+use crate::remedy::{self, Cause, Facts, Setup};
 use crate::smtp::{Connection, Connector, SmtpError, SmtpErrorKind};
 use crate::token::TokenClaims;
 
@@ -22,12 +22,6 @@ pub(super) fn server(settings: &Settings) -> String {
     format!(
         "{}:{}",
         settings.send_email.smtp_server, settings.send_email.smtp_port
-    )
-}
-
-pub(super) fn host_fix() -> String {
-    format!(
-        "check {SE}.smtpServer and {SE}.smtpPort (Exchange Online: smtp.office365.com, port 587 with smtpEncryption TLS)"
     )
 }
 
@@ -53,10 +47,7 @@ pub(super) async fn connect(
                     "no DNS answer within mailRelay.smtp.connectTimeoutSeconds ({}s)",
                     timeout.as_secs()
                 ),
-                vec![
-                    "check this host's DNS resolver (/etc/resolv.conf, the container's DNS)".into(),
-                    host_fix(),
-                ],
+                vec![Setup::DnsResolver.fix(), Setup::SmtpHost.fix()],
             ));
         }
         Ok(Err(e)) => {
@@ -64,10 +55,7 @@ pub(super) async fn connect(
                 "connect",
                 format!("cannot resolve {}", email.smtp_server),
                 format!("DNS lookup failed: {e}"),
-                vec![
-                    host_fix(),
-                    "check this host's DNS resolver (/etc/resolv.conf, the container's DNS)".into(),
-                ],
+                vec![Setup::SmtpHost.fix(), Setup::DnsResolver.fix()],
             ));
         }
         Ok(Ok(addresses)) => addresses.collect(),
@@ -93,21 +81,16 @@ pub(super) async fn connect(
         }
         Err(error) => {
             let text = cause_of(&error);
-            let mut fix = Vec::new();
-            if text.contains("refused") {
-                fix.push(format!("nothing listens on {server}: {}", host_fix()));
+            let server = server.as_str();
+            let fix = if text.contains("refused") {
+                vec![Setup::NothingListens { server }.fix()]
             } else if text.contains("no answer within") {
-                fix.push(format!(
-                    "a firewall or proxy drops the connection: allow outbound TCP to {server} from this host"
-                ));
-                fix.push(host_fix());
+                vec![Setup::SmtpFirewall { server }.fix(), Setup::SmtpHost.fix()]
             } else if text.contains("sourceAddress") {
-                fix.push(
-                    "check mailRelay.smtp.sourceAddress: it must be an address of this host".into(),
-                );
+                vec![Setup::SourceAddress.fix()]
             } else {
-                fix.push(host_fix());
-            }
+                vec![Setup::SmtpHost.fix()]
+            };
             Err(Step::fail(
                 "connect",
                 format!(
@@ -139,13 +122,9 @@ pub(super) fn cause_of(error: &SmtpError) -> String {
 
 pub(super) fn greeting_failed(settings: &Settings, error: &SmtpError) -> Step {
     let server = server(settings);
-    let mut fix = vec![format!(
-        "{server} did not greet as an SMTP server: check {SE}.smtpServer and {SE}.smtpPort"
-    )];
+    let mut fix = vec![Setup::NoGreeting { server: &server }.fix()];
     match settings.send_email.smtp_encryption {
-        Encryption::Tls | Encryption::None => fix.push(format!(
-            "a port that speaks implicit TLS (usually 465) stays silent until a TLS handshake: use {SE}.smtpEncryption SSL there, or port 587 with TLS"
-        )),
+        Encryption::Tls | Encryption::None => fix.push(Setup::SilentImplicitTls.fix()),
         Encryption::Ssl => {}
     }
     Step::fail(
@@ -197,19 +176,13 @@ pub(super) fn offer(settings: &Settings, connection: &AsyncSmtpConnection) -> St
             "ehlo",
             summary,
             "smtpAuthentication MS_OAUTH needs AUTH XOAUTH2, which this server does not offer",
-            vec![
-                format!("Exchange Online offers XOAUTH2 after STARTTLS on smtp.office365.com:587: check {SE}.smtpServer, smtpPort and smtpEncryption TLS"),
-                "a server without OAuth2 support needs smtpAuthentication BASIC (if it offers PLAIN or LOGIN)".into(),
-            ],
+            vec![Setup::NoXoauth2.fix(), Setup::BasicInstead.fix()],
         ),
         SmtpAuthentication::Basic { .. } => Step::fail(
             "ehlo",
             summary,
             "smtpAuthentication BASIC needs AUTH PLAIN or LOGIN, which this server does not offer",
-            vec![
-                "Exchange Online offers only LOGIN and XOAUTH2, and only after STARTTLS: use smtpEncryption TLS".into(),
-                "for Exchange Online, switch to smtpAuthentication MS_OAUTH".into(),
-            ],
+            vec![Setup::NoPlainLogin.fix(), Setup::OAuthInstead.fix()],
         ),
     }
 }
@@ -252,15 +225,9 @@ pub(super) fn auth_failed(
         (SmtpErrorKind::AuthFailed, SmtpAuthentication::MsOAuth { username, oauth }) => {
             let mut fix = Vec::new();
             if claims.is_some_and(TokenClaims::lacks_send_as_app) {
-                fix.push(
-                    "most likely: the token's roles lack SMTP.SendAsApp, so step 3 below is missing"
-                        .to_owned(),
-                );
+                fix.push(Setup::LacksSendAsApp.fix());
             }
-            fix.push(
-                "the server refused the token (Exchange answers 535 5.7.3 without saying why; Dovecot and Gmail answer a 334 challenge and then 535). Check:"
-                    .to_owned(),
-            );
+            fix.push(Setup::TokenRefused.fix());
             fix.extend(setup_checklist(username.as_str(), oauth));
             fix
         }
@@ -269,9 +236,9 @@ pub(super) fn auth_failed(
             ..Facts::default()
         })],
         (SmtpErrorKind::BasicAuthRefused, _) => vec![Cause::BasicAuthRefused.fix()],
-        (SmtpErrorKind::AuthFailed, SmtpAuthentication::Basic { .. }) => vec![format!(
-            "check {SE}.smtpUsername and smtpPassword (Exchange Online refuses Basic authentication for most tenants: prefer MS_OAUTH)"
-        )],
+        (SmtpErrorKind::AuthFailed, SmtpAuthentication::Basic { .. }) => {
+            vec![Setup::BasicLogin.fix()]
+        }
         _ => error.cause().map(Cause::fix).into_iter().collect(),
     };
     Step::fail("auth", summary, cause_of(error), fix)
@@ -314,8 +281,7 @@ pub(super) async fn send_test_mail(
                 cause_of(&error),
                 vec![
                     Cause::SendAsDenied.fix_with(&facts),
-                    "Exchange answers SendAsDenied only after the whole message (after DATA)"
-                        .into(),
+                    Setup::SendAsAfterData.fix(),
                 ],
             )
         }

@@ -5,6 +5,7 @@ use crate::config::{StoreSettings, StoreUrl};
 use crate::store::{Db, describe, schema_version};
 
 use super::Step;
+use crate::remedy::Setup;
 
 const NAME: &str = "store";
 
@@ -18,7 +19,14 @@ pub async fn check(settings: &StoreSettings) -> Step {
     let db = match Db::connect(settings) {
         Ok(Some(db)) => db,
         Ok(None) => return Step::pass(NAME, "memory"),
-        Err(e) => return Step::fail(NAME, "the store URL cannot be used", e, vec![fix_url()]),
+        Err(e) => {
+            return Step::fail(
+                NAME,
+                "the store URL cannot be used",
+                e,
+                vec![Setup::StoreUrl.fix()],
+            );
+        }
     };
     let timeout = settings.connect_timeout * 2;
     let step = match tokio::time::timeout(timeout, probe(&db)).await {
@@ -26,9 +34,7 @@ pub async fn check(settings: &StoreSettings) -> Step {
             NAME,
             format!("no answer from {}", settings.url),
             format!("nothing within {} s", timeout.as_secs()),
-            vec![
-                "check that the database runs and that a firewall or NetworkPolicy lets this host reach its port".into(),
-            ],
+            vec![Setup::StoreSilent.fix()],
         ),
         Ok(Err(error)) => {
             let cause = describe(&error);
@@ -45,7 +51,10 @@ pub async fn check(settings: &StoreSettings) -> Step {
                 }
                 Some(v) => format!("schema version {v}, newer than this build's {needed}"),
             };
-            Step::pass(NAME, format!("{}: reachable, logged in, {schema}", settings.url))
+            Step::pass(
+                NAME,
+                format!("{}: reachable, logged in, {schema}", settings.url),
+            )
         }
     };
     db.close().await;
@@ -67,23 +76,19 @@ async fn probe(db: &Db) -> Result<Option<i64>, sqlx::Error> {
     }
 }
 
-fn fix_url() -> String {
-    "set mailRelay.store.url to memory, sqlite:/path/to/file.db or postgres://user@host:5432/database".into()
-}
-
 fn fix_for(cause: &str) -> Vec<String> {
     let fix = if cause.starts_with("DNS") {
-        "check the host name in mailRelay.store.url (and this host's DNS)"
+        Setup::StoreHost
     } else if cause.starts_with("TCP") {
-        "check that the database runs, the port in mailRelay.store.url, and that a firewall or NetworkPolicy lets this host reach it"
+        Setup::StoreReach
     } else if cause.starts_with("TLS") {
-        "check sslmode and sslrootcert in mailRelay.store.url against the server's certificate"
+        Setup::StoreTls
     } else if cause.starts_with("authentication") {
-        "check the user in mailRelay.store.url and mailRelay.store.password (or passwordFile)"
+        Setup::StoreLogin
     } else if cause.starts_with("permissions") {
-        "grant the relay's database user CREATE on the database (or run the migrations as its owner)"
+        Setup::StoreGrant
     } else {
-        "see the cause above"
+        Setup::SeeCause
     };
-    vec![fix.into()]
+    vec![fix.fix()]
 }

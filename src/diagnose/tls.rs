@@ -4,10 +4,10 @@ use lettre::transport::smtp::client::AsyncSmtpConnection;
 
 use super::certificate::CertificateSummary;
 
-use super::SE;
 use super::report::Step;
 use super::smtp::{cause_of, greeting_failed, server};
 use crate::config::{Encryption, Settings};
+use crate::remedy::Setup;
 use crate::smtp::{Connector, ImplicitTls, SmtpError, SmtpErrorKind};
 
 pub(super) async fn secure(
@@ -84,32 +84,26 @@ pub(super) async fn tls_failed(settings: &Settings, how: &str, error: &SmtpError
     let mut cause = cause_of(error);
     let mut fix = Vec::new();
     match error {
-        SmtpError::Unsupported { .. } => fix.push(format!(
-            "the server offers no STARTTLS on this port: use {SE}.smtpEncryption SSL for an implicit-TLS port (465), or the STARTTLS port (587)"
-        )),
+        SmtpError::Unsupported { .. } => fix.push(Setup::NoStarttls.fix()),
         _ if error.kind() == SmtpErrorKind::Tls => match refused_certificate(settings).await {
             Some(certificate) => {
                 cause.push_str(&format!("\n            the server showed: {certificate}"));
                 fix.extend(certificate_fixes(settings, &certificate));
             }
-            None => {
-                fix.push(format!(
-                    "{SE}.smtpServer must be a name in the server's certificate (connect by name, not by IP address)"
-                ));
-                fix.push(
-                    "a certificate from a private CA needs that CA's PEM file in mailRelay.smtp.caFile"
-                        .into(),
-                );
-                fix.push("an expired certificate must be renewed on the server".into());
-            }
+            None => fix.extend(
+                [
+                    Setup::CertificateName,
+                    Setup::PrivateCa,
+                    Setup::MaybeExpired,
+                ]
+                .map(Setup::fix),
+            ),
         },
         _ => {
             if settings.send_email.smtp_encryption == Encryption::Ssl {
-                fix.push(format!(
-                    "the port may speak STARTTLS rather than implicit TLS (587 does): use {SE}.smtpEncryption TLS there"
-                ));
+                fix.push(Setup::StarttlsPort.fix());
             }
-            fix.push("a TLS-inspecting proxy or firewall may break the handshake: let this host reach the server directly".into());
+            fix.push(Setup::TlsInspection.fix());
         }
     }
     Step::fail("tls", format!("{how} with {server} failed"), cause, fix)
@@ -194,7 +188,7 @@ pub(super) fn certificate_fixes(
     let host = &settings.send_email.smtp_server;
     let mut fix = Vec::new();
     if certificate.days_left(time::OffsetDateTime::now_utc()) < 0 {
-        fix.push("the server's certificate has expired: it must be renewed on the server".into());
+        fix.push(Setup::Expired.fix());
     }
     if !names_host(certificate, host) {
         let names = if certificate.names.is_empty() {
@@ -202,15 +196,21 @@ pub(super) fn certificate_fixes(
         } else {
             certificate.names.join(", ")
         };
-        fix.push(format!(
-            "{SE}.smtpServer {host:?} is not a name in the certificate ({names}): set smtpServer to one of them"
-        ));
+        fix.push(
+            Setup::NotInCertificate {
+                host,
+                names: &names,
+            }
+            .fix(),
+        );
     }
     if fix.is_empty() {
-        fix.push(format!(
-            "the certificate's issuer ({}) is not trusted here: put that CA's PEM certificate in mailRelay.smtp.caFile",
-            certificate.issuer
-        ));
+        fix.push(
+            Setup::UntrustedIssuer {
+                issuer: &certificate.issuer,
+            }
+            .fix(),
+        );
     }
     fix
 }

@@ -4,9 +4,9 @@ use std::time::SystemTime;
 
 use secrecy::ExposeSecret;
 
-use super::SE;
 use super::report::Step;
 use crate::config::{ClientCredential, OAuthSettings};
+use crate::remedy::Setup;
 use crate::token::{AccessToken, TokenClaims, TokenClient, TokenError};
 
 pub(super) async fn fetch_token(
@@ -64,46 +64,42 @@ pub fn token_failed(oauth: &OAuthSettings, error: &TokenError) -> Step {
         return match entra.known() {
             Some(known) => Step::fail(
                 "token",
-                format!("{summary}: Entra ID refused the request ({codes}, {})", entra.error),
+                format!(
+                    "{summary}: Entra ID refused the request ({codes}, {})",
+                    entra.error
+                ),
                 format!("{}{ids}", known.meaning),
                 vec![known.fix.to_owned()],
             ),
             None => Step::fail(
                 "token",
-                format!("{summary}: Entra ID refused the request ({codes}, {})", entra.error),
+                format!(
+                    "{summary}: Entra ID refused the request ({codes}, {})",
+                    entra.error
+                ),
                 format!("{}{ids}", entra.description),
-                vec![
-                    "look the AADSTS code up at https://login.microsoftonline.com/error?code=<number>".into(),
-                ],
+                vec![Setup::UnknownAadsts.fix()],
             ),
         };
     }
     let managed = matches!(oauth.credential, ClientCredential::ManagedIdentity(_));
     let fix = match error {
-        TokenError::Network { .. } | TokenError::Timeout { .. } if managed => vec![format!(
-            "nothing answers at {}: the managed identity endpoint exists only where the platform runs it (IMDS on Azure VMs, IDENTITY_ENDPOINT on App Service and Container Apps) once the identity is turned on; check {SE}.oAuthManagedIdentity and oAuthTokenEndpoint",
-            oauth.token_endpoint
-        )],
-        TokenError::Network { .. } => vec![format!(
-            "check {SE}.oAuthTokenEndpoint, and that this host can reach login.microsoftonline.com on port 443 (proxy, firewall, DNS)"
-        )],
-        TokenError::Timeout { .. } => vec![
-            "a firewall may drop the connection: allow outbound HTTPS to login.microsoftonline.com"
-                .into(),
-            "or raise mailRelay.token.connectTimeoutSeconds / requestTimeoutSeconds".into(),
-        ],
+        TokenError::Network { .. } | TokenError::Timeout { .. } if managed => {
+            vec![
+                Setup::ManagedIdentityUnreachable {
+                    endpoint: oauth.token_endpoint.as_str(),
+                }
+                .fix(),
+            ]
+        }
+        TokenError::Network { .. } => vec![Setup::TokenEndpointUnreachable.fix()],
+        TokenError::Timeout { .. } => vec![Setup::TokenFirewall.fix(), Setup::TokenTimeouts.fix()],
         TokenError::Throttled { .. } | TokenError::Unavailable { .. } => {
-            vec!["Entra ID is throttling or failing: try again in a few minutes".into()]
+            vec![Setup::EntraFailing.fix()]
         }
-        TokenError::InvalidResponse { .. } => vec![format!(
-            "{SE}.oAuthTokenEndpoint must be Entra ID's v2.0 token URL (https://login.microsoftonline.com/#TenantID#/oauth2/v2.0/token)"
-        )],
-        TokenError::Credential(_) => vec![format!(
-            "{SE}.oAuthCertificate and oAuthPrivateKey must be the certificate uploaded to the app registration and its RSA key"
-        )],
-        TokenError::InsecureEndpoint { .. } => {
-            vec![format!("use an https URL in {SE}.oAuthTokenEndpoint")]
-        }
+        TokenError::InvalidResponse { .. } => vec![Setup::TokenEndpointNotV2.fix()],
+        TokenError::Credential(_) => vec![Setup::CertificatePair.fix()],
+        TokenError::InsecureEndpoint { .. } => vec![Setup::HttpsTokenEndpoint.fix()],
         // The text says the fix already.
         TokenError::Setup(_)
         | TokenError::Rejected(_)

@@ -4,6 +4,10 @@
 //!
 //! The texts follow `../shared/EXCHANGE.md` (Exchange Online's replies and Entra ID's codes).
 
+pub mod setup;
+
+pub use setup::Setup;
+
 /// A cause with a known fix, whatever transport or component met it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cause {
