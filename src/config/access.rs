@@ -72,14 +72,9 @@ pub struct SendAsSettings {
 }
 
 impl Default for SendAsSettings {
-    /// No delegates, no grant list, and Exchange's refusals remembered for five minutes.
+    /// No delegates, no grant list, and Exchange's refusals remembered as declared.
     fn default() -> Self {
-        Self {
-            delegates: Vec::new(),
-            groups: Vec::new(),
-            exchange_grants: None,
-            denial_memory: Duration::from_secs(300),
-        }
+        super::read::from_presets(super::callers::send_as)
     }
 }
 

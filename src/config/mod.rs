@@ -318,7 +318,10 @@ impl Default for IdentitiesSettings {
     /// The default identity alone, serving every From.
     fn default() -> Self {
         Self {
-            default_name: "default".into(),
+            default_name: read::from_presets(|ctx| {
+                ctx.text_or_preset("mailRelay.defaultIdentity.name")
+                    .to_owned()
+            }),
             default_from: Vec::new(),
             others: Vec::new(),
         }
@@ -445,14 +448,7 @@ pub struct GraphSettings {
 
 impl Default for GraphSettings {
     fn default() -> Self {
-        Self {
-            base_url: Url::parse(&Cloud::Global.graph_url()).expect("the default Graph URL parses"),
-            scopes: Cloud::Global.graph_scope(),
-            connect_timeout: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(30),
-            max_concurrent_requests: 4,
-            sent_items_lookup: Duration::from_secs(10),
-        }
+        read::from_presets(|ctx| validate::graph(ctx, Cloud::Global))
     }
 }
 
@@ -529,14 +525,10 @@ impl RateLimitSettings {
 impl Default for RateLimitSettings {
     /// Exchange Online's limits for the mailbox; a quarter of them for each caller.
     fn default() -> Self {
-        let mailbox_messages_per_minute = NonZeroU32::new(Self::EXCHANGE_MESSAGES_PER_MINUTE);
-        let mailbox_recipients_per_day = NonZeroU32::new(Self::EXCHANGE_RECIPIENTS_PER_DAY);
-        Self {
-            mailbox_messages_per_minute,
-            mailbox_recipients_per_day,
-            caller_messages_per_minute: Self::caller_share(mailbox_messages_per_minute),
-            caller_recipients_per_day: Self::caller_share(mailbox_recipients_per_day),
-        }
+        read::from_presets(|ctx| {
+            let max_recipients = ctx.whole("mailRelay.limits.maxRecipients");
+            validate::rate_limits(ctx, max_recipients, &Delivery::Smtp)
+        })
     }
 }
 
@@ -552,13 +544,7 @@ pub struct IdempotencySettings {
 }
 
 impl Default for IdempotencySettings {
-    /// A day, 100,000 keys and 32 MiB: an eighth of the 256 MiB container, and days of the
-    /// 10,000 mails a day one mailbox may send.
     fn default() -> Self {
-        Self {
-            ttl: Duration::from_secs(86_400),
-            max_entries: 100_000,
-            max_bytes: 32 * 1024 * 1024,
-        }
+        read::from_presets(validate::idempotency)
     }
 }

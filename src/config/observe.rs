@@ -23,12 +23,8 @@ pub struct LogSettings {
 }
 
 impl Default for LogSettings {
-    /// JSON lines at `info`: what log collectors in containers expect.
     fn default() -> Self {
-        Self {
-            format: LogFormat::Json,
-            filter: "info".to_string(),
-        }
+        super::read::from_presets(log)
     }
 }
 

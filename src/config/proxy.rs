@@ -38,18 +38,8 @@ pub struct HttpSettings {
 }
 
 impl Default for HttpSettings {
-    /// 75 s for a head: above nginx's 60 s upstream keep-alive, so nginx never reuses a
-    /// connection the relay is closing. 1024 connections, each one file descriptor. 16 KiB of head.
     fn default() -> Self {
-        Self {
-            base_path: String::new(),
-            trusted_proxies: Vec::new(),
-            forwarded_header: ForwardedHeader::default(),
-            header_read_timeout: Duration::from_secs(75),
-            max_connections: 1024,
-            max_header_bytes: 16 * 1024,
-            docs: true,
-        }
+        super::read::from_presets(http)
     }
 }
 
@@ -89,13 +79,8 @@ pub struct ShutdownSettings {
 }
 
 impl Default for ShutdownSettings {
-    /// 5 s of drain delay; a 70 s deadline, so a send accepted at the end of the delay still
-    /// has the default `sendDeadlineSeconds` (60) to finish.
     fn default() -> Self {
-        Self {
-            drain_delay: Duration::from_secs(5),
-            deadline: Duration::from_secs(70),
-        }
+        super::read::from_presets(shutdown)
     }
 }
 

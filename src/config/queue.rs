@@ -113,17 +113,7 @@ impl fmt::Debug for SecretBytes {
 
 impl Default for QueueSettings {
     fn default() -> Self {
-        Self {
-            mode: QueueMode::Prefer,
-            workers: 0,
-            max_age: Duration::from_secs(5 * 86_400),
-            retention: Duration::from_secs(7 * 86_400),
-            retry_min: Duration::from_secs(30),
-            retry_max: Duration::from_secs(1_800),
-            max_queued_bytes: 1 << 30,
-            at_rest: None,
-            webhook: None,
-        }
+        super::read::from_presets(|ctx| queue(ctx, &StoreUrl::Memory))
     }
 }
 

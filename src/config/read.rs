@@ -176,6 +176,25 @@ impl Ctx<'_> {
     }
 }
 
+/// What `reader` makes of no settings at all: every key at its declared default. The
+/// sections' `Default` impls are this, so that each default is written once, in
+/// `keys/declared.rs`.
+pub(super) fn from_presets<T>(reader: impl FnOnce(&mut Ctx<'_>) -> T) -> T {
+    let values = Resolved::default();
+    let mut ctx = Ctx {
+        values: &values,
+        errors: Vec::new(),
+        warnings: Vec::new(),
+    };
+    let read = reader(&mut ctx);
+    debug_assert!(
+        ctx.errors.is_empty(),
+        "a declared default is refused: {:?}",
+        ctx.errors
+    );
+    read
+}
+
 /// The declaration of `key`; reading an undeclared key is the relay's own bug.
 fn declared(key: &str) -> &'static KeySpec {
     keys::spec(key).unwrap_or_else(|| panic!("{key} is read but not declared in config/keys"))

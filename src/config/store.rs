@@ -27,12 +27,7 @@ pub struct StoreSettings {
 
 impl Default for StoreSettings {
     fn default() -> Self {
-        Self {
-            url: StoreUrl::Memory,
-            password: None,
-            max_connections: 10,
-            connect_timeout: Duration::from_secs(5),
-        }
+        super::read::from_presets(store)
     }
 }
 

@@ -204,7 +204,11 @@ const EXCHANGE_RECIPIENTS_PER_DAY: u32 = RateLimitSettings::EXCHANGE_RECIPIENTS_
 /// mailbox); the 30 a minute are SMTP client submission's.
 const GRAPH_MESSAGES_PER_MINUTE: u32 = 1_000;
 
-fn rate_limits(ctx: &mut Ctx<'_>, max_recipients: usize, delivery: &Delivery) -> RateLimitSettings {
+pub(super) fn rate_limits(
+    ctx: &mut Ctx<'_>,
+    max_recipients: usize,
+    delivery: &Delivery,
+) -> RateLimitSettings {
     let mut limit = |name: &str, default: Option<NonZeroU32>| {
         let default = default.map_or(0, NonZeroU32::get);
         NonZeroU32::new(ctx.whole_or(&format!("{RATE_LIMITS}.{name}"), default))
@@ -238,7 +242,7 @@ fn rate_limits(ctx: &mut Ctx<'_>, max_recipients: usize, delivery: &Delivery) ->
     }
 }
 
-fn idempotency(ctx: &mut Ctx<'_>) -> IdempotencySettings {
+pub(super) fn idempotency(ctx: &mut Ctx<'_>) -> IdempotencySettings {
     IdempotencySettings {
         // Up to a week: clients retrying after a long outage still get the first result.
         ttl: ctx.seconds("mailRelay.idempotency.ttlSeconds"),
@@ -368,7 +372,7 @@ fn check_ca_file(ctx: &mut Ctx<'_>, path: &Path) {
 }
 
 /// `mailRelay.graph.*`, checked whatever the mode, so that a switch to `graph` finds no surprise.
-fn graph(ctx: &mut Ctx<'_>, cloud: super::Cloud) -> super::GraphSettings {
+pub(super) fn graph(ctx: &mut Ctx<'_>, cloud: super::Cloud) -> super::GraphSettings {
     let key = "mailRelay.graph.baseUrl";
     let text = ctx
         .text(key)
@@ -382,7 +386,9 @@ fn graph(ctx: &mut Ctx<'_>, cloud: super::Cloud) -> super::GraphSettings {
                 }
                 url
             })
-            .unwrap_or_else(|| super::GraphSettings::default().base_url);
+            .unwrap_or_else(|| {
+                url::Url::parse(&cloud.graph_url()).expect("a cloud's Graph URL parses")
+            });
     super::GraphSettings {
         base_url,
         scopes: ctx

@@ -394,7 +394,8 @@ pub const KEYS: &[KeySpec] = &[
         Is("100000"),
         "beyond it, the oldest answers of the caller holding the most are forgotten first: one caller's flood of keys never pushes out another's",
     ),
-    // At least 1 MiB, so the largest success answer always fits.
+    // At least 1 MiB, so the largest success answer always fits. 32 MiB is an eighth of the
+    // 256 MiB container, and days of the 10,000 mails a day one mailbox may send.
     whole(
         "mailRelay.idempotency.maxBytes",
         MIB,
@@ -438,6 +439,8 @@ pub const KEYS: &[KeySpec] = &[
         Is("X-Forwarded-For"),
         "`Forwarded` is RFC 7239's. Only this one is read, because a proxy passes the other through as the client wrote it",
     ),
+    // 75 s: above nginx's 60 s upstream keep-alive, so nginx never reuses a connection the
+    // relay is closing.
     whole(
         "mailRelay.http.headerReadTimeoutSeconds",
         1,
@@ -472,6 +475,8 @@ pub const KEYS: &[KeySpec] = &[
         Is("5"),
         "after SIGTERM, requests are still accepted this long while readiness already answers 503, so load balancers notice before connections are refused",
     ),
+    // 70 s: a send accepted at the end of the 5 s drain delay still has the default
+    // `sendDeadlineSeconds` (60) to finish.
     seconds(
         "mailRelay.shutdown.deadlineSeconds",
         "70",
