@@ -13,7 +13,7 @@ use mail_relay::delivery::{DeliveryError, MailSender};
 use mail_relay::smtp::{SmtpError, SmtpSender, Stage};
 use mail_relay::token::{TokenCache, TokenProvider};
 
-use crate::entra::{CLIENT_ID, CLIENT_SECRET, FakeEntra, TENANT_ID};
+use crate::entra::{CLIENT_ID, CLIENT_SECRET, FakeEntra};
 use crate::helpers::peer_oauth_settings;
 use crate::peer::Peer;
 use crate::require_peer;
@@ -168,37 +168,13 @@ async fn the_binary_mails_a_startup_and_a_shutdown_notice() {
     let path = dir.path().join("osweb-prod.yml");
     std::fs::write(
         &path,
-        format!(
-            r#"server:
-  port: 0
-featureSwitches:
-  sendEmail:
-    smtpServer: localhost
-    smtpPort: {port}
-    smtpEncryption: TLS
-    smtpAuthentication: MS_OAUTH
-    smtpUsername: {user}
-    oAuthClientId: {CLIENT_ID}
-    oAuthClientSecret: "{CLIENT_SECRET}"
-    oAuthTenantId: {TENANT_ID}
-    oAuthTokenEndpoint: {endpoint}
-mailRelay:
-  smtp:
-    caFile: {ca}
-  auth:
-    apiKeys:
-      - name: tests
-        sha256: {hash}
-        allowedFrom: ["*@contoso.test"]
-  adminMail:
-    enabled: true
-    recipients: [{admin}]
-"#,
-            port = peer.submission_port,
-            user = peer.oauth_user,
-            endpoint = entra.token_url(),
-            ca = peer.ca_path().display(),
-            hash = crate::process::test_key_sha256(),
+        crate::process::smtp_yaml(
+            &peer,
+            peer.submission_port,
+            std::net::Ipv4Addr::LOCALHOST,
+            &entra,
+            "",
+            &format!("  adminMail:\n    enabled: true\n    recipients: [{admin}]\n"),
         ),
     )
     .unwrap();

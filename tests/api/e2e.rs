@@ -21,6 +21,35 @@ fn relay_settings(peer: &Peer, entra: &FakeEntra) -> Settings {
     settings
 }
 
+/// `peer_oauth_settings` and its YAML twin, the settings file the process tests start the
+/// binary with, send the same way: one server, login, credential, token endpoint, CA and key.
+#[tokio::test]
+async fn the_yaml_twin_loads_the_settings_peer_oauth_settings_builds() {
+    let peer = require_peer!();
+    let entra = FakeEntra::serving_peer_tokens(&peer).await;
+    let built = peer_oauth_settings(&peer, entra.oauth_settings());
+    let yaml = crate::process::smtp_yaml(
+        &peer,
+        peer.submission_port,
+        std::net::Ipv4Addr::LOCALHOST,
+        &entra,
+        "",
+        "",
+    );
+    let loaded = mail_relay::config::load_str(&yaml, "twin.yml", &[])
+        .unwrap_or_else(|e| panic!("the twin does not load: {e}"))
+        .settings;
+    assert_eq!(
+        format!("{:?}", loaded.send_email),
+        format!("{:?}", built.send_email)
+    );
+    assert_eq!(loaded.relay.smtp.ca_file, built.relay.smtp.ca_file);
+    assert_eq!(
+        format!("{:?}", loaded.relay.auth.api_keys),
+        format!("{:?}", built.relay.auth.api_keys)
+    );
+}
+
 /// A fake Entra ID serving tokens the peer accepts, and a relay using it.
 async fn relay_with_good_tokens(peer: &Peer) -> (TestApp, FakeEntra) {
     let entra = FakeEntra::serving_peer_tokens(peer).await;

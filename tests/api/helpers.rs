@@ -54,7 +54,7 @@ pub fn test_settings(outbox: PathBuf) -> Settings {
 }
 
 /// What the test API key may send as.
-const TEST_KEY_FROM: [&str; 3] = ["*@contoso.com", "*@contoso.test", "*@example.com"];
+pub const TEST_KEY_FROM: [&str; 3] = ["*@contoso.com", "*@contoso.test", "*@example.com"];
 
 /// The test settings sending to the real SMTP peer: MS_OAUTH as the peer's OAuth user over
 /// STARTTLS to its submission port, trusting its CA, with `oauth` for the token (usually

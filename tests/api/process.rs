@@ -179,9 +179,11 @@ pub fn test_key_sha256() -> String {
 }
 
 /// Settings text for a relay sending with MS_OAUTH to `peer` on `port` from `source` (its SMTP
-/// connections can be told apart in the peer's log), tokens from `entra`, the tests' API key.
-/// `auth_extra` is appended under `mailRelay.auth:` (indent 4), `relay_extra` under `mailRelay:`
-/// (indent 2).
+/// connections can be told apart in the peer's log), tokens from `entra`, the tests' API key:
+/// the YAML twin of [`crate::helpers::peer_oauth_settings`]'s sending side (the same server,
+/// login, credential, token endpoint and timeouts, CA and API key; a test loads both and
+/// compares). `auth_extra` is appended under `mailRelay.auth:` (indent 4), `relay_extra` under
+/// `mailRelay:` (indent 2).
 pub fn smtp_yaml(
     peer: &Peer,
     port: u16,
@@ -191,6 +193,7 @@ pub fn smtp_yaml(
     relay_extra: &str,
 ) -> String {
     let endpoint = entra.token_url().as_str().replace(TENANT_ID, "#TenantID#");
+    let oauth = entra.oauth_settings();
     format!(
         r#"server:
   address: 127.0.0.1
@@ -211,17 +214,23 @@ mailRelay:
     caFile: {ca}
     sourceAddress: {source}
     sendDeadlineSeconds: 20
+  token:
+    connectTimeoutSeconds: {connect}
+    requestTimeoutSeconds: {request}
   limits:
     requestTimeoutSeconds: 30
   auth:
     apiKeys:
       - name: tests
         sha256: "{sha}"
-        allowedFrom: ["*@contoso.test"]
+        allowedFrom: {from:?}
 {auth_extra}{relay_extra}"#,
         host = peer.host,
         user = peer.oauth_user,
         ca = peer.ca_path().display(),
         sha = test_key_sha256(),
+        connect = oauth.connect_timeout.as_secs(),
+        request = oauth.request_timeout.as_secs(),
+        from = crate::helpers::TEST_KEY_FROM,
     )
 }

@@ -4,45 +4,26 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::entra::{CLIENT_SECRET, FakeEntra};
+use crate::entra::FakeEntra;
 use crate::harness::{Outcome, assert_exactly_once, marker, wait_for_deliveries};
 use crate::helpers::{TestApp, authenticated_client};
-use crate::peer::Peer;
-use crate::process::{RelayProcess, test_key_sha256};
+use crate::process::{RelayProcess, smtp_yaml};
 use crate::require_peer;
 
 const CLIENTS: usize = 32;
-
-fn config(peer: &Peer, token_url: &str, client_id: &str, tenant: &str) -> String {
-    let sha = test_key_sha256();
-    format!(
-        "server:\n  address: 127.0.0.1\n  port: 0\n\
-         featureSwitches:\n  sendEmail:\n    smtpServer: {host}\n    smtpPort: {smtp_port}\n\
-         \x20   smtpEncryption: TLS\n    smtpAuthentication: MS_OAUTH\n    smtpUsername: {user}\n\
-         \x20   oAuthClientId: {client_id}\n    oAuthClientSecret: {CLIENT_SECRET}\n\
-         \x20   oAuthTenantId: {tenant}\n    oAuthTokenEndpoint: {token_url}\n\
-         mailRelay:\n  delivery:\n    mode: smtp\n  smtp:\n    caFile: {ca}\n\
-         \x20 rateLimits:\n    mailboxMessagesPerMinute: 0\n    mailboxRecipientsPerDay: 0\n\
-         \x20 auth:\n    apiKeys:\n      - name: tests\n        sha256: {sha}\n\
-         \x20       allowedFrom: [\"*@contoso.test\"]\n",
-        host = peer.host,
-        smtp_port = peer.submission_port,
-        user = peer.oauth_user,
-        ca = peer.ca_path().display(),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_loses_no_accepted_mail() {
     let peer = require_peer!();
     let _turn = crate::exclusive().await;
     let entra = FakeEntra::serving_peer_tokens(&peer).await;
-    let oauth = entra.oauth_settings();
-    let mut relay = RelayProcess::start(&config(
+    let mut relay = RelayProcess::start(&smtp_yaml(
         &peer,
-        entra.token_url().as_str(),
-        &oauth.client_id,
-        &oauth.tenant_id,
+        peer.submission_port,
+        std::net::Ipv4Addr::LOCALHOST,
+        &entra,
+        "",
+        "  rateLimits:\n    mailboxMessagesPerMinute: 0\n    mailboxRecipientsPerDay: 0\n",
     ));
     let app = TestApp {
         address: relay.address,
