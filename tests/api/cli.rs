@@ -263,3 +263,33 @@ async fn healthcheck_finds_the_probe_from_the_settings_and_exits_by_its_answer()
         text(&explicit.stderr)
     );
 }
+
+#[test]
+fn keys_prints_the_tables_of_the_sections_named_without_any_settings_file() {
+    let out = run(&["keys", "mailRelay.store"], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    let rows: Vec<&str> = table.lines().collect();
+    assert_eq!(rows[0], "| Key | Default | Allowed / meaning |");
+    assert!(
+        rows.iter()
+            .any(|r| r.starts_with("| `mailRelay.store.maxConnections` | `10` | 1..1000")),
+        "{table}"
+    );
+    assert!(
+        rows.iter().any(
+            |r| r.starts_with("| `mailRelay.store.password` (`passwordFile`)")
+                && r.ends_with("secret |")
+        ),
+        "{table}"
+    );
+    assert!(
+        rows[2..]
+            .iter()
+            .all(|r| r.starts_with("| `mailRelay.store.")),
+        "{table}"
+    );
+    let all = text(&run(&["keys"], &[]).stdout);
+    assert!(all.contains("| `server.port` | `8080` |"), "{all}");
+    assert!(all.lines().count() > 90, "{all}");
+}
