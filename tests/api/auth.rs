@@ -16,18 +16,12 @@ fn mail_from(from: &str) -> Value {
     json!({"from": from, "to": "alice@example.com", "subject": "auth test", "text": "hello"})
 }
 
-async fn post_raw(app: &TestApp, headers: &[(&str, &str)], body: &Value) -> reqwest::Response {
-    let mut request = reqwest::Client::new().post(app.url("/mail")).json(body);
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    request.send().await.unwrap()
-}
-
 #[tokio::test]
 async fn a_request_without_credentials_is_401_with_a_challenge_and_nothing_is_sent() {
     let app = spawn_app().await;
-    let response = post_raw(&app, &[], &mail_from("sender@contoso.com")).await;
+    let response = app
+        .post_mail_without_key(&[], &mail_from("sender@contoso.com"))
+        .await;
     assert_eq!(
         response.headers()["www-authenticate"],
         "Bearer realm=\"mail-relay\""
@@ -46,12 +40,12 @@ async fn a_request_without_credentials_is_401_with_a_challenge_and_nothing_is_se
 async fn a_wrong_api_key_is_401_invalid_token_and_is_not_echoed() {
     let app = spawn_app().await;
     let key = "mr_not-a-key-anyone-issued";
-    let response = post_raw(
-        &app,
-        &[("authorization", &format!("Bearer {key}"))],
-        &mail_from("sender@contoso.com"),
-    )
-    .await;
+    let response = app
+        .post_mail_without_key(
+            &[("authorization", &format!("Bearer {key}"))],
+            &mail_from("sender@contoso.com"),
+        )
+        .await;
     assert!(
         response.headers()["www-authenticate"]
             .to_str()
@@ -97,13 +91,14 @@ async fn a_user_named_by_a_trusted_proxy_may_send_as_self_but_not_as_others() {
     let app = spawn_app_with(|s| trusting_loopback(s, "127.0.0.0/8")).await;
     let user = [("x-forwarded-email", "bob@contoso.com")];
     assert_eq!(
-        post_raw(&app, &user, &mail_from("Bob@contoso.com"))
+        app.post_mail_without_key(&user, &mail_from("Bob@contoso.com"))
             .await
             .status(),
         202
     );
     let problem = expect_problem(
-        post_raw(&app, &user, &mail_from("alice@contoso.com")).await,
+        app.post_mail_without_key(&user, &mail_from("alice@contoso.com"))
+            .await,
         403,
         "send_as_denied",
     )
@@ -131,14 +126,15 @@ async fn a_user_may_send_as_a_shared_mailbox_that_lists_them_as_delegate() {
     .await;
     let bob = [("x-forwarded-email", "bob@contoso.com")];
     assert_eq!(
-        post_raw(&app, &bob, &mail_from("team@contoso.com"))
+        app.post_mail_without_key(&bob, &mail_from("team@contoso.com"))
             .await
             .status(),
         202
     );
     let eve = [("x-forwarded-email", "eve@contoso.com")];
     expect_problem(
-        post_raw(&app, &eve, &mail_from("team@contoso.com")).await,
+        app.post_mail_without_key(&eve, &mail_from("team@contoso.com"))
+            .await,
         403,
         "send_as_denied",
     )
@@ -149,12 +145,12 @@ async fn a_user_may_send_as_a_shared_mailbox_that_lists_them_as_delegate() {
 async fn a_proxy_header_from_an_untrusted_address_is_ignored() {
     // Only 10.0.0.0/8 is trusted; the test client comes from 127.0.0.1.
     let app = spawn_app_with(|s| trusting_loopback(s, "10.0.0.0/8")).await;
-    let response = post_raw(
-        &app,
-        &[("x-forwarded-email", "bob@contoso.com")],
-        &mail_from("bob@contoso.com"),
-    )
-    .await;
+    let response = app
+        .post_mail_without_key(
+            &[("x-forwarded-email", "bob@contoso.com")],
+            &mail_from("bob@contoso.com"),
+        )
+        .await;
     expect_problem(response, 401, "unauthorized").await;
     assert!(outbox_files(&app).is_empty());
 }
@@ -228,8 +224,7 @@ fn user_token(key_file: &str, audience: &str, lifetime: i64) -> String {
 }
 
 async fn post_with_token(app: &TestApp, token: &str) -> reqwest::Response {
-    post_raw(
-        app,
+    app.post_mail_without_key(
         &[("authorization", &format!("Bearer {token}"))],
         &mail_from("carol@contoso.com"),
     )
@@ -242,18 +237,18 @@ async fn a_user_token_signed_by_the_issuer_is_accepted_and_names_the_sender() {
     let response = post_with_token(&app, &user_token("oidc-signing-key.pem", AUDIENCE, 600)).await;
     assert_eq!(response.status(), 202);
     // The token's user may not send as someone else.
-    let other = post_raw(
-        &app,
-        &[(
-            "authorization",
-            &format!(
-                "Bearer {}",
-                user_token("oidc-signing-key.pem", AUDIENCE, 600)
-            ),
-        )],
-        &mail_from("dave@contoso.com"),
-    )
-    .await;
+    let other = app
+        .post_mail_without_key(
+            &[(
+                "authorization",
+                &format!(
+                    "Bearer {}",
+                    user_token("oidc-signing-key.pem", AUDIENCE, 600)
+                ),
+            )],
+            &mail_from("dave@contoso.com"),
+        )
+        .await;
     expect_problem(other, 403, "send_as_denied").await;
 }
 
@@ -376,14 +371,15 @@ async fn a_cross_site_form_cannot_send_as_the_proxys_user() {
 #[tokio::test]
 async fn a_proxy_user_header_sent_twice_is_refused() {
     let app = spawn_app_with(|s| trusting_loopback(s, "127.0.0.0/8")).await;
-    let response = reqwest::Client::new()
-        .post(app.url("/mail"))
-        .header("x-forwarded-email", "ceo@contoso.com")
-        .header("x-forwarded-email", "bob@contoso.com")
-        .json(&mail_from("ceo@contoso.com"))
-        .send()
-        .await
-        .unwrap();
+    let response = app
+        .post_mail_without_key(
+            &[
+                ("x-forwarded-email", "ceo@contoso.com"),
+                ("x-forwarded-email", "bob@contoso.com"),
+            ],
+            &mail_from("ceo@contoso.com"),
+        )
+        .await;
     expect_problem(response, 401, "unauthorized").await;
     assert!(outbox_files(&app).is_empty());
 }

@@ -111,6 +111,31 @@ impl TestApp {
             .expect("request failed")
     }
 
+    /// `POST /mail` with `body` as JSON without the test API key: as the proxy user `user`
+    /// (`X-Forwarded-Email`, for apps that trust a proxy on loopback), or anonymously.
+    pub async fn post_mail_as(
+        &self,
+        user: Option<&str>,
+        body: &serde_json::Value,
+    ) -> reqwest::Response {
+        let headers: Vec<(&str, &str)> =
+            user.map(|u| ("x-forwarded-email", u)).into_iter().collect();
+        self.post_mail_without_key(&headers, body).await
+    }
+
+    /// `POST /mail` with `body` as JSON, these headers (a name may come twice) and no API key.
+    pub async fn post_mail_without_key(
+        &self,
+        headers: &[(&str, &str)],
+        body: &serde_json::Value,
+    ) -> reqwest::Response {
+        let mut request = reqwest::Client::new().post(self.url("/mail")).json(body);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.expect("request failed")
+    }
+
     /// `POST /mail` with `body` as JSON and an `Idempotency-Key`.
     pub async fn post_mail_with_key(
         &self,

@@ -71,13 +71,9 @@ async fn one_caller_at_its_limit_does_not_stop_another() {
     assert_eq!(app.post_mail(&mail("key 1")).await.status(), 202);
     expect_problem(app.post_mail(&mail("key 2")).await, 429, "rate_limited").await;
     // A user through the proxy is another caller with its own allowance.
-    let user = reqwest::Client::new()
-        .post(app.url("/mail"))
-        .header("x-forwarded-email", "billing@contoso.com")
-        .json(&mail("user 1"))
-        .send()
-        .await
-        .unwrap();
+    let user = app
+        .post_mail_as(Some("billing@contoso.com"), &mail("user 1"))
+        .await;
     assert_eq!(user.status(), 202);
     assert_eq!(outbox_files(&app).len(), 2);
 }
@@ -308,13 +304,7 @@ async fn one_caller_using_up_its_share_of_the_day_gets_429_while_another_still_s
     );
     assert!(detail.contains("100 recipients"), "{detail}");
     // A user through the proxy is another caller, with its own share of the mailbox's day.
-    let user = reqwest::Client::new()
-        .post(app.url("/mail"))
-        .header("x-forwarded-email", "billing@contoso.com")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let user = app.post_mail_as(Some("billing@contoso.com"), &body).await;
     assert_eq!(user.status(), 202);
     assert_eq!(outbox_files(&app).len(), 6);
     let metrics = app.get("/metrics").await.text().await.unwrap();

@@ -61,12 +61,7 @@ async fn metrics_count_requests_and_mails_without_addresses_or_secrets() {
     }
     let invalid = json!({"from": "alice@contoso.com", "to": "not-an-address", "text": "x"});
     assert_eq!(app.post_mail(&invalid).await.status(), 400);
-    let anonymous = reqwest::Client::new()
-        .post(app.url("/mail"))
-        .json(&mail())
-        .send()
-        .await
-        .unwrap();
+    let anonymous = app.post_mail_as(None, &mail()).await;
     assert_eq!(anonymous.status(), 401);
     assert_eq!(app.get("/nowhere/carol@example.com").await.status(), 404);
 
@@ -861,13 +856,12 @@ async fn a_users_address_is_logged_only_at_debug_level() {
         });
     }
     async fn send_as_user(app: &TestApp) {
-        let response = reqwest::Client::new()
-            .post(app.url("/mail"))
-            .header("x-forwarded-email", "carol@contoso.com")
-            .json(&json!({"from": "carol@contoso.com", "to": "bob@example.com", "text": "hi"}))
-            .send()
-            .await
-            .unwrap();
+        let response = app
+            .post_mail_as(
+                Some("carol@contoso.com"),
+                &json!({"from": "carol@contoso.com", "to": "bob@example.com", "text": "hi"}),
+            )
+            .await;
         assert_eq!(response.status(), 202);
     }
 

@@ -141,14 +141,15 @@ async fn the_user_header_is_checked_against_the_tcp_peer_not_a_forwarded_address
         });
     })
     .await;
-    let response = reqwest::Client::new()
-        .post(app.url("/mail"))
-        .header("x-forwarded-for", "127.0.0.2")
-        .header("x-forwarded-email", "alice@contoso.com")
-        .json(&mail("alice@contoso.com", "spoofed proxy"))
-        .send()
-        .await
-        .unwrap();
+    let response = app
+        .post_mail_without_key(
+            &[
+                ("x-forwarded-for", "127.0.0.2"),
+                ("x-forwarded-email", "alice@contoso.com"),
+            ],
+            &mail("alice@contoso.com", "spoofed proxy"),
+        )
+        .await;
     expect_problem(response, 401, "unauthorized").await;
     assert!(crate::helpers::outbox_files(&app).is_empty());
 }
